@@ -1,0 +1,45 @@
+# Two commands: `make demo` runs the region on embedded defaults, `make test` runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv system-deps clean-data bench
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# dcmtk (DICOM test peers), Orthanc (a site's PACS) and Chromium (dashboard test),
+# from Debian's packages, installed when missing and running as root.
+system-deps:
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing from Debian:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing Debian packages:$$missing (run as root, or: sudo apt-get install$$missing)"; \
+	  fi; \
+	fi
+
+demo: venv system-deps
+	$(VENV)/bin/renkei demo $(DEMO_ARGS)
+
+test: venv system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv system-deps
+	$(PY) bench/edge_ingest.py && $(PY) bench/catalog_scale.py --studies 100000 && \
+	$(PY) bench/pipeline.py && $(PY) bench/verify.py
+
+clean-data:
+	rm -rf renkei-data

@@ -1,0 +1,65 @@
+"""Entry point of the `renkei` command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Sequence
+
+import renkei
+import renkei.cli
+from renkei.cli.common import common_options
+from renkei.errors import RenkeiError
+from renkei.logs import setup_logging
+
+DESCRIPTION = """\
+renkei (連携) shares DICOM images between a core hospital and its clinics
+through an off-site center. Each site runs an edge (its DICOM node); the center
+keeps the backup copy and the catalog of who may see which study.
+
+Common tasks:
+  renkei config check examples/nagasaki.yaml   validate a region's configuration
+  renkei edge serve --site hub                 run a site's edge (DICOM node)
+  renkei demo                                  the whole region on this machine
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="renkei",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common_options()],
+    )
+    parser.add_argument("--version", action="version", version=f"renkei {renkei.__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    modules = []
+    for info in pkgutil.iter_modules(renkei.cli.__path__):
+        if info.name.endswith("_cmd"):
+            modules.append(importlib.import_module(f"renkei.cli.{info.name}"))
+    for module in sorted(modules, key=lambda m: (getattr(m, "ORDER", 50), m.__name__)):
+        module.register(sub, common_options())
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    setup_logging(getattr(args, "verbose", 0) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except RenkeiError as exc:
+        print(f"renkei: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("renkei: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

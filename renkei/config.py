@@ -1,0 +1,476 @@
+"""The network configuration: one YAML file, validated into typed, frozen models.
+
+`load_config(path)` returns a `RegionConfig` or raises `ConfigError` whose message
+names the file, the field and what is wrong. `Layout` resolves where a running
+region keeps its state under one data folder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from renkei.errors import ConfigError, UsageError
+
+DEFAULT_DATA_DIR = "renkei-data"
+DATA_DIR_ENV = "RENKEI_DATA_DIR"
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+_SITE_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(
+            f"AE title {value!r} must be 1-16 printable ASCII characters, no backslash"
+        )
+    if value != value.strip():
+        raise ValueError(f"AE title {value!r} must not start or end with spaces")
+    return value
+
+
+AETitle = Annotated[
+    str, AfterValidator(_check_ae), Field(description="DICOM Application Entity title")
+]
+Port = Annotated[int, Field(ge=1, le=65535, description="TCP port")]
+
+
+class DicomPeer(_Model):
+    """A DICOM node the edge talks to: the site PACS or a workstation."""
+
+    ae_title: AETitle
+    host: str = "127.0.0.1"
+    port: Port
+    description: str = ""
+
+
+class TLSConfig(_Model):
+    """TLS for the edge's DICOM port. With `ca`, peers must present a certificate it signed."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
+class RetentionConfig(_Model):
+    """When an edge may drop its local copy (only ever after the center's copy is verified)."""
+
+    min_age_days: float = Field(30.0, ge=0)
+    disk_usage_threshold: float = Field(
+        0.8, gt=0, le=1, description="drop verified studies while the disk is fuller than this"
+    )
+
+
+class EdgeConfig(_Model):
+    """The site's edge node (SVR): its own DICOM address and local store."""
+
+    ae_title: AETitle
+    host: str = "127.0.0.1"
+    port: Port
+    store: str | None = Field(
+        None, description="local store folder; relative paths are under the data folder"
+    )
+    stable_age: float = Field(
+        60.0, gt=0, description="seconds without a new instance before a study counts as complete"
+    )
+    tls: TLSConfig | None = None
+    retention: RetentionConfig = RetentionConfig()
+
+
+class LinkConfig(_Model):
+    """The site's line to the center (best-effort fibre on an IP-VPN)."""
+
+    bandwidth_mbps: float = Field(100.0, gt=0)
+    rtt_ms: float = Field(10.0, ge=0)
+    max_concurrent_uploads: int | None = Field(
+        None, ge=1, le=64, description="default: derived from the bandwidth"
+    )
+
+    @property
+    def upload_slots(self) -> int:
+        """Concurrent uploads this link carries: one per 25 Mbit/s, between 1 and 16."""
+        if self.max_concurrent_uploads is not None:
+            return self.max_concurrent_uploads
+        return max(1, min(16, int(self.bandwidth_mbps // 25)))
+
+
+class SiteConfig(_Model):
+    """One site of the region: the hub (core hospital) or a clinic."""
+
+    id: str
+    name: str
+    role: Literal["hub", "clinic"]
+    institution_name: str = Field("", description="Institution Name its modalities write")
+    aliases: tuple[str, ...] = Field(
+        (), description="other names by which studies refer to this site"
+    )
+    issuer_of_patient_id: str = Field(
+        "", description="Issuer of Patient ID for this site's patient numbers"
+    )
+    edge: EdgeConfig
+    pacs: DicomPeer | None = None
+    workstations: tuple[DicomPeer, ...] = ()
+    link: LinkConfig = LinkConfig()
+
+    @field_validator("id")
+    @classmethod
+    def _site_id(cls, value: str) -> str:
+        if not _SITE_ID_RE.match(value):
+            raise ValueError(
+                f"site id {value!r} must be lower-case letters, digits and '-', "
+                "starting with a letter, at most 32 characters"
+            )
+        return value
+
+    @property
+    def issuer(self) -> str:
+        return self.issuer_of_patient_id or self.id.upper()
+
+
+class S3Options(_Model):
+    """Connection options for s3:// storage. Secrets come from the environment only."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint; default $RENKEI_S3_ENDPOINT_URL or AWS's"
+    )
+    region: str | None = None
+
+
+class CenterConfig(_Model):
+    """The off-site center (DSP server center): object storage and the catalog."""
+
+    storage_url: str = Field(
+        "center", description="a folder (relative to the data folder) or s3://bucket/prefix"
+    )
+    catalog_url: str | None = Field(None, description="default: <storage_url>/catalog")
+    s3: S3Options = S3Options()
+    verify_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of objects the nightly verification reads each night"
+    )
+
+    @field_validator("storage_url", "catalog_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if "://" in value and not value.startswith(("s3://", "file://", "memory://")):
+            raise ValueError(f"{value!r}: use a folder path or s3://bucket/prefix")
+        if value.startswith("s3://") and len(value) <= len("s3://"):
+            raise ValueError("s3:// URL needs a bucket name: s3://bucket/prefix")
+        return value.rstrip("/") or value
+
+
+class RuleMatch(_Model):
+    """Which studies a rule applies to; every given condition must hold."""
+
+    origin_sites: tuple[str, ...] = ()
+    origin_roles: tuple[Literal["hub", "clinic"], ...] = ()
+    modalities: tuple[str, ...] = ()
+
+
+class GrantTarget(_Model):
+    """To whom a rule grants: listed sites, every site of a role, and/or the referring site."""
+
+    sites: tuple[str, ...] = ()
+    roles: tuple[Literal["hub", "clinic"], ...] = ()
+    referring_site: bool = False
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "GrantTarget":
+        if not (self.sites or self.roles or self.referring_site):
+            raise ValueError("grant_to needs sites, roles or referring_site: true")
+        return self
+
+
+class PolicyRule(_Model):
+    name: str
+    description: str = ""
+    when: RuleMatch = RuleMatch()
+    grant_to: GrantTarget
+
+
+class ReferringSiteConfig(_Model):
+    """How the site that ordered a study is read from it.
+
+    The attributes are tried in order; a value is compared with `mapping` (glob
+    patterns, case-insensitive), then with each site's name, institution name
+    and aliases.
+    """
+
+    attributes: tuple[str, ...] = ("RequestingService", "ReferringPhysicianName")
+    mapping: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("attributes")
+    @classmethod
+    def _known_keywords(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from pydicom.datadict import tag_for_keyword
+
+        for keyword in value:
+            if tag_for_keyword(keyword) is None:
+                raise ValueError(f"{keyword!r} is not a DICOM attribute keyword")
+        return value
+
+
+class PolicyConfig(_Model):
+    """The sharing policy. The default is the source system's rules."""
+
+    version: str = "1"
+    rules: tuple[PolicyRule, ...] = (
+        PolicyRule(
+            name="clinic-studies-to-hub",
+            description="Everything a clinic uploads is published to the core hospital.",
+            when=RuleMatch(origin_roles=("clinic",)),
+            grant_to=GrantTarget(roles=("hub",)),
+        ),
+        PolicyRule(
+            name="hub-exam-to-referring-clinic",
+            description="A hub exam ordered by a clinic is published to that clinic.",
+            when=RuleMatch(origin_roles=("hub",)),
+            grant_to=GrantTarget(referring_site=True),
+        ),
+    )
+    referring_site: ReferringSiteConfig = ReferringSiteConfig()
+    auto_link_exact_match: bool = Field(
+        True,
+        description="link a patient across sites automatically when kanji and kana name, "
+        "birth date and sex all match exactly one person",
+    )
+
+
+class RegionConfig(_Model):
+    """The whole region: sites, center and sharing policy."""
+
+    version: Literal[1] = 1
+    region: str = "region"
+    name: str = ""
+    timezone: str = "Asia/Tokyo"
+    center: CenterConfig = CenterConfig()
+    sites: tuple[SiteConfig, ...]
+    policy: PolicyConfig = PolicyConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RegionConfig":
+        errors: list[str] = []
+        ids = [s.id for s in self.sites]
+        for site_id, n in Counter(ids).items():
+            if n > 1:
+                errors.append(f"sites: site id {site_id!r} appears {n} times")
+        if not any(s.role == "hub" for s in self.sites):
+            errors.append("sites: the region needs one site with role: hub")
+
+        ae_owners: dict[str, list[str]] = {}
+        ports: dict[tuple[str, int], list[str]] = {}
+        for i, site in enumerate(self.sites):
+            base = f"sites[{i}]"
+            nodes = [(f"{base}.edge", site.edge.ae_title, site.edge.host, site.edge.port)]
+            if site.pacs:
+                nodes.append((f"{base}.pacs", site.pacs.ae_title, site.pacs.host, site.pacs.port))
+            for j, ws in enumerate(site.workstations):
+                nodes.append((f"{base}.workstations[{j}]", ws.ae_title, ws.host, ws.port))
+            for where, ae, host, port in nodes:
+                ae_owners.setdefault(ae, []).append(where)
+                ports.setdefault((_host_key(host), port), []).append(where)
+        for ae, where in ae_owners.items():
+            if len(where) > 1:
+                errors.append(
+                    f"{where[1]}.ae_title: duplicate AE title {ae!r} (also used by {where[0]})"
+                )
+        for (host, port), where in ports.items():
+            if len(where) > 1:
+                errors.append(
+                    f"{where[1]}.port: duplicate port {port} on {host} (also used by {where[0]})"
+                )
+
+        known = set(ids)
+        for i, rule in enumerate(self.policy.rules):
+            for field, values in (
+                ("when.origin_sites", rule.when.origin_sites),
+                ("grant_to.sites", rule.grant_to.sites),
+            ):
+                for value in values:
+                    if value not in known:
+                        errors.append(
+                            f"policy.rules[{i}].{field}: unknown site {value!r} "
+                            f"(known: {', '.join(ids)})"
+                        )
+        for pattern, site_id in self.policy.referring_site.mapping.items():
+            if site_id not in known:
+                errors.append(
+                    f"policy.referring_site.mapping[{pattern!r}]: unknown site {site_id!r} "
+                    f"(known: {', '.join(ids)})"
+                )
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    # -- lookups -------------------------------------------------------------
+    def site(self, site_id: str) -> SiteConfig:
+        for site in self.sites:
+            if site.id == site_id:
+                return site
+        raise UsageError(
+            f"unknown site {site_id!r}; this region has: {', '.join(s.id for s in self.sites)}"
+        )
+
+    @property
+    def site_ids(self) -> tuple[str, ...]:
+        return tuple(s.id for s in self.sites)
+
+    @property
+    def hub(self) -> SiteConfig:
+        return next(s for s in self.sites if s.role == "hub")
+
+    def site_of_edge_ae(self, ae_title: str) -> SiteConfig | None:
+        for site in self.sites:
+            if site.edge.ae_title == ae_title:
+                return site
+        return None
+
+    def site_of_ae(self, ae_title: str) -> SiteConfig | None:
+        """The site an AE title belongs to: its edge, its PACS or one of its workstations."""
+        for site in self.sites:
+            if site.edge.ae_title == ae_title:
+                return site
+            if site.pacs and site.pacs.ae_title == ae_title:
+                return site
+            if any(ws.ae_title == ae_title for ws in site.workstations):
+                return site
+        return None
+
+    def peer(self, ae_title: str) -> DicomPeer | None:
+        """Any DICOM node of the region by AE title (edges returned as peers too)."""
+        for site in self.sites:
+            if site.edge.ae_title == ae_title:
+                return DicomPeer(ae_title=ae_title, host=site.edge.host, port=site.edge.port)
+            if site.pacs and site.pacs.ae_title == ae_title:
+                return site.pacs
+            for ws in site.workstations:
+                if ws.ae_title == ae_title:
+                    return ws
+        return None
+
+    def site_for_name(self, value: str) -> str | None:
+        """The site a free-text name refers to (policy mapping first, then names and aliases)."""
+        text = value.strip().lower()
+        if not text:
+            return None
+        for pattern, site_id in self.policy.referring_site.mapping.items():
+            if fnmatch.fnmatchcase(text, pattern.lower()):
+                return site_id
+        for site in self.sites:
+            names = {site.id, site.name, site.institution_name, *site.aliases}
+            if text in {n.strip().lower() for n in names if n}:
+                return site.id
+        return None
+
+
+def _host_key(host: str) -> str:
+    return "127.0.0.1" if host in ("localhost", "127.0.0.1", "::1") else host
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: the configuration is not valid:"]
+    for item in err.errors():
+        loc = ""
+        for part in item["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        msg = item["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling and indentation)"
+        elif item["type"] == "missing":
+            msg = "required field is missing"
+        if not loc and "; " in msg:
+            lines.extend(f"  - {m}" for m in msg.split("; "))
+            continue
+        given = item.get("input")
+        shown = "" if isinstance(given, (dict, list)) or item["type"] == "missing" else f" (got {given!r})"
+        lines.append(f"  - {loc or '(top level)'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, source: Path | str = "<config>") -> RegionConfig:
+    """Validate YAML text into a RegionConfig; errors name `source` and the field."""
+    source = Path(source)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with 'sites:' at the top level")
+    try:
+        return RegionConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> RegionConfig:
+    """Read and validate the network configuration file at `path`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc}") from None
+    return parse_config(text, path)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The data folder: the argument, else $RENKEI_DATA_DIR, else ./renkei-data."""
+    chosen = data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+    return Path(chosen).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a running region keeps its state: everything under one data folder."""
+
+    config: RegionConfig
+    data_dir: Path
+
+    def edge_store(self, site_id: str) -> Path:
+        site = self.config.site(site_id)
+        if site.edge.store:
+            store = Path(site.edge.store).expanduser()
+            return store if store.is_absolute() else self.data_dir / store
+        return self.data_dir / "edges" / site_id
+
+    def _url(self, value: str) -> str:
+        if value.startswith(("s3://", "memory://")):
+            return value
+        if value.startswith("file://"):
+            value = value[len("file://") :]
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else self.data_dir / path)
+
+    @property
+    def center_url(self) -> str:
+        return self._url(self.config.center.storage_url)
+
+    @property
+    def catalog_url(self) -> str:
+        if self.config.center.catalog_url:
+            return self._url(self.config.center.catalog_url)
+        return self.center_url.rstrip("/") + "/catalog"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
