@@ -201,6 +201,9 @@ class PolicyRule(_Model):
     grant_to: GrantTarget
 
 
+REFERRING_KEYWORDS = ("RequestingService", "ReferringPhysicianName", "InstitutionName")
+
+
 class ReferringSiteConfig(_Model):
     """How the site that ordered a study is read from it.
 
@@ -215,11 +218,12 @@ class ReferringSiteConfig(_Model):
     @field_validator("attributes")
     @classmethod
     def _known_keywords(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from pydicom.datadict import tag_for_keyword
-
         for keyword in value:
-            if tag_for_keyword(keyword) is None:
-                raise ValueError(f"{keyword!r} is not a DICOM attribute keyword")
+            if keyword not in REFERRING_KEYWORDS:
+                raise ValueError(
+                    f"{keyword!r} cannot name the referring site; use "
+                    f"{', '.join(REFERRING_KEYWORDS)} (or the mapping table)"
+                )
         return value
 
 
