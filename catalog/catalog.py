@@ -1,0 +1,1173 @@
+"""The catalog: where every study is and who may see it, as Parquet beside the objects.
+
+DuckDB is the query engine; the data are immutable Parquet files listed by a
+commit log (catalog.log), so the same code runs on a local folder and on S3 and
+several processes can write at once: each commit writes new files, then wins a
+log number with an exclusive create, or re-checks and retries. Readers see a
+whole commit or nothing. See docs/catalog.md for the design.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import random
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from catalog import audit as audit_mod
+from catalog import fs as cfs
+from catalog import keys, tables
+from catalog.audit import AuditDraft, AuditEvent, AuditVerification
+from catalog.log import CommitLog, State
+from renkei.errors import CatalogError, InvalidUID, UsageError
+from renkei.records import InstanceInfo, StudyBatch, StudyInfo
+
+DEFAULT_AUTO_COMPACT = 16  # level-0 files per table before a writer compacts
+MAX_COMMIT_ATTEMPTS = 200
+_UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
+
+STUDY_ROW_FIELDS = tables.STUDY_INFO_FIELDS + (
+    "modalities", "series_count", "instance_count", "bytes", "registered_at",
+)
+
+_STUDY_AGG = ",\n".join(
+    [f"arg_max({c}, _seq) AS {c}" for c in tables.STUDY_INFO_FIELDS if c != "study_uid"]
+    + [
+        "list_sort(list_distinct(flatten(list(modalities)))) AS modalities",
+        "sum(series_added)::BIGINT AS series_count",
+        "sum(instances_added)::BIGINT AS instance_count",
+        "sum(bytes_added)::BIGINT AS bytes",
+        "min(registered_at) AS registered_at",
+    ]
+)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+# ------------------------------------------------------------------ records
+@dataclass(frozen=True)
+class StudyRow:
+    """A study as the catalog knows it: its StudyInfo plus counts derived from its instances."""
+
+    study_uid: str
+    origin_site: str
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_description: str
+    referring_physician: str
+    requesting_service: str
+    institution_name: str
+    study_id: str
+    specific_character_set: str
+    modalities: tuple[str, ...]
+    series_count: int
+    instance_count: int
+    bytes: int
+    registered_at: dt.datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        data["modalities"] = list(self.modalities)
+        return data
+
+    def study_info(self) -> StudyInfo:
+        return StudyInfo.from_dict(self.to_dict())
+
+
+@dataclass(frozen=True)
+class ConflictRecord:
+    """Different bytes registered under an instance's key; the new bytes belong under conflict_key."""
+
+    study_uid: str
+    sop_instance_uid: str
+    object_key: str
+    existing_sha256: str
+    new_sha256: str
+    conflict_key: str
+    origin_site: str
+    holder: str
+    at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    """What a registration changed: new instances, those already present, and conflicts."""
+
+    new_instances: int
+    already_present: int
+    conflicts: tuple[ConflictRecord, ...] = ()
+    new_series: int = 0
+    studies: tuple[str, ...] = ()
+    seq: int | None = None  # the commit, None when nothing changed
+
+
+@dataclass(frozen=True)
+class LocationRecord:
+    """One copy of a study (sop_instance_uid None) or of one instance, at a holder."""
+
+    study_uid: str
+    sop_instance_uid: str | None
+    holder: str  # 'center', 'edge:<site>', 'pacs:<site>'
+    state: str
+    verified_at: dt.datetime | None
+    detail: str
+    by: str
+    at: dt.datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    """A grant or revocation event; `current` marks the latest event for its study and site."""
+
+    study_uid: str
+    site: str
+    action: str
+    by_kind: str
+    by: str
+    reason: str
+    rule: str | None
+    policy_version: str | None
+    at: dt.datetime
+    current: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.current and self.action == tables.GRANT
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        data["active"] = self.active
+        return data
+
+
+@dataclass(frozen=True)
+class GrantRequest:
+    """One grant or revocation to write (see Catalog.grant_many)."""
+
+    study_uid: str
+    site: str
+    by_kind: str
+    by: str
+    reason: str = ""
+    rule: str | None = None
+    policy_version: str | None = None
+    action: str = tables.GRANT
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    site: str
+    patient_id: str
+    issuer: str
+    state: str
+    by: str
+    reason: str
+    at: dt.datetime
+
+
+@dataclass(frozen=True)
+class PatientCandidate:
+    """A site-local patient seen in the studies table, for demographic matching."""
+
+    site: str
+    patient_id: str
+    issuer: str
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+    studies: int
+
+
+@dataclass(frozen=True)
+class SiteTotals:
+    """Per origin site: studies, instances and bytes held, and the backlog not yet verified."""
+
+    site: str
+    studies: int
+    instances: int
+    bytes: int
+    backlog_studies: int
+    pending: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass
+class CommitPlan:
+    """What one commit adds: new rows per table, audit events, files to remove, a result."""
+
+    rows: dict[str, pa.Table] = field(default_factory=dict)
+    audit: list[AuditDraft] = field(default_factory=list)
+    prewritten: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    remove: dict[str, list[str]] = field(default_factory=dict)
+    vacuumed: list[str] = field(default_factory=list)
+    result: Any = None
+
+
+# ------------------------------------------------------------------ catalog
+class Catalog:
+    """The catalog at `url` (a folder or s3://bucket/prefix).
+
+    One instance per process (or thread-safe behind its lock); any number of
+    processes may open the same url and write at once. Every query first
+    catches up with the commits other writers made.
+    """
+
+    def __init__(self, url: str, s3_options: Any = None, *, writer: str | None = None,
+                 auto_compact: int | None = DEFAULT_AUTO_COMPACT, memory_limit: str = "1GB",
+                 threads: int | None = None, vacuum_grace_s: float = 600.0) -> None:
+        self.url = url
+        self.fs, self.root = cfs.open_filesystem(url, s3_options)
+        self.local = cfs.is_local(self.fs)
+        self.log = CommitLog(self.fs, self.root)
+        self.writer = writer or f"{socket.gethostname()}:{os.getpid()}"
+        self.auto_compact = auto_compact
+        self.vacuum_grace_s = vacuum_grace_s
+        self._lock = threading.RLock()
+        self._state: State | None = None
+        self._views_seq = -1
+        self._tmpdir = tempfile.mkdtemp(prefix="renkei-catalog-")
+        self.con = duckdb.connect(config={"memory_limit": memory_limit,
+                                          "threads": threads or max(1, min(4, os.cpu_count() or 1)),
+                                          "preserve_insertion_order": False,
+                                          "temp_directory": self._tmpdir})
+        self.con.execute("SET parquet_metadata_cache = true")
+        if not self.local:
+            self.con.register_filesystem(self.fs)
+        for name, spec in tables.TABLES.items():
+            self.con.register(f"_empty_{name}", spec.schema.empty_table())
+
+    @classmethod
+    def from_layout(cls, layout: Any, **kwargs: Any) -> "Catalog":
+        """The catalog of a region: Layout(config, data_dir).catalog_url with the config's S3 options."""
+        return cls(layout.catalog_url, layout.config.center.s3, **kwargs)
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self.con.close()
+            finally:
+                import shutil
+
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ internals
+    def abs_path(self, rel: str) -> str:
+        """The path DuckDB and fsspec use for a file named relative to the catalog root."""
+        full = cfs.join(self.root, rel)
+        return full if self.local else f"s3://{full}"
+
+    def refresh(self) -> State:
+        """Catch up with every commit made so far (by any process); returns the state."""
+        with self._lock:
+            if self._state is None:
+                self._state = self.log.load()
+            else:
+                self._state = self.log.catch_up(self._state)
+            return self._state
+
+    @property
+    def state(self) -> State:
+        return self.refresh()
+
+    def _ensure_views(self) -> None:
+        state = self.refresh()
+        if self._views_seq == state.seq:
+            return
+        for name in tables.TABLES:
+            files = sorted(state.files.get(name, {}).values(), key=lambda f: (f.seq, f.path))
+            if files:
+                listing = ", ".join(_sql_str(self.abs_path(f.path)) for f in files)
+                sql = f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet([{listing}])"
+            else:
+                sql = f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM _empty_{name}"
+            self.con.execute(sql)
+        self._views_seq = state.seq
+
+    def _arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
+        """Run a query over the current state; retries once if compaction removed a file meanwhile."""
+        with self._lock:
+            for attempt in range(3):
+                self._ensure_views()
+                try:
+                    return self.con.sql(sql, params=list(params or [])).to_arrow_table()
+                except (duckdb.IOException, duckdb.HTTPException, FileNotFoundError) as exc:
+                    if attempt == 2:
+                        raise CatalogError(f"catalog at {self.url} could not be read: {exc}") from None
+                    self._views_seq = -1
+                    self._state = None  # re-read from the latest checkpoint
+            raise AssertionError("unreachable")
+
+    def _rows(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        return self._arrow(sql, params).to_pylist()
+
+    def _write_file(self, table: str, data: pa.Table, level: int = 0) -> dict[str, Any]:
+        """Write `data` as a new immutable Parquet file of `table`; returns its log record."""
+        spec = tables.TABLES[table]
+        data = data.select(spec.schema.names).cast(spec.schema)
+        if level == 0 and data.num_rows > 1:
+            data = data.sort_by([(k, "ascending") for k in spec.sort_keys])
+        rel = f"data/{table}/L{level}-{uuid.uuid4().hex}.parquet"
+        path = cfs.join(self.root, rel)
+        kwargs = dict(compression="zstd", row_group_size=spec.row_group_size, write_statistics=True)
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            pq.write_table(data, path, **kwargs)
+        else:
+            sink = pa.BufferOutputStream()
+            pq.write_table(data, sink, **kwargs)
+            self.fs.pipe_file(path, sink.getvalue().to_pybytes())
+        return {"path": rel, "rows": data.num_rows, "level": level}
+
+    def _delete_files(self, rels: Iterable[str]) -> None:
+        for rel in rels:
+            path = cfs.join(self.root, rel)
+            try:
+                if self.local:
+                    os.unlink(path)
+                else:
+                    self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+
+    def _commit(self, kind: str, build: Callable[[State, int, dt.datetime], CommitPlan | None],
+                actor_site: str = tables.CENTER) -> tuple[int | None, Any]:
+        """Build a plan against the latest state and commit it as the next log entry.
+
+        `build(state, seq, now)` returns the plan, or None when there is nothing
+        to change. When another writer takes the number first, the plan is
+        rebuilt against the new state (so its checks see that writer's rows).
+        Returns (seq or None, plan.result).
+        """
+        with self._lock:
+            for attempt in range(MAX_COMMIT_ATTEMPTS):
+                state = self.refresh()
+                seq = state.seq + 1
+                now = _now()
+                plan = build(state, seq, now)
+                if plan is None:
+                    return None, None
+                written: list[str] = []
+                add: dict[str, list[dict[str, Any]]] = {t: list(v) for t, v in plan.prewritten.items()}
+                try:
+                    for name, data in plan.rows.items():
+                        if data is not None and data.num_rows:
+                            record = self._write_file(name, data)
+                            written.append(record["path"])
+                            add.setdefault(name, []).append(record)
+                    entry: dict[str, Any] = {"kind": kind, "writer": self.writer, "time": time.time()}
+                    if plan.audit:
+                        rows, head = audit_mod.build_rows(plan.audit, state.audit_count + 1,
+                                                          state.audit_head or audit_mod.GENESIS, now, seq)
+                        record = self._write_file("audit", rows)
+                        written.append(record["path"])
+                        add.setdefault("audit", []).append(record)
+                        entry["audit"] = {"prev_count": state.audit_count,
+                                          "count": state.audit_count + len(plan.audit), "head": head}
+                    entry["add"] = add
+                    if plan.remove:
+                        entry["remove"] = plan.remove
+                    if plan.vacuumed:
+                        entry["vacuumed"] = plan.vacuumed
+                    won = self.log.try_create(seq, entry)
+                except BaseException:
+                    self._delete_files(written)
+                    raise
+                if won:
+                    new_state = state.copy()
+                    new_state.apply(seq, json.loads(json.dumps({**entry, "seq": seq})))
+                    self._state = new_state
+                    if plan.audit:
+                        self._write_anchor(new_state)
+                    if kind != "compact":
+                        self._maybe_compact(new_state)
+                    return seq, plan.result
+                self._delete_files(written)
+                time.sleep(random.uniform(0, min(0.05, 0.002 * (attempt + 1))))
+            raise CatalogError(
+                f"could not commit to the catalog at {self.url} after {MAX_COMMIT_ATTEMPTS} attempts: "
+                "too many concurrent writers; retry later"
+            )
+
+    def _write_anchor(self, state: State) -> None:
+        data = json.dumps({"count": state.audit_count, "head": state.audit_head, "seq": state.seq}).encode()
+        try:
+            cfs.atomic_write(self.fs, cfs.join(self.root, audit_mod.ANCHOR), data, fsync=False)
+        except OSError:
+            pass  # the log entries hold the head too; the anchor is a second witness
+
+    def _maybe_compact(self, state: State) -> None:
+        if not self.auto_compact:
+            return
+        if any(sum(1 for f in files.values() if f.level == 0) > self.auto_compact
+               for files in state.files.values()):
+            from catalog.compaction import compact
+
+            compact(self, fanout=self.auto_compact // 2 or 2)
+
+    # ---------------------------------------------------------- registration
+    def register(self, batch: StudyBatch, origin_site: str | None = None, holder: str = tables.CENTER,
+                 actor: str | None = None) -> RegisterResult:
+        """Record a study and its instances as held by `holder`; idempotent.
+
+        Instances already registered with the same SHA-256 are counted as
+        already present; a different SHA-256 is recorded as a conflict (the
+        registered row stays). Returns the RegisterResult.
+        """
+        origin = origin_site or batch.study.origin_site
+        info = batch.study.to_dict()
+        info["origin_site"] = origin
+        modalities = list(dict.fromkeys([*batch.study.modalities, *(i.modality for i in batch.instances if i.modality)]))
+        info["modalities"] = modalities
+        studies = pa.Table.from_pylist([info])
+        instances = pa.Table.from_pylist([i.to_dict() for i in batch.instances]) if batch.instances else None
+        return self.register_tables(studies, instances, holder=holder, actor=actor)
+
+    def register_many(self, batches: Sequence[StudyBatch], holder: str = tables.CENTER,
+                      actor: str | None = None) -> RegisterResult:
+        """Register several studies in one commit (each batch's study.origin_site is its origin)."""
+        infos, inst = [], []
+        for batch in batches:
+            info = batch.study.to_dict()
+            info["modalities"] = list(dict.fromkeys([*batch.study.modalities,
+                                                     *(i.modality for i in batch.instances if i.modality)]))
+            infos.append(info)
+            inst.extend(i.to_dict() for i in batch.instances)
+        return self.register_tables(pa.Table.from_pylist(infos),
+                                    pa.Table.from_pylist(inst) if inst else None, holder=holder, actor=actor)
+
+    def register_tables(self, studies: pa.Table, instances: pa.Table | None, holder: str = tables.CENTER,
+                        actor: str | None = None, audit_each_study: bool | None = None) -> RegisterResult:
+        """The bulk path: studies (StudyInfo columns, with origin_site) and instances (InstanceInfo columns).
+
+        Validates every UID, derives object keys (unless an object_key column
+        is given), and commits new instances, series, per-study counts, the
+        holder's location and one audit event, all at once.
+        """
+        studies = _normalise_studies(studies)
+        instances = _normalise_instances(instances, studies)
+        origin_sites = sorted(set(studies.column("origin_site").to_pylist()))
+        for site in origin_sites:
+            keys.validate_site(site)
+        study_uids = studies.column("study_uid").to_pylist()
+        if audit_each_study is None:
+            audit_each_study = len(study_uids) <= 100
+        self.con.register("_new_studies", studies)
+        self.con.register("_new_inst", instances)
+        try:
+            seq, result = self._commit("register", lambda state, seq, now: self._plan_register(
+                state, seq, now, studies, instances, holder, actor or self.writer, study_uids, audit_each_study))
+        finally:
+            self.con.unregister("_new_studies")
+            self.con.unregister("_new_inst")
+        if result is None:  # nothing changed
+            return RegisterResult(0, instances.num_rows, (), 0, tuple(study_uids), None)
+        return RegisterResult(result.new_instances, result.already_present, result.conflicts,
+                              result.new_series, result.studies, seq)
+
+    def _plan_register(self, state: State, seq: int, now: dt.datetime, studies: pa.Table, instances: pa.Table,
+                       holder: str, actor: str, study_uids: list[str], audit_each_study: bool) -> CommitPlan | None:
+        self._ensure_views()
+        con = self.con
+        n_in = instances.num_rows
+        existing = con.sql(
+            "SELECT e.sop_instance_uid, e.sha256, e.object_key, e.study_uid FROM instances e "
+            "JOIN _new_inst n ON e.study_uid = n.study_uid AND e.sop_instance_uid = n.sop_instance_uid"
+        ).to_arrow_table()
+        # duplicates inside the batch itself: keep the first of each SOP Instance UID
+        dup_in_batch = 0
+        fresh = instances
+        if n_in and pc.count_distinct(instances.column("sop_instance_uid")).as_py() != n_in:
+            seen: dict[str, str] = {}
+            keep = []
+            for i, (sop, sha) in enumerate(zip(instances.column("sop_instance_uid").to_pylist(),
+                                               instances.column("sha256").to_pylist())):
+                keep.append(sop not in seen)
+                seen.setdefault(sop, sha)
+            fresh = instances.filter(pa.array(keep))
+            dup_in_batch = n_in - fresh.num_rows
+        conflicts: list[ConflictRecord] = []
+        already = dup_in_batch
+        if existing.num_rows:
+            known = dict(zip(existing.column("sop_instance_uid").to_pylist(),
+                             zip(existing.column("sha256").to_pylist(), existing.column("object_key").to_pylist())))
+            mask = pc.invert(pc.is_in(fresh.column("sop_instance_uid"), value_set=existing.column("sop_instance_uid")))
+            clashing = fresh.filter(pc.invert(mask))
+            for row in clashing.select(["study_uid", "series_uid", "sop_instance_uid", "sha256", "origin_site"]).to_pylist():
+                old_sha, old_key = known[row["sop_instance_uid"]]
+                if old_sha == row["sha256"]:
+                    already += 1
+                    continue
+                conflicts.append(ConflictRecord(
+                    row["study_uid"], row["sop_instance_uid"], old_key, old_sha, row["sha256"],
+                    keys.object_key(row["origin_site"], row["study_uid"], row["series_uid"],
+                                    row["sop_instance_uid"], conflict_sha256=row["sha256"]),
+                    row["origin_site"], holder, now))
+            fresh = fresh.filter(mask)
+        n_new = fresh.num_rows
+        # which studies need their location (re)written at this holder
+        if n_new == 0 and not conflicts:
+            if n_in:
+                current = con.execute(
+                    "SELECT study_uid, arg_max(state, _seq) AS state FROM locations "
+                    "WHERE holder = ? AND sop_instance_uid = '' AND study_uid IN (SELECT study_uid FROM _new_studies) "
+                    "GROUP BY study_uid", [holder]).fetchall()
+                ok = {uid for uid, st in current if st in ("present", "verified")}
+                if all(uid in ok for uid in study_uids):
+                    return None
+            else:
+                known_studies = {r[0] for r in con.execute(
+                    "SELECT DISTINCT study_uid FROM studies WHERE study_uid IN (SELECT study_uid FROM _new_studies)"
+                ).fetchall()}
+                if all(uid in known_studies for uid in study_uids):
+                    return None
+        con.register("_fresh", fresh)
+        try:
+            series = con.sql(
+                "WITH f AS (SELECT study_uid, series_uid, any_value(modality) AS modality, "
+                "  any_value(series_number) AS series_number, any_value(series_description) AS series_description, "
+                "  any_value(origin_site) AS origin_site FROM _fresh GROUP BY study_uid, series_uid) "
+                "SELECT f.* FROM f ANTI JOIN series e ON e.study_uid = f.study_uid AND e.series_uid = f.series_uid"
+            ).to_arrow_table()
+            con.register("_fresh_series", series)
+            deltas = con.sql(
+                "WITH i AS (SELECT study_uid, count(*) AS n, sum(size) AS b FROM _fresh GROUP BY study_uid), "
+                "s AS (SELECT study_uid, count(*) AS n FROM _fresh_series GROUP BY study_uid) "
+                "SELECT t.*, coalesce(s.n, 0)::BIGINT AS series_added, coalesce(i.n, 0)::BIGINT AS instances_added, "
+                "coalesce(i.b, 0)::BIGINT AS bytes_added FROM _new_studies t "
+                "LEFT JOIN i USING (study_uid) LEFT JOIN s USING (study_uid)"
+            ).to_arrow_table()
+            con.unregister("_fresh_series")
+        finally:
+            con.unregister("_fresh")
+        n = deltas.num_rows
+        deltas = deltas.append_column("registered_at", pa.array([now] * n, tables.TS)) \
+                       .append_column("_seq", pa.array([seq] * n, pa.int64()))
+        fresh = fresh.append_column("registered_at", pa.array([now] * n_new, tables.TS)) \
+                     .append_column("_seq", pa.array([seq] * n_new, pa.int64()))
+        series = series.append_column("registered_at", pa.array([now] * series.num_rows, tables.TS)) \
+                       .append_column("_seq", pa.array([seq] * series.num_rows, pa.int64()))
+        locations = pa.table({
+            "study_uid": studies.column("study_uid"),
+            "sop_instance_uid": pa.array([""] * studies.num_rows),
+            "holder": pa.array([holder] * studies.num_rows),
+            "state": pa.array(["present"] * studies.num_rows),
+            "verified_at": pa.nulls(studies.num_rows, tables.TS),
+            "detail": pa.array([""] * studies.num_rows),
+            "by": pa.array([actor] * studies.num_rows),
+            "at": pa.array([now] * studies.num_rows, tables.TS),
+            "_seq": pa.array([seq] * studies.num_rows, pa.int64()),
+        })
+        rows = {"instances": fresh, "series": series, "studies": deltas, "locations": locations}
+        if conflicts:
+            rows["conflicts"] = pa.Table.from_pylist(
+                [{**c.__dict__, "_seq": seq} for c in conflicts], schema=tables.CONFLICTS)
+        result = RegisterResult(n_new, already, tuple(conflicts), series.num_rows, tuple(study_uids), seq)
+        origin_of = dict(zip(study_uids, studies.column("origin_site").to_pylist()))
+        drafts: list[AuditDraft] = []
+        if audit_each_study:
+            per_study = dict(zip(deltas.column("study_uid").to_pylist(), deltas.column("instances_added").to_pylist()))
+            for uid in study_uids:
+                n_conf = sum(1 for c in conflicts if c.study_uid == uid)
+                drafts.append(AuditDraft(origin_of[uid], actor, "register", uid, None,
+                                         "conflict" if n_conf else "ok",
+                                         {"holder": holder, "new_instances": per_study.get(uid, 0), "conflicts": n_conf}))
+        else:
+            drafts.append(AuditDraft(origin_sites_text(origin_of.values()), actor, "register", None, None,
+                                     "conflict" if conflicts else "ok",
+                                     {"holder": holder, "studies": len(study_uids), "new_instances": n_new,
+                                      "already_present": already, "conflicts": len(conflicts)}))
+        return CommitPlan(rows=rows, audit=drafts, result=result)
+
+    # ---------------------------------------------------------- instances
+    def instances(self, study_uid: str) -> list[dict[str, Any]]:
+        """The study's registered instances (object key, SHA-256, size, SOP class, transfer syntax)."""
+        return self._rows(
+            "SELECT * EXCLUDE (_seq) FROM instances WHERE study_uid = ? ORDER BY series_uid, instance_number, "
+            "sop_instance_uid", [study_uid])
+
+    def instance_count(self) -> int:
+        return int(self._rows("SELECT count(*) AS n FROM instances")[0]["n"])
+
+    def series(self, study_uid: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * EXCLUDE (_seq) FROM series WHERE study_uid = ? ORDER BY series_number, series_uid",
+                          [study_uid])
+
+    def conflicts(self, study_uid: str | None = None) -> list[ConflictRecord]:
+        where, params = ("WHERE study_uid = ?", [study_uid]) if study_uid else ("", [])
+        return [ConflictRecord(**{k: v for k, v in r.items() if k != "_seq"})
+                for r in self._rows(f"SELECT * FROM conflicts {where} ORDER BY \"at\", sop_instance_uid", params)]
+
+    # ---------------------------------------------------------- studies
+    def study(self, study_uid: str) -> StudyRow | None:
+        rows = self._rows(f"SELECT study_uid, {_STUDY_AGG} FROM studies WHERE study_uid = ? GROUP BY study_uid",
+                          [study_uid])
+        return _study_row(rows[0]) if rows else None
+
+    def visible_studies(self, site: str, patient_ids: Sequence[tuple[str, str | None]] | None = None,
+                        date_from: str | None = None, date_to: str | None = None,
+                        modalities: Sequence[str] | None = None) -> list[StudyRow]:
+        """Studies `site` may see: its own (origin) or with an active grant to it.
+
+        Optionally only those of the given (patient_id, issuer) pairs (issuer
+        None matches any), with study_date within [date_from, date_to]
+        (YYYYMMDD) and any of `modalities`.
+        """
+        where, params = [], []
+        if patient_ids is not None:
+            if not patient_ids:
+                return []
+            ors = []
+            for pid, issuer in patient_ids:
+                if issuer is None:
+                    ors.append("patient_id = ?")
+                    params.append(pid)
+                else:
+                    ors.append("(patient_id = ? AND issuer_of_patient_id = ?)")
+                    params.extend([pid, issuer])
+            where.append("(" + " OR ".join(ors) + ")")
+        having = []
+        if date_from:
+            having.append("arg_max(study_date, _seq) >= ?")
+            params.append(date_from)
+        if date_to:
+            having.append("arg_max(study_date, _seq) <= ?")
+            params.append(date_to)
+        if modalities:
+            having.append("list_has_any(list_distinct(flatten(list(modalities))), ?::VARCHAR[])")
+            params.append(list(modalities))
+        sql = (f"SELECT study_uid, {_STUDY_AGG} FROM studies "
+               + (f"WHERE {' AND '.join(where)} " if where else "")
+               + "GROUP BY study_uid "
+               + (f"HAVING {' AND '.join(having)} " if having else ""))
+        with self._lock:
+            candidates = self._rows(sql, params)
+            if not candidates:
+                return []
+            others = [r["study_uid"] for r in candidates if r["origin_site"] != site]
+            granted: set[str] = set()
+            if others:
+                if patient_ids is not None and len(others) <= 500:
+                    listing = ", ".join(_sql_str(u) for u in others)
+                    cond = f"study_uid IN ({listing})"
+                else:
+                    self.con.register("_candidates", pa.table({"study_uid": others}))
+                    cond = "study_uid IN (SELECT study_uid FROM _candidates)"
+                try:
+                    granted = {r["study_uid"] for r in self._rows(
+                        f"SELECT study_uid, arg_max(action, _seq) AS action FROM grants "
+                        f"WHERE site = ? AND {cond} GROUP BY study_uid", [site]) if r["action"] == tables.GRANT}
+                finally:
+                    if "_candidates" in cond:
+                        self.con.unregister("_candidates")
+        rows = [_study_row(r) for r in candidates if r["origin_site"] == site or r["study_uid"] in granted]
+        rows.sort(key=lambda r: (r.study_date, r.study_time, r.study_uid))
+        return rows
+
+    def may_see(self, site: str, study_uid: str) -> bool:
+        """True when `site` is the study's origin or holds an active grant for it."""
+        study = self.study(study_uid)
+        if study is None:
+            return False
+        if study.origin_site == site:
+            return True
+        return any(g.active for g in self.grants(study_uid) if g.site == site)
+
+    # ---------------------------------------------------------- locations
+    def locations(self, study_uid: str, include_instances: bool = True) -> list[LocationRecord]:
+        """Every copy of the study: its latest state per holder (and per instance where recorded)."""
+        extra = "" if include_instances else "AND sop_instance_uid = ''"
+        rows = self._rows(
+            "SELECT study_uid, sop_instance_uid, holder, arg_max(state, _seq) AS state, "
+            "arg_max(verified_at, _seq) AS verified_at, arg_max(detail, _seq) AS detail, "
+            "arg_max(\"by\", _seq) AS \"by\", max(\"at\") AS \"at\" FROM locations "
+            f"WHERE study_uid = ? {extra} GROUP BY study_uid, sop_instance_uid, holder "
+            "ORDER BY holder, sop_instance_uid", [study_uid])
+        return [LocationRecord(r["study_uid"], r["sop_instance_uid"] or None, r["holder"], r["state"],
+                               r["verified_at"], r["detail"] or "", r["by"] or "", r["at"]) for r in rows]
+
+    def set_location(self, study_uid: str, holder: str, state: str, sop_instance_uid: str | None = None,
+                     verified_at: dt.datetime | None = None, detail: str = "", by: str = "") -> int:
+        """Record the state of a copy ('present', 'verified', 'missing', 'corrupt', 'removed'); returns the commit."""
+        return self.set_locations([dict(study_uid=study_uid, holder=holder, state=state,
+                                         sop_instance_uid=sop_instance_uid, verified_at=verified_at,
+                                         detail=detail, by=by)])
+
+    def set_locations(self, entries: Sequence[Mapping[str, Any]]) -> int:
+        """Several location states in one commit (e.g. a night's verification); returns the commit."""
+        for e in entries:
+            if e["state"] not in tables.LOCATION_STATES:
+                raise UsageError(f"location state {e['state']!r} is not one of {', '.join(tables.LOCATION_STATES)}")
+
+        def build(state: State, seq: int, now: dt.datetime) -> CommitPlan:
+            rows = [{
+                "study_uid": e["study_uid"], "sop_instance_uid": e.get("sop_instance_uid") or "",
+                "holder": e["holder"], "state": e["state"],
+                "verified_at": e.get("verified_at") or (now if e["state"] == "verified" else None),
+                "detail": e.get("detail") or "", "by": e.get("by") or self.writer, "at": now, "_seq": seq,
+            } for e in entries]
+            return CommitPlan(rows={"locations": pa.Table.from_pylist(rows, schema=tables.LOCATIONS)})
+
+        seq, _ = self._commit("locations", build)
+        return int(seq or 0)
+
+    # ---------------------------------------------------------- grants
+    def grant(self, study_uid: str, site: str, by_kind: str, by: str, reason: str = "",
+              rule: str | None = None, policy_version: str | None = None,
+              actor_site: str = tables.CENTER) -> GrantRecord:
+        """Make the study visible to `site` (no change if already active); returns the current grant."""
+        self.grant_many([GrantRequest(study_uid, site, by_kind, by, reason, rule, policy_version)], actor_site)
+        return next(g for g in self.grants(study_uid) if g.site == site and g.current)
+
+    def revoke(self, study_uid: str, site: str, by_kind: str, by: str, reason: str = "",
+               rule: str | None = None, policy_version: str | None = None,
+               actor_site: str = tables.CENTER) -> GrantRecord | None:
+        """Withdraw the site's grant (no change if none is active); returns the current record."""
+        self.grant_many([GrantRequest(study_uid, site, by_kind, by, reason, rule, policy_version,
+                                      tables.REVOKE)], actor_site)
+        return next((g for g in self.grants(study_uid) if g.site == site and g.current), None)
+
+    def grant_many(self, requests: Sequence[GrantRequest], actor_site: str = tables.CENTER,
+                   skip_unchanged: bool = True) -> int:
+        """Write grants and revocations in one commit, each with its audit event.
+
+        With skip_unchanged, a grant already active (or a revocation of one
+        not active) is left out. Returns how many events were written.
+        """
+        for r in requests:
+            validate_grant(r)
+        wanted = list(requests)
+        if not wanted:
+            return 0
+        written = {"n": 0}
+
+        def build(state: State, seq: int, now: dt.datetime) -> CommitPlan | None:
+            todo = wanted
+            if skip_unchanged:
+                uids = sorted({r.study_uid for r in wanted})
+                self.con.register("_grant_uids", pa.table({"study_uid": uids}))
+                try:
+                    self._ensure_views()
+                    current = {(u, s): a for u, s, a in self.con.execute(
+                        "SELECT study_uid, site, arg_max(action, _seq) FROM grants "
+                        "WHERE study_uid IN (SELECT study_uid FROM _grant_uids) GROUP BY study_uid, site").fetchall()}
+                finally:
+                    self.con.unregister("_grant_uids")
+                todo, seen = [], set()
+                for r in wanted:
+                    key = (r.study_uid, r.site)
+                    now_active = current.get(key) == tables.GRANT
+                    if (r.action == tables.GRANT) != now_active and key not in seen:
+                        todo.append(r)
+                        seen.add(key)
+                        current[key] = r.action
+            if not todo:
+                return None
+            written["n"] = len(todo)
+            rows = pa.table({
+                "study_uid": [r.study_uid for r in todo], "site": [r.site for r in todo],
+                "action": [r.action for r in todo], "by_kind": [r.by_kind for r in todo],
+                "by": [r.by for r in todo], "reason": [r.reason for r in todo],
+                "rule": [r.rule for r in todo], "policy_version": [r.policy_version for r in todo],
+                "at": pa.array([now] * len(todo), tables.TS), "_seq": pa.array([seq] * len(todo), pa.int64()),
+            })
+            drafts = [AuditDraft(actor_site, r.by, r.action, r.study_uid, r.site, "ok",
+                                 {"by_kind": r.by_kind, "reason": r.reason, "rule": r.rule,
+                                  "policy_version": r.policy_version}) for r in todo]
+            return CommitPlan(rows={"grants": rows}, audit=drafts)
+
+        self._commit("grants", build)
+        return written["n"]
+
+    def grants(self, study_uid: str) -> list[GrantRecord]:
+        """Every grant and revocation of the study, oldest first; `current` marks the latest per site."""
+        rows = self._rows(
+            "SELECT *, _seq = max(_seq) OVER (PARTITION BY site) AS current FROM grants WHERE study_uid = ? "
+            "ORDER BY _seq, site", [study_uid])
+        return [_grant(r) for r in rows]
+
+    def active_grants_for_site(self, site: str) -> list[GrantRecord]:
+        """The grants currently active for `site` (one per study)."""
+        rows = self._rows(
+            "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY study_uid ORDER BY _seq DESC) AS rn "
+            "FROM grants WHERE site = ?) WHERE rn = 1 AND action = 'grant' ORDER BY study_uid", [site])
+        return [_grant({**r, "current": True}) for r in rows]
+
+    # ---------------------------------------------------------- consents
+    def set_consent(self, site: str, patient_id: str, issuer: str, state: str, by: str, reason: str = "",
+                    actor_site: str | None = None) -> int:
+        """Record a patient's consent ('given') or its withdrawal ('withdrawn'); returns the commit."""
+        if state not in tables.CONSENT_STATES:
+            raise UsageError(f"consent state {state!r} is not one of {', '.join(tables.CONSENT_STATES)}")
+
+        def build(st: State, seq: int, now: dt.datetime) -> CommitPlan:
+            row = pa.Table.from_pylist([{"site": site, "patient_id": patient_id, "issuer": issuer, "state": state,
+                                         "by": by, "reason": reason, "at": now, "_seq": seq}], schema=tables.CONSENTS)
+            return CommitPlan(rows={"consents": row}, audit=[AuditDraft(
+                actor_site or site, by, f"consent-{state}", None, site, "ok", {"reason": reason})])
+
+        seq, _ = self._commit("consent", build)
+        return int(seq or 0)
+
+    def consent_of(self, site: str, patient_id: str, issuer: str) -> ConsentRecord | None:
+        rows = self._rows("SELECT * FROM consents WHERE site = ? AND patient_id = ? AND issuer = ? "
+                          "ORDER BY _seq DESC LIMIT 1", [site, patient_id, issuer])
+        return ConsentRecord(**{k: v for k, v in rows[0].items() if k != "_seq"}) if rows else None
+
+    def withdrawn_consents(self) -> list[ConsentRecord]:
+        rows = self._rows("SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY site, patient_id, issuer "
+                          "ORDER BY _seq DESC) AS rn FROM consents) WHERE rn = 1 AND state = 'withdrawn'")
+        return [ConsentRecord(**{k: v for k, v in r.items() if k not in ("_seq", "rn")}) for r in rows]
+
+    # ---------------------------------------------------------- patient links
+    def link_patients(self, entries: Sequence[tuple[str, str, str]], method: str, by: str,
+                      evidence: str | Mapping[str, Any] = "") -> str:
+        """Record that the (site, patient_id, issuer) entries are one person; returns the person id.
+
+        Entries already linked keep their person (the smallest id wins when
+        two persons are joined, and every member of the other one moves).
+        """
+        if method not in tables.LINK_METHODS or method == "unlink":
+            raise UsageError(f"link method {method!r} must be 'auto-exact' or 'operator'")
+        if len(entries) < 1:
+            raise UsageError("link_patients needs at least one (site, patient_id, issuer)")
+        evidence_text = evidence if isinstance(evidence, str) else json.dumps(evidence, sort_keys=True, default=str)
+        out = {"person": ""}
+
+        def build(state: State, seq: int, now: dt.datetime) -> CommitPlan | None:
+            current = self._current_links()
+            persons = sorted({current[tuple(e)] for e in entries if current.get(tuple(e))})
+            person = persons[0] if persons else f"person-{uuid.uuid4().hex[:16]}"
+            out["person"] = person
+            members = {tuple(e) for e in entries}
+            for key, pid in current.items():
+                if pid in persons[1:]:
+                    members.add(key)
+            todo = sorted(m for m in members if current.get(m) != person)
+            if not todo:
+                return None
+            rows = pa.Table.from_pylist([{"person_id": person, "site": s, "patient_id": p, "issuer": i,
+                                          "method": method, "by": by, "evidence": evidence_text, "at": now,
+                                          "_seq": seq} for s, p, i in todo], schema=tables.PATIENT_LINKS)
+            return CommitPlan(rows={"patient_links": rows}, audit=[AuditDraft(
+                tables.CENTER, by, "link-patients", None, None, "ok",
+                {"person_id": person, "method": method, "members": len(todo)})])
+
+        self._commit("link", build)
+        return out["person"]
+
+    def unlink_patient(self, site: str, patient_id: str, issuer: str, by: str, reason: str = "") -> bool:
+        """Detach one site-local patient ID from its person; False when it was not linked."""
+        def build(state: State, seq: int, now: dt.datetime) -> CommitPlan | None:
+            if not self._current_links().get((site, patient_id, issuer)):
+                return None
+            rows = pa.Table.from_pylist([{"person_id": "", "site": site, "patient_id": patient_id, "issuer": issuer,
+                                          "method": "unlink", "by": by, "evidence": reason, "at": now,
+                                          "_seq": seq}], schema=tables.PATIENT_LINKS)
+            return CommitPlan(rows={"patient_links": rows}, audit=[AuditDraft(
+                tables.CENTER, by, "unlink-patient", None, site, "ok", {"reason": reason})])
+
+        seq, _ = self._commit("unlink", build)
+        return seq is not None
+
+    def _current_links(self) -> dict[tuple[str, str, str], str]:
+        self._ensure_views()
+        rows = self.con.execute("SELECT site, patient_id, issuer, arg_max(person_id, _seq) FROM patient_links "
+                                "GROUP BY site, patient_id, issuer").fetchall()
+        return {(s, p, i): person for s, p, i, person in rows if person}
+
+    def person_of(self, site: str, patient_id: str, issuer: str) -> str | None:
+        rows = self._rows("SELECT arg_max(person_id, _seq) AS person FROM patient_links "
+                          "WHERE site = ? AND patient_id = ? AND issuer = ?", [site, patient_id, issuer])
+        return (rows[0]["person"] or None) if rows else None
+
+    def patient_ids_of(self, person_id: str) -> list[tuple[str, str, str]]:
+        rows = self._rows(
+            "SELECT site, patient_id, issuer FROM (SELECT site, patient_id, issuer, arg_max(person_id, _seq) AS p "
+            "FROM patient_links WHERE (site, patient_id, issuer) IN (SELECT (site, patient_id, issuer) "
+            "FROM patient_links WHERE person_id = ?) GROUP BY ALL) WHERE p = ? ORDER BY site, patient_id",
+            [person_id, person_id])
+        return [(r["site"], r["patient_id"], r["issuer"]) for r in rows]
+
+    def find_patients(self, name: str | None = None, birth_date: str | None = None,
+                      sex: str | None = None, site: str | None = None) -> list[PatientCandidate]:
+        """Site-local patients whose demographics match (a name matches on any '='-group, case-insensitive)."""
+        where, params = [], []
+        if name:
+            groups = [g.strip().lower() for g in name.split("=") if g.strip()]
+            where.append("list_has_any(list_transform(string_split(lower(patient_name), '='), lambda x: trim(x)), ?::VARCHAR[])")
+            params.append(groups)
+        if birth_date:
+            where.append("patient_birth_date = ?")
+            params.append(birth_date)
+        if sex:
+            where.append("patient_sex = ?")
+            params.append(sex)
+        if site:
+            where.append("origin_site = ?")
+            params.append(site)
+        rows = self._rows(
+            "SELECT origin_site AS site, patient_id, issuer_of_patient_id AS issuer, any_value(patient_name) AS "
+            "patient_name, any_value(patient_birth_date) AS patient_birth_date, any_value(patient_sex) AS patient_sex, "
+            "count(DISTINCT study_uid) AS studies FROM studies "
+            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + "GROUP BY origin_site, patient_id, issuer_of_patient_id ORDER BY site, patient_id", params)
+        return [PatientCandidate(**r) for r in rows]
+
+    # ---------------------------------------------------------- totals
+    def totals(self, pending: Mapping[str, int] | None = None) -> list[SiteTotals]:
+        """Per origin site: studies, instances, bytes, and the backlog.
+
+        backlog_studies counts studies an edge holds whose center copy is not
+        verified yet; `pending` (per site, e.g. from the edges' journals) is
+        reported beside it for what has not reached the catalog at all.
+        """
+        rows = self._rows("""
+            WITH s AS (SELECT study_uid, arg_max(origin_site, _seq) AS origin_site,
+                              sum(instances_added) AS n, sum(bytes_added) AS b FROM studies GROUP BY study_uid),
+            l AS (SELECT study_uid, holder, arg_max(state, _seq) AS state FROM locations
+                  WHERE sop_instance_uid = '' GROUP BY study_uid, holder),
+            edge AS (SELECT DISTINCT study_uid FROM l WHERE holder LIKE 'edge:%' AND state IN ('present', 'verified')),
+            verified AS (SELECT study_uid FROM l WHERE holder = 'center' AND state = 'verified')
+            SELECT origin_site AS site, count(*) AS studies, coalesce(sum(n), 0)::BIGINT AS instances,
+                   coalesce(sum(b), 0)::BIGINT AS bytes,
+                   count(*) FILTER (WHERE study_uid IN (SELECT study_uid FROM edge)
+                                    AND study_uid NOT IN (SELECT study_uid FROM verified)) AS backlog_studies
+            FROM s GROUP BY origin_site ORDER BY origin_site""")
+        pending = dict(pending or {})
+        out = [SiteTotals(r["site"], int(r["studies"]), int(r["instances"]), int(r["bytes"]),
+                          int(r["backlog_studies"]), int(pending.pop(r["site"], 0))) for r in rows]
+        out.extend(SiteTotals(site, 0, 0, 0, 0, int(n)) for site, n in sorted(pending.items()))
+        return out
+
+    # ---------------------------------------------------------- audit
+    def append_audit(self, actor_site: str, actor: str, action: str, study_uid: str | None = None,
+                     target_site: str | None = None, outcome: str = "ok",
+                     detail: dict[str, Any] | None = None) -> AuditEvent:
+        """Append one audit event to the chain; returns it with its number and hash."""
+        return self.append_audits([AuditDraft(actor_site, actor, action, study_uid, target_site, outcome, detail)])[0]
+
+    def append_audits(self, drafts: Sequence[AuditDraft]) -> list[AuditEvent]:
+        """Append several events in one commit (one place in the total order); returns them."""
+        if not drafts:
+            return []
+
+        def build(state: State, seq: int, now: dt.datetime) -> CommitPlan:
+            return CommitPlan(audit=list(drafts), result=(state.audit_count + 1, seq))
+
+        seq, (first, _) = self._commit("audit", build)
+        return self.audit(event_from=first, event_to=first + len(drafts) - 1)
+
+    def audit(self, study_uid: str | None = None, site: str | None = None, actor: str | None = None,
+              action: str | None = None, since: dt.datetime | str | None = None,
+              until: dt.datetime | str | None = None, limit: int | None = None,
+              event_from: int | None = None, event_to: int | None = None) -> list[AuditEvent]:
+        """Audit events matching every given filter, in chain order (site matches actor or target)."""
+        where, params = [], []
+        for col, value in (("study_uid", study_uid), ("actor", actor), ("action", action)):
+            if value is not None:
+                where.append(f"{col} = ?")
+                params.append(value)
+        if site is not None:
+            where.append("(actor_site = ? OR target_site = ?)")
+            params.extend([site, site])
+        if since is not None:
+            where.append('"at" >= ?::TIMESTAMPTZ')
+            params.append(_as_ts(since))
+        if until is not None:
+            where.append('"at" < ?::TIMESTAMPTZ')
+            params.append(_as_ts(until))
+        if event_from is not None:
+            where.append("event_no >= ?")
+            params.append(event_from)
+        if event_to is not None:
+            where.append("event_no <= ?")
+            params.append(event_to)
+        sql = ("SELECT * FROM audit " + (f"WHERE {' AND '.join(where)} " if where else "")
+               + "ORDER BY event_no" + (f" LIMIT {int(limit)}" if limit else ""))
+        return [audit_mod.event_from_row(r) for r in self._rows(sql, params)]
+
+    def audit_trail(self, study_uid: str) -> list[AuditEvent]:
+        return self.audit(study_uid=study_uid)
+
+    def verify_audit(self) -> AuditVerification:
+        """Recompute the whole hash chain; reports edited, deleted and reordered events."""
+        with self._lock:
+            state = self.refresh()
+            self._ensure_views()
+            try:
+                anchor = json.loads(cfs.read_bytes(self.fs, cfs.join(self.root, audit_mod.ANCHOR)))
+            except (FileNotFoundError, ValueError):
+                anchor = None
+            reader = self.con.sql(
+                "SELECT event_no, \"at\", actor_site, actor, action, study_uid, target_site, outcome, detail, "
+                "prev_hash, hash FROM audit ORDER BY event_no").to_arrow_reader(50_000)
+
+            def rows() -> Iterable[dict[str, Any]]:
+                for batch in reader:
+                    yield from batch.to_pylist()
+
+            return audit_mod.verify_rows(rows(), state.audit_count, state.audit_head, anchor)
+
+    # ---------------------------------------------------------- maintenance
+    def file_counts(self) -> dict[str, int]:
+        """How many live Parquet files each table has (what compaction keeps small)."""
+        state = self.refresh()
+        return {name: len(state.files.get(name, {})) for name in tables.TABLES}
+
+    def compact(self, force: bool = False) -> Any:
+        """Merge small files (see catalog.compaction.compact)."""
+        from catalog.compaction import compact
+
+        return compact(self, force=force)
+
+
+# ------------------------------------------------------------------ helpers
+def origin_sites_text(values: Iterable[str]) -> str:
+    sites = sorted(set(values))
+    return sites[0] if len(sites) == 1 else ",".join(sites)
+
+
+def validate_grant(r: GrantRequest) -> None:
+    if r.action not in (tables.GRANT, tables.REVOKE):
+        raise UsageError(f"grant action {r.action!r} must be 'grant' or 'revoke'")
+    if r.by_kind not in tables.BY_KINDS:
+        raise UsageError(f"grant by_kind {r.by_kind!r} must be one of {', '.join(tables.BY_KINDS)}")
+    keys.validate_site(r.site)
+    from renkei.uids import validate_uid
+
+    validate_uid(r.study_uid, "Study Instance UID")
+
+
+def _as_ts(value: dt.datetime | str) -> str:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return value.isoformat()
+    return value
+
+
+def _study_row(r: dict[str, Any]) -> StudyRow:
+    data = {f: r.get(f) for f in StudyRow.__dataclass_fields__}
+    for f in tables.STUDY_INFO_FIELDS:
+        data[f] = data[f] or ""
+    data["modalities"] = tuple(m for m in (r.get("modalities") or []) if m)
+    for f in ("series_count", "instance_count", "bytes"):
+        data[f] = int(data[f] or 0)
+    return StudyRow(**data)
+
+
+def _grant(r: dict[str, Any]) -> GrantRecord:
+    return GrantRecord(r["study_uid"], r["site"], r["action"], r["by_kind"], r["by"], r["reason"] or "",
+                       r["rule"], r["policy_version"], r["at"], bool(r.get("current")))
+
+
+def _check_uids(column: pa.ChunkedArray | pa.Array, what: str) -> None:
+    ok = pc.and_(pc.match_substring_regex(column, _UID_PATTERN), pc.less_equal(pc.utf8_length(column), 64))
+    ok = pc.fill_null(ok, False)
+    if not pc.all(ok).as_py():
+        bad = column.filter(pc.invert(ok))
+        shown = bad[0].as_py() if len(bad) else None
+        raise InvalidUID(f"{what} {str(shown)[:80]!r} is not a valid DICOM UID (digits and dots, at most 64 characters)")
+
+
+def _column(table: pa.Table, name: str, type_: pa.DataType, default: Any) -> pa.Array | pa.ChunkedArray:
+    if name in table.column_names:
+        col = table.column(name)
+        if col.type != type_:
+            col = col.cast(type_)
+        if default is not None:
+            col = pc.fill_null(col, default)
+        return col
+    return pa.array([default] * table.num_rows, type_)
+
+
+def _normalise_studies(studies: pa.Table) -> pa.Table:
+    for name in ("study_uid", "origin_site", "patient_id"):
+        if name not in studies.column_names:
+            raise UsageError(f"the studies table needs a {name!r} column")
+    _check_uids(studies.column("study_uid"), "Study Instance UID")
+    cols = {name: _column(studies, name, pa.string(), "") for name in tables.STUDY_INFO_FIELDS}
+    if "modalities" in studies.column_names:
+        cols["modalities"] = studies.column("modalities").cast(pa.list_(pa.string()))
+    else:
+        cols["modalities"] = pa.array([[] for _ in range(studies.num_rows)], pa.list_(pa.string()))
+    out = pa.table(cols)
+    if pc.count_distinct(out.column("study_uid")).as_py() != out.num_rows:
+        raise UsageError("the studies table lists a Study Instance UID twice; give each study once")
+    return out
+
+
+_INSTANCE_COLUMNS = (
+    ("study_uid", pa.string(), None), ("series_uid", pa.string(), None), ("sop_instance_uid", pa.string(), None),
+    ("sop_class_uid", pa.string(), ""), ("transfer_syntax_uid", pa.string(), ""), ("size", pa.int64(), None),
+    ("sha256", pa.string(), None), ("instance_number", pa.int64(), None), ("modality", pa.string(), ""),
+    ("series_number", pa.int64(), None), ("series_description", pa.string(), ""),
+)
+
+
+def _normalise_instances(instances: pa.Table | None, studies: pa.Table) -> pa.Table:
+    """Instance rows with validated UIDs, origin_site and object_key columns."""
+    if instances is None or instances.num_rows == 0:
+        schema = pa.schema([(n, t) for n, t, _ in _INSTANCE_COLUMNS]
+                           + [("origin_site", pa.string()), ("object_key", pa.string())])
+        return schema.empty_table()
+    for name in ("study_uid", "series_uid", "sop_instance_uid", "size", "sha256"):
+        if name not in instances.column_names:
+            raise UsageError(f"the instances table needs a {name!r} column")
+    cols = {name: _column(instances, name, type_, default) for name, type_, default in _INSTANCE_COLUMNS}
+    for name, what in (("study_uid", "Study Instance UID"), ("series_uid", "Series Instance UID"),
+                       ("sop_instance_uid", "SOP Instance UID")):
+        _check_uids(cols[name], what)
+    sha_ok = pc.fill_null(pc.match_substring_regex(cols["sha256"], r"^[0-9a-f]{64}$"), False)
+    if not pc.all(sha_ok).as_py():
+        raise UsageError("an instance's sha256 is not 64 lower-case hex digits")
+    table = pa.table(cols)
+    idx = pc.index_in(table.column("study_uid"), value_set=studies.column("study_uid"))
+    if idx.null_count:
+        raise UsageError("every instance's study_uid must be one of the studies registered with it")
+    table = table.append_column("origin_site", studies.column("origin_site").take(idx))
+    if "object_key" in instances.column_names:
+        table = table.append_column("object_key", instances.column("object_key").cast(pa.string()))
+    else:
+        key = pc.binary_join_element_wise(
+            pa.array([keys.OBJECTS_PREFIX] * table.num_rows), table.column("origin_site"),
+            table.column("study_uid"), table.column("series_uid"),
+            pc.binary_join_element_wise(table.column("sop_instance_uid"), pa.array([".dcm"] * table.num_rows), ""),
+            "/")
+        table = table.append_column("object_key", key)
+    return table
