@@ -782,7 +782,13 @@ def _series_dataset(plan: StudyPlan, series: SeriesPlan) -> Dataset:
             ds.RescaleSlope = "1"
             ds.RescaleType = "US"
             ds.ImageLaterality = "U"
+            ds.PresentationLUTShape = "IDENTITY"
+            ds.PositionerType = "NONE"
+            ds.AcquisitionContextSequence = []
             ds.AnatomicRegionSequence = [_code("51185008", "SCT", "Chest")]
+            ds.ViewCodeSequence = [
+                _code("399348003", "SCT", "postero-anterior") if view == "PA" else _code("399173006", "SCT", "left lateral")
+            ]
         else:
             ds.PlateType = "STANDARD"
     return ds

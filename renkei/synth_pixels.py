@@ -146,18 +146,21 @@ class _Texture:
         self._cache: dict[int, np.ndarray] = {}
 
     def _knot(self, k: int) -> np.ndarray:
+        """The full-resolution field at knot plane k (cached: slices between two planes blend them)."""
         if k not in self._cache:
-            self._cache[k] = np.random.default_rng(self.seed + [k & 0xFFFFFFFF]).standard_normal(
+            grid = np.random.default_rng(self.seed + [k & 0xFFFFFFFF]).standard_normal(
                 (self.knots, self.knots)
             ).astype(np.float32)
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[k] = self.wr @ grid @ self.wc.T
         return self._cache[k]
 
     def at(self, z: float) -> np.ndarray:
         pos = z / self.dz
         k = math.floor(pos)
         f = np.float32(pos - k)
-        grid = self._knot(k) * (1 - f) + self._knot(k + 1) * f
-        return self.wr @ grid @ self.wc.T
+        return self._knot(k) * (1 - f) + self._knot(k + 1) * f
 
 
 class CTPhantom:
