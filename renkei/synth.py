@@ -24,6 +24,15 @@ Three layers, each usable alone:
 Same seed, same bytes: dates derive from `REFERENCE_DATE` and the seed, UIDs
 from renkei.uids.derive_uid, pixels from seeded numpy generators. Nothing
 reads the clock.
+
+Japanese text, as real sites write it. Under ISO 2022 IR 87 a 2-byte JIS X 0208
+character may contain bytes equal to '\\', '^' or '=' (本 is 0x4B5C, ま 0x245E,
+修 0x3D24); PS3.5 6.1.2.3 says only single-byte delimiters count, and pydicom
+decodes such names exactly. Debian's dcmtk 3.6.7 and dciodvfy count such a
+'\\' as a value delimiter (dcmdump shows VM 2, without a warning), and
+Orthanc 1.10 does not decode ISO 2022 IR 87 at all (its REST API shows the
+bytes with the escapes stripped; the stored file is intact). Compare names
+through pydicom, or use ISO_IR 192 patients where a tool in between matters.
 """
 
 from __future__ import annotations

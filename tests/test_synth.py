@@ -217,7 +217,9 @@ def test_dcmdump_reads_every_file_without_error_or_warning(written: dict[str, sy
     files = [f for result in written.values() for f in _files(result)]
     seen = set()
     for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        ds = pydicom.dcmread(f)
+        pixels = ds.pixel_array
+        assert pixels.shape == (ds.Rows, ds.Columns) and pixels.max() <= 4095 and pixels.std() > 1
         seen.add((ds.Modality, ds.SpecificCharacterSet if isinstance(ds.SpecificCharacterSet, str)
                   else "\\".join(ds.SpecificCharacterSet)))
     assert {m for m, _ in seen} == {"CT", "MR", "CR", "DX"}
@@ -443,6 +445,16 @@ def test_cli_writes_a_site_and_prints_a_summary(tmp_path: Path, config: RegionCo
         assert p.patient_id in proc.stdout
         for text in (p.person.family_kanji + "^", p.person.family_romaji + "^", p.person.kana_name):
             assert text not in proc.stdout and text not in proc.stderr  # no names in summary or logs
+
+
+def test_cli_site_all_writes_one_folder_per_site(tmp_path: Path, config: RegionConfig) -> None:
+    proc = _renkei("synth", "--config", str(EXAMPLE_CONFIG), "--site", "all", "--patients", "1",
+                   "--out", str(tmp_path), "--ct-slices", "1", "--size", "16", "--modalities", "CR")
+    assert proc.returncode == 0, proc.stderr
+    for site_id in config.site_ids:
+        files = list((tmp_path / site_id).rglob("*.dcm"))
+        assert files and all(pydicom.dcmread(f).InstitutionName == config.site(site_id).institution_name
+                             for f in files)
 
 
 @pytest.mark.parametrize(
