@@ -796,7 +796,8 @@ def _series_dataset(plan: StudyPlan, series: SeriesPlan) -> Dataset:
             ds.AcquisitionContextSequence = []
             ds.AnatomicRegionSequence = [_code("51185008", "SCT", "Chest")]
             ds.ViewCodeSequence = [
-                _code("399348003", "SCT", "postero-anterior") if view == "PA" else _code("399173006", "SCT", "left lateral")
+                _code("399348003", "SCT", "postero-anterior") if view == "PA"
+                else _code("399173006", "SCT", "left lateral")
             ]
         else:
             ds.PlateType = "STANDARD"
@@ -814,6 +815,7 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 def _series_pixels(plan: StudyPlan, series: SeriesPlan) -> Iterator[tuple[np.ndarray, dict[str, object]]]:
     """Each instance's pixels and its position attributes, one at a time."""
     seed = list(plan.pixel_seed) + [series.series_number]
+    phantom: px.CTPhantom | px.MRHeadPhantom
     if series.modality == "CT":
         region = series.kind.removeprefix("ct-")
         z0, z1 = px.CT_REGION_EXTENT_MM[region]
@@ -824,7 +826,7 @@ def _series_pixels(plan: StudyPlan, series: SeriesPlan) -> Iterator[tuple[np.nda
         phantom = px.MRHeadPhantom(seed, series.rows, "T1" if series.kind == "mr-t1" else "T2")
         fov = 230.0
     else:
-        view = "PA" if series.kind == "xr-pa" else "LL"
+        view: px.RadiographView = "PA" if series.kind == "xr-pa" else "LL"
         yield px.chest_radiograph(seed, series.rows, series.columns, view), {}
         return
     n = series.instances
@@ -932,7 +934,9 @@ def write_study(plan: StudyPlan, out_dir: str | os.PathLike[str]) -> SynthStudy:
             files.append(path)
             written += path.stat().st_size
     except OSError as exc:
-        raise UsageError(f"cannot write synthetic files under {out_dir}: {exc}; choose a folder you can write to") from None
+        raise UsageError(
+            f"cannot write synthetic files under {out_dir}: {exc}; choose a folder you can write to"
+        ) from None
     log.debug("wrote study %s (%d instances) for patient %s", plan.info.study_uid, len(files), plan.info.patient_id)
     return SynthStudy(
         info=plan.info,

@@ -298,7 +298,9 @@ class MRHeadPhantom:
     image, as on a real coil.
     """
 
-    def __init__(self, seed: Sequence[int] | int, size: int = 256, weighting: MRWeighting = "T1", noise: float = 12.0) -> None:
+    def __init__(
+        self, seed: Sequence[int] | int, size: int = 256, weighting: MRWeighting = "T1", noise: float = 12.0
+    ) -> None:
         self.seed = list(seed) if not isinstance(seed, int) else seed_ints(seed)
         self.size = size
         self.signal = _MR_SIGNAL[weighting]
@@ -332,7 +334,8 @@ class MRHeadPhantom:
                 # gyri: small grey-matter indentations into the white matter
                 for k, (jitter, radius, depth) in enumerate(self.gyri):
                     th = 2 * math.pi * (k + jitter) / len(self.gyri) + z / 60.0
-                    cv.paint(math.cos(th) * ba * depth, 0.04 + math.sin(th) * bb * depth, radius, radius * 0.8, sig["gm"])
+                    x, y = math.cos(th) * ba * depth, 0.04 + math.sin(th) * bb * depth
+                    cv.paint(x, y, radius, radius * 0.8, sig["gm"])
             for side in (-1, 1):
                 vent = _Ellipse(side * 0.09, -0.02, 0.05, 0.24, 0, 70, 28).at(z)
                 if vent:

@@ -298,7 +298,8 @@ def test_jis_bytes_that_look_like_delimiters_are_not_delimiters(tmp_path: Path) 
 def test_dcmtk_decodes_the_same_names(written: dict[str, synth.SynthResult]) -> None:
     """dcmtk's view of the bytes: UTF-8 names via +U8, ISO 2022 names as raw escapes."""
     jis = next(s for r in written.values() for s in r.studies if s.patient.specific_character_set == synth.CHARSET_JIS)
-    utf8 = next(s for r in written.values() for s in r.studies if s.patient.specific_character_set == synth.CHARSET_UTF8)
+    utf8 = next(s for r in written.values() for s in r.studies
+                if s.patient.specific_character_set == synth.CHARSET_UTF8)
     proc = _dcmdump(["+U8", "+P", "PatientName", str(utf8.files[0])])
     assert proc.returncode == 0 and _problems(proc) == []
     assert f"[{utf8.patient.patient_name}]" in proc.stdout.decode("utf-8")
@@ -341,7 +342,7 @@ def test_uids_hierarchy_and_sop_classes(written: dict[str, synth.SynthResult], c
                 assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.BitsAllocated == 16
                 assert ds.Modality in info.modalities
                 instance_numbers[series_uid].append((int(ds.InstanceNumber), ds))
-        for series_uid, numbered in instance_numbers.items():
+        for numbered in instance_numbers.values():
             numbered.sort(key=lambda x: x[0])
             assert [n for n, _ in numbered] == list(range(1, len(numbered) + 1))
             if numbered[0][1].Modality in ("CT", "MR"):
