@@ -1,0 +1,421 @@
+"""pynetdicom's association machinery, tuned for throughput on one association.
+
+pynetdicom 3.0 polls: its DUL thread sleeps 1 ms whenever it finds nothing to
+do, its association thread sleeps 1 ms before each look at the message queue,
+and sockets are read 4 KiB at a time and carry Nagle's algorithm. On a C-STORE
+stream (request, response, request...) those sleeps add up to milliseconds per
+instance. These subclasses keep pynetdicom's state machine, services and
+events untouched and change only how threads wait:
+
+- `FastDUL` waits in `select()` on the socket and on a wake-up pipe that
+  `send_pdu` writes to, so it reacts at once to incoming data and to outgoing
+  responses;
+- `FastAssociation` blocks on the DIMSE message queue instead of sleeping;
+- `FastSocket` reads a whole PDU with large `recv_into` calls, TCP_NODELAY on;
+- `EdgeRequestHandler` / `EdgeAssociationServer` build those for every
+  accepted connection (TLS handshake with TCP_NODELAY set first);
+- `FastAE.associate` (as a requestor) gets the same DUL and socket.
+
+Everything relies on pynetdicom 3.0's internal names; `check_compatible()`
+says whether they are there, and the edge falls back to plain pynetdicom when
+they are not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import socket
+import ssl
+import threading
+import time
+from copy import copy
+from functools import lru_cache
+from datetime import datetime
+from typing import Any, Callable, cast
+
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import (
+    AddressInformation,
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
+from pynetdicom._globals import MODE_ACCEPTOR
+
+LOGGER = logging.getLogger("renkei.edge.net")
+
+# How long an idle thread waits before re-checking timers and flags (seconds).
+IDLE_WAIT = 0.05
+
+
+@lru_cache(maxsize=1)
+def check_compatible() -> bool:
+    """True when pynetdicom has the internals these classes rely on."""
+    needed = [
+        (DULServiceProvider, ("_process_recv_primitive", "_is_transport_event", "send_pdu",
+                              "_run_loop_delay", "kill_dul")),
+        (Association, ("_serve_request", "_reactor_checkpoint", "dimse", "acse", "_run_reactor")),
+        (AssociationSocket, ("recv", "ready", "_create_socket")),
+        (RequestHandler, ("_create_association",)),
+    ]
+    probe_assoc = None
+    try:
+        probe_assoc = Association(AE(), MODE_ACCEPTOR)
+        for cls, names in needed:
+            for name in names:
+                holder = probe_assoc if cls is Association else (
+                    probe_assoc.dul if cls is DULServiceProvider else cls)
+                if not hasattr(holder, name):
+                    return False
+        return hasattr(probe_assoc.dimse, "msg_queue")
+    except Exception:
+        return False
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+class FastSocket(AssociationSocket):
+    """An AssociationSocket that reads whole PDUs with few system calls."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = cast(socket.socket, self.socket)
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        while received < nr_bytes:
+            n = sock.recv_into(view[received:], nr_bytes - received)
+            if not n:
+                del view
+                return buffer[:received]
+            received += n
+        del view
+        return buffer
+
+    def _create_socket(self, address: AddressInformation) -> socket.socket:
+        sock = super()._create_socket(address)
+        set_nodelay(sock)
+        return sock
+
+
+class FastDUL(DULServiceProvider):
+    """A DUL provider that sleeps in select() and is woken by outgoing primitives."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\x00")
+        except (BlockingIOError, OSError):
+            pass
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def _idle_wait(self) -> None:
+        """Wait until the socket has data, a primitive is queued, or IDLE_WAIT passes."""
+        assoc_sock = self.socket
+        raw = getattr(assoc_sock, "socket", None) if assoc_sock is not None else None
+        connected = bool(raw is not None and getattr(assoc_sock, "_is_connected", False))
+        if connected and isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return
+        if not self.to_provider_queue.empty() or not self.event_queue.empty():
+            return
+        try:
+            watched = [self._wake_r, raw] if connected else [self._wake_r]
+            ready, _, _ = select.select(watched, [], [], IDLE_WAIT if connected else 0.001)
+        except (OSError, ValueError):
+            time.sleep(0.001)
+            return
+        if self._wake_r in ready:
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+
+    def run_reactor(self) -> None:
+        """pynetdicom's DUL loop (3.0) with the idle sleep replaced by `_idle_wait`."""
+        self._idle_timer.start()
+        sleep = False
+        try:
+            while True:
+                if not self.assoc._dul_ready.is_set():
+                    self.assoc._dul_ready.set()
+                    sleep = True
+                if sleep:
+                    self._idle_wait()
+                if self._kill_thread:
+                    break
+                if self.artim_timer.expired:
+                    self.event_queue.put("Evt18")
+                try:
+                    if self._process_recv_primitive():
+                        pass
+                    elif self._is_transport_event():
+                        self._idle_timer.restart()
+                except Exception as exc:
+                    LOGGER.error("DICOM upper layer failed, aborting the association: %s", exc)
+                    LOGGER.debug("upper layer failure", exc_info=True)
+                    abort_pdu = A_ABORT_RQ()
+                    abort_pdu.source = 0x02
+                    abort_pdu.reason_diagnostic = 0x00
+                    try:
+                        cast(AssociationSocket, self.socket).send(abort_pdu.encode())
+                    except Exception:
+                        pass
+                    self.assoc.is_aborted = True
+                    self.assoc.is_established = False
+                    self.assoc._kill = True
+                    self._kill_thread = True
+                    return
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    sleep = True
+                    continue
+                self.state_machine.do_action(event)
+                sleep = False
+        finally:
+            for end in (self._wake_r, self._wake_w):
+                try:
+                    end.close()
+                except OSError:
+                    pass
+
+
+class FastAssociation(Association):
+    """An Association whose threads wait on queues and sockets instead of sleeping."""
+
+    def __init__(self, ae: AE, mode: str) -> None:
+        super().__init__(ae, mode)
+        self.dul = FastDUL(self)
+        # Set by EdgeAE: a callable serving C-MOVE/C-GET requests itself (see edge.server).
+        self.retrieve_server: Callable[[Association, Any, Any], bool] | None = getattr(
+            ae, "retrieve_server", None)
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        server = self.retrieve_server
+        if server is not None and not self._sent_release and getattr(msg, "is_valid_request", False):
+            context = self._accepted_cx.get(context_id)
+            if context is not None:
+                self._is_paused = True
+                try:
+                    if server(self, msg, context):
+                        return
+                finally:
+                    self._is_paused = False
+        super()._serve_request(msg, context_id)
+
+    def _run_reactor(self) -> None:
+        """pynetdicom's acceptor loop (3.0), blocking on the message queue instead of sleeping."""
+        self._is_paused = False
+        msg_queue = self.dimse.msg_queue
+        while not self._kill:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            try:
+                context_id, msg = msg_queue.get(timeout=IDLE_WAIT / 5)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                LOGGER.debug("association released by %s", self.requestor.ae_title)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                LOGGER.error("network timeout with %s, aborting", self.requestor.ae_title)
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+class EdgeRequestHandler(RequestHandler):
+    """Builds a FastAssociation with a FastSocket for each accepted connection."""
+
+    def _create_association(self) -> Association:
+        assoc = FastAssociation(self.ae, MODE_ACCEPTOR)
+        assoc._server = self.server
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        sock = FastSocket(assoc, client_socket=self.request)
+        assoc.set_socket(sock)
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        # pynetdicom deep-copies the (large) supported context list for every
+        # association; negotiation only reads it, so a shallow copy is enough.
+        assoc.acceptor.supported_contexts = copy(self.server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event in self.server._handlers:
+            if event.is_intervention and self.server._handlers[event]:
+                assoc.bind(event, *self.server._handlers[event])
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in self.server._handlers[event]:
+                    assoc.bind(event, handler[0], handler[1])
+        return assoc
+
+
+class EdgeAssociationServer(ThreadedAssociationServer):
+    """Threaded server with TCP_NODELAY on accepted sockets and the fast association classes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", EdgeRequestHandler)
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = cast(socket.socket, self.socket).accept()
+        set_nodelay(client)
+        if self.ssl_context:
+            client.settimeout(30)
+            try:
+                client = self.ssl_context.wrap_socket(client, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                LOGGER.warning("TLS handshake with %s:%s failed: %s", address[0], address[1], exc)
+                try:
+                    client.close()
+                except OSError:
+                    pass
+                raise
+            client.settimeout(None)
+        return client, address
+
+
+class FastAE(AE):
+    """An AE whose requested associations use FastDUL and FastSocket (TCP_NODELAY)."""
+
+    retrieve_server: Callable[[Association, Any, Any], bool] | None = None
+
+    def _create_socket(self, assoc: Association, address: AddressInformation,
+                       tls_args: Any) -> AssociationSocket:
+        # Called by AE.associate() before the DUL thread starts: swap in the fast DUL.
+        if not isinstance(assoc.dul, FastDUL) and assoc.dul.socket is None:
+            assoc.dul = FastDUL(assoc)
+        sock = FastSocket(assoc, address=address)
+        sock.tls_args = tls_args
+        return sock
+
+
+def env_flag(name: str, default: bool = True) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+# ------------------------------------------------------------------ sending files
+class paused:
+    """Hold an association's reactor paused while this thread exchanges DIMSE messages.
+
+    pynetdicom pauses and resumes the reactor around every send_c_store; holding
+    it paused for a whole batch avoids a reactor wake-up per instance.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        self.assoc = assoc
+
+    def __enter__(self) -> Association:
+        self.assoc._reactor_checkpoint.clear()
+        deadline = time.monotonic() + 30
+        while not self.assoc._is_paused and self.assoc.is_established:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the association reactor did not pause within 30 s")
+            time.sleep(0.0001)
+        return self.assoc
+
+    def __exit__(self, *exc: object) -> None:
+        self.assoc._reactor_checkpoint.set()
+
+
+def send_stored(
+    assoc: Association,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    path: Any = None,
+    offset: int = 0,
+    data: bytes | None = None,
+    msg_id: int = 1,
+    originator_aet: str | None = None,
+    originator_id: int | None = None,
+) -> int:
+    """Send one C-STORE whose dataset is sent as stored, never decoded; returns the status.
+
+    Either `path` (a Part 10 file; the dataset starts at `offset`) or `data`
+    (the encoded dataset) is sent under an accepted presentation context with
+    exactly `transfer_syntax_uid`; raises ValueError when there is none. The
+    caller holds the reactor `paused`. Returns -1 when no response came.
+    """
+    from io import BytesIO
+    from pathlib import Path as _Path
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    context = assoc._get_valid_context(sop_class_uid, transfer_syntax_uid, "scu",
+                                       allow_conversion=False)
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.Priority = 2
+    req.AffectedSOPClassUID = sop_class_uid
+    req.AffectedSOPInstanceUID = sop_instance_uid
+    if originator_aet:
+        req.MoveOriginatorApplicationEntityTitle = originator_aet
+        req.MoveOriginatorMessageID = originator_id
+    if data is not None:
+        req.DataSet = BytesIO(data)
+    else:
+        req._dataset_path = (_Path(path), offset)
+    assoc.dimse.send_msg(req, cast(int, context.context_id))
+    _cx, rsp = assoc.dimse.get_msg(block=True)
+    if rsp is None:
+        return -1
+    status = getattr(rsp, "Status", None)
+    return int(status) if status is not None else -1

@@ -1,0 +1,205 @@
+"""Receiving one instance: parse, write durably, journal, decide the C-STORE status.
+
+The sequence for a new instance (success is answered only after the last step):
+1. parse the dataset (UIDs valid, framing intact), else a failure status;
+2. write preamble + file meta + the received bytes to tmp/, fsync (SHA-256 on the way);
+3. look the SOP Instance UID up in the journal:
+   - unknown: link the file into instances/<study>/<series>/<sop>.dcm, fsync the folder,
+     commit the journal record (fsynced, WAL);
+   - same SHA-256: a resend, answered success, stored once;
+   - other SHA-256: a conflict, both kept: the new bytes go to conflicts/<sop>/<sha256>.dcm
+     and the conflict is journaled; the first instance is never replaced.
+A crash between the file and the journal leaves a file the journal does not
+know; `recover()` at start-up journals it (it was never acknowledged, but it is
+intact and fsynced, so keeping it is harmless and saves a resend).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from renkei.errors import RenkeiError
+
+from edge.journal import Journal, JournalError
+from edge.parsing import InvalidInstance, encode_file_meta, parse_dataset, split_file_meta
+from edge.store import DiskFull, EdgeStoreError, FileStore, TempFile
+
+LOGGER = logging.getLogger("renkei.edge.store")
+
+# C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What became of one received instance, and the status to answer."""
+
+    status: int
+    kind: str  # stored | duplicate | conflict | refused | failed
+    sop_instance_uid: str = ""
+    study_uid: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    temp_files_removed: int
+    files_journaled: int
+    conflicts_journaled: int
+    files_unreadable: int
+
+
+class Ingestor:
+    """Stores received instances in a FileStore and records them in the Journal."""
+
+    def __init__(self, store: FileStore, journal: Journal) -> None:
+        self.store = store
+        self.journal = journal
+        self._decision_lock = threading.Lock()
+
+    def store_instance(
+        self,
+        data: bytes | bytearray | memoryview,
+        transfer_syntax_uid: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        calling_ae: str,
+        peer: str = "",
+    ) -> StoreOutcome:
+        """Store one instance as received; never raises, returns the outcome and status."""
+        who = f"{calling_ae}@{peer}" if peer else calling_ae
+        try:
+            parsed = parse_dataset(data, transfer_syntax_uid)
+        except InvalidInstance as exc:
+            status = DATASET_DOES_NOT_MATCH_SOP_CLASS if "UID" in str(exc) else CANNOT_UNDERSTAND
+            LOGGER.warning("refused instance %s from %s: %s (status 0x%04X)",
+                           _short(sop_instance_uid), who, exc, status)
+            return StoreOutcome(status, "refused", sop_instance_uid, "", str(exc))
+        if parsed.sop_instance_uid != str(sop_instance_uid).rstrip("\x00 "):
+            msg = (f"the dataset's SOP Instance UID {parsed.sop_instance_uid} differs from the "
+                   f"request's {str(sop_instance_uid)[:64]}")
+            LOGGER.warning("refused instance from %s: %s", who, msg)
+            return StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, "refused", parsed.sop_instance_uid,
+                                parsed.study_uid, msg)
+
+        header = encode_file_meta(parsed.sop_class_uid, parsed.sop_instance_uid,
+                                  transfer_syntax_uid, calling_ae)
+        temp: TempFile | None = None
+        try:
+            self.store.check_space(len(header) + len(data))
+            temp = self.store.write_temp((header, data))
+            return self._place(parsed, temp, transfer_syntax_uid, calling_ae, who)
+        except DiskFull as exc:
+            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", parsed.sop_instance_uid, who, exc)
+            return StoreOutcome(OUT_OF_RESOURCES, "failed", parsed.sop_instance_uid, parsed.study_uid, str(exc))
+        except (EdgeStoreError, JournalError) as exc:
+            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", parsed.sop_instance_uid, who, exc)
+            return StoreOutcome(OUT_OF_RESOURCES, "failed", parsed.sop_instance_uid, parsed.study_uid, str(exc))
+        except Exception as exc:  # never let a handler crash the association
+            LOGGER.exception("unexpected failure storing %s from %s", parsed.sop_instance_uid, who)
+            return StoreOutcome(PROCESSING_FAILURE, "failed", parsed.sop_instance_uid, parsed.study_uid, str(exc))
+        finally:
+            if temp is not None and temp.path.exists():
+                self.store.discard(temp)
+
+    def _place(self, parsed, temp: TempFile, transfer_syntax_uid: str, calling_ae: str,
+               who: str) -> StoreOutcome:
+        sop = parsed.sop_instance_uid
+        with self._decision_lock:
+            existing = self.journal.lookup(sop)
+            if existing is None:
+                final = self.store.instance_path(parsed.study_uid, parsed.series_uid, sop)
+                try:
+                    self.store.commit(temp, final)
+                except FileExistsError:
+                    # a file left by a crash before its journal record: never acknowledged
+                    self.store.replace(temp, final)
+                try:
+                    self.journal.record_instance(parsed, transfer_syntax_uid, self.store.relative(final),
+                                                 temp.size, temp.sha256, calling_ae, time.time())
+                except sqlite3.IntegrityError:  # another process journaled it meanwhile
+                    existing = self.journal.lookup(sop)
+                    if existing is None:
+                        raise JournalError(f"cannot journal {sop}: integrity error") from None
+                else:
+                    LOGGER.debug("stored %s (study %s) from %s", sop, parsed.study_uid, who)
+                    return StoreOutcome(SUCCESS, "stored", sop, parsed.study_uid)
+            if existing.sha256 == temp.sha256:
+                if not existing.local:
+                    final = self.store.instance_path(parsed.study_uid, parsed.series_uid, sop)
+                    try:
+                        self.store.commit(temp, final)
+                    except FileExistsError:
+                        pass
+                    self.journal.restore_local(sop, self.store.relative(final))
+                LOGGER.debug("instance %s from %s already stored (same bytes)", sop, who)
+                return StoreOutcome(SUCCESS, "duplicate", sop, parsed.study_uid)
+            target = self.store.conflict_path(sop, temp.sha256)
+            try:
+                self.store.commit(temp, target)
+            except FileExistsError:
+                pass
+            new = self.journal.record_conflict(parsed, existing.sha256, temp.sha256,
+                                               self.store.relative(target), temp.size, calling_ae)
+            LOGGER.warning(
+                "conflict: %s sent a different instance under SOP Instance UID %s (study %s); "
+                "both kept, the new one at %s%s", who, sop, parsed.study_uid, target,
+                "" if new else " (seen before)")
+            return StoreOutcome(SUCCESS, "conflict", sop, parsed.study_uid, "conflict recorded")
+
+    # -- start-up ---------------------------------------------------------------
+    def recover(self) -> RecoveryReport:
+        """Clean tmp/ and journal files that a crash left without a journal record."""
+        removed = self.store.clean_temp()
+        known = self.journal.known_paths()
+        journaled = conflicts = unreadable = 0
+        for path in self.store.iter_instance_files():
+            rel = self.store.relative(path)
+            if rel in known:
+                continue
+            try:
+                parsed, ts, temp = self._read_back(path)
+                self.journal.record_instance(parsed, ts, rel, temp.size, temp.sha256, "", path.stat().st_mtime)
+                journaled += 1
+            except (RenkeiError, OSError, sqlite3.Error) as exc:
+                LOGGER.warning("cannot recover %s: %s", path, exc)
+                unreadable += 1
+        for path in self.store.iter_conflict_files():
+            rel = self.store.relative(path)
+            if rel in known:
+                continue
+            try:
+                parsed, ts, temp = self._read_back(path)
+                existing = self.journal.lookup(parsed.sop_instance_uid)
+                self.journal.record_conflict(parsed, existing.sha256 if existing else "", temp.sha256,
+                                             rel, temp.size, "", path.stat().st_mtime)
+                conflicts += 1
+            except (RenkeiError, OSError, sqlite3.Error) as exc:
+                LOGGER.warning("cannot recover %s: %s", path, exc)
+                unreadable += 1
+        report = RecoveryReport(removed, journaled, conflicts, unreadable)
+        if removed or journaled or conflicts or unreadable:
+            LOGGER.info("recovery of %s: %s", self.store.root, report)
+        return report
+
+    def _read_back(self, path: Path):
+        data = path.read_bytes()
+        meta, offset = split_file_meta(data)
+        ts = meta.get("TransferSyntaxUID", "")
+        parsed = parse_dataset(memoryview(data)[offset:], ts)
+        temp = self.store.adopt_temp(path)
+        return parsed, ts, temp
+
+
+def _short(uid: object) -> str:
+    text = str(uid)
+    return text if len(text) <= 64 else text[:64] + "..."

@@ -1,0 +1,661 @@
+"""The edge's journal: local index of every stored instance, and the outbox.
+
+SQLite in WAL mode, one file beside the instances (`<store>/journal.sqlite`).
+Why SQLite and not DuckDB: the edge writes one small transaction per received
+instance (fsynced before the C-STORE is answered) while other processes (the
+Prefect flows of later issues, `renkei edge status`) read it and mark upload
+states. SQLite's WAL gives one writer plus any number of concurrent readers
+across processes, with row-sized durable commits in well under a millisecond;
+DuckDB holds an exclusive file lock for a writer, so those other processes
+could not even open it while the edge runs, and it is built for analytics, not
+thousands of tiny transactions.
+
+Text attributes are stored decoded (unicode) with the dataset's Specific
+Character Set beside them, so queries compare unicode and answers can be
+encoded back in the data's own character set.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from renkei.errors import RenkeiError, StorageError
+from renkei.records import InstanceInfo, StudyInfo
+
+from edge.parsing import ParsedInstance
+
+JOURNAL_NAME = "journal.sqlite"
+UPLOAD_STATES: tuple[str, ...] = ("pending", "uploaded", "verified")
+SCHEMA_VERSION = "1"
+
+# keyword -> column, per table
+STUDY_COLUMNS: dict[str, str] = {
+    "StudyInstanceUID": "study_uid",
+    "PatientName": "patient_name",
+    "PatientID": "patient_id",
+    "IssuerOfPatientID": "issuer_of_patient_id",
+    "PatientBirthDate": "patient_birth_date",
+    "PatientSex": "patient_sex",
+    "StudyDate": "study_date",
+    "StudyTime": "study_time",
+    "AccessionNumber": "accession_number",
+    "StudyID": "study_id",
+    "StudyDescription": "study_description",
+    "ReferringPhysicianName": "referring_physician",
+    "RequestingService": "requesting_service",
+    "InstitutionName": "institution_name",
+}
+SERIES_COLUMNS: dict[str, str] = {
+    "SeriesInstanceUID": "series_uid",
+    "Modality": "modality",
+    "SeriesNumber": "series_number",
+    "SeriesDescription": "series_description",
+    "SeriesDate": "series_date",
+    "SeriesTime": "series_time",
+    "BodyPartExamined": "body_part_examined",
+}
+INSTANCE_COLUMNS: dict[str, str] = {
+    "SOPInstanceUID": "sop_instance_uid",
+    "SOPClassUID": "sop_class_uid",
+    "InstanceNumber": "instance_number",
+    "ContentDate": "content_date",
+    "ContentTime": "content_time",
+}
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS studies (
+    {", ".join(f"{c} TEXT NOT NULL DEFAULT ''" for c in STUDY_COLUMNS.values() if c != "study_uid")},
+    study_uid TEXT PRIMARY KEY,
+    specific_character_set TEXT NOT NULL DEFAULT '',
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    completed_at REAL
+);
+CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_id);
+CREATE INDEX IF NOT EXISTS studies_last_received ON studies (last_received);
+CREATE TABLE IF NOT EXISTS series (
+    {", ".join(f"{c} TEXT NOT NULL DEFAULT ''" for c in SERIES_COLUMNS.values() if c != "series_uid")},
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    specific_character_set TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS series_study ON series (study_uid);
+CREATE TABLE IF NOT EXISTS instances (
+    {", ".join(f"{c} TEXT NOT NULL DEFAULT ''" for c in INSTANCE_COLUMNS.values() if c != "sop_instance_uid")},
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    specific_character_set TEXT NOT NULL DEFAULT '',
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    received_at REAL NOT NULL,
+    upload_state TEXT NOT NULL DEFAULT 'pending'
+        CHECK (upload_state IN ('pending', 'uploaded', 'verified')),
+    object_key TEXT,
+    local INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
+CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
+CREATE INDEX IF NOT EXISTS instances_state ON instances (upload_state);
+CREATE TABLE IF NOT EXISTS conflicts (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    existing_sha256 TEXT NOT NULL,
+    received_sha256 TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    received_at REAL NOT NULL,
+    UNIQUE (sop_instance_uid, received_sha256)
+);
+"""
+
+
+class JournalError(StorageError):
+    """The edge's journal could not be read or written."""
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One journaled instance: what it is, where its file is, and its upload state."""
+
+    instance: InstanceInfo
+    path: Path
+    upload_state: str
+    received_at: float
+    calling_ae: str
+    object_key: str | None = None
+    local: bool = True
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What the journal knows of an instance already stored (for duplicate checks)."""
+
+    sop_instance_uid: str
+    sha256: str
+    path: str
+    local: bool
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A different instance received under a SOP Instance UID already stored."""
+
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    existing_sha256: str
+    received_sha256: str
+    path: Path
+    size: int
+    calling_ae: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class JournalSummary:
+    studies: int
+    instances: int
+    bytes: int
+    upload_states: dict[str, int]
+    conflicts: int
+
+
+def _int_or_none(value: str) -> int | None:
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+class Journal:
+    """The journal of one edge store. Safe to open from several processes at once."""
+
+    def __init__(self, store_dir: Path, readonly: bool = False, durable: bool = True) -> None:
+        self.store_dir = Path(store_dir)
+        self.path = self.store_dir / JOURNAL_NAME
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        if not readonly:
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if readonly:
+                uri = f"file:{self.path}?mode=ro"
+                self._conn = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                             check_same_thread=False, timeout=30)
+            else:
+                self._conn = sqlite3.connect(self.path, isolation_level=None,
+                                             check_same_thread=False, timeout=30)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA busy_timeout = 30000")
+            if not readonly:
+                mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise JournalError(f"{self.path}: cannot switch the journal to WAL mode")
+                # FULL: each commit is fsynced before the C-STORE is answered.
+                self._conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                self._conn.executescript(_SCHEMA)
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (SCHEMA_VERSION,),
+                )
+        except sqlite3.Error as exc:
+            raise JournalError(f"{self.path}: cannot open the journal: {exc}") from None
+
+    # -- opening -------------------------------------------------------------
+    @classmethod
+    def open(cls, store_dir: Path | str, readonly: bool = False) -> "Journal":
+        """Open (creating if needed) the journal of the edge store at `store_dir`."""
+        return cls(Path(store_dir), readonly=readonly)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- low level -----------------------------------------------------------
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise JournalError(f"{self.path}: query failed: {exc}") from None
+
+    def _write(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, params in statements:
+                        self._conn.execute(sql, params)
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as exc:
+                raise JournalError(f"{self.path}: write failed: {exc}") from None
+
+    # -- ingest (the edge's own writes) ----------------------------------------
+    def lookup(self, sop_instance_uid: str) -> StoredInstance | None:
+        rows = self._query(
+            "SELECT sop_instance_uid, sha256, path, local FROM instances WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return StoredInstance(r["sop_instance_uid"], r["sha256"], r["path"], bool(r["local"]))
+
+    def record_instance(
+        self,
+        parsed: ParsedInstance,
+        transfer_syntax_uid: str,
+        path: str,
+        size: int,
+        sha256: str,
+        calling_ae: str,
+        received_at: float | None = None,
+    ) -> None:
+        """Commit one stored instance (and its series and study) in one durable transaction.
+
+        Raises sqlite3.IntegrityError when the SOP Instance UID is already journaled.
+        """
+        now = time.time() if received_at is None else received_at
+        attrs = parsed.attributes
+        charset = parsed.specific_character_set
+        study_cols = [c for c in STUDY_COLUMNS.values()]
+        study_vals = [attrs.get(k, "") for k in STUDY_COLUMNS]
+        series_cols = list(SERIES_COLUMNS.values())
+        series_vals = [attrs.get(k, "") for k in SERIES_COLUMNS]
+        inst_cols = list(INSTANCE_COLUMNS.values())
+        inst_vals = [attrs.get(k, "") for k in INSTANCE_COLUMNS]
+        self._write([
+            (
+                f"INSERT INTO instances ({', '.join(inst_cols)}, study_uid, series_uid, "
+                "transfer_syntax_uid, specific_character_set, path, size, sha256, calling_ae, "
+                f"received_at) VALUES ({', '.join('?' * (len(inst_cols) + 9))})",
+                [*inst_vals, parsed.study_uid, parsed.series_uid, transfer_syntax_uid, charset,
+                 path, size, sha256, calling_ae, now],
+            ),
+            (
+                f"INSERT INTO series ({', '.join(series_cols)}, study_uid, specific_character_set) "
+                f"VALUES ({', '.join('?' * (len(series_cols) + 2))}) ON CONFLICT (series_uid) DO NOTHING",
+                [*series_vals, parsed.study_uid, charset],
+            ),
+            (
+                f"INSERT INTO studies ({', '.join(study_cols)}, specific_character_set, "
+                f"first_received, last_received) VALUES ({', '.join('?' * (len(study_cols) + 3))}) "
+                "ON CONFLICT (study_uid) DO UPDATE SET last_received = "
+                "max(studies.last_received, excluded.last_received)",
+                [*study_vals, charset, now, now],
+            ),
+        ])
+
+    def restore_local(self, sop_instance_uid: str, path: str) -> None:
+        """An identical instance came back after its local copy was removed: keep it again."""
+        self._write([(
+            "UPDATE instances SET local = 1, path = ? WHERE sop_instance_uid = ?",
+            (path, sop_instance_uid),
+        )])
+
+    def record_conflict(
+        self,
+        parsed: ParsedInstance,
+        existing_sha256: str,
+        received_sha256: str,
+        path: str,
+        size: int,
+        calling_ae: str,
+        received_at: float | None = None,
+    ) -> bool:
+        """Record a conflicting instance; False when that exact conflict was recorded before."""
+        now = time.time() if received_at is None else received_at
+        try:
+            self._write([(
+                "INSERT INTO conflicts (sop_instance_uid, study_uid, series_uid, existing_sha256, "
+                "received_sha256, path, size, calling_ae, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (parsed.sop_instance_uid, parsed.study_uid, parsed.series_uid, existing_sha256,
+                 received_sha256, path, size, calling_ae, now),
+            )])
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def known_paths(self) -> set[str]:
+        return {r["path"] for r in self._query("SELECT path FROM instances")} | {
+            r["path"] for r in self._query("SELECT path FROM conflicts")
+        }
+
+    # -- API for the flows -----------------------------------------------------
+    def completed_studies(
+        self, stable_age: float, now: float | None = None, state: str | None = "pending"
+    ) -> list[str]:
+        """Study UIDs with no instance received for `stable_age` seconds, oldest first.
+
+        With `state`, only studies having at least one instance in that upload
+        state. A late instance moves a study's last-received time, so a study
+        already completed (and uploaded) comes back with its new instance pending.
+        """
+        now = time.time() if now is None else now
+        if state is not None:
+            _check_state(state)
+            rows = self._query(
+                "SELECT s.study_uid FROM studies s WHERE s.last_received <= ? AND EXISTS "
+                "(SELECT 1 FROM instances i WHERE i.study_uid = s.study_uid AND i.upload_state = ?) "
+                "ORDER BY s.last_received, s.study_uid",
+                (now - stable_age, state),
+            )
+        else:
+            rows = self._query(
+                "SELECT study_uid FROM studies WHERE last_received <= ? ORDER BY last_received, study_uid",
+                (now - stable_age,),
+            )
+        return [r["study_uid"] for r in rows]
+
+    def newly_completed(self, stable_age: float, now: float | None = None) -> list[str]:
+        """Studies complete since their last instance and not yet announced (see mark_announced)."""
+        now = time.time() if now is None else now
+        rows = self._query(
+            "SELECT study_uid FROM studies WHERE last_received <= ? AND "
+            "(completed_at IS NULL OR completed_at < last_received) ORDER BY last_received",
+            (now - stable_age,),
+        )
+        return [r["study_uid"] for r in rows]
+
+    def mark_announced(self, study_uid: str, when: float | None = None) -> None:
+        when = time.time() if when is None else when
+        self._write([("UPDATE studies SET completed_at = ? WHERE study_uid = ?", (when, study_uid))])
+
+    def study_info(self, study_uid: str, origin_site: str) -> StudyInfo:
+        """The study's patient/study attributes (decoded text) and the modalities of its series."""
+        rows = self._query("SELECT * FROM studies WHERE study_uid = ?", (study_uid,))
+        if not rows:
+            raise JournalError(f"study {study_uid} is not in the journal of {self.store_dir}")
+        r = rows[0]
+        modalities = tuple(
+            m["modality"] for m in self._query(
+                "SELECT DISTINCT modality FROM series WHERE study_uid = ? AND modality != '' "
+                "ORDER BY modality", (study_uid,))
+        )
+        return StudyInfo(
+            study_uid=study_uid,
+            origin_site=origin_site,
+            patient_id=r["patient_id"],
+            issuer_of_patient_id=r["issuer_of_patient_id"],
+            patient_name=r["patient_name"],
+            patient_birth_date=r["patient_birth_date"],
+            patient_sex=r["patient_sex"],
+            study_date=r["study_date"],
+            study_time=r["study_time"],
+            accession_number=r["accession_number"],
+            study_description=r["study_description"],
+            modalities=modalities,
+            referring_physician=r["referring_physician"],
+            requesting_service=r["requesting_service"],
+            institution_name=r["institution_name"],
+            study_id=r["study_id"],
+            specific_character_set=r["specific_character_set"],
+        )
+
+    def instances(self, study_uid: str, upload_state: str | None = None) -> list[JournalEntry]:
+        """The study's instances (optionally only those in `upload_state`), by series and number."""
+        sql = (
+            "SELECT i.*, s.modality, s.series_number, s.series_description FROM instances i "
+            "LEFT JOIN series s ON s.series_uid = i.series_uid WHERE i.study_uid = ?"
+        )
+        params: list[Any] = [study_uid]
+        if upload_state is not None:
+            _check_state(upload_state)
+            sql += " AND i.upload_state = ?"
+            params.append(upload_state)
+        rows = self._query(sql, params)
+        entries = [self._entry(r) for r in rows]
+        entries.sort(key=lambda e: (
+            e.instance.series_number if e.instance.series_number is not None else 1 << 30,
+            e.instance.series_uid,
+            e.instance.instance_number if e.instance.instance_number is not None else 1 << 30,
+            e.instance.sop_instance_uid,
+        ))
+        return entries
+
+    def entry(self, sop_instance_uid: str) -> JournalEntry | None:
+        rows = self._query(
+            "SELECT i.*, s.modality, s.series_number, s.series_description FROM instances i "
+            "LEFT JOIN series s ON s.series_uid = i.series_uid WHERE i.sop_instance_uid = ?",
+            (sop_instance_uid,),
+        )
+        return self._entry(rows[0]) if rows else None
+
+    def _entry(self, r: sqlite3.Row) -> JournalEntry:
+        info = InstanceInfo(
+            study_uid=r["study_uid"],
+            series_uid=r["series_uid"],
+            sop_instance_uid=r["sop_instance_uid"],
+            sop_class_uid=r["sop_class_uid"],
+            transfer_syntax_uid=r["transfer_syntax_uid"],
+            size=int(r["size"]),
+            sha256=r["sha256"],
+            modality=r["modality"] or "",
+            series_number=_int_or_none(r["series_number"]),
+            instance_number=_int_or_none(r["instance_number"]),
+            series_description=r["series_description"] or "",
+        )
+        return JournalEntry(
+            instance=info,
+            path=self.store_dir / r["path"],
+            upload_state=r["upload_state"],
+            received_at=float(r["received_at"]),
+            calling_ae=r["calling_ae"],
+            object_key=r["object_key"],
+            local=bool(r["local"]),
+        )
+
+    def set_upload_state(
+        self, sop_instance_uids: Iterable[str], state: str, object_key: str | None = None
+    ) -> int:
+        """Set the upload state (and the object key, when given) of instances; returns how many."""
+        _check_state(state)
+        uids = list(sop_instance_uids)
+        if not uids:
+            return 0
+        with self._lock:
+            before = self._conn.total_changes
+            statements: list[tuple[str, Sequence[Any]]] = []
+            for uid in uids:
+                if object_key is None:
+                    statements.append(
+                        ("UPDATE instances SET upload_state = ? WHERE sop_instance_uid = ?", (state, uid)))
+                else:
+                    statements.append((
+                        "UPDATE instances SET upload_state = ?, object_key = ? WHERE sop_instance_uid = ?",
+                        (state, object_key, uid)))
+            self._write(statements)
+            return self._conn.total_changes - before
+
+    def remove_local_copy(self, study_uid: str) -> list[Path]:
+        """Forget the local files of a study whose every instance is 'verified'.
+
+        Returns the files to delete (the caller deletes them, then they are gone
+        from Q/R). Raises JournalError when any instance is not verified yet:
+        the edge copy is kept until the center's copy is verified.
+        """
+        rows = self._query(
+            "SELECT upload_state, count(*) AS n FROM instances WHERE study_uid = ? GROUP BY upload_state",
+            (study_uid,),
+        )
+        if not rows:
+            raise JournalError(f"study {study_uid} is not in the journal of {self.store_dir}")
+        pending = {r["upload_state"]: r["n"] for r in rows if r["upload_state"] != "verified"}
+        if pending:
+            raise JournalError(
+                f"refusing to remove the local copy of study {study_uid}: "
+                f"{sum(pending.values())} instance(s) not verified yet ({pending}); "
+                "verify the center's copy first"
+            )
+        paths = [self.store_dir / r["path"] for r in self._query(
+            "SELECT path FROM instances WHERE study_uid = ? AND local = 1", (study_uid,))]
+        self._write([("UPDATE instances SET local = 0 WHERE study_uid = ?", (study_uid,))])
+        return paths
+
+    def conflicts(self) -> list[Conflict]:
+        """Every recorded conflict, oldest first."""
+        return [
+            Conflict(
+                sop_instance_uid=r["sop_instance_uid"],
+                study_uid=r["study_uid"],
+                series_uid=r["series_uid"],
+                existing_sha256=r["existing_sha256"],
+                received_sha256=r["received_sha256"],
+                path=self.store_dir / r["path"],
+                size=int(r["size"]),
+                calling_ae=r["calling_ae"],
+                received_at=float(r["received_at"]),
+            )
+            for r in self._query("SELECT * FROM conflicts ORDER BY received_at, id")
+        ]
+
+    def summary(self) -> JournalSummary:
+        """Counts for `renkei edge status`."""
+        totals = self._query("SELECT count(*) AS n, coalesce(sum(size), 0) AS b FROM instances")[0]
+        states = {s: 0 for s in UPLOAD_STATES}
+        for r in self._query("SELECT upload_state, count(*) AS n FROM instances GROUP BY upload_state"):
+            states[r["upload_state"]] = r["n"]
+        return JournalSummary(
+            studies=self._query("SELECT count(*) AS n FROM studies")[0]["n"],
+            instances=totals["n"],
+            bytes=totals["b"],
+            upload_states=states,
+            conflicts=self._query("SELECT count(*) AS n FROM conflicts")[0]["n"],
+        )
+
+    # -- query/retrieve rows ---------------------------------------------------
+    def study_rows(
+        self, study_uids: Sequence[str] | None = None, patient_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Study-level records (keyword -> text) with the computed Q/R attributes."""
+        where, params = [], []
+        if study_uids:
+            where.append(f"s.study_uid IN ({', '.join('?' * len(study_uids))})")
+            params.extend(study_uids)
+        if patient_id is not None:
+            where.append("s.patient_id = ?")
+            params.append(patient_id)
+        sql = (
+            "SELECT s.*, (SELECT count(*) FROM series x WHERE x.study_uid = s.study_uid) AS n_series, "
+            "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid AND i.local = 1) AS n_inst, "
+            "(SELECT group_concat(DISTINCT x.modality) FROM series x WHERE x.study_uid = s.study_uid "
+            "AND x.modality != '') AS modalities FROM studies s"
+        )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        out = []
+        for r in self._query(sql, params):
+            record = {k: r[c] for k, c in STUDY_COLUMNS.items()}
+            record["SpecificCharacterSet"] = r["specific_character_set"]
+            record["ModalitiesInStudy"] = "\\".join(sorted((r["modalities"] or "").split(","))) if r["modalities"] else ""
+            record["NumberOfStudyRelatedSeries"] = str(r["n_series"])
+            record["NumberOfStudyRelatedInstances"] = str(r["n_inst"])
+            record["_last_received"] = r["last_received"]
+            out.append(record)
+        return out
+
+    def series_rows(
+        self, study_uids: Sequence[str] | None = None, series_uids: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        where, params = [], []
+        if study_uids:
+            where.append(f"x.study_uid IN ({', '.join('?' * len(study_uids))})")
+            params.extend(study_uids)
+        if series_uids:
+            where.append(f"x.series_uid IN ({', '.join('?' * len(series_uids))})")
+            params.extend(series_uids)
+        sql = (
+            "SELECT x.*, (SELECT count(*) FROM instances i WHERE i.series_uid = x.series_uid "
+            "AND i.local = 1) AS n_inst FROM series x"
+        )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        out = []
+        for r in self._query(sql, params):
+            record = {k: r[c] for k, c in SERIES_COLUMNS.items()}
+            record["StudyInstanceUID"] = r["study_uid"]
+            record["SpecificCharacterSet"] = r["specific_character_set"]
+            record["NumberOfSeriesRelatedInstances"] = str(r["n_inst"])
+            out.append(record)
+        return out
+
+    def instance_rows(
+        self,
+        study_uids: Sequence[str] | None = None,
+        series_uids: Sequence[str] | None = None,
+        sop_instance_uids: Sequence[str] | None = None,
+        local_only: bool = True,
+    ) -> list[dict[str, Any]]:
+        where, params = [], []
+        if local_only:
+            where.append("i.local = 1")
+        for column, values in (("study_uid", study_uids), ("series_uid", series_uids),
+                               ("sop_instance_uid", sop_instance_uids)):
+            if values:
+                where.append(f"i.{column} IN ({', '.join('?' * len(values))})")
+                params.extend(values)
+        sql = "SELECT i.* FROM instances i"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        out = []
+        for r in self._query(sql, params):
+            record = {k: r[c] for k, c in INSTANCE_COLUMNS.items()}
+            record["StudyInstanceUID"] = r["study_uid"]
+            record["SeriesInstanceUID"] = r["series_uid"]
+            record["SpecificCharacterSet"] = r["specific_character_set"]
+            record["_path"] = r["path"]
+            record["_transfer_syntax_uid"] = r["transfer_syntax_uid"]
+            out.append(record)
+        return out
+
+    def patient_rows(self, patient_id: str | None = None) -> list[dict[str, Any]]:
+        """Patient-level records: one per Patient ID, attributes from its latest study."""
+        studies = self.study_rows(patient_id=patient_id)
+        by_patient: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for s in studies:
+            by_patient.setdefault((s["PatientID"], s["IssuerOfPatientID"]), []).append(s)
+        out = []
+        for (_pid, _issuer), group in by_patient.items():
+            latest = max(group, key=lambda s: s["_last_received"])
+            record = {k: latest[k] for k in ("PatientName", "PatientID", "IssuerOfPatientID",
+                                               "PatientBirthDate", "PatientSex", "SpecificCharacterSet")}
+            record["NumberOfPatientRelatedStudies"] = str(len(group))
+            record["NumberOfPatientRelatedSeries"] = str(sum(int(s["NumberOfStudyRelatedSeries"]) for s in group))
+            record["NumberOfPatientRelatedInstances"] = str(
+                sum(int(s["NumberOfStudyRelatedInstances"]) for s in group))
+            record["_study_uids"] = [s["StudyInstanceUID"] for s in group]
+            out.append(record)
+        return out
+
+    def iter_study_uids(self) -> Iterator[str]:
+        for r in self._query("SELECT study_uid FROM studies ORDER BY first_received"):
+            yield r["study_uid"]
+
+
+def _check_state(state: str) -> None:
+    if state not in UPLOAD_STATES:
+        raise RenkeiError(f"unknown upload state {state!r}; use one of {', '.join(UPLOAD_STATES)}")

@@ -1,0 +1,646 @@
+"""The edge's DICOM node: C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET SCP.
+
+`EdgeServer` wires pynetdicom to the store, the journal and the Q/R sources.
+Handlers are plain functions with their dependencies bound as arguments (as in
+pynetdicom's apps/qrscp). C-MOVE and C-GET send instances from their files as
+stored, never decoded (see `RetrieveServer`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.sop_class import Verification
+
+from renkei.config import DicomPeer, RegionConfig, SiteConfig
+from renkei.errors import PeerError
+
+from edge import fastnet
+from edge.ingest import Ingestor, StoreOutcome
+from edge.journal import Journal
+from edge.parsing import split_file_meta
+from edge.qr import (
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_GET,
+    PATIENT_ROOT_MOVE,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+    Access,
+    AllowLocal,
+    LocalSource,
+    QRService,
+    QRSource,
+    QueryError,
+    RetrieveItem,
+    RetrieveTally,
+)
+from edge.store import FileStore
+from edge.tls import server_context
+
+LOGGER = logging.getLogger("renkei.edge")
+
+# Statuses (PS3.4 C.4, PS3.7 C)
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+SUBOPERATIONS_WARNING = 0xB000
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+MOVE_DESTINATION_UNKNOWN = 0xA801
+OUT_OF_RESOURCES_SUBOPS = 0xA702
+NOT_AUTHORIZED = 0x0124
+
+# Transfer syntaxes accepted for storage, in the edge's order of preference
+# (uncompressed explicit first, as dcmtk's storescp, so both pick the same).
+STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(dict.fromkeys([
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+    *ALL_TRANSFER_SYNTAXES,
+]))
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+QR_MODELS = (PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET,
+             STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET)
+PENDING_EVERY = 0.5  # seconds between C-MOVE/C-GET pending responses
+
+
+def allowed_calling_aes(config: RegionConfig, site: SiteConfig) -> list[str]:
+    """Who may associate with a site's edge: its PACS, its workstations, every edge."""
+    titles = [s.edge.ae_title for s in config.sites]
+    if site.pacs:
+        titles.append(site.pacs.ae_title)
+    titles.extend(ws.ae_title for ws in site.workstations)
+    return list(dict.fromkeys(titles))
+
+
+def move_destinations(config: RegionConfig, site: SiteConfig) -> dict[str, DicomPeer]:
+    """C-MOVE destinations by AE title: the site's PACS and workstations, and every edge."""
+    peers: dict[str, DicomPeer] = {}
+    if site.pacs:
+        peers[site.pacs.ae_title] = site.pacs
+    for ws in site.workstations:
+        peers[ws.ae_title] = ws
+    for other in config.sites:
+        peers.setdefault(other.edge.ae_title, DicomPeer(
+            ae_title=other.edge.ae_title, host=other.edge.host, port=other.edge.port))
+    return peers
+
+
+def _peer_of(event: Any) -> tuple[str, str]:
+    requestor = event.assoc.requestor
+    try:
+        address = f"{requestor.address}:{requestor.port}"
+    except Exception:
+        address = "?"
+    return str(requestor.ae_title).strip(), address
+
+
+# ------------------------------------------------------------------ handlers
+def handle_store(event: Any, ingestor: Ingestor, on_stored: Callable[[StoreOutcome], None] | None) -> int:
+    """EVT_C_STORE: store the dataset exactly as received; the status says whether it is durable."""
+    calling_ae, address = _peer_of(event)
+    req = event.request
+    stream = req.DataSet
+    view = stream.getbuffer() if isinstance(stream, BytesIO) else memoryview(bytes(stream or b""))
+    try:
+        outcome = ingestor.store_instance(
+            view, str(event.context.transfer_syntax), str(req.AffectedSOPClassUID),
+            str(req.AffectedSOPInstanceUID), calling_ae, address)
+    finally:
+        view.release()
+    if on_stored is not None:
+        try:
+            on_stored(outcome)
+        except Exception:
+            LOGGER.exception("on_stored callback failed")
+    return outcome.status
+
+
+def handle_find(event: Any, qr: QRService) -> Iterator[tuple[int, Dataset | None]]:
+    """EVT_C_FIND: answers from every source the caller may see, in the data's character set."""
+    calling_ae, address = _peer_of(event)
+    model = str(event.request.AffectedSOPClassUID)
+    try:
+        identifier = event.identifier
+        answers = qr.find(calling_ae, model, identifier, cancelled=lambda: event.is_cancelled)
+        count = 0
+        for answer in answers:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            count += 1
+            yield PENDING, answer
+    except QueryError as exc:
+        LOGGER.warning("C-FIND from %s@%s refused: %s", calling_ae, address, exc)
+        yield IDENTIFIER_DOES_NOT_MATCH, None
+        return
+    except Exception as exc:
+        LOGGER.exception("C-FIND from %s@%s failed", calling_ae, address)
+        yield UNABLE_TO_PROCESS, None
+        return
+    LOGGER.info("C-FIND from %s@%s: %d match(es)", calling_ae, address, count)
+    yield SUCCESS, None
+
+
+def _log_event(event: Any) -> None:
+    calling_ae, address = _peer_of(event)
+    name = event.event.name
+    if name == "EVT_REJECTED":
+        LOGGER.warning("association from %s@%s rejected (calling AE not listed in the configuration, "
+                       "or nothing acceptable proposed)", calling_ae, address)
+    elif name == "EVT_ESTABLISHED":
+        LOGGER.info("association from %s@%s established", calling_ae, address)
+    elif name == "EVT_RELEASED":
+        LOGGER.info("association from %s@%s released", calling_ae, address)
+    elif name == "EVT_ABORTED":
+        LOGGER.warning("association from %s@%s aborted", calling_ae, address)
+
+
+# ------------------------------------------------------------------ retrieve
+class RetrieveServer:
+    """C-MOVE and C-GET SCP that sends stored files as they are (no decode/re-encode).
+
+    Called by `fastnet.FastAssociation` for every valid request; returns False
+    for anything else so pynetdicom serves it.
+    """
+
+    def __init__(self, qr: QRService, ae_title: str, destinations: dict[str, DicomPeer],
+                 max_pdu: int = 0) -> None:
+        self.qr = qr
+        self.ae_title = ae_title
+        self.destinations = destinations
+        self.max_pdu = max_pdu
+
+    def __call__(self, assoc: Any, msg: Any, context: Any) -> bool:
+        if isinstance(msg, C_MOVE):
+            self._serve(assoc, msg, context, "move")
+            return True
+        if isinstance(msg, C_GET):
+            self._serve(assoc, msg, context, "get")
+            return True
+        return False
+
+    # responses
+    def _respond(self, assoc: Any, req: Any, context: Any, kind: str, status: int,
+                 tally: RetrieveTally | None, failed_uids: Sequence[str] = ()) -> None:
+        rsp = C_MOVE() if kind == "move" else C_GET()
+        rsp.MessageIDBeingRespondedTo = req.MessageID
+        rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+        rsp.Status = status
+        if tally is not None:
+            if status in (PENDING, CANCEL):
+                rsp.NumberOfRemainingSuboperations = tally.remaining
+            rsp.NumberOfCompletedSuboperations = tally.completed
+            rsp.NumberOfFailedSuboperations = tally.failed
+            rsp.NumberOfWarningSuboperations = tally.warning
+        if failed_uids and status != PENDING:
+            ts = context.transfer_syntax[0]
+            ds = Dataset()
+            ds.FailedSOPInstanceUIDList = list(failed_uids)
+            rsp.Identifier = BytesIO(encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated))
+        assoc.dimse.send_msg(rsp, context.context_id)
+
+    def _serve(self, assoc: Any, req: Any, context: Any, kind: str) -> None:
+        calling_ae = str(assoc.requestor.ae_title).strip()
+        what = "C-MOVE" if kind == "move" else "C-GET"
+        ts = context.transfer_syntax[0]
+        try:
+            identifier = decode(req.Identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+            items, refused = self.qr.plan_retrieve(calling_ae, str(req.AffectedSOPClassUID), identifier)
+        except QueryError as exc:
+            LOGGER.warning("%s from %s refused: %s", what, calling_ae, exc)
+            self._respond(assoc, req, context, kind, IDENTIFIER_DOES_NOT_MATCH, None)
+            return
+        except Exception:
+            LOGGER.exception("%s from %s failed", what, calling_ae)
+            self._respond(assoc, req, context, kind, UNABLE_TO_PROCESS, None)
+            return
+        if refused and not items:
+            LOGGER.warning("%s from %s: %d instance(s) not permitted", what, calling_ae, refused)
+            self._respond(assoc, req, context, kind, NOT_AUTHORIZED, None)
+            return
+        tally = RetrieveTally(remaining=len(items))
+        if kind == "move":
+            destination = self.destinations.get(str(req.MoveDestination or "").strip())
+            if destination is None:
+                LOGGER.warning("C-MOVE from %s to unknown destination %r", calling_ae,
+                               str(req.MoveDestination or "").strip())
+                self._respond(assoc, req, context, kind, MOVE_DESTINATION_UNKNOWN, None)
+                return
+            if items:
+                self._move(assoc, req, context, items, tally, destination, calling_ae)
+        elif items:
+            self._get(assoc, req, context, items, tally, calling_ae)
+        if self._cancelled(assoc, req):
+            status = CANCEL
+        elif tally.failed or tally.warning or tally.remaining:
+            status = SUBOPERATIONS_WARNING if tally.completed else OUT_OF_RESOURCES_SUBOPS
+        else:
+            status = SUCCESS
+        unsent = [i.sop_instance_uid for i in items[len(items) - tally.remaining:]] if tally.remaining else []
+        failed_uids = [] if status == SUCCESS else tally.failed_uids + unsent
+        self._respond(assoc, req, context, kind, status, tally, failed_uids)
+        LOGGER.info("%s from %s%s: %d sent, %d failed, %d warning, %d not sent (status 0x%04X)",
+                    what, calling_ae, f" to {req.MoveDestination}" if kind == "move" else "",
+                    tally.completed, tally.failed, tally.warning, tally.remaining, status)
+
+    @staticmethod
+    def _cancelled(assoc: Any, req: Any) -> bool:
+        return req.MessageID in getattr(assoc.dimse, "cancel_req", {})
+
+    def _send_items(self, store_assoc: Any, move_assoc: Any, req: Any, context: Any, kind: str,
+                    items: Sequence[RetrieveItem], tally: RetrieveTally, originator: str | None) -> None:
+        last_pending = time.monotonic()
+        msg_id = (int(req.MessageID) % 60000) + 1
+        for item in items:
+            if self._cancelled(move_assoc, req) or not store_assoc.is_established:
+                break
+            status = send_item(store_assoc, item, msg_id, originator, req.MessageID if originator else None)
+            msg_id = msg_id % 65535 + 1
+            tally.remaining -= 1
+            if status == SUCCESS:
+                tally.completed += 1
+            elif status is not None and 0xB000 <= status <= 0xBFFF:
+                tally.warning += 1
+            else:
+                tally.failed += 1
+                tally.failed_uids.append(item.sop_instance_uid)
+            now = time.monotonic()
+            if tally.remaining and now - last_pending >= PENDING_EVERY:
+                self._respond(move_assoc, req, context, kind, PENDING, tally)
+                last_pending = now
+
+    def _move(self, assoc: Any, req: Any, context: Any, items: list[RetrieveItem], tally: RetrieveTally,
+              destination: DicomPeer, calling_ae: str) -> None:
+        for batch in _batches_by_context(items):
+            if self._cancelled(assoc, req):
+                return
+            store_ae = _sender_ae(self.ae_title)
+            for sop_class, syntaxes in _contexts_for(batch):
+                store_ae.add_requested_context(sop_class, syntaxes)
+            try:
+                store_assoc = store_ae.associate(destination.host, destination.port,
+                                                 ae_title=destination.ae_title, max_pdu=self.max_pdu)
+            except Exception as exc:
+                LOGGER.error("C-MOVE to %s: cannot connect: %s", destination.ae_title, exc)
+                store_assoc = None
+            if store_assoc is None or not store_assoc.is_established:
+                LOGGER.error("C-MOVE from %s: destination %s@%s:%s refused the association",
+                             calling_ae, destination.ae_title, destination.host, destination.port)
+                return
+            try:
+                with fastnet.paused(store_assoc):
+                    self._send_items(store_assoc, assoc, req, context, "move", batch, tally, calling_ae)
+            finally:
+                if store_assoc.is_established:
+                    store_assoc.release()
+
+    def _get(self, assoc: Any, req: Any, context: Any, items: list[RetrieveItem], tally: RetrieveTally,
+             calling_ae: str) -> None:
+        with fastnet.paused(assoc):
+            self._send_items(assoc, assoc, req, context, "get", items, tally, None)
+
+
+def _sender_ae(ae_title: str) -> AE:
+    ae = fastnet.FastAE(ae_title=ae_title) if fastnet.check_compatible() else AE(ae_title=ae_title)
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.network_timeout = 60
+    return ae
+
+
+def _contexts_for(items: Sequence[RetrieveItem]) -> list[tuple[str, list[str]]]:
+    """Presentation contexts to propose: each stored (SOP class, transfer syntax), and a
+    fallback to uncompressed syntaxes for uncompressed data stored in another encoding."""
+    pairs: dict[tuple[str, str], None] = {}
+    fallback: dict[str, None] = {}
+    for item in items:
+        pairs[(item.sop_class_uid, item.transfer_syntax_uid)] = None
+        if item.transfer_syntax_uid not in UNCOMPRESSED and not UID(item.transfer_syntax_uid).is_compressed:
+            fallback[item.sop_class_uid] = None
+    contexts = [(sop, [ts]) for sop, ts in pairs]
+    contexts += [(sop, list(UNCOMPRESSED)) for sop in fallback]
+    return contexts
+
+
+def _batches_by_context(items: list[RetrieveItem], limit: int = 120) -> Iterator[list[RetrieveItem]]:
+    """Split items so that each association proposes at most `limit` contexts."""
+    batch: list[RetrieveItem] = []
+    keys: set[tuple[str, str]] = set()
+    for item in items:
+        key = (item.sop_class_uid, item.transfer_syntax_uid)
+        if key not in keys and len(keys) >= limit // 2:
+            yield batch
+            batch, keys = [], set()
+        keys.add(key)
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def send_item(assoc: Any, item: RetrieveItem, msg_id: int = 1, originator: str | None = None,
+              originator_id: int | None = None) -> int | None:
+    """Send one stored instance over `assoc` (reactor held paused); returns the C-STORE status.
+
+    The bytes go out as stored when the peer accepted the stored transfer
+    syntax; otherwise uncompressed data is converted by pydicom (the only case
+    where the edge re-encodes, because the receiver asked for it).
+    """
+    try:
+        if item.path is not None:
+            with open(item.path, "rb") as fh:
+                head = fh.read(4096)
+            _meta, offset = split_file_meta(head)
+            return fastnet.send_stored(assoc, item.sop_class_uid, item.sop_instance_uid,
+                                       item.transfer_syntax_uid, path=item.path, offset=offset,
+                                       msg_id=msg_id, originator_aet=originator, originator_id=originator_id)
+        assert item.data is not None
+        _meta, offset = split_file_meta(item.data)
+        return fastnet.send_stored(assoc, item.sop_class_uid, item.sop_instance_uid,
+                                   item.transfer_syntax_uid, data=item.data[offset:], msg_id=msg_id,
+                                   originator_aet=originator, originator_id=originator_id)
+    except ValueError:
+        pass  # no context with the stored transfer syntax: convert below
+    except Exception as exc:
+        LOGGER.error("sending %s failed: %s", item.sop_instance_uid, exc)
+        return None
+    try:
+        source = item.path if item.path is not None else BytesIO(item.data or b"")
+        ds = dcmread(source)
+        for syntax in UNCOMPRESSED:
+            try:
+                context = assoc._get_valid_context(item.sop_class_uid, syntax, "scu", allow_conversion=False)
+            except ValueError:
+                continue
+            ts = UID(syntax)
+            raw = encode(ds, ts.is_implicit_VR, ts.is_little_endian, False)
+            if raw is None:
+                continue
+            del context
+            return fastnet.send_stored(assoc, item.sop_class_uid, item.sop_instance_uid, syntax,
+                                       data=raw, msg_id=msg_id, originator_aet=originator,
+                                       originator_id=originator_id)
+    except Exception as exc:
+        LOGGER.error("sending %s (converted) failed: %s", item.sop_instance_uid, exc)
+        return None
+    LOGGER.warning("peer accepted no transfer syntax for %s (%s)", item.sop_instance_uid,
+                   UID(item.transfer_syntax_uid).name)
+    return None
+
+
+# ------------------------------------------------------------------ the server
+@dataclass(frozen=True)
+class ServerStats:
+    stored: int
+    duplicates: int
+    conflicts: int
+    refused: int
+    failed: int
+
+
+class EdgeServer:
+    """A site's edge node: DICOM SCP over a durable store, plus study-completion notices."""
+
+    def __init__(
+        self,
+        config: RegionConfig,
+        site_id: str,
+        store_dir: Path,
+        *,
+        sources: Sequence[QRSource] | None = None,
+        access: Access | None = None,
+        on_study_complete: Callable[[str], None] | None = None,
+        fsync: bool = True,
+        host: str | None = None,
+        port: int | None = None,
+        completion_poll: float = 0.25,
+        max_pdu: int = 0,
+        fast: bool | None = None,
+    ) -> None:
+        self.config = config
+        self.site = config.site(site_id)
+        self.site_id = site_id
+        self.store_dir = Path(store_dir)
+        self.host = host or self.site.edge.host
+        self.port = port if port is not None else self.site.edge.port
+        self.stable_age = self.site.edge.stable_age
+        self.on_study_complete = on_study_complete
+        self.completion_poll = completion_poll
+        self.max_pdu = max_pdu
+        self.store = FileStore(self.store_dir, fsync=fsync)
+        self.journal = Journal(self.store_dir, durable=fsync)
+        self.ingestor = Ingestor(self.store, self.journal)
+        self.local_source = LocalSource(self.journal)
+        self.sources: list[QRSource] = list(sources) if sources is not None else [self.local_source]
+        self.access: Access = access or AllowLocal()
+        self.qr = QRService(self.sources, self.access, self.site.edge.ae_title)
+        self.fast = fastnet.check_compatible() if fast is None else fast
+        self._server: Any = None
+        self._server_thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._counts = {"stored": 0, "duplicate": 0, "conflict": 0, "refused": 0, "failed": 0}
+        self._counts_lock = threading.Lock()
+
+    # -- pynetdicom set-up -------------------------------------------------------
+    def _build_ae(self) -> AE:
+        ae = fastnet.FastAE(ae_title=self.site.edge.ae_title) if self.fast else AE(ae_title=self.site.edge.ae_title)
+        ae.maximum_pdu_size = self.max_pdu
+        ae.maximum_associations = 32
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 120
+        ae.network_timeout = 120
+        ae.require_calling_aet = allowed_calling_aes(self.config, self.site)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES),
+                                     scu_role=True, scp_role=True)
+        ae.add_supported_context(Verification, list(STORAGE_TRANSFER_SYNTAXES[:4]))
+        for model in QR_MODELS:
+            ae.add_supported_context(model, list(STORAGE_TRANSFER_SYNTAXES[:4]))
+        if self.fast:
+            ae.retrieve_server = RetrieveServer(self.qr, self.site.edge.ae_title,
+                                                move_destinations(self.config, self.site), self.max_pdu)
+        return ae
+
+    def _handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_C_STORE, handle_store, [self.ingestor, self._count]),
+            (evt.EVT_C_FIND, handle_find, [self.qr]),
+            (evt.EVT_C_MOVE, _fallback_move, [self]),
+            (evt.EVT_C_GET, _fallback_get, [self]),
+            (evt.EVT_REJECTED, _log_event),
+            (evt.EVT_ESTABLISHED, _log_event),
+            (evt.EVT_RELEASED, _log_event),
+            (evt.EVT_ABORTED, _log_event),
+        ]
+
+    def _count(self, outcome: StoreOutcome) -> None:
+        with self._counts_lock:
+            self._counts[outcome.kind] = self._counts.get(outcome.kind, 0) + 1
+
+    @property
+    def stats(self) -> ServerStats:
+        with self._counts_lock:
+            c = dict(self._counts)
+        return ServerStats(c["stored"], c["duplicate"], c["conflict"], c["refused"], c["failed"])
+
+    # -- life cycle ---------------------------------------------------------------
+    def start(self) -> "EdgeServer":
+        """Recover the store, then listen (non-blocking). Returns self."""
+        self.ingestor.recover()
+        ae = self._build_ae()
+        ssl_context = server_context(self.site.edge.tls) if self.site.edge.tls else None
+        kwargs: dict[str, Any] = {}
+        if self.fast:
+            kwargs["server_class"] = fastnet.EdgeAssociationServer
+        try:
+            self._server = ae.make_server((self.host, self.port), ssl_context=ssl_context,
+                                          evt_handlers=self._handlers(), **kwargs)
+        except OSError as exc:
+            raise PeerError(f"edge {self.site.edge.ae_title} cannot listen on {self.host}:{self.port}: "
+                            f"{exc.strerror or exc}; is another edge running there?") from None
+        self.port = int(self._server.server_address[1])
+        self._ae = ae
+        self._server_thread = threading.Thread(target=self._server.serve_forever,
+                                               name=f"edge-{self.site_id}", daemon=True)
+        self._server_thread.start()
+        self._watcher = threading.Thread(target=self._watch_completion,
+                                         name=f"edge-{self.site_id}-completion", daemon=True)
+        self._watcher.start()
+        LOGGER.info("edge %s (site %s) listening on %s:%s%s, store %s, stable_age %gs",
+                    self.site.edge.ae_title, self.site_id, self.host, self.port,
+                    " with TLS" if ssl_context else "", self.store_dir, self.stable_age)
+        return self
+
+    def active_associations(self) -> list[Any]:
+        if self._server is None:
+            return []
+        try:
+            return list(self._server.active_associations)
+        except Exception:
+            return []
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop accepting, let associations in progress finish (up to `timeout`), close."""
+        if self._stopped.is_set():
+            return
+        self._stopping.set()
+        if self._server is not None:
+            # stop accepting first, then wait for the associations in progress
+            server = self._server
+            shutdown = threading.Thread(target=server.shutdown, daemon=True)
+            shutdown.start()
+            deadline = time.monotonic() + timeout
+            while self.active_associations() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for assoc in self.active_associations():
+                LOGGER.warning("aborting association with %s still open after %.0f s",
+                               assoc.requestor.ae_title, timeout)
+                assoc.abort()
+            shutdown.join(timeout=5)
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        self.journal.close()
+        self._stopped.set()
+        LOGGER.info("edge %s stopped", self.site.edge.ae_title)
+
+    def wait(self) -> None:
+        """Block until stop() has completed."""
+        while not self._stopped.wait(0.5):
+            pass
+
+    def __enter__(self) -> "EdgeServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- study completion ---------------------------------------------------------
+    def _watch_completion(self) -> None:
+        while not self._stopping.wait(self.completion_poll):
+            try:
+                self.check_completion()
+            except Exception:
+                LOGGER.exception("study completion check failed")
+
+    def check_completion(self, now: float | None = None) -> list[str]:
+        """Announce studies that just became complete; returns their UIDs."""
+        done = self.journal.newly_completed(self.stable_age, now)
+        for study_uid in done:
+            LOGGER.info("study complete: %s (site %s)", study_uid, self.site_id)
+            if self.on_study_complete is not None:
+                try:
+                    self.on_study_complete(study_uid)
+                except Exception:
+                    LOGGER.exception("on_study_complete failed for study %s", study_uid)
+            self.journal.mark_announced(study_uid)
+        return done
+
+
+def _fallback_move(event: Any, server: EdgeServer) -> Iterator[Any]:
+    """Plain pynetdicom C-MOVE (only when fastnet is unavailable): datasets are decoded."""
+    calling_ae, _address = _peer_of(event)
+    model = str(event.request.AffectedSOPClassUID)
+    destination = move_destinations(server.config, server.site).get(str(event.move_destination).strip())
+    if destination is None:
+        yield None, None
+        return
+    try:
+        items, _refused = server.qr.plan_retrieve(calling_ae, model, event.identifier)
+    except QueryError:
+        yield destination.host, destination.port
+        yield IDENTIFIER_DOES_NOT_MATCH, None
+        return
+    yield destination.host, destination.port
+    yield len(items)
+    for item in items:
+        if event.is_cancelled:
+            yield CANCEL, None
+            return
+        yield PENDING, dcmread(item.path if item.path else BytesIO(item.data or b""))
+
+
+def _fallback_get(event: Any, server: EdgeServer) -> Iterator[Any]:
+    calling_ae, _address = _peer_of(event)
+    model = str(event.request.AffectedSOPClassUID)
+    try:
+        items, _refused = server.qr.plan_retrieve(calling_ae, model, event.identifier)
+    except QueryError:
+        yield 0
+        yield IDENTIFIER_DOES_NOT_MATCH, None
+        return
+    yield len(items)
+    for item in items:
+        if event.is_cancelled:
+            yield CANCEL, None
+            return
+        yield PENDING, dcmread(item.path if item.path else BytesIO(item.data or b""))

@@ -1,0 +1,252 @@
+"""The edge's durable file store: instances kept byte for byte as received.
+
+Layout under the site's store folder (`Layout(config, data_dir).edge_store(site_id)`):
+
+    journal.sqlite                                  the journal (see edge.journal)
+    tmp/<random>.part                               files being written
+    instances/<study_uid>/<series_uid>/<sop_instance_uid>.dcm
+    conflicts/<sop_instance_uid>/<sha256>.dcm       a different instance under a known SOP Instance UID
+
+Every path component below the store folder is a validated DICOM UID (digits
+and dots, no empty part) or a hex digest, so nothing received can name a file
+outside the store. A file is durable once `commit` returns: it was written to
+a temporary file, fsynced, renamed into place, and its directory fsynced
+(and any directory created for it, with its parent).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from renkei.errors import StorageError
+from renkei.uids import validate_uid
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class EdgeStoreError(StorageError):
+    """The edge's local store could not be written or read."""
+
+
+class DiskFull(EdgeStoreError):
+    """No space left for an instance: free disk space (or retention) before sending again."""
+
+
+@dataclass(frozen=True)
+class TempFile:
+    """A fully written and fsynced temporary file, not yet in its place."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+class FileStore:
+    """Durable files under one folder; see the module docstring for the layout."""
+
+    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        self.tmp_dir = self.root / "tmp"
+        self.instances_dir = self.root / "instances"
+        self.conflicts_dir = self.root / "conflicts"
+        self._known_dirs: set[Path] = set()
+        for folder in (self.root, self.tmp_dir, self.instances_dir, self.conflicts_dir):
+            self._make_dir(folder)
+
+    # -- paths ---------------------------------------------------------------
+    def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """Where an instance lives; raises InvalidUID for anything but valid UIDs."""
+        return (
+            self.instances_dir
+            / validate_uid(study_uid, "Study Instance UID")
+            / validate_uid(series_uid, "Series Instance UID")
+            / f"{validate_uid(sop_instance_uid, 'SOP Instance UID')}.dcm"
+        )
+
+    def conflict_path(self, sop_instance_uid: str, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise EdgeStoreError(f"not a SHA-256 hex digest: {sha256!r}")
+        return self.conflicts_dir / validate_uid(sop_instance_uid, "SOP Instance UID") / f"{sha256}.dcm"
+
+    def relative(self, path: Path) -> str:
+        """The path as stored in the journal: relative to the store folder, '/'-separated."""
+        return Path(path).relative_to(self.root).as_posix()
+
+    def absolute(self, relative: str) -> Path:
+        path = (self.root / relative).resolve()
+        if self.root.resolve() not in path.parents:
+            raise EdgeStoreError(f"journal path {relative!r} points outside the store {self.root}")
+        return path
+
+    # -- writing -------------------------------------------------------------
+    def check_space(self, size: int) -> None:
+        """Raise DiskFull when writing `size` bytes would leave less than min_free_bytes."""
+        if self.min_free_bytes <= 0:
+            return
+        stat = os.statvfs(self.root)
+        if stat.f_bavail * stat.f_frsize < size + self.min_free_bytes:
+            raise DiskFull(f"only {stat.f_bavail * stat.f_frsize} bytes free in {self.root}; "
+                           f"keeping {self.min_free_bytes} free: free disk space")
+
+    def write_temp(self, parts: Iterable[bytes | bytearray | memoryview]) -> TempFile:
+        """Write `parts` to a new temporary file, fsync it, and return its size and SHA-256."""
+        path = self.tmp_dir / f"{secrets.token_hex(12)}.part"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise self._error(exc, path) from None
+        try:
+            for part in parts:
+                view = memoryview(part)
+                digest.update(view)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                    size += written
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            _unlink(path)
+            raise self._error(exc, path) from None
+        os.close(fd)
+        return TempFile(path, size, digest.hexdigest())
+
+    def adopt_temp(self, path: Path) -> TempFile:
+        """Take over a file written elsewhere in tmp/ (hash it, fsync it)."""
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                while chunk := os.read(fd, 1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self._error(exc, path) from None
+        return TempFile(Path(path), size, digest.hexdigest())
+
+    def commit(self, temp: TempFile, final: Path) -> Path:
+        """Move a temporary file into place durably; an existing file is never replaced."""
+        final = Path(final)
+        try:
+            self._make_dir(final.parent)
+            try:
+                try:
+                    os.link(temp.path, final)  # fails if `final` exists: never replace
+                except FileNotFoundError:
+                    # a folder removed since it was created (retention): create it again
+                    self._known_dirs.discard(final.parent)
+                    self._make_dir(final.parent)
+                    os.link(temp.path, final)
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP):
+                    raise
+                if final.exists():
+                    raise FileExistsError(str(final)) from None
+                os.rename(temp.path, final)
+            else:
+                os.unlink(temp.path)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise self._error(exc, final) from None
+        return final
+
+    def replace(self, temp: TempFile, final: Path) -> Path:
+        """Put a temporary file in place of a file never journaled (left by a crash)."""
+        try:
+            os.replace(temp.path, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            raise self._error(exc, final) from None
+        return final
+
+    def discard(self, temp: TempFile | Path) -> None:
+        _unlink(temp.path if isinstance(temp, TempFile) else Path(temp))
+
+    def remove(self, path: Path) -> None:
+        """Remove a stored file (retention); its directory is fsynced."""
+        _unlink(path)
+        if self.fsync and path.parent.exists():
+            _fsync_dir(path.parent)
+
+    def clean_temp(self) -> int:
+        """Delete leftovers of writes interrupted by a crash; returns how many."""
+        count = 0
+        for entry in os.scandir(self.tmp_dir):
+            if entry.is_file():
+                _unlink(Path(entry.path))
+                count += 1
+        return count
+
+    def iter_instance_files(self) -> Iterator[Path]:
+        """Every file under instances/ (used to find files the journal does not know)."""
+        for dirpath, _dirs, files in os.walk(self.instances_dir):
+            for name in files:
+                if name.endswith(".dcm"):
+                    yield Path(dirpath) / name
+
+    def iter_conflict_files(self) -> Iterator[Path]:
+        for dirpath, _dirs, files in os.walk(self.conflicts_dir):
+            for name in files:
+                if name.endswith(".dcm"):
+                    yield Path(dirpath) / name
+
+    # -- internals -----------------------------------------------------------
+    def _make_dir(self, folder: Path) -> None:
+        """Create `folder` (and parents) durably: each new directory's parent is fsynced."""
+        if folder in self._known_dirs:
+            return
+        missing: list[Path] = []
+        current = folder
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                pass
+            if self.fsync:
+                _fsync_dir(path.parent)
+        self._known_dirs.add(folder)
+
+    def _error(self, exc: OSError, path: Path) -> EdgeStoreError:
+        if exc.errno in _FULL_ERRNOS:
+            return DiskFull(f"disk full while writing {path}: free disk space in {self.root}")
+        return EdgeStoreError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
