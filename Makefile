@@ -15,13 +15,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# dcmtk (DICOM test peers), Orthanc (a site's PACS) and Chromium (dashboard test),
+# dcmtk (DICOM test peers), Orthanc (a site's PACS), Chromium (dashboard test) and
+# dicom3tools (dciodvfy checks the synthetic IODs),
 # from Debian's packages, installed when missing and running as root.
 system-deps:
 	@missing=""; \
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing from Debian:$$missing"; \

@@ -394,8 +394,7 @@ def test_institution_outside_jis_falls_back_to_utf8(config: RegionConfig) -> Non
 
 def test_dciodvfy_finds_each_iod_complete(written: dict[str, synth.SynthResult]) -> None:
     """dicom3tools' IOD checker, when installed: no error in any modality's IOD."""
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed; optional IOD check")
+    require_program("dciodvfy", "dicom3tools")
     by_modality = {}
     for result in written.values():
         for study in result.studies:
