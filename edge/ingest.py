@@ -157,9 +157,11 @@ class Ingestor:
             return StoreOutcome(SUCCESS, "conflict", sop, parsed.study_uid, "conflict recorded")
 
     # -- start-up ---------------------------------------------------------------
-    def recover(self) -> RecoveryReport:
-        """Clean tmp/ and journal files that a crash left without a journal record."""
+    def recover(self, scan: bool = True) -> RecoveryReport:
+        """Clean tmp/ and (with `scan`) journal files that a crash left without a journal record."""
         removed = self.store.clean_temp()
+        if not scan:
+            return RecoveryReport(removed, 0, 0, 0)
         known = self.journal.known_paths()
         journaled = conflicts = unreadable = 0
         for path in self.store.iter_instance_files():

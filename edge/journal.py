@@ -183,7 +183,7 @@ def _int_or_none(value: str) -> int | None:
 class Journal:
     """The journal of one edge store. Safe to open from several processes at once."""
 
-    def __init__(self, store_dir: Path, readonly: bool = False, durable: bool = True) -> None:
+    def __init__(self, store_dir: Path, readonly: bool = False, synchronous: str = "FULL") -> None:
         self.store_dir = Path(store_dir)
         self.path = self.store_dir / JOURNAL_NAME
         self.readonly = readonly
@@ -204,8 +204,13 @@ class Journal:
                 mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise JournalError(f"{self.path}: cannot switch the journal to WAL mode")
-                # FULL: each commit is fsynced before the C-STORE is answered.
-                self._conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                # FULL fsyncs every commit. The edge's own connection uses NORMAL: a
+                # commit survives a crash of the process (kill -9), and after a power
+                # loss the last commits are rebuilt from the fsynced files (see
+                # Ingestor.recover), so an acknowledged instance is never lost.
+                if synchronous.upper() not in ("FULL", "NORMAL"):
+                    raise JournalError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+                self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
                 self._conn.executescript(_SCHEMA)
                 self._conn.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -253,6 +258,26 @@ class Journal:
                 raise
             except sqlite3.Error as exc:
                 raise JournalError(f"{self.path}: write failed: {exc}") from None
+
+    # -- bookkeeping -----------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def set_meta(self, key: str, value: str, durable: bool = True) -> None:
+        """Set a bookkeeping value; `durable` checkpoints the WAL into the fsynced database."""
+        self._write([("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                      "DO UPDATE SET value = excluded.value", (key, value))])
+        if durable:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file and fsync it."""
+        with self._lock:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(FULL)")
+            except sqlite3.Error as exc:
+                raise JournalError(f"{self.path}: checkpoint failed: {exc}") from None
 
     # -- ingest (the edge's own writes) ----------------------------------------
     def lookup(self, sop_instance_uid: str) -> StoredInstance | None:

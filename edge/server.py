@@ -90,6 +90,7 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 QR_MODELS = (PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET,
              STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET)
 PENDING_EVERY = 0.5  # seconds between C-MOVE/C-GET pending responses
+CLEAN_SHUTDOWN = "clean_shutdown"  # journal meta key: "1" after a clean stop
 
 
 def allowed_calling_aes(config: RegionConfig, site: SiteConfig) -> list[str]:
@@ -456,7 +457,7 @@ class EdgeServer:
         self.completion_poll = completion_poll
         self.max_pdu = max_pdu
         self.store = FileStore(self.store_dir, fsync=fsync)
-        self.journal = Journal(self.store_dir, durable=fsync)
+        self.journal = Journal(self.store_dir, synchronous="NORMAL")
         self.ingestor = Ingestor(self.store, self.journal)
         self.local_source = LocalSource(self.journal)
         self.sources: list[QRSource] = list(sources) if sources is not None else [self.local_source]
@@ -516,7 +517,14 @@ class EdgeServer:
     # -- life cycle ---------------------------------------------------------------
     def start(self) -> "EdgeServer":
         """Recover the store, then listen (non-blocking). Returns self."""
-        self.ingestor.recover()
+        clean = self.journal.get_meta(CLEAN_SHUTDOWN) == "1"
+        self.journal.set_meta(CLEAN_SHUTDOWN, "0")
+        report = self.ingestor.recover(scan=not clean)
+        if not clean:
+            LOGGER.info("edge %s: store checked after an unclean stop: %d file(s) journaled again, "
+                        "%d conflict file(s), %d unreadable, %d temporary file(s) removed",
+                        self.site.edge.ae_title, report.files_journaled, report.conflicts_journaled,
+                        report.files_unreadable, report.temp_files_removed)
         ae = self._build_ae()
         ssl_context = server_context(self.site.edge.tls) if self.site.edge.tls else None
         kwargs: dict[str, Any] = {}
@@ -528,6 +536,7 @@ class EdgeServer:
         except OSError as exc:
             raise PeerError(f"edge {self.site.edge.ae_title} cannot listen on {self.host}:{self.port}: "
                             f"{exc.strerror or exc}; is another edge running there?") from None
+        ae._servers.append(self._server)  # as AE.start_server does; shutdown() removes it
         self.port = int(self._server.server_address[1])
         self._ae = ae
         self._server_thread = threading.Thread(target=self._server.serve_forever,
@@ -569,6 +578,8 @@ class EdgeServer:
             shutdown.join(timeout=5)
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+        if not self.active_associations():
+            self.journal.set_meta(CLEAN_SHUTDOWN, "1")
         self.journal.close()
         self._stopped.set()
         LOGGER.info("edge %s stopped", self.site.edge.ae_title)

@@ -1,0 +1,163 @@
+"""`renkei edge ...`: run a site's edge (DICOM node) and talk to its PACS.
+
+  renkei edge serve --site hub                      run the edge in the foreground
+  renkei edge status --site hub                     journal summary
+  renkei edge echo --site hub HUB_PACS              C-ECHO a peer
+  renkei edge send-to-pacs --site hub STUDY_UID     send a stored study to the site PACS
+  renkei edge pull --site hub --study-uid UID       have the PACS send studies to the edge
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from typing import Any
+
+from renkei.cli.common import layout_of, print_json, print_table
+
+ORDER = 20
+LOGGER = logging.getLogger("renkei.edge")
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser("edge", help="run a site's edge node (DICOM) and talk to its PACS",
+                            parents=[common])
+    cmds = parser.add_subparsers(title="edge commands", metavar="ACTION")
+
+    def site_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = cmds.add_parser(name, help=help_text, parents=[common])
+        p.add_argument("--site", required=True, metavar="ID", help="site id from the configuration")
+        return p
+
+    p = site_parser("serve", "run the edge in the foreground (Ctrl-C or SIGTERM stops it cleanly)")
+    p.add_argument("--port", type=int, default=None, help="listen on this port instead of the configured one")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="skip fsync (for benchmarks of the network path only: NOT durable)")
+    p.set_defaults(func=cmd_serve)
+
+    p = site_parser("status", "journal summary: studies, instances, bytes, upload states")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--stable-age", type=float, default=None,
+                   help="also list studies complete for this many seconds (default: the site's)")
+    p.set_defaults(func=cmd_status)
+
+    p = site_parser("echo", "C-ECHO a DICOM peer from the edge's AE title")
+    p.add_argument("peer_ae", nargs="?", default=None, metavar="PEER_AE",
+                   help="AE title of the peer (default: the site's PACS)")
+    p.set_defaults(func=cmd_echo)
+
+    p = site_parser("send-to-pacs", "send a study stored at the edge to the site's PACS")
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.add_argument("--peer", default=None, metavar="AE", help="another configured peer instead of the PACS")
+    p.set_defaults(func=cmd_send)
+
+    p = site_parser("pull", "C-FIND the site PACS and C-MOVE what matches to the edge (edge must be serving)")
+    p.add_argument("--study-uid", default=None, metavar="UID")
+    p.add_argument("--patient-id", default=None, metavar="ID")
+    p.add_argument("--date-from", default=None, metavar="YYYYMMDD")
+    p.add_argument("--date-to", default=None, metavar="YYYYMMDD")
+    p.set_defaults(func=cmd_pull)
+
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edge.server import EdgeServer
+
+    layout = layout_of(args)
+    store_dir = layout.edge_store(args.site)
+
+    def study_complete(study_uid: str) -> None:
+        # A later issue wires this to the ingest flow; for now the log line is the trigger.
+        LOGGER.info("study complete: %s (site %s) ready for upload", study_uid, args.site)
+
+    server = EdgeServer(layout.config, args.site, store_dir, on_study_complete=study_complete,
+                        fsync=not args.no_fsync, port=args.port)
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if not stop_requested.is_set():
+            LOGGER.info("signal %s: finishing associations in progress, then stopping",
+                        signal.Signals(signum).name)
+            stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    try:
+        while not stop_requested.wait(0.5):
+            pass
+    finally:
+        server.stop()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from edge.journal import Journal
+
+    layout = layout_of(args)
+    site = layout.config.site(args.site)
+    store_dir = layout.edge_store(args.site)
+    if not (store_dir / "journal.sqlite").exists():
+        print(f"edge {site.edge.ae_title} (site {args.site}): no journal yet at {store_dir}")
+        return 0
+    with Journal.open(store_dir, readonly=True) as journal:
+        summary = journal.summary()
+        stable_age = args.stable_age if args.stable_age is not None else site.edge.stable_age
+        complete = journal.completed_studies(stable_age, state="pending")
+    data = {
+        "site": args.site,
+        "ae_title": site.edge.ae_title,
+        "store": str(store_dir),
+        "studies": summary.studies,
+        "instances": summary.instances,
+        "bytes": summary.bytes,
+        "upload_states": summary.upload_states,
+        "conflicts": summary.conflicts,
+        "complete_pending_studies": complete,
+    }
+    if args.json:
+        print_json(data)
+        return 0
+    print(f"edge {site.edge.ae_title} (site {args.site}), store {store_dir}")
+    print_table([{
+        "studies": summary.studies, "instances": summary.instances,
+        "MB": round(summary.bytes / 1e6, 1), **summary.upload_states, "conflicts": summary.conflicts,
+    }])
+    print(f"\n{len(complete)} complete study(ies) with instances pending upload")
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from edge import scu
+
+    layout = layout_of(args)
+    seconds = scu.echo(layout.config, args.site, args.peer_ae)
+    peer = scu.resolve_peer(layout.config, args.site, args.peer_ae)
+    print(f"C-ECHO {peer.ae_title} at {peer.host}:{peer.port}: success ({seconds * 1000:.1f} ms)")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from edge import scu
+
+    layout = layout_of(args)
+    report = scu.send_study(layout.config, args.site, layout.edge_store(args.site), args.study_uid, args.peer)
+    print(f"sent study {report.study_uid} to {report.peer}: {report.sent} instance(s), "
+          f"{report.failed} failed, {report.seconds:.2f} s")
+    return 0 if report.failed == 0 else 1
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from edge import scu
+
+    layout = layout_of(args)
+    report = scu.pull(layout.config, args.site, study_uid=args.study_uid, patient_id=args.patient_id,
+                      date_from=args.date_from, date_to=args.date_to)
+    print(f"pulled {len(report.studies)} study(ies) from {report.peer}: {report.completed} instance(s), "
+          f"{report.failed} failed, {report.seconds:.2f} s")
+    for failure in report.failures:
+        print(f"  {failure}")
+    return 0 if not report.failures and report.failed == 0 else 1
