@@ -199,6 +199,12 @@ class PolicyRule(_Model):
     description: str = ""
     when: RuleMatch = RuleMatch()
     grant_to: GrantTarget
+    deliver: Literal["none", "edge", "pacs"] = Field(
+        "none",
+        description="push granted studies ahead of time: to the site's edge, or to its edge "
+        "and its PACS (reconciled to the site's patient ID); 'none' leaves them in the center, "
+        "retrieved on demand",
+    )
 
 
 REFERRING_KEYWORDS = ("RequestingService", "ReferringPhysicianName", "InstitutionName")
@@ -243,6 +249,7 @@ class PolicyConfig(_Model):
             description="A hub exam ordered by a clinic is published to that clinic.",
             when=RuleMatch(origin_roles=("hub",)),
             grant_to=GrantTarget(referring_site=True),
+            deliver="pacs",
         ),
     )
     referring_site: ReferringSiteConfig = ReferringSiteConfig()

@@ -35,6 +35,7 @@ class RuleGrant:
     site: str
     rule: str
     reason: str
+    deliver: str = "none"  # 'none' | 'edge' | 'pacs'
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,14 @@ def rule_grants(config: RegionConfig, study: StudyInfo) -> list[RuleGrant]:
                 targets.append((ref, f"referring site, read from {keyword} (rule {rule.name!r})"))
         for site_id, why in targets:
             if site_id != study.origin_site and site_id not in wanted:
-                wanted[site_id] = RuleGrant(site=site_id, rule=rule.name, reason=why)
+                wanted[site_id] = RuleGrant(site=site_id, rule=rule.name, reason=why, deliver=rule.deliver)
     return list(wanted.values())
+
+
+def deliveries(config: RegionConfig, study: StudyInfo, granted_sites: Iterable[str]) -> dict[str, str]:
+    """For sites just granted the study, how far to push it ahead of time ('edge' or 'pacs')."""
+    granted = set(granted_sites)
+    return {g.site: g.deliver for g in rule_grants(config, study) if g.site in granted and g.deliver != "none"}
 
 
 def decide(

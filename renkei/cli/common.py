@@ -11,14 +11,12 @@ from typing import Any, Iterable, Sequence
 
 from renkei.config import DATA_DIR_ENV, Layout, RegionConfig, load_config, resolve_data_dir
 
-CONFIG_ENV = "RENKEI_CONFIG"
-_REPO_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "nagasaki.yaml"
+from renkei.runtime import CONFIG_ENV, config_path
 
 
 def default_config_path() -> Path:
     """$RENKEI_CONFIG, else the example region shipped with renkei (examples/nagasaki.yaml)."""
-    env = os.environ.get(CONFIG_ENV)
-    return Path(env) if env else _REPO_EXAMPLE
+    return Path(config_path())
 
 
 def common_options() -> argparse.ArgumentParser:

@@ -1,0 +1,109 @@
+"""`sync_site`: a site's completed studies to the center — ingest, upload, register, flag, distribute."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from renkei import runtime
+from tasks.common import ensure_upload_limit, logger, publish_artifacts
+from tasks.sync import flag, ingest, plan_deliveries, register, upload_study
+
+
+@flow(name="sync_site", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=False)
+def sync_site(site: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Move the site's completed studies to the center, verified, registered and flagged.
+
+    Runs on the site's own work pool. Safe to rerun at any time: it finishes
+    what a crashed run left and duplicates nothing. Fails (red in the UI) when a
+    study could not be uploaded after its retries; the others still go through.
+    """
+    started = time.monotonic()
+    lay = runtime.layout(config, data_dir)
+    lay.config.site(site)
+    studies = ingest(site, config, data_dir)
+    uploads: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    if studies:
+        ensure_upload_limit(site, lay.config.site(site).link.upload_slots)
+        futures = {uid: upload_study.submit(site, uid, config, data_dir) for uid in studies}
+        for uid, future in futures.items():
+            future.wait()
+            if future.state.is_completed():
+                uploads[uid] = future.result()
+            else:
+                failures[uid] = _message(future.state)
+    registered: dict[str, Any] = {"studies": [], "new_instances": 0}
+    flagged: dict[str, Any] = {"granted": []}
+    deliveries: dict[str, Any] = {}
+    if uploads:
+        registered = register(site, list(uploads), config, data_dir)
+        flagged = flag(list(registered["studies"]), config, data_dir)
+        plan = plan_deliveries(flagged["granted"], config, data_dir)
+        if plan:
+            from flows.deliver import distribute
+
+            deliveries = distribute(plan, config, data_dir)
+    elapsed = time.monotonic() - started
+    summary = _report(site, studies, uploads, failures, registered, flagged, deliveries, elapsed)
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(studies)} studies of {site} could not be uploaded; "
+                           "see the run's artifact; the next run retries them")
+    return summary
+
+
+def _message(state: Any) -> str:
+    try:
+        state.result()
+    except Exception as exc:
+        return str(exc)
+    return state.message or state.name
+
+
+def _report(site: str, studies: list[str], uploads: dict[str, dict[str, Any]], failures: dict[str, str],
+            registered: dict[str, Any], flagged: dict[str, Any], deliveries: dict[str, Any],
+            elapsed: float) -> dict[str, Any]:
+    instances = sum(u["instances"] for u in uploads.values())
+    size = sum(u["bytes"] for u in uploads.values())
+    mb_s = size / 1e6 / elapsed if elapsed > 0 else 0.0
+    rows = [{"study_uid": uid, "instances": u["instances"], "new_objects": u["uploaded"],
+             "already_in_center": u["already_present"], "conflicts": u["conflicts"], "MB": round(u["bytes"] / 1e6, 2),
+             "seconds": round(u["seconds"], 2), "result": "verified"} for uid, u in uploads.items()]
+    rows += [{"study_uid": uid, "instances": 0, "new_objects": 0, "already_in_center": 0, "conflicts": 0,
+              "MB": 0, "seconds": 0, "result": f"FAILED: {msg}"} for uid, msg in failures.items()]
+    lines = [
+        f"| studies | instances | MB | seconds | MB/s | grants | failures |",
+        f"|---|---|---|---|---|---|---|",
+        f"| {len(uploads)} of {len(studies)} | {instances} | {size / 1e6:.1f} | {elapsed:.1f} | {mb_s:.1f} "
+        f"| {len(flagged.get('granted', []))} | {len(failures)} |",
+        "",
+    ]
+    if not studies:
+        lines.append("Nothing to do: no completed study is waiting at this site's edge.")
+    for uid, study_grants in _grants_by_study(flagged).items():
+        lines.append(f"- {uid}: granted to {', '.join(study_grants)}")
+    for site_id, info in deliveries.items():
+        lines.append(f"- delivery to {site_id}: {info}")
+    if failures:
+        lines += ["", "## Failures and what to do",
+                  "The instances stay 'pending' at the edge (nothing is lost); the next run retries them.",
+                  "If it fails again: check the center's storage (S3 endpoint, credentials, disk) and the "
+                  "edge's files, then start this deployment again from the Prefect UI."]
+        lines += [f"- {uid}: {msg}" for uid, msg in failures.items()]
+    publish_artifacts(f"sync-{site}", f"sync_site {site}", lines, rows,
+                      f"Studies moved from {site}'s edge to the center")
+    logger().info("sync %s: %d studies, %d instances, %.1f MB in %.1f s, %d failures",
+                  site, len(uploads), instances, size / 1e6, elapsed, len(failures))
+    return {"site": site, "studies": len(uploads), "instances": instances, "bytes": size,
+            "seconds": round(elapsed, 3), "failures": failures, "registered": registered["studies"],
+            "granted": flagged.get("granted", []), "deliveries": deliveries}
+
+
+def _grants_by_study(flagged: dict[str, Any]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for study_uid, site, rule in flagged.get("granted", []):
+        out.setdefault(study_uid, []).append(f"{site} ({rule})")
+    return out

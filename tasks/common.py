@@ -1,0 +1,45 @@
+"""Shared bits of the tasks: retry policy, the upload concurrency limit, artifacts."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from prefect import get_client, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import MissingContextError
+
+IO_RETRIES = 4
+IO_RETRY_DELAYS = [2, 4, 8, 16]  # seconds: exponential backoff for I/O tasks
+
+
+def upload_limit_name(site: str) -> str:
+    """The Prefect global concurrency limit holding a site's upload slots."""
+    return f"renkei-upload-{site}"
+
+
+def ensure_upload_limit(site: str, slots: int) -> None:
+    """Create or update the site's upload concurrency limit (its link's upload slots)."""
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(upload_limit_name(site), slots)
+
+
+def logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("renkei.tasks")
+
+
+def artifact_key(text: str) -> str:
+    """Artifact keys allow lower-case letters, digits and dashes only."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def publish_artifacts(key: str, title: str, summary_lines: Sequence[str], rows: Sequence[dict[str, Any]],
+                      description: str) -> None:
+    """A markdown summary and, when there are rows, a table: what the run did, for the Prefect UI."""
+    create_markdown_artifact("\n".join([f"# {title}", "", *summary_lines]), key=artifact_key(key),
+                             description=description)
+    if rows:
+        create_table_artifact(list(rows), key=artifact_key(key + "-table"), description=description)

@@ -1,0 +1,93 @@
+"""Tasks of `sync_site`: ingest, upload, register, flag, distribute."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import task
+from prefect.concurrency.sync import concurrency
+
+from renkei import runtime, transfer
+from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, upload_limit_name
+
+
+class UploadFailed(Exception):
+    """Some instances of a study could not be uploaded; the task retries."""
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=[1, 4])
+def ingest(site: str, config: str | None = None, data_dir: str | None = None) -> list[str]:
+    """The completed studies in the site's edge journal not yet verified in the center."""
+    lay = runtime.layout(config, data_dir)
+    with runtime.open_journal(lay, site) as journal:
+        studies = transfer.studies_to_sync(journal, lay.config.site(site).edge.stable_age)
+    logger().info("ingest %s: %d completed studies to sync", site, len(studies))
+    return studies
+
+
+@task(name="upload-study", task_run_name="upload {study_uid}", retries=IO_RETRIES,
+      retry_delay_seconds=IO_RETRY_DELAYS)
+def upload_study(site: str, study_uid: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Upload one study's pending instances to the center, each verified by SHA-256.
+
+    Holds one of the site's upload slots (its link's concurrency limit) while it
+    runs. Raises when an instance failed, so that Prefect retries with backoff.
+    """
+    lay = runtime.layout(config, data_dir)
+    slots = lay.config.site(site).link.upload_slots
+    with concurrency(upload_limit_name(site), occupy=1, timeout_seconds=3600):
+        with runtime.open_journal(lay, site) as journal:
+            result = transfer.upload_study(journal, runtime.open_store(lay), site, study_uid,
+                                           parallel=max(2, 8 // slots))
+    if result.failures:
+        raise UploadFailed(f"{len(result.failures)} instance(s) of {study_uid} failed: {result.failures[0]}")
+    return asdict(result)
+
+
+@task(name="register", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+def register(site: str, study_uids: list[str], config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Register the uploaded studies in the catalog (one commit) and mark them verified at the edge."""
+    lay = runtime.layout(config, data_dir)
+    with runtime.open_journal(lay, site) as journal, runtime.open_catalog(lay) as catalog:
+        result = transfer.register_studies(journal, catalog, site, study_uids)
+    logger().info("register %s: %d studies, %d new instances", site, len(result.studies), result.new_instances)
+    return asdict(result)
+
+
+@task(name="flag", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+def flag(study_uids: list[str], config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Apply the sharing policy's rules to the registered studies; returns the grants written."""
+    from renkei.sharing import Sharing
+
+    lay = runtime.layout(config, data_dir)
+    with runtime.open_catalog(lay) as catalog:
+        result = Sharing(lay.config, catalog).flag(study_uids)
+    logger().info("flag: %d grants written", len(result.granted))
+    return {"granted": [list(g) for g in result.granted], "skipped_consent": list(result.skipped_consent),
+            "skipped_history": [list(x) for x in result.skipped_history]}
+
+
+@task(name="plan-deliveries")
+def plan_deliveries(granted: list[list[str]], config: str | None = None,
+                    data_dir: str | None = None) -> dict[str, dict[str, Any]]:
+    """Which of the new grants the policy pushes ahead of time: {site: {study_uids, to_pacs}}."""
+    from renkei.policy import deliveries
+
+    lay = runtime.layout(config, data_dir)
+    plan: dict[str, dict[str, Any]] = {}
+    if not granted:
+        return plan
+    with runtime.open_catalog(lay) as catalog:
+        by_study: dict[str, set[str]] = {}
+        for study_uid, site, _rule in granted:
+            by_study.setdefault(study_uid, set()).add(site)
+        for study_uid, sites in by_study.items():
+            row = catalog.study(study_uid)
+            if row is None:
+                continue
+            for site, how in deliveries(lay.config, row.study_info(), sites).items():
+                entry = plan.setdefault(site, {"study_uids": [], "to_pacs": False})
+                entry["study_uids"].append(study_uid)
+                entry["to_pacs"] = entry["to_pacs"] or how == "pacs"
+    return plan

@@ -1,0 +1,71 @@
+"""Helpers for tests that run a region: a config with free ports, studies put into an edge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import pydicom
+import pydicom.filereader
+import yaml
+
+from renkei import peers
+from renkei.config import Layout, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "nagasaki.yaml"
+
+
+def region_config(tmp_path: Path, stable_age: float = 1.0, center_url: str | None = None,
+                  name: str = "region.yaml", edit=None) -> Path:
+    """The example region on free ports (every edge, PACS and workstation), short stable_age."""
+    raw = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    for site in raw["sites"]:
+        site["edge"]["port"] = peers.free_port()
+        site["edge"]["stable_age"] = stable_age
+        site["pacs"]["port"] = peers.free_port()
+        for ws in site["workstations"]:
+            ws["port"] = peers.free_port()
+    if center_url:
+        raw["center"]["storage_url"] = center_url
+    if edit:
+        edit(raw)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def dataset_bytes(path: Path) -> tuple[bytes, str, str, str]:
+    """(dataset bytes as they would arrive, transfer syntax, SOP class, SOP instance) of a DICOM file."""
+    with open(path, "rb") as handle:
+        pydicom.filereader.read_preamble(handle, False)
+        meta = pydicom.filereader._read_file_meta_info(handle)
+        data = handle.read()
+    return data, str(meta.TransferSyntaxUID), str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID)
+
+
+def put_into_edge(layout: Layout, site_id: str, files: Iterable[Path], calling_ae: str | None = None) -> int:
+    """Store files in a site's edge exactly as its C-STORE handler would (no network)."""
+    from edge.ingest import Ingestor
+    from edge.journal import Journal
+    from edge.store import FileStore
+
+    site = layout.config.site(site_id)
+    ae = calling_ae or (site.pacs.ae_title if site.pacs else "MODALITY")
+    root = layout.edge_store(site_id)
+    journal = Journal.open(root)
+    try:
+        ingestor = Ingestor(FileStore(root), journal)
+        n = 0
+        for f in files:
+            data, ts, sop_class, sop_uid = dataset_bytes(f)
+            outcome = ingestor.store_instance(data, ts, sop_class, sop_uid, ae)
+            assert outcome.status == 0, outcome
+            n += 1
+        return n
+    finally:
+        journal.close()
+
+
+def layout_of(config_path: Path, data_dir: Path) -> Layout:
+    return Layout(load_config(config_path), data_dir)
