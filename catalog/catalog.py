@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import random
 import socket
@@ -18,6 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -33,6 +35,8 @@ from catalog.audit import AuditDraft, AuditEvent, AuditVerification
 from catalog.log import CommitLog, State
 from renkei.errors import CatalogError, InvalidUID, UsageError
 from renkei.records import InstanceInfo, StudyBatch, StudyInfo
+
+_log = logging.getLogger("renkei.catalog")
 
 DEFAULT_AUTO_COMPACT = 16  # level-0 files per table before a writer compacts
 MAX_COMMIT_ATTEMPTS = 200
@@ -52,6 +56,13 @@ _STUDY_AGG = ",\n".join(
         "min(registered_at) AS registered_at",
     ]
 )
+
+
+def _const(value: Any, n: int, type_: pa.DataType | None = None) -> pa.Array:
+    """A column of `n` copies of `value` (without building a Python list)."""
+    if value is None:
+        return pa.nulls(n, type_ or pa.string())
+    return pa.repeat(pa.scalar(value, type_ or (pa.string() if isinstance(value, str) else None)), n)
 
 
 def _now() -> dt.datetime:
@@ -242,8 +253,9 @@ class Catalog:
     """
 
     def __init__(self, url: str, s3_options: Any = None, *, writer: str | None = None,
-                 auto_compact: int | None = DEFAULT_AUTO_COMPACT, memory_limit: str = "1GB",
-                 threads: int | None = None, vacuum_grace_s: float = 600.0) -> None:
+                 auto_compact: int | None = DEFAULT_AUTO_COMPACT, memory_limit: str = "768MB",
+                 threads: int | None = None, vacuum_grace_s: float = 600.0,
+                 background_compaction: bool = True, cache: bool = True) -> None:
         self.url = url
         self.fs, self.root = cfs.open_filesystem(url, s3_options)
         self.local = cfs.is_local(self.fs)
@@ -254,12 +266,20 @@ class Catalog:
         self._lock = threading.RLock()
         self._state: State | None = None
         self._views_seq = -1
+        self._executor: ThreadPoolExecutor | None = None
+        self.background_compaction = background_compaction
+        self._compactor: threading.Thread | None = None
+        self._compact_con: duckdb.DuckDBPyConnection | None = None
         self._tmpdir = tempfile.mkdtemp(prefix="renkei-catalog-")
+        # On S3, immutable data files are read from a local copy (see read_path).
+        self._cache_dir = os.path.join(self._tmpdir, "files") if cache and not self.local else None
+        self._cached: set[str] = set()
         self.con = duckdb.connect(config={"memory_limit": memory_limit,
                                           "threads": threads or max(1, min(4, os.cpu_count() or 1)),
                                           "preserve_insertion_order": False,
                                           "temp_directory": self._tmpdir})
         self.con.execute("SET parquet_metadata_cache = true")
+        self.con.execute("SET enable_external_file_cache = false")
         if not self.local:
             self.con.register_filesystem(self.fs)
         for name, spec in tables.TABLES.items():
@@ -271,8 +291,13 @@ class Catalog:
         return cls(layout.catalog_url, layout.config.center.s3, **kwargs)
 
     def close(self) -> None:
+        self.wait_for_compaction()
         with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown()
             try:
+                if self._compact_con is not None:
+                    self._compact_con.close()
                 self.con.close()
             finally:
                 import shutil
@@ -291,6 +316,48 @@ class Catalog:
         full = cfs.join(self.root, rel)
         return full if self.local else f"s3://{full}"
 
+    def read_path(self, rel: str) -> str:
+        """Where to read a data file: its own path, or (S3 with a cache) the local copy of it.
+
+        Data files are immutable (a new name for every write), so a local copy
+        never goes stale: the reader on S3 then runs at local-disk speed.
+        """
+        if self._cache_dir is None:
+            return self.abs_path(rel)
+        self._fetch([rel])
+        return os.path.join(self._cache_dir, rel)
+
+    def _fetch(self, rels: Iterable[str]) -> None:
+        assert self._cache_dir is not None
+        missing = [r for r in rels if not os.path.exists(os.path.join(self._cache_dir, r))]
+        if not missing:
+            return
+        temps = []
+        for rel in missing:
+            local = os.path.join(self._cache_dir, rel)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            temps.append(cfs.temp_sibling(local))
+        try:
+            self.fs.get([cfs.join(self.root, r) for r in missing], temps)
+            for rel, tmp in zip(missing, temps):
+                os.replace(tmp, os.path.join(self._cache_dir, rel))
+        finally:
+            for tmp in temps:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+    def _prune_cache(self, state: State) -> None:
+        if self._cache_dir is None:
+            return
+        keep = {p for files in state.files.values() for p in files} | {p for p, _ in state.removed}
+        for rel in list(self._cached):
+            if rel not in keep:
+                try:
+                    os.unlink(os.path.join(self._cache_dir, rel))
+                except FileNotFoundError:
+                    pass
+                self._cached.discard(rel)
+
     def refresh(self) -> State:
         """Catch up with every commit made so far (by any process); returns the state."""
         with self._lock:
@@ -308,10 +375,15 @@ class Catalog:
         state = self.refresh()
         if self._views_seq == state.seq:
             return
+        if self._cache_dir is not None:
+            live = [p for files in state.files.values() for p in files]
+            self._fetch(live)
+            self._cached.update(live)
+            self._prune_cache(state)
         for name in tables.TABLES:
             files = sorted(state.files.get(name, {}).values(), key=lambda f: (f.seq, f.path))
             if files:
-                listing = ", ".join(_sql_str(self.abs_path(f.path)) for f in files)
+                listing = ", ".join(_sql_str(self.read_path(f.path)) for f in files)
                 sql = f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet([{listing}])"
             else:
                 sql = f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM _empty_{name}"
@@ -343,15 +415,26 @@ class Catalog:
             data = data.sort_by([(k, "ascending") for k in spec.sort_keys])
         rel = f"data/{table}/L{level}-{uuid.uuid4().hex}.parquet"
         path = cfs.join(self.root, rel)
-        kwargs = dict(compression="zstd", row_group_size=spec.row_group_size, write_statistics=True)
+        kwargs = dict(spec.parquet_options(), row_group_size=spec.row_group_size)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             pq.write_table(data, path, **kwargs)
         else:
             sink = pa.BufferOutputStream()
             pq.write_table(data, sink, **kwargs)
-            self.fs.pipe_file(path, sink.getvalue().to_pybytes())
+            payload = sink.getvalue().to_pybytes()
+            self.fs.pipe_file(path, payload)
+            if self._cache_dir is not None:  # what we wrote needs no download
+                local = os.path.join(self._cache_dir, rel)
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                with open(local, "wb") as handle:
+                    handle.write(payload)
         return {"path": rel, "rows": data.num_rows, "level": level}
+
+    def _pool(self) -> "ThreadPoolExecutor":
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="catalog-write")
+        return self._executor
 
     def _delete_files(self, rels: Iterable[str]) -> None:
         for rel in rels:
@@ -384,11 +467,14 @@ class Catalog:
                 written: list[str] = []
                 add: dict[str, list[dict[str, Any]]] = {t: list(v) for t, v in plan.prewritten.items()}
                 try:
-                    for name, data in plan.rows.items():
-                        if data is not None and data.num_rows:
-                            record = self._write_file(name, data)
-                            written.append(record["path"])
-                            add.setdefault(name, []).append(record)
+                    todo = [(name, data) for name, data in plan.rows.items() if data is not None and data.num_rows]
+                    if len(todo) > 1 and sum(d.num_rows for _, d in todo) > 20_000:
+                        records = list(self._pool().map(lambda item: (item[0], self._write_file(*item)), todo))
+                    else:
+                        records = [(name, self._write_file(name, data)) for name, data in todo]
+                    for name, record in records:
+                        written.append(record["path"])
+                        add.setdefault(name, []).append(record)
                     entry: dict[str, Any] = {"kind": kind, "writer": self.writer, "time": time.time()}
                     if plan.audit:
                         rows, head = audit_mod.build_rows(plan.audit, state.audit_count + 1,
@@ -431,13 +517,41 @@ class Catalog:
             pass  # the log entries hold the head too; the anchor is a second witness
 
     def _maybe_compact(self, state: State) -> None:
+        """Compact when a table has more than `auto_compact` level-0 files (in the background by default)."""
         if not self.auto_compact:
             return
-        if any(sum(1 for f in files.values() if f.level == 0) > self.auto_compact
-               for files in state.files.values()):
-            from catalog.compaction import compact
+        if not any(sum(1 for f in files.values() if f.level == 0) > self.auto_compact
+                   for files in state.files.values()):
+            return
+        from catalog.compaction import compact
 
-            compact(self, fanout=self.auto_compact // 2 or 2)
+        fanout = self.auto_compact // 2 or 2
+        if not self.background_compaction:
+            compact(self, fanout=fanout)
+            return
+        if self._compactor is not None and self._compactor.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                compact(self, fanout=fanout)
+            except Exception as exc:  # the next commit tries again
+                _log.warning("background compaction of %s failed: %s", self.url, exc)
+
+        self._compactor = threading.Thread(target=run, name="catalog-compaction", daemon=True)
+        self._compactor.start()
+
+    def wait_for_compaction(self, timeout: float | None = None) -> None:
+        """Wait until a background compaction started by this process has finished."""
+        if self._compactor is not None:
+            self._compactor.join(timeout)
+
+    def compaction_connection(self) -> duckdb.DuckDBPyConnection:
+        """A second DuckDB connection for compaction, so merging never blocks queries."""
+        with self._lock:
+            if self._compact_con is None:
+                self._compact_con = self.con.cursor()
+            return self._compact_con
 
     # ---------------------------------------------------------- registration
     def register(self, batch: StudyBatch, origin_site: str | None = None, holder: str = tables.CENTER,
@@ -575,22 +689,22 @@ class Catalog:
         finally:
             con.unregister("_fresh")
         n = deltas.num_rows
-        deltas = deltas.append_column("registered_at", pa.array([now] * n, tables.TS)) \
-                       .append_column("_seq", pa.array([seq] * n, pa.int64()))
-        fresh = fresh.append_column("registered_at", pa.array([now] * n_new, tables.TS)) \
-                     .append_column("_seq", pa.array([seq] * n_new, pa.int64()))
-        series = series.append_column("registered_at", pa.array([now] * series.num_rows, tables.TS)) \
-                       .append_column("_seq", pa.array([seq] * series.num_rows, pa.int64()))
+        deltas = deltas.append_column("registered_at", _const(now, n, tables.TS)) \
+                       .append_column("_seq", _const(seq, n, pa.int64()))
+        fresh = fresh.append_column("registered_at", _const(now, n_new, tables.TS)) \
+                     .append_column("_seq", _const(seq, n_new, pa.int64()))
+        series = series.append_column("registered_at", _const(now, series.num_rows, tables.TS)) \
+                       .append_column("_seq", _const(seq, series.num_rows, pa.int64()))
         locations = pa.table({
             "study_uid": studies.column("study_uid"),
-            "sop_instance_uid": pa.array([""] * studies.num_rows),
-            "holder": pa.array([holder] * studies.num_rows),
-            "state": pa.array(["present"] * studies.num_rows),
+            "sop_instance_uid": _const("", studies.num_rows),
+            "holder": _const(holder, studies.num_rows),
+            "state": _const("present", studies.num_rows),
             "verified_at": pa.nulls(studies.num_rows, tables.TS),
-            "detail": pa.array([""] * studies.num_rows),
-            "by": pa.array([actor] * studies.num_rows),
-            "at": pa.array([now] * studies.num_rows, tables.TS),
-            "_seq": pa.array([seq] * studies.num_rows, pa.int64()),
+            "detail": _const("", studies.num_rows),
+            "by": _const(actor, studies.num_rows),
+            "at": _const(now, studies.num_rows, tables.TS),
+            "_seq": _const(seq, studies.num_rows, pa.int64()),
         })
         rows = {"instances": fresh, "series": series, "studies": deltas, "locations": locations}
         if conflicts:
@@ -770,16 +884,44 @@ class Catalog:
         """
         for r in requests:
             validate_grant(r)
-        wanted = list(requests)
-        if not wanted:
+        if not requests:
             return 0
+        table = pa.table({name: [getattr(r, name) for r in requests]
+                          for name in ("study_uid", "site", "action", "by_kind", "by", "reason", "rule",
+                                       "policy_version")})
+        return self.grant_table(table, actor_site, skip_unchanged)
+
+    def grant_table(self, table: pa.Table, actor_site: str = tables.CENTER, skip_unchanged: bool = True) -> int:
+        """The bulk path of grant_many: columns study_uid, site, by_kind, by, and optionally action
+        (default 'grant'), reason, rule, policy_version. Returns how many events were written."""
+        n = table.num_rows
+        if n == 0:
+            return 0
+        cols = {}
+        for name, default in (("study_uid", None), ("site", None), ("action", tables.GRANT), ("by_kind", None),
+                              ("by", None), ("reason", ""), ("rule", None), ("policy_version", None)):
+            if name in table.column_names:
+                cols[name] = table.column(name).cast(pa.string())
+            elif default is not None or name in ("rule", "policy_version"):
+                cols[name] = _const(default, n, pa.string())
+            else:
+                raise UsageError(f"grants need a {name!r} column")
+        table = pa.table(cols)
+        _check_uids(table.column("study_uid"), "Study Instance UID")
+        for value in pc.unique(table.column("site")).to_pylist():
+            keys.validate_site(value)
+        bad = set(pc.unique(table.column("action")).to_pylist()) - {tables.GRANT, tables.REVOKE}
+        if bad:
+            raise UsageError(f"grant action {sorted(bad)[0]!r} must be 'grant' or 'revoke'")
+        bad = set(pc.unique(table.column("by_kind")).to_pylist()) - set(tables.BY_KINDS)
+        if bad:
+            raise UsageError(f"grant by_kind {sorted(bad)[0]!r} must be one of {', '.join(tables.BY_KINDS)}")
         written = {"n": 0}
 
         def build(state: State, seq: int, now: dt.datetime) -> CommitPlan | None:
-            todo = wanted
+            todo = table
             if skip_unchanged:
-                uids = sorted({r.study_uid for r in wanted})
-                self.con.register("_grant_uids", pa.table({"study_uid": uids}))
+                self.con.register("_grant_uids", pa.table({"study_uid": pc.unique(table.column("study_uid"))}))
                 try:
                     self._ensure_views()
                     current = {(u, s): a for u, s, a in self.con.execute(
@@ -787,27 +929,23 @@ class Catalog:
                         "WHERE study_uid IN (SELECT study_uid FROM _grant_uids) GROUP BY study_uid, site").fetchall()}
                 finally:
                     self.con.unregister("_grant_uids")
-                todo, seen = [], set()
-                for r in wanted:
-                    key = (r.study_uid, r.site)
-                    now_active = current.get(key) == tables.GRANT
-                    if (r.action == tables.GRANT) != now_active and key not in seen:
-                        todo.append(r)
-                        seen.add(key)
-                        current[key] = r.action
-            if not todo:
+                keep = []
+                for uid, site, action in zip(table.column("study_uid").to_pylist(), table.column("site").to_pylist(),
+                                             table.column("action").to_pylist()):
+                    key = (uid, site)
+                    change = (action == tables.GRANT) != (current.get(key) == tables.GRANT)
+                    keep.append(change)
+                    if change:
+                        current[key] = action
+                todo = table.filter(pa.array(keep, pa.bool_()))
+            if todo.num_rows == 0:
                 return None
-            written["n"] = len(todo)
-            rows = pa.table({
-                "study_uid": [r.study_uid for r in todo], "site": [r.site for r in todo],
-                "action": [r.action for r in todo], "by_kind": [r.by_kind for r in todo],
-                "by": [r.by for r in todo], "reason": [r.reason for r in todo],
-                "rule": [r.rule for r in todo], "policy_version": [r.policy_version for r in todo],
-                "at": pa.array([now] * len(todo), tables.TS), "_seq": pa.array([seq] * len(todo), pa.int64()),
-            })
-            drafts = [AuditDraft(actor_site, r.by, r.action, r.study_uid, r.site, "ok",
-                                 {"by_kind": r.by_kind, "reason": r.reason, "rule": r.rule,
-                                  "policy_version": r.policy_version}) for r in todo]
+            written["n"] = todo.num_rows
+            rows = todo.append_column("at", _const(now, todo.num_rows, tables.TS)) \
+                       .append_column("_seq", _const(seq, todo.num_rows, pa.int64()))
+            drafts = [AuditDraft(actor_site, r["by"], r["action"], r["study_uid"], r["site"], "ok",
+                                 {"by_kind": r["by_kind"], "reason": r["reason"], "rule": r["rule"],
+                                  "policy_version": r["policy_version"]}) for r in todo.to_pylist()]
             return CommitPlan(rows={"grants": rows}, audit=drafts)
 
         self._commit("grants", build)
@@ -1033,15 +1171,26 @@ class Catalog:
                 anchor = json.loads(cfs.read_bytes(self.fs, cfs.join(self.root, audit_mod.ANCHOR)))
             except (FileNotFoundError, ValueError):
                 anchor = None
-            reader = self.con.sql(
-                "SELECT event_no, \"at\", actor_site, actor, action, study_uid, target_site, outcome, detail, "
-                "prev_hash, hash FROM audit ORDER BY event_no").to_arrow_reader(50_000)
+            # Read the stored files themselves (never a cached copy or cached metadata).
+            files = sorted(state.files.get("audit", {}).values(), key=lambda f: (f.seq, f.path))
+            if not files:
+                return audit_mod.verify_rows([], state.audit_count, state.audit_head, anchor)
+            source = f"read_parquet([{', '.join(_sql_str(self.abs_path(f.path)) for f in files)}])"
+            cur = self.con.cursor()
+            cur.execute("SET parquet_metadata_cache = false")
+            try:
+                reader = cur.sql(
+                    "SELECT event_no, \"at\", actor_site, actor, action, study_uid, target_site, outcome, detail, "
+                    f"prev_hash, hash FROM {source} ORDER BY event_no").to_arrow_reader(50_000)
 
-            def rows() -> Iterable[dict[str, Any]]:
-                for batch in reader:
-                    yield from batch.to_pylist()
+                def rows() -> Iterable[dict[str, Any]]:
+                    for batch in reader:
+                        yield from batch.to_pylist()
 
-            return audit_mod.verify_rows(rows(), state.audit_count, state.audit_head, anchor)
+                return audit_mod.verify_rows(rows(), state.audit_count, state.audit_head, anchor)
+            finally:
+                cur.close()
+                self.con.execute("SET parquet_metadata_cache = true")
 
     # ---------------------------------------------------------- maintenance
     def file_counts(self) -> dict[str, int]:
@@ -1113,7 +1262,7 @@ def _column(table: pa.Table, name: str, type_: pa.DataType, default: Any) -> pa.
         if default is not None:
             col = pc.fill_null(col, default)
         return col
-    return pa.array([default] * table.num_rows, type_)
+    return _const(default, table.num_rows, type_)
 
 
 def _normalise_studies(studies: pa.Table) -> pa.Table:
@@ -1165,9 +1314,9 @@ def _normalise_instances(instances: pa.Table | None, studies: pa.Table) -> pa.Ta
         table = table.append_column("object_key", instances.column("object_key").cast(pa.string()))
     else:
         key = pc.binary_join_element_wise(
-            pa.array([keys.OBJECTS_PREFIX] * table.num_rows), table.column("origin_site"),
+            _const(keys.OBJECTS_PREFIX, table.num_rows), table.column("origin_site"),
             table.column("study_uid"), table.column("series_uid"),
-            pc.binary_join_element_wise(table.column("sop_instance_uid"), pa.array([".dcm"] * table.num_rows), ""),
+            pc.binary_join_element_wise(table.column("sop_instance_uid"), _const(".dcm", table.num_rows), ""),
             "/")
         table = table.append_column("object_key", key)
     return table

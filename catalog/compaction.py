@@ -69,16 +69,28 @@ def _select_sql(spec: tables.TableSpec, source: str) -> str:
 def _merge(catalog: "Catalog", table: str, inputs: list[str], level: int) -> dict[str, Any]:
     """Write the merged, sorted file of `inputs`; returns its log record (not yet committed)."""
     spec = tables.TABLES[table]
-    listing = ", ".join("'" + catalog.abs_path(p).replace("'", "''") + "'" for p in inputs)
+    listing = ", ".join("'" + catalog.read_path(p).replace("'", "''") + "'" for p in inputs)
     sql = _select_sql(spec, f"read_parquet([{listing}])")
     rel = f"data/{table}/L{level}-{uuid.uuid4().hex}.parquet"
     final = cfs.join(catalog.root, rel)
     local_target = final if catalog.local else os.path.join(catalog._tmpdir, f"merge-{uuid.uuid4().hex}.parquet")
     os.makedirs(os.path.dirname(local_target), exist_ok=True)
     rows = 0
-    with catalog._lock:
-        reader = catalog.con.sql(sql).to_arrow_reader(spec.row_group_size * 8)
-        with pq.ParquetWriter(local_target, spec.schema, compression="zstd", write_statistics=True) as writer:
+    ordered = None if spec.latest_by or table == "studies" else _disjoint_order(catalog, spec, inputs)
+    if ordered is not None:
+        # Key ranges do not overlap: concatenating the (sorted) files in order is already sorted.
+        with pq.ParquetWriter(local_target, spec.schema, **spec.parquet_options()) as writer:
+            for source in ordered:
+                with _open(catalog, source) as handle:
+                    for batch in pq.ParquetFile(handle).iter_batches(batch_size=spec.row_group_size * 8):
+                        data = pa.Table.from_batches([batch]).cast(spec.schema)
+                        writer.write_table(data, row_group_size=spec.row_group_size)
+                        rows += data.num_rows
+        pa.default_memory_pool().release_unused()
+        return _publish(catalog, local_target, final, rel_out=rel, rows=rows, level=level)
+    if True:  # a connection of its own: merging never blocks the catalog's queries
+        reader = catalog.compaction_connection().sql(sql).to_arrow_reader(spec.row_group_size * 8)
+        with pq.ParquetWriter(local_target, spec.schema, **spec.parquet_options()) as writer:
             pending: list[pa.RecordBatch] = []
             pending_rows = 0
             for batch in reader:
@@ -93,12 +105,48 @@ def _merge(catalog: "Catalog", table: str, inputs: list[str], level: int) -> dic
                 data = pa.Table.from_batches(pending).cast(spec.schema)
                 writer.write_table(data, row_group_size=spec.row_group_size)
                 rows += data.num_rows
+    pa.default_memory_pool().release_unused()
+    return _publish(catalog, local_target, final, rel_out=rel, rows=rows, level=level)
+
+
+def _publish(catalog: "Catalog", local_target: str, final: str, rel_out: str, rows: int,
+             level: int) -> dict[str, Any]:
     if not catalog.local:
         try:
             catalog.fs.put_file(local_target, final)
         finally:
             os.unlink(local_target)
-    return {"path": rel, "rows": rows, "level": level}
+    return {"path": rel_out, "rows": rows, "level": level}
+
+
+def _open(catalog: "Catalog", rel: str) -> Any:
+    path = catalog.read_path(rel)
+    return catalog.fs.open(path, "rb") if path.startswith("s3://") else open(path, "rb")
+
+
+def _disjoint_order(catalog: "Catalog", spec: tables.TableSpec, inputs: list[str]) -> list[str] | None:
+    """The inputs ordered by key when their ranges of the first sort key do not overlap, else None."""
+    key = spec.sort_keys[0]
+    ranges = []
+    for rel in inputs:
+        with _open(catalog, rel) as handle:
+            meta = pq.ParquetFile(handle).metadata
+        col = meta.schema.to_arrow_schema().get_field_index(key)
+        lo = hi = None
+        for i in range(meta.num_row_groups):
+            stats = meta.row_group(i).column(col).statistics
+            if stats is None or not stats.has_min_max:
+                return None
+            lo = stats.min if lo is None or stats.min < lo else lo
+            hi = stats.max if hi is None or stats.max > hi else hi
+        if lo is None:
+            continue  # an empty file adds nothing
+        ranges.append((lo, hi, rel))
+    ranges.sort()
+    for (_, hi, _), (lo, _, _) in zip(ranges, ranges[1:]):
+        if not hi < lo:
+            return None
+    return [rel for _, _, rel in ranges]
 
 
 def _groups(state: State, table: str, fanout: int, force: bool) -> list[tuple[list[str], int]]:

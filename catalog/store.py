@@ -155,6 +155,7 @@ class ObjectStore:
             got = digest.hexdigest()
             if got != expected_sha256:
                 handle.discard()
+                handle.closed = True  # discarded: nothing to complete
                 raise IntegrityError(
                     f"{key}: the bytes hash to {got[:12]}..., not the expected {expected_sha256[:12]}...; "
                     "the source is damaged: fetch it again from the edge"
@@ -168,6 +169,7 @@ class ObjectStore:
         except BaseException:
             if not handle.closed:
                 handle.discard()
+                handle.closed = True
             raise
         return ObjectInfo(key, size, expected_sha256, True)
 

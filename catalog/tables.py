@@ -81,6 +81,14 @@ CONFLICTS = pa.schema([
 ])
 
 
+# Columns with (nearly) one value per row: dictionary encoding only costs time there.
+HIGH_CARDINALITY = frozenset({
+    "study_uid", "series_uid", "sop_instance_uid", "sha256", "object_key", "existing_sha256", "new_sha256",
+    "conflict_key", "hash", "prev_hash", "detail", "patient_id", "patient_name", "accession_number",
+    "study_id", "person_id", "evidence", "reason",
+})
+
+
 @dataclass(frozen=True)
 class TableSpec:
     name: str
@@ -89,6 +97,15 @@ class TableSpec:
     row_group_size: int
     # Compaction may fold rows into the latest per key (the history is not needed).
     latest_by: tuple[str, ...] = ()
+
+    @property
+    def dictionary_columns(self) -> list[str]:
+        """Columns worth dictionary-encoding in Parquet (few distinct values)."""
+        return [f.name for f in self.schema if f.name not in HIGH_CARDINALITY
+                and (pa.types.is_string(f.type) or pa.types.is_list(f.type))]
+
+    def parquet_options(self) -> dict:
+        return {"compression": "zstd", "use_dictionary": self.dictionary_columns, "write_statistics": True}
 
 
 TABLES: dict[str, TableSpec] = {
