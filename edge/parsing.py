@@ -209,6 +209,12 @@ def _is_sequence_tag(tag: int) -> bool:
 
 def describe_dataset(ds: Dataset) -> ParsedInstance:
     """UIDs (validated) and decoded query attributes of a pydicom Dataset."""
+    with warnings.catch_warnings():  # pydicom warns on the invalid values refused below
+        warnings.simplefilter("ignore")
+        return _describe(ds)
+
+
+def _describe(ds: Dataset) -> ParsedInstance:
     uids: dict[str, str] = {}
     for keyword, what in (
         ("StudyInstanceUID", "Study Instance UID"),

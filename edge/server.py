@@ -9,6 +9,7 @@ stored, never decoded (see `RetrieveServer`).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -78,14 +79,18 @@ MOVE_DESTINATION_UNKNOWN = 0xA801
 OUT_OF_RESOURCES_SUBOPS = 0xA702
 NOT_AUTHORIZED = 0x0124
 
-# Transfer syntaxes accepted for storage, in the edge's order of preference
-# (uncompressed explicit first, as dcmtk's storescp, so both pick the same).
+# Transfer syntaxes accepted for storage, in the edge's order of preference: the
+# order of dcmtk's `storescp +xa` (compressed first, then deflated, explicit little,
+# explicit big, implicit), so both choose the same syntax from the same proposal
+# and store the same bytes; then every other syntax pynetdicom knows.
 STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(dict.fromkeys([
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+    JPEG2000, JPEG2000Lossless, JPEGExtended12Bit, JPEGBaseline8Bit, JPEGLosslessSV1,
+    JPEGLSNearLossless, JPEGLSLossless, RLELossless, DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEGLossless,
     *ALL_TRANSFER_SYNTAXES,
 ]))
+QR_TRANSFER_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                         ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 QR_MODELS = (PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET,
              STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET)
@@ -379,7 +384,15 @@ def send_item(assoc: Any, item: RetrieveItem, msg_id: int = 1, originator: str |
         if item.path is not None:
             with open(item.path, "rb") as fh:
                 head = fh.read(4096)
-            _meta, offset = split_file_meta(head)
+                _meta, offset = split_file_meta(head)
+                if (os.fstat(fh.fileno()).st_size - offset) % 2:
+                    # PDV fragments must have an even length (a deflated stream is
+                    # padded with one null byte, PS3.5 A.5): pad as the standard says
+                    fh.seek(offset)
+                    return fastnet.send_stored(assoc, item.sop_class_uid, item.sop_instance_uid,
+                                               item.transfer_syntax_uid, data=fh.read() + b"\x00",
+                                               msg_id=msg_id, originator_aet=originator,
+                                               originator_id=originator_id)
             return fastnet.send_stored(assoc, item.sop_class_uid, item.sop_instance_uid,
                                        item.transfer_syntax_uid, path=item.path, offset=offset,
                                        msg_id=msg_id, originator_aet=originator, originator_id=originator_id)
@@ -484,9 +497,9 @@ class EdgeServer:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES),
                                      scu_role=True, scp_role=True)
-        ae.add_supported_context(Verification, list(STORAGE_TRANSFER_SYNTAXES[:4]))
+        ae.add_supported_context(Verification, list(QR_TRANSFER_SYNTAXES))
         for model in QR_MODELS:
-            ae.add_supported_context(model, list(STORAGE_TRANSFER_SYNTAXES[:4]))
+            ae.add_supported_context(model, list(QR_TRANSFER_SYNTAXES))
         if self.fast:
             ae.retrieve_server = RetrieveServer(self.qr, self.site.edge.ae_title,
                                                 move_destinations(self.config, self.site), self.max_pdu)
