@@ -115,6 +115,7 @@ class FastDUL(DULServiceProvider):
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
+        self.daemon = True  # a stalled peer must not keep the process alive at exit
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)

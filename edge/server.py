@@ -571,6 +571,9 @@ class EdgeServer:
         except Exception:
             return []
 
+    def _established(self) -> list[Any]:
+        return [a for a in self.active_associations() if a.is_established]
+
     def stop(self, timeout: float = 60.0) -> None:
         """Stop accepting, let associations in progress finish (up to `timeout`), close."""
         if self._stopped.is_set():
@@ -582,16 +585,19 @@ class EdgeServer:
             shutdown = threading.Thread(target=server.shutdown, daemon=True)
             shutdown.start()
             deadline = time.monotonic() + timeout
-            while self.active_associations() and time.monotonic() < deadline:
+            while self._established() and time.monotonic() < deadline:
                 time.sleep(0.05)
             for assoc in self.active_associations():
-                LOGGER.warning("aborting association with %s still open after %.0f s",
-                               assoc.requestor.ae_title, timeout)
-                assoc.abort()
+                if assoc.is_established:
+                    LOGGER.warning("aborting association with %s still open after %.0f s",
+                                   assoc.requestor.ae_title, timeout)
+                    assoc.abort()
+                else:  # a connection that never asked for an association (e.g. a port probe)
+                    assoc.dul.kill_dul()
             shutdown.join(timeout=5)
         if self._watcher is not None:
             self._watcher.join(timeout=5)
-        if not self.active_associations():
+        if not self._established():
             self.journal.set_meta(CLEAN_SHUTDOWN, "1")
         self.journal.close()
         self._stopped.set()
