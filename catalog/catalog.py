@@ -405,7 +405,20 @@ class Catalog:
             raise AssertionError("unreachable")
 
     def _rows(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
-        return self._arrow(sql, params).to_pylist()
+        """Rows as dicts (the fast path for small answers)."""
+        with self._lock:
+            for attempt in range(3):
+                self._ensure_views()
+                try:
+                    cur = self.con.execute(sql, list(params or []))
+                    names = [d[0] for d in cur.description]
+                    return [dict(zip(names, row)) for row in cur.fetchall()]
+                except (duckdb.IOException, duckdb.HTTPException, FileNotFoundError) as exc:
+                    if attempt == 2:
+                        raise CatalogError(f"catalog at {self.url} could not be read: {exc}") from None
+                    self._views_seq = -1
+                    self._state = None
+            raise AssertionError("unreachable")
 
     def _write_file(self, table: str, data: pa.Table, level: int = 0) -> dict[str, Any]:
         """Write `data` as a new immutable Parquet file of `table`; returns its log record."""
@@ -600,14 +613,15 @@ class Catalog:
         study_uids = studies.column("study_uid").to_pylist()
         if audit_each_study is None:
             audit_each_study = len(study_uids) <= 100
-        self.con.register("_new_studies", studies)
-        self.con.register("_new_inst", instances)
-        try:
-            seq, result = self._commit("register", lambda state, seq, now: self._plan_register(
-                state, seq, now, studies, instances, holder, actor or self.writer, study_uids, audit_each_study))
-        finally:
-            self.con.unregister("_new_studies")
-            self.con.unregister("_new_inst")
+        with self._lock:
+            self.con.register("_new_studies", studies)
+            self.con.register("_new_inst", instances)
+            try:
+                seq, result = self._commit("register", lambda state, seq, now: self._plan_register(
+                    state, seq, now, studies, instances, holder, actor or self.writer, study_uids, audit_each_study))
+            finally:
+                self.con.unregister("_new_studies")
+                self.con.unregister("_new_inst")
         if result is None:  # nothing changed
             return RegisterResult(0, instances.num_rows, (), 0, tuple(study_uids), None)
         return RegisterResult(result.new_instances, result.already_present, result.conflicts,

@@ -1,0 +1,157 @@
+"""`renkei catalog ...`: ask the center's catalog where studies are and who may see them."""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from renkei.cli.common import layout_of, print_json, print_table
+
+ORDER = 50
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser("catalog", parents=[common], help="query the center's catalog (studies, copies, grants)",
+                            description="Query the catalog of every study's copies and visibility.")
+    cmds = parser.add_subparsers(title="catalog commands", metavar="ACTION")
+
+    p = cmds.add_parser("studies", parents=[common], help="studies a site may see",
+                        description="Studies a site may see: its own, and those granted to it.")
+    p.add_argument("--site", required=True, metavar="SITE")
+    p.add_argument("--patient-id", metavar="ID", help="only this patient's studies")
+    p.add_argument("--issuer", metavar="ISSUER", help="Issuer of Patient ID of --patient-id (default: any)")
+    p.add_argument("--date-from", metavar="YYYYMMDD")
+    p.add_argument("--date-to", metavar="YYYYMMDD")
+    p.add_argument("--modality", action="append", metavar="M", help="repeat for several (any of them)")
+    p.add_argument("--json", action="store_true", help="print JSON (every field)")
+    p.set_defaults(func=_studies)
+
+    for name, help_text, func in (
+        ("where", "where the copies of a study are, and their state", _where),
+        ("grants", "a study's grants and revocations, current and past", _grants),
+        ("audit", "a study's audit trail", _audit),
+    ):
+        p = cmds.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.add_argument("study_uid", metavar="STUDY_UID")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
+    p = cmds.add_parser("totals", parents=[common], help="studies, instances, bytes and backlog per site")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_totals)
+
+    p = cmds.add_parser("compact", parents=[common], help="merge the catalog's small files (safe while in use)",
+                        description="Merge small Parquet files so queries stay fast; safe while others write.")
+    p.add_argument("--force", action="store_true", help="merge every table into one file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_compact)
+
+
+@contextmanager
+def open_catalog(args: argparse.Namespace) -> Iterator[Any]:
+    from catalog.catalog import Catalog
+
+    catalog = Catalog.from_layout(layout_of(args), writer=f"cli:{_user()}")
+    try:
+        yield catalog
+    finally:
+        catalog.close()
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "operator"
+
+
+def _studies(args: argparse.Namespace) -> int:
+    patients = [(args.patient_id, args.issuer)] if args.patient_id else None
+    with open_catalog(args) as cat:
+        rows = cat.visible_studies(args.site, patients, args.date_from, args.date_to, args.modality)
+    if args.json:
+        print_json([r.to_dict() for r in rows])
+        return 0
+    print_table([{"study_uid": r.study_uid, "origin": r.origin_site, "patient_id": r.patient_id,
+                  "date": r.study_date, "modalities": r.modalities, "series": r.series_count,
+                  "instances": r.instance_count, "MB": round(r.bytes / 1e6, 1), "description": r.study_description}
+                 for r in rows])
+    return 0
+
+
+def _where(args: argparse.Namespace) -> int:
+    with open_catalog(args) as cat:
+        study = cat.study(args.study_uid)
+        locations = cat.locations(args.study_uid)
+    if args.json:
+        print_json({"study_uid": args.study_uid, "known": study is not None,
+                    "instances": study.instance_count if study else 0,
+                    "bytes": study.bytes if study else 0, "locations": [l.to_dict() for l in locations]})
+        return 0
+    if study is None and not locations:
+        print(f"{args.study_uid}: not in the catalog")
+        return 1
+    if study:
+        print(f"{args.study_uid}: from {study.origin_site}, {study.instance_count} instances, "
+              f"{study.bytes / 1e6:.1f} MB")
+    print_table([{"holder": l.holder, "instance": l.sop_instance_uid or "(whole study)", "state": l.state,
+                  "verified_at": l.verified_at, "since": l.at, "detail": l.detail} for l in locations])
+    return 0
+
+
+def _grants(args: argparse.Namespace) -> int:
+    with open_catalog(args) as cat:
+        grants = cat.grants(args.study_uid)
+    if args.json:
+        print_json([g.to_dict() for g in grants])
+        return 0
+    print_table([{"site": g.site, "action": g.action, "current": "yes" if g.current else "",
+                  "by": f"{g.by_kind}:{g.by}", "rule": g.rule or "", "policy": g.policy_version or "",
+                  "at": g.at, "reason": g.reason} for g in grants])
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    with open_catalog(args) as cat:
+        events = cat.audit_trail(args.study_uid)
+    print_events(events, args.json)
+    return 0
+
+
+def print_events(events: list[Any], as_json: bool) -> None:
+    if as_json:
+        print_json([e.to_dict() for e in events])
+        return
+    print_table([{"no": e.event_no, "at": e.at, "site": e.actor_site, "actor": e.actor, "action": e.action,
+                  "study_uid": e.study_uid or "", "target": e.target_site or "", "outcome": e.outcome}
+                 for e in events])
+
+
+def _totals(args: argparse.Namespace) -> int:
+    with open_catalog(args) as cat:
+        totals = cat.totals()
+    if args.json:
+        print_json([t.to_dict() for t in totals])
+        return 0
+    print_table([{**t.to_dict(), "bytes": t.bytes, "GB": round(t.bytes / 1e9, 2)} for t in totals],
+                ["site", "studies", "instances", "GB", "backlog_studies"])
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    with open_catalog(args) as cat:
+        result = cat.compact(force=args.force)
+        counts = cat.file_counts()
+    if args.json:
+        print_json({"merged": {t: {"files": f, "rows": r} for t, (f, r) in result.merged.items()},
+                    "vacuumed": result.vacuumed, "files": counts, "seq": result.seq})
+        return 0
+    if not result.merged:
+        print("nothing to merge")
+    for table, (files, rows) in sorted(result.merged.items()):
+        print(f"{table}: {files} files merged ({rows} rows)")
+    print("files per table now: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
+    return 0
