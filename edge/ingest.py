@@ -16,17 +16,20 @@ intact and fsynced, so keeping it is harmless and saves a resend).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from renkei.errors import RenkeiError
+from renkei.uids import is_valid_uid
 
 from edge.journal import Journal, JournalError
-from edge.parsing import InvalidInstance, encode_file_meta, parse_dataset, split_file_meta
+from edge.parsing import InvalidInstance, ParsedInstance, encode_file_meta, parse_dataset, split_file_meta
 from edge.store import DiskFull, EdgeStoreError, FileStore, TempFile
 
 LOGGER = logging.getLogger("renkei.edge.store")
@@ -65,6 +68,7 @@ class Ingestor:
         self.store = store
         self.journal = journal
         self._decision_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-write")
 
     def store_instance(
         self,
@@ -75,44 +79,73 @@ class Ingestor:
         calling_ae: str,
         peer: str = "",
     ) -> StoreOutcome:
-        """Store one instance as received; never raises, returns the outcome and status."""
+        """Store one instance as received; never raises, returns the outcome and status.
+
+        The file is written and fsynced by a worker thread while this thread
+        parses the dataset and hashes it (both release the GIL in turn), so the
+        answer waits for the slower of the two, not their sum.
+        """
         who = f"{calling_ae}@{peer}" if peer else calling_ae
+        command_sop_uid = str(sop_instance_uid).rstrip("\x00 ")
+        command_sop_class = str(sop_class_uid).rstrip("\x00 ")
+        if not (is_valid_uid(command_sop_uid) and is_valid_uid(command_sop_class)):
+            msg = f"the request's SOP Class/Instance UID {_short(command_sop_class)}/{_short(command_sop_uid)} is not valid"
+            LOGGER.warning("refused instance from %s: %s (status 0xA900)", who, msg)
+            return StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, "refused", command_sop_uid, "", msg)
+        header = encode_file_meta(command_sop_class, command_sop_uid, transfer_syntax_uid, calling_ae)
         try:
-            parsed = parse_dataset(data, transfer_syntax_uid)
+            self.store.check_space(len(header) + len(data))
+        except DiskFull as exc:
+            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", command_sop_uid, who, exc)
+            return StoreOutcome(OUT_OF_RESOURCES, "failed", command_sop_uid, "", str(exc))
+        # worker: write + fsync + SHA-256 of the file; here: parse + SHA-256 of the dataset
+        writing = self._pool.submit(self.store.write_temp, (header, data))
+        temp: TempFile | None = None
+        try:
+            problem: BaseException | None = None
+            try:
+                parsed = parse_dataset(data, transfer_syntax_uid)
+                if parsed.sop_instance_uid != command_sop_uid:
+                    raise InvalidInstance(
+                        f"the dataset's SOP Instance UID {parsed.sop_instance_uid} differs from the "
+                        f"request's {command_sop_uid}")
+                dataset_sha256 = hashlib.sha256(data).hexdigest()
+            except Exception as exc:
+                problem = exc
+            try:
+                temp = writing.result()
+            except Exception as exc:
+                problem = problem or exc
+            if problem is not None:
+                raise problem
+            assert temp is not None
+            return self._place(parsed, temp, dataset_sha256, transfer_syntax_uid, calling_ae, who)
         except InvalidInstance as exc:
             status = DATASET_DOES_NOT_MATCH_SOP_CLASS if "UID" in str(exc) else CANNOT_UNDERSTAND
             LOGGER.warning("refused instance %s from %s: %s (status 0x%04X)",
-                           _short(sop_instance_uid), who, exc, status)
-            return StoreOutcome(status, "refused", sop_instance_uid, "", str(exc))
-        if parsed.sop_instance_uid != str(sop_instance_uid).rstrip("\x00 "):
-            msg = (f"the dataset's SOP Instance UID {parsed.sop_instance_uid} differs from the "
-                   f"request's {str(sop_instance_uid)[:64]}")
-            LOGGER.warning("refused instance from %s: %s", who, msg)
-            return StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, "refused", parsed.sop_instance_uid,
-                                parsed.study_uid, msg)
-
-        header = encode_file_meta(parsed.sop_class_uid, parsed.sop_instance_uid,
-                                  transfer_syntax_uid, calling_ae)
-        temp: TempFile | None = None
-        try:
-            self.store.check_space(len(header) + len(data))
-            temp = self.store.write_temp((header, data))
-            return self._place(parsed, temp, transfer_syntax_uid, calling_ae, who)
+                           _short(command_sop_uid), who, exc, status)
+            return StoreOutcome(status, "refused", command_sop_uid, "", str(exc))
         except DiskFull as exc:
-            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", parsed.sop_instance_uid, who, exc)
-            return StoreOutcome(OUT_OF_RESOURCES, "failed", parsed.sop_instance_uid, parsed.study_uid, str(exc))
+            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", command_sop_uid, who, exc)
+            return StoreOutcome(OUT_OF_RESOURCES, "failed", command_sop_uid, "", str(exc))
         except (EdgeStoreError, JournalError) as exc:
-            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", parsed.sop_instance_uid, who, exc)
-            return StoreOutcome(OUT_OF_RESOURCES, "failed", parsed.sop_instance_uid, parsed.study_uid, str(exc))
+            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", command_sop_uid, who, exc)
+            return StoreOutcome(OUT_OF_RESOURCES, "failed", command_sop_uid, "", str(exc))
         except Exception as exc:  # never let a handler crash the association
-            LOGGER.exception("unexpected failure storing %s from %s", parsed.sop_instance_uid, who)
-            return StoreOutcome(PROCESSING_FAILURE, "failed", parsed.sop_instance_uid, parsed.study_uid, str(exc))
+            LOGGER.exception("unexpected failure storing %s from %s", command_sop_uid, who)
+            return StoreOutcome(PROCESSING_FAILURE, "failed", command_sop_uid, "", str(exc))
         finally:
             if temp is not None and temp.path.exists():
                 self.store.discard(temp)
 
-    def _place(self, parsed, temp: TempFile, transfer_syntax_uid: str, calling_ae: str,
-               who: str) -> StoreOutcome:
+    def _place(self, parsed: ParsedInstance, temp: TempFile, dataset_sha256: str,
+               transfer_syntax_uid: str, calling_ae: str, who: str) -> StoreOutcome:
+        """Put a written temporary file in its place (or recognise a resend or a conflict).
+
+        Instances are identified by the SHA-256 of their dataset as received: the
+        file meta is the edge's own (it names the calling AE), so the same
+        dataset sent by two peers is the same instance.
+        """
         sop = parsed.sop_instance_uid
         with self._decision_lock:
             existing = self.journal.lookup(sop)
@@ -125,7 +158,8 @@ class Ingestor:
                     self.store.replace(temp, final)
                 try:
                     self.journal.record_instance(parsed, transfer_syntax_uid, self.store.relative(final),
-                                                 temp.size, temp.sha256, calling_ae, time.time())
+                                                 temp.size, temp.sha256, calling_ae, time.time(),
+                                                 dataset_sha256=dataset_sha256)
                 except sqlite3.IntegrityError:  # another process journaled it meanwhile
                     existing = self.journal.lookup(sop)
                     if existing is None:
@@ -133,7 +167,7 @@ class Ingestor:
                 else:
                     LOGGER.debug("stored %s (study %s) from %s", sop, parsed.study_uid, who)
                     return StoreOutcome(SUCCESS, "stored", sop, parsed.study_uid)
-            if existing.sha256 == temp.sha256:
+            if existing.dataset_sha256 == dataset_sha256:
                 if not existing.local:
                     final = self.store.instance_path(parsed.study_uid, parsed.series_uid, sop)
                     try:
@@ -141,14 +175,14 @@ class Ingestor:
                     except FileExistsError:
                         pass
                     self.journal.restore_local(sop, self.store.relative(final))
-                LOGGER.debug("instance %s from %s already stored (same bytes)", sop, who)
+                LOGGER.debug("instance %s from %s already stored (same dataset)", sop, who)
                 return StoreOutcome(SUCCESS, "duplicate", sop, parsed.study_uid)
-            target = self.store.conflict_path(sop, temp.sha256)
+            target = self.store.conflict_path(sop, dataset_sha256)
             try:
                 self.store.commit(temp, target)
             except FileExistsError:
                 pass
-            new = self.journal.record_conflict(parsed, existing.sha256, temp.sha256,
+            new = self.journal.record_conflict(parsed, existing.dataset_sha256, dataset_sha256,
                                                self.store.relative(target), temp.size, calling_ae)
             LOGGER.warning(
                 "conflict: %s sent a different instance under SOP Instance UID %s (study %s); "
@@ -169,8 +203,9 @@ class Ingestor:
             if rel in known:
                 continue
             try:
-                parsed, ts, temp = self._read_back(path)
-                self.journal.record_instance(parsed, ts, rel, temp.size, temp.sha256, "", path.stat().st_mtime)
+                parsed, ts, temp, dataset_sha256 = self._read_back(path)
+                self.journal.record_instance(parsed, ts, rel, temp.size, temp.sha256, "",
+                                             path.stat().st_mtime, dataset_sha256=dataset_sha256)
                 journaled += 1
             except (RenkeiError, OSError, sqlite3.Error) as exc:
                 LOGGER.warning("cannot recover %s: %s", path, exc)
@@ -180,10 +215,10 @@ class Ingestor:
             if rel in known:
                 continue
             try:
-                parsed, ts, temp = self._read_back(path)
+                parsed, ts, temp, dataset_sha256 = self._read_back(path)
                 existing = self.journal.lookup(parsed.sop_instance_uid)
-                self.journal.record_conflict(parsed, existing.sha256 if existing else "", temp.sha256,
-                                             rel, temp.size, "", path.stat().st_mtime)
+                self.journal.record_conflict(parsed, existing.dataset_sha256 if existing else "",
+                                             dataset_sha256, rel, temp.size, "", path.stat().st_mtime)
                 conflicts += 1
             except (RenkeiError, OSError, sqlite3.Error) as exc:
                 LOGGER.warning("cannot recover %s: %s", path, exc)
@@ -199,7 +234,7 @@ class Ingestor:
         ts = meta.get("TransferSyntaxUID", "")
         parsed = parse_dataset(memoryview(data)[offset:], ts)
         temp = self.store.adopt_temp(path)
-        return parsed, ts, temp
+        return parsed, ts, temp, hashlib.sha256(memoryview(data)[offset:]).hexdigest()
 
 
 def _short(uid: object) -> str:

@@ -31,7 +31,7 @@ from edge.parsing import ParsedInstance
 
 JOURNAL_NAME = "journal.sqlite"
 UPLOAD_STATES: tuple[str, ...] = ("pending", "uploaded", "verified")
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 # keyword -> column, per table
 STUDY_COLUMNS: dict[str, str] = {
@@ -96,6 +96,7 @@ CREATE TABLE IF NOT EXISTS instances (
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
+    dataset_sha256 TEXT NOT NULL DEFAULT '',
     calling_ae TEXT NOT NULL DEFAULT '',
     received_at REAL NOT NULL,
     upload_state TEXT NOT NULL DEFAULT 'pending'
@@ -144,14 +145,18 @@ class StoredInstance:
     """What the journal knows of an instance already stored (for duplicate checks)."""
 
     sop_instance_uid: str
-    sha256: str
+    sha256: str  # of the stored file
+    dataset_sha256: str  # of the dataset as received: the instance's identity
     path: str
     local: bool
 
 
 @dataclass(frozen=True)
 class Conflict:
-    """A different instance received under a SOP Instance UID already stored."""
+    """A different instance received under a SOP Instance UID already stored.
+
+    The digests are the SHA-256 of the two datasets as received.
+    """
 
     sop_instance_uid: str
     study_uid: str
@@ -282,13 +287,14 @@ class Journal:
     # -- ingest (the edge's own writes) ----------------------------------------
     def lookup(self, sop_instance_uid: str) -> StoredInstance | None:
         rows = self._query(
-            "SELECT sop_instance_uid, sha256, path, local FROM instances WHERE sop_instance_uid = ?",
-            (sop_instance_uid,),
+            "SELECT sop_instance_uid, sha256, dataset_sha256, path, local FROM instances "
+            "WHERE sop_instance_uid = ?", (sop_instance_uid,),
         )
         if not rows:
             return None
         r = rows[0]
-        return StoredInstance(r["sop_instance_uid"], r["sha256"], r["path"], bool(r["local"]))
+        return StoredInstance(r["sop_instance_uid"], r["sha256"], r["dataset_sha256"], r["path"],
+                              bool(r["local"]))
 
     def record_instance(
         self,
@@ -299,8 +305,12 @@ class Journal:
         sha256: str,
         calling_ae: str,
         received_at: float | None = None,
+        dataset_sha256: str = "",
     ) -> None:
         """Commit one stored instance (and its series and study) in one durable transaction.
+
+        `sha256` is the stored file's (what the center verifies), `dataset_sha256`
+        the received dataset's (what identifies the instance).
 
         Raises sqlite3.IntegrityError when the SOP Instance UID is already journaled.
         """
@@ -316,10 +326,10 @@ class Journal:
         self._write([
             (
                 f"INSERT INTO instances ({', '.join(inst_cols)}, study_uid, series_uid, "
-                "transfer_syntax_uid, specific_character_set, path, size, sha256, calling_ae, "
-                f"received_at) VALUES ({', '.join('?' * (len(inst_cols) + 9))})",
+                "transfer_syntax_uid, specific_character_set, path, size, sha256, dataset_sha256, "
+                f"calling_ae, received_at) VALUES ({', '.join('?' * (len(inst_cols) + 10))})",
                 [*inst_vals, parsed.study_uid, parsed.series_uid, transfer_syntax_uid, charset,
-                 path, size, sha256, calling_ae, now],
+                 path, size, sha256, dataset_sha256 or sha256, calling_ae, now],
             ),
             (
                 f"INSERT INTO series ({', '.join(series_cols)}, study_uid, specific_character_set) "

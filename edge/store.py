@@ -96,10 +96,13 @@ class FileStore:
             raise DiskFull(f"only {stat.f_bavail * stat.f_frsize} bytes free in {self.root}; "
                            f"keeping {self.min_free_bytes} free: free disk space")
 
-    def write_temp(self, parts: Iterable[bytes | bytearray | memoryview]) -> TempFile:
-        """Write `parts` to a new temporary file, fsync it, and return its size and SHA-256."""
+    def write_temp(self, parts: Iterable[bytes | bytearray | memoryview], hash: bool = True) -> TempFile:
+        """Write `parts` to a new temporary file, fsync it, and return its size and SHA-256.
+
+        With `hash=False` the digest is left empty (the caller computes it in parallel).
+        """
         path = self.tmp_dir / f"{secrets.token_hex(12)}.part"
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if hash else None
         size = 0
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -108,7 +111,8 @@ class FileStore:
         try:
             for part in parts:
                 view = memoryview(part)
-                digest.update(view)
+                if digest is not None:
+                    digest.update(view)
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
@@ -120,7 +124,7 @@ class FileStore:
             _unlink(path)
             raise self._error(exc, path) from None
         os.close(fd)
-        return TempFile(path, size, digest.hexdigest())
+        return TempFile(path, size, digest.hexdigest() if digest is not None else "")
 
     def adopt_temp(self, path: Path) -> TempFile:
         """Take over a file written elsewhere in tmp/ (hash it, fsync it)."""
