@@ -29,6 +29,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from copy import copy
@@ -40,6 +41,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import (
     AddressInformation,
     AssociationSocket,
@@ -110,6 +112,31 @@ class FastSocket(AssociationSocket):
         return sock
 
 
+class _PDataView:
+    """A received P-DATA-TF PDU whose presentation data values are memoryviews of its body."""
+
+    def __init__(self, body: bytearray) -> None:
+        view = memoryview(body)
+        items: list[tuple[int, memoryview]] = []
+        offset, end = 0, len(view)
+        while offset < end:
+            if offset + 6 > end:
+                raise ValueError("truncated presentation data value item")
+            (item_length,) = struct.unpack_from(">L", view, offset)
+            if item_length < 2 or offset + 4 + item_length > end:
+                raise ValueError(f"presentation data value item of {item_length} bytes does not fit")
+            context_id = view[offset + 4]
+            items.append((context_id, view[offset + 5: offset + 4 + item_length]))
+            offset += 4 + item_length
+        self.items = items
+
+    def to_primitive(self) -> P_DATA:
+        primitive = P_DATA()
+        # the public setter insists on bytes; memoryviews serve every reader the same
+        primitive._presentation_data_value_list = cast(Any, self.items)
+        return primitive
+
+
 class FastDUL(DULServiceProvider):
     """A DUL provider that sleeps in select() and is woken by outgoing primitives."""
 
@@ -155,6 +182,55 @@ class FastDUL(DULServiceProvider):
                     pass
             except (BlockingIOError, OSError):
                 pass
+
+    def _read_pdu_data(self) -> None:
+        """Read one PDU; P-DATA-TF values stay views on the received buffer (no copies).
+
+        Other PDU types go through pynetdicom's decoder as before.
+        """
+        sock = cast(AssociationSocket, self.socket)
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError):
+            LOGGER.debug("connection closed before a PDU header was received")
+            self.event_queue.put("Evt17")
+            return
+        if len(header) < 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _reserved, length = struct.unpack(">BBL", header)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            LOGGER.error("unknown PDU type 0x%02X received", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv(length)
+        except (OSError, TimeoutError):
+            LOGGER.error("connection closed before the entire PDU was received")
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != length:
+            LOGGER.error("the received PDU is shorter than announced (%d of %d bytes)", len(body), length)
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type == 0x04:
+            try:
+                pdu: Any = _PDataView(body)
+            except ValueError as exc:
+                LOGGER.error("invalid P-DATA-TF PDU: %s", exc)
+                self.event_queue.put("Evt19")
+                return
+            self.event_queue.put("Evt10")
+            self._recv_pdu.put(pdu)
+            return
+        try:
+            pdu, event = self._decode_pdu(bytearray(header) + body)
+        except Exception as exc:
+            LOGGER.error("unable to decode the received PDU: %s", exc)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
 
     def run_reactor(self) -> None:
         """pynetdicom's DUL loop (3.0) with the idle sleep replaced by `_idle_wait`."""

@@ -98,8 +98,9 @@ class Ingestor:
         except DiskFull as exc:
             LOGGER.error("cannot store %s from %s: %s (status 0xA700)", command_sop_uid, who, exc)
             return StoreOutcome(OUT_OF_RESOURCES, "failed", command_sop_uid, "", str(exc))
-        # worker: write + fsync + SHA-256 of the file; here: parse + SHA-256 of the dataset
-        writing = self._pool.submit(self.store.write_temp, (header, data))
+        # workers: write + fsync, and the SHA-256 of the file; here: parse + SHA-256 of the dataset
+        writing = self._pool.submit(self.store.write_temp, (header, data), False)
+        hashing = self._pool.submit(_sha256_of, header, data)
         temp: TempFile | None = None
         try:
             problem: BaseException | None = None
@@ -113,7 +114,8 @@ class Ingestor:
             except Exception as exc:
                 problem = exc
             try:
-                temp = writing.result()
+                written = writing.result()
+                temp = TempFile(written.path, written.size, hashing.result())
             except Exception as exc:
                 problem = problem or exc
             if problem is not None:
@@ -235,6 +237,13 @@ class Ingestor:
         parsed = parse_dataset(memoryview(data)[offset:], ts)
         temp = self.store.adopt_temp(path)
         return parsed, ts, temp, hashlib.sha256(memoryview(data)[offset:]).hexdigest()
+
+
+def _sha256_of(*parts: bytes | bytearray | memoryview) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
 
 
 def _short(uid: object) -> str:
