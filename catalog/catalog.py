@@ -14,11 +14,13 @@ import json
 import logging
 import os
 import random
+import shutil
 import socket
 import tempfile
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -271,6 +273,7 @@ class Catalog:
         self._compactor: threading.Thread | None = None
         self._compact_con: duckdb.DuckDBPyConnection | None = None
         self._tmpdir = tempfile.mkdtemp(prefix="renkei-catalog-")
+        weakref.finalize(self, shutil.rmtree, self._tmpdir, True)  # also when close() is never called
         # On S3, immutable data files are read from a local copy (see read_path).
         self._cache_dir = os.path.join(self._tmpdir, "files") if cache and not self.local else None
         self._cached: set[str] = set()
@@ -300,8 +303,6 @@ class Catalog:
                     self._compact_con.close()
                 self.con.close()
             finally:
-                import shutil
-
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     def __enter__(self) -> "Catalog":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from catalog import keys
+from catalog import Catalog, keys
 from catalog.store import ObjectConflict, ObjectStore
 from renkei.errors import IntegrityError, InvalidUID, StorageError, UsageError
 from helpers_catalog import BACKENDS, backend_url
@@ -101,11 +101,15 @@ def test_corrupt_object_is_never_served(store: ObjectStore) -> None:
 _KILL_WRITER = """
 import sys
 sys.path.insert(0, {repo!r})
-from catalog.store import ObjectStore
+sys.path.insert(0, {tests!r})
 from catalog.catalog import Catalog
+from catalog.store import ObjectStore
+from helpers_catalog import make_batch
 store = ObjectStore({url!r})
 info = store.put_file({fifo!r}, {key!r}, {sha!r})
-Catalog({url!r} + "/catalog").register_tables  # registration would follow a finished upload only
+# as the pipeline does: the copy is registered only once the upload is complete
+batch = make_batch(7, 1, prefix="1.2")
+Catalog({url!r} + "/catalog").register(batch)
 print("finished", flush=True)
 """
 
@@ -122,7 +126,7 @@ def test_writer_killed_mid_upload_leaves_nothing_visible(backend: str, request: 
     digest = hashlib.sha256()
     for _ in range(total):
         digest.update(chunk)
-    code = _KILL_WRITER.format(repo=str(Path(__file__).resolve().parents[1]), url=url, fifo=str(fifo),
+    code = _KILL_WRITER.format(repo=str(REPO), tests=str(REPO / "tests"), url=url, fifo=str(fifo),
                                key=KEY, sha=digest.hexdigest())
     child = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ), stdout=subprocess.PIPE)
     sent = threading.Event()
@@ -163,6 +167,12 @@ def test_writer_killed_mid_upload_leaves_nothing_visible(backend: str, request: 
     assert list(store.list()) == []
     with pytest.raises(StorageError):
         store.read_verified(KEY, digest.hexdigest())
+    catalog = Catalog(url + "/catalog")
+    try:
+        assert catalog.locations("1.2.7") == [] and catalog.study("1.2.7") is None
+        assert catalog.totals() == []
+    finally:
+        catalog.close()
     # what the killed writer left is swept away, and a retry stores the object whole
     assert store.sweep_temp(older_than_s=0) >= 1
     assert not _upload_in_progress(store)
