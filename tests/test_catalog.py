@@ -275,3 +275,20 @@ def test_audit_chain_detects_edit_delete_reorder(cat: Catalog) -> None:
     assert not report.ok and any("deleted" in p for p in report.problems)
     anchor = json.loads(cfs.read_bytes(cat.fs, cfs.join(cat.root, "_audit/head.json")))
     assert anchor["count"] == 3
+
+
+def test_s3_without_local_cache_reads_through_fsspec(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """DuckDB reading the Parquet files on S3 through the registered fsspec filesystem (no httpfs)."""
+    url = backend_url(request, "s3", tmp_path, "catalog")
+    cat = Catalog(url, cache=False, writer="nocache")
+    try:
+        cat.register(make_batch(300, 4, patient_id="Z1", issuer="CLA"))
+        cat.register(make_batch(301, 2, patient_id="Z1", issuer="CLA"))
+        cat.grant(f"{ROOT}.300", "hub", "rule", "r", "x")
+        assert [s.study_uid for s in cat.visible_studies("hub", [("Z1", "CLA")])] == [f"{ROOT}.300"]
+        cat.compact(force=True)
+        assert cat.study(f"{ROOT}.300").instance_count == 4
+        assert cat.locations(f"{ROOT}.301")[0].holder == "center"
+        assert cat.verify_audit().ok
+    finally:
+        cat.close()
