@@ -23,7 +23,7 @@ import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -748,6 +748,24 @@ class Catalog:
         return self._rows(
             "SELECT * EXCLUDE (_seq) FROM instances WHERE study_uid = ? ORDER BY series_uid, instance_number, "
             "sop_instance_uid", [study_uid])
+
+    def iter_instances(self, part: int = 0, parts: int = 1, batch_size: int = 10_000) -> Iterator[list[dict[str, Any]]]:
+        """Every registered instance (study, origin, key, SHA-256, size), in batches.
+
+        With `parts` > 1, only the share whose SOP Instance UID hashes to `part`
+        (mod `parts`): the nightly verification reads one part a night so that
+        everything is read within `parts` nights.
+        """
+        where = "" if parts <= 1 else f"WHERE hash(i.sop_instance_uid) % {int(parts)} = {int(part) % int(parts)}"
+        with self._lock:
+            self._ensure_views()
+            reader = self.con.sql(
+                "SELECT i.study_uid, i.series_uid, i.sop_instance_uid, i.object_key, i.sha256, i.size, "
+                "s.origin_site FROM instances i JOIN (SELECT study_uid, arg_max(origin_site, _seq) AS origin_site "
+                f"FROM studies GROUP BY study_uid) s USING (study_uid) {where} "
+                "ORDER BY i.object_key").to_arrow_reader(batch_size)
+            batches = [b.to_pylist() for b in reader]
+        yield from batches
 
     def instance_count(self) -> int:
         return int(self._rows("SELECT count(*) AS n FROM instances")[0]["n"])
