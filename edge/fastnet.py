@@ -33,6 +33,7 @@ import struct
 import threading
 import time
 from copy import copy
+from dataclasses import dataclass
 from functools import lru_cache
 from datetime import datetime
 from typing import Any, Callable, cast
@@ -137,12 +138,88 @@ class _PDataView:
         return primitive
 
 
+# ------------------------------------------------------------------ C-STORE fast path
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+NO_DATASET = 0x0101
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """A complete C-STORE request, received by the DUL thread."""
+
+    assoc: Association
+    context_id: int
+    transfer_syntax_uid: str
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    data: bytes | memoryview
+
+
+StoreHandler = Callable[[StoreRequest], int]
+
+
+def parse_command(raw: bytes | memoryview) -> dict[int, bytes]:
+    """The elements of a DIMSE command set (implicit VR little endian): element number -> value."""
+    view = memoryview(raw)
+    out: dict[int, bytes] = {}
+    pos, end = 0, len(view)
+    while pos + 8 <= end:
+        group, elem, length = struct.unpack_from("<HHL", view, pos)
+        pos += 8
+        if group != 0x0000 or pos + length > end:
+            raise ValueError("malformed command set")
+        out[elem] = bytes(view[pos:pos + length])
+        pos += length
+    if pos != end:
+        raise ValueError("malformed command set")
+    return out
+
+
+def _us(value: bytes | None) -> int | None:
+    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
+
+
+def _ui(value: bytes | None) -> str:
+    return (value or b"").decode("ascii", "replace").rstrip("\x00 ")
+
+
+def _command_element(elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0x0000, elem, len(value)) + value
+
+
+def _ui_bytes(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def encode_store_response(context_id: int, message_id: int, sop_class_uid: str,
+                          sop_instance_uid: str, status: int) -> bytes:
+    """A whole P-DATA-TF PDU carrying a C-STORE-RSP command set."""
+    body = b"".join((
+        _command_element(0x0002, _ui_bytes(sop_class_uid)),
+        _command_element(0x0100, struct.pack("<H", C_STORE_RSP)),
+        _command_element(0x0120, struct.pack("<H", message_id)),
+        _command_element(0x0800, struct.pack("<H", NO_DATASET)),
+        _command_element(0x0900, struct.pack("<H", status)),
+        _command_element(0x1000, _ui_bytes(sop_instance_uid)),
+    ))
+    command = _command_element(0x0000, struct.pack("<L", len(body))) + body
+    pdv = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
+    return struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv
+
+
 class FastDUL(DULServiceProvider):
     """A DUL provider that sleeps in select() and is woken by outgoing primitives."""
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
         self.daemon = True  # a stalled peer must not keep the process alive at exit
+        self.store_handler: StoreHandler | None = getattr(assoc.ae, "store_handler", None)
+        self._command_frags: list[tuple[int, memoryview]] = []  # command PDVs not yet complete
+        self._store: dict[str, Any] | None = None  # the C-STORE whose dataset is arriving
+        self._pass_dataset = False  # the current message's dataset goes to pynetdicom
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -216,12 +293,15 @@ class FastDUL(DULServiceProvider):
         if pdu_type == 0x04:
             try:
                 pdu: Any = _PDataView(body)
+                if self.store_handler is not None and self.state_machine.current_state == "Sta6":
+                    pdu.items = self._route(pdu.items)
             except ValueError as exc:
                 LOGGER.error("invalid P-DATA-TF PDU: %s", exc)
                 self.event_queue.put("Evt19")
                 return
-            self.event_queue.put("Evt10")
-            self._recv_pdu.put(pdu)
+            if pdu.items:
+                self.event_queue.put("Evt10")
+                self._recv_pdu.put(pdu)
             return
         try:
             pdu, event = self._decode_pdu(bytearray(header) + body)
@@ -231,6 +311,67 @@ class FastDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _route(self, items: list[tuple[int, memoryview]]) -> list[tuple[int, memoryview]]:
+        """Keep C-STORE requests for the store handler; return the PDVs pynetdicom must see.
+
+        A message's command fragments are held until the command is complete:
+        a C-STORE-RQ is then served here, in this thread, without pynetdicom's
+        hand-offs between threads; any other message goes to pynetdicom whole.
+        """
+        passthrough: list[tuple[int, memoryview]] = []
+        for context_id, pdv in items:
+            control = pdv[0]
+            if self._store is not None:
+                if control & 1:
+                    raise ValueError("a command arrived before the end of a C-STORE dataset")
+                self._store["frags"].append(pdv[1:])
+                if control & 2:
+                    store, self._store = self._store, None
+                    self._serve_store(store)
+                continue
+            if control & 1:  # command fragment
+                self._command_frags.append((context_id, pdv))
+                if not control & 2:
+                    continue
+                frags, self._command_frags = self._command_frags, []
+                raw = b"".join(bytes(f[1:]) for _cx, f in frags)
+                command = parse_command(raw)
+                field, data_type = _us(command.get(0x0100)), _us(command.get(0x0800))
+                context = self.assoc._accepted_cx.get(context_id)
+                if field == C_STORE_RQ and data_type != NO_DATASET and context is not None:
+                    self._store = {
+                        "context_id": context_id,
+                        "transfer_syntax_uid": str(context.transfer_syntax[0]),
+                        "message_id": _us(command.get(0x0110)) or 0,
+                        "sop_class_uid": _ui(command.get(0x0002)),
+                        "sop_instance_uid": _ui(command.get(0x1000)),
+                        "frags": [],
+                    }
+                    continue
+                passthrough.extend(frags)
+                self._pass_dataset = data_type is not None and data_type != NO_DATASET
+                continue
+            passthrough.append((context_id, pdv))  # dataset of a message pynetdicom serves
+            if control & 2:
+                self._pass_dataset = False
+        return passthrough
+
+    def _serve_store(self, store: dict[str, Any]) -> None:
+        frags = store["frags"]
+        data = frags[0] if len(frags) == 1 else b"".join(frags)
+        request = StoreRequest(self.assoc, store["context_id"], store["transfer_syntax_uid"],
+                               store["message_id"], store["sop_class_uid"], store["sop_instance_uid"], data)
+        try:
+            status = cast(StoreHandler, self.store_handler)(request)
+        except Exception:
+            LOGGER.exception("the C-STORE handler failed")
+            status = 0xC211
+        finally:
+            store["frags"] = []
+        response = encode_store_response(store["context_id"], store["message_id"], store["sop_class_uid"],
+                                         store["sop_instance_uid"], status)
+        cast(AssociationSocket, self.socket).send(response)
 
     def run_reactor(self) -> None:
         """pynetdicom's DUL loop (3.0) with the idle sleep replaced by `_idle_wait`."""
@@ -410,6 +551,7 @@ class FastAE(AE):
     """An AE whose requested associations use FastDUL and FastSocket (TCP_NODELAY)."""
 
     retrieve_server: Callable[[Association, Any, Any], bool] | None = None
+    store_handler: StoreHandler | None = None  # serves C-STORE requests in the DUL thread
 
     def _create_socket(self, assoc: Association, address: AddressInformation,
                        tls_args: Any) -> AssociationSocket:

@@ -69,6 +69,8 @@ class Ingestor:
         self.journal = journal
         self._decision_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-write")
+        self._known_studies: set[str] = set()
+        self._known_series: set[str] = set()
 
     def store_instance(
         self,
@@ -105,7 +107,7 @@ class Ingestor:
         try:
             problem: BaseException | None = None
             try:
-                parsed = parse_dataset(data, transfer_syntax_uid)
+                parsed = parse_dataset(data, transfer_syntax_uid, known=self._known)
                 if parsed.sop_instance_uid != command_sop_uid:
                     raise InvalidInstance(
                         f"the dataset's SOP Instance UID {parsed.sop_instance_uid} differs from the "
@@ -139,6 +141,19 @@ class Ingestor:
         finally:
             if temp is not None and temp.path.exists():
                 self.store.discard(temp)
+
+    def _known(self, study_uid: str, series_uid: str) -> tuple[bool, bool]:
+        """Whether the journal already holds this study and this series (cached once true)."""
+        if len(self._known_series) > 100_000:
+            self._known_studies.clear()
+            self._known_series.clear()
+        study = study_uid in self._known_studies or self.journal.has_study(study_uid)
+        series = series_uid in self._known_series or self.journal.has_series(series_uid)
+        if study:
+            self._known_studies.add(study_uid)
+        if series:
+            self._known_series.add(series_uid)
+        return study, series
 
     def _place(self, parsed: ParsedInstance, temp: TempFile, dataset_sha256: str,
                transfer_syntax_uid: str, calling_ae: str, who: str) -> StoreOutcome:

@@ -345,6 +345,12 @@ class Journal:
             ),
         ])
 
+    def has_study(self, study_uid: str) -> bool:
+        return bool(self._query("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)))
+
+    def has_series(self, series_uid: str) -> bool:
+        return bool(self._query("SELECT 1 FROM series WHERE series_uid = ?", (series_uid,)))
+
     def restore_local(self, sop_instance_uid: str, path: str) -> None:
         """An identical instance came back after its local copy was removed: keep it again."""
         self._write([(

@@ -12,7 +12,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any
+from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -65,15 +65,24 @@ def _stop_after_header(tag: Any, vr: Any, length: Any) -> bool:
     return int(tag) > 0x0032FFFF
 
 
-def parse_dataset(data: bytes | memoryview, transfer_syntax_uid: str, full: bool = True) -> ParsedInstance:
+def parse_dataset(
+    data: bytes | memoryview,
+    transfer_syntax_uid: str,
+    full: bool = True,
+    known: Callable[[str, str], tuple[bool, bool]] | None = None,
+) -> ParsedInstance:
     """Parse an encoded dataset (no file meta) and return its UIDs and query attributes.
+
+    `known(study_uid, series_uid)` says whether the journal already holds the
+    study and the series: their attributes are then not decoded again (they
+    are the same for every instance; decoding names is the costly part).
 
     With `full`, every element's framing is walked to the end (values stay
     undecoded), so a truncated or garbled dataset is refused. Raises
     InvalidInstance naming what is wrong.
     """
     ts = UID(transfer_syntax_uid)
-    raw = bytes(data)
+    raw: bytes | memoryview = memoryview(data).cast("B") if not isinstance(data, bytes) else data
     if ts.is_deflated:
         try:
             raw = zlib.decompress(raw, -zlib.MAX_WBITS)
@@ -81,26 +90,29 @@ def parse_dataset(data: bytes | memoryview, transfer_syntax_uid: str, full: bool
             raise InvalidInstance(f"deflated dataset cannot be inflated: {exc}") from None
     is_implicit = ts.is_implicit_VR if ts.is_transfer_syntax else False
     is_little = ts.is_little_endian if ts.is_transfer_syntax else True
+    header_end = len(raw)
     if full:
         try:
-            check_framing(raw, is_implicit, is_little)
+            header_end = check_framing(raw, is_implicit, is_little)
         except InvalidInstance as first:
             # Some senders label implicit VR data as an explicit transfer syntax;
             # dcmtk and pydicom read those, so the edge keeps them too (as received).
             if is_implicit or not is_little:
                 raise
             try:
-                check_framing(raw, True, True)
+                header_end = check_framing(raw, True, True)
             except InvalidInstance:
                 raise first from None
             is_implicit = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = read_dataset(BytesIO(raw), is_implicit, is_little, stop_when=_stop_after_header)
+            # only the header is read by pydicom: a small copy, never the pixel data
+            ds = read_dataset(BytesIO(bytes(raw[:header_end])), is_implicit, is_little,
+                              stop_when=_stop_after_header)
     except Exception as exc:  # pydicom raises many kinds on garbage
         raise InvalidInstance(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
-    return describe_dataset(ds)
+    return describe_dataset(ds, known)
 
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
@@ -108,20 +120,24 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
-def check_framing(raw: bytes, is_implicit: bool, is_little: bool) -> None:
+def check_framing(raw: bytes | memoryview, is_implicit: bool, is_little: bool) -> int:
     """Walk every element's tag and length to the end of `raw` without decoding values.
 
     Raises InvalidInstance when an element runs past the end, a delimiter is
     missing, or a tag goes backwards at the top level: the signs of a truncated
-    or garbled dataset. Cheap: values are skipped, never copied.
+    or garbled dataset. Cheap: values are skipped, never copied. Returns the
+    offset of the first top-level element after the header attributes the
+    journal reads (tags above (0032,FFFF)).
     """
-    end = _walk(memoryview(raw), 0, len(raw), is_implicit, is_little, None, 0)
+    marks: list[int] = []
+    end = _walk(memoryview(raw), 0, len(raw), is_implicit, is_little, None, 0, marks)
     if end != len(raw):
         raise InvalidInstance(f"dataset framing ends at byte {end} of {len(raw)}")
+    return marks[0] if marks else len(raw)
 
 
 def _walk(view: memoryview, pos: int, end: int, implicit: bool, little: bool,
-          until: int | None, depth: int) -> int:
+          until: int | None, depth: int, marks: list[int] | None = None) -> int:
     if depth > 32:
         raise InvalidInstance("dataset nests sequences deeper than 32 levels")
     order = "<" if little else ">"
@@ -139,6 +155,8 @@ def _walk(view: memoryview, pos: int, end: int, implicit: bool, little: bool,
             raise InvalidInstance(f"unexpected delimiter ({group:04X},{elem:04X}) at byte {pos - 8}")
         if until is None and tag <= last_tag:
             raise InvalidInstance(f"element ({group:04X},{elem:04X}) out of order at byte {pos}")
+        if marks is not None and not marks and tag > 0x0032FFFF:
+            marks.append(pos)
         last_tag = tag
         vr = b""
         if implicit:
@@ -207,14 +225,15 @@ def _is_sequence_tag(tag: int) -> bool:
         return False
 
 
-def describe_dataset(ds: Dataset) -> ParsedInstance:
+def describe_dataset(ds: Dataset, known: Callable[[str, str], tuple[bool, bool]] | None = None
+                     ) -> ParsedInstance:
     """UIDs (validated) and decoded query attributes of a pydicom Dataset."""
     with warnings.catch_warnings():  # pydicom warns on the invalid values refused below
         warnings.simplefilter("ignore")
-        return _describe(ds)
+        return _describe(ds, known)
 
 
-def _describe(ds: Dataset) -> ParsedInstance:
+def _describe(ds: Dataset, known: Callable[[str, str], tuple[bool, bool]] | None) -> ParsedInstance:
     uids: dict[str, str] = {}
     for keyword, what in (
         ("StudyInstanceUID", "Study Instance UID"),
@@ -236,7 +255,12 @@ def _describe(ds: Dataset) -> ParsedInstance:
     attributes: dict[str, str] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for keyword in ALL_KEYS:
+        keys: tuple[str, ...] = ALL_KEYS
+        if known is not None:
+            study_known, series_known = known(uids["StudyInstanceUID"], uids["SeriesInstanceUID"])
+            keys = IMAGE_KEYS + (() if series_known else SERIES_KEYS) + (
+                () if study_known else PATIENT_KEYS + STUDY_KEYS)
+        for keyword in keys:
             try:
                 attributes[keyword] = text_of(ds.get(keyword))
             except Exception:

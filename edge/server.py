@@ -501,6 +501,7 @@ class EdgeServer:
         for model in QR_MODELS:
             ae.add_supported_context(model, list(QR_TRANSFER_SYNTAXES))
         if self.fast:
+            ae.store_handler = self._store_request
             ae.retrieve_server = RetrieveServer(self.qr, self.site.edge.ae_title,
                                                 move_destinations(self.config, self.site), self.max_pdu)
         return ae
@@ -516,6 +517,19 @@ class EdgeServer:
             (evt.EVT_RELEASED, _log_event),
             (evt.EVT_ABORTED, _log_event),
         ]
+
+    def _store_request(self, request: fastnet.StoreRequest) -> int:
+        """C-STORE served in the DUL thread (see fastnet): store, count, return the status."""
+        requestor = request.assoc.requestor
+        try:
+            address = f"{requestor.address}:{requestor.port}"
+        except Exception:
+            address = "?"
+        outcome = self.ingestor.store_instance(
+            request.data, request.transfer_syntax_uid, request.sop_class_uid, request.sop_instance_uid,
+            str(requestor.ae_title).strip(), address)
+        self._count(outcome)
+        return outcome.status
 
     def _count(self, outcome: StoreOutcome) -> None:
         with self._counts_lock:
