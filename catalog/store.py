@@ -31,6 +31,10 @@ READ_BUFFER = 8 * 1024 * 1024  # large reads: the nightly verification must run 
 SPOOL_IN_MEMORY = 64 * 1024 * 1024
 
 
+class ObjectMissing(StorageError):
+    """No object is stored under the key."""
+
+
 class ObjectConflict(StorageError):
     """Different bytes already exist under the key; keep the new ones under keys.object_key(..., conflict_sha256=...)."""
 
@@ -210,7 +214,7 @@ class ObjectStore:
         try:
             return self._hash_path(self.path(key))[0]
         except FileNotFoundError:
-            raise StorageError(f"object {key} is missing from {self.url}") from None
+            raise ObjectMissing(f"object {key} is missing from {self.url}") from None
 
     def open_verified(self, key: str, sha256: str) -> IO[bytes]:
         """A readable file of the object, returned only once its bytes hashed to `sha256`.
@@ -230,7 +234,7 @@ class ObjectStore:
                     spool.write(chunk)
         except FileNotFoundError:
             spool.close()
-            raise StorageError(f"object {key} is missing from {self.url}") from None
+            raise ObjectMissing(f"object {key} is missing from {self.url}") from None
         got = digest.hexdigest()
         if got != sha256.lower():
             spool.close()
@@ -263,7 +267,7 @@ class ObjectStore:
                 return os.path.getsize(self.path(key))
             return int(self.fs.info(self.path(key))["size"])
         except FileNotFoundError:
-            raise StorageError(f"object {key} is missing from {self.url}") from None
+            raise ObjectMissing(f"object {key} is missing from {self.url}") from None
 
     def exists(self, key: str) -> bool:
         return cfs.exists(self.fs, self.path(key))

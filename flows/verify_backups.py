@@ -1,0 +1,47 @@
+"""`verify_backups`: nightly, the center's copies are whole and nothing was lost in transit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from tasks.common import publish_artifacts
+from tasks.verify import verify_center
+
+
+class UnrecoverableBackup(Exception):
+    """Some objects are missing or corrupt and no edge holds a copy."""
+
+
+@flow(name="verify_backups")
+def verify_backups(full: bool = False, repair: bool = True, config: str | None = None,
+                   data_dir: str | None = None) -> dict[str, Any]:
+    """Check size and SHA-256 of the center's objects (a rotating share each night unless `full`),
+    that every instance the edges journaled reached the center, and that every grant names a study.
+    Repairs from an edge's copy; fails (red in the Prefect UI) when something cannot be repaired.
+    """
+    report = verify_center(full, repair, config, data_dir)
+    findings = report["findings"]
+    lines = [
+        "| part | instances | MB | seconds | MB/s | edge instances | grants | findings | repaired | unrecoverable |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {report['part'] + 1} of {report['parts']} | {report['instances_checked']} | "
+        f"{report['bytes_checked'] / 1e6:.1f} | {report['seconds']:.1f} | {report['mb_s']:.1f} | "
+        f"{report['edge_instances_checked']} | {report['grants_checked']} | {len(findings)} | "
+        f"{report['repaired']} | {report['unrecoverable']} |",
+        "",
+    ]
+    if not findings:
+        lines.append("Every object read back whole; nothing is missing.")
+    if report["unrecoverable"]:
+        lines += ["## Unrecoverable", "These objects are missing or damaged in the center and no edge "
+                  "holds a copy. Ask the origin site to send the study again from its PACS "
+                  "(`renkei edge pull --site SITE --study-uid UID`), then rerun this flow."]
+    rows = [{k: f[k] for k in ("kind", "study_uid", "sop_instance_uid", "object_key", "repaired",
+                                "repaired_from", "detail")} for f in findings]
+    publish_artifacts("verify-backups", "verify_backups", lines, rows, "Nightly backup verification")
+    if report["unrecoverable"]:
+        raise UnrecoverableBackup(f"{report['unrecoverable']} object(s) missing or corrupt with no copy left; "
+                                  "see the run's artifact")
+    return report

@@ -1,0 +1,36 @@
+"""Tasks of the nightly backup verification."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+from prefect import task
+
+from renkei import runtime, verification
+from tasks.common import logger
+
+
+@task(name="verify-center", retries=1, retry_delay_seconds=[30])
+def verify_center(full: bool = False, repair: bool = True, config: str | None = None,
+                  data_dir: str | None = None) -> dict[str, Any]:
+    """Read back tonight's share of the center's objects (all with `full`) and repair from edges."""
+    lay = runtime.layout(config, data_dir)
+    parts = 1 if full else max(1, math.ceil(1 / lay.config.center.verify_fraction))
+    part = verification.night_part(parts)
+    store = runtime.open_store(lay)
+    with runtime.open_catalog(lay) as catalog:
+        report = verification.verify_center(catalog, store, lay, part, parts, repair=repair)
+        verification.check_edges(catalog, store, lay, report, repair=repair)
+        verification.check_grants(catalog, lay, report)
+        catalog.append_audit("center", "verify_backups", "verify-backups",
+                             outcome="ok" if not report.unrecoverable else "unrecoverable",
+                             detail={"instances": report.instances_checked, "findings": len(report.findings),
+                                     "repaired": len(report.repaired), "part": part, "parts": parts})
+    logger().info("verified %d instances (%.1f MB/s): %d findings, %d repaired, %d unrecoverable",
+                  report.instances_checked, report.mb_s, len(report.findings), len(report.repaired),
+                  len(report.unrecoverable))
+    data = asdict(report)
+    data.update(mb_s=report.mb_s, repaired=len(report.repaired), unrecoverable=len(report.unrecoverable))
+    return data
