@@ -66,7 +66,7 @@ def test_exact_match_links_and_finds_visible_priors(region) -> None:
 
 def test_homonyms_are_ambiguous_and_fetch_nothing(region) -> None:
     config, catalog = region
-    hub = synth.site_patients(config, "hub", 3, 11, include_homonyms=True)
+    hub = synth.site_patients(config, "hub", 4, 11, include_homonyms=True)
     clinic = synth.site_patients(config, "clinic-a", 3, 11, include_homonyms=True)
     _register_site(catalog, config, "hub", hub)
     _register_site(catalog, config, "clinic-a", clinic)
