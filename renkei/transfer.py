@@ -127,8 +127,13 @@ def upload_study(journal: Journal, store: ObjectStore, site_id: str, study_uid: 
     return result
 
 
-def register_studies(journal: Journal, catalog: Catalog, site_id: str, study_uids: Sequence[str]) -> RegisterResult:
-    """Register the uploaded instances of these studies in the catalog, then mark them verified."""
+def register_studies(journal: Journal, catalog: Catalog, site_id: str, study_uids: Sequence[str],
+                     by: str = "") -> RegisterResult:
+    """Register the uploaded instances of these studies in the catalog, then mark them verified.
+
+    `by` names who moved them in the locations (the flow run, e.g. 'flow-run:<id>').
+    """
+    by = by or f"sync:{site_id}"
     batches: list[StudyBatch] = []
     uids_by_study: dict[str, list[str]] = {}
     for study_uid in study_uids:
@@ -139,10 +144,10 @@ def register_studies(journal: Journal, catalog: Catalog, site_id: str, study_uid
         uids_by_study[study_uid] = [e.instance.sop_instance_uid for e in entries]
     if not batches:
         return RegisterResult((), 0, 0, 0)
-    registered = catalog.register_many(batches, actor=f"sync:{site_id}")
+    registered = catalog.register_many(batches, actor=by)
     catalog.set_locations(
-        [{"study_uid": uid, "holder": "center", "state": "verified", "by": f"sync:{site_id}"} for uid in uids_by_study]
-        + [{"study_uid": uid, "holder": f"edge:{site_id}", "state": "present", "by": f"sync:{site_id}"}
+        [{"study_uid": uid, "holder": "center", "state": "verified", "by": by} for uid in uids_by_study]
+        + [{"study_uid": uid, "holder": f"edge:{site_id}", "state": "present", "by": by}
            for uid in uids_by_study])
     for uids in uids_by_study.values():
         journal.set_upload_state(uids, "verified")

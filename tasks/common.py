@@ -24,6 +24,14 @@ def ensure_upload_limit(site: str, slots: int) -> None:
         client.upsert_global_concurrency_limit_by_name(upload_limit_name(site), slots)
 
 
+def run_marker() -> str:
+    """'flow-run:<id>' of the current flow run (recorded as who moved a study), '' outside one."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    return f"flow-run:{run_id}" if run_id else ""
+
+
 def logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         return get_run_logger()

@@ -9,7 +9,7 @@ from prefect import task
 from prefect.concurrency.sync import concurrency
 
 from renkei import runtime, transfer
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, upload_limit_name
+from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, run_marker, upload_limit_name
 
 
 class UploadFailed(Exception):
@@ -50,7 +50,7 @@ def register(site: str, study_uids: list[str], config: str | None = None, data_d
     """Register the uploaded studies in the catalog (one commit) and mark them verified at the edge."""
     lay = runtime.layout(config, data_dir)
     with runtime.open_journal(lay, site) as journal, runtime.open_catalog(lay) as catalog:
-        result = transfer.register_studies(journal, catalog, site, study_uids)
+        result = transfer.register_studies(journal, catalog, site, study_uids, by=run_marker())
     logger().info("register %s: %d studies, %d new instances", site, len(result.studies), result.new_instances)
     return asdict(result)
 
