@@ -36,7 +36,7 @@ from copy import copy
 from dataclasses import dataclass
 from functools import lru_cache
 from datetime import datetime
-from typing import Any, Callable, cast
+from typing import Any, Callable, Protocol, cast
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -146,7 +146,7 @@ NO_DATASET = 0x0101
 
 @dataclass(frozen=True)
 class StoreRequest:
-    """A complete C-STORE request, received by the DUL thread."""
+    """A C-STORE request whose command has arrived (its dataset follows)."""
 
     assoc: Association
     context_id: int
@@ -154,10 +154,19 @@ class StoreRequest:
     message_id: int
     sop_class_uid: str
     sop_instance_uid: str
-    data: bytes | memoryview
 
 
-StoreHandler = Callable[[StoreRequest], int]
+class StoreSink(Protocol):
+    """Receives one C-STORE dataset: each fragment as it arrives, then the whole."""
+
+    def write(self, fragment: memoryview) -> None: ...
+
+    def finish(self, data: bytes | memoryview) -> int:
+        """Store the dataset; return the C-STORE status (only once it is durable)."""
+        ...
+
+
+StoreHandler = Callable[[StoreRequest], StoreSink]
 
 
 def parse_command(raw: bytes | memoryview) -> dict[int, bytes]:
@@ -325,7 +334,9 @@ class FastDUL(DULServiceProvider):
             if self._store is not None:
                 if control & 1:
                     raise ValueError("a command arrived before the end of a C-STORE dataset")
-                self._store["frags"].append(pdv[1:])
+                fragment = pdv[1:]
+                self._store["frags"].append(fragment)
+                self._store["sink"].write(fragment)
                 if control & 2:
                     store, self._store = self._store, None
                     self._serve_store(store)
@@ -340,14 +351,11 @@ class FastDUL(DULServiceProvider):
                 field, data_type = _us(command.get(0x0100)), _us(command.get(0x0800))
                 context = self.assoc._accepted_cx.get(context_id)
                 if field == C_STORE_RQ and data_type != NO_DATASET and context is not None:
-                    self._store = {
-                        "context_id": context_id,
-                        "transfer_syntax_uid": str(context.transfer_syntax[0]),
-                        "message_id": _us(command.get(0x0110)) or 0,
-                        "sop_class_uid": _ui(command.get(0x0002)),
-                        "sop_instance_uid": _ui(command.get(0x1000)),
-                        "frags": [],
-                    }
+                    request = StoreRequest(self.assoc, context_id, str(context.transfer_syntax[0]),
+                                           _us(command.get(0x0110)) or 0, _ui(command.get(0x0002)),
+                                           _ui(command.get(0x1000)))
+                    self._store = {"request": request, "frags": [],
+                                   "sink": cast(StoreHandler, self.store_handler)(request)}
                     continue
                 passthrough.extend(frags)
                 self._pass_dataset = data_type is not None and data_type != NO_DATASET
@@ -359,18 +367,17 @@ class FastDUL(DULServiceProvider):
 
     def _serve_store(self, store: dict[str, Any]) -> None:
         frags = store["frags"]
+        request: StoreRequest = store["request"]
         data = frags[0] if len(frags) == 1 else b"".join(frags)
-        request = StoreRequest(self.assoc, store["context_id"], store["transfer_syntax_uid"],
-                               store["message_id"], store["sop_class_uid"], store["sop_instance_uid"], data)
         try:
-            status = cast(StoreHandler, self.store_handler)(request)
+            status = store["sink"].finish(data)
         except Exception:
             LOGGER.exception("the C-STORE handler failed")
             status = 0xC211
         finally:
             store["frags"] = []
-        response = encode_store_response(store["context_id"], store["message_id"], store["sop_class_uid"],
-                                         store["sop_instance_uid"], status)
+        response = encode_store_response(request.context_id, request.message_id, request.sop_class_uid,
+                                         request.sop_instance_uid, status)
         cast(AssociationSocket, self.socket).send(response)
 
     def run_reactor(self) -> None:

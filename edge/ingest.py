@@ -30,7 +30,7 @@ from renkei.uids import is_valid_uid
 
 from edge.journal import Journal, JournalError
 from edge.parsing import InvalidInstance, ParsedInstance, encode_file_meta, parse_dataset, split_file_meta
-from edge.store import DiskFull, EdgeStoreError, FileStore, TempFile
+from edge.store import EdgeStoreError, FileStore, TempFile, TempWriter
 
 LOGGER = logging.getLogger("renkei.edge.store")
 
@@ -81,66 +81,15 @@ class Ingestor:
         calling_ae: str,
         peer: str = "",
     ) -> StoreOutcome:
-        """Store one instance as received; never raises, returns the outcome and status.
+        """Store one instance as received; never raises, returns the outcome and status."""
+        incoming = self.begin(transfer_syntax_uid, sop_class_uid, sop_instance_uid, calling_ae, peer)
+        incoming.write(data)
+        return incoming.finish(data)
 
-        The file is written and fsynced by a worker thread while this thread
-        parses the dataset and hashes it (both release the GIL in turn), so the
-        answer waits for the slower of the two, not their sum.
-        """
-        who = f"{calling_ae}@{peer}" if peer else calling_ae
-        command_sop_uid = str(sop_instance_uid).rstrip("\x00 ")
-        command_sop_class = str(sop_class_uid).rstrip("\x00 ")
-        if not (is_valid_uid(command_sop_uid) and is_valid_uid(command_sop_class)):
-            msg = f"the request's SOP Class/Instance UID {_short(command_sop_class)}/{_short(command_sop_uid)} is not valid"
-            LOGGER.warning("refused instance from %s: %s (status 0xA900)", who, msg)
-            return StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, "refused", command_sop_uid, "", msg)
-        header = encode_file_meta(command_sop_class, command_sop_uid, transfer_syntax_uid, calling_ae)
-        try:
-            self.store.check_space(len(header) + len(data))
-        except DiskFull as exc:
-            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", command_sop_uid, who, exc)
-            return StoreOutcome(OUT_OF_RESOURCES, "failed", command_sop_uid, "", str(exc))
-        # workers: write + fsync, and the SHA-256 of the file; here: parse + SHA-256 of the dataset
-        writing = self._pool.submit(self.store.write_temp, (header, data), False)
-        hashing = self._pool.submit(_sha256_of, header, data)
-        temp: TempFile | None = None
-        try:
-            problem: BaseException | None = None
-            try:
-                parsed = parse_dataset(data, transfer_syntax_uid, known=self._known)
-                if parsed.sop_instance_uid != command_sop_uid:
-                    raise InvalidInstance(
-                        f"the dataset's SOP Instance UID {parsed.sop_instance_uid} differs from the "
-                        f"request's {command_sop_uid}")
-                dataset_sha256 = hashlib.sha256(data).hexdigest()
-            except Exception as exc:
-                problem = exc
-            try:
-                written = writing.result()
-                temp = TempFile(written.path, written.size, hashing.result())
-            except Exception as exc:
-                problem = problem or exc
-            if problem is not None:
-                raise problem
-            assert temp is not None
-            return self._place(parsed, temp, dataset_sha256, transfer_syntax_uid, calling_ae, who)
-        except InvalidInstance as exc:
-            status = DATASET_DOES_NOT_MATCH_SOP_CLASS if "UID" in str(exc) else CANNOT_UNDERSTAND
-            LOGGER.warning("refused instance %s from %s: %s (status 0x%04X)",
-                           _short(command_sop_uid), who, exc, status)
-            return StoreOutcome(status, "refused", command_sop_uid, "", str(exc))
-        except DiskFull as exc:
-            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", command_sop_uid, who, exc)
-            return StoreOutcome(OUT_OF_RESOURCES, "failed", command_sop_uid, "", str(exc))
-        except (EdgeStoreError, JournalError) as exc:
-            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", command_sop_uid, who, exc)
-            return StoreOutcome(OUT_OF_RESOURCES, "failed", command_sop_uid, "", str(exc))
-        except Exception as exc:  # never let a handler crash the association
-            LOGGER.exception("unexpected failure storing %s from %s", command_sop_uid, who)
-            return StoreOutcome(PROCESSING_FAILURE, "failed", command_sop_uid, "", str(exc))
-        finally:
-            if temp is not None and temp.path.exists():
-                self.store.discard(temp)
+    def begin(self, transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str,
+              calling_ae: str, peer: str = "") -> "Incoming":
+        """Start receiving one instance: its bytes go to a temporary file as they arrive."""
+        return Incoming(self, transfer_syntax_uid, sop_class_uid, sop_instance_uid, calling_ae, peer)
 
     def _known(self, study_uid: str, series_uid: str) -> tuple[bool, bool]:
         """Whether the journal already holds this study and this series (cached once true)."""
@@ -252,6 +201,107 @@ class Ingestor:
         parsed = parse_dataset(memoryview(data)[offset:], ts)
         temp = self.store.adopt_temp(path)
         return parsed, ts, temp, hashlib.sha256(memoryview(data)[offset:]).hexdigest()
+
+
+class Incoming:
+    """One instance being received, written to tmp/ fragment by fragment.
+
+    `write` is called for each fragment as it arrives (the write overlaps the
+    rest of the transfer); `finish` then fsyncs the file in a worker thread
+    while this thread parses and hashes the dataset, and puts the file in its
+    place. Nothing is answered before the file and its journal record are
+    durable.
+    """
+
+    def __init__(self, ingestor: Ingestor, transfer_syntax_uid: str, sop_class_uid: str,
+                 sop_instance_uid: str, calling_ae: str, peer: str) -> None:
+        self.ingestor = ingestor
+        self.transfer_syntax_uid = transfer_syntax_uid
+        self.calling_ae = calling_ae
+        self.who = f"{calling_ae}@{peer}" if peer else calling_ae
+        self.sop_instance_uid = str(sop_instance_uid).rstrip("\x00 ")
+        self.sop_class_uid = str(sop_class_uid).rstrip("\x00 ")
+        self.outcome: StoreOutcome | None = None  # decided before the data arrived
+        self.writer: TempWriter | None = None
+        self.header = b""
+        if not (is_valid_uid(self.sop_instance_uid) and is_valid_uid(self.sop_class_uid)):
+            msg = (f"the request's SOP Class/Instance UID {_short(self.sop_class_uid)}/"
+                   f"{_short(self.sop_instance_uid)} is not valid")
+            LOGGER.warning("refused instance from %s: %s (status 0xA900)", self.who, msg)
+            self.outcome = StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, "refused", self.sop_instance_uid, "", msg)
+            return
+        self.header = encode_file_meta(self.sop_class_uid, self.sop_instance_uid, transfer_syntax_uid,
+                                       calling_ae)
+        try:
+            ingestor.store.check_space(len(self.header))
+            self.writer = ingestor.store.open_temp()
+            self.writer.write(self.header)
+        except EdgeStoreError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        LOGGER.error("cannot store %s from %s: %s (status 0xA700)", self.sop_instance_uid, self.who, exc)
+        self.outcome = StoreOutcome(OUT_OF_RESOURCES, "failed", self.sop_instance_uid, "", str(exc))
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+    def write(self, fragment: bytes | bytearray | memoryview) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.write(fragment)
+        except EdgeStoreError as exc:
+            self._fail(exc)
+
+    def finish(self, data: bytes | bytearray | memoryview) -> StoreOutcome:
+        """Check, fsync, place and journal the instance (`data`: the whole dataset); never raises."""
+        if self.outcome is not None or self.writer is None:
+            if self.writer is not None:
+                self.writer.abort()
+            return self.outcome or StoreOutcome(PROCESSING_FAILURE, "failed", self.sop_instance_uid)
+        ingestor = self.ingestor
+        writer, self.writer = self.writer, None
+        syncing = ingestor._pool.submit(writer.sync)
+        hashing = ingestor._pool.submit(_sha256_of, self.header, data)
+        temp: TempFile | None = None
+        try:
+            problem: BaseException | None = None
+            try:
+                parsed = parse_dataset(data, self.transfer_syntax_uid, known=ingestor._known)
+                if parsed.sop_instance_uid != self.sop_instance_uid:
+                    raise InvalidInstance(
+                        f"the dataset's SOP Instance UID {parsed.sop_instance_uid} differs from the "
+                        f"request's {self.sop_instance_uid}")
+                dataset_sha256 = hashlib.sha256(data).hexdigest()
+            except Exception as exc:
+                problem = exc
+            try:
+                written = syncing.result()
+                temp = TempFile(written.path, written.size, hashing.result())
+            except Exception as exc:
+                problem = problem or exc
+            if problem is not None:
+                raise problem
+            assert temp is not None
+            return ingestor._place(parsed, temp, dataset_sha256, self.transfer_syntax_uid,
+                                   self.calling_ae, self.who)
+        except InvalidInstance as exc:
+            status = DATASET_DOES_NOT_MATCH_SOP_CLASS if "UID" in str(exc) else CANNOT_UNDERSTAND
+            LOGGER.warning("refused instance %s from %s: %s (status 0x%04X)",
+                           _short(self.sop_instance_uid), self.who, exc, status)
+            return StoreOutcome(status, "refused", self.sop_instance_uid, "", str(exc))
+        except (EdgeStoreError, JournalError) as exc:
+            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", self.sop_instance_uid, self.who, exc)
+            return StoreOutcome(OUT_OF_RESOURCES, "failed", self.sop_instance_uid, "", str(exc))
+        except Exception as exc:  # never let a handler crash the association
+            LOGGER.exception("unexpected failure storing %s from %s", self.sop_instance_uid, self.who)
+            return StoreOutcome(PROCESSING_FAILURE, "failed", self.sop_instance_uid, "", str(exc))
+        finally:
+            if temp is not None and temp.path.exists():
+                ingestor.store.discard(temp)
+            elif temp is None:
+                writer.abort()
 
 
 def _sha256_of(*parts: bytes | bytearray | memoryview) -> str:

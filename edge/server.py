@@ -518,18 +518,16 @@ class EdgeServer:
             (evt.EVT_ABORTED, _log_event),
         ]
 
-    def _store_request(self, request: fastnet.StoreRequest) -> int:
-        """C-STORE served in the DUL thread (see fastnet): store, count, return the status."""
+    def _store_request(self, request: fastnet.StoreRequest) -> "_CountingSink":
+        """A C-STORE served in the DUL thread (see fastnet): its dataset streams to tmp/."""
         requestor = request.assoc.requestor
         try:
             address = f"{requestor.address}:{requestor.port}"
         except Exception:
             address = "?"
-        outcome = self.ingestor.store_instance(
-            request.data, request.transfer_syntax_uid, request.sop_class_uid, request.sop_instance_uid,
-            str(requestor.ae_title).strip(), address)
-        self._count(outcome)
-        return outcome.status
+        incoming = self.ingestor.begin(request.transfer_syntax_uid, request.sop_class_uid,
+                                       request.sop_instance_uid, str(requestor.ae_title).strip(), address)
+        return _CountingSink(incoming, self._count)
 
     def _count(self, outcome: StoreOutcome) -> None:
         with self._counts_lock:
@@ -648,6 +646,22 @@ class EdgeServer:
                     LOGGER.exception("on_study_complete failed for study %s", study_uid)
             self.journal.mark_announced(study_uid)
         return done
+
+
+class _CountingSink:
+    """fastnet.StoreSink over an ingest.Incoming, counting outcomes for the server's stats."""
+
+    def __init__(self, incoming: Any, count: Callable[[StoreOutcome], None]) -> None:
+        self.incoming = incoming
+        self.count = count
+
+    def write(self, fragment: memoryview) -> None:
+        self.incoming.write(fragment)
+
+    def finish(self, data: bytes | memoryview) -> int:
+        outcome = self.incoming.finish(data)
+        self.count(outcome)
+        return outcome.status
 
 
 def _fallback_move(event: Any, server: EdgeServer) -> Iterator[Any]:

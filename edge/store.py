@@ -22,7 +22,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, cast
 
 from renkei.errors import StorageError
 from renkei.uids import validate_uid
@@ -125,6 +125,15 @@ class FileStore:
             raise self._error(exc, path) from None
         os.close(fd)
         return TempFile(path, size, digest.hexdigest() if digest is not None else "")
+
+    def open_temp(self) -> "TempWriter":
+        """A new temporary file to write in parts as they arrive (see TempWriter)."""
+        path = self.tmp_dir / f"{secrets.token_hex(12)}.part"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise self._error(exc, path) from None
+        return TempWriter(self, path, fd)
 
     def adopt_temp(self, path: Path) -> TempFile:
         """Take over a file written elsewhere in tmp/ (hash it, fsync it)."""
@@ -254,3 +263,45 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+class TempWriter:
+    """A temporary file being written; `sync()` fsyncs and closes it, `abort()` removes it."""
+
+    def __init__(self, store: FileStore, path: Path, fd: int) -> None:
+        self.store = store
+        self.path = path
+        self.fd: int | None = fd
+        self.size = 0
+
+    def write(self, part: bytes | bytearray | memoryview) -> None:
+        view = memoryview(part)
+        try:
+            while view:
+                written = os.write(cast(int, self.fd), view)
+                view = view[written:]
+                self.size += written
+        except OSError as exc:
+            self.abort()
+            raise self.store._error(exc, self.path) from None
+
+    def sync(self) -> TempFile:
+        fd = cast(int, self.fd)
+        try:
+            if self.store.fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            self.abort()
+            raise self.store._error(exc, self.path) from None
+        os.close(fd)
+        self.fd = None
+        return TempFile(self.path, self.size, "")
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        _unlink(self.path)
