@@ -207,9 +207,9 @@ class Incoming:
     """One instance being received, written to tmp/ fragment by fragment.
 
     `write` is called for each fragment as it arrives (the write overlaps the
-    rest of the transfer); `finish` then fsyncs the file in a worker thread
-    while this thread parses and hashes the dataset, and puts the file in its
-    place. Nothing is answered before the file and its journal record are
+    rest of the transfer); `finish` then fsyncs the file and hashes it in
+    worker threads while this thread parses the dataset (fsync and hashing
+    release the GIL), and puts the file in its place. Nothing is answered before the file and its journal record are
     durable.
     """
 
@@ -264,6 +264,7 @@ class Incoming:
         writer, self.writer = self.writer, None
         syncing = ingestor._pool.submit(writer.sync)
         hashing = ingestor._pool.submit(_sha256_of, self.header, data)
+        hashing_dataset = ingestor._pool.submit(_sha256_of, data)
         temp: TempFile | None = None
         try:
             problem: BaseException | None = None
@@ -273,7 +274,7 @@ class Incoming:
                     raise InvalidInstance(
                         f"the dataset's SOP Instance UID {parsed.sop_instance_uid} differs from the "
                         f"request's {self.sop_instance_uid}")
-                dataset_sha256 = hashlib.sha256(data).hexdigest()
+                dataset_sha256 = hashing_dataset.result()
             except Exception as exc:
                 problem = exc
             try:
