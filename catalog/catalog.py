@@ -233,6 +233,29 @@ class SiteTotals:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
+@dataclass(frozen=True)
+class RegistrationBatch:
+    """The instances of one origin site that one commit registered: when, how many, how many bytes."""
+
+    origin_site: str
+    at: dt.datetime
+    studies: int
+    instances: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StudyRegistration:
+    """When a study's instances reached the catalog: its first and last registration, and counts."""
+
+    study_uid: str
+    origin_site: str
+    first_registered_at: dt.datetime
+    last_registered_at: dt.datetime
+    instances: int
+    bytes: int
+
+
 @dataclass
 class CommitPlan:
     """What one commit adds: new rows per table, audit events, files to remove, a result."""
@@ -1144,6 +1167,114 @@ class Catalog:
                           int(r["backlog_studies"]), int(pending.pop(r["site"], 0))) for r in rows]
         out.extend(SiteTotals(site, 0, 0, 0, 0, int(n)) for site, n in sorted(pending.items()))
         return out
+
+    # ---------------------------------------------------------- reports (read-only)
+    def registrations(self, since: dt.datetime | str | None = None,
+                      until: dt.datetime | str | None = None) -> list[RegistrationBatch]:
+        """Per origin site and registration commit: studies, instances and bytes registered, oldest first.
+
+        What an operator's throughput chart is drawn from (instances are never
+        folded by compaction, so the history stays complete).
+        """
+        where, params = [], []
+        if since is not None:
+            where.append("registered_at >= ?::TIMESTAMPTZ")
+            params.append(_as_ts(since))
+        if until is not None:
+            where.append("registered_at < ?::TIMESTAMPTZ")
+            params.append(_as_ts(until))
+        rows = self._rows(
+            "SELECT origin_site, registered_at AS at, count(DISTINCT study_uid) AS studies, count(*) AS instances, "
+            "coalesce(sum(size), 0)::BIGINT AS bytes FROM instances "
+            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + "GROUP BY origin_site, registered_at ORDER BY registered_at, origin_site", params)
+        return [RegistrationBatch(r["origin_site"], r["at"], int(r["studies"]), int(r["instances"]),
+                                  int(r["bytes"])) for r in rows]
+
+    def study_registrations(self, since: dt.datetime | str | None = None,
+                            limit: int | None = None) -> list[StudyRegistration]:
+        """Studies by the time their last instance was registered (newest first), with first/last times.
+
+        `since` keeps studies whose last registration is at or after it.
+        """
+        having, params = [], []
+        if since is not None:
+            having.append("max(registered_at) >= ?::TIMESTAMPTZ")
+            params.append(_as_ts(since))
+        rows = self._rows(
+            "SELECT study_uid, any_value(origin_site) AS origin_site, min(registered_at) AS first_at, "
+            "max(registered_at) AS last_at, count(*) AS instances, coalesce(sum(size), 0)::BIGINT AS bytes "
+            "FROM instances GROUP BY study_uid "
+            + (f"HAVING {' AND '.join(having)} " if having else "")
+            + "ORDER BY last_at DESC, study_uid" + (f" LIMIT {int(limit)}" if limit else ""), params)
+        return [StudyRegistration(r["study_uid"], r["origin_site"], r["first_at"], r["last_at"],
+                                  int(r["instances"]), int(r["bytes"])) for r in rows]
+
+    def visibility_counts(self) -> dict[tuple[str, str], int]:
+        """{(viewer site, origin site): how many studies of the origin the viewer may see}.
+
+        The same rule as renkei.policy.decide: a site sees its own studies, and
+        another site's through an active grant; while the patient's consent is
+        withdrawn at the origin, only a person's grant counts.
+        """
+        rows = self._rows("""
+            WITH s AS (SELECT study_uid, arg_max(origin_site, _seq) AS origin_site,
+                              arg_max(patient_id, _seq) AS patient_id,
+                              arg_max(issuer_of_patient_id, _seq) AS issuer FROM studies GROUP BY study_uid),
+            g AS (SELECT study_uid, site, arg_max(action, _seq) AS action, arg_max(by_kind, _seq) AS by_kind
+                  FROM grants GROUP BY study_uid, site),
+            c AS (SELECT site, patient_id, issuer, arg_max(state, _seq) AS state FROM consents
+                  GROUP BY site, patient_id, issuer)
+            SELECT g.site AS viewer, s.origin_site AS origin, count(*) AS n FROM g JOIN s USING (study_uid)
+            LEFT JOIN c ON c.site = s.origin_site AND c.patient_id = s.patient_id AND c.issuer = s.issuer
+            WHERE g.action = 'grant' AND g.site <> s.origin_site
+              AND (c.state IS DISTINCT FROM 'withdrawn' OR g.by_kind = 'person')
+            GROUP BY g.site, s.origin_site
+            UNION ALL
+            SELECT origin_site AS viewer, origin_site AS origin, count(*) AS n FROM s GROUP BY origin_site""")
+        return {(r["viewer"], r["origin"]): int(r["n"]) for r in rows}
+
+    def recent_audit(self, actions: Sequence[str] | None = None, limit: int = 50,
+                     since: dt.datetime | str | None = None) -> list[AuditEvent]:
+        """The latest audit events (newest first), optionally only of the given actions."""
+        where, params = [], []
+        if actions is not None:
+            if not actions:
+                return []
+            where.append("list_contains(?::VARCHAR[], action)")
+            params.append(list(actions))
+        if since is not None:
+            where.append('"at" >= ?::TIMESTAMPTZ')
+            params.append(_as_ts(since))
+        rows = self._rows("SELECT * FROM audit " + (f"WHERE {' AND '.join(where)} " if where else "")
+                          + f"ORDER BY event_no DESC LIMIT {max(0, int(limit))}", params)
+        return [audit_mod.event_from_row(r) for r in rows]
+
+    def instance_locations(self, by: str | None = None, since: dt.datetime | str | None = None,
+                           limit: int | None = 500) -> list[LocationRecord]:
+        """Instance-level copies (latest state per instance and holder), newest first.
+
+        Instance-level rows are written for exceptions (the nightly verification
+        records what it found missing or corrupt, and whether it was repaired);
+        `by` and `since` filter on the latest record's writer and time.
+        """
+        where, params = [], []
+        if by is not None:
+            where.append('"by" = ?')
+            params.append(by)
+        if since is not None:
+            where.append('"at" >= ?::TIMESTAMPTZ')
+            params.append(_as_ts(since))
+        rows = self._rows(
+            "SELECT * FROM (SELECT study_uid, sop_instance_uid, holder, arg_max(state, _seq) AS state, "
+            "arg_max(verified_at, _seq) AS verified_at, arg_max(detail, _seq) AS detail, "
+            "arg_max(\"by\", _seq) AS \"by\", max(\"at\") AS \"at\" FROM locations WHERE sop_instance_uid <> '' "
+            "GROUP BY study_uid, sop_instance_uid, holder) "
+            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + "ORDER BY \"at\" DESC, study_uid, sop_instance_uid" + (f" LIMIT {int(limit)}" if limit else ""),
+            params)
+        return [LocationRecord(r["study_uid"], r["sop_instance_uid"] or None, r["holder"], r["state"],
+                               r["verified_at"], r["detail"] or "", r["by"] or "", r["at"]) for r in rows]
 
     # ---------------------------------------------------------- audit
     def append_audit(self, actor_site: str, actor: str, action: str, study_uid: str | None = None,

@@ -1,0 +1,112 @@
+"""The catalog's read-only report queries (what the operator's dashboard draws from)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from pathlib import Path
+
+import pytest
+
+from catalog import Catalog
+from renkei.config import load_config
+from renkei.sharing import Sharing
+from helpers_catalog import ROOT, make_batch, total_size
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nagasaki.yaml"
+
+
+@pytest.fixture
+def cat(tmp_path: Path):
+    catalog = Catalog(str(tmp_path / "catalog"), writer="test")
+    try:
+        yield catalog
+    finally:
+        catalog.close()
+
+
+def test_registrations_and_study_registrations(cat: Catalog) -> None:
+    a1, a2 = make_batch(1, 3, series=2), make_batch(2, 2)
+    hub = make_batch(3, 4, site="hub", issuer="HUB")
+    cat.register_many([a1, a2])
+    middle = dt.datetime.now(dt.timezone.utc)
+    cat.register(hub)
+    late = make_batch(1, 2, series=2, first=4)  # two late instances of study 1
+    cat.register(late)
+
+    batches = cat.registrations()
+    assert [(b.origin_site, b.studies, b.instances, b.bytes) for b in batches] == [
+        ("clinic-a", 2, 5, total_size([a1, a2])),
+        ("hub", 1, 4, total_size([hub])),
+        ("clinic-a", 1, 2, total_size([late])),
+    ]
+    assert batches[0].at <= batches[1].at <= batches[2].at
+    assert [b.origin_site for b in cat.registrations(since=middle)] == ["hub", "clinic-a"]
+    assert [b.origin_site for b in cat.registrations(until=middle)] == ["clinic-a"]
+
+    studies = cat.study_registrations()
+    assert [s.study_uid for s in studies] == [f"{ROOT}.1", f"{ROOT}.3", f"{ROOT}.2"]  # newest last instance first
+    first = studies[0]
+    assert (first.instances, first.bytes) == (5, total_size([a1, late]))
+    assert first.first_registered_at == batches[0].at and first.last_registered_at == batches[2].at
+    assert [s.study_uid for s in cat.study_registrations(limit=1)] == [f"{ROOT}.1"]
+    assert {s.study_uid for s in cat.study_registrations(since=middle)} == {f"{ROOT}.1", f"{ROOT}.3"}
+
+
+def test_visibility_counts_agree_with_every_decision(cat: Catalog) -> None:
+    config = load_config(EXAMPLE)
+    sharing = Sharing(config, cat)
+    batches = [make_batch(1, 1, site="clinic-a", patient_id="A1", issuer="OURA-CLINIC"),
+               make_batch(2, 1, site="clinic-a", patient_id="A2", issuer="OURA-CLINIC"),
+               make_batch(3, 1, site="clinic-b", patient_id="B1", issuer="HANAOKA-CLINIC"),
+               make_batch(4, 1, site="clinic-c", patient_id="C1", issuer="GOTO-CLINIC"),
+               make_batch(5, 1, site="hub", patient_id="H1", issuer="NAGASAKI-HUB"),
+               make_batch(6, 1, site="hub", patient_id="H2", issuer="NAGASAKI-HUB")]
+    cat.register_many(batches)
+    uids = [b.study.study_uid for b in batches]
+    sharing.flag(uids)  # every clinic study to the hub
+    sharing.publish(uids[4], ["clinic-b", "clinic-c"], "operator", "referral")
+    sharing.publish(uids[0], ["clinic-b"], "operator", "second opinion")  # a person's grant
+    sharing.unpublish(uids[4], ["clinic-c"], "operator", "sent by mistake")
+    sharing.withdraw_consent("clinic-a", "A1", "OURA-CLINIC", "operator", "patient asked")
+    cat.grant(uids[0], "clinic-c", "rule", "late-rule")  # a rule grant racing the withdrawal: not in force
+
+    counts = cat.visibility_counts()
+    for viewer, origin in itertools.product(config.site_ids, repeat=2):
+        expected = sum(1 for b in batches if b.study.origin_site == origin
+                       and sharing.decide(viewer, b.study.study_uid).allowed)
+        assert counts.get((viewer, origin), 0) == expected, (viewer, origin)
+    # the cases above really happened: consent stops the rule grant, not the person's
+    assert counts[("hub", "clinic-a")] == 1 and counts[("clinic-b", "clinic-a")] == 1
+    assert counts[("clinic-b", "hub")] == 1 and ("clinic-c", "hub") not in counts
+    assert ("clinic-c", "clinic-a") not in counts
+
+
+def test_recent_audit_and_instance_locations(cat: Catalog) -> None:
+    batch = make_batch(1, 3)
+    cat.register(batch)
+    for n in range(5):
+        cat.append_audit("hub", f"HUB_WS{n}", "find" if n % 2 else "retrieve", batch.study.study_uid, "clinic-a")
+    cat.append_audit("center", "verify_backups", "verify-backups", detail={"instances": 3, "findings": 1})
+
+    newest = cat.recent_audit(limit=3)
+    assert [e.action for e in newest] == ["verify-backups", "retrieve", "find"]
+    assert newest[0].event_no > newest[1].event_no > newest[2].event_no
+    access = cat.recent_audit(["find", "retrieve"], limit=10)
+    assert [e.actor for e in access] == [f"HUB_WS{n}" for n in (4, 3, 2, 1, 0)]
+    assert cat.recent_audit(["verify-backups"], limit=1)[0].detail["findings"] == 1
+    assert cat.recent_audit([]) == []
+
+    sop = [i.sop_instance_uid for i in batch.instances]
+    cat.set_locations([{"study_uid": batch.study.study_uid, "sop_instance_uid": sop[0], "holder": "center",
+                        "state": "missing", "by": "verify_backups", "detail": "no edge copy"}])
+    cat.set_locations([{"study_uid": batch.study.study_uid, "sop_instance_uid": sop[1], "holder": "center",
+                        "state": "verified", "by": "verify_backups", "detail": "uploaded again"}])
+    found = cat.instance_locations(by="verify_backups")
+    assert [(f.sop_instance_uid, f.state) for f in found] == [(sop[1], "verified"), (sop[0], "missing")]
+    assert cat.instance_locations(by="someone-else") == []
+    # a later record by another writer replaces the state the filter sees
+    cat.set_locations([{"study_uid": batch.study.study_uid, "sop_instance_uid": sop[0], "holder": "center",
+                        "state": "verified", "by": "operator", "detail": "restored by hand"}])
+    assert [f.sop_instance_uid for f in cat.instance_locations(by="verify_backups")] == [sop[1]]
+    assert len(cat.instance_locations(limit=1)) == 1
