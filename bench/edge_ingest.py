@@ -143,13 +143,15 @@ def main() -> int:
             results["orthanc"].append(n / seconds)
             # the edge as a sender (C-MOVE to storescp) against storescu to the same storescp
             seconds = timed(["movescu", "-S", "-aet", "MOVESCU", "-aec", "HUB_SVR", "-aem", "STORESCP",
-                             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.info.study_uid}",
+                             "-k", "QueryRetrieveLevel=STUDY",
+                             "-k", f"StudyInstanceUID={study.info.study_uid}",
                              "127.0.0.1", str(edge_port)])
             results["edge_send"].append(n / seconds)
             seconds = timed([*storescu, "-aec", "STORESCP", "127.0.0.1", str(send_port), *files])
             results["storescu_send"].append(n / seconds)
             edge.stop()
-            print(f"round {round_no}: " + "  ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items()), flush=True)
+            line = "  ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items())
+            print(f"round {round_no}: {line}", flush=True)
     finally:
         edge.stop()
         for peer in (storescp, orthanc, sink):

@@ -30,7 +30,6 @@ import select
 import socket
 import ssl
 import struct
-import threading
 import time
 from copy import copy
 from dataclasses import dataclass

@@ -209,8 +209,8 @@ class Incoming:
     `write` is called for each fragment as it arrives (the write overlaps the
     rest of the transfer); `finish` then fsyncs the file and hashes it in
     worker threads while this thread parses the dataset (fsync and hashing
-    release the GIL), and puts the file in its place. Nothing is answered before the file and its journal record are
-    durable.
+    release the GIL), and puts the file in its place. Nothing is answered
+    before the file and its journal record are durable.
     """
 
     def __init__(self, ingestor: Ingestor, transfer_syntax_uid: str, sop_class_uid: str,
@@ -228,7 +228,8 @@ class Incoming:
             msg = (f"the request's SOP Class/Instance UID {_short(self.sop_class_uid)}/"
                    f"{_short(self.sop_instance_uid)} is not valid")
             LOGGER.warning("refused instance from %s: %s (status 0xA900)", self.who, msg)
-            self.outcome = StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, "refused", self.sop_instance_uid, "", msg)
+            self.outcome = StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, "refused",
+                                        self.sop_instance_uid, "", msg)
             return
         self.header = encode_file_meta(self.sop_class_uid, self.sop_instance_uid, transfer_syntax_uid,
                                        calling_ae)

@@ -87,7 +87,8 @@ CREATE TABLE IF NOT EXISTS series (
 );
 CREATE INDEX IF NOT EXISTS series_study ON series (study_uid);
 CREATE TABLE IF NOT EXISTS instances (
-    {", ".join(f"{c} TEXT NOT NULL DEFAULT ''" for c in INSTANCE_COLUMNS.values() if c != "sop_instance_uid")},
+    {", ".join(f"{c} TEXT NOT NULL DEFAULT ''" for c in INSTANCE_COLUMNS.values()
+               if c != "sop_instance_uid")},
     sop_instance_uid TEXT PRIMARY KEY,
     study_uid TEXT NOT NULL,
     series_uid TEXT NOT NULL,
@@ -612,7 +613,8 @@ class Journal:
         for r in self._query(sql, params):
             record = {k: r[c] for k, c in STUDY_COLUMNS.items()}
             record["SpecificCharacterSet"] = r["specific_character_set"]
-            record["ModalitiesInStudy"] = "\\".join(sorted((r["modalities"] or "").split(","))) if r["modalities"] else ""
+            modalities = sorted(r["modalities"].split(",")) if r["modalities"] else []
+            record["ModalitiesInStudy"] = "\\".join(modalities)
             record["NumberOfStudyRelatedSeries"] = str(r["n_series"])
             record["NumberOfStudyRelatedInstances"] = str(r["n_inst"])
             record["_last_received"] = r["last_received"]
@@ -685,7 +687,8 @@ class Journal:
             record = {k: latest[k] for k in ("PatientName", "PatientID", "IssuerOfPatientID",
                                                "PatientBirthDate", "PatientSex", "SpecificCharacterSet")}
             record["NumberOfPatientRelatedStudies"] = str(len(group))
-            record["NumberOfPatientRelatedSeries"] = str(sum(int(s["NumberOfStudyRelatedSeries"]) for s in group))
+            record["NumberOfPatientRelatedSeries"] = str(
+                sum(int(s["NumberOfStudyRelatedSeries"]) for s in group))
             record["NumberOfPatientRelatedInstances"] = str(
                 sum(int(s["NumberOfStudyRelatedInstances"]) for s in group))
             record["_study_uids"] = [s["StudyInstanceUID"] for s in group]

@@ -328,7 +328,8 @@ class QRService:
                     self.access.audit(AccessEvent("find", calling_ae, study_uid, source.name, True, level))
                 yield response_identifier(record, level, requested, model, self.ae_title)
 
-    def plan_retrieve(self, calling_ae: str, model: str, identifier: Dataset) -> tuple[list[RetrieveItem], int]:
+    def plan_retrieve(self, calling_ae: str, model: str,
+                      identifier: Dataset) -> tuple[list[RetrieveItem], int]:
         """The instances to send for a C-MOVE/C-GET, and how many were refused by access."""
         level, query, _requested = query_of(identifier)
         check_level(model, level)

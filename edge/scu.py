@@ -214,7 +214,8 @@ def pull(config: RegionConfig, site_id: str, *, study_uid: str | None = None,
                 w = int(getattr(final, "NumberOfWarningSuboperations", 0) or 0)
                 completed, failed, warning = completed + c, failed + f, warning + w
                 if code != SUCCESS:
-                    failures.append(f"{uid}: status 0x{code:04X}" if code is not None else f"{uid}: no response")
+                    failures.append(f"{uid}: status 0x{code:04X}" if code is not None
+                                    else f"{uid}: no response")
         finally:
             if assoc.is_established:
                 assoc.release()

@@ -168,7 +168,7 @@ def handle_find(event: Any, qr: QRService) -> Iterator[tuple[int, Dataset | None
         LOGGER.warning("C-FIND from %s@%s refused: %s", calling_ae, address, exc)
         yield IDENTIFIER_DOES_NOT_MATCH, None
         return
-    except Exception as exc:
+    except Exception:
         LOGGER.exception("C-FIND from %s@%s failed", calling_ae, address)
         yield UNABLE_TO_PROCESS, None
         return
@@ -487,7 +487,8 @@ class EdgeServer:
 
     # -- pynetdicom set-up -------------------------------------------------------
     def _build_ae(self) -> AE:
-        ae = fastnet.FastAE(ae_title=self.site.edge.ae_title) if self.fast else AE(ae_title=self.site.edge.ae_title)
+        ae_title = self.site.edge.ae_title
+        ae = fastnet.FastAE(ae_title=ae_title) if self.fast else AE(ae_title=ae_title)
         ae.maximum_pdu_size = self.max_pdu
         ae.maximum_associations = 32
         ae.acse_timeout = 30

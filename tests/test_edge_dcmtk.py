@@ -11,7 +11,6 @@ Implementation Class UID and Version Name name each program and differ.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import time
 import warnings
@@ -43,7 +42,7 @@ from pydicom.uid import (
 )
 
 from edge import fastnet
-from edge.parsing import InvalidInstance, encode_file_meta, parse_dataset, split_file_meta
+from edge.parsing import InvalidInstance, parse_dataset, split_file_meta
 from edge.server import EdgeServer
 from renkei import peers
 
@@ -295,7 +294,8 @@ def test_bad_input_is_refused_and_the_edge_keeps_serving(edge: EdgeServer, regio
     with caplog.at_level(logging.WARNING, logger="renkei.edge"):
         for bad_uid in ("1.2..3", "1.2.03", "1.2.x", "1." + "9" * 70, "../../etc"):
             path = make_instance(tmp_path / "bad.dcm", study_uid=bad_uid, series_uid=generate_uid())
-            status = _send_raw(region.edge_port, dataset_bytes(path), ct, meta_of(path)["MediaStorageSOPInstanceUID"])
+            status = _send_raw(region.edge_port, dataset_bytes(path), ct,
+                               meta_of(path)["MediaStorageSOPInstanceUID"])
             assert status == 0xA900, bad_uid
         no_series = make_instance(tmp_path / "noseries.dcm", study_uid=generate_uid(), series_uid="1.2")
         ds = dcmread(no_series)
@@ -344,8 +344,8 @@ def test_full_disk_is_answered_out_of_resources(tmp_path: Path) -> None:
             statuses = []
             for path in files:
                 meta = meta_of(path)
-                statuses.append(_send_raw(region.edge_port, dataset_bytes(path), meta["MediaStorageSOPClassUID"],
-                                          meta["MediaStorageSOPInstanceUID"]))
+                sop_class, sop_uid = meta["MediaStorageSOPClassUID"], meta["MediaStorageSOPInstanceUID"]
+                statuses.append(_send_raw(region.edge_port, dataset_bytes(path), sop_class, sop_uid))
             assert 0xA700 in statuses and 0x0000 in statuses
             assert set(statuses) <= {0x0000, 0xA700}
             stored = [f for f, s in zip(files, statuses) if s == 0]
@@ -465,7 +465,8 @@ def test_findscu_levels_in_patient_and_study_root(edge: EdgeServer, region: Regi
                 if dcmread(f, stop_before_pixels=True).SeriesInstanceUID == series[0].SeriesInstanceUID}
     assert {i.SOPInstanceUID for i in images} == expected
     refused = run(["findscu", "-v", "-S", "-aet", "FINDSCU", "-aec", "HUB_SVR", "-k",
-                   "QueryRetrieveLevel=PATIENT", "-k", "PatientID", "127.0.0.1", region.edge_port], check=False)
+                   "QueryRetrieveLevel=PATIENT", "-k", "PatientID", "127.0.0.1", region.edge_port],
+                  check=False)
     assert b"DataSetDoesNotMatchSOPClass" in refused.stderr + refused.stdout  # 0xA900: no PATIENT level
 
 

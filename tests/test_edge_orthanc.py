@@ -58,8 +58,9 @@ def _wait_instances(edge: EdgeServer, study_uid: str, count: int, timeout: float
 
 
 def test_orthanc_sends_a_study_to_the_edge(site: Site, tmp_path: Path) -> None:
-    study_uid, files = make_study(tmp_path / "s", 6, series=2, patient_id="OR1",
-                                  patient_name="Suzuki^Ichiro=鈴木^一郎=すずき^いちろう", charset=CHARSET_UTF8)
+    name = "Suzuki^Ichiro=鈴木^一郎=すずき^いちろう"
+    study_uid, files = make_study(tmp_path / "s", 6, series=2, patient_id="OR1", patient_name=name,
+                                  charset=CHARSET_UTF8)
     study_id = _upload(site.orthanc, files)
     site.orthanc.rest("POST", "/modalities/edge/store", {"Resources": [study_id], "Synchronous": True})
     _wait_instances(site.edge, study_uid, 6)
@@ -69,7 +70,7 @@ def test_orthanc_sends_a_study_to_the_edge(site: Site, tmp_path: Path) -> None:
     for entry in entries:
         assert dataset_bytes(entry.path) == dataset_bytes(originals[entry.instance.sop_instance_uid])
         assert entry.calling_ae == "ORTHANC"
-    assert site.edge.journal.study_info(study_uid, "hub").patient_name == "Suzuki^Ichiro=鈴木^一郎=すずき^いちろう"
+    assert site.edge.journal.study_info(study_uid, "hub").patient_name == name
 
 
 def test_the_edge_sends_a_study_to_orthanc(site: Site, tmp_path: Path) -> None:
