@@ -1,0 +1,57 @@
+"""`deliver`: studies published to a site, pushed ahead of time to its edge (and its PACS).
+
+Runs on the destination site's work pool (next to its edge and PACS). The
+hub's `sync_site` starts it for a hub exam ordered by a clinic (the source's
+"published to the clinic instantly after the exam"); `publish` starts it too.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+
+from tasks.clinical import import_study, patient_id_at_site, start_deliveries
+from tasks.common import publish_artifacts
+
+
+@flow(name="deliver")
+def deliver(site: str, study_uids: list[str], to_pacs: bool = False, config: str | None = None,
+            data_dir: str | None = None) -> dict[str, Any]:
+    """Copy the studies from the center into the site's edge cache; with `to_pacs`, also import them
+    into its PACS under the site's own Patient ID (when the patient is known there)."""
+    started = time.monotonic()
+    rows = []
+    for study_uid in study_uids:
+        pacs = to_pacs
+        ident = {"found": False, "detail": "not asked"}
+        if to_pacs:
+            ident = patient_id_at_site(site, study_uid, config, data_dir)
+            pacs = bool(ident["found"])
+        state = import_study(site, study_uid, ident.get("patient_id", ""), ident.get("issuer", ""), True, pacs,
+                             config, data_dir, return_state=True)
+        ok = state.is_completed()
+        out = state.result(raise_on_failure=False)
+        rows.append({"study_uid": study_uid, "edge": "cached" if ok else f"FAILED: {out}",
+                     "pacs": ("imported" if ok and pacs else
+                              ident["detail"] if to_pacs and not pacs else "not asked")})
+    elapsed = time.monotonic() - started
+    publish_artifacts(f"deliver-{site}", f"deliver to {site}",
+                      [f"{len(study_uids)} studies delivered to {site} in {elapsed:.1f} s."], rows,
+                      "Studies pushed ahead of time")
+    failed = [r for r in rows if r["edge"].startswith("FAILED")]
+    if failed:
+        raise RuntimeError(f"{len(failed)} studies could not be delivered to {site}")
+    return {"site": site, "studies": rows, "seconds": elapsed}
+
+
+def distribute(plan: dict[str, dict[str, Any]], config: str | None = None,
+               data_dir: str | None = None) -> dict[str, str]:
+    """Start `deliver` at each destination site (its own pool); inline when no deployment exists."""
+    started = start_deliveries(plan, config, data_dir)
+    for site, how in list(started.items()):
+        if how == "no deployment":
+            result = deliver(site, plan[site]["study_uids"], plan[site]["to_pacs"], config, data_dir)
+            started[site] = f"delivered here ({len(result['studies'])} studies; no deployment deliver-{site})"
+    return started

@@ -1,0 +1,58 @@
+"""`fetch_priors`: when a patient is admitted, their prior studies from other sites land in this site's PACS."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+
+from tasks.clinical import find_prior_studies, import_study, resolve_patient
+from tasks.common import publish_artifacts
+
+
+@flow(name="fetch_priors")
+def fetch_priors(site: str, patient_id: str, issuer: str = "", lookback_years: float = 5.0,
+                 modalities: list[str] | None = None, patient_name: str = "", birth_date: str = "",
+                 sex: str = "", config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Resolve the patient across sites, then bring their visible prior studies from other sites to
+    this site's edge and import them into its PACS under this site's Patient ID.
+
+    An ambiguous identity fetches nothing: the candidates are listed in the artifact for an
+    operator to confirm with `renkei link`.
+    """
+    started = time.monotonic()
+    res = resolve_patient(site, patient_id, issuer, patient_name, birth_date, sex, config, data_dir)
+    lines = [f"Patient of **{site}** resolved by **{res['method']}**: {res['detail']}", ""]
+    studies: list[dict[str, Any]] = []
+    imported: list[dict[str, Any]] = []
+    if not res["resolved"]:
+        if res["candidates"]:
+            lines += ["Nothing was fetched. Candidates (confirm with "
+                      "`renkei link --site SITE --patient-id ID --with SITE2:ID2`):", "",
+                      "| site | patient ID | issuer | name | birth date | sex | studies |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {c['site']} | {c['patient_id']} | {c['issuer']} | {c['patient_name']} | "
+                      f"{c['patient_birth_date']} | {c['patient_sex']} | {c['studies']} |" for c in res["candidates"]]
+    else:
+        studies = find_prior_studies(res, lookback_years, modalities, config, data_dir)
+        futures = [import_study.submit(site, s["study_uid"], res["patient_id"], res["issuer"], True, True,
+                                       config, data_dir) for s in studies]
+        for study, future in zip(studies, futures):
+            future.wait()
+            outcome = future.result(raise_on_failure=False)
+            ok = future.state.is_completed()
+            pacs = outcome.get("pacs", {}) if ok and isinstance(outcome, dict) else {}
+            imported.append({"study_uid": study["study_uid"], "from": study["origin_site"],
+                             "date": study["study_date"], "modalities": ",".join(study["modalities"]),
+                             "instances": study["instances"],
+                             "result": ("already in the PACS" if pacs.get("skipped") else
+                                        f"imported {pacs.get('sent', 0)}") if ok else f"FAILED: {outcome}"})
+        lines.append(f"{len(studies)} prior studies found at other sites within {lookback_years:g} years.")
+    elapsed = time.monotonic() - started
+    lines.append(f"Done in {elapsed:.1f} s.")
+    publish_artifacts(f"fetch-priors-{site}", f"fetch_priors at {site}", lines, imported,
+                      "Prior studies fetched for an admitted patient")
+    failed = [i for i in imported if i["result"].startswith("FAILED")]
+    if failed:
+        raise RuntimeError(f"{len(failed)} prior studies could not be imported; see the artifact")
+    return {"resolution": res, "studies": imported, "seconds": elapsed}

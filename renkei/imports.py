@@ -1,0 +1,130 @@
+"""Bringing studies from the center into a site: its edge (a cached copy) and its PACS (a reconciled copy).
+
+Pure code (no Prefect). Bytes are read from the center only after their
+SHA-256 matches the catalog (`ObjectStore.read_verified`); the PACS receives a
+copy carrying the site's own Patient ID (`renkei.priors.reconcile`), sent by
+C-STORE from the site's edge AE title.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from catalog.catalog import Catalog
+from catalog.store import ObjectStore
+from edge.qr import RetrieveItem
+from edge.scu import send_items
+from renkei.config import Layout
+from renkei.errors import PeerError
+from renkei.priors import reconcile
+
+log = logging.getLogger("renkei.imports")
+
+BATCH = 64  # instances held in memory at once while importing
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    study_uid: str
+    instances: int = 0
+    sent: int = 0
+    skipped: bool = False
+    seconds: float = 0.0
+    failures: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def pacs_instance_count(layout: Layout, site_id: str, study_uid: str) -> int:
+    """How many instances of the study the site's PACS holds (C-FIND, 0 if none)."""
+    site = layout.config.site(site_id)
+    if site.pacs is None:
+        return 0
+    ae = AE(ae_title=site.edge.ae_title)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate(site.pacs.host, site.pacs.port, ae_title=site.pacs.ae_title)
+    if not assoc.is_established:
+        raise PeerError(f"the PACS {site.pacs.ae_title} of {site_id} refused or did not answer")
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid
+    query.NumberOfStudyRelatedInstances = ""
+    count = 0
+    try:
+        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
+                count = max(count, int(identifier.get("NumberOfStudyRelatedInstances", 0) or 0))
+    finally:
+        assoc.release()
+    return count
+
+
+def import_to_pacs(layout: Layout, catalog: Catalog, store: ObjectStore, site_id: str, study_uid: str,
+                   patient_id: str, issuer: str, skip_if_complete: bool = True) -> ImportResult:
+    """Send a reconciled copy of a center study to the site's PACS; skipped when it holds it complete."""
+    started = time.monotonic()
+    site = layout.config.site(site_id)
+    if site.pacs is None:
+        return ImportResult(study_uid, failures=(f"site {site_id} has no PACS configured",))
+    rows = catalog.instances(study_uid)
+    if skip_if_complete and rows and pacs_instance_count(layout, site_id, study_uid) >= len(rows):
+        return ImportResult(study_uid, len(rows), 0, True, time.monotonic() - started)
+    sent = 0
+    failures: list[str] = []
+    for start in range(0, len(rows), BATCH):
+        items = []
+        for row in rows[start:start + BATCH]:
+            try:
+                data = reconcile(store.read_verified(row["object_key"], row["sha256"]), patient_id, issuer)
+            except Exception as exc:  # one unreadable object must not stop the others
+                failures.append(f"{row['sop_instance_uid']}: {exc}")
+                continue
+            items.append(RetrieveItem(study_uid, row["series_uid"], row["sop_instance_uid"], row["sop_class_uid"],
+                                      row["transfer_syntax_uid"], data=data, source="center"))
+        n, failed = send_items(site.edge.ae_title, site.pacs, items)
+        sent += n
+        failures.extend(f"{uid}: the PACS refused it" for uid in failed)
+    if sent:
+        catalog.set_location(study_uid, f"pacs:{site_id}", "present" if not failures else "missing",
+                             detail=f"{sent} of {len(rows)} instances imported as {patient_id}", by="import")
+    log.info("imported %s into the PACS of %s: %d of %d instances", study_uid, site_id, sent, len(rows))
+    return ImportResult(study_uid, len(rows), sent, False, time.monotonic() - started, tuple(failures))
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    study_uid: str
+    instances: int = 0
+    fetched: int = 0
+    seconds: float = 0.0
+
+
+def cache_at_edge(layout: Layout, catalog: Catalog, store: ObjectStore, site_id: str, study_uid: str) -> CacheResult:
+    """Keep a copy of a center study in the site edge's cache (so its workstations read it locally)."""
+    from edge.center import EdgeCache
+
+    started = time.monotonic()
+    rows = catalog.instances(study_uid)
+    cache = EdgeCache(layout.edge_store(site_id))
+    fetched = 0
+    try:
+        for row in rows:
+            entry = cache.journal.entry(row["sop_instance_uid"])
+            if entry is not None and entry.local and entry.instance.sha256 == row["sha256"]:
+                continue
+            cache.put(store.read_verified(row["object_key"], row["sha256"]))
+            fetched += 1
+    finally:
+        cache.close()
+    if rows:
+        catalog.set_location(study_uid, f"edge:{site_id}", "present", detail="cached copy", by="deliver")
+    return CacheResult(study_uid, len(rows), fetched, time.monotonic() - started)

@@ -1,0 +1,112 @@
+"""Tasks of the clinical flows: resolve a patient across sites, find priors, import reconciled copies."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import task
+
+from renkei import runtime
+from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger
+
+
+@task(name="resolve-patient", retries=2, retry_delay_seconds=[2, 8])
+def resolve_patient(site: str, patient_id: str, issuer: str, patient_name: str = "", birth_date: str = "",
+                    sex: str = "", config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """The person's IDs at every site (links, else an unambiguous exact demographic match)."""
+    from renkei.priors import Demographics, resolve_person
+
+    lay = runtime.layout(config, data_dir)
+    given = Demographics(patient_name, birth_date, sex) if (patient_name or birth_date) else None
+    with runtime.open_catalog(lay) as catalog:
+        res = resolve_person(lay.config, catalog, site, patient_id, issuer, given)
+    logger().info("patient at %s resolved by %s: %d site-local IDs, %d candidates",
+                  site, res.method, len(res.ids), len(res.candidates))
+    return {"site": res.site, "patient_id": res.patient_id, "issuer": res.issuer, "method": res.method,
+            "resolved": res.resolved, "person_id": res.person_id, "detail": res.detail,
+            "ids": [list(x) for x in res.ids],
+            "candidates": [asdict(c) for c in res.candidates]}
+
+
+@task(name="find-priors", retries=2, retry_delay_seconds=[2, 8])
+def find_prior_studies(resolution: dict[str, Any], lookback_years: float, modalities: list[str] | None,
+                       config: str | None = None, data_dir: str | None = None) -> list[dict[str, Any]]:
+    """The person's studies at other sites visible to the requesting site (newest first)."""
+    from renkei.priors import Resolution, find_priors
+
+    lay = runtime.layout(config, data_dir)
+    res = Resolution(resolution["site"], resolution["patient_id"], resolution["issuer"],
+                     tuple(tuple(x) for x in resolution["ids"]), resolution["method"])
+    with runtime.open_catalog(lay) as catalog:
+        rows = find_priors(catalog, res, lookback_years, modalities)
+    return [{"study_uid": r.study_uid, "origin_site": r.origin_site, "study_date": r.study_date,
+             "modalities": list(r.modalities), "instances": r.instance_count, "bytes": r.bytes,
+             "description": r.study_description} for r in rows]
+
+
+@task(name="import-study", task_run_name="import {study_uid}", retries=IO_RETRIES,
+      retry_delay_seconds=IO_RETRY_DELAYS)
+def import_study(site: str, study_uid: str, patient_id: str, issuer: str, to_edge: bool = True,
+                 to_pacs: bool = True, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Bring one study from the center to the site: a cached copy at its edge, a reconciled copy in its PACS."""
+    from renkei.imports import cache_at_edge, import_to_pacs
+
+    lay = runtime.layout(config, data_dir)
+    store = runtime.open_store(lay)
+    out: dict[str, Any] = {"study_uid": study_uid}
+    with runtime.open_catalog(lay) as catalog:
+        if to_edge:
+            out["edge"] = asdict(cache_at_edge(lay, catalog, store, site, study_uid))
+        if to_pacs and lay.config.site(site).pacs is not None:
+            result = import_to_pacs(lay, catalog, store, site, study_uid, patient_id, issuer)
+            out["pacs"] = asdict(result)
+            if result.failures:
+                raise RuntimeError(f"{len(result.failures)} instance(s) of {study_uid} not imported: "
+                                   f"{result.failures[0]}")
+        row = catalog.study(study_uid)
+        catalog.append_audit(site, "fetch_priors" if to_pacs else "deliver", "import", study_uid,
+                             target_site=row.origin_site if row else None, outcome="ok",
+                             detail={"to_edge": to_edge, "to_pacs": to_pacs})
+    return out
+
+
+@task(name="patient-id-at-site", retries=2, retry_delay_seconds=[2, 8])
+def patient_id_at_site(site: str, study_uid: str, config: str | None = None,
+                       data_dir: str | None = None) -> dict[str, Any]:
+    """The destination's own (patient_id, issuer) for the patient of a study from another site."""
+    from renkei.priors import resolve_person
+
+    lay = runtime.layout(config, data_dir)
+    with runtime.open_catalog(lay) as catalog:
+        row = catalog.study(study_uid)
+        if row is None:
+            return {"found": False, "detail": f"study {study_uid} is not in the catalog"}
+        res = resolve_person(lay.config, catalog, row.origin_site, row.patient_id, row.issuer_of_patient_id,
+                             operator="deliver")
+    mine = [x for x in res.ids if x[0] == site]
+    if not res.resolved or len(mine) != 1:
+        return {"found": False, "detail": f"the patient's ID at {site} is not known ({res.method}: {res.detail})"}
+    return {"found": True, "patient_id": mine[0][1], "issuer": mine[0][2], "method": res.method}
+
+
+@task(name="start-deliveries")
+def start_deliveries(plan: dict[str, dict[str, Any]], config: str | None = None,
+                     data_dir: str | None = None) -> dict[str, str]:
+    """Start a `deliver` run on each destination site's own work pool; {site: flow run id or reason}."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    from tasks.trigger import deployment_name
+
+    started: dict[str, str] = {}
+    for site, entry in plan.items():
+        params = {"site": site, "study_uids": entry["study_uids"], "to_pacs": entry["to_pacs"],
+                  "config": config, "data_dir": data_dir}
+        try:
+            run = run_deployment(deployment_name("deliver", site), parameters=params, timeout=0,
+                                 as_subflow=False, tags=["renkei", f"site:{site}"])
+            started[site] = f"flow run {run.id}"
+        except ObjectNotFound:
+            started[site] = "no deployment"
+    return started
