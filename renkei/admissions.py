@@ -90,10 +90,38 @@ def parse_admission(message: hl7.Message, config: RegionConfig, site_id: str) ->
         event=event,
         location=location,
         message_control_id=control_id,
-        patient_name=str(pid(5)).strip() if len(pid) > 5 else "",
+        patient_name=dicom_person_name(pid(5)) if len(pid) > 5 else "",
         birth_date=str(pid(7)).strip()[:8] if len(pid) > 7 else "",
         sex=str(pid(8)).strip() if len(pid) > 8 else "",
     )
+
+
+def dicom_person_name(field: object) -> str:
+    """PID-5 (XPN, repeated per representation) as DICOM PN text: alphabetic=ideographic=phonetic.
+
+    XPN.8 gives the representation (A, I, P); without it, the script decides.
+    """
+    groups = {"A": "", "I": "", "P": ""}
+    reps = list(field) if isinstance(field, hl7.Field) and field and isinstance(field[0], hl7.Repetition) \
+        else [field]
+    for rep in reps:
+        comps = str(rep).split("^")
+        name = "^".join(c.strip() for c in comps[:2]).rstrip("^")
+        code = comps[7].strip().upper() if len(comps) > 7 and comps[7].strip() else _script(name)
+        if code in groups and name and not groups[code]:
+            groups[code] = name
+    text = "=".join([groups["A"], groups["I"], groups["P"]]).rstrip("=")
+    return text
+
+
+def _script(text: str) -> str:
+    """'I' for ideographs, 'P' for kana only, else 'A'."""
+    letters = [c for c in text if c not in "^ "]
+    if any("\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" for c in letters):
+        return "I"
+    if letters and all("\u3040" <= c <= "\u30ff" or c == "\u30fc" for c in letters):
+        return "P"
+    return "A"
 
 
 def _pick_identifier(pid: hl7.Segment, site_issuer: str) -> tuple[str, str]:

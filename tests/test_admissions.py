@@ -92,3 +92,15 @@ def test_garbage_gets_a_rejection_and_the_listener_keeps_serving(listener) -> No
     assert b"MSA|AR|" in asyncio.run(raw())
     acks = asyncio.run(_send_all(lst.port, [adt("A01", "OK1")]))
     assert _msa(acks[0])[:2] == ("AA", "OK1") and len(received) == 1
+
+
+@pytest.mark.parametrize("pid5, expected", [
+    ("Yamada^Taro^^^^^L^A~山田^太郎^^^^^L^I~やまだ^たろう^^^^^L^P", "Yamada^Taro=山田^太郎=やまだ^たろう"),
+    ("山田^太郎~ヤマダ^タロウ", "=山田^太郎=ヤマダ^タロウ"),
+    ("Yamada^Taro", "Yamada^Taro"),
+])
+def test_japanese_names_become_dicom_person_names(pid5: str, expected: str) -> None:
+    from renkei.admissions import dicom_person_name
+
+    message = hl7.parse(adt("A01", "N1").replace("Yamada^Taro", pid5))
+    assert dicom_person_name(message.segment("PID")(5)) == expected
