@@ -30,7 +30,7 @@ from renkei.uids import is_valid_uid
 
 from edge.journal import Journal, JournalError
 from edge.parsing import InvalidInstance, ParsedInstance, encode_file_meta, parse_dataset, split_file_meta
-from edge.store import EdgeStoreError, FileStore, TempFile, TempWriter
+from edge.store import DiskFull, EdgeStoreError, FileStore, TempFile, TempWriter
 
 LOGGER = logging.getLogger("renkei.edge.store")
 
@@ -68,7 +68,11 @@ class Ingestor:
         self.store = store
         self.journal = journal
         self._decision_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-write")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-hash")
+        # one writer thread per lane keeps each file's writes in order while the
+        # receiving thread goes on reading the network; associations spread over lanes
+        self._lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edge-write{i}")
+                       for i in range(4)]
         self._known_studies: set[str] = set()
         self._known_series: set[str] = set()
 
@@ -224,6 +228,7 @@ class Incoming:
         self.outcome: StoreOutcome | None = None  # decided before the data arrived
         self.writer: TempWriter | None = None
         self.header = b""
+        self.lane = ingestor._lanes[threading.get_ident() % len(ingestor._lanes)]
         if not (is_valid_uid(self.sop_instance_uid) and is_valid_uid(self.sop_class_uid)):
             msg = (f"the request's SOP Class/Instance UID {_short(self.sop_class_uid)}/"
                    f"{_short(self.sop_instance_uid)} is not valid")
@@ -248,12 +253,9 @@ class Incoming:
             self.writer = None
 
     def write(self, fragment: bytes | bytearray | memoryview) -> None:
-        if self.writer is None:
-            return
-        try:
-            self.writer.write(fragment)
-        except EdgeStoreError as exc:
-            self._fail(exc)
+        """Queue a fragment for the writer thread (a failure surfaces in `finish`)."""
+        if self.writer is not None:
+            self.lane.submit(_write_quietly, self.writer, fragment)
 
     def finish(self, data: bytes | bytearray | memoryview) -> StoreOutcome:
         """Check, fsync, place and journal the instance (`data`: the whole dataset); never raises."""
@@ -263,7 +265,7 @@ class Incoming:
             return self.outcome or StoreOutcome(PROCESSING_FAILURE, "failed", self.sop_instance_uid)
         ingestor = self.ingestor
         writer, self.writer = self.writer, None
-        syncing = ingestor._pool.submit(writer.sync)
+        syncing = self.lane.submit(writer.sync)  # after every queued write
         hashing = ingestor._pool.submit(_sha256_of, self.header, data)
         hashing_dataset = ingestor._pool.submit(_sha256_of, data)
         temp: TempFile | None = None
@@ -293,6 +295,9 @@ class Incoming:
             LOGGER.warning("refused instance %s from %s: %s (status 0x%04X)",
                            _short(self.sop_instance_uid), self.who, exc, status)
             return StoreOutcome(status, "refused", self.sop_instance_uid, "", str(exc))
+        except DiskFull as exc:
+            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", self.sop_instance_uid, self.who, exc)
+            return StoreOutcome(OUT_OF_RESOURCES, "failed", self.sop_instance_uid, "", str(exc))
         except (EdgeStoreError, JournalError) as exc:
             LOGGER.error("cannot store %s from %s: %s (status 0xA700)", self.sop_instance_uid, self.who, exc)
             return StoreOutcome(OUT_OF_RESOURCES, "failed", self.sop_instance_uid, "", str(exc))
@@ -304,6 +309,13 @@ class Incoming:
                 ingestor.store.discard(temp)
             elif temp is None:
                 writer.abort()
+
+
+def _write_quietly(writer: TempWriter, fragment: bytes | bytearray | memoryview) -> None:
+    try:
+        writer.write(fragment)
+    except EdgeStoreError:
+        pass  # remembered by the writer; raised by sync()
 
 
 def _sha256_of(*parts: bytes | bytearray | memoryview) -> str:

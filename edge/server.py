@@ -35,7 +35,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import Verification
@@ -676,10 +676,11 @@ def _fallback_move(event: Any, server: EdgeServer) -> Iterator[Any]:
     try:
         items, _refused = server.qr.plan_retrieve(calling_ae, model, event.identifier)
     except QueryError:
-        yield destination.host, destination.port
+        yield destination.host, destination.port, {"contexts": [build_context(Verification)]}
         yield IDENTIFIER_DOES_NOT_MATCH, None
         return
-    yield destination.host, destination.port
+    contexts = [build_context(sop, syntaxes) for sop, syntaxes in _contexts_for(items)][:128]
+    yield destination.host, destination.port, {"contexts": contexts or [build_context(Verification)]}
     yield len(items)
     for item in items:
         if event.is_cancelled:

@@ -266,26 +266,38 @@ def _unlink(path: Path) -> None:
 
 
 class TempWriter:
-    """A temporary file being written; `sync()` fsyncs and closes it, `abort()` removes it."""
+    """A temporary file being written; `sync()` fsyncs and closes it, `abort()` removes it.
+
+    A failed write is remembered: later writes do nothing and `sync()` raises it
+    (so writes can run in another thread and the failure surfaces at the end).
+    """
 
     def __init__(self, store: FileStore, path: Path, fd: int) -> None:
         self.store = store
         self.path = path
         self.fd: int | None = fd
         self.size = 0
+        self.error: EdgeStoreError | None = None
 
     def write(self, part: bytes | bytearray | memoryview) -> None:
+        if self.fd is None:
+            if self.error is not None:
+                raise self.error
+            return
         view = memoryview(part)
         try:
             while view:
-                written = os.write(cast(int, self.fd), view)
+                written = os.write(self.fd, view)
                 view = view[written:]
                 self.size += written
         except OSError as exc:
             self.abort()
-            raise self.store._error(exc, self.path) from None
+            self.error = self.store._error(exc, self.path)
+            raise self.error from None
 
     def sync(self) -> TempFile:
+        if self.error is not None:
+            raise self.error
         fd = cast(int, self.fd)
         try:
             if self.store.fsync:

@@ -552,3 +552,23 @@ def test_tls_with_dcmtk_and_plain_connections_fail(tmp_path: Path) -> None:
                          region.edge_port], check=False, timeout=60)
         assert untrusted.returncode != 0
         run(["echoscu", *tls, "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port])
+
+
+def test_plain_pynetdicom_path_when_the_fast_path_is_off(region: Region, storescp_bp: peers.Peer,
+                                                         tmp_path: Path) -> None:
+    """With fastnet off (an unknown pynetdicom), the edge still stores and retrieves correctly."""
+    with EdgeServer(region.config, "hub", region.store_dir, fast=False) as server:
+        study_uid, files = make_study(tmp_path / "s", 3)
+        storescu(region.edge_port, files)
+        assert server.stats.stored == 3
+        for path in files:
+            entry = server.journal.entry(meta_of(path)["MediaStorageSOPInstanceUID"])
+            assert entry is not None and dataset_bytes(entry.path) == dataset_bytes(path)
+        answers = _findscu(region, tmp_path, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid}",
+                                              "NumberOfStudyRelatedInstances"])
+        assert [int(a.NumberOfStudyRelatedInstances) for a in answers] == [3]
+        run(["movescu", "-S", "-aet", "MOVESCU", "-aec", "HUB_SVR", "-aem", "STORESCP",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+             "127.0.0.1", region.edge_port])
+        moved = files_by_sop(storescp_bp.workdir)
+        assert {meta_of(f)["MediaStorageSOPInstanceUID"] for f in files} == set(moved)
