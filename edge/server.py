@@ -458,6 +458,7 @@ class EdgeServer:
         completion_poll: float = 0.25,
         max_pdu: int = 0,
         fast: bool | None = None,
+        min_free_bytes: int = 0,
     ) -> None:
         self.config = config
         self.site = config.site(site_id)
@@ -469,7 +470,7 @@ class EdgeServer:
         self.on_study_complete = on_study_complete
         self.completion_poll = completion_poll
         self.max_pdu = max_pdu
-        self.store = FileStore(self.store_dir, fsync=fsync)
+        self.store = FileStore(self.store_dir, fsync=fsync, min_free_bytes=min_free_bytes)
         self.journal = Journal(self.store_dir, synchronous="NORMAL")
         self.ingestor = Ingestor(self.store, self.journal)
         self.local_source = LocalSource(self.journal)
