@@ -98,3 +98,36 @@ def test_kill_9_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
             edge.wait(10)
     text = log.read_text(errors="replace")
     assert "unclean stop" in text and "stopped" in text
+
+
+def test_sigterm_lets_the_association_in_progress_finish(tmp_path: Path) -> None:
+    require_program("storescu", "dcmtk")
+    region = write_region(tmp_path / "region")
+    log = tmp_path / "edge.log"
+    _study_uid, files = make_study(tmp_path / "study", 200, size=96)
+    edge = edge_subprocess(region, tmp_path / "data", log)
+    try:
+        _wait_port(edge, region.edge_port, log)
+        sender_log = tmp_path / "storescu.log"
+        with open(sender_log, "wb") as out:
+            sender = subprocess.Popen(
+                ["storescu", "-v", "-aet", "STORESCU", "-aec", "HUB_SVR", "127.0.0.1",
+                 str(region.edge_port), *map(str, files)],
+                stdout=out, stderr=subprocess.STDOUT, env=peers.dcmtk_env())
+        deadline = time.monotonic() + 60
+        while sender_log.read_bytes().count(b"Received Store Response (Success)") < 20:
+            assert time.monotonic() < deadline and sender.poll() is None
+            time.sleep(0.005)
+        edge.send_signal(signal.SIGTERM)
+        assert sender.wait(60) == 0, sender_log.read_text(errors="replace")[-2000:]
+        assert sender_log.read_bytes().count(b"Received Store Response (Success)") == 200
+        assert edge.wait(60) == 0
+    finally:
+        if edge.poll() is None:
+            edge.kill()
+            edge.wait(10)
+    with Journal.open(region.store_dir, readonly=True) as journal:
+        assert journal.summary().instances == 200
+        assert journal.get_meta("clean_shutdown") == "1"
+    text = log.read_text(errors="replace")
+    assert "SIGTERM" in text and "stopped" in text

@@ -45,6 +45,7 @@ from edge import fastnet
 from edge.parsing import InvalidInstance, parse_dataset, split_file_meta
 from edge.server import EdgeServer
 from renkei import peers
+from renkei.synth import write_single_study
 
 from tests.conftest import require_part, require_program
 from tests.helpers_edge import (
@@ -264,10 +265,14 @@ def test_synthetic_japanese_studies_match_storescp(edge: EdgeServer, region: Reg
                             charset=CHARSET_JIS, series=2)
     _uid2, utf8 = make_study(tmp_path / "utf8", 5, patient_name="Sato^Hanako=佐藤^花子=さとう^はなこ",
                              charset=CHARSET_UTF8, modality="MR")
-    storescu(region.storescp_port, jis + utf8, called="STORESCP")
-    storescu(region.edge_port, jis + utf8)
+    # and the project's own synthetic studies (renkei.synth): CT, MR (two series), CR
+    synth = [f for modality in ("CT", "MR", "CR")
+             for f in write_single_study(tmp_path / "synth", modality, slices=3, size=64, seed=11).files]
+    sent = jis + utf8 + synth
+    storescu(region.storescp_port, sent, called="STORESCP")
+    storescu(region.edge_port, sent)
     received = files_by_sop(storescp_bp.workdir)
-    assert len(received) == 10
+    assert len(received) == len(sent) == 20
     for sop_uid, scp_file in received.items():
         entry = edge.journal.entry(sop_uid)
         assert entry is not None
