@@ -17,6 +17,7 @@ encoded back in the data's own character set.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -534,11 +535,11 @@ class Journal:
             return self._conn.total_changes - before
 
     def remove_local_copy(self, study_uid: str) -> list[Path]:
-        """Forget the local files of a study whose every instance is 'verified'.
+        """Delete the local files of a study whose every instance is 'verified'; returns them.
 
-        Returns the files to delete (the caller deletes them, then they are gone
-        from Q/R). Raises JournalError when any instance is not verified yet:
-        the edge copy is kept until the center's copy is verified.
+        The journal keeps the rows (local = 0): Q/R no longer offers them, and an
+        identical resend is stored again. Raises JournalError when any instance
+        is not verified yet: the edge copy is kept until the center's is verified.
         """
         rows = self._query(
             "SELECT upload_state, count(*) AS n FROM instances WHERE study_uid = ? GROUP BY upload_state",
@@ -556,6 +557,22 @@ class Journal:
         paths = [self.store_dir / r["path"] for r in self._query(
             "SELECT path FROM instances WHERE study_uid = ? AND local = 1", (study_uid,))]
         self._write([("UPDATE instances SET local = 0 WHERE study_uid = ?", (study_uid,))])
+        folders: set[Path] = set()
+        for path in paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            folders.add(path.parent)
+        for folder in folders:  # the removals are durable before this returns
+            try:
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return paths
 
     def conflicts(self) -> list[Conflict]:

@@ -130,7 +130,8 @@ def _peer_of(event: Any) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------ handlers
-def handle_store(event: Any, ingestor: Ingestor, on_stored: Callable[[StoreOutcome], None] | None) -> int:
+def handle_store(event: Any, ingestor: Ingestor,
+                 on_stored: Callable[[StoreOutcome, Any], None] | None) -> int:
     """EVT_C_STORE: store the dataset exactly as received; the status says whether it is durable."""
     calling_ae, address = _peer_of(event)
     req = event.request
@@ -144,7 +145,7 @@ def handle_store(event: Any, ingestor: Ingestor, on_stored: Callable[[StoreOutco
         view.release()
     if on_stored is not None:
         try:
-            on_stored(outcome)
+            on_stored(outcome, event.assoc)
         except Exception:
             LOGGER.exception("on_stored callback failed")
     return outcome.status
@@ -176,7 +177,8 @@ def handle_find(event: Any, qr: QRService) -> Iterator[tuple[int, Dataset | None
     yield SUCCESS, None
 
 
-def _log_event(event: Any) -> None:
+def log_association(event: Any, stored_by: Callable[[Any], dict[str, int]]) -> None:
+    """One log line per association event; at its end, what it stored (by outcome)."""
     calling_ae, address = _peer_of(event)
     name = event.event.name
     if name == "EVT_REJECTED":
@@ -184,10 +186,13 @@ def _log_event(event: Any) -> None:
                        "or nothing acceptable proposed)", calling_ae, address)
     elif name == "EVT_ESTABLISHED":
         LOGGER.info("association from %s@%s established", calling_ae, address)
-    elif name == "EVT_RELEASED":
-        LOGGER.info("association from %s@%s released", calling_ae, address)
-    elif name == "EVT_ABORTED":
-        LOGGER.warning("association from %s@%s aborted", calling_ae, address)
+    elif name in ("EVT_RELEASED", "EVT_ABORTED"):
+        counts = stored_by(event.assoc)
+        summary = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+        how = "released" if name == "EVT_RELEASED" else "aborted"
+        log = LOGGER.info if how == "released" else LOGGER.warning
+        log("association from %s@%s %s%s", calling_ae, address, how,
+            f" (instances: {summary})" if summary else "")
 
 
 # ------------------------------------------------------------------ retrieve
@@ -485,6 +490,7 @@ class EdgeServer:
         self._stopped = threading.Event()
         self._counts = {"stored": 0, "duplicate": 0, "conflict": 0, "refused": 0, "failed": 0}
         self._counts_lock = threading.Lock()
+        self._per_assoc: dict[int, dict[str, int]] = {}
 
     # -- pynetdicom set-up -------------------------------------------------------
     def _build_ae(self) -> AE:
@@ -514,10 +520,10 @@ class EdgeServer:
             (evt.EVT_C_FIND, handle_find, [self.qr]),
             (evt.EVT_C_MOVE, _fallback_move, [self]),
             (evt.EVT_C_GET, _fallback_get, [self]),
-            (evt.EVT_REJECTED, _log_event),
-            (evt.EVT_ESTABLISHED, _log_event),
-            (evt.EVT_RELEASED, _log_event),
-            (evt.EVT_ABORTED, _log_event),
+            (evt.EVT_REJECTED, log_association, [self._stored_by]),
+            (evt.EVT_ESTABLISHED, log_association, [self._stored_by]),
+            (evt.EVT_RELEASED, log_association, [self._stored_by]),
+            (evt.EVT_ABORTED, log_association, [self._stored_by]),
         ]
 
     def _store_request(self, request: fastnet.StoreRequest) -> "_CountingSink":
@@ -529,11 +535,18 @@ class EdgeServer:
             address = "?"
         incoming = self.ingestor.begin(request.transfer_syntax_uid, request.sop_class_uid,
                                        request.sop_instance_uid, str(requestor.ae_title).strip(), address)
-        return _CountingSink(incoming, self._count)
+        return _CountingSink(incoming, lambda outcome: self._count(outcome, request.assoc))
 
-    def _count(self, outcome: StoreOutcome) -> None:
+    def _count(self, outcome: StoreOutcome, assoc: Any = None) -> None:
         with self._counts_lock:
             self._counts[outcome.kind] = self._counts.get(outcome.kind, 0) + 1
+            if assoc is not None:
+                per = self._per_assoc.setdefault(id(assoc), {})
+                per[outcome.kind] = per.get(outcome.kind, 0) + 1
+
+    def _stored_by(self, assoc: Any) -> dict[str, int]:
+        with self._counts_lock:
+            return self._per_assoc.pop(id(assoc), {})
 
     @property
     def stats(self) -> ServerStats:
