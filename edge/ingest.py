@@ -68,11 +68,7 @@ class Ingestor:
         self.store = store
         self.journal = journal
         self._decision_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-hash")
-        # one writer thread per lane keeps each file's writes in order while the
-        # receiving thread goes on reading the network; associations spread over lanes
-        self._lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edge-write{i}")
-                       for i in range(4)]
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-io")
         self._known_studies: set[str] = set()
         self._known_series: set[str] = set()
 
@@ -210,8 +206,8 @@ class Ingestor:
 class Incoming:
     """One instance being received, written to tmp/ fragment by fragment.
 
-    `write` is called for each fragment as it arrives (the write overlaps the
-    rest of the transfer); `finish` then fsyncs the file and hashes it in
+    `write` is called for each fragment as it arrives (the sender goes on
+    sending meanwhile); `finish` then fsyncs the file and hashes it in
     worker threads while this thread parses the dataset (fsync and hashing
     release the GIL), and puts the file in its place. Nothing is answered
     before the file and its journal record are durable.
@@ -228,7 +224,6 @@ class Incoming:
         self.outcome: StoreOutcome | None = None  # decided before the data arrived
         self.writer: TempWriter | None = None
         self.header = b""
-        self.lane = ingestor._lanes[threading.get_ident() % len(ingestor._lanes)]
         if not (is_valid_uid(self.sop_instance_uid) and is_valid_uid(self.sop_class_uid)):
             msg = (f"the request's SOP Class/Instance UID {_short(self.sop_class_uid)}/"
                    f"{_short(self.sop_instance_uid)} is not valid")
@@ -253,9 +248,9 @@ class Incoming:
             self.writer = None
 
     def write(self, fragment: bytes | bytearray | memoryview) -> None:
-        """Queue a fragment for the writer thread (a failure surfaces in `finish`)."""
+        """Write a fragment as it arrives (a failure is remembered and surfaces in `finish`)."""
         if self.writer is not None:
-            self.lane.submit(_write_quietly, self.writer, fragment)
+            _write_quietly(self.writer, fragment)
 
     def finish(self, data: bytes | bytearray | memoryview) -> StoreOutcome:
         """Check, fsync, place and journal the instance (`data`: the whole dataset); never raises."""
@@ -265,7 +260,7 @@ class Incoming:
             return self.outcome or StoreOutcome(PROCESSING_FAILURE, "failed", self.sop_instance_uid)
         ingestor = self.ingestor
         writer, self.writer = self.writer, None
-        syncing = self.lane.submit(writer.sync)  # after every queued write
+        syncing = ingestor._pool.submit(writer.sync)
         hashing = ingestor._pool.submit(_sha256_of, self.header, data)
         hashing_dataset = ingestor._pool.submit(_sha256_of, data)
         temp: TempFile | None = None

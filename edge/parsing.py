@@ -19,7 +19,7 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from renkei.errors import RenkeiError
-from renkei.uids import derive_uid, validate_uid
+from renkei.uids import derive_uid, is_valid_uid, validate_uid
 
 IMPLEMENTATION_CLASS_UID = derive_uid("renkei", "edge", "implementation")
 IMPLEMENTATION_VERSION_NAME = "RENKEI_EDGE_01"
@@ -91,19 +91,25 @@ def parse_dataset(
     is_implicit = ts.is_implicit_VR if ts.is_transfer_syntax else False
     is_little = ts.is_little_endian if ts.is_transfer_syntax else True
     header_end = len(raw)
+    found: dict[int, tuple[int, int]] = {}
     if full:
         try:
-            header_end = check_framing(raw, is_implicit, is_little)
+            header_end = check_framing(raw, is_implicit, is_little, found)
         except InvalidInstance as first:
             # Some senders label implicit VR data as an explicit transfer syntax;
             # dcmtk and pydicom read those, so the edge keeps them too (as received).
             if is_implicit or not is_little:
                 raise
+            found.clear()
             try:
-                header_end = check_framing(raw, True, True)
+                header_end = check_framing(raw, True, True, found)
             except InvalidInstance:
                 raise first from None
             is_implicit = True
+        if known is not None:
+            quick = _quick_instance(raw, found, known)
+            if quick is not None:
+                return quick
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -115,29 +121,78 @@ def parse_dataset(
     return describe_dataset(ds, known)
 
 
+# Elements whose values are plain ASCII in every character set (UIDs, numbers, dates,
+# the character set itself): read straight from the received bytes, no pydicom.
+ASCII_TAGS: dict[int, str] = {
+    0x00080005: "SpecificCharacterSet",
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x00080023: "ContentDate",
+    0x00080033: "ContentTime",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+    0x00200013: "InstanceNumber",
+}
+
+
+def _quick_instance(raw: bytes | memoryview, found: dict[int, tuple[int, int]],
+                    known: Callable[[str, str], tuple[bool, bool]]) -> ParsedInstance | None:
+    """An instance of a study and series the journal holds, read without pydicom; else None."""
+    values: dict[str, str] = {}
+    for tag, (offset, length) in found.items():
+        text = bytes(raw[offset:offset + length]).decode("ascii", "replace")
+        values[ASCII_TAGS[tag]] = "\\".join(part.strip("\x00 ") for part in text.split("\\"))
+    study_uid, series_uid = values.get("StudyInstanceUID", ""), values.get("SeriesInstanceUID", "")
+    if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
+        return None  # let the full path say what is wrong
+    study_known, series_known = known(study_uid, series_uid)
+    if not (study_known and series_known):
+        return None
+    for keyword, what in (("SOPInstanceUID", "SOP Instance UID"), ("SOPClassUID", "SOP Class UID")):
+        if not values.get(keyword):
+            raise InvalidInstance(f"the dataset has no {what}")
+        try:
+            validate_uid(values[keyword], what)
+        except RenkeiError as exc:
+            raise InvalidInstance(str(exc)) from None
+    attributes = {k: values.get(k, "") for k in IMAGE_KEYS}
+    attributes.update(StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid)
+    return ParsedInstance(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_instance_uid=values["SOPInstanceUID"],
+        sop_class_uid=values["SOPClassUID"],
+        specific_character_set=values.get("SpecificCharacterSet", ""),
+        attributes=attributes,
+    )
+
+
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
-def check_framing(raw: bytes | memoryview, is_implicit: bool, is_little: bool) -> int:
+def check_framing(raw: bytes | memoryview, is_implicit: bool, is_little: bool,
+                  found: dict[int, tuple[int, int]] | None = None) -> int:
     """Walk every element's tag and length to the end of `raw` without decoding values.
 
     Raises InvalidInstance when an element runs past the end, a delimiter is
     missing, or a tag goes backwards at the top level: the signs of a truncated
     or garbled dataset. Cheap: values are skipped, never copied. Returns the
     offset of the first top-level element after the header attributes the
-    journal reads (tags above (0032,FFFF)).
+    journal reads (tags above (0032,FFFF)). With `found`, the value offset and
+    length of each top-level element of `ASCII_TAGS` are recorded in it.
     """
     marks: list[int] = []
-    end = _walk(memoryview(raw), 0, len(raw), is_implicit, is_little, None, 0, marks)
+    end = _walk(memoryview(raw), 0, len(raw), is_implicit, is_little, None, 0, marks, found)
     if end != len(raw):
         raise InvalidInstance(f"dataset framing ends at byte {end} of {len(raw)}")
     return marks[0] if marks else len(raw)
 
 
 def _walk(view: memoryview, pos: int, end: int, implicit: bool, little: bool,
-          until: int | None, depth: int, marks: list[int] | None = None) -> int:
+          until: int | None, depth: int, marks: list[int] | None = None,
+          found: dict[int, tuple[int, int]] | None = None) -> int:
     if depth > 32:
         raise InvalidInstance("dataset nests sequences deeper than 32 levels")
     order = "<" if little else ">"
@@ -183,6 +238,8 @@ def _walk(view: memoryview, pos: int, end: int, implicit: bool, little: bool,
             raise InvalidInstance(
                 f"element ({group:04X},{elem:04X}) of {length} bytes runs past the end of the dataset"
             )
+        if found is not None and tag in ASCII_TAGS:
+            found[tag] = (pos, length)
         if vr == b"SQ" or (implicit and length and _is_sequence_tag(tag)):
             _walk_items(view, pos, pos + length, implicit, little, depth, defined=True)
         pos += length
