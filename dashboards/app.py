@@ -1,0 +1,285 @@
+"""The operator's web dashboard: FastAPI + Jinja2 pages over dashboards.data, charts with Plotly.
+
+FastAPI, uvicorn and Jinja2 come with Prefect already (no second server
+stack). Charts are Plotly figures built in Python and drawn by plotly.js,
+which ships inside the plotly package and is served by this app: the page
+needs no internet (sites' and operators' browsers often have none).
+
+`create_app(layout, prefect_ui)` returns the ASGI app; `renkei dashboard` serves
+it on loopback. It reads the catalog (one Catalog for the app's lifetime,
+catching up with other writers on every query) and the edges' journals
+(read-only); it writes only audit events (a viewer site's cross-site views)
+and its thumbnail cache under <data>/cache/thumbnails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from dashboards import data as d
+from dashboards.thumbnails import PLACEHOLDER, ThumbnailCache, middle_instance, placeholder
+from renkei.config import Layout
+from renkei.errors import CatalogError, IntegrityError, RenkeiError, StorageError, UsageError
+from renkei.uids import is_valid_uid
+
+log = logging.getLogger("renkei.dashboard")
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_PREFECT_UI = "http://127.0.0.1:4200"
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def plotly_js_path() -> Path:
+    """plotly.min.js as shipped inside the plotly Python package (served locally, never from a CDN)."""
+    import plotly
+
+    return Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+
+
+class Dashboard:
+    """What the app's routes share: the region, one catalog, the object store and the thumbnail cache."""
+
+    def __init__(self, layout: Layout, prefect_ui: str, refresh_s: int = 0) -> None:
+        self.layout = layout
+        self.prefect_ui = prefect_ui.rstrip("/")
+        self.refresh_s = refresh_s
+        self.thumbnails = ThumbnailCache(layout.data_dir / "cache" / "thumbnails")
+        self._catalog: Any = None
+        self._store: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def catalog(self) -> Any:
+        with self._lock:
+            if self._catalog is None:
+                from catalog.catalog import Catalog
+
+                # a reader: never compacts in the background of a web request
+                self._catalog = Catalog.from_layout(self.layout, writer="dashboard", auto_compact=None)
+            return self._catalog
+
+    @property
+    def store(self) -> Any:
+        with self._lock:
+            if self._store is None:
+                from renkei.runtime import open_store
+
+                self._store = open_store(self.layout)
+            return self._store
+
+    def close(self) -> None:
+        with self._lock:
+            if self._catalog is not None:
+                self._catalog.close()
+                self._catalog = None
+
+
+# ------------------------------------------------------------------ charts
+def _color(config: Any, site: str) -> str:
+    ids = list(config.site_ids)
+    return PALETTE[(ids.index(site) if site in ids else len(ids)) % len(PALETTE)]
+
+
+def throughput_figure(t: d.Throughput, config: Any) -> dict[str, Any]:
+    """The throughput chart (MB/s per site over time) as a Plotly figure."""
+    import plotly.graph_objects as go
+
+    x = [d.local_time(s, config, "%Y-%m-%d %H:%M:%S") for s in t.starts]
+    fig = go.Figure()
+    for site, values in t.mb_s.items():
+        fig.add_trace(go.Scatter(x=x, y=list(values), name=site, mode="lines+markers", line_shape="hv",
+                                 line={"color": _color(config, site)},
+                                 hovertemplate=f"{site}: %{{y:.2f}} MB/s<br>%{{x}}<extra></extra>"))
+    title = f"MB registered per second, {t.bucket_seconds} s buckets" if t.bucket_seconds else "no data"
+    fig.update_layout(_layout(f"time ({config.timezone})", "MB/s", title))
+    if not t.starts:
+        _empty(fig, "nothing registered in the last 24 h")
+    return fig.to_plotly_json()
+
+
+def availability_figure(points: list[d.Availability], config: Any) -> dict[str, Any]:
+    """Time to availability (edge's last instance -> verified in the center) per study, per site."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    by_site: dict[str, list[d.Availability]] = {}
+    for p in points:
+        by_site.setdefault(p.origin_site, []).append(p)
+    for site in [s for s in config.site_ids if s in by_site] + sorted(set(by_site) - set(config.site_ids)):
+        pts = sorted(by_site[site], key=lambda p: p.available_at)
+        fig.add_trace(go.Scatter(
+            x=[d.local_time(p.available_at, config) for p in pts], y=[p.seconds for p in pts], name=site,
+            mode="markers", marker={"color": _color(config, site), "size": 8},
+            customdata=[p.study_uid for p in pts],
+            hovertemplate=f"{site}: %{{y:.1f}} s<br>study %{{customdata}}<br>%{{x}}<extra></extra>"))
+    fig.update_layout(_layout(f"available in the center at ({config.timezone})", "seconds",
+                              "last instance at the edge to verified in the center"))
+    if not points:
+        _empty(fig, "no study became available in the last 24 h")
+    return fig.to_plotly_json()
+
+
+def _layout(x_title: str, y_title: str, title: str) -> dict[str, Any]:
+    return {"title": {"text": title, "font": {"size": 13}}, "height": 300,
+            "margin": {"l": 55, "r": 10, "t": 56, "b": 50},
+            "xaxis": {"title": {"text": x_title}}, "yaxis": {"title": {"text": y_title}, "rangemode": "tozero"},
+            "legend": {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.0, "yanchor": "bottom"},
+            "title_x": 0.0, "template": "plotly_white"}
+
+
+def _empty(fig: Any, text: str) -> None:
+    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+
+
+def _json_for_script(value: Any) -> str:
+    """JSON safe inside <script type="application/json">."""
+    from plotly.utils import PlotlyJSONEncoder
+
+    text = json.dumps(value, cls=PlotlyJSONEncoder, ensure_ascii=False)
+    return text.replace("</", "<\\/").replace("<!--", "<\\!--")
+
+
+# ------------------------------------------------------------------ the app
+def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0) -> FastAPI:
+    """The dashboard's ASGI app for the region at `layout` (links runs to the Prefect UI at `prefect_ui`)."""
+    board = Dashboard(layout, prefect_ui or DEFAULT_PREFECT_UI, refresh_s)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            board.close()
+
+    app = FastAPI(title="renkei dashboard", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.board = board
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    env = templates.env
+    env.globals.update(local_time=lambda v, fmt="%Y-%m-%d %H:%M:%S": d.local_time(v, layout.config, fmt),
+                       age_text=d.age_text, run_url=lambda run: d.run_url(board.prefect_ui, run),
+                       mb=lambda b: f"{(b or 0) / 1e6:.1f}", config=layout.config)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    def wants_json(request: Request) -> bool:
+        return request.url.path.startswith("/api/")
+
+    def error(request: Request, status: int, message: str) -> Response:
+        if wants_json(request):
+            return JSONResponse({"error": message, "status": status}, status_code=status)
+        return templates.TemplateResponse(request, "error.html", {"status": status, "message": message},
+                                          status_code=status)
+
+    @app.exception_handler(UsageError)
+    async def _bad_request(request: Request, exc: UsageError) -> Response:
+        return error(request, 400, str(exc))
+
+    @app.exception_handler(d.NotFound)
+    async def _not_found(request: Request, exc: d.NotFound) -> Response:
+        return error(request, 404, str(exc))
+
+    @app.exception_handler(d.Forbidden)
+    async def _forbidden(request: Request, exc: d.Forbidden) -> Response:
+        return error(request, 403, str(exc))
+
+    @app.exception_handler(RenkeiError)
+    async def _failed(request: Request, exc: RenkeiError) -> Response:
+        log.error("dashboard request %s failed: %s", request.url.path, exc)
+        return error(request, 500, str(exc))
+
+    @app.exception_handler(CatalogError)
+    async def _catalog_down(request: Request, exc: CatalogError) -> Response:
+        return error(request, 503, f"{exc}; check the center's storage, then reload")
+
+    def uid_or_400(value: str, what: str) -> str:
+        if not is_valid_uid(value):
+            raise d.BadRequest(f"{what} {value[:80]!r} is not a valid DICOM UID (digits and dots)")
+        return value
+
+    def no_store(response: Response) -> Response:
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.get("/", response_class=HTMLResponse)
+    def index(request: Request) -> Response:
+        query = d.parse_query(layout.config, request.query_params)
+        cat = board.catalog
+        view = d.overview(layout, cat)
+        page = d.browse_studies(layout, cat, query)
+        context = {
+            "view": view, "page": page, "query": query, "prefect_ui": board.prefect_ui,
+            "refresh_s": board.refresh_s if not query.viewer else 0,
+            "throughput_json": _json_for_script(throughput_figure(view.throughput, layout.config)),
+            "availability_json": _json_for_script(availability_figure(list(view.availability), layout.config)),
+            "thumb_suffix": f"?site={query.viewer}" if query.viewer else "",
+            "modalities": sorted({m for s in page.studies for m in s.modalities} | {"CT", "MR", "CR", "DX"}),
+        }
+        return no_store(templates.TemplateResponse(request, "index.html", context))
+
+    @app.get("/studies/{study_uid}", response_class=HTMLResponse)
+    def study(request: Request, study_uid: str, site: str | None = None) -> Response:
+        uid_or_400(study_uid, "Study Instance UID")
+        viewer = d.check_site(layout.config, site) if site else None
+        detail = d.study_detail(layout, board.catalog, study_uid, viewer)
+        return no_store(templates.TemplateResponse(request, "study.html", {
+            "detail": detail, "viewer": viewer, "thumb_suffix": f"?site={viewer}" if viewer else ""}))
+
+    @app.get("/thumbnails/{study_uid}/{series_uid}.png")
+    def thumbnail(study_uid: str, series_uid: str, site: str | None = None) -> Response:
+        uid_or_400(study_uid, "Study Instance UID")
+        uid_or_400(series_uid, "Series Instance UID")
+        cat = board.catalog
+        if site:
+            d.check_site(layout.config, site)
+            from renkei.sharing import Sharing
+
+            verdict = Sharing(layout.config, cat).decide(site, study_uid)
+            if not verdict.allowed and cat.study(study_uid) is not None:
+                raise d.Forbidden(f"{site} may not see study {study_uid}")
+        rows = d.series_instances(cat, study_uid, series_uid)
+        inst = middle_instance(rows)
+        store = board.store
+
+        def load() -> bytes:
+            return store.read_verified(inst["object_key"], inst["sha256"])
+
+        try:
+            thumb = board.thumbnails.get(inst["sha256"], load, inst.get("transfer_syntax_uid") or None)
+            png, kind = thumb.png, thumb.kind
+        except IntegrityError:
+            png, kind = placeholder("the center's copy failed its SHA-256 check"), PLACEHOLDER
+        except (StorageError, FileNotFoundError, OSError):
+            png, kind = placeholder("the center's copy is missing"), PLACEHOLDER
+        cache = "no-store" if kind == PLACEHOLDER else "private, max-age=86400"
+        return Response(png, media_type="image/png",
+                        headers={"X-Renkei-Thumbnail": kind, "Cache-Control": cache})
+
+    @app.get("/api/overview")
+    def api_overview() -> Response:
+        return JSONResponse(d.overview(layout, board.catalog).to_dict())
+
+    @app.get("/api/studies")
+    def api_studies(request: Request) -> Response:
+        query = d.parse_query(layout.config, request.query_params)
+        return no_store(JSONResponse(d.browse_studies(layout, board.catalog, query).to_dict()))
+
+    @app.get("/vendor/plotly.min.js")
+    def plotly_js() -> Response:
+        return FileResponse(plotly_js_path(), media_type="text/javascript",
+                            headers={"Cache-Control": "public, max-age=86400"})
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return JSONResponse({"ok": True, "region": layout.config.region, "pid": os.getpid()})
+    return app
