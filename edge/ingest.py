@@ -104,28 +104,24 @@ class Ingestor:
             self._known_series.add(series_uid)
         return study, series
 
-    def _place(self, parsed: ParsedInstance, temp: TempFile, dataset_sha256: str,
+    def _place(self, parsed: ParsedInstance, temp: TempFile, data: bytes | bytearray | memoryview,
                transfer_syntax_uid: str, calling_ae: str, who: str) -> StoreOutcome:
         """Put a written temporary file in its place (or recognise a resend or a conflict).
 
-        Instances are identified by the SHA-256 of their dataset as received: the
-        file meta is the edge's own (it names the calling AE), so the same
-        dataset sent by two peers is the same instance.
+        The File Meta the edge writes depends only on the SOP Class and Instance
+        UIDs and the transfer syntax, so the same dataset makes the same file
+        and the file's SHA-256 identifies the instance; when the digests differ
+        the stored dataset is compared byte for byte before calling it a conflict.
         """
         sop = parsed.sop_instance_uid
         with self._decision_lock:
             existing = self.journal.lookup(sop)
             if existing is None:
                 final = self.store.instance_path(parsed.study_uid, parsed.series_uid, sop)
-                try:
-                    self.store.commit(temp, final)
-                except FileExistsError:
-                    # a file left by a crash before its journal record: never acknowledged
-                    self.store.replace(temp, final)
+                self.store.commit(temp, final)
                 try:
                     self.journal.record_instance(parsed, transfer_syntax_uid, self.store.relative(final),
-                                                 temp.size, temp.sha256, calling_ae, time.time(),
-                                                 dataset_sha256=dataset_sha256)
+                                                 temp.size, temp.sha256, calling_ae, time.time())
                 except sqlite3.IntegrityError:  # another process journaled it meanwhile
                     existing = self.journal.lookup(sop)
                     if existing is None:
@@ -133,28 +129,31 @@ class Ingestor:
                 else:
                     LOGGER.debug("stored %s (study %s) from %s", sop, parsed.study_uid, who)
                     return StoreOutcome(SUCCESS, "stored", sop, parsed.study_uid)
-            if existing.dataset_sha256 == dataset_sha256:
+            if existing.sha256 == temp.sha256 or self._same_dataset(existing.path, data):
                 if not existing.local:
                     final = self.store.instance_path(parsed.study_uid, parsed.series_uid, sop)
-                    try:
-                        self.store.commit(temp, final)
-                    except FileExistsError:
-                        pass
+                    self.store.commit(temp, final)
                     self.journal.restore_local(sop, self.store.relative(final))
                 LOGGER.debug("instance %s from %s already stored (same dataset)", sop, who)
                 return StoreOutcome(SUCCESS, "duplicate", sop, parsed.study_uid)
-            target = self.store.conflict_path(sop, dataset_sha256)
-            try:
-                self.store.commit(temp, target)
-            except FileExistsError:
-                pass
-            new = self.journal.record_conflict(parsed, existing.dataset_sha256, dataset_sha256,
+            target = self.store.conflict_path(sop, temp.sha256)
+            self.store.commit(temp, target)
+            new = self.journal.record_conflict(parsed, existing.sha256, temp.sha256,
                                                self.store.relative(target), temp.size, calling_ae)
             LOGGER.warning(
                 "conflict: %s sent a different instance under SOP Instance UID %s (study %s); "
                 "both kept, the new one at %s%s", who, sop, parsed.study_uid, target,
                 "" if new else " (seen before)")
             return StoreOutcome(SUCCESS, "conflict", sop, parsed.study_uid, "conflict recorded")
+
+    def _same_dataset(self, relative: str, data: bytes | bytearray | memoryview) -> bool:
+        """Whether the stored file at `relative` holds exactly `data` after its File Meta."""
+        try:
+            stored = self.store.absolute(relative).read_bytes()
+            _meta, offset = split_file_meta(stored)
+        except (OSError, InvalidInstance, EdgeStoreError):
+            return False
+        return memoryview(stored)[offset:] == memoryview(data).cast("B")
 
     # -- start-up ---------------------------------------------------------------
     def recover(self, scan: bool = True) -> RecoveryReport:
@@ -169,9 +168,9 @@ class Ingestor:
             if rel in known:
                 continue
             try:
-                parsed, ts, temp, dataset_sha256 = self._read_back(path)
+                parsed, ts, temp = self._read_back(path)
                 self.journal.record_instance(parsed, ts, rel, temp.size, temp.sha256, "",
-                                             path.stat().st_mtime, dataset_sha256=dataset_sha256)
+                                             path.stat().st_mtime)
                 journaled += 1
             except (RenkeiError, OSError, sqlite3.Error) as exc:
                 LOGGER.warning("cannot recover %s: %s", path, exc)
@@ -181,10 +180,10 @@ class Ingestor:
             if rel in known:
                 continue
             try:
-                parsed, ts, temp, dataset_sha256 = self._read_back(path)
+                parsed, ts, temp = self._read_back(path)
                 existing = self.journal.lookup(parsed.sop_instance_uid)
-                self.journal.record_conflict(parsed, existing.dataset_sha256 if existing else "",
-                                             dataset_sha256, rel, temp.size, "", path.stat().st_mtime)
+                self.journal.record_conflict(parsed, existing.sha256 if existing else "",
+                                             temp.sha256, rel, temp.size, "", path.stat().st_mtime)
                 conflicts += 1
             except (RenkeiError, OSError, sqlite3.Error) as exc:
                 LOGGER.warning("cannot recover %s: %s", path, exc)
@@ -200,7 +199,7 @@ class Ingestor:
         ts = meta.get("TransferSyntaxUID", "")
         parsed = parse_dataset(memoryview(data)[offset:], ts)
         temp = self.store.adopt_temp(path)
-        return parsed, ts, temp, hashlib.sha256(memoryview(data)[offset:]).hexdigest()
+        return parsed, ts, temp
 
 
 class Incoming:
@@ -231,8 +230,9 @@ class Incoming:
             self.outcome = StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, "refused",
                                         self.sop_instance_uid, "", msg)
             return
-        self.header = encode_file_meta(self.sop_class_uid, self.sop_instance_uid, transfer_syntax_uid,
-                                       calling_ae)
+        # no Source AE Title: the same dataset must make the same file (the journal
+        # keeps who sent it)
+        self.header = encode_file_meta(self.sop_class_uid, self.sop_instance_uid, transfer_syntax_uid)
         try:
             ingestor.store.check_space(len(self.header))
             self.writer = ingestor.store.open_temp()
@@ -262,7 +262,6 @@ class Incoming:
         writer, self.writer = self.writer, None
         syncing = ingestor._pool.submit(writer.sync)
         hashing = ingestor._pool.submit(_sha256_of, self.header, data)
-        hashing_dataset = ingestor._pool.submit(_sha256_of, data)
         temp: TempFile | None = None
         try:
             problem: BaseException | None = None
@@ -272,7 +271,6 @@ class Incoming:
                     raise InvalidInstance(
                         f"the dataset's SOP Instance UID {parsed.sop_instance_uid} differs from the "
                         f"request's {self.sop_instance_uid}")
-                dataset_sha256 = hashing_dataset.result()
             except Exception as exc:
                 problem = exc
             try:
@@ -283,8 +281,7 @@ class Incoming:
             if problem is not None:
                 raise problem
             assert temp is not None
-            return ingestor._place(parsed, temp, dataset_sha256, self.transfer_syntax_uid,
-                                   self.calling_ae, self.who)
+            return ingestor._place(parsed, temp, data, self.transfer_syntax_uid, self.calling_ae, self.who)
         except InvalidInstance as exc:
             status = DATASET_DOES_NOT_MATCH_SOP_CLASS if "UID" in str(exc) else CANNOT_UNDERSTAND
             LOGGER.warning("refused instance %s from %s: %s (status 0x%04X)",

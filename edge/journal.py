@@ -32,7 +32,7 @@ from edge.parsing import ParsedInstance
 
 JOURNAL_NAME = "journal.sqlite"
 UPLOAD_STATES: tuple[str, ...] = ("pending", "uploaded", "verified")
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 # keyword -> column, per table
 STUDY_COLUMNS: dict[str, str] = {
@@ -98,7 +98,6 @@ CREATE TABLE IF NOT EXISTS instances (
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
-    dataset_sha256 TEXT NOT NULL DEFAULT '',
     calling_ae TEXT NOT NULL DEFAULT '',
     received_at REAL NOT NULL,
     upload_state TEXT NOT NULL DEFAULT 'pending'
@@ -147,8 +146,7 @@ class StoredInstance:
     """What the journal knows of an instance already stored (for duplicate checks)."""
 
     sop_instance_uid: str
-    sha256: str  # of the stored file
-    dataset_sha256: str  # of the dataset as received: the instance's identity
+    sha256: str  # of the stored file (File Meta + the dataset as received)
     path: str
     local: bool
 
@@ -157,7 +155,7 @@ class StoredInstance:
 class Conflict:
     """A different instance received under a SOP Instance UID already stored.
 
-    The digests are the SHA-256 of the two datasets as received.
+    The digests are the SHA-256 of the two stored files.
     """
 
     sop_instance_uid: str
@@ -289,14 +287,13 @@ class Journal:
     # -- ingest (the edge's own writes) ----------------------------------------
     def lookup(self, sop_instance_uid: str) -> StoredInstance | None:
         rows = self._query(
-            "SELECT sop_instance_uid, sha256, dataset_sha256, path, local FROM instances "
+            "SELECT sop_instance_uid, sha256, path, local FROM instances "
             "WHERE sop_instance_uid = ?", (sop_instance_uid,),
         )
         if not rows:
             return None
         r = rows[0]
-        return StoredInstance(r["sop_instance_uid"], r["sha256"], r["dataset_sha256"], r["path"],
-                              bool(r["local"]))
+        return StoredInstance(r["sop_instance_uid"], r["sha256"], r["path"], bool(r["local"]))
 
     def record_instance(
         self,
@@ -307,12 +304,11 @@ class Journal:
         sha256: str,
         calling_ae: str,
         received_at: float | None = None,
-        dataset_sha256: str = "",
     ) -> None:
         """Commit one stored instance (and its series and study) in one durable transaction.
 
-        `sha256` is the stored file's (what the center verifies), `dataset_sha256`
-        the received dataset's (what identifies the instance).
+        `sha256` is the stored file's: what identifies the instance and what the
+        center verifies end to end.
 
         Raises sqlite3.IntegrityError when the SOP Instance UID is already journaled.
         """
@@ -328,10 +324,10 @@ class Journal:
         self._write([
             (
                 f"INSERT INTO instances ({', '.join(inst_cols)}, study_uid, series_uid, "
-                "transfer_syntax_uid, specific_character_set, path, size, sha256, dataset_sha256, "
-                f"calling_ae, received_at) VALUES ({', '.join('?' * (len(inst_cols) + 10))})",
+                "transfer_syntax_uid, specific_character_set, path, size, sha256, "
+                f"calling_ae, received_at) VALUES ({', '.join('?' * (len(inst_cols) + 9))})",
                 [*inst_vals, parsed.study_uid, parsed.series_uid, transfer_syntax_uid, charset,
-                 path, size, sha256, dataset_sha256 or sha256, calling_ae, now],
+                 path, size, sha256, calling_ae, now],
             ),
             (
                 f"INSERT INTO series ({', '.join(series_cols)}, study_uid, specific_character_set) "

@@ -154,40 +154,22 @@ class FileStore:
         return TempFile(Path(path), size, digest.hexdigest())
 
     def commit(self, temp: TempFile, final: Path) -> Path:
-        """Move a temporary file into place durably; an existing file is never replaced."""
+        """Rename a temporary file into place and fsync its folder; returns `final`.
+
+        The caller decides under its lock, from the journal, that `final` may be
+        written: a file already there is one the journal does not know (left by
+        a crash before its record, never acknowledged), or the same bytes.
+        """
         final = Path(final)
         try:
             self._make_dir(final.parent)
             try:
-                try:
-                    os.link(temp.path, final)  # fails if `final` exists: never replace
-                except FileNotFoundError:
-                    # a folder removed since it was created (retention): create it again
-                    self._known_dirs.discard(final.parent)
-                    self._make_dir(final.parent)
-                    os.link(temp.path, final)
-            except FileExistsError:
-                raise
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP):
-                    raise
-                if final.exists():
-                    raise FileExistsError(str(final)) from None
                 os.rename(temp.path, final)
-            else:
-                os.unlink(temp.path)
-            if self.fsync:
-                _fsync_dir(final.parent)
-        except FileExistsError:
-            raise
-        except OSError as exc:
-            raise self._error(exc, final) from None
-        return final
-
-    def replace(self, temp: TempFile, final: Path) -> Path:
-        """Put a temporary file in place of a file never journaled (left by a crash)."""
-        try:
-            os.replace(temp.path, final)
+            except FileNotFoundError:
+                # a folder removed since it was created (retention): create it again
+                self._known_dirs.discard(final.parent)
+                self._make_dir(final.parent)
+                os.rename(temp.path, final)
             if self.fsync:
                 _fsync_dir(final.parent)
         except OSError as exc:

@@ -5,7 +5,8 @@ preserving: it writes the dataset exactly as received, as the edge does; in its
 default mode it would re-encode). The dataset part, everything after the File
 Meta group, must be identical; in the File Meta group, the Media Storage SOP
 Class/Instance UIDs and the Transfer Syntax UID must be equal, while the
-Implementation Class UID and Version Name name each program and differ.
+Implementation Class UID and Version Name name each program and differ, and
+the edge writes no Source AE Title (optional; the journal records the caller).
 """
 
 from __future__ import annotations
@@ -190,7 +191,6 @@ def test_pydicom_test_files_are_stored_as_storescp_stores_them(
                 scp_meta, edge_meta = meta_of(scp_file), meta_of(matching[0])
                 for key in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID"):
                     assert edge_meta[key] == scp_meta[key], (path.name, key)
-                assert edge_meta["SourceApplicationEntityTitle"] == "STORESCU"
                 compared.append(path.name)
     summary = f"compared {len(compared)}, refused {refused}, unsendable {unsendable}"
     assert len(compared) >= 100, summary
