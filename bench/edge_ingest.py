@@ -14,8 +14,8 @@ Targets: edge >= 1.2x Orthanc's and >= 0.3x storescp's instances/s; edge as a
 sender >= 0.3x storescu's. Prints instances/s per round, the medians and the
 ratios, and ends with one JSON line.
 
-    python bench/edge_ingest.py                # 300 instances, 3 rounds
-    python bench/edge_ingest.py --rounds 5 --instances 300
+    python bench/edge_ingest.py                # 300 instances, 5 rounds
+    python bench/edge_ingest.py --rounds 9 --instances 300
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--instances", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-fsync", action="store_true", help="edge without durability (diagnosis only)")
     ap.add_argument("--dir", help="work folder (default: a temporary folder, removed)")
     args = ap.parse_args()
