@@ -164,6 +164,10 @@ class StoreSink(Protocol):
         """Store the dataset; return the C-STORE status (only once it is durable)."""
         ...
 
+    def abort(self) -> None:
+        """The association ended before the dataset did: drop what was received."""
+        ...
+
 
 StoreHandler = Callable[[StoreRequest], StoreSink]
 
@@ -422,6 +426,12 @@ class FastDUL(DULServiceProvider):
                 self.state_machine.do_action(event)
                 sleep = False
         finally:
+            if self._store is not None:  # the association ended inside a dataset
+                store, self._store = self._store, None
+                try:
+                    store["sink"].abort()
+                except Exception:
+                    LOGGER.exception("abandoning a partly received C-STORE failed")
             for end in (self._wake_r, self._wake_w):
                 try:
                     end.close()

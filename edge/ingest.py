@@ -252,6 +252,14 @@ class Incoming:
         if self.writer is not None:
             _write_quietly(self.writer, fragment)
 
+    def abort(self) -> None:
+        """The transfer broke off: remove the partial temporary file (nothing was acknowledged)."""
+        if self.writer is not None:
+            LOGGER.warning("instance %s from %s: the association ended during its transfer; discarded",
+                           _short(self.sop_instance_uid), self.who)
+            self.writer.abort()
+            self.writer = None
+
     def finish(self, data: bytes | bytearray | memoryview) -> StoreOutcome:
         """Check, fsync, place and journal the instance (`data`: the whole dataset); never raises."""
         if self.outcome is not None or self.writer is None:

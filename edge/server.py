@@ -678,6 +678,9 @@ class _CountingSink:
         self.count(outcome)
         return outcome.status
 
+    def abort(self) -> None:
+        self.incoming.abort()
+
 
 def _fallback_move(event: Any, server: EdgeServer) -> Iterator[Any]:
     """Plain pynetdicom C-MOVE (only when fastnet is unavailable): datasets are decoded."""

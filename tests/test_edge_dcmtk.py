@@ -577,3 +577,45 @@ def test_plain_pynetdicom_path_when_the_fast_path_is_off(region: Region, storesc
              "127.0.0.1", region.edge_port])
         moved = files_by_sop(storescp_bp.workdir)
         assert {meta_of(f)["MediaStorageSOPInstanceUID"] for f in files} == set(moved)
+
+
+def test_a_transfer_broken_off_mid_dataset_leaves_nothing(edge: EdgeServer, region: Region,
+                                                          tmp_path: Path) -> None:
+    import struct
+
+    path = make_instance(tmp_path / "a.dcm", study_uid=generate_uid(), series_uid=generate_uid(), size=64)
+    meta = meta_of(path)
+    ae = fastnet.FastAE(ae_title="STORESCU")
+    ae.add_requested_context(meta["MediaStorageSOPClassUID"], [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", region.edge_port, ae_title="HUB_SVR")
+    assert assoc.is_established
+    context_id = next(iter(assoc._accepted_cx))
+
+    def element(elem: int, value: bytes) -> bytes:
+        return struct.pack("<HHL", 0, elem, len(value)) + value
+
+    def uid(text: str) -> bytes:
+        raw = text.encode()
+        return raw + b"\x00" if len(raw) % 2 else raw
+
+    body = b"".join((element(0x0002, uid(meta["MediaStorageSOPClassUID"])),
+                     element(0x0100, struct.pack("<H", 0x0001)), element(0x0110, struct.pack("<H", 1)),
+                     element(0x0700, struct.pack("<H", 0)), element(0x0800, struct.pack("<H", 0)),
+                     element(0x1000, uid(meta["MediaStorageSOPInstanceUID"]))))
+    command = element(0x0000, struct.pack("<L", len(body))) + body
+    half = dataset_bytes(path)[:2000]
+    pdvs = (struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
+            + struct.pack(">LBB", len(half) + 2, context_id, 0x00) + half)  # not the last fragment
+    assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0, len(pdvs)) + pdvs)
+    deadline = time.monotonic() + 5
+    while not list((region.store_dir / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list((region.store_dir / "tmp").iterdir()), "the partial dataset should be in tmp/ meanwhile"
+    assoc.abort()
+    deadline = time.monotonic() + 5
+    while list((region.store_dir / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not list((region.store_dir / "tmp").iterdir())
+    assert edge.journal.summary().instances == 0
+    storescu(region.edge_port, [path])
+    assert edge.journal.summary().instances == 1
