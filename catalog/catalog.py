@@ -1210,6 +1210,92 @@ class Catalog:
         return [StudyRegistration(r["study_uid"], r["origin_site"], r["first_at"], r["last_at"],
                                   int(r["instances"]), int(r["bytes"])) for r in rows]
 
+    def studies_page(self, visible_to: str | None = None, origin_sites: Sequence[str] | None = None,
+                     patient_id: str | None = None, date_from: str | None = None, date_to: str | None = None,
+                     modalities: Sequence[str] | None = None, limit: int = 50,
+                     offset: int = 0) -> tuple[int, list[StudyRow]]:
+        """(how many studies match, one page of them newest first) for a study browser.
+
+        `visible_to` keeps what that site may see by the catalog's grants (as
+        visible_studies does; an exit still asks the policy for each study
+        shown); the other filters are those of visible_studies, with
+        `origin_sites` added. Newest first: study date, time, then UID, descending.
+        """
+        where: list[str] = []
+        having: list[str] = []
+        outer: list[str] = []
+        p_where: list[Any] = []
+        p_having: list[Any] = []
+        p_cte: list[Any] = []
+        p_outer: list[Any] = []
+        if patient_id is not None:
+            where.append("patient_id = ?")
+            p_where.append(patient_id)
+        if date_from:
+            having.append("arg_max(study_date, _seq) >= ?")
+            p_having.append(date_from)
+        if date_to:
+            having.append("arg_max(study_date, _seq) <= ?")
+            p_having.append(date_to)
+        if modalities:
+            having.append("list_has_any(list_distinct(flatten(list(modalities))), ?::VARCHAR[])")
+            p_having.append(list(modalities))
+        if origin_sites is not None:
+            outer.append("list_contains(?::VARCHAR[], origin_site)")
+            p_outer.append(list(origin_sites))
+        visible = ""
+        if visible_to is not None:
+            visible = (", g AS (SELECT study_uid FROM grants WHERE site = ? GROUP BY study_uid "
+                       "HAVING arg_max(action, _seq) = 'grant')")
+            p_cte.append(visible_to)
+            outer.append("(origin_site = ? OR study_uid IN (SELECT study_uid FROM g))")
+            p_outer.append(visible_to)
+        sql = (f"WITH a AS (SELECT study_uid, {_STUDY_AGG} FROM studies "
+               + (f"WHERE {' AND '.join(where)} " if where else "") + "GROUP BY study_uid "
+               + (f"HAVING {' AND '.join(having)} " if having else "") + ")" + visible
+               + " SELECT *, count(*) OVER () AS _total FROM a "
+               + (f"WHERE {' AND '.join(outer)} " if outer else "")
+               + "ORDER BY study_date DESC, study_time DESC, study_uid DESC "
+               + f"LIMIT {max(0, int(limit))} OFFSET {max(0, int(offset))}")
+        params = p_where + p_having + p_cte + p_outer
+        rows = self._rows(sql, params)
+        total = int(rows[0]["_total"]) if rows else (self.studies_page(
+            visible_to, origin_sites, patient_id, date_from, date_to, modalities, 1, 0)[0] if offset else 0)
+        return total, [_study_row(r) for r in rows]
+
+    def series_summaries(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """The series of several studies with their registered instance counts, by study, in one query."""
+        if not study_uids:
+            return {}
+        rows = self._rows(
+            "WITH s AS (SELECT study_uid, series_uid, any_value(modality) AS modality, "
+            "any_value(series_number) AS series_number, any_value(series_description) AS series_description "
+            "FROM series WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) GROUP BY study_uid, series_uid), "
+            "i AS (SELECT study_uid, series_uid, count(*) AS instances FROM instances "
+            "WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) GROUP BY study_uid, series_uid) "
+            "SELECT s.*, coalesce(i.instances, 0)::BIGINT AS instances FROM s LEFT JOIN i USING (study_uid, series_uid) "
+            "ORDER BY s.study_uid, s.series_number NULLS LAST, s.series_uid", [list(study_uids), list(study_uids)])
+        out: dict[str, list[dict[str, Any]]] = {uid: [] for uid in study_uids}
+        for r in rows:
+            out.setdefault(r["study_uid"], []).append(r)
+        return out
+
+    def study_locations(self, study_uids: Sequence[str]) -> dict[str, list[LocationRecord]]:
+        """The study-level copies (latest state per holder) of several studies, in one query."""
+        if not study_uids:
+            return {}
+        rows = self._rows(
+            "SELECT study_uid, holder, arg_max(state, _seq) AS state, arg_max(verified_at, _seq) AS verified_at, "
+            "arg_max(detail, _seq) AS detail, arg_max(\"by\", _seq) AS \"by\", max(\"at\") AS \"at\" "
+            "FROM locations WHERE sop_instance_uid = '' AND study_uid IN (SELECT unnest(?::VARCHAR[])) "
+            "GROUP BY study_uid, holder ORDER BY study_uid, holder", [list(study_uids)])
+        out: dict[str, list[LocationRecord]] = {uid: [] for uid in study_uids}
+        for r in rows:
+            out.setdefault(r["study_uid"], []).append(LocationRecord(
+                r["study_uid"], None, r["holder"], r["state"], r["verified_at"], r["detail"] or "", r["by"] or "",
+                r["at"]))
+        return out
+
     def visibility_counts(self) -> dict[tuple[str, str], int]:
         """{(viewer site, origin site): how many studies of the origin the viewer may see}.
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from catalog import Catalog
+from catalog import Catalog, GrantRequest
 from renkei.config import load_config
 from renkei.sharing import Sharing
 from helpers_catalog import ROOT, make_batch, total_size
@@ -110,3 +110,55 @@ def test_recent_audit_and_instance_locations(cat: Catalog) -> None:
                         "state": "verified", "by": "operator", "detail": "restored by hand"}])
     assert [f.sop_instance_uid for f in cat.instance_locations(by="verify_backups")] == [sop[1]]
     assert len(cat.instance_locations(limit=1)) == 1
+
+
+def test_series_summaries_and_study_locations_match_the_per_study_queries(cat: Catalog) -> None:
+    batches = [make_batch(1, 5, series=2), make_batch(2, 3, series=3), make_batch(3, 1, site="hub")]
+    cat.register_many(batches)
+    cat.register(make_batch(1, 2, series=3, first=6))  # late instances, one in a new series
+    cat.set_locations([{"study_uid": f"{ROOT}.1", "holder": "center", "state": "verified", "by": "flow-run:x"},
+                       {"study_uid": f"{ROOT}.1", "holder": "edge:clinic-a", "state": "present", "by": "flow-run:x"}])
+    uids = [f"{ROOT}.{n}" for n in (1, 2, 3)] + [f"{ROOT}.404"]
+    series = cat.series_summaries(uids)
+    for uid in uids[:3]:
+        expected = {}
+        for inst in cat.instances(uid):
+            expected[inst["series_uid"]] = expected.get(inst["series_uid"], 0) + 1
+        assert {s["series_uid"]: s["instances"] for s in series[uid]} == expected
+        assert [s["series_uid"] for s in series[uid]] == [s["series_uid"] for s in cat.series(uid)]
+    assert series[uids[3]] == [] and cat.series_summaries([]) == {}
+    locations = cat.study_locations(uids)
+    for uid in uids:
+        assert locations[uid] == cat.locations(uid, include_instances=False)
+    assert {l.holder: l.state for l in locations[uids[0]]} == {"center": "verified", "edge:clinic-a": "present"}
+
+
+def test_studies_page_agrees_with_visible_studies(cat: Catalog) -> None:
+    batches = [make_batch(n, 1, site=site, patient_id=f"P{n % 3}", study_date=f"2024{1 + n % 12:02d}{1 + n:02d}",
+                          modality=("CT", "MR")[n % 2])
+               for n, site in enumerate(["hub", "clinic-a", "clinic-b", "clinic-c"] * 4, start=1)]
+    cat.register_many(batches)
+    uids = {b.study.study_uid: b for b in batches}
+    clinic = [u for u, b in uids.items() if b.study.origin_site != "hub"]
+    cat.grant_many([GrantRequest(u, "hub", "rule", "clinic-studies-to-hub") for u in clinic])
+    cat.grant_many([GrantRequest(clinic[0], "hub", "person", "operator", action="revoke")])
+    newest = lambda rows: sorted(rows, key=lambda r: (r.study_date, r.study_time, r.study_uid), reverse=True)
+
+    for kwargs in ({}, {"patient_id": "P1"}, {"date_from": "20240301", "date_to": "20240930"},
+                   {"modalities": ["MR"]}, {"patient_id": "P2", "modalities": ["CT"]}):
+        for viewer in ("hub", "clinic-a"):
+            expected = newest(cat.visible_studies(viewer, patient_ids=[(kwargs["patient_id"], None)]
+                                                  if "patient_id" in kwargs else None,
+                                                  **{k: v for k, v in kwargs.items() if k != "patient_id"}))
+            total, rows = cat.studies_page(visible_to=viewer, limit=100, **kwargs)
+            assert (total, rows) == (len(expected), expected), (viewer, kwargs)
+    everything = newest([r for site in ("hub", "clinic-a", "clinic-b", "clinic-c") for r in
+                         cat.visible_studies(site) if r.origin_site == site])
+    total, rows = cat.studies_page(origin_sites=["clinic-b", "hub"], limit=100)
+    assert rows == [r for r in everything if r.origin_site in ("clinic-b", "hub")] and total == len(rows)
+    total, first = cat.studies_page(limit=5)
+    total2, second = cat.studies_page(limit=5, offset=5)
+    assert total == total2 == len(batches) and len(first) == len(second) == 5
+    assert first + second == newest(first + second) and not set(r.study_uid for r in first) & {r.study_uid for r in second}
+    assert cat.studies_page(limit=5, offset=100) == (len(batches), [])
+    assert cat.studies_page(visible_to="clinic-a", origin_sites=["hub"]) == (0, [])
