@@ -471,9 +471,12 @@ def display_name(patient_name: str) -> str:
 
 def flow_runs(catalog: Catalog, study_uid: str, locations: Sequence[LocationRecord] | None = None) -> tuple[str, ...]:
     """Ids of the Prefect flow runs that moved the study (from its locations and registrations)."""
-    found: list[str] = []
     locs = locations if locations is not None else catalog.locations(study_uid, include_instances=False)
-    markers = [l.by for l in locs] + [e.actor for e in catalog.audit(study_uid=study_uid, action="register")]
+    return _runs_in([l.by for l in locs] + [e.actor for e in catalog.audit(study_uid=study_uid, action="register")])
+
+
+def _runs_in(markers: Any) -> tuple[str, ...]:
+    found: list[str] = []
     for marker in markers:
         if marker and marker.startswith(FLOW_RUN_PREFIX):
             run = marker[len(FLOW_RUN_PREFIX):]
@@ -487,53 +490,51 @@ def run_url(prefect_ui: str, run_id: str) -> str:
     return f"{prefect_ui.rstrip('/')}/runs/flow-run/{run_id}"
 
 
-def _matching(catalog: Catalog, config: RegionConfig, q: StudyQuery) -> list[StudyRow]:
-    kwargs = dict(patient_ids=[(q.patient_id, None)] if q.patient_id else None, date_from=q.date_from,
-                  date_to=q.date_to, modalities=[q.modality] if q.modality else None)
-    if q.viewer:
-        rows = catalog.visible_studies(q.viewer, **kwargs)
-        if q.origin:
-            rows = [r for r in rows if r.origin_site == q.origin]
-        return rows
-    rows = []
-    for site in ([q.origin] if q.origin else config.site_ids):
-        rows.extend(r for r in catalog.visible_studies(site, **kwargs) if r.origin_site == site)
-    return rows
-
-
-def study_view(catalog: Catalog, row: StudyRow, show_name: bool) -> StudyView:
-    """The browser's view of one study: counts, center state, flow runs and series."""
-    locations = catalog.locations(row.study_uid, include_instances=False)
-    center = next((l.state for l in locations if l.holder == "center"), "not in center")
-    per_series: dict[str, int] = {}
-    for inst in catalog.instances(row.study_uid):
-        per_series[inst["series_uid"]] = per_series.get(inst["series_uid"], 0) + 1
-    series = tuple(SeriesView(s["series_uid"], s["modality"] or "", s["series_number"],
-                              s["series_description"] or "", per_series.get(s["series_uid"], 0))
-                   for s in catalog.series(row.study_uid))
-    return StudyView(row.study_uid, row.origin_site, row.patient_id,
-                     display_name(row.patient_name) if show_name else None, row.study_date, row.study_time,
-                     row.study_description, row.modalities, row.series_count, row.instance_count, row.bytes,
-                     center, flow_runs(catalog, row.study_uid, locations), series)
+def study_views(catalog: Catalog, rows: Sequence[StudyRow], show_name: bool) -> list[StudyView]:
+    """The browser's view of studies: counts, center state, flow runs and series (a few queries in all)."""
+    uids = [r.study_uid for r in rows]
+    series_of = catalog.series_summaries(uids)
+    locations_of = catalog.study_locations(uids)
+    out = []
+    for row in rows:
+        locations = locations_of.get(row.study_uid, [])
+        center = next((l.state for l in locations if l.holder == "center"), "not in center")
+        runs = _runs_in(l.by for l in locations)
+        if not runs:  # the locations were rewritten since (e.g. the edge copy removed): the registrations say
+            runs = flow_runs(catalog, row.study_uid, locations)
+        series = tuple(SeriesView(s["series_uid"], s["modality"] or "", s["series_number"],
+                                  s["series_description"] or "", int(s["instances"]))
+                       for s in series_of.get(row.study_uid, []))
+        out.append(StudyView(row.study_uid, row.origin_site, row.patient_id,
+                             display_name(row.patient_name) if show_name else None, row.study_date,
+                             row.study_time, row.study_description, row.modalities, row.series_count,
+                             row.instance_count, row.bytes, center, runs, series))
+    return out
 
 
 def browse_studies(layout: Layout, catalog: Catalog, q: StudyQuery, record: bool = True) -> StudyPage:
     """The studies matching the filters, newest first; with a viewer site, only what it may see.
 
-    With a viewer, every study is asked of Sharing.decide, names are shown, and
-    (with `record`) the names shown of other sites' studies are audited as
-    cross-site 'view' accesses by the dashboard.
+    With a viewer, the catalog's grants select the page and every study on it
+    is asked of Sharing.decide (one the policy refuses -- a grant racing a
+    consent withdrawal -- is left out, and out of `total`); names are shown,
+    and (with `record`) the names shown of other sites' studies are audited
+    as cross-site 'view' accesses by the dashboard.
     """
     from renkei.sharing import Sharing
 
-    rows = _matching(catalog, layout.config, q)
+    total, rows = catalog.studies_page(
+        visible_to=q.viewer, origin_sites=[q.origin] if q.origin else None, patient_id=q.patient_id,
+        date_from=q.date_from, date_to=q.date_to, modalities=[q.modality] if q.modality else None,
+        limit=q.limit)
     recorded = 0
+    shown = rows
     if q.viewer:
+        # the catalog's grants chose the page; each study shown is also decided by the policy
         sharing = Sharing(layout.config, catalog)
-        rows = [r for r in rows if sharing.decide(q.viewer, r.study_uid).allowed]
-    rows.sort(key=lambda r: (r.study_date, r.study_time, r.study_uid), reverse=True)
-    shown = rows[: q.limit]
-    views = tuple(study_view(catalog, r, show_name=q.viewer is not None) for r in shown)
+        shown = [r for r in rows if sharing.decide(q.viewer, r.study_uid).allowed]
+        total -= len(rows) - len(shown)
+    views = tuple(study_views(catalog, shown, show_name=q.viewer is not None))
     if q.viewer and record:
         others = [r.study_uid for r in shown if r.origin_site != q.viewer]
         if others:
@@ -541,7 +542,7 @@ def browse_studies(layout: Layout, catalog: Catalog, q: StudyQuery, record: bool
                 q.viewer, DASHBOARD_ACTOR, "view", others,
                 detail={"via": "dashboard", "shown": "patient name and images"})
             recorded = len(others)
-    return StudyPage(q, len(rows), views, q.viewer is not None, recorded)
+    return StudyPage(q, total, views, q.viewer is not None, recorded)
 
 
 @dataclass(frozen=True)
@@ -574,7 +575,7 @@ def study_detail(layout: Layout, catalog: Catalog, study_uid: str, viewer: str |
         if record and row.origin_site != viewer:
             sharing.record_access(viewer, DASHBOARD_ACTOR, "view", [study_uid],
                                   detail={"via": "dashboard", "shown": "patient name and images"})
-    view = study_view(catalog, row, show_name=viewer is not None)
+    view = study_views(catalog, [row], show_name=viewer is not None)[0]
     trail = tuple(catalog.audit(study_uid=study_uid))
     return StudyDetail(view, tuple(catalog.locations(study_uid)), tuple(catalog.grants(study_uid)),
                        trail, decision)
