@@ -100,6 +100,19 @@ def make_instance(
     description: str = "test study",
 ) -> Path:
     """Write one small image instance (explicit VR little endian) and return its path."""
+    with warnings.catch_warnings():  # tests write invalid UIDs on purpose
+        warnings.simplefilter("ignore")
+        return _make_instance(out, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
+                              patient_name=patient_name, patient_id=patient_id, charset=charset,
+                              modality=modality, study_date=study_date, study_time=study_time,
+                              instance_number=instance_number, size=size, seed=seed,
+                              accession=accession, description=description)
+
+
+def _make_instance(out: Path, *, study_uid: str, series_uid: str, sop_uid: str | None, patient_name: str,
+                   patient_id: str, charset: str | list[str], modality: str, study_date: str,
+                   study_time: str, instance_number: int, size: int, seed: int, accession: str,
+                   description: str) -> Path:
     sop_uid = sop_uid or generate_uid()
     ds = Dataset()
     ds.SpecificCharacterSet = charset
