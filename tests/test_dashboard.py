@@ -107,7 +107,8 @@ def test_overview_numbers_equal_the_catalog_and_journals(region: DemoRegion) -> 
         waiting_site, waiting_uid = region.waiting
         assert by_site[waiting_site].waiting_studies == 1
         assert by_site[waiting_site].oldest_waiting_study == waiting_uid
-        assert by_site[waiting_site].oldest_waiting_age_s is not None and by_site[waiting_site].oldest_waiting_age_s >= 0
+        age = by_site[waiting_site].oldest_waiting_age_s
+        assert age is not None and age >= 0
         assert all(s.waiting_studies == 0 for s in view.sites if s.site != waiting_site)
         for site, uids in region.studies.items():  # everything synced is verified at its own edge
             assert by_site[site].verified_studies == len(uids)
@@ -124,7 +125,8 @@ def test_overview_numbers_equal_the_catalog_and_journals(region: DemoRegion) -> 
 
         # visibility matrix: every cell equals the decisions of the sharing policy
         for viewer, origin in itertools.product(lay.config.site_ids, repeat=2):
-            expected = sum(1 for r in studies if r.origin_site == origin and sharing.decide(viewer, r.study_uid).allowed)
+            expected = sum(1 for r in studies
+                           if r.origin_site == origin and sharing.decide(viewer, r.study_uid).allowed)
             assert view.matrix.count(viewer, origin) == expected, (viewer, origin)
         assert view.matrix.count("clinic-b", "hub") >= 1  # published by a person
         assert view.matrix.count("clinic-a", "clinic-b") == 0  # never clinic to clinic
