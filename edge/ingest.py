@@ -72,6 +72,10 @@ class Ingestor:
         self._known_studies: set[str] = set()
         self._known_series: set[str] = set()
 
+    def close(self) -> None:
+        """Stop the worker threads (after the last instance)."""
+        self._pool.shutdown(wait=True)
+
     def store_instance(
         self,
         data: bytes | bytearray | memoryview,

@@ -626,6 +626,7 @@ class EdgeServer:
             self._watcher.join(timeout=5)
         if not self._established():
             self.journal.set_meta(CLEAN_SHUTDOWN, "1")
+        self.ingestor.close()
         self.journal.close()
         self._stopped.set()
         LOGGER.info("edge %s stopped", self.site.edge.ae_title)
