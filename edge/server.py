@@ -446,7 +446,15 @@ class ServerStats:
 
 
 class EdgeServer:
-    """A site's edge node: DICOM SCP over a durable store, plus study-completion notices."""
+    """A site's edge node: DICOM SCP over a durable store, plus study-completion notices.
+
+    `sources` are the Q/R sources in order (default `["local"]`: the edge's own
+    store; a callable is given the edge's journal, e.g. to build a cache source
+    beside it); `access` decides what each calling AE may see and retrieve
+    (default `AllowLocal`); `on_study_complete(study_uid)` is called from a
+    background thread when a study has had no new instance for the site's
+    `stable_age` (and again when a late instance reopened it).
+    """
 
     def __init__(
         self,
@@ -454,7 +462,7 @@ class EdgeServer:
         site_id: str,
         store_dir: Path,
         *,
-        sources: Sequence[QRSource] | None = None,
+        sources: Sequence[QRSource | str | Callable[[Journal], QRSource]] | None = None,
         access: Access | None = None,
         on_study_complete: Callable[[str], None] | None = None,
         fsync: bool = True,
@@ -479,7 +487,7 @@ class EdgeServer:
         self.journal = Journal(self.store_dir, synchronous="NORMAL")
         self.ingestor = Ingestor(self.store, self.journal)
         self.local_source = LocalSource(self.journal)
-        self.sources: list[QRSource] = list(sources) if sources is not None else [self.local_source]
+        self.sources: list[QRSource] = [self._source(s) for s in (sources or ["local"])]
         self.access: Access = access or AllowLocal()
         self.qr = QRService(self.sources, self.access, self.site.edge.ae_title)
         self.fast = fastnet.check_compatible() if fast is None else fast
@@ -491,6 +499,16 @@ class EdgeServer:
         self._counts = {"stored": 0, "duplicate": 0, "conflict": 0, "refused": 0, "failed": 0}
         self._counts_lock = threading.Lock()
         self._per_assoc: dict[int, dict[str, int]] = {}
+
+    def _source(self, source: QRSource | str | Callable[[Journal], QRSource]) -> QRSource:
+        """"local" is this edge's own store; a callable gets the edge's journal."""
+        if source == "local":
+            return self.local_source
+        if isinstance(source, str):
+            raise ValueError(f"unknown Q/R source {source!r}; use 'local' or a QRSource")
+        if callable(source) and not hasattr(source, "find"):
+            return source(self.journal)
+        return source  # type: ignore[return-value]
 
     # -- pynetdicom set-up -------------------------------------------------------
     def _build_ae(self) -> AE:
