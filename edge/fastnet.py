@@ -138,6 +138,7 @@ class _PDataView:
 
 
 # ------------------------------------------------------------------ C-STORE fast path
+KEEP_IN_MEMORY = 32 * 1024 * 1024  # datasets above this are not held in memory, only written
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 NO_DATASET = 0x0101
@@ -160,8 +161,9 @@ class StoreSink(Protocol):
 
     def write(self, fragment: memoryview) -> None: ...
 
-    def finish(self, data: bytes | memoryview) -> int:
-        """Store the dataset; return the C-STORE status (only once it is durable)."""
+    def finish(self, data: bytes | memoryview | None) -> int:
+        """Store the dataset (None: too large to keep, read it back from what was
+        written); return the C-STORE status, only once it is durable."""
         ...
 
     def abort(self) -> None:
@@ -338,8 +340,12 @@ class FastDUL(DULServiceProvider):
                 if control & 1:
                     raise ValueError("a command arrived before the end of a C-STORE dataset")
                 fragment = pdv[1:]
-                self._store["frags"].append(fragment)
                 self._store["sink"].write(fragment)
+                self._store["size"] += len(fragment)
+                if self._store["size"] <= KEEP_IN_MEMORY:
+                    self._store["frags"].append(fragment)
+                else:  # a large object: only its file keeps it
+                    self._store["frags"] = None
                 if control & 2:
                     store, self._store = self._store, None
                     self._serve_store(store)
@@ -357,7 +363,7 @@ class FastDUL(DULServiceProvider):
                     request = StoreRequest(self.assoc, context_id, str(context.transfer_syntax[0]),
                                            _us(command.get(0x0110)) or 0, _ui(command.get(0x0002)),
                                            _ui(command.get(0x1000)))
-                    self._store = {"request": request, "frags": [],
+                    self._store = {"request": request, "frags": [], "size": 0,
                                    "sink": cast(StoreHandler, self.store_handler)(request)}
                     continue
                 passthrough.extend(frags)
@@ -371,7 +377,7 @@ class FastDUL(DULServiceProvider):
     def _serve_store(self, store: dict[str, Any]) -> None:
         frags = store["frags"]
         request: StoreRequest = store["request"]
-        data = frags[0] if len(frags) == 1 else b"".join(frags)
+        data = None if frags is None else frags[0] if len(frags) == 1 else b"".join(frags)
         try:
             status = store["sink"].finish(data)
         except Exception:

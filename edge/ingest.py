@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,16 +266,60 @@ class Incoming:
             self.writer.abort()
             self.writer = None
 
-    def finish(self, data: bytes | bytearray | memoryview) -> StoreOutcome:
-        """Check, fsync, place and journal the instance (`data`: the whole dataset); never raises."""
+    def finish(self, data: bytes | bytearray | memoryview | None) -> StoreOutcome:
+        """Check, fsync, place and journal the instance; never raises.
+
+        `data` is the whole dataset as received, or None when the receiver kept
+        only the file (large instances): the dataset is then read back from it
+        (memory-mapped, so a big multi-frame object is never held twice).
+        """
         if self.outcome is not None or self.writer is None:
             if self.writer is not None:
                 self.writer.abort()
             return self.outcome or StoreOutcome(PROCESSING_FAILURE, "failed", self.sop_instance_uid)
+        if data is None:
+            return self._finish_from_file()
         ingestor = self.ingestor
         writer, self.writer = self.writer, None
         syncing = ingestor._pool.submit(writer.sync)
         hashing = ingestor._pool.submit(_sha256_of, self.header, data)
+        return self._conclude(writer, data, syncing.result, hashing.result)
+
+    def _finish_from_file(self) -> StoreOutcome:
+        writer, self.writer = self.writer, None
+        assert writer is not None
+        try:
+            written = writer.sync()
+            handle = open(written.path, "rb")
+        except Exception as exc:
+            writer.abort()
+            return self._failure(exc)
+        with handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            view = memoryview(mapped)
+            data = view[len(self.header):]
+            try:
+                digest = hashlib.sha256(view).hexdigest()
+                return self._conclude(writer, data, lambda: written, lambda: digest)
+            finally:
+                data.release()
+                view.release()
+                try:
+                    mapped.close()
+                except BufferError:  # a view still held somewhere: the mapping goes with it
+                    LOGGER.debug("memory map of %s left to the garbage collector", written.path)
+
+    def _failure(self, exc: BaseException) -> StoreOutcome:
+        if isinstance(exc, EdgeStoreError | JournalError):
+            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", self.sop_instance_uid, self.who, exc)
+            return StoreOutcome(OUT_OF_RESOURCES, "failed", self.sop_instance_uid, "", str(exc))
+        LOGGER.error("unexpected failure storing %s from %s: %s", self.sop_instance_uid, self.who, exc)
+        return StoreOutcome(PROCESSING_FAILURE, "failed", self.sop_instance_uid, "", str(exc))
+
+    def _conclude(self, writer: TempWriter, data: bytes | bytearray | memoryview,
+                  synced: Callable[[], TempFile], hashed: Callable[[], str]) -> StoreOutcome:
+        """Parse `data` while the file is synced and hashed, then place it; never raises."""
+        ingestor = self.ingestor
         temp: TempFile | None = None
         try:
             problem: BaseException | None = None
@@ -286,12 +332,15 @@ class Incoming:
             except Exception as exc:
                 problem = exc
             try:
-                written = syncing.result()
-                temp = TempFile(written.path, written.size, hashing.result())
+                written = synced()
+                temp = TempFile(written.path, written.size, hashed())
             except Exception as exc:
                 problem = problem or exc
             if problem is not None:
-                raise problem
+                try:
+                    raise problem
+                finally:
+                    problem = None  # no reference cycle through the traceback
             assert temp is not None
             return ingestor._place(parsed, temp, data, self.transfer_syntax_uid, self.calling_ae, self.who)
         except InvalidInstance as exc:

@@ -38,7 +38,8 @@ def test_status_echo_and_send_to_pacs(tmp_path: Path) -> None:
             status = _renkei(region.path, data_dir, "edge", "status", "--site", "hub", "--json")
             assert status.returncode == 0, status.stderr
             summary = json.loads(status.stdout)
-            assert (summary["studies"], summary["instances"], summary["upload_states"]["pending"]) == (1, 4, 4)
+            counts = (summary["studies"], summary["instances"], summary["upload_states"]["pending"])
+            assert counts == (1, 4, 4)
             assert summary["complete_pending_studies"] == []  # stable_age 60 s has not passed
             echo = _renkei(region.path, data_dir, "edge", "echo", "--site", "hub", "HUB_SVR")
             assert echo.returncode == 0 and "success" in echo.stdout, echo.stderr

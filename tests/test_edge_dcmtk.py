@@ -11,6 +11,7 @@ the edge writes no Source AE Title (optional; the journal records the caller).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import subprocess
 import time
@@ -619,3 +620,24 @@ def test_a_transfer_broken_off_mid_dataset_leaves_nothing(edge: EdgeServer, regi
     assert edge.journal.summary().instances == 0
     storescu(region.edge_port, [path])
     assert edge.journal.summary().instances == 1
+
+
+def test_large_instances_are_read_back_from_their_file(edge: EdgeServer, region: Region, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above fastnet.KEEP_IN_MEMORY a dataset is only written, then checked from its file."""
+    monkeypatch.setattr(fastnet, "KEEP_IN_MEMORY", 4096)
+    study_uid, files = make_study(tmp_path / "s", 3, size=128)  # 32 KiB of pixels each
+    first = files[0]
+    storescu(region.edge_port, files + [first])
+    assert edge.stats.stored == 3 and edge.stats.duplicates == 1
+    for path in files:
+        entry = edge.journal.entry(meta_of(path)["MediaStorageSOPInstanceUID"])
+        assert entry is not None and dataset_bytes(entry.path) == dataset_bytes(path)
+        assert hashlib.sha256(entry.path.read_bytes()).hexdigest() == entry.instance.sha256
+    other = make_instance(tmp_path / "t.dcm", study_uid=study_uid, series_uid=generate_uid(), size=128)
+    meta = meta_of(other)
+    status = _send_raw(region.edge_port, dataset_bytes(other)[:-100], meta["MediaStorageSOPClassUID"],
+                       meta["MediaStorageSOPInstanceUID"])
+    assert status == 0xC000 and edge.stats.refused == 1  # truncated: refused after reading it back
+    assert not list((region.store_dir / "tmp").iterdir())
+    assert len(edge.journal.instances(study_uid)) == 3
