@@ -5,16 +5,21 @@ do, its association thread sleeps 1 ms before each look at the message queue,
 and sockets are read 4 KiB at a time and carry Nagle's algorithm. On a C-STORE
 stream (request, response, request...) those sleeps add up to milliseconds per
 instance. These subclasses keep pynetdicom's state machine, services and
-events untouched and change only how threads wait:
+events untouched and change how threads wait, and where C-STORE is served:
 
 - `FastDUL` waits in `select()` on the socket and on a wake-up pipe that
   `send_pdu` writes to, so it reacts at once to incoming data and to outgoing
-  responses;
+  responses; P-DATA values stay memoryviews of the received PDU; and with a
+  `store_handler` it serves C-STORE requests itself (command parsed, dataset
+  streamed to a `StoreSink` fragment by fragment, C-STORE-RSP written back),
+  handing every other message to pynetdicom unchanged;
 - `FastAssociation` blocks on the DIMSE message queue instead of sleeping;
 - `FastSocket` reads a whole PDU with large `recv_into` calls, TCP_NODELAY on;
 - `EdgeRequestHandler` / `EdgeAssociationServer` build those for every
   accepted connection (TLS handshake with TCP_NODELAY set first);
-- `FastAE.associate` (as a requestor) gets the same DUL and socket.
+- `FastAE.associate` (as a requestor) gets the same DUL and socket;
+- `send_stored` sends a C-STORE whose dataset is a stored file's bytes, and
+  `paused` holds a requestor's reactor for a whole batch of them.
 
 Everything relies on pynetdicom 3.0's internal names; `check_compatible()`
 says whether they are there, and the edge falls back to plain pynetdicom when
@@ -24,7 +29,6 @@ they are not.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import select
 import socket
@@ -583,13 +587,6 @@ class FastAE(AE):
         sock = FastSocket(assoc, address=address)
         sock.tls_args = tls_args
         return sock
-
-
-def env_flag(name: str, default: bool = True) -> bool:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    return value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
 # ------------------------------------------------------------------ sending files
