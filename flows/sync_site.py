@@ -6,10 +6,11 @@ import time
 from typing import Any
 
 from prefect import flow
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from renkei import runtime
-from tasks.common import ensure_upload_limit, logger, publish_artifacts
+from tasks.common import logger, publish_artifacts
 from tasks.sync import flag, ingest, plan_deliveries, register, upload_study
 
 
@@ -27,15 +28,23 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
     studies = ingest(site, config, data_dir)
     uploads: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
-    if studies:
-        ensure_upload_limit(site, lay.config.site(site).link.upload_slots)
-        futures = {uid: upload_study.submit(site, uid, config, data_dir) for uid in studies}
-        for uid, future in futures.items():
-            future.wait()
-            if future.state.is_completed():
-                uploads[uid] = future.result()
-            else:
-                failures[uid] = _message(future.state)
+    slots = lay.config.site(site).link.upload_slots
+    pending = list(studies)
+    running: dict[str, Any] = {}
+    while pending or running:
+        # at most `slots` uploads of this site in flight (its link's setting); the deployment's
+        # concurrency limit of 1 keeps two runs of a site from overlapping
+        while pending and len(running) < slots:
+            uid = pending.pop(0)
+            running[uid] = upload_study.submit(site, uid, config, data_dir)
+        done = next(as_completed(list(running.values())))
+        uid = next(u for u, f in running.items() if f is done)
+        del running[uid]
+        done.wait()
+        if done.state.is_completed():
+            uploads[uid] = done.result()
+        else:
+            failures[uid] = _message(done.state)
     registered: dict[str, Any] = {"studies": [], "new_instances": 0}
     flagged: dict[str, Any] = {"granted": []}
     deliveries: dict[str, Any] = {}

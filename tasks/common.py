@@ -5,23 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from prefect import get_client, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import MissingContextError
 
 IO_RETRIES = 4
 IO_RETRY_DELAYS = [2, 4, 8, 16]  # seconds: exponential backoff for I/O tasks
-
-
-def upload_limit_name(site: str) -> str:
-    """The Prefect global concurrency limit holding a site's upload slots."""
-    return f"renkei-upload-{site}"
-
-
-def ensure_upload_limit(site: str, slots: int) -> None:
-    """Create or update the site's upload concurrency limit (its link's upload slots)."""
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(upload_limit_name(site), slots)
 
 
 def run_marker() -> str:

@@ -6,10 +6,9 @@ from dataclasses import asdict
 from typing import Any
 
 from prefect import task
-from prefect.concurrency.sync import concurrency
 
 from renkei import runtime, transfer
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, run_marker, upload_limit_name
+from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, run_marker
 
 
 class UploadFailed(Exception):
@@ -31,15 +30,14 @@ def ingest(site: str, config: str | None = None, data_dir: str | None = None) ->
 def upload_study(site: str, study_uid: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Upload one study's pending instances to the center, each verified by SHA-256.
 
-    Holds one of the site's upload slots (its link's concurrency limit) while it
-    runs. Raises when an instance failed, so that Prefect retries with backoff.
+    The flow runs at most the site's upload slots of these at once. Raises when
+    an instance failed, so that Prefect retries with backoff.
     """
     lay = runtime.layout(config, data_dir)
     slots = lay.config.site(site).link.upload_slots
-    with concurrency(upload_limit_name(site), occupy=1, timeout_seconds=3600):
-        with runtime.open_journal(lay, site) as journal:
-            result = transfer.upload_study(journal, runtime.open_store(lay), site, study_uid,
-                                           parallel=max(2, 8 // slots))
+    with runtime.open_journal(lay, site) as journal:
+        result = transfer.upload_study(journal, runtime.open_store(lay), site, study_uid,
+                                       parallel=max(2, 8 // slots))
     if result.failures:
         raise UploadFailed(f"{len(result.failures)} instance(s) of {study_uid} failed: {result.failures[0]}")
     return asdict(result)

@@ -20,12 +20,20 @@ def region_config(tmp_path: Path, stable_age: float = 1.0, center_url: str | Non
                   name: str = "region.yaml", edit=None) -> Path:
     """The example region on free ports (every edge, PACS and workstation), short stable_age."""
     raw = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    used: set[int] = set()
+
+    def port() -> int:
+        while (p := peers.free_port()) in used:
+            pass
+        used.add(p)
+        return p
+
     for site in raw["sites"]:
-        site["edge"]["port"] = peers.free_port()
+        site["edge"]["port"] = port()
         site["edge"]["stable_age"] = stable_age
-        site["pacs"]["port"] = peers.free_port()
+        site["pacs"]["port"] = port()
         for ws in site["workstations"]:
-            ws["port"] = peers.free_port()
+            ws["port"] = port()
     if center_url:
         raw["center"]["storage_url"] = center_url
     if edit:
