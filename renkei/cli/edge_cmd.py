@@ -69,12 +69,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     layout = layout_of(args)
     store_dir = layout.edge_store(args.site)
 
-    def study_complete(study_uid: str) -> None:
-        # A later issue wires this to the ingest flow; for now the log line is the trigger.
-        LOGGER.info("study complete: %s (site %s) ready for upload", study_uid, args.site)
-
-    server = EdgeServer(layout.config, args.site, store_dir, on_study_complete=study_complete,
-                        fsync=not args.no_fsync, port=args.port)
+    # EdgeServer logs "study complete: <uid>" itself; a later issue passes
+    # on_study_complete to trigger the upload flow.
+    server = EdgeServer(layout.config, args.site, store_dir, fsync=not args.no_fsync, port=args.port)
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
