@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
@@ -62,6 +62,13 @@ class RetrieveItem:
     path: Path | None = None
     data: bytes | None = None  # a whole Part 10 file, when there is no local path
     source: str = "local"
+    fetch: Callable[[], Path] | None = None  # fetches the file when needed (remote sources)
+
+    def materialised(self) -> "RetrieveItem":
+        """This item with a local path or bytes (fetching it when it has neither yet)."""
+        if self.path is None and self.data is None and self.fetch is not None:
+            return replace(self, path=self.fetch(), fetch=None)
+        return self
 
 
 @dataclass(frozen=True)

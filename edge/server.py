@@ -386,6 +386,11 @@ def send_item(assoc: Any, item: RetrieveItem, msg_id: int = 1, originator: str |
     where the edge re-encodes, because the receiver asked for it).
     """
     try:
+        item = item.materialised()
+    except Exception as exc:
+        LOGGER.error("fetching %s from %s failed: %s", item.sop_instance_uid, item.source, exc)
+        return None
+    try:
         if item.path is not None:
             with open(item.path, "rb") as fh:
                 head = fh.read(4096)
@@ -722,6 +727,7 @@ def _fallback_move(event: Any, server: EdgeServer) -> Iterator[Any]:
         if event.is_cancelled:
             yield CANCEL, None
             return
+        item = item.materialised()
         yield PENDING, dcmread(item.path if item.path else BytesIO(item.data or b""))
 
 
@@ -739,4 +745,5 @@ def _fallback_get(event: Any, server: EdgeServer) -> Iterator[Any]:
         if event.is_cancelled:
             yield CANCEL, None
             return
+        item = item.materialised()
         yield PENDING, dcmread(item.path if item.path else BytesIO(item.data or b""))

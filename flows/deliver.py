@@ -12,7 +12,8 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.clinical import import_study, patient_id_at_site, start_deliveries
+from renkei import runtime
+from tasks.clinical import cache_study, import_study, patient_id_at_site, start_deliveries
 from tasks.common import publish_artifacts
 
 
@@ -22,25 +23,29 @@ def deliver(site: str, study_uids: list[str], to_pacs: bool = False, config: str
     """Copy the studies from the center into the site's edge cache; with `to_pacs`, also import them
     into its PACS under the site's own Patient ID (when the patient is known there)."""
     started = time.monotonic()
+    has_pacs = runtime.layout(config, data_dir).config.site(site).pacs is not None
     rows = []
     for study_uid in study_uids:
-        pacs = to_pacs
-        ident = {"found": False, "detail": "not asked"}
-        if to_pacs:
+        cached = cache_study(site, study_uid, config, data_dir, return_state=True)
+        row = {"study_uid": study_uid,
+               "edge": "cached" if cached.is_completed() else f"FAILED: {cached.result(raise_on_failure=False)}",
+               "pacs": "not asked"}
+        if to_pacs and not has_pacs:
+            row["pacs"] = f"not imported: {site} has no PACS in the configuration"
+        elif to_pacs and cached.is_completed():
             ident = patient_id_at_site(site, study_uid, config, data_dir)
-            pacs = bool(ident["found"])
-        state = import_study(site, study_uid, ident.get("patient_id", ""), ident.get("issuer", ""), True, pacs,
-                             config, data_dir, return_state=True)
-        ok = state.is_completed()
-        out = state.result(raise_on_failure=False)
-        rows.append({"study_uid": study_uid, "edge": "cached" if ok else f"FAILED: {out}",
-                     "pacs": ("imported" if ok and pacs else
-                              ident["detail"] if to_pacs and not pacs else "not asked")})
+            if not ident["found"]:
+                row["pacs"] = f"not imported: {ident['detail']}"
+            else:
+                state = import_study(site, study_uid, ident["patient_id"], ident["issuer"], config, data_dir,
+                                     return_state=True)
+                row["pacs"] = "imported" if state.is_completed() else f"FAILED: {state.result(raise_on_failure=False)}"
+        rows.append(row)
     elapsed = time.monotonic() - started
     publish_artifacts(f"deliver-{site}", f"deliver to {site}",
                       [f"{len(study_uids)} studies delivered to {site} in {elapsed:.1f} s."], rows,
                       "Studies pushed ahead of time")
-    failed = [r for r in rows if r["edge"].startswith("FAILED")]
+    failed = [r for r in rows if r["edge"].startswith("FAILED") or r["pacs"].startswith("FAILED")]
     if failed:
         raise RuntimeError(f"{len(failed)} studies could not be delivered to {site}")
     return {"site": site, "studies": rows, "seconds": elapsed}
@@ -52,6 +57,8 @@ def distribute(plan: dict[str, dict[str, Any]], config: str | None = None,
     started = start_deliveries(plan, config, data_dir)
     for site, how in list(started.items()):
         if how == "no deployment":
-            result = deliver(site, plan[site]["study_uids"], plan[site]["to_pacs"], config, data_dir)
-            started[site] = f"delivered here ({len(result['studies'])} studies; no deployment deliver-{site})"
+            state = deliver(site, plan[site]["study_uids"], plan[site]["to_pacs"], config, data_dir,
+                            return_state=True)
+            started[site] = (f"delivered here (no deployment deliver-{site}): "
+                             f"{'ok' if state.is_completed() else state.message or 'failed'}")
     return started

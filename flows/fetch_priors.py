@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.clinical import find_prior_studies, import_study, resolve_patient
+from tasks.clinical import cache_study, find_prior_studies, import_study, resolve_patient
 from tasks.common import publish_artifacts
 
 
@@ -35,18 +35,18 @@ def fetch_priors(site: str, patient_id: str, issuer: str = "", lookback_years: f
                       f"{c['patient_birth_date']} | {c['patient_sex']} | {c['studies']} |" for c in res["candidates"]]
     else:
         studies = find_prior_studies(res, lookback_years, modalities, config, data_dir)
-        futures = [import_study.submit(site, s["study_uid"], res["patient_id"], res["issuer"], True, True,
-                                       config, data_dir) for s in studies]
-        for study, future in zip(studies, futures):
+        caches = [cache_study.submit(site, s["study_uid"], config, data_dir) for s in studies]
+        imports = [import_study.submit(site, s["study_uid"], res["patient_id"], res["issuer"], config, data_dir,
+                                       wait_for=[c]) for s, c in zip(studies, caches)]
+        for study, future in zip(studies, imports):
             future.wait()
-            outcome = future.result(raise_on_failure=False)
             ok = future.state.is_completed()
-            pacs = outcome.get("pacs", {}) if ok and isinstance(outcome, dict) else {}
+            outcome = future.result(raise_on_failure=False)
             imported.append({"study_uid": study["study_uid"], "from": study["origin_site"],
                              "date": study["study_date"], "modalities": ",".join(study["modalities"]),
                              "instances": study["instances"],
-                             "result": ("already in the PACS" if pacs.get("skipped") else
-                                        f"imported {pacs.get('sent', 0)}") if ok else f"FAILED: {outcome}"})
+                             "result": ("already in the PACS" if outcome.get("skipped") else
+                                        f"imported {outcome.get('sent', 0)}") if ok else f"FAILED: {outcome}"})
         lines.append(f"{len(studies)} prior studies found at other sites within {lookback_years:g} years.")
     elapsed = time.monotonic() - started
     lines.append(f"Done in {elapsed:.1f} s.")

@@ -45,30 +45,39 @@ def find_prior_studies(resolution: dict[str, Any], lookback_years: float, modali
              "description": r.study_description} for r in rows]
 
 
-@task(name="import-study", task_run_name="import {study_uid}", retries=IO_RETRIES,
+@task(name="cache-at-edge", task_run_name="cache {study_uid} at {site}", retries=IO_RETRIES,
       retry_delay_seconds=IO_RETRY_DELAYS)
-def import_study(site: str, study_uid: str, patient_id: str, issuer: str, to_edge: bool = True,
-                 to_pacs: bool = True, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
-    """Bring one study from the center to the site: a cached copy at its edge, a reconciled copy in its PACS."""
-    from renkei.imports import cache_at_edge, import_to_pacs
+def cache_study(site: str, study_uid: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Keep a verified copy of a center study in the site edge's cache (its workstations read it there)."""
+    from renkei.imports import cache_at_edge
 
     lay = runtime.layout(config, data_dir)
-    store = runtime.open_store(lay)
-    out: dict[str, Any] = {"study_uid": study_uid}
     with runtime.open_catalog(lay) as catalog:
-        if to_edge:
-            out["edge"] = asdict(cache_at_edge(lay, catalog, store, site, study_uid))
-        if to_pacs and lay.config.site(site).pacs is not None:
-            result = import_to_pacs(lay, catalog, store, site, study_uid, patient_id, issuer)
-            out["pacs"] = asdict(result)
-            if result.failures:
-                raise RuntimeError(f"{len(result.failures)} instance(s) of {study_uid} not imported: "
-                                   f"{result.failures[0]}")
+        result = cache_at_edge(lay, catalog, runtime.open_store(lay), site, study_uid)
         row = catalog.study(study_uid)
-        catalog.append_audit(site, "fetch_priors" if to_pacs else "deliver", "import", study_uid,
-                             target_site=row.origin_site if row else None, outcome="ok",
-                             detail={"to_edge": to_edge, "to_pacs": to_pacs})
-    return out
+        catalog.append_audit(site, "renkei", "cache", study_uid, target_site=row.origin_site if row else None,
+                             detail={"instances": result.instances, "fetched": result.fetched})
+    return asdict(result)
+
+
+@task(name="import-to-pacs", task_run_name="import {study_uid} into the PACS of {site}", retries=2,
+      retry_delay_seconds=[5, 20])
+def import_study(site: str, study_uid: str, patient_id: str, issuer: str, config: str | None = None,
+                 data_dir: str | None = None) -> dict[str, Any]:
+    """Import a reconciled copy (the site's Patient ID) of a center study into the site's PACS."""
+    from renkei.imports import import_to_pacs
+
+    lay = runtime.layout(config, data_dir)
+    with runtime.open_catalog(lay) as catalog:
+        result = import_to_pacs(lay, catalog, runtime.open_store(lay), site, study_uid, patient_id, issuer)
+        row = catalog.study(study_uid)
+        catalog.append_audit(site, "renkei", "import", study_uid, target_site=row.origin_site if row else None,
+                             outcome="ok" if result.ok else "failed",
+                             detail={"sent": result.sent, "skipped": result.skipped})
+    if result.failures:
+        raise RuntimeError(f"{len(result.failures)} instance(s) of {study_uid} not imported into the PACS of "
+                           f"{site}: {result.failures[0]}")
+    return asdict(result)
 
 
 @task(name="patient-id-at-site", retries=2, retry_delay_seconds=[2, 8])

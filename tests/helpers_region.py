@@ -17,8 +17,11 @@ EXAMPLE = REPO / "examples" / "nagasaki.yaml"
 
 
 def region_config(tmp_path: Path, stable_age: float = 1.0, center_url: str | None = None,
-                  name: str = "region.yaml", edit=None) -> Path:
-    """The example region on free ports (every edge, PACS and workstation), short stable_age."""
+                  name: str = "region.yaml", edit=None, pacs_at: tuple[str, ...] | None = None) -> Path:
+    """The example region on free ports (every edge, PACS and workstation), short stable_age.
+
+    With `pacs_at`, only those sites keep a PACS (tests that run no PACS elsewhere).
+    """
     raw = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
     used: set[int] = set()
 
@@ -31,9 +34,14 @@ def region_config(tmp_path: Path, stable_age: float = 1.0, center_url: str | Non
     for site in raw["sites"]:
         site["edge"]["port"] = port()
         site["edge"]["stable_age"] = stable_age
-        site["pacs"]["port"] = port()
+        if "pacs" in site:
+            site["pacs"]["port"] = port()
         for ws in site["workstations"]:
             ws["port"] = port()
+    if pacs_at is not None:
+        for site in raw["sites"]:
+            if site["id"] not in pacs_at:
+                site.pop("pacs", None)
     if center_url:
         raw["center"]["storage_url"] = center_url
     if edit:

@@ -20,7 +20,7 @@ def region_with_priors(tmp_path_factory, prefect_api):
     require_program("Orthanc", "orthanc")
     tmp_path = tmp_path_factory.mktemp("priors")
     data_dir = tmp_path / "renkei-data"
-    config_path = region_config(tmp_path, stable_age=0.2)
+    config_path = region_config(tmp_path, stable_age=0.2, pacs_at=("hub",))
     lay = layout_of(config_path, data_dir)
     patients = {}
     for site in ("hub", "clinic-a", "clinic-b"):

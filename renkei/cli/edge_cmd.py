@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import signal
 import threading
@@ -35,6 +36,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--port", type=int, default=None, help="listen on this port instead of the configured one")
     p.add_argument("--no-fsync", action="store_true",
                    help="skip fsync (for benchmarks of the network path only: NOT durable)")
+    p.add_argument("--trigger", choices=("auto", "on", "off"), default="auto",
+                   help="start the site's sync_site deployment when a study is complete "
+                        "(auto: when PREFECT_API_URL is set)")
+    p.add_argument("--local-only", action="store_true",
+                   help="serve only this site's own store (no center-held studies, no sharing decision)")
     p.set_defaults(func=cmd_serve)
 
     p = site_parser("status", "journal summary: studies, instances, bytes, upload states")
@@ -68,10 +74,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     layout = layout_of(args)
     store_dir = layout.edge_store(args.site)
+    layout.config.site(args.site)
 
-    # EdgeServer logs "study complete: <uid>" itself; a later issue passes
-    # on_study_complete to trigger the upload flow.
-    server = EdgeServer(layout.config, args.site, store_dir, fsync=not args.no_fsync, port=args.port)
+    # EdgeServer logs "study complete: <uid>" itself; the trigger starts the site's sync_site run.
+    trigger = None
+    if args.trigger == "on" or (args.trigger == "auto" and os.environ.get("PREFECT_API_URL")):
+        from tasks.trigger import SyncTrigger
+
+        trigger = SyncTrigger(args.site).start()
+        LOGGER.info("completed studies start the sync_site deployment of %s", args.site)
+    on_complete = trigger.notify if trigger else None
+    if args.local_only:
+        server = EdgeServer(layout.config, args.site, store_dir, fsync=not args.no_fsync, port=args.port,
+                            on_study_complete=on_complete)
+        stop_all = server.stop
+    else:
+        from edge.region import RegionalEdge
+
+        regional = RegionalEdge(layout, args.site, on_study_complete=on_complete, fsync=not args.no_fsync,
+                                port=args.port)
+        server, stop_all = regional, regional.stop
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -87,7 +109,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while not stop_requested.wait(0.5):
             pass
     finally:
-        server.stop()
+        stop_all()
+        if trigger is not None:
+            trigger.stop()
     return 0
 
 

@@ -1,0 +1,61 @@
+"""An edge wired into its region: its own store, the cache of other sites' studies, the
+center-held studies the site may see, and the sharing decision at every exit.
+
+`RegionalEdge(layout, site_id, ...)` builds the `EdgeServer` with sources
+[local, cache, center] and a `SharingAccess` that asks `renkei.sharing` and
+audits every cross-site answer and retrieval in the catalog.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from catalog.catalog import Catalog
+from catalog.store import ObjectStore
+from edge.center import AuditBuffer, CenterSource, EdgeCache, SharingAccess, catalog_recorder
+from edge.server import EdgeServer
+from renkei.config import Layout
+from renkei.sharing import Sharing
+
+LOGGER = logging.getLogger("renkei.edge.region")
+
+
+class RegionalEdge:
+    """The edge of `site_id` with the region's sources and access decision; start() / stop()."""
+
+    def __init__(self, layout: Layout, site_id: str, on_study_complete: Callable[[str], None] | None = None,
+                 **server_kwargs: Any) -> None:
+        self.layout = layout
+        self.site_id = site_id
+        store_dir = layout.edge_store(site_id)
+        self.catalog = Catalog.from_layout(layout)
+        self.store = ObjectStore(layout.center_url, layout.config.center.s3)
+        self.cache = EdgeCache(store_dir)
+        self.sharing = Sharing(layout.config, self.catalog)
+        self.audit = AuditBuffer(catalog_recorder(self.catalog))
+        self.access = SharingAccess(layout.config, site_id,
+                                    decide=lambda site, uid: self.sharing.decide(site, uid).allowed,
+                                    record=self.audit)
+        self.center_source = CenterSource(site_id, self.catalog, self.store, self.cache)
+        self.server = EdgeServer(layout.config, site_id, store_dir,
+                                 sources=["local", self.cache.source(), self.center_source],
+                                 access=self.access, on_study_complete=on_study_complete, **server_kwargs)
+
+    def start(self) -> "RegionalEdge":
+        self.server.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        try:
+            self.server.stop(timeout)
+        finally:
+            self.audit.close()
+            self.cache.close()
+            self.catalog.close()
+
+    def __enter__(self) -> "RegionalEdge":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
