@@ -92,6 +92,8 @@ STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(dict.fromkeys([
 QR_TRANSFER_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                                          ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# what uncompressed data may be re-encoded to when the peer accepted none of its own syntax
+CONVERTIBLE = (*UNCOMPRESSED, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 QR_MODELS = (PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET,
              STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET)
 PENDING_EVERY = 0.5  # seconds between C-MOVE/C-GET pending responses
@@ -417,15 +419,17 @@ def send_item(assoc: Any, item: RetrieveItem, msg_id: int = 1, originator: str |
         LOGGER.error("sending %s failed: %s", item.sop_instance_uid, exc)
         return None
     try:
+        if UID(item.transfer_syntax_uid).is_compressed:
+            raise ValueError("compressed pixel data is only sent in its own transfer syntax")
         source = item.path if item.path is not None else BytesIO(item.data or b"")
         ds = dcmread(source)
-        for syntax in UNCOMPRESSED:
+        for syntax in CONVERTIBLE:
             try:
                 context = assoc._get_valid_context(item.sop_class_uid, syntax, "scu", allow_conversion=False)
             except ValueError:
                 continue
             ts = UID(syntax)
-            raw = encode(ds, ts.is_implicit_VR, ts.is_little_endian, False)
+            raw = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
             if raw is None:
                 continue
             del context
