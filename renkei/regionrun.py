@@ -1,0 +1,160 @@
+"""A whole region on one machine, as background processes: edges, Prefect workers, site PACS.
+
+Used by `renkei demo` and by the end-to-end tests. Each process is a real
+`renkei ...` command (or Orthanc) with its log under `<data>/logs/`; `stop()`
+ends them all (SIGINT for Prefect workers, which ignore SIGTERM for a while).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from renkei import peers
+from renkei.config import Layout
+from renkei.errors import PeerError, RenkeiError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    process: subprocess.Popen
+    log: Path
+    stop_signal: int = signal.SIGTERM
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+@dataclass
+class RegionRunner:
+    """Starts and stops the processes of a region described by `config_path`, state in `data_dir`."""
+
+    config_path: Path
+    layout: Layout
+    api_url: str
+    procs: list[Proc] = field(default_factory=list)
+    pacs: dict[str, peers.OrthancPeer] = field(default_factory=dict)
+
+    @property
+    def logs(self) -> Path:
+        path = self.layout.logs_dir
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "PREFECT_API_URL": self.api_url,
+            "RENKEI_CONFIG": str(self.config_path),
+            "RENKEI_DATA_DIR": str(self.layout.data_dir),
+            "RENKEI_HOME": str(REPO),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+            "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
+            "TCP_NODELAY": "1",
+            "PYTHONUNBUFFERED": "1",
+        })
+        if extra:
+            env.update(extra)
+        return env
+
+    def renkei(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "renkei.cli.main", "--config", str(self.config_path),
+                "--data-dir", str(self.layout.data_dir), *args]
+
+    def spawn(self, name: str, cmd: Sequence[str], stop_signal: int = signal.SIGTERM) -> Proc:
+        log = self.logs / f"{name}.log"
+        with open(log, "ab") as out:
+            process = subprocess.Popen(list(cmd), cwd=REPO, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = Proc(name, process, log, stop_signal)
+        self.procs.append(proc)
+        return proc
+
+    # -- the parts -----------------------------------------------------------
+    def deploy(self, timeout: float = 300) -> None:
+        """Work pools and deployments (prefect.yaml), as `renkei deploy` makes them."""
+        proc = subprocess.run(self.renkei("deploy"), cwd=REPO, env=self.env(), capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            raise RenkeiError(f"renkei deploy failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+
+    def start_workers(self, sites: Sequence[str] | None = None, center: bool = True) -> None:
+        for site in sites if sites is not None else self.layout.config.site_ids:
+            self.spawn(f"worker-{site}", self.renkei("worker", "--site", site), signal.SIGINT)
+        if center:
+            self.spawn("worker-center", self.renkei("worker", "--center"), signal.SIGINT)
+
+    def start_pacs(self, sites: Sequence[str] | None = None) -> None:
+        """Orthanc as the PACS of each site that has one (it knows the site's edge, for C-MOVE back)."""
+        for site in self.layout.config.sites:
+            if site.pacs is None or (sites is not None and site.id not in sites):
+                continue
+            self.pacs[site.id] = peers.start_orthanc(
+                self.layout.data_dir / "pacs" / site.id, ae_title=site.pacs.ae_title, dicom_port=site.pacs.port,
+                modalities={site.edge.ae_title: (site.edge.ae_title, site.edge.host, site.edge.port)})
+
+    def start_edges(self, sites: Sequence[str] | None = None) -> None:
+        for site_id in sites if sites is not None else self.layout.config.site_ids:
+            self.spawn(f"edge-{site_id}", self.renkei("edge", "serve", "--site", site_id, "--trigger", "on"))
+        for site_id in sites if sites is not None else self.layout.config.site_ids:
+            site = self.layout.config.site(site_id)
+            proc = next(p for p in self.procs if p.name == f"edge-{site_id}")
+            try:
+                peers.wait_for_port(site.edge.host, site.edge.port, 60, proc.process, f"edge of {site_id}")
+            except PeerError as exc:
+                raise PeerError(f"{exc}\n{proc.tail()}") from None
+
+    def check(self) -> None:
+        """Raise when a process of the region died."""
+        for proc in self.procs:
+            if not proc.alive():
+                raise RenkeiError(f"{proc.name} exited with code {proc.process.returncode}:\n{proc.tail()}")
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.5) -> float:
+        """Poll `predicate` until true; returns the seconds it took, or raises naming `what`."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if predicate():
+                return time.monotonic() - started
+            self.check()
+            time.sleep(every)
+        raise RenkeiError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.alive():
+                try:
+                    os.killpg(proc.process.pid, proc.stop_signal)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 20
+        for proc in self.procs:
+            try:
+                proc.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.process.wait(5)
+        for orthanc in self.pacs.values():
+            orthanc.stop()
+        self.procs.clear()
+        self.pacs.clear()
