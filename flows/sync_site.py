@@ -11,7 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from renkei import runtime
 from tasks.common import logger, publish_artifacts
-from tasks.sync import flag, ingest, plan_deliveries, register, upload_study
+from tasks.sync import flag, ingest, plan_deliveries, register, retain, upload_study
 
 
 @flow(name="sync_site", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=False)
@@ -56,6 +56,10 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
             from flows.deliver import distribute
 
             deliveries = distribute(plan, config, data_dir)
+    retained = retain(site, config, data_dir)
+    if retained["removed"]:
+        deliveries["retention"] = f"{len(retained['removed'])} verified studies dropped from the edge " \
+                                  f"(disk {retained['disk_usage']:.0%} full)"
     elapsed = time.monotonic() - started
     summary = _report(site, studies, uploads, failures, registered, flagged, deliveries, elapsed)
     if failures:

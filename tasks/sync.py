@@ -89,3 +89,14 @@ def plan_deliveries(granted: list[list[str]], config: str | None = None,
                 entry["study_uids"].append(study_uid)
                 entry["to_pacs"] = entry["to_pacs"] or how == "pacs"
     return plan
+
+
+@task(name="retention", retries=1, retry_delay_seconds=[10])
+def retain(site: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Drop the oldest local copies the center holds verified while the edge's disk is too full."""
+    from renkei.retention import apply_retention
+
+    lay = runtime.layout(config, data_dir)
+    with runtime.open_catalog(lay) as catalog:
+        result = apply_retention(lay, catalog, site)
+    return asdict(result)

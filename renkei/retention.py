@@ -1,0 +1,80 @@
+"""Edge retention: drop local copies the center holds verified, oldest first, when the disk fills.
+
+Pure code. A study is dropped only when every instance is 'verified' in the
+edge journal AND the catalog says the center's copy is verified; its last
+instance arrived more than `min_age_days` ago; and the store's disk is fuller
+than `disk_usage_threshold`. Never otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from catalog.catalog import Catalog
+from edge.journal import Journal
+from renkei.config import Layout
+
+log = logging.getLogger("renkei.retention")
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    site: str
+    disk_usage: float
+    removed: tuple[str, ...] = ()
+    kept_unverified: int = 0
+    freed_bytes: int = 0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def disk_usage(path: Path) -> float:
+    usage = shutil.disk_usage(path)
+    return usage.used / usage.total if usage.total else 0.0
+
+
+def _center_verified(catalog: Catalog, study_uid: str) -> bool:
+    states = {l.holder: l.state for l in catalog.locations(study_uid, include_instances=False)}
+    return states.get("center") == "verified"
+
+
+def apply_retention(layout: Layout, catalog: Catalog, site_id: str, now: float | None = None,
+                    usage: Callable[[Path], float] = disk_usage) -> RetentionResult:
+    """Remove the oldest verified studies of the site's edge while its disk is above the threshold."""
+    site = layout.config.site(site_id)
+    policy = site.edge.retention
+    root = layout.edge_store(site_id)
+    now = time.time() if now is None else now
+    current = usage(root)
+    if current <= policy.disk_usage_threshold:
+        return RetentionResult(site_id, current)
+    removed: list[str] = []
+    freed = 0
+    unverified = 0
+    cutoff = now - policy.min_age_days * 86400
+    with Journal.open(root) as journal:
+        rows = sorted(journal.study_rows(), key=lambda r: r["_last_received"])
+        for row in rows:
+            if current <= policy.disk_usage_threshold:
+                break
+            uid = row["StudyInstanceUID"]
+            if row["_last_received"] > cutoff or int(row["NumberOfStudyRelatedInstances"]) == 0:
+                continue
+            states = {e.upload_state for e in journal.instances(uid)}
+            if states != {"verified"} or not _center_verified(catalog, uid):
+                unverified += 1
+                continue
+            size = sum(e.instance.size for e in journal.instances(uid) if e.local)
+            journal.remove_local_copy(uid)
+            catalog.set_location(uid, f"edge:{site_id}", "removed", detail="retention: disk above threshold",
+                                 by=f"retention:{site_id}")
+            removed.append(uid)
+            freed += size
+            current = usage(root)
+    if removed:
+        log.info("retention at %s: %d studies removed, %.1f MB freed", site_id, len(removed), freed / 1e6)
+    return RetentionResult(site_id, current, tuple(removed), unverified, freed)
