@@ -30,3 +30,6 @@ def setup_logging(verbosity: int = 0, log_file: Path | None = None) -> None:
         root.addHandler(fh)
     # pynetdicom is chatty at INFO and logs peers' identifiers: keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbosity >= 3 else logging.WARNING)
+    # HTTP client chatter (Prefect's API calls) only when asked for
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 3 else logging.WARNING)

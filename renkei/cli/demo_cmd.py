@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import time
+import signal
+import threading
+from pathlib import Path
 
-from renkei.cli.common import default_config_path, layout_of, print_table
-from renkei.cli.config_cmd import summary
+from renkei.cli.common import default_config_path, print_table
+from renkei.config import resolve_data_dir
 
 ORDER = 5
 
@@ -15,40 +17,60 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser = sub.add_parser(
         "demo",
         parents=[common],
-        help="run the example region (hub + 3 clinics) on this machine",
-        description="Validate the region's configuration and write each site's synthetic "
-        "studies under the data folder, printing what was done.",
+        help="run the example region (hub + 3 clinics) on this machine, end to end",
+        description="Start a local Prefect server, the deployments, a worker per site, the four edges of the "
+        "region and Orthanc as the hub's PACS; send synthetic studies by C-STORE from each site; let the "
+        "pipeline move them; then run the clinical scenarios (remote reading of a Goto study, priors for an "
+        "admitted clinic patient, instant publish of a hub exam to its referring clinic) and one backup "
+        "verification. Prints progress, a summary read back from the catalog, and the URLs of the Prefect UI "
+        "and the dashboard; stays up until Ctrl-C (--once exits when done). A previous demo's data folder is "
+        "started afresh; a folder holding anything else is refused.",
     )
-    parser.add_argument("--patients", type=int, default=5, metavar="N", help="patients per site (default 5)")
+    parser.add_argument("--once", action="store_true", help="exit when done (for scripts)")
+    parser.add_argument("--patients", type=int, default=4, metavar="N", help="patients per site (default 4)")
     parser.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default 1)")
     parser.add_argument("--ct-slices", type=int, default=100, metavar="N", help="slices per CT series (default 100)")
-    parser.add_argument("--once", action="store_true", help="exit when done (for scripts)")
+    parser.add_argument("--size", type=int, default=512, metavar="N", help="CT matrix size (default 512)")
+    parser.add_argument("--stable-age", type=float, default=5.0, metavar="S",
+                        help="seconds without a new instance before a study is complete (default 5 for the demo)")
+    parser.add_argument("--prefect-port", type=int, default=4200, metavar="PORT")
+    parser.add_argument("--dashboard-port", type=int, default=8080, metavar="PORT")
+    parser.add_argument("--hl7-port", type=int, default=2575, metavar="PORT")
     parser.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from renkei import synth
+    from renkei.demo import Demo, DemoOptions
 
-    layout = layout_of(args)
-    config = layout.config
-    print(f"renkei demo: region {config.region!r} from {getattr(args, 'config', None) or default_config_path()}")
-    print(summary(config))
-    print(f"\nData folder: {layout.data_dir}")
-    rows = []
-    for site in config.sites:
-        started = time.monotonic()
-        out = layout.data_dir / "synthetic" / site.id
-        result = synth.generate_site(config, site.id, args.patients, args.seed, out, ct_slices=args.ct_slices)
-        rows.append({
-            "site": site.id,
-            "patients": len(result.patients),
-            "studies": len(result.studies),
-            "instances": result.instance_count,
-            "MB": round(result.bytes_written / 1e6, 1),
-            "seconds": round(time.monotonic() - started, 1),
-            "folder": str(out),
-        })
-        print(f"  {site.id}: wrote {len(result.studies)} synthetic studies ({result.instance_count} instances)")
-    print("\nSynthetic studies written:")
-    print_table(rows)
-    return 0
+    options = DemoOptions(
+        data_dir=resolve_data_dir(getattr(args, "data_dir", None)),
+        config_path=Path(getattr(args, "config", None) or default_config_path()).resolve(),
+        patients=args.patients, seed=args.seed, ct_slices=args.ct_slices, size=args.size,
+        stable_age=args.stable_age, prefect_port=args.prefect_port, dashboard_port=args.dashboard_port,
+        hl7_port=args.hl7_port)
+    demo = Demo(options, say=lambda text: print(text, flush=True))
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        result = demo.run()
+        print("\nSites (read back from the catalog; seconds: first C-STORE to every study verified in the center)")
+        print_table(result.sites, ["site", "studies", "instances", "MB", "seconds"])
+        print("\nScenarios")
+        print_table(result.scenarios, ["scenario", "seconds", "what", "detail"])
+        print(f"\nDone in {result.seconds:.0f} s.")
+        print(f"Prefect UI:  {result.prefect_ui}")
+        print(f"Dashboard:   {result.dashboard}")
+        print(f"Logs:        {options.data_dir / 'logs'}")
+        if not args.once:
+            print("\nThe region keeps running (edges, workers, Prefect, Orthanc, dashboard). Ctrl-C stops it.",
+                  flush=True)
+            try:
+                while not stop.wait(1):
+                    demo.runner.check()
+            except KeyboardInterrupt:
+                pass
+        return 0
+    finally:
+        print("stopping the region ...", flush=True)
+        demo.stop()
+        signal.signal(signal.SIGTERM, previous)
