@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # dcmtk (DICOM test peers), Orthanc (a site's PACS), Chromium (dashboard test) and
-# dicom3tools (dciodvfy checks the synthetic IODs),
+# dicom3tools (dciodvfy checks the synthetic IODs) and openssl (test certificates for the edge's TLS),
 # from Debian's packages, installed when missing and running as root.
 system-deps:
 	@missing=""; \
@@ -24,6 +24,7 @@ system-deps:
 	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing from Debian:$$missing"; \
