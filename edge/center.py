@@ -30,7 +30,8 @@ from catalog.store import ObjectStore
 from edge.ingest import Ingestor
 from edge.journal import Journal
 from edge.matching import match_attribute
-from edge.qr import IMAGE, PATIENT, SERIES, STUDY, UNIQUE_KEYS, AccessEvent, LocalSource, QueryError, RetrieveItem
+from edge.qr import (IMAGE, PATIENT, SERIES, STUDY, UNIQUE_KEYS, AccessEvent, LocalSource, QueryError,
+                     RetrieveItem, single_values)
 from edge.store import FileStore
 from renkei.config import RegionConfig
 from renkei.errors import RenkeiError
@@ -123,16 +124,6 @@ def _study_record(row: StudyRow) -> dict[str, Any]:
     }
 
 
-def _single(query: Mapping[str, tuple[str, str]], keyword: str) -> list[str] | None:
-    if keyword not in query:
-        return None
-    vr, text = query[keyword]
-    text = text.strip()
-    if not text or "*" in text or "?" in text or (vr in ("DA", "TM", "DT") and "-" in text):
-        return None
-    return [v.strip() for v in text.split("\\") if v.strip()]
-
-
 class CenterSource:
     """Studies this site may see that are held in the center (fetched on retrieval)."""
 
@@ -148,8 +139,8 @@ class CenterSource:
 
     # -- C-FIND ------------------------------------------------------------
     def _studies(self, query: Mapping[str, tuple[str, str]]) -> list[StudyRow]:
-        ids = _single(query, "PatientID")
-        uids = _single(query, "StudyInstanceUID")
+        ids = single_values(query, "PatientID")
+        uids = single_values(query, "StudyInstanceUID")
         rows = self.catalog.visible_studies(self.site_id, [(pid, None) for pid in ids] if ids else None)
         if uids:
             wanted = set(uids)
@@ -190,7 +181,7 @@ class CenterSource:
         return out
 
     def _study_uids_of(self, query: Mapping[str, tuple[str, str]]) -> list[StudyRow]:
-        uids = _single(query, "StudyInstanceUID")
+        uids = single_values(query, "StudyInstanceUID")
         if not uids:
             raise QueryError("a SERIES or IMAGE level query needs the Study Instance UID")
         return self._studies(query)
@@ -214,7 +205,7 @@ class CenterSource:
         return out
 
     def _images(self, query: Mapping[str, tuple[str, str]]) -> list[dict[str, Any]]:
-        series = set(_single(query, "SeriesInstanceUID") or [])
+        series = set(single_values(query, "SeriesInstanceUID") or [])
         out = []
         for study in self._study_uids_of(query):
             for inst in self.catalog.instances(study.study_uid):
@@ -235,7 +226,7 @@ class CenterSource:
         key = UNIQUE_KEYS.get(level)
         if key is None:
             raise QueryError(f"unknown Query/Retrieve Level {level!r}")
-        values = _single(query, key)
+        values = single_values(query, key)
         if not values:
             raise QueryError(f"a {level} level retrieve needs {key} (one value or a list)")
         if level == PATIENT:

@@ -129,7 +129,7 @@ class AllowLocal:
             self.audit_hook(event)
 
 
-def _single_values(query: Mapping[str, tuple[str, str]], keyword: str) -> list[str] | None:
+def single_values(query: Mapping[str, tuple[str, str]], keyword: str) -> list[str] | None:
     """The exact values a key asks for (a UID list, or one value without wildcards), else None."""
     if keyword not in query:
         return None
@@ -150,22 +150,22 @@ class LocalSource:
 
     def find(self, level: str, query: Mapping[str, tuple[str, str]]) -> Iterator[dict[str, Any]]:
         if level == PATIENT:
-            ids = _single_values(query, "PatientID")
+            ids = single_values(query, "PatientID")
             rows = self.journal.patient_rows(ids[0]) if ids and len(ids) == 1 else self.journal.patient_rows()
         elif level == STUDY:
-            study_uids = _single_values(query, "StudyInstanceUID")
-            ids = _single_values(query, "PatientID")
+            study_uids = single_values(query, "StudyInstanceUID")
+            ids = single_values(query, "PatientID")
             rows = self.journal.study_rows(
                 study_uids=study_uids, patient_id=ids[0] if ids and len(ids) == 1 else None)
         elif level == SERIES:
             rows = self.journal.series_rows(
-                study_uids=_single_values(query, "StudyInstanceUID"),
-                series_uids=_single_values(query, "SeriesInstanceUID"))
+                study_uids=single_values(query, "StudyInstanceUID"),
+                series_uids=single_values(query, "SeriesInstanceUID"))
         elif level == IMAGE:
             rows = self.journal.instance_rows(
-                study_uids=_single_values(query, "StudyInstanceUID"),
-                series_uids=_single_values(query, "SeriesInstanceUID"),
-                sop_instance_uids=_single_values(query, "SOPInstanceUID"))
+                study_uids=single_values(query, "StudyInstanceUID"),
+                series_uids=single_values(query, "SeriesInstanceUID"),
+                sop_instance_uids=single_values(query, "SOPInstanceUID"))
         else:
             raise QueryError(f"unknown Query/Retrieve Level {level!r}")
         for row in rows:
@@ -177,7 +177,7 @@ class LocalSource:
         key = UNIQUE_KEYS.get(level)
         if key is None:
             raise QueryError(f"unknown Query/Retrieve Level {level!r}")
-        values = _single_values(query, key)
+        values = single_values(query, key)
         if not values:
             raise QueryError(f"a {level} level retrieve needs {key} (one value or a list)")
         if level == PATIENT:
@@ -188,11 +188,11 @@ class LocalSource:
             rows = self.journal.instance_rows(study_uids=values)
         elif level == SERIES:
             rows = self.journal.instance_rows(
-                study_uids=_single_values(query, "StudyInstanceUID"), series_uids=values)
+                study_uids=single_values(query, "StudyInstanceUID"), series_uids=values)
         else:
             rows = self.journal.instance_rows(
-                study_uids=_single_values(query, "StudyInstanceUID"),
-                series_uids=_single_values(query, "SeriesInstanceUID"), sop_instance_uids=values)
+                study_uids=single_values(query, "StudyInstanceUID"),
+                series_uids=single_values(query, "SeriesInstanceUID"), sop_instance_uids=values)
         for row in rows:
             yield self._item(row)
 
