@@ -21,7 +21,7 @@ from catalog.store import ObjectStore
 from edge.qr import RetrieveItem
 from edge.scu import send_items
 from renkei.config import Layout
-from renkei.errors import PeerError
+from renkei.errors import PeerError, PolicyError
 from renkei.priors import reconcile
 
 log = logging.getLogger("renkei.imports")
@@ -68,9 +68,19 @@ def pacs_instance_count(layout: Layout, site_id: str, study_uid: str) -> int:
     return count
 
 
+def check_allowed(layout: Layout, catalog: Catalog, site_id: str, study_uid: str) -> None:
+    """Refuse (PolicyError) to bring a study to a site that may not see it: this exit asks the decision too."""
+    from renkei.sharing import Sharing
+
+    decision = Sharing(layout.config, catalog).decide(site_id, study_uid)
+    if not decision.allowed:
+        raise PolicyError(f"{site_id} may not receive study {study_uid}: {decision.explanation}")
+
+
 def import_to_pacs(layout: Layout, catalog: Catalog, store: ObjectStore, site_id: str, study_uid: str,
                    patient_id: str, issuer: str, skip_if_complete: bool = True) -> ImportResult:
     """Send a reconciled copy of a center study to the site's PACS; skipped when it holds it complete."""
+    check_allowed(layout, catalog, site_id, study_uid)
     started = time.monotonic()
     site = layout.config.site(site_id)
     if site.pacs is None:
@@ -112,6 +122,7 @@ def cache_at_edge(layout: Layout, catalog: Catalog, store: ObjectStore, site_id:
     """Keep a copy of a center study in the site edge's cache (so its workstations read it locally)."""
     from edge.center import EdgeCache
 
+    check_allowed(layout, catalog, site_id, study_uid)
     started = time.monotonic()
     rows = catalog.instances(study_uid)
     cache = EdgeCache(layout.edge_store(site_id))

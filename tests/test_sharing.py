@@ -130,3 +130,15 @@ def test_cli_publish_explain_consent(region, data_dir, capsys) -> None:
     assert "unknown site 'clinic-z'" in capsys.readouterr().err
     assert main(["consent", "withdraw", "--site", "clinic-c", "--patient-id", "C-1", "--issuer", "CLINIC-C-ISSUER", *base]) == 0
     assert "consent withdrawn" in capsys.readouterr().out
+
+
+def test_deliveries_ask_the_decision_too(region, data_dir) -> None:
+    from renkei.errors import PolicyError
+    from renkei.imports import cache_at_edge
+    from renkei.runtime import open_store
+
+    config, catalog, sharing, uids = region
+    sharing.flag(list(uids.values()))
+    layout = Layout(config, data_dir)
+    with pytest.raises(PolicyError, match="may not receive"):
+        cache_at_edge(layout, catalog, open_store(layout), "clinic-b", uids["clinic-a"])
