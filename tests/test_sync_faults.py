@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import anyio
 import pytest
 
 from renkei import peers, synth
@@ -38,8 +39,21 @@ def test_s3_down_for_the_first_attempts_then_success(tmp_path, data_dir, prefect
     os.environ["RENKEI_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"   # nothing listens there yet
     started = {}
 
+    def upload_retrying() -> bool:
+        from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+        async def runs():
+            async with get_client() as client:
+                return await client.read_task_runs(task_run_filter=TaskRunFilter(
+                    name=TaskRunFilterName(like_=study.info.study_uid)))
+
+        return any(t.state and t.state.name in ("AwaitingRetry", "Retrying") for t in anyio.run(runs))
+
     def bring_s3_up() -> None:
-        time.sleep(10)  # longer than s3fs's own quick retries: Prefect's task retries must carry it
+        # keep the endpoint down until Prefect has seen an upload attempt fail and scheduled a retry
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not upload_retrying():
+            time.sleep(0.5)
         started["peer"] = peers.start_moto(tmp_path / "late-moto", port=port)
         started["peer"].filesystem().mkdir(bucket)
 
@@ -58,8 +72,6 @@ def test_s3_down_for_the_first_attempts_then_success(tmp_path, data_dir, prefect
             async with get_client() as client:
                 return await client.read_task_runs(flow_run_filter=FlowRunFilter(
                     id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-
-        import anyio
 
         uploads = [t for t in anyio.run(task_runs) if t.name.startswith("upload")]
         assert uploads and max(t.run_count for t in uploads) > 1, "the upload was retried"
