@@ -148,16 +148,23 @@ class CenterSource:
         return rows
 
     def find(self, level: str, query: Mapping[str, tuple[str, str]]) -> Iterator[dict[str, Any]]:
-        if level == PATIENT:
-            records = self._patients(query)
-        elif level == STUDY:
-            records = [_study_record(r) for r in self._studies(query)]
-        elif level == SERIES:
-            records = self._series(query)
-        elif level == IMAGE:
-            records = self._images(query)
-        else:
-            raise QueryError(f"unknown Query/Retrieve Level {level!r}")
+        try:
+            if level == PATIENT:
+                records = self._patients(query)
+            elif level == STUDY:
+                records = [_study_record(r) for r in self._studies(query)]
+            elif level == SERIES:
+                records = self._series(query)
+            elif level == IMAGE:
+                records = self._images(query)
+            else:
+                raise QueryError(f"unknown Query/Retrieve Level {level!r}")
+        except QueryError:
+            raise
+        except (RenkeiError, OSError) as exc:
+            # the center unreachable must not stop the site's own studies from being answered
+            LOGGER.warning("C-FIND: the center's studies are left out (catalog unreachable: %s)", exc)
+            return
         for record in records:
             if all(match_attribute(vr, text, _text(record.get(kw))) for kw, (vr, text) in query.items()
                    if kw in record):
@@ -335,7 +342,11 @@ class SharingAccess:
             return False
         if source == "local" and site == self.site_id and self._own(study_uid):
             return True
-        return bool(self._decide(site, study_uid))
+        try:
+            return bool(self._decide(site, study_uid))
+        except (RenkeiError, OSError) as exc:
+            LOGGER.warning("no sharing decision for %s (catalog unreachable: %s): refused", study_uid, exc)
+            return False
 
     def may_see(self, calling_ae: str, study_uid: str, source: str) -> bool:
         return self._allowed(calling_ae, study_uid, source)
