@@ -161,7 +161,7 @@ class CenterSource:
                 raise QueryError(f"unknown Query/Retrieve Level {level!r}")
         except QueryError:
             raise
-        except (RenkeiError, OSError) as exc:
+        except Exception as exc:  # storage client errors come in many types (botocore, aiohttp, OSError)
             # the center unreachable must not stop the site's own studies from being answered
             LOGGER.warning("C-FIND: the center's studies are left out (catalog unreachable: %s)", exc)
             return
@@ -230,6 +230,16 @@ class CenterSource:
 
     # -- C-MOVE / C-GET ------------------------------------------------------
     def retrieve(self, level: str, query: Mapping[str, tuple[str, str]]) -> Iterator[RetrieveItem]:
+        try:
+            rows = self._retrieve_rows(level, query)
+        except QueryError:
+            raise
+        except Exception as exc:  # the center unreachable: the local sources still serve
+            LOGGER.warning("retrieve: the center's copies are left out (catalog unreachable: %s)", exc)
+            return
+        yield from self._items(rows)
+
+    def _retrieve_rows(self, level: str, query: Mapping[str, tuple[str, str]]) -> list[dict[str, Any]]:
         key = UNIQUE_KEYS.get(level)
         if key is None:
             raise QueryError(f"unknown Query/Retrieve Level {level!r}")
@@ -253,7 +263,7 @@ class CenterSource:
                 if sops is not None and inst["sop_instance_uid"] not in sops:
                     continue
                 rows.append(inst)
-        yield from self._items(rows)
+        return rows
 
     def instance_paths(self, study_uid: str, series_uid: str | None = None,
                        sop_uids: Sequence[str] | None = None) -> Iterator[RetrieveItem]:
@@ -344,7 +354,7 @@ class SharingAccess:
             return True
         try:
             return bool(self._decide(site, study_uid))
-        except (RenkeiError, OSError) as exc:
+        except Exception as exc:  # the catalog unreachable: deny, never guess
             LOGGER.warning("no sharing decision for %s (catalog unreachable: %s): refused", study_uid, exc)
             return False
 
