@@ -152,7 +152,7 @@ def verify_rows(rows: Iterable[dict[str, Any]], expected_count: int, expected_he
         problems.append(f"the chain ends at event {last}, but the catalog recorded {expected_count} events "
                         "(the last events were deleted or the log was damaged)")
     elif expected_count and head != expected_head:
-        problems.append(f"the last event's hash differs from the head recorded in the catalog log")
+        problems.append("the last event's hash differs from the head recorded in the catalog log")
     if anchor:
         a_no, a_hash = int(anchor.get("count", 0)), str(anchor.get("head", ""))
         if a_no > last:

@@ -36,7 +36,7 @@ from catalog import keys, tables
 from catalog.audit import AuditDraft, AuditEvent, AuditVerification
 from catalog.log import CommitLog, State
 from renkei.errors import CatalogError, InvalidUID, UsageError
-from renkei.records import InstanceInfo, StudyBatch, StudyInfo
+from renkei.records import StudyBatch, StudyInfo
 
 _log = logging.getLogger("renkei.catalog")
 

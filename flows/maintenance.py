@@ -15,7 +15,7 @@ def compact_catalog(config: str | None = None, data_dir: str | None = None) -> d
     """Merge the catalog's small files (nightly), so that query time does not grow with writes."""
     result = compact(config, data_dir)
     publish_artifacts("compact-catalog", "compact_catalog",
-                      [f"| table | files before | files after |", "|---|---|---|"]
+                      ["| table | files before | files after |", "|---|---|---|"]
                       + [f"| {t} | {result['before'].get(t, 0)} | {result['after'].get(t, 0)} |"
                          for t in sorted(result["before"])], [], "Catalog compaction")
     return result

@@ -88,8 +88,8 @@ def _report(site: str, studies: list[str], uploads: dict[str, dict[str, Any]], f
     rows += [{"study_uid": uid, "instances": 0, "new_objects": 0, "already_in_center": 0, "conflicts": 0,
               "MB": 0, "seconds": 0, "result": f"FAILED: {msg}"} for uid, msg in failures.items()]
     lines = [
-        f"| studies | instances | MB | seconds | MB/s | grants | failures |",
-        f"|---|---|---|---|---|---|---|",
+        "| studies | instances | MB | seconds | MB/s | grants | failures |",
+        "|---|---|---|---|---|---|---|",
         f"| {len(uploads)} of {len(studies)} | {instances} | {size / 1e6:.1f} | {elapsed:.1f} | {mb_s:.1f} "
         f"| {len(flagged.get('granted', []))} | {len(failures)} |",
         "",

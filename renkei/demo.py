@@ -234,7 +234,6 @@ class Demo:
         study = synth.write_study(plan, layout.data_dir / "demo" / "instant")
         peers.run_dcmtk(["storescu", "-aet", hub.pacs.ae_title if hub.pacs else hub.workstations[0].ae_title,
                          "-aec", hub.edge.ae_title, hub.edge.host, str(hub.edge.port), *map(str, study.files)])
-        t0 = time.monotonic()
         ws = clinic.workstations[0]
         visible = runner.wait_until(lambda: plan.info.study_uid in _findscu(clinic, ws.ae_title), 600,
                                     "the hub exam to be visible at the Goto clinic", every=0.5)

@@ -11,7 +11,7 @@ from catalog.catalog import Catalog
 from renkei import synth
 from renkei.config import Layout, load_config
 from renkei.priors import Demographics, find_priors, name_groups, reconcile, resolve_person
-from renkei.records import InstanceInfo, StudyBatch
+from renkei.records import StudyBatch
 from renkei.sharing import Sharing
 
 from conftest import EXAMPLE_CONFIG

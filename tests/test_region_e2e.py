@@ -119,7 +119,6 @@ def test_studies_sent_to_every_edge_end_up_verified_and_flagged(region: E2E) -> 
             else:
                 ref = region.config.site_for_name(facts["info"].requesting_service)
                 assert grants == ({ref} if ref else set())
-        store_objects = sum(1 for _ in cat.iter_instances())
     # the hub finds the clinics' studies at its own edge; the clinics do not find each other's
     hub = region.config.site("hub")
     at_hub = set(findscu(hub, hub.workstations[0].ae_title))

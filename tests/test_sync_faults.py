@@ -11,7 +11,6 @@ import threading
 import time
 
 import anyio
-import pytest
 
 from renkei import peers, synth
 from renkei.runtime import open_catalog, open_journal, open_store

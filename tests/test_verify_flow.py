@@ -63,7 +63,6 @@ def test_damage_is_found_and_repaired_from_the_edge(synced) -> None:
 
 def test_damage_without_an_edge_copy_fails_the_run(synced) -> None:
     from flows.verify_backups import UnrecoverableBackup, verify_backups
-    from prefect import get_client
 
     config_path, lay = synced
     store = open_store(lay)
