@@ -130,18 +130,36 @@ class CenterSource:
     name = "center"
 
     def __init__(self, site_id: str, catalog: Catalog, store: ObjectStore, cache: EdgeCache,
-                 prefetch: int = 4) -> None:
+                 prefetch: int = 4, site_issuer: str = "", issuer_sites: Mapping[str, str] | None = None) -> None:
         self.site_id = site_id
+        self.site_issuer = site_issuer
+        self.issuer_sites = dict(issuer_sites or {})
         self.catalog = catalog
         self.store = store
         self.cache = cache
         self.prefetch = prefetch
 
     # -- C-FIND ------------------------------------------------------------
-    def _studies(self, query: Mapping[str, tuple[str, str]]) -> list[StudyRow]:
+    def _patients_of(self, query: Mapping[str, tuple[str, str]]) -> list[tuple[str, str | None]] | None:
+        """The (patient_id, issuer) pairs a PatientID key means at this site: the ID under the query's
+        issuer (default: this site's), and the same person's IDs at other sites (patient links)."""
         ids = single_values(query, "PatientID")
+        if not ids:
+            return None
+        issuers = single_values(query, "IssuerOfPatientID")
+        issuer = issuers[0] if issuers else self.site_issuer
+        pairs: list[tuple[str, str | None]] = []
+        for pid in ids:
+            pairs.append((pid, issuer))
+            site = self.issuer_sites.get(issuer, self.site_id)
+            person = self.catalog.person_of(site, pid, issuer)
+            if person:
+                pairs.extend((p, i) for _s, p, i in self.catalog.patient_ids_of(person))
+        return list(dict.fromkeys(pairs))
+
+    def _studies(self, query: Mapping[str, tuple[str, str]]) -> list[StudyRow]:
         uids = single_values(query, "StudyInstanceUID")
-        rows = self.catalog.visible_studies(self.site_id, [(pid, None) for pid in ids] if ids else None)
+        rows = self.catalog.visible_studies(self.site_id, self._patients_of(query))
         if uids:
             wanted = set(uids)
             rows = [r for r in rows if r.study_uid in wanted]
@@ -247,7 +265,7 @@ class CenterSource:
         if not values:
             raise QueryError(f"a {level} level retrieve needs {key} (one value or a list)")
         if level == PATIENT:
-            studies = [r for pid in values for r in self.catalog.visible_studies(self.site_id, [(pid, None)])]
+            studies = self.catalog.visible_studies(self.site_id, self._patients_of(query))
         elif level == STUDY:
             wanted = set(values)
             studies = [r for r in (self.catalog.study(uid) for uid in wanted) if r is not None]
@@ -311,8 +329,12 @@ class _Prefetcher:
     def get(self, sop_uid: str) -> Path:
         with self.lock:
             index = self.order.index(sop_uid)
+            study = self.rows[sop_uid]["study_uid"]
+            # ahead only within the same study: access is decided per study, and a refused study's
+            # instances are never asked for, so they are never fetched either
             for uid in self.order[index:index + self.ahead + 1]:
-                self._submit(uid)
+                if self.rows[uid]["study_uid"] == study:
+                    self._submit(uid)
             future = self.futures[sop_uid]
         try:
             return future.result()
@@ -412,24 +434,39 @@ class AuditBuffer:
             self._events.extend((e, caller_site) for e in events)
         self._wake.set()
 
-    def flush(self) -> None:
+    MAX_KEPT = 100_000  # events kept for a later attempt while the catalog cannot be written
+
+    def flush(self) -> bool:
+        """Write what is buffered; failed batches stay for the next flush. True when all was written."""
         with self._lock:
             events, self._events = self._events, []
         by_site: dict[str, list[AccessEvent]] = {}
         for event, site in events:
             by_site.setdefault(site, []).append(event)
+        failed: list[tuple[AccessEvent, str]] = []
         for site, batch in by_site.items():
             try:
                 self._record(batch, site)
             except Exception as exc:
-                LOGGER.error("could not write %d access audit events: %s", len(batch), exc)
+                LOGGER.error("could not write %d access audit events yet (kept, retried): %s", len(batch), exc)
+                failed.extend((e, site) for e in batch)
+        if failed:
+            with self._lock:
+                self._events[:0] = failed
+                if len(self._events) > self.MAX_KEPT:
+                    LOGGER.critical("%d access audit events dropped: the catalog has been unwritable too long",
+                                    len(self._events) - self.MAX_KEPT)
+                    del self._events[: len(self._events) - self.MAX_KEPT]
+        return not failed
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait()
             self._stop.wait(self.interval)
             self._wake.clear()
-            self.flush()
+            if not self.flush():
+                self._stop.wait(5)  # the catalog is unwritable: try again a little later
+                self._wake.set()
 
     def close(self) -> None:
         self._stop.set()

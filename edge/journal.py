@@ -537,22 +537,36 @@ class Journal:
         identical resend is stored again. Raises JournalError when any instance
         is not verified yet: the edge copy is kept until the center's is verified.
         """
-        rows = self._query(
-            "SELECT upload_state, count(*) AS n FROM instances WHERE study_uid = ? GROUP BY upload_state",
-            (study_uid,),
-        )
-        if not rows:
-            raise JournalError(f"study {study_uid} is not in the journal of {self.store_dir}")
-        pending = {r["upload_state"]: r["n"] for r in rows if r["upload_state"] != "verified"}
-        if pending:
-            raise JournalError(
-                f"refusing to remove the local copy of study {study_uid}: "
-                f"{sum(pending.values())} instance(s) not verified yet ({pending}); "
-                "verify the center's copy first"
-            )
-        paths = [self.store_dir / r["path"] for r in self._query(
-            "SELECT path FROM instances WHERE study_uid = ? AND local = 1", (study_uid,))]
-        self._write([("UPDATE instances SET local = 0 WHERE study_uid = ?", (study_uid,))])
+        # one transaction: an instance journaled meanwhile either stops the removal or is untouched
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    rows = self._conn.execute(
+                        "SELECT upload_state, count(*) AS n FROM instances WHERE study_uid = ? "
+                        "GROUP BY upload_state", (study_uid,)).fetchall()
+                    if not rows:
+                        raise JournalError(f"study {study_uid} is not in the journal of {self.store_dir}")
+                    pending = {r[0]: r[1] for r in rows if r[0] != "verified"}
+                    if pending:
+                        raise JournalError(
+                            f"refusing to remove the local copy of study {study_uid}: "
+                            f"{sum(pending.values())} instance(s) not verified yet ({pending}); "
+                            "verify the center's copy first"
+                        )
+                    chosen = self._conn.execute(
+                        "SELECT sop_instance_uid, path FROM instances WHERE study_uid = ? AND local = 1 "
+                        "AND upload_state = 'verified'", (study_uid,)).fetchall()
+                    self._conn.executemany(
+                        "UPDATE instances SET local = 0 WHERE sop_instance_uid = ? AND upload_state = 'verified'",
+                        [(r[0],) for r in chosen])
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise JournalError(f"{self.path}: write failed: {exc}") from None
+        paths = [self.store_dir / r[1] for r in chosen]
         folders: set[Path] = set()
         for path in paths:
             try:

@@ -37,7 +37,9 @@ class RegionalEdge:
         self.access = SharingAccess(layout.config, site_id,
                                     decide=lambda site, uid: self.sharing.decide(site, uid).allowed,
                                     record=self.audit)
-        self.center_source = CenterSource(site_id, self.catalog, self.store, self.cache)
+        self.center_source = CenterSource(site_id, self.catalog, self.store, self.cache,
+                                          site_issuer=layout.config.site(site_id).issuer,
+                                          issuer_sites={s.issuer: s.id for s in layout.config.sites})
         self.server = EdgeServer(layout.config, site_id, store_dir,
                                  sources=["local", self.cache.source(), self.center_source],
                                  access=self.access, on_study_complete=on_study_complete, **server_kwargs)

@@ -13,7 +13,12 @@ from typing import Any
 from prefect import flow
 
 from renkei import runtime
-from tasks.clinical import cache_study, import_study, patient_id_at_site, start_deliveries
+from tasks.clinical import (
+    cache_study,
+    import_study,
+    patient_id_at_site,
+    start_deliveries,
+)
 from tasks.common import publish_artifacts
 
 

@@ -7,7 +7,12 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.clinical import cache_study, find_prior_studies, import_study, resolve_patient
+from tasks.clinical import (
+    cache_study,
+    find_prior_studies,
+    import_study,
+    resolve_patient,
+)
 from tasks.common import publish_artifacts
 
 
@@ -38,15 +43,19 @@ def fetch_priors(site: str, patient_id: str, issuer: str = "", lookback_years: f
         caches = [cache_study.submit(site, s["study_uid"], config, data_dir) for s in studies]
         imports = [import_study.submit(site, s["study_uid"], res["patient_id"], res["issuer"], config, data_dir,
                                        wait_for=[c]) for s, c in zip(studies, caches)]
-        for study, future in zip(studies, imports):
+        for study, cache, future in zip(studies, caches, imports):
             future.wait()
-            ok = future.state.is_completed()
-            outcome = future.result(raise_on_failure=False)
+            cache.wait()
+            if future.state.is_completed():
+                outcome = future.result()
+                result = "already in the PACS" if outcome.get("skipped") else f"imported {outcome.get('sent', 0)}"
+            elif not cache.state.is_completed():
+                result = f"FAILED: not brought to the edge: {_error(cache.state)}"
+            else:
+                result = f"FAILED: {_error(future.state)}"
             imported.append({"study_uid": study["study_uid"], "from": study["origin_site"],
                              "date": study["study_date"], "modalities": ",".join(study["modalities"]),
-                             "instances": study["instances"],
-                             "result": ("already in the PACS" if outcome.get("skipped") else
-                                        f"imported {outcome.get('sent', 0)}") if ok else f"FAILED: {outcome}"})
+                             "instances": study["instances"], "result": result})
         lines.append(f"{len(studies)} prior studies found at other sites within {lookback_years:g} years.")
     elapsed = time.monotonic() - started
     lines.append(f"Done in {elapsed:.1f} s.")
@@ -56,3 +65,14 @@ def fetch_priors(site: str, patient_id: str, issuer: str = "", lookback_years: f
     if failed:
         raise RuntimeError(f"{len(failed)} prior studies could not be imported; see the artifact")
     return {"resolution": res, "studies": imported, "seconds": elapsed}
+
+
+def _error(state: Any) -> str:
+    """The error a final state holds, as text (an unfinished state says so)."""
+    if not state.is_final():
+        return f"not run ({state.name})"
+    try:
+        state.result()
+    except Exception as exc:
+        return str(exc)[:300]
+    return state.message or state.name

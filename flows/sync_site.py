@@ -11,7 +11,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from renkei import runtime
 from tasks.common import logger, publish_artifacts
-from tasks.sync import flag, ingest, plan_deliveries, register, retain, upload_study
+from tasks.sync import (
+    flag,
+    ingest,
+    mark_verified,
+    plan_deliveries,
+    register,
+    retain,
+    upload_study,
+)
 
 
 @flow(name="sync_site", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=False)
@@ -51,6 +59,7 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
     if uploads:
         registered = register(site, list(uploads), config, data_dir)
         flagged = flag(list(registered["studies"]), config, data_dir)
+        mark_verified(site, list(registered["studies"]), config, data_dir)
         plan = plan_deliveries(flagged["granted"], config, data_dir)
         if plan:
             from flows.deliver import distribute

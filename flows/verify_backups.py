@@ -34,6 +34,10 @@ def verify_backups(full: bool = False, repair: bool = True, config: str | None =
     ]
     if not findings:
         lines.append("Every object read back whole; nothing is missing.")
+    if report.get("edges_not_checked"):
+        lines.append(f"Edge journals not reachable from this worker (not checked, and not available for "
+                     f"repairs): {', '.join(report['edges_not_checked'])}. Their journals are on their own "
+                     "machines; this run checked the center's objects and grants only for them.")
     if report["unrecoverable"]:
         lines += ["## Unrecoverable", "These objects are missing or damaged in the center and no edge "
                   "holds a copy. Ask the origin site to send the study again from its PACS "

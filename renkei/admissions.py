@@ -209,9 +209,13 @@ class AdmissionListener:
                     await writer.drain()
                     continue
                 code, text_reason = await asyncio.get_running_loop().run_in_executor(None, self.handle, message)
-                ack = message.create_ack(code)
-                ack.segment("MSA").assign_field(_escape(text_reason), 3)
-                writer.writeblock(str(ack).encode(self.encoding))
+                try:
+                    ack = message.create_ack(code)
+                    ack.segment("MSA").assign_field(_escape(text_reason), 3)
+                    reply = str(ack)
+                except Exception:  # a header too short to answer from: a bare ACK still tells the sender
+                    reply = _bare_nack(text, text_reason, code)
+                writer.writeblock(reply.encode(self.encoding))
                 await writer.drain()
         finally:
             writer.close()
@@ -258,10 +262,10 @@ def _escape(text: str) -> str:
     return text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\").replace("&", "\\T\\").replace("~", "\\R\\")
 
 
-def _bare_nack(text: str, reason: str) -> str:
+def _bare_nack(text: str, reason: str, code: str = "AR") -> str:
     control = ""
     first = text.split("\r")[0]
     fields = first.split("|")
     if first.startswith("MSH") and len(fields) > 9:
         control = fields[9]
-    return f"MSH|^~\\&|RENKEI||||||ACK|{control}|P|2.5\rMSA|AR|{control}|{_escape(reason)}"
+    return f"MSH|^~\\&|RENKEI||||||ACK|{control}|P|2.5\rMSA|{code}|{control}|{_escape(reason)}"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from catalog.catalog import Catalog
-from edge.journal import Journal
+from edge.journal import Journal, JournalError
 from renkei.config import Layout
 
 log = logging.getLogger("renkei.retention")
@@ -38,8 +38,11 @@ def disk_usage(path: Path) -> float:
 
 
 def _center_verified(catalog: Catalog, study_uid: str) -> bool:
-    states = {l.holder: l.state for l in catalog.locations(study_uid, include_instances=False)}
-    return states.get("center") == "verified"
+    """The center's copy is verified as a study and no instance of it is recorded missing or corrupt."""
+    locations = [l for l in catalog.locations(study_uid) if l.holder == "center"]
+    study_level = [l.state for l in locations if l.sop_instance_uid is None]
+    damaged = any(l.state in ("missing", "corrupt") for l in locations if l.sop_instance_uid is not None)
+    return study_level == ["verified"] and not damaged
 
 
 def apply_retention(layout: Layout, catalog: Catalog, site_id: str, now: float | None = None,
@@ -69,7 +72,11 @@ def apply_retention(layout: Layout, catalog: Catalog, site_id: str, now: float |
                 unverified += 1
                 continue
             size = sum(e.instance.size for e in journal.instances(uid) if e.local)
-            journal.remove_local_copy(uid)
+            try:
+                journal.remove_local_copy(uid)
+            except JournalError:  # an instance arrived meanwhile: keep the study
+                unverified += 1
+                continue
             catalog.set_location(uid, f"edge:{site_id}", "removed", detail="retention: disk above threshold",
                                  by=f"retention:{site_id}")
             removed.append(uid)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from catalog import keys
@@ -58,6 +58,15 @@ def studies_to_sync(journal: Journal, stable_age: float, now: float | None = Non
     pending = journal.completed_studies(stable_age, now=now, state="pending")
     uploaded = journal.completed_studies(stable_age, now=now, state="uploaded")
     return list(dict.fromkeys(pending + uploaded))
+
+
+def mark_verified(journal: Journal, study_uids: Sequence[str]) -> int:
+    """The end of a study's sync: its uploaded instances are 'verified' (the edge may drop them later)."""
+    n = 0
+    for study_uid in study_uids:
+        n += journal.set_upload_state([e.instance.sop_instance_uid for e in journal.instances(study_uid, "uploaded")],
+                                      "verified")
+    return n
 
 
 def _key(site_id: str, info: InstanceInfo) -> str:
@@ -128,10 +137,15 @@ def upload_study(journal: Journal, store: ObjectStore, site_id: str, study_uid: 
 
 
 def register_studies(journal: Journal, catalog: Catalog, site_id: str, study_uids: Sequence[str],
-                     by: str = "") -> RegisterResult:
-    """Register the uploaded instances of these studies in the catalog, then mark them verified.
+                     by: str = "", default_issuer: str = "", mark_verified: bool = True) -> RegisterResult:
+    """Register the uploaded instances of these studies in the catalog (then mark them verified).
 
     `by` names who moved them in the locations (the flow run, e.g. 'flow-run:<id>').
+    An empty Issuer of Patient ID is registered as `default_issuer` (the site's
+    own), so that consent and patient matching can name the patient.
+    With mark_verified=False the journal keeps them 'uploaded' until
+    `mark_verified` (the flow does that after the flag step, so that a crash
+    in between is finished by the next run).
     """
     by = by or f"sync:{site_id}"
     batches: list[StudyBatch] = []
@@ -140,7 +154,10 @@ def register_studies(journal: Journal, catalog: Catalog, site_id: str, study_uid
         entries = journal.instances(study_uid, "uploaded")
         if not entries:
             continue
-        batches.append(StudyBatch(journal.study_info(study_uid, site_id), tuple(e.instance for e in entries)))
+        info = journal.study_info(study_uid, site_id)
+        if not info.issuer_of_patient_id and default_issuer:
+            info = replace(info, issuer_of_patient_id=default_issuer)
+        batches.append(StudyBatch(info, tuple(e.instance for e in entries)))
         uids_by_study[study_uid] = [e.instance.sop_instance_uid for e in entries]
     if not batches:
         return RegisterResult((), 0, 0, 0)
@@ -149,7 +166,8 @@ def register_studies(journal: Journal, catalog: Catalog, site_id: str, study_uid
         [{"study_uid": uid, "holder": "center", "state": "verified", "by": by} for uid in uids_by_study]
         + [{"study_uid": uid, "holder": f"edge:{site_id}", "state": "present", "by": by}
            for uid in uids_by_study])
-    for uids in uids_by_study.values():
-        journal.set_upload_state(uids, "verified")
+    if mark_verified:
+        for uids in uids_by_study.values():
+            journal.set_upload_state(uids, "verified")
     return RegisterResult(tuple(uids_by_study), registered.new_instances, registered.already_present,
                           len(registered.conflicts))

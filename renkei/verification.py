@@ -56,6 +56,7 @@ class VerificationReport:
     bytes_checked: int = 0
     seconds: float = 0.0
     edge_instances_checked: int = 0
+    edges_not_checked: list[str] = field(default_factory=list)  # journals not reachable from here
     grants_checked: int = 0
     findings: list[Finding] = field(default_factory=list)
 
@@ -139,6 +140,7 @@ def verify_center(catalog: Catalog, store: ObjectStore, layout: Layout, part: in
     started = time.monotonic()
     problems: list[tuple[dict[str, Any], str]] = []
     verified_studies: dict[str, bool] = {}
+    healthy: dict[str, set[str]] = {}
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for batch in catalog.iter_instances(part, parts):
             for row, kind, nbytes in pool.map(lambda r: _check_object(store, r), batch):
@@ -146,7 +148,9 @@ def verify_center(catalog: Catalog, store: ObjectStore, layout: Layout, part: in
                 report.bytes_checked += nbytes
                 ok = kind is None
                 verified_studies[row["study_uid"]] = verified_studies.get(row["study_uid"], True) and ok
-                if not ok:
+                if ok:
+                    healthy.setdefault(row["study_uid"], set()).add(row["sop_instance_uid"])
+                else:
                     problems.append((row, kind))  # type: ignore[arg-type]
     report.seconds = time.monotonic() - started
     locations: list[dict[str, Any]] = []
@@ -161,13 +165,26 @@ def verify_center(catalog: Catalog, store: ObjectStore, layout: Layout, part: in
             log.warning("repaired %s object %s from %s", kind, row["object_key"], site_id)
         else:
             log.error("unrecoverable %s object %s: %s", kind, row["object_key"], detail)
-    for study_uid, ok in verified_studies.items():
-        damaged = any(f.study_uid == study_uid and not f.repaired for f in report.findings)
-        locations.append({"study_uid": study_uid, "holder": "center",
-                          "state": "corrupt" if damaged else "verified", "by": "verify_backups",
-                          "detail": f"nightly verification part {part + 1} of {parts}"})
+    for study_uid, sops in healthy.items():
+        # an instance found damaged on an earlier night and whole tonight (repaired by hand) is cleared
+        for l in catalog.locations(study_uid):
+            if (l.holder == "center" and l.sop_instance_uid in sops and l.state in ("missing", "corrupt")):
+                locations.append({"study_uid": study_uid, "sop_instance_uid": l.sop_instance_uid,
+                                  "holder": "center", "state": "verified", "by": "verify_backups",
+                                  "detail": "whole again"})
     if locations:
-        catalog.set_locations(locations)
+        catalog.set_locations(locations)   # instance-level states first
+    # a study is 'verified' only when none of its instances is left missing or corrupt, tonight or
+    # on an earlier night (with a rotating share, tonight read only part of it)
+    study_states = []
+    for study_uid in verified_studies:
+        damaged = any(l.holder == "center" and l.sop_instance_uid is not None and l.state in ("missing", "corrupt")
+                      for l in catalog.locations(study_uid))
+        study_states.append({"study_uid": study_uid, "holder": "center",
+                             "state": "corrupt" if damaged else "verified", "by": "verify_backups",
+                             "detail": f"nightly verification part {part + 1} of {parts}"})
+    if study_states:
+        catalog.set_locations(study_states)
     return report
 
 
@@ -184,6 +201,7 @@ def check_edges(catalog: Catalog, store: ObjectStore, layout: Layout, report: Ve
     for site in layout.config.sites:
         root = layout.edge_store(site.id)
         if not (root / JOURNAL_NAME).exists():
+            report.edges_not_checked.append(site.id)
             continue
         with Journal.open(root) as journal:
             for study_uid in journal.iter_study_uids():
@@ -203,7 +221,8 @@ def check_edges(catalog: Catalog, store: ObjectStore, layout: Layout, report: Ve
                 if repair and all(e.local for e in lost):
                     journal.set_upload_state([e.instance.sop_instance_uid for e in lost], "pending")
                     up = transfer.upload_study(journal, store, site.id, study_uid)
-                    reg = transfer.register_studies(journal, catalog, site.id, [study_uid])
+                    reg = transfer.register_studies(journal, catalog, site.id, [study_uid],
+                                                    default_issuer=site.issuer)
                     repaired = up.ok and study_uid in reg.studies
                     detail += "; uploaded again from the edge" if repaired else f"; repair failed: {up.failures[:1]}"
                 for e in lost:

@@ -7,10 +7,11 @@ from typing import Any
 from prefect import task
 
 from renkei import runtime
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger
+from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only
 
 
-@task(name="publish-study", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+@task(name="publish-study", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=retry_io_only)
 def publish_study(study_uid: str, sites: list[str], operator: str, reason: str, unpublish: bool,
                   config: str | None = None, data_dir: str | None = None) -> list[str]:
     """Grant (or revoke) the study to the sites in the name of `operator`; returns sites changed."""

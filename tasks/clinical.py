@@ -8,10 +8,10 @@ from typing import Any
 from prefect import task
 
 from renkei import runtime
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger
+from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only
 
 
-@task(name="resolve-patient", retries=2, retry_delay_seconds=[2, 8])
+@task(name="resolve-patient", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=retry_io_only)
 def resolve_patient(site: str, patient_id: str, issuer: str, patient_name: str = "", birth_date: str = "",
                     sex: str = "", config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """The person's IDs at every site (links, else an unambiguous exact demographic match)."""
@@ -29,7 +29,7 @@ def resolve_patient(site: str, patient_id: str, issuer: str, patient_name: str =
             "candidates": [asdict(c) for c in res.candidates]}
 
 
-@task(name="find-priors", retries=2, retry_delay_seconds=[2, 8])
+@task(name="find-priors", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=retry_io_only)
 def find_prior_studies(resolution: dict[str, Any], lookback_years: float, modalities: list[str] | None,
                        config: str | None = None, data_dir: str | None = None) -> list[dict[str, Any]]:
     """The person's studies at other sites visible to the requesting site (newest first)."""
@@ -46,7 +46,7 @@ def find_prior_studies(resolution: dict[str, Any], lookback_years: float, modali
 
 
 @task(name="cache-at-edge", task_run_name="cache {study_uid} at {site}", retries=IO_RETRIES,
-      retry_delay_seconds=IO_RETRY_DELAYS)
+      retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
 def cache_study(site: str, study_uid: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Keep a verified copy of a center study in the site edge's cache (its workstations read it there)."""
     from renkei.imports import cache_at_edge
@@ -61,7 +61,7 @@ def cache_study(site: str, study_uid: str, config: str | None = None, data_dir: 
 
 
 @task(name="import-to-pacs", task_run_name="import {study_uid} into the PACS of {site}", retries=2,
-      retry_delay_seconds=[5, 20])
+      retry_delay_seconds=[5, 20], retry_condition_fn=retry_io_only)
 def import_study(site: str, study_uid: str, patient_id: str, issuer: str, config: str | None = None,
                  data_dir: str | None = None) -> dict[str, Any]:
     """Import a reconciled copy (the site's Patient ID) of a center study into the site's PACS."""
@@ -80,7 +80,7 @@ def import_study(site: str, study_uid: str, patient_id: str, issuer: str, config
     return asdict(result)
 
 
-@task(name="patient-id-at-site", retries=2, retry_delay_seconds=[2, 8])
+@task(name="patient-id-at-site", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=retry_io_only)
 def patient_id_at_site(site: str, study_uid: str, config: str | None = None,
                        data_dir: str | None = None) -> dict[str, Any]:
     """The destination's own (patient_id, issuer) for the patient of a study from another site."""

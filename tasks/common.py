@@ -13,6 +13,19 @@ IO_RETRIES = 4
 IO_RETRY_DELAYS = [2, 4, 8, 16]  # seconds: exponential backoff for I/O tasks
 
 
+def retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry failures of I/O; not a refusal of the policy or a wrong argument (retrying changes nothing)."""
+    from renkei.errors import ConfigError, InvalidUID, PolicyError, UsageError
+
+    try:
+        state.result()
+    except (PolicyError, UsageError, ConfigError, InvalidUID):
+        return False
+    except Exception:
+        return True
+    return True
+
+
 def run_marker() -> str:
     """'flow-run:<id>' of the current flow run (recorded as who moved a study), '' outside one."""
     from prefect.runtime import flow_run

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import task
 
 from renkei import runtime, transfer
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, run_marker
+from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only, run_marker
 
 
 class UploadFailed(Exception):
@@ -26,7 +26,7 @@ def ingest(site: str, config: str | None = None, data_dir: str | None = None) ->
 
 
 @task(name="upload-study", task_run_name="upload {study_uid}", retries=IO_RETRIES,
-      retry_delay_seconds=IO_RETRY_DELAYS)
+      retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
 def upload_study(site: str, study_uid: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Upload one study's pending instances to the center, each verified by SHA-256.
 
@@ -43,17 +43,28 @@ def upload_study(site: str, study_uid: str, config: str | None = None, data_dir:
     return asdict(result)
 
 
-@task(name="register", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+@task(name="register", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=retry_io_only)
 def register(site: str, study_uids: list[str], config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
-    """Register the uploaded studies in the catalog (one commit) and mark them verified at the edge."""
+    """Register the uploaded studies in the catalog (one commit); the edge marks them verified after flag."""
     lay = runtime.layout(config, data_dir)
     with runtime.open_journal(lay, site) as journal, runtime.open_catalog(lay) as catalog:
-        result = transfer.register_studies(journal, catalog, site, study_uids, by=run_marker())
+        result = transfer.register_studies(journal, catalog, site, study_uids, by=run_marker(),
+                                           default_issuer=lay.config.site(site).issuer, mark_verified=False)
     logger().info("register %s: %d studies, %d new instances", site, len(result.studies), result.new_instances)
     return asdict(result)
 
 
-@task(name="flag", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+@task(name="mark-verified", retries=2, retry_delay_seconds=[1, 4])
+def mark_verified(site: str, study_uids: list[str], config: str | None = None, data_dir: str | None = None) -> int:
+    """The studies are registered and flagged: their instances become 'verified' at the edge."""
+    lay = runtime.layout(config, data_dir)
+    with runtime.open_journal(lay, site) as journal:
+        return transfer.mark_verified(journal, study_uids)
+
+
+@task(name="flag", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=retry_io_only)
 def flag(study_uids: list[str], config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Apply the sharing policy's rules to the registered studies; returns the grants written."""
     from renkei.sharing import Sharing

@@ -27,11 +27,15 @@ def deployment_name(flow_name: str, site: str | None = None) -> str:
     return f"{flow_name}/{short}-{site}" if site else f"{flow_name}/{flow_name.replace('_', '-')}"
 
 
-def start_run(flow_name: str, site: str | None, parameters: dict[str, Any], tag: str = "") -> str:
-    """Create a flow run of the deployment and return its id at once (the worker runs it)."""
+def start_run(flow_name: str, site: str | None, parameters: dict[str, Any], tag: str = "",
+              idempotency_key: str | None = None) -> str:
+    """Create a flow run of the deployment and return its id at once (the worker runs it).
+
+    With `idempotency_key`, the same key gives the same run (a retransmitted message starts nothing new).
+    """
     name = deployment_name(flow_name, site)
     run = run_deployment(name, parameters=parameters, timeout=0, as_subflow=False,
-                         tags=[t for t in ("renkei", tag) if t])
+                         tags=[t for t in ("renkei", tag) if t], idempotency_key=idempotency_key)
     log.info("started %s (flow run %s)", name, run.id)
     return str(run.id)
 

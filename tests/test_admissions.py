@@ -104,3 +104,18 @@ def test_japanese_names_become_dicom_person_names(pid5: str, expected: str) -> N
 
     message = hl7.parse(adt("A01", "N1").replace("Yamada^Taro", pid5))
     assert dicom_person_name(message.segment("PID")(5)) == expected
+
+
+def test_a_short_header_still_gets_an_ack(listener) -> None:
+    lst, received = listener
+
+    async def raw() -> bytes:
+        r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+        w.write(b"\x0bMSH|^~\\&|HIS\rPID|1||X\x1c\x0d")
+        await w.drain()
+        data = await asyncio.wait_for(r.readuntil(b"\x1c\x0d"), 10)
+        w.close()
+        return data
+
+    assert b"MSA|AR|" in asyncio.run(raw())
+    assert received == []

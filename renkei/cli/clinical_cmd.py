@@ -105,7 +105,9 @@ def _hl7_listen(args: argparse.Namespace) -> int:
         run_id = start_run("fetch_priors", admission.site, {
             "site": admission.site, "patient_id": admission.patient_id, "issuer": admission.issuer,
             "lookback_years": args.lookback_years, "patient_name": admission.patient_name,
-            "birth_date": admission.birth_date, "sex": admission.sex}, tag=f"site:{admission.site}")
+            "birth_date": admission.birth_date, "sex": admission.sex}, tag=f"site:{admission.site}",
+            idempotency_key=f"hl7:{admission.site}:{admission.message_control_id}" if admission.message_control_id
+            else None)
         return f"fetch_priors flow run {run_id}"
 
     listener = AdmissionListener(layout.config, args.site, on_admission, args.host, args.port, args.encoding)

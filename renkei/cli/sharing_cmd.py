@@ -74,6 +74,10 @@ def _who(args: argparse.Namespace) -> str:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    from renkei.errors import UsageError
+
+    if args.despite_withdrawn_consent and not args.reason.strip():
+        raise UsageError("--despite-withdrawn-consent needs a --reason (it goes into the audit log)")
     with _sharing(args) as sharing:
         new = sharing.publish(args.study_uid, args.to, _who(args), args.reason, args.despite_withdrawn_consent)
     rest = [s for s in args.to if s not in new]
