@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +143,29 @@ def test_deliveries_ask_the_decision_too(region, data_dir) -> None:
     layout = Layout(config, data_dir)
     with pytest.raises(PolicyError, match="may not receive"):
         cache_at_edge(layout, catalog, open_store(layout), "clinic-b", uids["clinic-a"])
+
+
+def test_a_study_without_issuer_is_registered_under_its_site_and_consent_reaches_it(tmp_path, data_dir) -> None:
+    from pydicom.data import get_testdata_file
+
+    from helpers_region import layout_of, put_into_edge, region_config
+    from renkei import transfer
+    from renkei.runtime import open_catalog, open_journal, open_store
+
+    import pydicom
+
+    sample = Path(get_testdata_file("CT_small.dcm"))
+    assert "IssuerOfPatientID" not in pydicom.dcmread(sample)
+    lay = layout_of(region_config(tmp_path, stable_age=0.1, pacs_at=()), data_dir)
+    put_into_edge(lay, "clinic-a", [sample])
+    with open_journal(lay, "clinic-a") as journal, open_catalog(lay) as catalog:
+        uids = transfer.studies_to_sync(journal, 0, now=__import__("time").time() + 1)
+        transfer.upload_study(journal, open_store(lay), "clinic-a", uids[0])
+        transfer.register_studies(journal, catalog, "clinic-a", uids, default_issuer=lay.config.site("clinic-a").issuer)
+        row = catalog.study(uids[0])
+        assert row.issuer_of_patient_id == lay.config.site("clinic-a").issuer
+        sharing = Sharing(lay.config, catalog)
+        sharing.flag(uids)
+        assert sharing.decide("hub", uids[0]).allowed
+        assert sharing.withdraw_consent("clinic-a", row.patient_id, "", "clerk") == 1
+        assert not sharing.decide("hub", uids[0]).allowed
