@@ -325,11 +325,7 @@ def _flow_done(flow_name: str) -> bool:
 
 
 def _findscu(site: Any, ws_ae: str) -> list[str]:
-    out = peers.run_dcmtk(["findscu", "-S", "-aet", ws_ae, "-aec", site.edge.ae_title, "-k", "QueryRetrieveLevel=STUDY",
-                           "-k", "StudyInstanceUID", site.edge.host, str(site.edge.port)], check=False)
-    text = out.stderr.decode(errors="replace") + out.stdout.decode(errors="replace")
-    return [line.split("[")[1].split("]")[0].strip("\x00 ") for line in text.splitlines()
-            if "(0020,000d)" in line and "[" in line]
+    return peers.findscu_study_uids(site.edge.host, site.edge.port, ws_ae, site.edge.ae_title)
 
 
 def _cached(layout: Layout, site_id: str, study_uid: str, instances: int) -> bool:

@@ -296,3 +296,16 @@ def run_dcmtk(args: Sequence[str], timeout: float = 300, check: bool = True) -> 
             f"{proc.stderr.decode(errors='replace')[-2000:]}"
         )
     return proc
+
+
+def findscu_study_uids(host: str, port: int, calling_ae: str, called_ae: str, **keys: str) -> list[str]:
+    """Study Instance UIDs a workstation finds at a node, asked with dcmtk's findscu (Study Root)."""
+    args = ["findscu", "-S", "-aet", calling_ae, "-aec", called_ae, "-k", "QueryRetrieveLevel=STUDY",
+            "-k", "StudyInstanceUID"]
+    for keyword, value in keys.items():
+        args += ["-k", f"{keyword}={value}"]
+    out = run_dcmtk([*args, host, str(port)], check=False)
+    text = out.stderr.decode(errors="replace") + out.stdout.decode(errors="replace")
+    # UIDs of odd length come back padded with a NUL
+    return [line.split("[")[1].split("]")[0].strip("\x00 ") for line in text.splitlines()
+            if "(0020,000d)" in line and "[" in line]

@@ -34,14 +34,7 @@ def storescu(site, files: list[Path]) -> None:
 
 def findscu(site, ws_ae: str, **keys: str) -> list[str]:
     """Study Instance UIDs a workstation finds at its site's edge (dcmtk's findscu)."""
-    args = ["findscu", "-S", "-aet", ws_ae, "-aec", site.edge.ae_title, "-k", "QueryRetrieveLevel=STUDY",
-            "-k", "StudyInstanceUID"]
-    for k, v in keys.items():
-        args += ["-k", f"{k}={v}"]
-    out = peers.run_dcmtk([*args, site.edge.host, str(site.edge.port)])
-    text = out.stderr.decode(errors="replace") + out.stdout.decode(errors="replace")
-    return [line.split("[")[1].split("]")[0].strip("\x00 ") for line in text.splitlines()
-            if "(0020,000d)" in line and "[" in line]
+    return peers.findscu_study_uids(site.edge.host, site.edge.port, ws_ae, site.edge.ae_title, **keys)
 
 
 class E2E:
@@ -140,9 +133,16 @@ def test_studies_sent_to_every_edge_end_up_verified_and_flagged(region: E2E) -> 
                 key=ArtifactFilterKey(like_="sync-")))
             return runs, arts
 
+    def every_site_has_a_completed_run() -> bool:
+        # the catalog shows a study verified at 'register'; the run goes on (flag, deliver, artifact)
+        runs, _ = asyncio.run(runs_and_artifacts())
+        done = {r.parameters.get("site") for r in runs
+                if r.state and r.state.is_completed() and r.deployment_id is not None}
+        return done >= {"hub", "clinic-a", "clinic-b", "clinic-c"}
+
+    region.runner.wait_until(every_site_has_a_completed_run, 120, "a completed sync_site run per site", every=1)
     runs, arts = asyncio.run(runs_and_artifacts())
     done = [r for r in runs if r.state and r.state.is_completed() and r.deployment_id is not None]
-    assert {r.parameters.get("site") for r in done} >= {"hub", "clinic-a", "clinic-b", "clinic-c"}
     assert all("by hand" not in (r.name or "") for r in done)
     keys = {a.key for a in arts}
     assert {"sync-hub", "sync-clinic-a", "sync-clinic-b", "sync-clinic-c"} <= keys
