@@ -35,7 +35,7 @@ from catalog import fs as cfs
 from catalog import keys, tables
 from catalog.audit import AuditDraft, AuditEvent, AuditVerification
 from catalog.log import CommitLog, State
-from renkei.errors import CatalogError, InvalidUID, UsageError
+from renkei.errors import CatalogError, InvalidUID, RenkeiError, UsageError
 from renkei.records import StudyBatch, StudyInfo
 
 _log = logging.getLogger("renkei.catalog")
@@ -385,10 +385,16 @@ class Catalog:
     def refresh(self) -> State:
         """Catch up with every commit made so far (by any process); returns the state."""
         with self._lock:
-            if self._state is None:
-                self._state = self.log.load()
-            else:
-                self._state = self.log.catch_up(self._state)
+            try:
+                if self._state is None:
+                    self._state = self.log.load()
+                else:
+                    self._state = self.log.catch_up(self._state)
+            except RenkeiError:
+                raise
+            except Exception as exc:  # storage clients raise many types (botocore, aiohttp, OSError)
+                raise CatalogError(f"the catalog at {self.url} cannot be read: {exc}; check the center's "
+                                   "storage (endpoint, credentials, disk)") from exc
             return self._state
 
     @property

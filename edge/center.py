@@ -30,8 +30,8 @@ from catalog.store import ObjectStore
 from edge.ingest import Ingestor
 from edge.journal import Journal
 from edge.matching import match_attribute
-from edge.qr import (IMAGE, PATIENT, SERIES, STUDY, UNIQUE_KEYS, AccessEvent, LocalSource, QueryError,
-                     RetrieveItem, single_values)
+from edge.qr import (IMAGE, PATIENT, SERIES, STUDY, AccessEvent, LocalSource, QueryError, RetrieveItem,
+                     retrieve_values, single_values)
 from edge.store import FileStore
 from renkei.config import RegionConfig
 from renkei.errors import RenkeiError
@@ -179,7 +179,7 @@ class CenterSource:
                 raise QueryError(f"unknown Query/Retrieve Level {level!r}")
         except QueryError:
             raise
-        except Exception as exc:  # storage client errors come in many types (botocore, aiohttp, OSError)
+        except (RenkeiError, OSError) as exc:
             # the center unreachable must not stop the site's own studies from being answered
             LOGGER.warning("C-FIND: the center's studies are left out (catalog unreachable: %s)", exc)
             return
@@ -212,20 +212,18 @@ class CenterSource:
         return self._studies(query)
 
     def _series(self, query: Mapping[str, tuple[str, str]]) -> list[dict[str, Any]]:
+        studies = {r.study_uid: r for r in self._study_uids_of(query)}
         out = []
-        for study in self._study_uids_of(query):
-            counts: dict[str, int] = {}
-            for inst in self.catalog.instances(study.study_uid):
-                counts[inst["series_uid"]] = counts.get(inst["series_uid"], 0) + 1
-            for s in self.catalog.series(study.study_uid):
+        for study_uid, series in self.catalog.series_summaries(list(studies)).items():
+            for s in series:
                 out.append({
-                    "StudyInstanceUID": study.study_uid,
+                    "StudyInstanceUID": study_uid,
                     "SeriesInstanceUID": s.get("series_uid", ""),
                     "Modality": s.get("modality", ""),
                     "SeriesNumber": _text(s.get("series_number")),
                     "SeriesDescription": s.get("series_description", ""),
-                    "SpecificCharacterSet": study.specific_character_set,
-                    "NumberOfSeriesRelatedInstances": str(counts.get(s.get("series_uid", ""), 0)),
+                    "SpecificCharacterSet": studies[study_uid].specific_character_set,
+                    "NumberOfSeriesRelatedInstances": str(s.get("instances", 0)),
                 })
         return out
 
@@ -252,18 +250,13 @@ class CenterSource:
             rows = self._retrieve_rows(level, query)
         except QueryError:
             raise
-        except Exception as exc:  # the center unreachable: the local sources still serve
+        except (RenkeiError, OSError) as exc:  # the center unreachable: the local sources still serve
             LOGGER.warning("retrieve: the center's copies are left out (catalog unreachable: %s)", exc)
             return
         yield from self._items(rows)
 
     def _retrieve_rows(self, level: str, query: Mapping[str, tuple[str, str]]) -> list[dict[str, Any]]:
-        key = UNIQUE_KEYS.get(level)
-        if key is None:
-            raise QueryError(f"unknown Query/Retrieve Level {level!r}")
-        values = single_values(query, key)
-        if not values:
-            raise QueryError(f"a {level} level retrieve needs {key} (one value or a list)")
+        values = retrieve_values(level, query)
         if level == PATIENT:
             studies = self.catalog.visible_studies(self.site_id, self._patients_of(query))
         elif level == STUDY:
@@ -376,7 +369,7 @@ class SharingAccess:
             return True
         try:
             return bool(self._decide(site, study_uid))
-        except Exception as exc:  # the catalog unreachable: deny, never guess
+        except (RenkeiError, OSError) as exc:  # the catalog unreachable: deny, never guess
             LOGGER.warning("no sharing decision for %s (catalog unreachable: %s): refused", study_uid, exc)
             return False
 
@@ -395,7 +388,7 @@ class SharingAccess:
         caller = self.caller_site(event.calling_ae) or self.site_id
         try:
             self._record([event], caller)
-        except Exception as exc:  # auditing must not break the association; it is retried by nobody: log loudly
+        except Exception as exc:  # auditing must never break the association (AuditBuffer keeps and retries)
             LOGGER.error("could not audit a %s of %s by %s: %s", event.action, event.study_uid,
                          event.calling_ae, exc)
 

@@ -140,6 +140,17 @@ def single_values(query: Mapping[str, tuple[str, str]], keyword: str) -> list[st
     return [v.strip() for v in text.split("\\") if v.strip()]
 
 
+def retrieve_values(level: str, query: Mapping[str, tuple[str, str]]) -> list[str]:
+    """The unique-key values a C-MOVE/C-GET identifier at `level` names; QueryError when there are none."""
+    key = UNIQUE_KEYS.get(level)
+    if key is None:
+        raise QueryError(f"unknown Query/Retrieve Level {level!r}")
+    values = single_values(query, key)
+    if not values:
+        raise QueryError(f"a {level} level retrieve needs {key} (one value or a list)")
+    return values
+
+
 class LocalSource:
     """The edge's own store, through its journal."""
 
@@ -174,12 +185,7 @@ class LocalSource:
                 yield row
 
     def retrieve(self, level: str, query: Mapping[str, tuple[str, str]]) -> Iterator[RetrieveItem]:
-        key = UNIQUE_KEYS.get(level)
-        if key is None:
-            raise QueryError(f"unknown Query/Retrieve Level {level!r}")
-        values = single_values(query, key)
-        if not values:
-            raise QueryError(f"a {level} level retrieve needs {key} (one value or a list)")
+        values = retrieve_values(level, query)
         if level == PATIENT:
             study_uids = [uid for pid in values for row in self.journal.study_rows(patient_id=pid)
                           for uid in [row["StudyInstanceUID"]]]

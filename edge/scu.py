@@ -30,7 +30,7 @@ from renkei.uids import validate_uid
 from edge import fastnet
 from edge.journal import Journal
 from edge.qr import LocalSource, RetrieveItem
-from edge.server import SUCCESS, _contexts_for, send_item
+from edge.server import SUCCESS, _contexts_for, send_item, sender_ae
 
 LOGGER = logging.getLogger("renkei.edge.scu")
 
@@ -57,11 +57,7 @@ class PullReport:
 
 
 def _ae(ae_title: str) -> AE:
-    ae = fastnet.FastAE(ae_title=ae_title) if fastnet.check_compatible() else AE(ae_title=ae_title)
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 300
-    ae.network_timeout = 300
-    return ae
+    return sender_ae(ae_title, timeout=300)
 
 
 def resolve_peer(config: RegionConfig, site_id: str, peer_ae: str | None) -> DicomPeer:
@@ -181,6 +177,31 @@ def find_studies(config: RegionConfig, site_id: str, *, study_uid: str | None = 
         if assoc.is_established:
             assoc.release()
     return found
+
+
+def study_instance_count(config: RegionConfig, site_id: str, study_uid: str, peer_ae: str | None = None) -> int:
+    """How many instances of a study the PACS (or `peer_ae`) holds: C-FIND NumberOfStudyRelatedInstances."""
+    site = config.site(site_id)
+    peer = resolve_peer(config, site_id, peer_ae)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = validate_uid(study_uid, "Study Instance UID")
+    query.NumberOfStudyRelatedInstances = ""
+    ae = _ae(site.edge.ae_title)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = _associate(ae, peer)
+    count = 0
+    try:
+        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            code = getattr(status, "Status", None)
+            if code in (0xFF00, 0xFF01) and identifier is not None:
+                count = max(count, int(identifier.get("NumberOfStudyRelatedInstances", 0) or 0))
+            elif code is not None and code != SUCCESS:
+                raise PeerError(f"C-FIND at {peer.ae_title} failed: status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return count
 
 
 def pull(config: RegionConfig, site_id: str, *, study_uid: str | None = None,

@@ -316,7 +316,7 @@ class RetrieveServer:
         for batch in _batches_by_context(items):
             if self._cancelled(assoc, req):
                 return
-            store_ae = _sender_ae(self.ae_title)
+            store_ae = sender_ae(self.ae_title)
             for sop_class, syntaxes in _contexts_for(batch):
                 store_ae.add_requested_context(sop_class, syntaxes)
             try:
@@ -342,11 +342,12 @@ class RetrieveServer:
             self._send_items(assoc, assoc, req, context, "get", items, tally, None)
 
 
-def _sender_ae(ae_title: str) -> AE:
+def sender_ae(ae_title: str, timeout: float = 60) -> AE:
+    """An AE for the edge as a client (C-STORE sender, queries): the fast path when pynetdicom allows it."""
     ae = fastnet.FastAE(ae_title=ae_title) if fastnet.check_compatible() else AE(ae_title=ae_title)
     ae.acse_timeout = 30
-    ae.dimse_timeout = 60
-    ae.network_timeout = 60
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
     return ae
 
 
@@ -727,6 +728,11 @@ def _fallback_move(event: Any, server: EdgeServer) -> Iterator[Any]:
     contexts = [build_context(sop, syntaxes) for sop, syntaxes in _contexts_for(items)][:128]
     yield destination.host, destination.port, {"contexts": contexts or [build_context(Verification)]}
     yield len(items)
+    yield from _pending_datasets(event, items)
+
+
+def _pending_datasets(event: Any, items: Sequence[RetrieveItem]) -> Iterator[Any]:
+    """The sub-operations of a fallback C-MOVE/C-GET: each instance as a dataset, until cancelled."""
     for item in items:
         if event.is_cancelled:
             yield CANCEL, None
@@ -745,9 +751,4 @@ def _fallback_get(event: Any, server: EdgeServer) -> Iterator[Any]:
         yield IDENTIFIER_DOES_NOT_MATCH, None
         return
     yield len(items)
-    for item in items:
-        if event.is_cancelled:
-            yield CANCEL, None
-            return
-        item = item.materialised()
-        yield PENDING, dcmread(item.path if item.path else BytesIO(item.data or b""))
+    yield from _pending_datasets(event, items)

@@ -12,16 +12,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from pydicom.dataset import Dataset
-from pynetdicom import AE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
-
 from catalog.catalog import Catalog
 from catalog.store import ObjectStore
 from edge.qr import RetrieveItem
-from edge.scu import send_items
+from edge.scu import send_items, study_instance_count
 from renkei.config import Layout
-from renkei.errors import PeerError, PolicyError
+from renkei.errors import PolicyError
 from renkei.priors import reconcile
 
 log = logging.getLogger("renkei.imports")
@@ -43,31 +39,6 @@ class ImportResult:
         return not self.failures
 
 
-def pacs_instance_count(layout: Layout, site_id: str, study_uid: str) -> int:
-    """How many instances of the study the site's PACS holds (C-FIND, 0 if none)."""
-    site = layout.config.site(site_id)
-    if site.pacs is None:
-        return 0
-    ae = AE(ae_title=site.edge.ae_title)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    assoc = ae.associate(site.pacs.host, site.pacs.port, ae_title=site.pacs.ae_title)
-    if not assoc.is_established:
-        raise PeerError(f"the PACS {site.pacs.ae_title} of {site_id} refused or did not answer")
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = study_uid
-    query.NumberOfStudyRelatedInstances = ""
-    count = 0
-    try:
-        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-            if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
-                count = max(count, int(identifier.get("NumberOfStudyRelatedInstances", 0) or 0))
-    finally:
-        assoc.release()
-    return count
-
-
 def check_allowed(layout: Layout, catalog: Catalog, site_id: str, study_uid: str) -> None:
     """Refuse (PolicyError) to bring a study to a site that may not see it: this exit asks the decision too."""
     from renkei.sharing import Sharing
@@ -86,7 +57,7 @@ def import_to_pacs(layout: Layout, catalog: Catalog, store: ObjectStore, site_id
     if site.pacs is None:
         return ImportResult(study_uid, failures=(f"site {site_id} has no PACS configured",))
     rows = catalog.instances(study_uid)
-    if skip_if_complete and rows and pacs_instance_count(layout, site_id, study_uid) >= len(rows):
+    if skip_if_complete and rows and study_instance_count(layout.config, site_id, study_uid) >= len(rows):
         return ImportResult(study_uid, len(rows), 0, True, time.monotonic() - started)
     sent = 0
     failures: list[str] = []

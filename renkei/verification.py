@@ -139,16 +139,13 @@ def verify_center(catalog: Catalog, store: ObjectStore, layout: Layout, part: in
     report = report or VerificationReport(part, parts)
     started = time.monotonic()
     problems: list[tuple[dict[str, Any], str]] = []
-    verified_studies: dict[str, bool] = {}
     healthy: dict[str, set[str]] = {}
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for batch in catalog.iter_instances(part, parts):
             for row, kind, nbytes in pool.map(lambda r: _check_object(store, r), batch):
                 report.instances_checked += 1
                 report.bytes_checked += nbytes
-                ok = kind is None
-                verified_studies[row["study_uid"]] = verified_studies.get(row["study_uid"], True) and ok
-                if ok:
+                if kind is None:
                     healthy.setdefault(row["study_uid"], set()).add(row["sop_instance_uid"])
                 else:
                     problems.append((row, kind))  # type: ignore[arg-type]
@@ -165,26 +162,24 @@ def verify_center(catalog: Catalog, store: ObjectStore, layout: Layout, part: in
             log.warning("repaired %s object %s from %s", kind, row["object_key"], site_id)
         else:
             log.error("unrecoverable %s object %s: %s", kind, row["object_key"], detail)
-    for study_uid, sops in healthy.items():
-        # an instance found damaged on an earlier night and whole tonight (repaired by hand) is cleared
-        for l in catalog.locations(study_uid):
-            if (l.holder == "center" and l.sop_instance_uid in sops and l.state in ("missing", "corrupt")):
-                locations.append({"study_uid": study_uid, "sop_instance_uid": l.sop_instance_uid,
-                                  "holder": "center", "state": "verified", "by": "verify_backups",
-                                  "detail": "whole again"})
+    # one read of each checked study's recorded states: an instance damaged on an earlier night and
+    # whole tonight is cleared, and a study is 'verified' only when none of its instances is left
+    # missing or corrupt, tonight or on an earlier night (a rotating share reads only part of it)
+    unrepaired = {(f.study_uid, f.sop_instance_uid) for f in report.findings if not f.repaired}
+    for study_uid in {*healthy, *(row["study_uid"] for row, _ in problems)}:
+        whole = healthy.get(study_uid, set())
+        damaged_before = {l.sop_instance_uid for l in catalog.locations(study_uid)
+                          if l.holder == "center" and l.sop_instance_uid and l.state in ("missing", "corrupt")}
+        for sop in sorted(damaged_before & whole):
+            locations.append({"study_uid": study_uid, "sop_instance_uid": sop, "holder": "center",
+                              "state": "verified", "by": "verify_backups", "detail": "whole again"})
+        repaired_now = {f.sop_instance_uid for f in report.findings if f.study_uid == study_uid and f.repaired}
+        still_damaged = (damaged_before - whole - repaired_now) | {sop for uid, sop in unrepaired if uid == study_uid}
+        locations.append({"study_uid": study_uid, "holder": "center",
+                          "state": "corrupt" if still_damaged else "verified", "by": "verify_backups",
+                          "detail": f"nightly verification part {part + 1} of {parts}"})
     if locations:
-        catalog.set_locations(locations)   # instance-level states first
-    # a study is 'verified' only when none of its instances is left missing or corrupt, tonight or
-    # on an earlier night (with a rotating share, tonight read only part of it)
-    study_states = []
-    for study_uid in verified_studies:
-        damaged = any(l.holder == "center" and l.sop_instance_uid is not None and l.state in ("missing", "corrupt")
-                      for l in catalog.locations(study_uid))
-        study_states.append({"study_uid": study_uid, "holder": "center",
-                             "state": "corrupt" if damaged else "verified", "by": "verify_backups",
-                             "detail": f"nightly verification part {part + 1} of {parts}"})
-    if study_states:
-        catalog.set_locations(study_states)
+        catalog.set_locations(locations)
     return report
 
 

@@ -70,6 +70,7 @@ def test_damage_without_an_edge_copy_fails_the_run(synced) -> None:
     # the edge's copy is gone too (its file was lost)
     for f in lay.edge_store("clinic-a").rglob(f"{victim['sop_instance_uid']}*"):
         f.unlink()
+    kept = open(store.path(victim["object_key"]), "rb").read()
     os.unlink(store.path(victim["object_key"]))
     state = verify_backups(full=True, config=str(config_path), data_dir=str(lay.data_dir), return_state=True)
     assert state.is_failed()
@@ -78,3 +79,11 @@ def test_damage_without_an_edge_copy_fails_the_run(synced) -> None:
     with open_catalog(lay) as catalog:
         locs = {(l.sop_instance_uid, l.holder): l.state for l in catalog.locations(victim["study_uid"])}
     assert locs[(victim["sop_instance_uid"], "center")] == "missing"
+    assert locs[(None, "center")] == "corrupt"
+    # someone puts the object back by hand: the next night clears it and the study is verified again
+    with open(store.path(victim["object_key"]), "wb") as handle:
+        handle.write(kept)
+    assert verify_backups(full=True, config=str(config_path), data_dir=str(lay.data_dir))["findings"] == []
+    with open_catalog(lay) as catalog:
+        locs = {(l.sop_instance_uid, l.holder): l.state for l in catalog.locations(victim["study_uid"])}
+    assert locs[(victim["sop_instance_uid"], "center")] == "verified" and locs[(None, "center")] == "verified"
