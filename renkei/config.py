@@ -8,6 +8,7 @@ region keeps its state under one data folder.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import re
 from collections import Counter
@@ -47,21 +48,54 @@ AETitle = Annotated[
 Port = Annotated[int, Field(ge=1, le=65535, description="TCP port")]
 
 
+def _check_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or network (e.g. 10.1.2.0/24)") from None
+    return value
+
+
+Network = Annotated[str, AfterValidator(_check_network),
+                    Field(description="an IP address or network in CIDR notation")]
+
+
 class DicomPeer(_Model):
-    """A DICOM node the edge talks to: the site PACS or a workstation."""
+    """A DICOM node the edge talks to: the site PACS or a workstation.
+
+    Its AE title is accepted only from `host` (resolved to its addresses) and
+    from the `networks` listed; with `tls`, the edge calls it over TLS.
+    """
 
     ae_title: AETitle
     host: str = "127.0.0.1"
     port: Port
     description: str = ""
+    networks: tuple[Network, ...] = Field(
+        (), description="other addresses or networks this AE may connect from (e.g. a DHCP range)"
+    )
+    tls: bool = Field(False, description="the edge calls this node over TLS (its own certificate, the region CA)")
 
 
 class TLSConfig(_Model):
-    """TLS for the edge's DICOM port. With `ca`, peers must present a certificate it signed."""
+    """TLS for a DICOM or HL7 port. With `ca`, peers must present a certificate it signed."""
 
     cert: Path
     key: Path
     ca: Path | None = None
+
+
+class HL7Config(_Model):
+    """The site's HL7 v2 admission listener (MLLP): who may send, limits, optional TLS."""
+
+    allowed_senders: tuple[Network, ...] = Field(
+        ("127.0.0.1/32", "::1/128"),
+        description="addresses or networks of the hospital information systems allowed to send",
+    )
+    max_message_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    idle_timeout: float = Field(60.0, gt=0, description="seconds a connection may stay silent")
+    max_connections: int = Field(32, ge=1, le=1024)
+    tls: TLSConfig | None = None
 
 
 class RetentionConfig(_Model):
@@ -123,6 +157,7 @@ class SiteConfig(_Model):
     pacs: DicomPeer | None = None
     workstations: tuple[DicomPeer, ...] = ()
     link: LinkConfig = LinkConfig()
+    hl7: HL7Config = HL7Config()
 
     @field_validator("id")
     @classmethod
