@@ -25,13 +25,13 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 def validate_site(site: str) -> str:
     """A site id as the configuration allows it (lower-case letters, digits, '-')."""
-    if not isinstance(site, str) or not _SITE_RE.match(site):
+    if not isinstance(site, str) or not _SITE_RE.fullmatch(site):
         raise UsageError(f"site id {site!r} must be lower-case letters, digits and '-', starting with a letter")
     return site
 
 
 def validate_sha256(value: str) -> str:
-    if not isinstance(value, str) or not _SHA_RE.match(value):
+    if not isinstance(value, str) or not _SHA_RE.fullmatch(value):
         raise UsageError(f"{value!r} is not a SHA-256 in lower-case hex (64 characters)")
     return value
 
@@ -56,6 +56,6 @@ def parse_object_key(key: str) -> tuple[str, str, str, str]:
     if len(parts) != 5 or parts[0] != OBJECTS_PREFIX or not parts[4].endswith(".dcm"):
         raise InvalidUID(f"{key!r} is not an object key (objects/<site>/<study>/<series>/<sop>.dcm)")
     sop = parts[4][: -len(".dcm")].split(".")
-    if len(sop[-1]) == 64 and _SHA_RE.match(sop[-1]):
+    if len(sop[-1]) == 64 and _SHA_RE.fullmatch(sop[-1]):
         sop = sop[:-1]
     return parts[1], parts[2], parts[3], validate_uid(".".join(sop), "SOP Instance UID")

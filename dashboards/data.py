@@ -369,7 +369,7 @@ def _iso_date(value: str | None) -> str | None:
 
 def parse_date(value: str, what: str) -> str:
     """YYYY-MM-DD or YYYYMMDD as YYYYMMDD; BadRequest otherwise."""
-    m = _DATE_RE.match(value.strip())
+    m = _DATE_RE.fullmatch(value.strip())
     if m:
         try:
             return dt.date(int(m[1]), int(m[2]), int(m[3])).strftime("%Y%m%d")
@@ -401,7 +401,7 @@ def parse_query(config: RegionConfig, params: Mapping[str, str]) -> StudyQuery:
         modality=modality.upper() if modality else None,
         patient_id=patient_id,
     )
-    if q.modality and not _MODALITY_RE.match(q.modality):
+    if q.modality and not _MODALITY_RE.fullmatch(q.modality):
         raise BadRequest(f"modality {modality!r} is not a DICOM modality code (letters and digits, e.g. CT)")
     if q.date_from and q.date_to and q.date_from > q.date_to:
         raise BadRequest(f"date_from {_iso_date(q.date_from)} is after date_to {_iso_date(q.date_to)}")

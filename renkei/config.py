@@ -33,7 +33,7 @@ class _Model(BaseModel):
 
 
 def _check_ae(value: str) -> str:
-    if not _AE_RE.match(value) or not value.strip():
+    if not _AE_RE.fullmatch(value) or not value.strip():
         raise ValueError(
             f"AE title {value!r} must be 1-16 printable ASCII characters, no backslash"
         )
@@ -162,7 +162,7 @@ class SiteConfig(_Model):
     @field_validator("id")
     @classmethod
     def _site_id(cls, value: str) -> str:
-        if not _SITE_ID_RE.match(value):
+        if not _SITE_ID_RE.fullmatch(value):
             raise ValueError(
                 f"site id {value!r} must be lower-case letters, digits and '-', "
                 "starting with a letter, at most 32 characters"

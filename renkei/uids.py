@@ -9,12 +9,12 @@ from renkei.errors import InvalidUID
 
 # UUID-derived UIDs (2.25.<128-bit integer>, PS3.5 B.2) need no registered root.
 UID_ROOT = "2.25"
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # used with fullmatch: no "$" before a newline
 
 
 def is_valid_uid(value: object) -> bool:
     """True for a UID of digits and dots, <= 64 chars, no empty part, no leading zero."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.fullmatch(value))
 
 
 def validate_uid(value: object, what: str = "UID") -> str:
