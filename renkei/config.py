@@ -107,6 +107,35 @@ class RetentionConfig(_Model):
     )
 
 
+class EdgeLimits(_Model):
+    """What one peer may cost the edge before and after it is known (bounded memory and time)."""
+
+    max_pdu: int = Field(
+        1024 * 1024, ge=4096, le=64 * 1024 * 1024,
+        description="maximum PDU length the edge advertises and accepts (bytes)",
+    )
+    max_associate_rq: int = Field(
+        64 * 1024, ge=1024, le=1024 * 1024, description="largest A-ASSOCIATE-RQ accepted (bytes)"
+    )
+    setup_timeout: float = Field(
+        10.0, gt=0, description="seconds from connect (TLS handshake included) to a complete A-ASSOCIATE-RQ"
+    )
+    pdu_timeout: float = Field(
+        30.0, gt=0, description="seconds one PDU may take to arrive once its first byte has"
+    )
+    idle_timeout: float = Field(120.0, gt=0, description="seconds an association may stay silent")
+    max_associations: int = Field(64, ge=1, le=1024)
+    max_per_address: int = Field(
+        16, ge=1, le=1024, description="associations and pending connections from one address"
+    )
+    idle_evict_after: float = Field(
+        2.0, gt=0,
+        description="when the limits are reached, the longest-idle association silent for this long "
+        "is closed to let a new peer in",
+    )
+    query_time_budget: float = Field(10.0, gt=0, description="seconds one C-FIND may run")
+
+
 class EdgeConfig(_Model):
     """The site's edge node (SVR): its own DICOM address and local store."""
 
@@ -121,6 +150,7 @@ class EdgeConfig(_Model):
     )
     tls: TLSConfig | None = None
     retention: RetentionConfig = RetentionConfig()
+    limits: EdgeLimits = EdgeLimits()
 
 
 class LinkConfig(_Model):
