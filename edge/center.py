@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -338,6 +339,57 @@ class _Prefetcher:
                     self.pool.shutdown(wait=False)
 
 
+class StudyOrigins:
+    """Which studies in this edge's own store are the site's own, from the catalog's origin.
+
+    A study whose UID the catalog knows under another site's origin (a granted
+    study that one of the site's nodes C-STOREd back into its edge) is not the
+    site's own: it is visible here only while it is granted to the site. While
+    the catalog cannot be read, the last answer is kept, and a study never
+    looked up counts as the site's own (the site keeps serving its studies
+    through a center outage).
+    """
+
+    def __init__(self, site_id: str, origin_of: Callable[[str], str | None], ttl: float = 30.0,
+                 size: int = 100_000) -> None:
+        self.site_id = site_id
+        self._origin_of = origin_of
+        self.ttl = ttl
+        self.size = size
+        self._known: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def is_own(self, study_uid: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._known.get(study_uid)
+        if cached is not None and now - cached[0] < self.ttl:
+            origin = cached[1]
+        else:
+            try:
+                origin = self._origin_of(study_uid)
+            except (RenkeiError, OSError) as exc:
+                LOGGER.warning("origin of %s unknown (catalog unreachable: %s)", study_uid, exc)
+                origin = cached[1] if cached is not None else None
+            else:
+                with self._lock:
+                    self._known[study_uid] = (now, origin)
+                    self._known.move_to_end(study_uid)
+                    while len(self._known) > self.size:
+                        self._known.popitem(last=False)
+        return origin is None or origin == self.site_id
+
+
+def catalog_origin(catalog: Catalog) -> Callable[[str], str | None]:
+    """The origin site of a study in the catalog (None when it is not registered)."""
+
+    def origin_of(study_uid: str) -> str | None:
+        row = catalog.study(study_uid)
+        return row.origin_site if row else None
+
+    return origin_of
+
+
 class SharingAccess:
     """The sharing decision at this edge's exits, and the audit of every cross-site access.
 
@@ -401,9 +453,12 @@ def catalog_recorder(catalog: Catalog) -> Callable[[Sequence[AccessEvent], str],
         drafts = []
         for e in events:
             row = catalog.study(e.study_uid)
+            details = {"source": e.source, "level": e.detail}
+            if e.destination:
+                details["destination"] = e.destination
             drafts.append(AuditDraft(caller_site, e.calling_ae, e.action, e.study_uid,
                                      row.origin_site if row else None, "ok" if e.allowed else "denied",
-                                     {"source": e.source, "level": e.detail}))
+                                     details))
         catalog.append_audits(drafts)
 
     return record

@@ -34,6 +34,7 @@ import select
 import socket
 import ssl
 import struct
+import threading
 import time
 from copy import copy
 from dataclasses import dataclass
@@ -94,26 +95,101 @@ def set_nodelay(sock: socket.socket | None) -> None:
 
 
 class FastSocket(AssociationSocket):
-    """An AssociationSocket that reads whole PDUs with few system calls."""
+    """An AssociationSocket that reads whole PDUs with few system calls, within a deadline.
+
+    `deadline` (a time.monotonic() value, or None) bounds every `recv`: a peer
+    that sends a PDU header and then trickles (or stops) cannot hold the
+    reading thread past it. `setup_deadline` bounds the time from connect to a
+    complete A-ASSOCIATE-RQ (set on accepted connections).
+    """
+
+    deadline: float | None = None
+    setup_deadline: float | None = None
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
         buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
         received = 0
-        while received < nr_bytes:
-            n = sock.recv_into(view[received:], nr_bytes - received)
-            if not n:
-                del view
-                return buffer[:received]
-            received += n
-        del view
+        deadline = self.deadline
+        try:
+            while received < nr_bytes:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(f"the peer sent {received} of {nr_bytes} bytes within the deadline")
+                    sock.settimeout(remaining)
+                n = sock.recv_into(view[received:], nr_bytes - received)
+                if not n:
+                    return buffer[:received]
+                received += n
+        finally:
+            del view
         return buffer
 
     def _create_socket(self, address: AddressInformation) -> socket.socket:
         sock = super()._create_socket(address)
         set_nodelay(sock)
         return sock
+
+
+# ------------------------------------------------------------------ PDU framing
+A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x01, 0x02, 0x03
+P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE = 0x04, 0x05, 0x06, 0x07
+_FIXED_LENGTH = {A_ASSOCIATE_RJ_TYPE: 4, A_RELEASE_RQ_TYPE: 4, A_RELEASE_RP_TYPE: 4, A_ABORT_TYPE: 4}
+DEFAULT_MAX_PDU = 1024 * 1024
+DEFAULT_MAX_ASSOCIATE = 64 * 1024
+
+
+class PDUError(ValueError):
+    """A PDU the peer may not send here: unknown type, or a length over the limits."""
+
+
+def check_pdu_header(header: bytes | bytearray, *, associated: bool, max_pdu: int = DEFAULT_MAX_PDU,
+                     max_associate: int = DEFAULT_MAX_ASSOCIATE) -> tuple[int, int]:
+    """(PDU type, body length) of a 6-byte PDU header, checked before any body is read.
+
+    Before an association exists only association PDUs (at most `max_associate`
+    bytes) may arrive; P-DATA-TF is capped at the advertised `max_pdu`; the
+    release, reject and abort PDUs have their fixed length. Raises PDUError.
+    """
+    if len(header) != 6:
+        raise PDUError(f"a PDU header has 6 bytes, not {len(header)}")
+    pdu_type, _reserved, length = struct.unpack(">BBL", header)
+    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+        raise PDUError(f"unknown PDU type 0x{pdu_type:02X}")
+    fixed = _FIXED_LENGTH.get(pdu_type)
+    if fixed is not None and length != fixed:
+        raise PDUError(f"PDU type 0x{pdu_type:02X} has {fixed} bytes, not {length}")
+    if pdu_type in (A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE) and length > max_associate:
+        raise PDUError(f"an association PDU of {length} bytes is over the limit of {max_associate}")
+    if pdu_type == P_DATA_TF_TYPE:
+        if not associated:
+            raise PDUError("P-DATA-TF before the association was accepted")
+        if max_pdu and length > max_pdu:
+            raise PDUError(f"a P-DATA-TF PDU of {length} bytes is over the advertised maximum of {max_pdu}")
+    return pdu_type, length
+
+
+def read_pdu(recv: Callable[[int], bytes | bytearray], *, associated: bool, max_pdu: int = DEFAULT_MAX_PDU,
+             max_associate: int = DEFAULT_MAX_ASSOCIATE) -> tuple[int, bytes | bytearray, bytes | bytearray] | None:
+    """One PDU from `recv(n)` (which returns at most n bytes, fewer at the end of the stream).
+
+    Returns (type, header, body), or None when the stream ended cleanly before
+    a header; raises PDUError for a PDU refused by `check_pdu_header` (nothing
+    of its body is read or allocated) and EOFError for a truncated PDU.
+    """
+    header = recv(6)
+    if not header:
+        return None
+    if len(header) < 6:
+        raise EOFError(f"the connection ended inside a PDU header ({len(header)} of 6 bytes)")
+    pdu_type, length = check_pdu_header(header, associated=associated, max_pdu=max_pdu,
+                                        max_associate=max_associate)
+    body = recv(length) if length else b""
+    if len(body) != length:
+        raise EOFError(f"the connection ended inside a PDU ({len(body)} of {length} bytes)")
+    return pdu_type, header, body
 
 
 class _PDataView:
@@ -238,6 +314,7 @@ class FastDUL(DULServiceProvider):
         self._command_frags: list[tuple[int, memoryview]] = []  # command PDVs not yet complete
         self._store: dict[str, Any] | None = None  # the C-STORE whose dataset is arriving
         self._pass_dataset = False  # the current message's dataset goes to pynetdicom
+        self.last_activity = time.monotonic()  # of the last PDU received (for idle eviction)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -278,43 +355,54 @@ class FastDUL(DULServiceProvider):
             except (BlockingIOError, OSError):
                 pass
 
-    def _read_pdu_data(self) -> None:
-        """Read one PDU; P-DATA-TF values stay views on the received buffer (no copies).
+    def _limits(self) -> tuple[int, int, float]:
+        ae = self.assoc.ae
+        return (int(getattr(ae, "maximum_pdu_size", 0) or 0),
+                int(getattr(ae, "max_associate_rq", DEFAULT_MAX_ASSOCIATE)),
+                float(getattr(ae, "pdu_timeout", 30.0)))
 
-        Other PDU types go through pynetdicom's decoder as before.
+    def _read_pdu_data(self) -> None:
+        """Read one PDU within the limits; P-DATA-TF values stay views on the received buffer.
+
+        The header is checked before the body is read (`check_pdu_header`), and
+        the whole PDU must arrive within the PDU deadline (and, before the
+        association, within the set-up deadline). Other PDU types go through
+        pynetdicom's decoder as before.
         """
         sock = cast(AssociationSocket, self.socket)
+        max_pdu, max_associate, pdu_timeout = self._limits()
+        state = self.state_machine.current_state
+        associated = state not in ("Sta1", "Sta2", "Sta3", "Sta4", "Sta5")
+        if isinstance(sock, FastSocket):
+            deadline = time.monotonic() + pdu_timeout
+            if sock.setup_deadline is not None and not associated:
+                deadline = min(deadline, sock.setup_deadline)
+            sock.deadline = deadline
         try:
-            header = sock.recv(6)
-        except (OSError, TimeoutError):
-            LOGGER.debug("connection closed before a PDU header was received")
-            self.event_queue.put("Evt17")
-            return
-        if len(header) < 6:
-            self.event_queue.put("Evt17")
-            return
-        pdu_type, _reserved, length = struct.unpack(">BBL", header)
-        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            LOGGER.error("unknown PDU type 0x%02X received", pdu_type)
+            pdu_read = read_pdu(sock.recv, associated=associated, max_pdu=max_pdu, max_associate=max_associate)
+        except PDUError as exc:
+            LOGGER.warning("invalid PDU from %s, aborting: %s", _peer_address(self.assoc), exc)
             self.event_queue.put("Evt19")
             return
-        try:
-            body = sock.recv(length)
-        except (OSError, TimeoutError):
-            LOGGER.error("connection closed before the entire PDU was received")
+        except (OSError, TimeoutError, EOFError) as exc:
+            LOGGER.info("connection with %s closed: %s", _peer_address(self.assoc), exc or type(exc).__name__)
             self.event_queue.put("Evt17")
             return
-        if len(body) != length:
-            LOGGER.error("the received PDU is shorter than announced (%d of %d bytes)", len(body), length)
+        finally:
+            if isinstance(sock, FastSocket):
+                sock.deadline = None
+        if pdu_read is None:
             self.event_queue.put("Evt17")
             return
+        self.last_activity = time.monotonic()
+        pdu_type, header, body = pdu_read
         if pdu_type == 0x04:
             try:
-                pdu: Any = _PDataView(body)
-                if self.store_handler is not None and self.state_machine.current_state == "Sta6":
+                pdu: Any = _PDataView(cast(bytearray, body))
+                if self.store_handler is not None and state == "Sta6":
                     pdu.items = self._route(pdu.items)
-            except ValueError as exc:
-                LOGGER.error("invalid P-DATA-TF PDU: %s", exc)
+            except Exception as exc:  # malformed values, commands or a failing handler: abort, never crash
+                LOGGER.warning("invalid P-DATA-TF PDU from %s, aborting: %s", _peer_address(self.assoc), exc)
                 self.event_queue.put("Evt19")
                 return
             if pdu.items:
@@ -324,7 +412,7 @@ class FastDUL(DULServiceProvider):
         try:
             pdu, event = self._decode_pdu(bytearray(header) + body)
         except Exception as exc:
-            LOGGER.error("unable to decode the received PDU: %s", exc)
+            LOGGER.warning("undecodable PDU from %s, aborting: %s", _peer_address(self.assoc), exc)
             self.event_queue.put("Evt19")
             return
         self.event_queue.put(event)
@@ -413,6 +501,13 @@ class FastDUL(DULServiceProvider):
                         pass
                     elif self._is_transport_event():
                         self._idle_timer.restart()
+                    try:
+                        event = self.event_queue.get(block=False)
+                    except queue.Empty:
+                        sleep = True
+                        continue
+                    self.state_machine.do_action(event)
+                    sleep = False
                 except Exception as exc:
                     LOGGER.error("DICOM upper layer failed, aborting the association: %s", exc)
                     LOGGER.debug("upper layer failure", exc_info=True)
@@ -428,13 +523,6 @@ class FastDUL(DULServiceProvider):
                     self.assoc._kill = True
                     self._kill_thread = True
                     return
-                try:
-                    event = self.event_queue.get(block=False)
-                except queue.Empty:
-                    sleep = True
-                    continue
-                self.state_machine.do_action(event)
-                sleep = False
         finally:
             if self._store is not None:  # the association ended inside a dataset
                 store, self._store = self._store, None
@@ -521,6 +609,171 @@ class FastAssociation(Association):
                 return
 
 
+def _peer_address(assoc: Any) -> str:
+    try:
+        return f"{assoc.requestor.address}:{assoc.requestor.port}"
+    except Exception:
+        return "?"
+
+
+# ------------------------------------------------------------------ accepting connections
+class PendingConnection:
+    """An accepted connection whose peer has not yet been admitted (TLS, A-ASSOCIATE-RQ, checks)."""
+
+    __slots__ = ("sock", "address", "opened_at", "settled")
+
+    def __init__(self, sock: socket.socket, address: str) -> None:
+        self.sock = sock
+        self.address = address
+        self.opened_at = time.monotonic()
+        self.settled = False
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class ConnectionGuard:
+    """Bounds the connections not yet admitted, per source address and in all.
+
+    A new connection over a limit closes the OLDEST pending one of that address
+    (or of all), not the new one: a peer that completes its association request
+    in milliseconds always gets in, while connections that trickle or stall are
+    pushed out (and time out by themselves at the set-up deadline anyway).
+    """
+
+    def __init__(self, per_address: int = 16, total: int = 256) -> None:
+        self.per_address = per_address
+        self.total = total
+        self._pending: list[PendingConnection] = []
+        self._lock = threading.Lock()
+
+    def opened(self, sock: socket.socket, address: str) -> PendingConnection:
+        conn = PendingConnection(sock, address)
+        evict: list[PendingConnection] = []
+        with self._lock:
+            self._pending = [c for c in self._pending if not c.settled and _is_open(c.sock)]
+            mine = [c for c in self._pending if c.address == address]
+            while len(mine) >= self.per_address:
+                victim = mine.pop(0)
+                evict.append(victim)
+                self._pending.remove(victim)
+            while len(self._pending) >= self.total:
+                evict.append(self._pending.pop(0))
+            self._pending.append(conn)
+        for victim in evict:
+            LOGGER.warning("too many connections from %s not yet associated: closing the oldest", victim.address)
+            victim.close()
+        return conn
+
+    def settle(self, conn: PendingConnection | None) -> None:
+        """The connection's peer was admitted (or it ended): it no longer counts as pending."""
+        if conn is None:
+            return
+        with self._lock:
+            conn.settled = True
+            if conn in self._pending:
+                self._pending.remove(conn)
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._pending if not c.settled and _is_open(c.sock))
+
+
+def _is_open(sock: socket.socket) -> bool:
+    try:
+        return sock.fileno() >= 0
+    except Exception:
+        return False
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the accept loop kept free and bounded.
+
+    - the accept loop only accepts (TCP_NODELAY on) and registers the
+      connection with the `ConnectionGuard`; the TLS handshake runs in the
+      connection's own thread, with the set-up deadline;
+    - every accepted socket gets a timeout (`pdu_timeout`), so no read or
+      write on it blocks forever;
+    - `setup_timeout` bounds connect-to-A-ASSOCIATE-RQ (with `acse_timeout`).
+    """
+
+    def __init__(self, *args: Any, setup_timeout: float = 10.0, pdu_timeout: float = 30.0,
+                 max_per_address: int = 16, max_pending: int = 256, **kwargs: Any) -> None:
+        self.setup_timeout = setup_timeout
+        self.pdu_timeout = pdu_timeout
+        self.guard = ConnectionGuard(max_per_address, max_pending)
+        self._local = threading.local()
+        kwargs.setdefault("request_handler", GuardedRequestHandler)
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = cast(socket.socket, self.socket).accept()
+        set_nodelay(client)
+        client.settimeout(self.setup_timeout)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        address = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+        conn = self.guard.opened(request, address)
+        started = conn.opened_at
+        if self.ssl_context:
+            try:
+                tls = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+                conn.sock = tls
+                tls.settimeout(max(0.1, started + self.setup_timeout - time.monotonic()))
+                tls.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                LOGGER.warning("TLS handshake with %s failed: %s", address, exc)
+                self.guard.settle(conn)
+                try:
+                    conn.sock.close()
+                except OSError:
+                    pass
+                return
+            request = tls
+        request.settimeout(self.pdu_timeout)
+        self._local.conn = conn
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.guard.settle(conn)
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        finally:
+            self._local.conn = None
+
+    def current_connection(self) -> PendingConnection | None:
+        """The connection being set up in this thread (read by the request handler)."""
+        return getattr(self._local, "conn", None)
+
+
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's request handler that remembers the pending connection on the association."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        _attach_pending(assoc, self.server)
+        return assoc
+
+
+def _attach_pending(assoc: Association, server: Any) -> None:
+    conn = server.current_connection() if isinstance(server, GuardedAssociationServer) else None
+    assoc.renkei_pending = conn  # type: ignore[attr-defined]
+    if conn is not None and isinstance(assoc.dul.socket, FastSocket):
+        assoc.dul.socket.setup_deadline = conn.opened_at + server.setup_timeout
+
+
+def settle_pending(assoc: Association) -> None:
+    """The association's peer was admitted: its connection no longer counts as pending."""
+    conn = getattr(assoc, "renkei_pending", None)
+    server = getattr(assoc, "_server", None)
+    if conn is not None and isinstance(server, GuardedAssociationServer):
+        server.guard.settle(conn)
+
+
 class EdgeRequestHandler(RequestHandler):
     """Builds a FastAssociation with a FastSocket for each accepted connection."""
 
@@ -545,32 +798,16 @@ class EdgeRequestHandler(RequestHandler):
             elif isinstance(event, evt.NotificationEvent):
                 for handler in self.server._handlers[event]:
                     assoc.bind(event, handler[0], handler[1])
+        _attach_pending(assoc, self.server)
         return assoc
 
 
-class EdgeAssociationServer(ThreadedAssociationServer):
-    """Threaded server with TCP_NODELAY on accepted sockets and the fast association classes."""
+class EdgeAssociationServer(GuardedAssociationServer):
+    """The guarded server with the fast association classes."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", EdgeRequestHandler)
         super().__init__(*args, **kwargs)
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = cast(socket.socket, self.socket).accept()
-        set_nodelay(client)
-        if self.ssl_context:
-            client.settimeout(30)
-            try:
-                client = self.ssl_context.wrap_socket(client, server_side=True)
-            except (ssl.SSLError, OSError) as exc:
-                LOGGER.warning("TLS handshake with %s:%s failed: %s", address[0], address[1], exc)
-                try:
-                    client.close()
-                except OSError:
-                    pass
-                raise
-            client.settimeout(None)
-        return client, address
 
 
 class FastAE(AE):

@@ -39,6 +39,7 @@ LOGGER = logging.getLogger("renkei.edge.store")
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
@@ -342,7 +343,18 @@ class Incoming:
                 finally:
                     problem = None  # no reference cycle through the traceback
             assert temp is not None
-            return ingestor._place(parsed, temp, data, self.transfer_syntax_uid, self.calling_ae, self.who)
+            transfer_syntax_uid = self.transfer_syntax_uid
+            if parsed.implicit_vr and transfer_syntax_uid != IMPLICIT_VR_LITTLE_ENDIAN:
+                # implicit VR data sent under an explicit syntax: the bytes are kept as received,
+                # the file is labelled with what they are, so that every reader decodes them
+                transfer_syntax_uid = IMPLICIT_VR_LITTLE_ENDIAN
+                LOGGER.info("instance %s from %s is implicit VR sent as %s: stored labelled implicit VR",
+                            _short(self.sop_instance_uid), self.who, self.transfer_syntax_uid)
+                header = encode_file_meta(self.sop_class_uid, self.sop_instance_uid, transfer_syntax_uid)
+                relabelled = ingestor.store.write_temp([header, data])
+                ingestor.store.discard(temp)
+                temp = relabelled
+            return ingestor._place(parsed, temp, data, transfer_syntax_uid, self.calling_ae, self.who)
         except InvalidInstance as exc:
             status = DATASET_DOES_NOT_MATCH_SOP_CLASS if "UID" in str(exc) else CANNOT_UNDERSTAND
             LOGGER.warning("refused instance %s from %s: %s (status 0x%04X)",

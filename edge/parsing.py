@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from io import BytesIO
 from typing import Any, Callable
 
@@ -56,9 +56,35 @@ class ParsedInstance:
     sop_class_uid: str
     specific_character_set: str  # as in the data, values joined by backslash
     attributes: dict[str, str] = field(default_factory=dict)  # keyword -> decoded text
+    implicit_vr: bool = False  # the data is implicit VR although its transfer syntax says explicit
 
     def level(self, keys: tuple[str, ...]) -> dict[str, str]:
         return {k: self.attributes.get(k, "") for k in keys}
+
+
+# A deflated dataset may inflate to at most this many bytes, and at most INFLATE_RATIO times its
+# own size above that: enough for any real image (DICOM deflates 2-10x), never a deflate bomb.
+INFLATE_FLOOR = 64 * 1024 * 1024
+INFLATE_RATIO = 64
+
+
+def inflate_bounded(raw: bytes | memoryview, limit: int | None = None) -> bytes:
+    """Inflate a deflated dataset (PS3.5 A.5, raw deflate), refusing one that would exceed the limit.
+
+    Inflation stops as soon as the limit is passed, so a small bomb never
+    costs more memory than the limit. Raises InvalidInstance.
+    """
+    if limit is None:
+        limit = max(INFLATE_FLOOR, INFLATE_RATIO * len(raw))
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInstance(f"deflated dataset cannot be inflated: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise InvalidInstance(f"deflated dataset inflates beyond {limit} bytes "
+                              f"({len(raw)} bytes deflated): refused as a deflate bomb")
+    return out
 
 
 def _stop_after_header(tag: Any, vr: Any, length: Any) -> bool:
@@ -84,10 +110,7 @@ def parse_dataset(
     ts = UID(transfer_syntax_uid)
     raw: bytes | memoryview = memoryview(data).cast("B") if not isinstance(data, bytes) else data
     if ts.is_deflated:
-        try:
-            raw = zlib.decompress(raw, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise InvalidInstance(f"deflated dataset cannot be inflated: {exc}") from None
+        raw = inflate_bounded(raw)
     is_implicit = ts.is_implicit_VR if ts.is_transfer_syntax else False
     is_little = ts.is_little_endian if ts.is_transfer_syntax else True
     header_end = len(raw)
@@ -106,10 +129,11 @@ def parse_dataset(
             except InvalidInstance:
                 raise first from None
             is_implicit = True
-        if known is not None:
-            quick = _quick_instance(raw, found, known)
-            if quick is not None:
-                return quick
+    relabelled = is_implicit and not (ts.is_implicit_VR if ts.is_transfer_syntax else False)
+    if full and known is not None:
+        quick = _quick_instance(raw, found, known)
+        if quick is not None:
+            return replace(quick, implicit_vr=True) if relabelled else quick
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -118,7 +142,8 @@ def parse_dataset(
                               stop_when=_stop_after_header)
     except Exception as exc:  # pydicom raises many kinds on garbage
         raise InvalidInstance(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
-    return describe_dataset(ds, known)
+    parsed = describe_dataset(ds, known)
+    return replace(parsed, implicit_vr=True) if relabelled else parsed
 
 
 # Elements whose values are plain ASCII in every character set (UIDs, numbers, dates,

@@ -11,6 +11,7 @@ decision (`audit`), so policy is enforced at this exit too.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from renkei.errors import RenkeiError
 
 from edge.journal import Journal
-from edge.matching import match_attribute
+from edge.matching import QueryTooComplex, check_query_value, match_attribute
 from edge.parsing import text_of
 
 LOGGER = logging.getLogger("renkei.edge.qr")
@@ -81,6 +82,7 @@ class AccessEvent:
     source: str
     allowed: bool
     detail: str = ""
+    destination: str = ""  # a C-MOVE's destination AE title
 
 
 class QRSource(Protocol):
@@ -252,6 +254,10 @@ def query_of(identifier: Dataset) -> tuple[str, dict[str, tuple[str, str]], list
                 text = text_of(element.value)
             except Exception as exc:
                 raise QueryError(f"query key {keyword} cannot be decoded: {exc}") from None
+            try:
+                check_query_value(keyword, element.VR, text)
+            except QueryTooComplex as exc:
+                raise QueryError(str(exc)) from None
             query[keyword] = (element.VR, text)
     return level, query, requested
 
@@ -311,24 +317,39 @@ def response_identifier(
     return ds
 
 
+class QueryTimeout(QueryError):
+    """A C-FIND ran past the edge's time budget for one query."""
+
+
 class QRService:
     """C-FIND and retrieve planning over several sources, with access decisions."""
 
-    def __init__(self, sources: Sequence[QRSource], access: Access, ae_title: str) -> None:
+    def __init__(self, sources: Sequence[QRSource], access: Access, ae_title: str,
+                 time_budget: float = 10.0) -> None:
         self.sources = list(sources)
         self.access = access
         self.ae_title = ae_title
+        self.time_budget = time_budget
 
     def find(self, calling_ae: str, model: str, identifier: Dataset,
              cancelled: Callable[[], bool] = lambda: False) -> Iterator[Dataset]:
-        """Yield one answer identifier per matching record the caller may see."""
+        """Yield one answer identifier per matching record the caller may see.
+
+        Stops when the caller cancels; raises QueryTimeout past `time_budget`.
+        PATIENT-level counts and attributes come from the studies the caller may
+        see only.
+        """
         level, query, requested = query_of(identifier)
         check_level(model, level)
+        deadline = time.monotonic() + self.time_budget
         seen: set[str] = set()
         for source in self.sources:
             for record in source.find(level, query):
                 if cancelled():
                     return
+                if time.monotonic() > deadline:
+                    raise QueryTimeout(f"the query ran over the edge's budget of {self.time_budget:g} s; "
+                                       "narrow it (a Patient ID, a date range, fewer wildcards)")
                 key = _as_text(record.get(UNIQUE_KEYS[level]))
                 if level != PATIENT and key in seen:
                     continue
@@ -336,6 +357,11 @@ class QRService:
                 visible = [s for s in studies if self.access.may_see(calling_ae, s, source.name)]
                 if not visible:
                     continue
+                if level == PATIENT and len(visible) < len(studies):
+                    narrowed = _patient_record_of(source, record, visible)
+                    if narrowed is None or not _matches(query, narrowed):
+                        continue
+                    record = narrowed
                 seen.add(key)
                 for study_uid in visible:
                     self.access.audit(AccessEvent("find", calling_ae, study_uid, source.name, True, level))
@@ -366,6 +392,63 @@ class QRService:
                 seen.add(item.sop_instance_uid)
                 items.append(item)
         return items, refused
+
+    def for_destination(self, calling_ae: str, destination_ae: str,
+                        items: Sequence[RetrieveItem]) -> tuple[list[RetrieveItem], int]:
+        """The items the C-MOVE destination may hold (decided for the destination's site).
+
+        The party that ends up holding the data is the destination, not the
+        caller: each study is decided for it, and every refusal is audited.
+        """
+        kept: list[RetrieveItem] = []
+        refused = 0
+        decisions: dict[tuple[str, str], bool] = {}
+        for item in items:
+            key = (item.study_uid, item.source)
+            if key not in decisions:
+                allowed = self.access.may_retrieve(destination_ae, item.study_uid, item.source)
+                decisions[key] = allowed
+                if not allowed:
+                    self.access.audit(AccessEvent("retrieve", calling_ae, item.study_uid, item.source, False,
+                                                  "destination may not see the study", destination_ae))
+            if decisions[key]:
+                kept.append(item)
+            else:
+                refused += 1
+        return kept, refused
+
+    def refuse_destination(self, calling_ae: str, destination_ae: str, items: Sequence[RetrieveItem]) -> None:
+        """Audit a C-MOVE refused because its destination is not a node of this site."""
+        for study_uid, source in dict.fromkeys((i.study_uid, i.source) for i in items):
+            self.access.audit(AccessEvent("retrieve", calling_ae, study_uid, source, False,
+                                          "destination is not a node of this site", destination_ae))
+
+
+def _matches(query: Mapping[str, tuple[str, str]], record: Mapping[str, Any]) -> bool:
+    return all(match_attribute(vr, text, _as_text(record.get(kw))) for kw, (vr, text) in query.items()
+               if kw in record)
+
+
+def _patient_record_of(source: QRSource, record: Mapping[str, Any],
+                       visible: Sequence[str]) -> dict[str, Any] | None:
+    """A PATIENT-level record rebuilt from the visible studies only (counts, latest attributes)."""
+    rows = [r for r in source.find(STUDY, {"StudyInstanceUID": ("UI", "\\".join(visible))})
+            if r.get("StudyInstanceUID") in set(visible)]
+    if not rows:
+        return None
+    latest = max(rows, key=lambda r: (_as_text(r.get("StudyDate")), _as_text(r.get("StudyTime"))))
+    out = dict(record)
+    for keyword in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+                    "SpecificCharacterSet"):
+        if keyword in latest:
+            out[keyword] = latest[keyword]
+    out["NumberOfPatientRelatedStudies"] = str(len(rows))
+    out["NumberOfPatientRelatedSeries"] = str(sum(int(_as_text(r.get("NumberOfStudyRelatedSeries")) or 0)
+                                                  for r in rows))
+    out["NumberOfPatientRelatedInstances"] = str(sum(int(_as_text(r.get("NumberOfStudyRelatedInstances")) or 0)
+                                                     for r in rows))
+    out["_study_uids"] = [r["StudyInstanceUID"] for r in rows]
+    return out
 
 
 @dataclass

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 from catalog.catalog import Catalog
 from catalog.store import ObjectStore
-from edge.center import AuditBuffer, CenterSource, EdgeCache, SharingAccess, catalog_recorder
+from edge.center import (AuditBuffer, CenterSource, EdgeCache, SharingAccess, StudyOrigins, catalog_origin,
+                         catalog_recorder)
 from edge.server import EdgeServer
 from renkei.config import Layout
 from renkei.sharing import Sharing
@@ -34,9 +35,10 @@ class RegionalEdge:
         self.cache = EdgeCache(store_dir)
         self.sharing = Sharing(layout.config, self.catalog)
         self.audit = AuditBuffer(catalog_recorder(self.catalog))
+        self.origins = StudyOrigins(site_id, catalog_origin(self.catalog))
         self.access = SharingAccess(layout.config, site_id,
                                     decide=lambda site, uid: self.sharing.decide(site, uid).allowed,
-                                    record=self.audit)
+                                    record=self.audit, own_studies=self.origins.is_own)
         self.center_source = CenterSource(site_id, self.catalog, self.store, self.cache,
                                           site_issuer=layout.config.site(site_id).issuer,
                                           issuer_sites={s.issuer: s.id for s in layout.config.sites})

@@ -23,12 +23,13 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from renkei.config import DicomPeer, RegionConfig
+from renkei.config import DicomPeer, RegionConfig, SiteConfig
 from renkei.errors import PeerError, UsageError
 from renkei.uids import validate_uid
 
 from edge import fastnet
 from edge.journal import Journal
+from edge.tls import client_tls_args
 from edge.qr import LocalSource, RetrieveItem
 from edge.server import SUCCESS, _contexts_for, send_item, sender_ae
 
@@ -73,9 +74,11 @@ def resolve_peer(config: RegionConfig, site_id: str, peer_ae: str | None) -> Dic
     return peer
 
 
-def _associate(ae: AE, peer: DicomPeer) -> Any:
+def _associate(ae: AE, peer: DicomPeer, site: SiteConfig | None = None) -> Any:
+    """An association to `peer`, over TLS when the configuration says the peer speaks it."""
+    tls_args = client_tls_args(site.edge.tls if site else None, peer)
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, max_pdu=0)
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, max_pdu=0, tls_args=tls_args)
     except Exception as exc:
         raise PeerError(f"cannot connect to {peer.ae_title} at {peer.host}:{peer.port}: {exc}") from None
     if not assoc.is_established:
@@ -92,7 +95,7 @@ def echo(config: RegionConfig, site_id: str, peer_ae: str | None = None) -> floa
     ae = _ae(site.edge.ae_title)
     ae.add_requested_context(Verification)
     start = time.perf_counter()
-    assoc = _associate(ae, peer)
+    assoc = _associate(ae, peer, site)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -102,14 +105,17 @@ def echo(config: RegionConfig, site_id: str, peer_ae: str | None = None) -> floa
     return time.perf_counter() - start
 
 
-def send_items(ae_title: str, peer: DicomPeer, items: Sequence[RetrieveItem]) -> tuple[int, list[str]]:
-    """C-STORE `items` to `peer` over one association (bytes as stored); (sent, failed UIDs)."""
+def send_items(ae_title: str, peer: DicomPeer, items: Sequence[RetrieveItem],
+               site: SiteConfig | None = None) -> tuple[int, list[str]]:
+    """C-STORE `items` to `peer` over one association (bytes as stored); (sent, failed UIDs).
+
+    `site` is the sending edge's site (its TLS certificate, for a peer configured with TLS)."""
     if not items:
         return 0, []
     ae = _ae(ae_title)
     for sop_class, syntaxes in _contexts_for(items):
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = _associate(ae, peer)
+    assoc = _associate(ae, peer, site)
     sent = 0
     failed: list[str] = []
     try:
@@ -140,7 +146,7 @@ def send_study(config: RegionConfig, site_id: str, store_dir: Path, study_uid: s
     if not items:
         raise UsageError(f"study {study_uid} has no local instances at the edge of site {site_id!r}")
     start = time.perf_counter()
-    sent, failed = send_items(site.edge.ae_title, peer, items)
+    sent, failed = send_items(site.edge.ae_title, peer, items, site)
     seconds = time.perf_counter() - start
     LOGGER.info("sent study %s to %s: %d instance(s), %d failed, %.2f s",
                 study_uid, peer.ae_title, sent, len(failed), seconds)
@@ -162,7 +168,7 @@ def find_studies(config: RegionConfig, site_id: str, *, study_uid: str | None = 
     query.StudyDate = f"{date_from or ''}-{date_to or ''}" if (date_from or date_to) else ""
     ae = _ae(site.edge.ae_title)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = _associate(ae, peer)
+    assoc = _associate(ae, peer, site)
     found: list[str] = []
     try:
         for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
@@ -189,7 +195,7 @@ def study_instance_count(config: RegionConfig, site_id: str, study_uid: str, pee
     query.NumberOfStudyRelatedInstances = ""
     ae = _ae(site.edge.ae_title)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = _associate(ae, peer)
+    assoc = _associate(ae, peer, site)
     count = 0
     try:
         for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
@@ -218,7 +224,7 @@ def pull(config: RegionConfig, site_id: str, *, study_uid: str | None = None,
     if studies:
         ae = _ae(site.edge.ae_title)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        assoc = _associate(ae, peer)
+        assoc = _associate(ae, peer, site)
         try:
             for uid in studies:
                 query = Dataset()

@@ -8,10 +8,14 @@ stored, never decoded (see `RetrieveServer`).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
+import ssl
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -64,7 +68,8 @@ from edge.qr import (
     RetrieveTally,
 )
 from edge.store import FileStore
-from edge.tls import server_context
+from edge.tls import client_tls_args, server_context
+from renkei.pki import identities_of
 
 LOGGER = logging.getLogger("renkei.edge")
 
@@ -101,8 +106,13 @@ CLEAN_SHUTDOWN = "clean_shutdown"  # journal meta key: "1" after a clean stop
 
 
 def allowed_calling_aes(config: RegionConfig, site: SiteConfig) -> list[str]:
-    """Who may associate with a site's edge: its PACS, its workstations, every edge."""
-    titles = [s.edge.ae_title for s in config.sites]
+    """Who may associate with a site's edge: its own PACS and workstations, nobody else.
+
+    Other sites' edges are not listed: nothing in the design needs edge-to-edge
+    associations (deliveries go through the center and the edge's cache), and
+    accepting them let one site file another's study as its own.
+    """
+    titles: list[str] = []
     if site.pacs:
         titles.append(site.pacs.ae_title)
     titles.extend(ws.ae_title for ws in site.workstations)
@@ -110,16 +120,168 @@ def allowed_calling_aes(config: RegionConfig, site: SiteConfig) -> list[str]:
 
 
 def move_destinations(config: RegionConfig, site: SiteConfig) -> dict[str, DicomPeer]:
-    """C-MOVE destinations by AE title: the site's PACS and workstations, and every edge."""
+    """C-MOVE destinations by AE title: the site's own PACS and workstations only."""
     peers: dict[str, DicomPeer] = {}
     if site.pacs:
         peers[site.pacs.ae_title] = site.pacs
     for ws in site.workstations:
         peers[ws.ae_title] = ws
-    for other in config.sites:
-        peers.setdefault(other.edge.ae_title, DicomPeer(
-            ae_title=other.edge.ae_title, host=other.edge.host, port=other.edge.port))
     return peers
+
+
+# Association rejections (PS3.8 9.3.4): (result, source, diagnostic)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
+
+def _resolve(host: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    try:
+        return [ipaddress.ip_network(host)]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError as exc:
+        LOGGER.warning("cannot resolve %s (%s): its AE titles are accepted from no address", host, exc)
+        return []
+    return list(dict.fromkeys(ipaddress.ip_network(info[4][0]) for info in infos))
+
+
+def _normalise_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class Gatekeeper:
+    """Who may associate with this edge, decided when the A-ASSOCIATE-RQ arrives.
+
+    - the called AE title must be the edge's;
+    - the calling AE title must be one of the site's own nodes, connecting
+      from the host (or a network) the configuration names for it;
+    - with mutual TLS, the peer's certificate must name that AE title or its
+      site (see `renkei.pki`);
+    - at least one presentation context must be proposed;
+    - associations are limited in all and per source address: at the limit,
+      the longest-idle association silent for `idle_evict_after` is closed to
+      let the new peer in, else the request is rejected as a local limit.
+    Every refusal is logged with the AE titles and the address.
+    """
+
+    def __init__(self, config: RegionConfig, site: SiteConfig, *, mutual_tls: bool = False,
+                 active: Callable[[], list[Any]] = list) -> None:
+        self.site = site
+        self.limits = site.edge.limits
+        self.mutual_tls = mutual_tls
+        self.active = active
+        self.nodes = {p.ae_title: p for p in ([site.pacs] if site.pacs else []) + list(site.workstations)}
+        self.networks = {ae: _resolve(p.host) + [ipaddress.ip_network(n, strict=False) for n in p.networks]
+                         for ae, p in self.nodes.items()}
+        self._lock = threading.Lock()
+        self._evicted: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def refusal(self, calling_ae: str, called_ae: str, address: str, identity: Any, contexts: int
+                ) -> tuple[tuple[int, int, int], str] | None:
+        """Why this association must be rejected (the A-ASSOCIATE-RJ reason and a text), or None."""
+        if called_ae != self.site.edge.ae_title:
+            return REJECT_CALLED_AE, f"called AE title {called_ae!r} is not this edge's"
+        if calling_ae not in self.nodes:
+            return REJECT_CALLING_AE, f"calling AE title {calling_ae!r} is not a node of site {self.site.id}"
+        ip = _normalise_address(address)
+        if ip is None or not any(ip in net for net in self.networks[calling_ae]):
+            return REJECT_CALLING_AE, (f"calling AE title {calling_ae!r} is not accepted from {address} "
+                                       f"(configured host {self.nodes[calling_ae].host})")
+        if self.mutual_tls:
+            if identity is None:
+                return REJECT_CALLING_AE, "no client certificate"
+            if not identity.allows(calling_ae, self.site.id):
+                return REJECT_CALLING_AE, (f"the client certificate names {sorted(identity.ae_titles)} / sites "
+                                           f"{sorted(identity.sites)}, not {calling_ae!r}")
+        if contexts == 0:
+            return REJECT_NO_REASON, "no presentation context proposed"
+        return None
+
+    def make_room(self, assoc: Any, address: str) -> bool:
+        """Within the association limits for this peer, closing the longest-idle one if needed."""
+        with self._lock:
+            others = [a for a in self.active() if a is not assoc and a.is_established and not a.is_released
+                      and a not in self._evicted]
+            mine = [a for a in others if _address_of(a) == address]
+            for group, limit in ((mine, self.limits.max_per_address), (others, self.limits.max_associations)):
+                if len(group) < limit:
+                    continue
+                now = time.monotonic()
+                idle = [(now - getattr(a.dul, "last_activity", now), a) for a in group]
+                idle = [(t, a) for t, a in idle if t >= self.limits.idle_evict_after]
+                if not idle:
+                    return False
+                seconds, victim = max(idle, key=lambda pair: pair[0])
+                LOGGER.warning("association limit reached: closing the association of %s@%s idle for %.0f s",
+                               str(victim.requestor.ae_title).strip(), _address_of(victim), seconds)
+                self._evicted.add(victim)  # no longer counted while its abort completes
+                group.remove(victim)
+                threading.Thread(target=victim.abort, daemon=True).start()
+            return True
+
+    def on_requested(self, event: Any) -> None:
+        """EVT_REQUESTED: admit the peer or reject the association before any negotiation.
+
+        Fails closed: an error while deciding rejects the association.
+        """
+        assoc = event.assoc
+        calling_ae = called_ae = "?"
+        address = _address_of(assoc)
+        try:
+            primitive = assoc.requestor.primitive
+            calling_ae = str(primitive.calling_ae_title).strip()
+            called_ae = str(primitive.called_ae_title).strip()
+            contexts = len(primitive.presentation_context_definition_list or [])
+            identity = _peer_identity(assoc) if self.mutual_tls else None
+            refused = self.refusal(calling_ae, called_ae, address, identity, contexts)
+            if refused is None and not self.make_room(assoc, address):
+                refused = REJECT_LOCAL_LIMIT, "association limit reached and no association is idle"
+        except Exception as exc:
+            LOGGER.exception("deciding on an association from %s failed", address)
+            refused = REJECT_NO_REASON, f"internal error: {type(exc).__name__}"
+        if refused is None:
+            fastnet.settle_pending(assoc)
+            return
+        reason, text = refused
+        LOGGER.warning("association from %s@%s to %s rejected: %s", calling_ae, address, called_ae, text)
+        assoc.acse.send_reject(*reason)
+        assoc.is_rejected = True
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
+
+def _address_of(assoc: Any) -> str:
+    try:
+        return str(assoc.requestor.address)
+    except Exception:
+        return "?"
+
+
+def _peer_identity(assoc: Any) -> Any:
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        der = sock.getpeercert(binary_form=True)
+    except (ValueError, OSError):
+        return None
+    if not der:
+        return None
+    try:
+        return identities_of(der)
+    except Exception as exc:
+        LOGGER.warning("unreadable client certificate: %s", exc)
+        return None
 
 
 def _peer_of(event: Any) -> tuple[str, str]:
@@ -206,11 +368,12 @@ class RetrieveServer:
     """
 
     def __init__(self, qr: QRService, ae_title: str, destinations: dict[str, DicomPeer],
-                 max_pdu: int = 0) -> None:
+                 max_pdu: int = 0, tls_args: Callable[[DicomPeer], Any] | None = None) -> None:
         self.qr = qr
         self.ae_title = ae_title
         self.destinations = destinations
         self.max_pdu = max_pdu
+        self.tls_args = tls_args or (lambda peer: None)
 
     def __call__(self, assoc: Any, msg: Any, context: Any) -> bool:
         if isinstance(msg, C_MOVE):
@@ -256,18 +419,29 @@ class RetrieveServer:
             LOGGER.exception("%s from %s failed", what, calling_ae)
             self._respond(assoc, req, context, kind, UNABLE_TO_PROCESS, None)
             return
-        if refused and not items:
-            LOGGER.warning("%s from %s: %d instance(s) not permitted", what, calling_ae, refused)
+        if not items:
+            # the same answer whether the study exists at another site or nowhere: a caller
+            # learns nothing about studies it may not see (the refusal itself is audited)
+            LOGGER.warning("%s from %s: nothing it may retrieve (%d instance(s) not permitted)",
+                           what, calling_ae, refused)
             self._respond(assoc, req, context, kind, NOT_AUTHORIZED, None)
             return
-        tally = RetrieveTally(remaining=len(items))
         if kind == "move":
-            destination = self.destinations.get(str(req.MoveDestination or "").strip())
+            destination_ae = str(req.MoveDestination or "").strip()
+            destination = self.destinations.get(destination_ae)
             if destination is None:
-                LOGGER.warning("C-MOVE from %s to unknown destination %r", calling_ae,
-                               str(req.MoveDestination or "").strip())
+                LOGGER.warning("C-MOVE from %s to %r refused: not a node of this site", calling_ae, destination_ae)
+                self.qr.refuse_destination(calling_ae, destination_ae, items)
                 self._respond(assoc, req, context, kind, MOVE_DESTINATION_UNKNOWN, None)
                 return
+            items, refused = self.qr.for_destination(calling_ae, destination_ae, items)
+            if refused and not items:
+                LOGGER.warning("C-MOVE from %s: %d instance(s) not permitted at %s", calling_ae, refused,
+                               destination_ae)
+                self._respond(assoc, req, context, kind, NOT_AUTHORIZED, None)
+                return
+        tally = RetrieveTally(remaining=len(items))
+        if kind == "move":
             if items:
                 self._move(assoc, req, context, items, tally, destination, calling_ae)
         elif items:
@@ -321,7 +495,8 @@ class RetrieveServer:
                 store_ae.add_requested_context(sop_class, syntaxes)
             try:
                 store_assoc = store_ae.associate(destination.host, destination.port,
-                                                 ae_title=destination.ae_title, max_pdu=self.max_pdu)
+                                                 ae_title=destination.ae_title, max_pdu=self.max_pdu,
+                                                 tls_args=self.tls_args(destination))
             except Exception as exc:
                 LOGGER.error("C-MOVE to %s: cannot connect: %s", destination.ae_title, exc)
                 store_assoc = None
@@ -479,7 +654,7 @@ class EdgeServer:
         host: str | None = None,
         port: int | None = None,
         completion_poll: float = 0.25,
-        max_pdu: int = 0,
+        max_pdu: int | None = None,
         fast: bool | None = None,
         min_free_bytes: int = 0,
     ) -> None:
@@ -492,14 +667,18 @@ class EdgeServer:
         self.stable_age = self.site.edge.stable_age
         self.on_study_complete = on_study_complete
         self.completion_poll = completion_poll
-        self.max_pdu = max_pdu
+        # a finite maximum PDU length, advertised and enforced (0, "unlimited", is never used)
+        self.max_pdu = max_pdu or self.site.edge.limits.max_pdu
         self.store = FileStore(self.store_dir, fsync=fsync, min_free_bytes=min_free_bytes)
         self.journal = Journal(self.store_dir, synchronous="NORMAL")
         self.ingestor = Ingestor(self.store, self.journal)
         self.local_source = LocalSource(self.journal)
         self.sources: list[QRSource] = [self._source(s) for s in (sources or ["local"])]
         self.access: Access = access or AllowLocal()
-        self.qr = QRService(self.sources, self.access, self.site.edge.ae_title)
+        self.qr = QRService(self.sources, self.access, self.site.edge.ae_title,
+                            time_budget=self.site.edge.limits.query_time_budget)
+        self.gatekeeper = Gatekeeper(config, self.site, mutual_tls=bool(self.site.edge.tls and self.site.edge.tls.ca),
+                                     active=self.active_associations)
         self.fast = fastnet.check_compatible() if fast is None else fast
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
@@ -509,6 +688,10 @@ class EdgeServer:
         self._counts = {"stored": 0, "duplicate": 0, "conflict": 0, "refused": 0, "failed": 0}
         self._counts_lock = threading.Lock()
         self._per_assoc: dict[int, dict[str, int]] = {}
+
+    def tls_args(self, peer: DicomPeer) -> Any:
+        """TLS arguments for an association the edge opens to `peer` (None: plaintext)."""
+        return client_tls_args(self.site.edge.tls, peer)
 
     def _source(self, source: QRSource | str | Callable[[Journal], QRSource]) -> QRSource:
         """"local" is this edge's own store; a callable gets the edge's journal."""
@@ -523,13 +706,18 @@ class EdgeServer:
     # -- pynetdicom set-up -------------------------------------------------------
     def _build_ae(self) -> AE:
         ae_title = self.site.edge.ae_title
+        limits = self.site.edge.limits
         ae = fastnet.FastAE(ae_title=ae_title) if self.fast else AE(ae_title=ae_title)
         ae.maximum_pdu_size = self.max_pdu
-        ae.maximum_associations = 32
-        ae.acse_timeout = 30
+        ae.max_associate_rq = limits.max_associate_rq  # read by fastnet's PDU reader
+        ae.pdu_timeout = limits.pdu_timeout
+        # the Gatekeeper enforces the limits (with idle eviction); pynetdicom's own check is a backstop
+        ae.maximum_associations = limits.max_associations + limits.max_per_address
+        ae.acse_timeout = limits.setup_timeout
         ae.dimse_timeout = 120
-        ae.network_timeout = 120
+        ae.network_timeout = limits.idle_timeout
         ae.require_calling_aet = allowed_calling_aes(self.config, self.site)
+        ae.require_called_aet = True
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES),
                                      scu_role=True, scp_role=True)
@@ -539,11 +727,13 @@ class EdgeServer:
         if self.fast:
             ae.store_handler = self._store_request
             ae.retrieve_server = RetrieveServer(self.qr, self.site.edge.ae_title,
-                                                move_destinations(self.config, self.site), self.max_pdu)
+                                                move_destinations(self.config, self.site), self.max_pdu,
+                                                tls_args=self.tls_args)
         return ae
 
     def _handlers(self) -> list[Any]:
         return [
+            (evt.EVT_REQUESTED, self.gatekeeper.on_requested),
             (evt.EVT_C_STORE, handle_store, [self.ingestor, self._count]),
             (evt.EVT_C_FIND, handle_find, [self.qr]),
             (evt.EVT_C_MOVE, _fallback_move, [self]),
@@ -595,9 +785,12 @@ class EdgeServer:
                         report.files_unreadable, report.temp_files_removed)
         ae = self._build_ae()
         ssl_context = server_context(self.site.edge.tls) if self.site.edge.tls else None
-        kwargs: dict[str, Any] = {}
-        if self.fast:
-            kwargs["server_class"] = fastnet.EdgeAssociationServer
+        limits = self.site.edge.limits
+        kwargs: dict[str, Any] = {
+            "server_class": fastnet.EdgeAssociationServer if self.fast else fastnet.GuardedAssociationServer,
+            "setup_timeout": limits.setup_timeout, "pdu_timeout": limits.pdu_timeout,
+            "max_per_address": limits.max_per_address, "max_pending": 4 * limits.max_associations,
+        }
         try:
             self._server = ae.make_server((self.host, self.port), ssl_context=ssl_context,
                                           evt_handlers=self._handlers(), **kwargs)
@@ -712,21 +905,37 @@ class _CountingSink:
 
 
 def _fallback_move(event: Any, server: EdgeServer) -> Iterator[Any]:
-    """Plain pynetdicom C-MOVE (only when fastnet is unavailable): datasets are decoded."""
+    """Plain pynetdicom C-MOVE (only when fastnet is unavailable): datasets are decoded.
+
+    The same decisions as `RetrieveServer`: the caller's right, then the destination's.
+    """
     calling_ae, _address = _peer_of(event)
     model = str(event.request.AffectedSOPClassUID)
-    destination = move_destinations(server.config, server.site).get(str(event.move_destination).strip())
-    if destination is None:
-        yield None, None
-        return
+    destination_ae = str(event.move_destination).strip()
+    destination = move_destinations(server.config, server.site).get(destination_ae)
     try:
         items, _refused = server.qr.plan_retrieve(calling_ae, model, event.identifier)
     except QueryError:
+        if destination is None:
+            yield None, None
+            return
         yield destination.host, destination.port, {"contexts": [build_context(Verification)]}
         yield IDENTIFIER_DOES_NOT_MATCH, None
         return
+    if destination is None:
+        server.qr.refuse_destination(calling_ae, destination_ae, items)
+        yield None, None
+        return
+    items, _refused = server.qr.for_destination(calling_ae, destination_ae, items)
     contexts = [build_context(sop, syntaxes) for sop, syntaxes in _contexts_for(items)][:128]
-    yield destination.host, destination.port, {"contexts": contexts or [build_context(Verification)]}
+    options: dict[str, Any] = {"contexts": contexts or [build_context(Verification)]}
+    tls_args = server.tls_args(destination)
+    if tls_args is not None:
+        options["tls_args"] = tls_args
+    yield destination.host, destination.port, options
+    if not items:
+        yield NOT_AUTHORIZED, None
+        return
     yield len(items)
     yield from _pending_datasets(event, items)
 

@@ -105,7 +105,7 @@ class FileStore:
         digest = hashlib.sha256() if hash else None
         size = 0
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise self._error(exc, path) from None
         try:
@@ -130,7 +130,7 @@ class FileStore:
         """A new temporary file to write in parts as they arrive (see TempWriter)."""
         path = self.tmp_dir / f"{secrets.token_hex(12)}.part"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise self._error(exc, path) from None
         return TempWriter(self, path, fd)
@@ -219,7 +219,7 @@ class FileStore:
             current = current.parent
         for path in reversed(missing):
             try:
-                os.mkdir(path)
+                os.mkdir(path, 0o700)  # patient data: owner only
             except FileExistsError:
                 pass
             if self.fsync:

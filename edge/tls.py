@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-from renkei.config import TLSConfig
+from renkei.config import DicomPeer, TLSConfig
 from renkei.errors import ConfigError
 
 
@@ -40,3 +40,22 @@ def client_context(ca: str | None = None, cert: str | None = None, key: str | No
     if cert and key:
         context.load_cert_chain(certfile=cert, keyfile=key)
     return context
+
+
+def client_tls_args(tls: TLSConfig | None, peer: DicomPeer) -> tuple[ssl.SSLContext, None] | None:
+    """pynetdicom `tls_args` for an association the edge opens to `peer`, None for plaintext.
+
+    A peer configured with `tls: true` is called over TLS with the edge's own
+    certificate (so that the peer can check who calls) and, with the region
+    CA, the peer's certificate is verified.
+    """
+    if not peer.tls:
+        return None
+    if tls is None:
+        raise ConfigError(f"{peer.ae_title} is configured with tls: true, but this edge has no edge.tls "
+                          "certificate to call it with; add edge.tls (see `renkei tls issue`)")
+    try:
+        context = client_context(ca=str(tls.ca) if tls.ca else None, cert=str(tls.cert), key=str(tls.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"edge TLS: cannot load certificate {tls.cert} and key {tls.key}: {exc}") from None
+    return context, None

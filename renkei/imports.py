@@ -71,7 +71,7 @@ def import_to_pacs(layout: Layout, catalog: Catalog, store: ObjectStore, site_id
                 continue
             items.append(RetrieveItem(study_uid, row["series_uid"], row["sop_instance_uid"], row["sop_class_uid"],
                                       row["transfer_syntax_uid"], data=data, source="center"))
-        n, failed = send_items(site.edge.ae_title, site.pacs, items)
+        n, failed = send_items(site.edge.ae_title, site.pacs, items, site)
         sent += n
         failures.extend(f"{uid}: the PACS refused it" for uid in failed)
     if sent:

@@ -46,7 +46,7 @@ from pydicom.uid import (
 from edge import fastnet
 from edge.parsing import InvalidInstance, parse_dataset, split_file_meta
 from edge.server import EdgeServer
-from renkei import peers
+from renkei import peers, pki
 from renkei.synth import write_single_study
 
 from tests.conftest import require_part, require_program
@@ -518,24 +518,17 @@ def test_movescu_and_getscu_retrieve_every_instance_byte_for_byte(
 
 # ------------------------------------------------------------------ TLS
 def _make_certs(folder: Path) -> dict[str, Path]:
-    require_program("openssl", "openssl")
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {name: folder / name for name in ("ca.key", "ca.crt", "edge.key", "edge.crt",
-                                              "client.key", "client.crt", "stranger.key", "stranger.crt")}
-
-    def ssl(*args: object) -> None:
-        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", paths["ca.key"], "-out", paths["ca.crt"],
-        "-days", "2", "-subj", "/CN=renkei test CA")
-    for who in ("edge", "client"):
-        csr = folder / f"{who}.csr"
-        ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", paths[f"{who}.key"], "-out", csr,
-            "-subj", f"/CN={who}")
-        ssl("x509", "-req", "-in", csr, "-CA", paths["ca.crt"], "-CAkey", paths["ca.key"],
-            "-CAcreateserial", "-out", paths[f"{who}.crt"], "-days", "2")
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", paths["stranger.key"],
-        "-out", paths["stranger.crt"], "-days", "2", "-subj", "/CN=stranger")
+    """A region CA (renkei.pki), the edge's site certificate, AE certificates, and a stranger CA's."""
+    ca = folder / "ca"
+    pki.create_ca(ca, "test")
+    paths = {"ca.crt": ca / pki.CA_CERT}
+    paths["edge.crt"], paths["edge.key"] = pki.issue(ca, folder, site_id="hub", hosts=["127.0.0.1"], name="edge")
+    for ae in ("ECHOSCU", "STORESCU", "MOVESCU"):
+        paths[f"{ae}.crt"], paths[f"{ae}.key"] = pki.issue(ca, folder, site_id="hub", ae_title=ae)
+    stranger = folder / "stranger-ca"
+    pki.create_ca(stranger, "test")
+    paths["stranger.crt"], paths["stranger.key"] = pki.issue(stranger, folder / "stranger", site_id="hub",
+                                                             ae_title="ECHOSCU")
     return paths
 
 
@@ -544,20 +537,28 @@ def test_tls_with_dcmtk_and_plain_connections_fail(tmp_path: Path) -> None:
     region = write_region(tmp_path / "region", tls={"cert": str(certs["edge.crt"]),
                                                     "key": str(certs["edge.key"]),
                                                     "ca": str(certs["ca.crt"])})
+
+    def tls(ae: str) -> list[object]:
+        return ["+tls", certs[f"{ae}.key"], certs[f"{ae}.crt"], "+cf", certs["ca.crt"]]
+
     with EdgeServer(region.config, "hub", region.store_dir) as server:
-        tls = ["+tls", certs["client.key"], certs["client.crt"], "+cf", certs["ca.crt"]]
-        run(["echoscu", *tls, "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port])
+        run(["echoscu", *tls("ECHOSCU"), "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port])
         _uid, files = make_study(tmp_path / "s", 3)
-        run(["storescu", *tls, "-aet", "STORESCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port, *files])
+        run(["storescu", *tls("STORESCU"), "-aet", "STORESCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port,
+             *files])
         assert server.journal.summary().instances == 3
         plain = run(["echoscu", "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port],
                     check=False, timeout=60)
         assert plain.returncode != 0
+        # a certificate of the region CA for another AE title cannot claim this one
+        other = run(["echoscu", *tls("MOVESCU"), "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1",
+                     region.edge_port], check=False, timeout=60)
+        assert other.returncode != 0 and b"Calling AE Title Not Recognized" in other.stderr + other.stdout
         stranger = ["+tls", certs["stranger.key"], certs["stranger.crt"], "+cf", certs["ca.crt"]]
         untrusted = run(["echoscu", *stranger, "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1",
                          region.edge_port], check=False, timeout=60)
         assert untrusted.returncode != 0
-        run(["echoscu", *tls, "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port])
+        run(["echoscu", *tls("ECHOSCU"), "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port])
 
 
 def test_plain_pynetdicom_path_when_the_fast_path_is_off(region: Region, storescp_bp: peers.Peer,

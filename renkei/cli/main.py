@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import os
 import sys
 from typing import Sequence
 
@@ -51,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(getattr(args, "verbose", 0) or 0)
+    # every file renkei writes may hold patient data (stores, journals, catalog, logs): owner only
+    os.umask(0o077)
     try:
         return int(args.func(args) or 0)
     except RenkeiError as exc:
