@@ -64,6 +64,8 @@ class SiteStatus:
     in the center, 'uploaded' are stored there and read back, 'verified' are
     registered in the catalog too). A study is waiting while any of its
     instances is not verified; its age counts from its last instance's arrival.
+    A quarantined study (its data refused; no sync sends it until an operator
+    releases it, see `renkei edge status`) is counted apart, not as waiting.
     Center numbers are the catalog's (`Catalog.totals`).
     """
 
@@ -81,6 +83,7 @@ class SiteStatus:
     waiting_studies: int = 0
     oldest_waiting_study: str | None = None
     oldest_waiting_age_s: float | None = None
+    quarantined_studies: int = 0
     center_studies: int = 0
     center_instances: int = 0
     center_bytes: int = 0
@@ -112,8 +115,12 @@ def site_statuses(layout: Layout, catalog: Catalog, now: float | None = None) ->
             continue
         with Journal.open(layout.edge_store(site.id), readonly=True) as journal:
             summary = journal.summary()
-            pending = journal.completed_studies(0, now=_ALL, state="pending")
-            uploaded = journal.completed_studies(0, now=_ALL, state="uploaded")
+            held = journal.quarantined_study_uids()
+            all_pending = journal.completed_studies(0, now=_ALL, state="pending")
+            all_uploaded = journal.completed_studies(0, now=_ALL, state="uploaded")
+            not_verified = set(all_pending) | set(all_uploaded)
+            pending = [u for u in all_pending if u not in held]
+            uploaded = [u for u in all_uploaded if u not in held]
             waiting = list(dict.fromkeys(pending + uploaded))
             oldest_uid, oldest_age = None, None
             if waiting:
@@ -128,12 +135,12 @@ def site_statuses(layout: Layout, catalog: Catalog, now: float | None = None) ->
             site.id, site.name, site.role, True,
             received_studies=summary.studies, received_instances=summary.instances,
             received_bytes=summary.bytes,
-            uploaded_studies=summary.studies - len(set(pending)),
+            uploaded_studies=summary.studies - len(set(all_pending)),
             uploaded_instances=states.get("uploaded", 0) + states.get("verified", 0),
-            verified_studies=summary.studies - len(waiting),
+            verified_studies=summary.studies - len(not_verified),
             verified_instances=states.get("verified", 0),
             waiting_studies=len(waiting), oldest_waiting_study=oldest_uid, oldest_waiting_age_s=oldest_age,
-            **center))
+            quarantined_studies=len(held), **center))
     return out
 
 

@@ -17,6 +17,7 @@ encoded back in the data's own character set.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -32,7 +33,8 @@ from edge.parsing import ParsedInstance
 
 JOURNAL_NAME = "journal.sqlite"
 UPLOAD_STATES: tuple[str, ...] = ("pending", "uploaded", "verified")
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"  # 4: the quarantine table (older journals gain it when opened writable)
+QUARANTINE_REASON_MAX = 500  # characters kept of a reason (it is shown and audited)
 
 # keyword -> column, per table
 STUDY_COLUMNS: dict[str, str] = {
@@ -121,6 +123,19 @@ CREATE TABLE IF NOT EXISTS conflicts (
     received_at REAL NOT NULL,
     UNIQUE (sop_instance_uid, received_sha256)
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    step TEXT NOT NULL DEFAULT '',
+    sop_instance_uids TEXT NOT NULL DEFAULT '[]',
+    quarantined_at REAL NOT NULL,
+    audited_at REAL,
+    released_at REAL,
+    released_by TEXT NOT NULL DEFAULT '',
+    release_audited_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS quarantine_active ON quarantine (study_uid) WHERE released_at IS NULL;
 """
 
 
@@ -170,12 +185,36 @@ class Conflict:
 
 
 @dataclass(frozen=True)
+class Quarantine:
+    """A study held out of the sync until an operator releases it: why, since when, which instances.
+
+    `step` is where it was stopped ('upload', 'register'); `sop_instance_uids`
+    the instances found at fault (empty when the whole study was refused).
+    """
+
+    id: int
+    study_uid: str
+    reason: str
+    step: str
+    sop_instance_uids: tuple[str, ...]
+    quarantined_at: float
+    audited_at: float | None = None
+    released_at: float | None = None
+    released_by: str = ""
+    release_audited_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
 class JournalSummary:
     studies: int
     instances: int
     bytes: int
     upload_states: dict[str, int]
     conflicts: int
+    quarantined: int = 0  # studies held in quarantine now
 
 
 def _int_or_none(value: str) -> int | None:
@@ -220,6 +259,11 @@ class Journal:
                 self._conn.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                     (SCHEMA_VERSION,),
+                )
+                # an older journal got the new tables from _SCHEMA (CREATE ... IF NOT EXISTS)
+                self._conn.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'schema_version' AND CAST(value AS INTEGER) < ?",
+                    (SCHEMA_VERSION, int(SCHEMA_VERSION)),
                 )
         except sqlite3.Error as exc:
             raise JournalError(f"{self.path}: cannot open the journal: {exc}") from None
@@ -602,6 +646,81 @@ class Journal:
             for r in self._query("SELECT * FROM conflicts ORDER BY received_at, id")
         ]
 
+    # -- quarantine: one bad study never blocks the others ----------------------
+    def _has_quarantine_table(self) -> bool:
+        # a journal from before schema 4 opened read-only has no such table (a writable open adds it)
+        return bool(self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'quarantine'"))
+
+    def quarantine(self, study_uid: str, reason: str, sop_instance_uids: Iterable[str] | None = None,
+                   step: str = "", when: float | None = None) -> Quarantine:
+        """Hold a study out of the sync until `release_quarantine`; returns its quarantine.
+
+        Idempotent: a study already quarantined keeps its first reason. The
+        reason is shown to operators and audited: it must name no patient.
+        """
+        reason = " ".join(str(reason).split())[:QUARANTINE_REASON_MAX] or "no reason given"
+        uids = json.dumps(list(dict.fromkeys(sop_instance_uids or ())))
+        now = time.time() if when is None else when
+        self._write([(
+            "INSERT OR IGNORE INTO quarantine (study_uid, reason, step, sop_instance_uids, quarantined_at) "
+            "VALUES (?, ?, ?, ?, ?)", (study_uid, reason, step, uids, now))])
+        active = self._quarantines("study_uid = ? AND released_at IS NULL", (study_uid,))
+        if not active:  # cannot happen: the row was inserted or an active one existed
+            raise JournalError(f"{self.path}: the quarantine of study {study_uid} was not recorded")
+        return active[0]
+
+    def quarantined(self) -> list[Quarantine]:
+        """The studies held in quarantine now (not released), oldest first."""
+        return self._quarantines("released_at IS NULL")
+
+    def quarantined_study_uids(self) -> set[str]:
+        if not self._has_quarantine_table():
+            return set()
+        return {r["study_uid"] for r in self._query("SELECT study_uid FROM quarantine WHERE released_at IS NULL")}
+
+    def is_quarantined(self, study_uid: str) -> bool:
+        return bool(self._has_quarantine_table() and self._query(
+            "SELECT 1 FROM quarantine WHERE study_uid = ? AND released_at IS NULL", (study_uid,)))
+
+    def release_quarantine(self, study_uid: str, by: str = "", when: float | None = None) -> Quarantine | None:
+        """End a study's quarantine (the next sync run takes it again); returns it, None if it had none."""
+        active = self._quarantines("study_uid = ? AND released_at IS NULL", (study_uid,))
+        if not active:
+            return None
+        now = time.time() if when is None else when
+        self._write([("UPDATE quarantine SET released_at = ?, released_by = ? WHERE id = ? AND released_at IS NULL",
+                      (now, by, active[0].id))])
+        return self._quarantines("id = ?", (active[0].id,))[0]
+
+    def quarantines_to_audit(self) -> list[Quarantine]:
+        """Quarantines (and releases) not yet recorded in the center's audit chain, oldest first."""
+        return self._quarantines("audited_at IS NULL OR (released_at IS NOT NULL AND release_audited_at IS NULL)")
+
+    def mark_quarantine_audited(self, quarantine_ids: Iterable[int], when: float | None = None) -> None:
+        """The audit events of these quarantines (and of their releases, if released) are committed."""
+        now = time.time() if when is None else when
+        statements: list[tuple[str, Sequence[Any]]] = []
+        for qid in quarantine_ids:
+            statements.append(("UPDATE quarantine SET audited_at = coalesce(audited_at, ?) WHERE id = ?", (now, qid)))
+            statements.append(("UPDATE quarantine SET release_audited_at = coalesce(release_audited_at, ?) "
+                               "WHERE id = ? AND released_at IS NOT NULL", (now, qid)))
+        if statements:
+            self._write(statements)
+
+    def _quarantines(self, where: str, params: Sequence[Any] = ()) -> list[Quarantine]:
+        if not self._has_quarantine_table():
+            return []
+        return [
+            Quarantine(
+                id=int(r["id"]), study_uid=r["study_uid"], reason=r["reason"], step=r["step"],
+                sop_instance_uids=tuple(json.loads(r["sop_instance_uids"] or "[]")),
+                quarantined_at=float(r["quarantined_at"]), audited_at=r["audited_at"],
+                released_at=r["released_at"], released_by=r["released_by"] or "",
+                release_audited_at=r["release_audited_at"],
+            )
+            for r in self._query(f"SELECT * FROM quarantine WHERE {where} ORDER BY quarantined_at, id", params)
+        ]
+
     def summary(self) -> JournalSummary:
         """Counts for `renkei edge status`."""
         totals = self._query("SELECT count(*) AS n, coalesce(sum(size), 0) AS b FROM instances")[0]
@@ -614,6 +733,7 @@ class Journal:
             bytes=totals["b"],
             upload_states=states,
             conflicts=self._query("SELECT count(*) AS n FROM conflicts")[0]["n"],
+            quarantined=len(self.quarantined_study_uids()),
         )
 
     # -- query/retrieve rows ---------------------------------------------------

@@ -7,11 +7,13 @@ from typing import Any
 
 from prefect import flow
 from prefect.futures import as_completed
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from renkei import runtime
 from tasks.common import logger, publish_artifacts
 from tasks.sync import (
+    audit_quarantines,
     flag,
     ingest,
     mark_verified,
@@ -23,12 +25,16 @@ from tasks.sync import (
 
 
 @flow(name="sync_site", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=False)
-def sync_site(site: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def sync_site(site: str, config: str | None = None, data_dir: str | None = None) -> Any:
     """Move the site's completed studies to the center, verified, registered and flagged.
 
     Runs on the site's own work pool. Safe to rerun at any time: it finishes
     what a crashed run left and duplicates nothing. Fails (red in the UI) when a
     study could not be uploaded after its retries; the others still go through.
+    A study whose data the center refuses is quarantined instead (skipped by
+    later runs until `renkei edge release`): the run still ends Completed, in a
+    state named "Completed with quarantine" whose message and artifact say how
+    many and where to look. Returns the run's summary (a dict).
     """
     started = time.monotonic()
     lay = runtime.layout(config, data_dir)
@@ -36,6 +42,7 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
     studies = ingest(site, config, data_dir)
     uploads: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
+    quarantined: dict[str, str] = {}  # by this run: study_uid -> reason
     slots = lay.config.site(site).link.upload_slots
     pending = list(studies)
     running: dict[str, Any] = {}
@@ -49,15 +56,18 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
         uid = next(u for u, f in running.items() if f is done)
         del running[uid]
         done.wait()
-        if done.state.is_completed():
-            uploads[uid] = done.result()
-        else:
+        if not done.state.is_completed():
             failures[uid] = _message(done.state)
-    registered: dict[str, Any] = {"studies": [], "new_instances": 0}
+        elif done.result()["quarantined"]:
+            quarantined[uid] = done.result()["quarantined"]
+        else:
+            uploads[uid] = done.result()
+    registered: dict[str, Any] = {"studies": [], "new_instances": 0, "quarantined": []}
     flagged: dict[str, Any] = {"granted": []}
     deliveries: dict[str, Any] = {}
     if uploads:
         registered = register(site, list(uploads), config, data_dir)
+        quarantined.update(dict(registered["quarantined"]))
         flagged = flag(list(registered["studies"]), config, data_dir)
         mark_verified(site, list(registered["studies"]), config, data_dir)
         plan = plan_deliveries(flagged["granted"], config, data_dir)
@@ -65,16 +75,28 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
             from flows.deliver import distribute
 
             deliveries = distribute(plan, config, data_dir)
+    # every run: what this or an earlier run quarantined (or an operator released) goes into the audit chain
+    held = audit_quarantines(site, config, data_dir)
     retained = retain(site, config, data_dir)
     if retained["removed"]:
         deliveries["retention"] = f"{len(retained['removed'])} verified studies dropped from the edge " \
                                   f"(disk {retained['disk_usage']:.0%} full)"
     elapsed = time.monotonic() - started
-    summary = _report(site, studies, uploads, failures, registered, flagged, deliveries, elapsed)
+    summary = _report(site, studies, uploads, failures, registered, flagged, deliveries, elapsed,
+                      quarantined, held)
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(studies)} studies of {site} could not be uploaded; "
                            "see the run's artifact; the next run retries them")
+    if quarantined:
+        return Completed(name=QUARANTINE_STATE, message=quarantine_line(site, len(quarantined)), data=summary)
     return summary
+
+
+QUARANTINE_STATE = "Completed with quarantine"
+
+
+def quarantine_line(site: str, n: int) -> str:
+    return f"{n} {'study' if n == 1 else 'studies'} quarantined — see `renkei edge status --site {site}`"
 
 
 def _message(state: Any) -> str:
@@ -87,22 +109,34 @@ def _message(state: Any) -> str:
 
 def _report(site: str, studies: list[str], uploads: dict[str, dict[str, Any]], failures: dict[str, str],
             registered: dict[str, Any], flagged: dict[str, Any], deliveries: dict[str, Any],
-            elapsed: float) -> dict[str, Any]:
-    instances = sum(u["instances"] for u in uploads.values())
-    size = sum(u["bytes"] for u in uploads.values())
+            elapsed: float, quarantined: dict[str, str] | None = None,
+            held: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    quarantined = quarantined or {}
+    held = held or []
+    moved = [uid for uid in uploads if uid not in quarantined]
+    instances = sum(uploads[uid]["instances"] for uid in moved)
+    size = sum(uploads[uid]["bytes"] for uid in moved)
     mb_s = size / 1e6 / elapsed if elapsed > 0 else 0.0
     rows = [{"study_uid": uid, "instances": u["instances"], "new_objects": u["uploaded"],
              "already_in_center": u["already_present"], "conflicts": u["conflicts"], "MB": round(u["bytes"] / 1e6, 2),
              "seconds": round(u["seconds"], 2), "result": "verified"} for uid, u in uploads.items()]
+    for row in rows:  # uploaded, then refused by the catalog
+        if row["study_uid"] in quarantined:
+            row["result"] = f"QUARANTINED: {quarantined[row['study_uid']]}"
+    rows += [{"study_uid": _line_safe(uid), "instances": 0, "new_objects": 0, "already_in_center": 0,
+              "conflicts": 0, "MB": 0, "seconds": 0, "result": f"QUARANTINED: {why}"}
+             for uid, why in quarantined.items() if uid not in uploads]
     rows += [{"study_uid": uid, "instances": 0, "new_objects": 0, "already_in_center": 0, "conflicts": 0,
               "MB": 0, "seconds": 0, "result": f"FAILED: {msg}"} for uid, msg in failures.items()]
     lines = [
-        "| studies | instances | MB | seconds | MB/s | grants | failures |",
-        "|---|---|---|---|---|---|---|",
-        f"| {len(uploads)} of {len(studies)} | {instances} | {size / 1e6:.1f} | {elapsed:.1f} | {mb_s:.1f} "
-        f"| {len(flagged.get('granted', []))} | {len(failures)} |",
+        "| studies | instances | MB | seconds | MB/s | grants | failures | quarantined |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {len(moved)} of {len(studies)} | {instances} | {size / 1e6:.1f} | {elapsed:.1f} | {mb_s:.1f} "
+        f"| {len(flagged.get('granted', []))} | {len(failures)} | {len(quarantined)} |",
         "",
     ]
+    if quarantined:
+        lines += [f"**{quarantine_line(site, len(quarantined))}**", ""]
     if not studies:
         lines.append("Nothing to do: no completed study is waiting at this site's edge.")
     for uid, study_grants in _grants_by_study(flagged).items():
@@ -115,13 +149,30 @@ def _report(site: str, studies: list[str], uploads: dict[str, dict[str, Any]], f
                   "If it fails again: check the center's storage (S3 endpoint, credentials, disk) and the "
                   "edge's files, then start this deployment again from the Prefect UI."]
         lines += [f"- {uid}: {msg}" for uid, msg in failures.items()]
+    if held:
+        earlier = [q for q in held if q["study_uid"] not in quarantined]
+        lines += ["", "## Quarantine",
+                  "A quarantined study's data was refused (by the center or at the edge); retrying cannot help, so "
+                  "no run sends it until an operator fixes the cause and runs "
+                  f"`renkei edge release --site {site} STUDY_UID`. The other studies are not held up by it."]
+        lines += [f"- {_line_safe(q['study_uid'])} ({'this run' if q['study_uid'] in quarantined else 'held since an earlier run'}"
+                  f", {q['step'] or 'sync'}): {q['reason']}" for q in held]
+        if earlier and not quarantined:
+            lines[4:4] = [f"{len(earlier)} {'study' if len(earlier) == 1 else 'studies'} held in quarantine "
+                          f"since earlier runs — see `renkei edge status --site {site}`", ""]
     publish_artifacts(f"sync-{site}", f"sync_site {site}", lines, rows,
                       f"Studies moved from {site}'s edge to the center")
-    logger().info("sync %s: %d studies, %d instances, %.1f MB in %.1f s, %d failures",
-                  site, len(uploads), instances, size / 1e6, elapsed, len(failures))
-    return {"site": site, "studies": len(uploads), "instances": instances, "bytes": size,
+    logger().info("sync %s: %d studies, %d instances, %.1f MB in %.1f s, %d failures, %d quarantined",
+                  site, len(moved), instances, size / 1e6, elapsed, len(failures), len(quarantined))
+    return {"site": site, "studies": len(moved), "instances": instances, "bytes": size,
             "seconds": round(elapsed, 3), "failures": failures, "registered": registered["studies"],
-            "granted": flagged.get("granted", []), "deliveries": deliveries}
+            "granted": flagged.get("granted", []), "deliveries": deliveries,
+            "quarantined": quarantined, "held_in_quarantine": [q["study_uid"] for q in held]}
+
+
+def _line_safe(text: str) -> str:
+    """A value as it can stand on one line of markdown (an odd one shown quoted, escapes visible)."""
+    return text if text.isprintable() and text.strip() == text else repr(text)
 
 
 def _grants_by_study(flagged: dict[str, Any]) -> dict[str, list[str]]:

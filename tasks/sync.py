@@ -31,14 +31,18 @@ def upload_study(site: str, study_uid: str, config: str | None = None, data_dir:
     """Upload one study's pending instances to the center, each verified by SHA-256.
 
     The flow runs at most the site's upload slots of these at once. Raises when
-    an instance failed, so that Prefect retries with backoff.
+    an instance failed for a transient reason, so that Prefect retries with
+    backoff; a study quarantined for its data returns (its `quarantined` says
+    why): retrying could not help.
     """
     lay = runtime.layout(config, data_dir)
     slots = lay.config.site(site).link.upload_slots
     with runtime.open_journal(lay, site) as journal:
         result = transfer.upload_study(journal, runtime.open_store(lay), site, study_uid,
                                        parallel=max(2, 8 // slots))
-    if result.failures:
+    if result.quarantined:
+        logger().warning("upload %s: quarantined: %s", study_uid, result.quarantined)
+    elif result.failures:
         raise UploadFailed(f"{len(result.failures)} instance(s) of {study_uid} failed: {result.failures[0]}")
     return asdict(result)
 
@@ -51,8 +55,25 @@ def register(site: str, study_uids: list[str], config: str | None = None, data_d
     with runtime.open_journal(lay, site) as journal, runtime.open_catalog(lay) as catalog:
         result = transfer.register_studies(journal, catalog, site, study_uids, by=run_marker(),
                                            default_issuer=lay.config.site(site).issuer, mark_verified=False)
-    logger().info("register %s: %d studies, %d new instances", site, len(result.studies), result.new_instances)
+    logger().info("register %s: %d studies, %d new instances, %d quarantined", site, len(result.studies),
+                  result.new_instances, len(result.quarantined))
     return asdict(result)
+
+
+@task(name="audit-quarantines", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=retry_io_only)
+def audit_quarantines(site: str, config: str | None = None, data_dir: str | None = None) -> list[dict[str, Any]]:
+    """Audit the site's new quarantines and releases in the catalog; returns the studies held now.
+
+    The catalog is opened only when there is something to audit.
+    """
+    lay = runtime.layout(config, data_dir)
+    with runtime.open_journal(lay, site) as journal:
+        if journal.quarantines_to_audit():
+            with runtime.open_catalog(lay) as catalog:
+                audited = transfer.audit_quarantines(journal, catalog, site, by=run_marker())
+            logger().info("audit-quarantines %s: %d quarantine event(s) recorded", site, len(audited))
+        return [q.to_dict() for q in journal.quarantined()]
 
 
 @task(name="mark-verified", retries=2, retry_delay_seconds=[1, 4])

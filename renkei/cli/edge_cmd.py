@@ -1,7 +1,8 @@
 """`renkei edge ...`: run a site's edge (DICOM node) and talk to its PACS.
 
   renkei edge serve --site hub                      run the edge in the foreground
-  renkei edge status --site hub                     journal summary
+  renkei edge status --site hub                     journal summary, studies in quarantine
+  renkei edge release --site hub STUDY_UID          end a study's quarantine (the next sync takes it)
   renkei edge echo --site hub HUB_PACS              C-ECHO a peer
   renkei edge send-to-pacs --site hub STUDY_UID     send a stored study to the site PACS
   renkei edge pull --site hub --study-uid UID       have the PACS send studies to the edge
@@ -43,11 +44,17 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="serve only this site's own store (no center-held studies, no sharing decision)")
     p.set_defaults(func=cmd_serve)
 
-    p = site_parser("status", "journal summary: studies, instances, bytes, upload states")
+    p = site_parser("status", "journal summary: studies, instances, bytes, upload states, quarantine")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--stable-age", type=float, default=None,
                    help="also list studies complete for this many seconds (default: the site's)")
     p.set_defaults(func=cmd_status)
+
+    p = site_parser("release", "end a study's quarantine after fixing its cause; the next sync run sends it again")
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.add_argument("--operator", default=None, metavar="NAME",
+                   help="who releases it, for the audit log (default: the login name)")
+    p.set_defaults(func=cmd_release)
 
     p = site_parser("echo", "C-ECHO a DICOM peer from the edge's AE title")
     p.add_argument("peer_ae", nargs="?", default=None, metavar="PEER_AE",
@@ -127,7 +134,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     with Journal.open(store_dir, readonly=True) as journal:
         summary = journal.summary()
         stable_age = args.stable_age if args.stable_age is not None else site.edge.stable_age
-        complete = journal.completed_studies(stable_age, state="pending")
+        held = journal.quarantined()
+        held_uids = {q.study_uid for q in held}
+        complete = [uid for uid in journal.completed_studies(stable_age, state="pending") if uid not in held_uids]
     data = {
         "site": args.site,
         "ae_title": site.edge.ae_title,
@@ -138,6 +147,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "upload_states": summary.upload_states,
         "conflicts": summary.conflicts,
         "complete_pending_studies": complete,
+        "quarantined": [{"study_uid": q.study_uid, "since": _when(q.quarantined_at), "step": q.step,
+                         "reason": q.reason, "sop_instance_uids": list(q.sop_instance_uids)} for q in held],
     }
     if args.json:
         print_json(data)
@@ -146,9 +157,63 @@ def cmd_status(args: argparse.Namespace) -> int:
     print_table([{
         "studies": summary.studies, "instances": summary.instances,
         "MB": round(summary.bytes / 1e6, 1), **summary.upload_states, "conflicts": summary.conflicts,
+        "quarantined": len(held),
     }])
     print(f"\n{len(complete)} complete study(ies) with instances pending upload")
+    if held:
+        print(f"\n{len(held)} study(ies) in quarantine: no sync sends them until released "
+              f"(fix the cause, then `renkei edge release --site {args.site} STUDY_UID`)")
+        print_table([{"study_uid": _one_line(q.study_uid), "since": _when(q.quarantined_at), "step": q.step,
+                      "bad_instances": len(q.sop_instance_uids), "reason": q.reason} for q in held])
     return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from edge.journal import JOURNAL_NAME, Journal
+    from renkei.errors import RenkeiError, UsageError
+
+    layout = layout_of(args)
+    layout.config.site(args.site)
+    store_dir = layout.edge_store(args.site)
+    if not (store_dir / JOURNAL_NAME).exists():
+        raise UsageError(f"site {args.site} has no edge journal at {store_dir}")
+    who = f"operator:{args.operator or _user()}"
+    with Journal.open(store_dir) as journal:
+        released = journal.release_quarantine(args.study_uid, by=who)
+        if released is None:
+            held = ", ".join(_one_line(q.study_uid) for q in journal.quarantined()) or "none"
+            raise UsageError(f"study {_one_line(args.study_uid)} is not in quarantine at {args.site} "
+                             f"(in quarantine: {held})")
+        print(f"released study {_one_line(released.study_uid)} from quarantine at {args.site} "
+              f"(held since {_when(released.quarantined_at)}: {released.reason}); the next sync run sends it")
+        try:
+            from renkei import transfer
+            from renkei.runtime import open_catalog
+
+            with open_catalog(layout) as catalog:
+                transfer.audit_quarantines(journal, catalog, args.site, by=who)
+        except RenkeiError as exc:
+            print(f"the release is not audited yet (the catalog: {exc}); the next sync run records it")
+    return 0
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "operator"
+
+
+def _when(timestamp: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _one_line(text: str) -> str:
+    return text if text.isprintable() and text.strip() == text else repr(text)
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
