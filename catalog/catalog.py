@@ -35,7 +35,7 @@ from catalog import fs as cfs
 from catalog import keys, tables
 from catalog.audit import AuditDraft, AuditEvent, AuditVerification
 from catalog.log import CommitLog, State
-from renkei.errors import CatalogError, InvalidUID, RenkeiError, UsageError
+from renkei.errors import CatalogError, InvalidUID, RenkeiError, StudyOfAnotherSite, UsageError
 from renkei.records import StudyBatch, StudyInfo
 
 _log = logging.getLogger("renkei.catalog")
@@ -661,6 +661,17 @@ class Catalog:
                        holder: str, actor: str, study_uids: list[str], audit_each_study: bool) -> CommitPlan | None:
         self._ensure_views()
         con = self.con
+        # a site registers only its own studies: a study the catalog holds as another site's
+        # (a granted copy C-STOREd back into this site's edge) is refused, never re-owned
+        foreign = con.sql(
+            "SELECT n.study_uid, n.origin_site AS new_origin, s.origin_site FROM _new_studies n JOIN "
+            "(SELECT study_uid, arg_max(origin_site, _seq) AS origin_site FROM studies GROUP BY study_uid) s "
+            "ON s.study_uid = n.study_uid WHERE s.origin_site <> n.origin_site").fetchall()
+        if foreign:
+            uid, new_origin, origin = foreign[0]
+            raise StudyOfAnotherSite(
+                f"study {uid} is registered as a study of site {origin}; site {new_origin} cannot register it "
+                f"as its own ({len(foreign)} such stud{'y' if len(foreign) == 1 else 'ies'} in this batch)")
         n_in = instances.num_rows
         existing = con.sql(
             "SELECT e.sop_instance_uid, e.sha256, e.object_key, e.study_uid FROM instances e "

@@ -78,7 +78,8 @@ def _associate(ae: AE, peer: DicomPeer, site: SiteConfig | None = None) -> Any:
     """An association to `peer`, over TLS when the configuration says the peer speaks it."""
     tls_args = client_tls_args(site.edge.tls if site else None, peer)
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, max_pdu=0, tls_args=tls_args)
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, max_pdu=fastnet.DEFAULT_MAX_PDU,
+                             tls_args=tls_args)
     except Exception as exc:
         raise PeerError(f"cannot connect to {peer.ae_title} at {peer.host}:{peer.port}: {exc}") from None
     if not assoc.is_established:

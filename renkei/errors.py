@@ -37,6 +37,14 @@ class CatalogError(RenkeiError):
     """The catalog could not be read or written."""
 
 
+class RejectedData(CatalogError):
+    """The catalog refused what it was given (not a failure to reach it): retrying cannot help."""
+
+
+class StudyOfAnotherSite(RejectedData):
+    """A site tried to register a study that the catalog holds as another site's."""
+
+
 class PolicyError(RenkeiError):
     """A sharing decision could not be made (unknown study or site)."""
 
