@@ -32,15 +32,16 @@ from catalog.audit import AuditDraft
 from catalog.catalog import Catalog
 from catalog.store import ObjectConflict, ObjectStore
 from edge.journal import Journal, JournalEntry, Quarantine
-from renkei.errors import IntegrityError, InvalidUID, RenkeiError, UsageError
+from renkei.errors import IntegrityError, InvalidUID, RejectedData, RenkeiError, UsageError
 from renkei.records import InstanceInfo, StudyBatch, StudyInfo
 from renkei.uids import is_valid_uid
 
 log = logging.getLogger("renkei.transfer")
 
-# What the catalog raises for rows it refuses (a bad UID, SHA-256 or column): the data's fault, so
-# retrying changes nothing. Its CatalogError (storage unreachable, commit contention) is transient.
-DATA_ERRORS: tuple[type[Exception], ...] = (InvalidUID, UsageError)
+# What the catalog raises for rows it refuses (a bad UID, SHA-256 or column; RejectedData, e.g. a study
+# held as another site's): the data's fault, so retrying changes nothing. Any other CatalogError (storage
+# unreachable, commit contention) is transient.
+DATA_ERRORS: tuple[type[Exception], ...] = (InvalidUID, UsageError, RejectedData)
 QUARANTINE_ACTION = "quarantine"
 RELEASE_ACTION = "quarantine-release"
 _AUDITED_UIDS_MAX = 20  # instances named in one audit event (the count is always there)

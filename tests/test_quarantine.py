@@ -174,6 +174,36 @@ def test_catalog_unreachable_is_not_quarantine(tmp_path, region) -> None:
         assert _states(journal, study.info.study_uid) == {"uploaded"}
 
 
+def test_a_study_held_as_another_sites_is_quarantined_not_the_batch(tmp_path, region) -> None:
+    """The catalog's ownership refusal (RejectedData) is a data error too: the rest of the batch registers."""
+    from renkei import errors
+
+    if not hasattr(errors, "RejectedData"):
+        pytest.skip("this catalog has no ownership check (renkei.errors.RejectedData) yet")
+    _config_path, lay = region
+    theirs = synth.write_single_study(tmp_path / "synth" / "theirs", "CT", slices=2, size=32, seed=61)
+    put_into_edge(lay, "clinic-b", theirs.files)
+    ours = _studies(tmp_path, lay, (62,))[0]
+    put_into_edge(lay, SITE, theirs.files)             # the same study C-STOREd into this site's edge too
+    time.sleep(STABLE_AGE + 0.1)
+    store = open_store(lay)
+    with open_catalog(lay) as catalog:
+        with open_journal(lay, "clinic-b") as journal:
+            assert transfer.upload_study(journal, store, "clinic-b", theirs.info.study_uid).ok
+            assert transfer.register_studies(journal, catalog, "clinic-b", [theirs.info.study_uid]).studies
+        with open_journal(lay, SITE) as journal:
+            uids = transfer.studies_to_sync(journal, STABLE_AGE)
+            assert set(uids) == {theirs.info.study_uid, ours.info.study_uid}
+            for uid in uids:
+                assert transfer.upload_study(journal, store, SITE, uid).ok
+            result = transfer.register_studies(journal, catalog, SITE, uids)
+            assert result.studies == (ours.info.study_uid,)
+            (held,) = journal.quarantined()
+            assert held.study_uid == theirs.info.study_uid and "clinic-b" in held.reason
+        assert catalog.study(theirs.info.study_uid).origin_site == "clinic-b"
+        assert catalog.study(ours.info.study_uid).instance_count == ours.instance_count
+
+
 # ---------------------------------------------------------------- upload
 def test_instances_refused_for_their_data_quarantine_their_study_not_the_others(tmp_path, region) -> None:
     _config_path, lay = region
