@@ -176,10 +176,6 @@ def test_catalog_unreachable_is_not_quarantine(tmp_path, region) -> None:
 
 def test_a_study_held_as_another_sites_is_quarantined_not_the_batch(tmp_path, region) -> None:
     """The catalog's ownership refusal (RejectedData) is a data error too: the rest of the batch registers."""
-    from renkei import errors
-
-    if not hasattr(errors, "RejectedData"):
-        pytest.skip("this catalog has no ownership check (renkei.errors.RejectedData) yet")
     _config_path, lay = region
     theirs = synth.write_single_study(tmp_path / "synth" / "theirs", "CT", slices=2, size=32, seed=61)
     put_into_edge(lay, "clinic-b", theirs.files)
