@@ -18,7 +18,6 @@ is renkei's own and bounded; parsing and ACKs use the maintained `hl7` library.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import ipaddress
 import logging
 import re
@@ -202,7 +201,7 @@ class Charset:
             except UnicodeDecodeError as exc:
                 first_error = first_error or exc
         position = first_error.start if first_error else 0
-        raise AdmissionRejected(f"the message is not valid {self.label} (byte {position}): "
+        raise AdmissionRejected(f"the message is not valid {self.label} (at byte {position}); "
                                 "declare its character set in MSH-18")
 
     def encode(self, text: str) -> bytes:
@@ -228,7 +227,7 @@ def charset_for(msh18: str, default: str, repetition: str = "~") -> Charset:
         return Charset(f"ISO 2022 ({msh18.strip()})", _ISO2022_CODECS)
     first = next((key for key in keys if key), "")
     if not first:
-        return Charset(f"{default}, the listener's default for an empty MSH-18,", (default,))
+        return Charset(f"{default}, the listener's default for an empty MSH-18", (default,))
     return Charset(msh18.strip(), (_SINGLE_CODECS[first],))
 
 
@@ -377,6 +376,8 @@ class _Connection:
     last_activity: float
     task: asyncio.Task[None] | None = None
     running: bool = False  # its task began (a task cancelled before that never runs its cleanup)
+    transport: asyncio.Transport | None = None
+    framer: MLLPFramer | None = None
     busy: bool = False  # a message is being answered: never closed to make room
     evicted: bool = False
 
@@ -406,10 +407,12 @@ class AdmissionListener:
     ) -> None:
         site = config.site(site_id)
         try:
-            if not codecs.lookup(encoding)._is_text_encoding:
-                raise LookupError(encoding)
+            ascii_compatible = "MSH|".encode(encoding) == b"MSH|"  # LookupError for rot13, base64 and the like
         except LookupError:
-            raise UsageError(f"encoding {encoding!r} is not a text encoding Python knows (e.g. utf-8, cp932)") from None
+            ascii_compatible = False
+        if not ascii_compatible:
+            raise UsageError(f"encoding {encoding!r} is not an ASCII-compatible text encoding Python knows "
+                             "(e.g. utf-8, cp932)")
         self.config = config
         self.site_id = site_id
         self.on_admission = on_admission
@@ -529,9 +532,21 @@ class AdmissionListener:
         return True
 
     def _close(self, conn: _Connection) -> None:
+        """Close a connection from outside its task (to make room, or when stopping); AR if a message had begun.
+
+        Closing the transport ends the task's read; cancelling is only for a task
+        not yet past the handshake (a cancel racing a finished read can be lost).
+        """
         conn.evicted = True
         self._connections.discard(conn)
-        if conn.task is not None:
+        if conn.transport is not None:
+            if conn.framer is not None and conn.framer.in_block and not conn.transport.is_closing():
+                reason = ("the listener is stopping" if self._stopping else
+                          "connection closed to make room for another (hl7.max_connections)")
+                conn.transport.write(_framed(self.refuse(conn.framer.head(), reason + "; send again")))
+            conn.transport.close()  # flushes that AR; a peer that never reads it is cut off below
+            asyncio.get_running_loop().call_later(5.0, conn.transport.abort)
+        elif conn.task is not None:
             conn.task.cancel()
         if not conn.running:
             conn.client.close()
@@ -567,12 +582,16 @@ class AdmissionListener:
             protocol = asyncio.StreamReaderProtocol(reader)
             extra = {"ssl_handshake_timeout": self.handshake_timeout} if self.ssl_context else {}
             try:
-                transport, _ = await asyncio.wait_for(loop.connect_accepted_socket(
-                    lambda: protocol, client, ssl=self.ssl_context, **extra), self.handshake_timeout + 1)
-            except (OSError, asyncio.TimeoutError) as exc:
+                async with asyncio.timeout(self.handshake_timeout + 1):
+                    transport, _ = await loop.connect_accepted_socket(
+                        lambda: protocol, client, ssl=self.ssl_context, **extra)
+            except (OSError, TimeoutError) as exc:
                 kind = getattr(exc, "reason", None) or type(exc).__name__  # a short, bounded name
                 self._warn(f"tls:{conn.address}:{kind}", "HL7 connection from %s closed: TLS handshake failed (%s)",
                            conn.address, str(exc) or kind)
+                return
+            conn.transport = transport  # type: ignore[assignment]
+            if conn.evicted:
                 return
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
             await self._converse(conn, reader, writer)
@@ -590,19 +609,22 @@ class AdmissionListener:
     async def _converse(self, conn: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read blocks and answer each until the peer closes, falls silent, or breaks a limit."""
         loop = asyncio.get_running_loop()
-        framer = MLLPFramer(self.max_message_bytes, self.discard_limit)
+        framer = conn.framer = MLLPFramer(self.max_message_bytes, self.discard_limit)
         started: float | None = None  # when the message being read began
-        while True:
+        while not conn.evicted:
             timeout = self.idle_timeout
             if started is not None:
                 timeout = min(timeout, started + self.message_deadline - loop.time())
             try:
                 if timeout <= 0:
-                    raise asyncio.TimeoutError
-                data = await asyncio.wait_for(reader.read(CHUNK_BYTES), timeout)
-            except asyncio.TimeoutError:
+                    raise TimeoutError
+                async with asyncio.timeout(timeout):
+                    data = await reader.read(CHUNK_BYTES)
+            except TimeoutError:
+                if conn.evicted:
+                    return
                 if started is None:
-                    log.info("HL7 connection from %s closed after %.0f s of silence", conn.address, self.idle_timeout)
+                    log.info("HL7 connection from %s closed after %g s of silence", conn.address, self.idle_timeout)
                     return
                 silent = loop.time() - conn.last_activity >= self.idle_timeout
                 reason = (f"no data for {self.idle_timeout:g} s in the middle of a message (hl7.idle_timeout)"
@@ -611,13 +633,9 @@ class AdmissionListener:
                            "no end block", conn.address, reason, framer.size)
                 await self._send(conn, writer, [self.refuse(framer.head(), reason + ": connection closed")])
                 return
-            except asyncio.CancelledError:
-                if conn.evicted and started is not None:
-                    reason = ("the listener is stopping" if self._stopping else
-                              "connection closed to make room for another (hl7.max_connections)")
-                    writer.write(_framed(self.refuse(framer.head(), reason + "; send again")))
-                raise
             except OSError:  # reset by the peer, TLS errors
+                return
+            if conn.evicted:
                 return
             if not data:
                 if started is not None:
@@ -668,9 +686,10 @@ class AdmissionListener:
         for reply in replies:
             writer.write(_framed(reply))
         try:
-            await asyncio.wait_for(writer.drain(), self.idle_timeout)
+            async with asyncio.timeout(self.idle_timeout):
+                await writer.drain()
             return True
-        except (asyncio.TimeoutError, OSError):
+        except (TimeoutError, OSError):
             self._warn(f"ack:{conn.address}", "HL7 connection from %s closed: it does not read its ACKs", conn.address)
             return False
 
@@ -699,7 +718,9 @@ class AdmissionListener:
             tasks = [c.task for c in self._connections if c.task is not None]
             for conn in list(self._connections):
                 self._close(conn)
-            await asyncio.gather(accept, *tasks, return_exceptions=True)
+            for task in tasks:  # those waiting for on_admission, too
+                task.cancel()
+            await asyncio.wait([accept, *tasks], timeout=5)
             sock.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
 

@@ -41,12 +41,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     actions = p.add_subparsers(title="hl7 actions", metavar="ACTION")
     listen = actions.add_parser("listen", parents=[common], help="accept ADT^A01/A04/A08 over MLLP",
                                 description="Listen for HL7 v2 admission messages over MLLP, acknowledge each "
-                                "(AA, or AR/AE with the reason) and start fetch_priors on the site's worker.")
+                                "(AA, or AR/AE with the reason) and start fetch_priors on the site's worker. "
+                                "Who may send, the size and idle limits, the connection limit and TLS come from "
+                                "the site's hl7 section of the configuration.")
     listen.add_argument("--site", required=True, metavar="SITE", help="the site whose HIS sends the messages")
     listen.add_argument("--host", default="127.0.0.1")
     listen.add_argument("--port", type=int, default=2575)
     listen.add_argument("--lookback-years", type=float, default=5.0, metavar="N")
-    listen.add_argument("--encoding", default="utf-8", help="text encoding of the messages (default utf-8)")
+    listen.add_argument("--encoding", default="utf-8",
+                        help="text encoding of messages whose MSH-18 is empty (default utf-8); "
+                        "a message's MSH-18 (SJIS, ISO IR87, UNICODE UTF-8...) takes precedence")
     listen.set_defaults(func=_hl7_listen)
 
 
@@ -111,7 +115,10 @@ def _hl7_listen(args: argparse.Namespace) -> int:
         return f"fetch_priors flow run {run_id}"
 
     listener = AdmissionListener(layout.config, args.site, on_admission, args.host, args.port, args.encoding)
-    print(f"HL7 listener for {args.site} on {args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    settings = listener.settings
+    print(f"HL7 listener for {args.site} on {args.host}:{args.port}"
+          f"{' over TLS' + (' (client certificates required)' if settings.tls.ca else '') if settings.tls else ''}; "
+          f"senders allowed: {', '.join(settings.allowed_senders)} (Ctrl-C stops it)", flush=True)
     try:
         asyncio.run(listener.serve())
     except KeyboardInterrupt:
