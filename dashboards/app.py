@@ -10,22 +10,37 @@ it on loopback. It reads the catalog (one Catalog for the app's lifetime,
 catching up with other writers on every query) and the edges' journals
 (read-only); it writes only audit events (a viewer site's cross-site views)
 and its thumbnail cache under <data>/cache/thumbnails.
+
+It has no login, so `BrowserGuard` stands between it and the browser: only the
+Host names it was told it serves (DNS rebinding), no cross-site request for
+anything but its static files (a hostile page cannot make the browser read a
+page or write an audit event), and CSP / frame / cache headers on every answer.
 """
 
 from __future__ import annotations
 
+import base64
+import codecs
+import functools
+import hashlib
+import ipaddress
 import json
 import logging
 import os
+import re
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterable
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dashboards import data as d
 from dashboards.thumbnails import PLACEHOLDER, ThumbnailCache, middle_instance, placeholder
@@ -83,6 +98,192 @@ class Dashboard:
             if self._catalog is not None:
                 self._catalog.close()
                 self._catalog = None
+
+
+# ------------------------------------------------------------------ the browser guard
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# no patient data and no audit behind these: any page may load them
+UNGUARDED_PREFIXES = ("/static/", "/vendor/")
+UNGUARDED_PATHS = ("/healthz",)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Scripts only from the app's own files (the charts' figures sit in <script type="application/json">: data,
+# never run). Styles: dashboard.css, plus the two <style> elements plotly.js makes itself -- an empty one it
+# fills through CSSOM (allowed by the hash of "") and the map CSS it bundles (allowed by its own hash, read
+# from the plotly.min.js served: see plotly_style_hashes). No 'unsafe-inline' anywhere.
+EMPTY_STYLE_HASH = "'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"
+_PLOTLY_STYLE_RE = re.compile(r"""createElement\("style"\);\w+\.id="[0-9a-f]+",\w+\.textContent="""
+                              r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+@functools.lru_cache(maxsize=1)
+def plotly_style_hashes() -> tuple[str, ...]:
+    """CSP hashes of the style sheets plotly.min.js writes into <style> elements when it loads.
+
+    plotly.js 4 bundles maplibre's CSS and injects it as an inline <style>; a strict
+    style-src refuses it (a console error on every page). Its hash allows that text
+    and nothing else. Found again in whatever plotly.min.js is installed, so an
+    upgrade needs no edit here; when the pattern is gone, none is added and the
+    Chromium test's console check says so.
+    """
+    text = plotly_js_path().read_text(encoding="utf-8")
+    hashes = []
+    for match in _PLOTLY_STYLE_RE.finditer(text):
+        literal = match.group(1)[1:-1]
+        css = codecs.decode(literal, "unicode_escape") if "\\" in literal and literal.isascii() else literal
+        digest = base64.b64encode(hashlib.sha256(css.encode("utf-8")).digest()).decode("ascii")
+        hashes.append(f"'sha256-{digest}'")
+    return tuple(dict.fromkeys(hashes))
+
+
+def content_security_policy() -> str:
+    """The dashboard's CSP: everything from itself only, nothing inline but Plotly's own style sheets."""
+    styles = " ".join(("'self'", EMPTY_STYLE_HASH, *plotly_style_hashes()))
+    return "; ".join((
+        "default-src 'self'", "script-src 'self'", f"style-src {styles}", "img-src 'self' data:",
+        "connect-src 'self'", "font-src 'self'", "object-src 'none'", "base-uri 'none'", "form-action 'self'",
+        "frame-ancestors 'none'"))
+
+
+SECURITY_HEADERS = (  # and Content-Security-Policy
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cross-Origin-Opener-Policy", "same-origin"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+)
+_HOST_RE = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::(?P<port>[0-9]{1,5}))?")
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """(host, port) of a Host header or an Origin's authority: lower-case, IPv6 in brackets; None if malformed."""
+    match = _HOST_RE.fullmatch(value.strip())
+    if match is None:
+        return None
+    port = int(match["port"]) if match["port"] else None
+    if port is not None and not 0 < port < 65536:
+        return None
+    if match["ipv6"] is not None:
+        try:
+            return f"[{ipaddress.IPv6Address(match['ipv6']).compressed}]", port
+        except ValueError:
+            return None
+    return match["name"].lower(), port
+
+
+def allowed_host(value: str) -> str:
+    """A host name or address the dashboard may be reached as, in the form Host headers carry it.
+
+    '::1' and '[::1]' both give '[::1]'; names are lower-cased. UsageError for a
+    port, a scheme, a wildcard or anything that is not a host name or address.
+    """
+    text = value.strip()
+    if text.count(":") > 1 and not text.startswith("["):
+        text = f"[{text}]"  # a bare IPv6 address
+    parsed = _split_host(text)
+    if parsed is None or parsed[1] is not None or not parsed[0].strip("."):
+        raise UsageError(f"allowed host {value!r} is not a host name or address: write it as the browser's "
+                         "address bar shows it, without scheme or port (dashboard.example.org, 10.0.0.5, ::1)")
+    return parsed[0]
+
+
+def _origin_matches(origin: str, host: tuple[str, int | None], scheme: str) -> bool:
+    """Whether an Origin header names this very server (scheme, host and port as the request reached it)."""
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or parts.path or parts.query:
+        return False  # 'null' (sandboxed frame, file:) among others
+    theirs = _split_host(parts.netloc)
+    default = {"http": 80, "https": 443}
+    return theirs is not None and parts.scheme == scheme and (theirs[0], theirs[1] or default[parts.scheme]) == \
+        (host[0], host[1] or default.get(scheme, 80))
+
+
+class BrowserGuard:
+    """ASGI middleware: what a browser may ask of a dashboard that has no login and shows patient data.
+
+    1. The Host header must name one of `allowed_hosts` (any port: an SSH tunnel
+       may use another local port); else 400. A page that rebinds its own DNS
+       name to 127.0.0.1 sends its own name, so it is refused before any route.
+    2. Everything but static files refuses what the browser says is another
+       site's request (Sec-Fetch-Site 'cross-site' or 'same-site', or an Origin
+       that is not this server): 403, before the route reads data or audits.
+       Requests without those headers (curl, scripts) are served.
+    3. A method other than GET/HEAD/OPTIONS must come from the dashboard's own
+       pages (Sec-Fetch-Site 'same-origin' or a matching Origin).
+    4. Every answer carries the CSP and SECURITY_HEADERS; answers of guarded
+       paths without a Cache-Control of their own get 'no-store'.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str], csp: str) -> None:
+        self.app = app
+        self.allowed_hosts = tuple(dict.fromkeys(allowed_host(h) for h in allowed_hosts))
+        self.headers = (("Content-Security-Policy", csp), *SECURITY_HEADERS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # the dashboard has none
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        guarded = not (path.startswith(UNGUARDED_PREFIXES) or path in UNGUARDED_PATHS)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in self.headers:
+                    headers[name] = value
+                if guarded and "cache-control" not in headers:
+                    headers["Cache-Control"] = "no-store"
+            await send(message)
+
+        refusal = self.refusal(scope, Headers(scope=scope), guarded)
+        if refusal is not None:
+            status, text = refusal
+            await PlainTextResponse(text + "\n", status_code=status)(scope, receive, send_with_headers)
+            return
+        await self.app(scope, receive, send_with_headers)
+
+    def refusal(self, scope: Scope, headers: Headers, guarded: bool) -> tuple[int, str] | None:
+        """(status, why) when the request must not reach the app; None when it may."""
+        raw_host = headers.get("host", "")
+        host = _split_host(raw_host)
+        if host is None or host[0] not in self.allowed_hosts:
+            log.warning("dashboard refused Host %r (allowed: %s)", raw_host[:100], ", ".join(self.allowed_hosts))
+            return 400, (f"renkei dashboard: refused Host {raw_host[:100]!r}. It answers only to "
+                         f"{', '.join(self.allowed_hosts)} (with any port): it has no login and shows patient "
+                         "data, and a foreign Host is how a hostile web page reaches it (DNS rebinding). "
+                         "Open it by one of those names, or start it with --allowed-host NAME to allow a name.")
+        fetch_site = headers.get("sec-fetch-site", "").lower()
+        origin = headers.get("origin")
+        origin_ok = origin is None or _origin_matches(origin, host, scope.get("scheme", "http"))
+        method = scope["method"].upper()
+        if method not in SAFE_METHODS:
+            if origin_ok and (fetch_site == "same-origin" or (not fetch_site and origin is not None)):
+                return None
+            why = "comes from another page than the dashboard's own"
+        elif not guarded or (fetch_site not in ("cross-site", "same-site") and origin_ok):
+            return None
+        else:
+            why = "comes from another web site"
+        log.warning("dashboard refused %s %s: %s (Sec-Fetch-Site %r, Origin %r)", method, scope["path"], why,
+                    fetch_site, (origin or "")[:100])
+        return 403, (f"renkei dashboard: refused {method} {scope['path']}: the request {why} (Sec-Fetch-Site "
+                     f"{fetch_site or 'absent'}, Origin {(origin or 'absent')[:100]}). Its pages show patient data "
+                     "and record views in the audit log, so only its own pages may ask for them: type the "
+                     f"dashboard's address (http://{raw_host[:100]}/) in the browser or use a bookmark.")
+
+
+class DashboardApp(FastAPI):
+    """FastAPI with BrowserGuard outermost, so that even its last-resort 500 answers carry the headers."""
+
+    def __init__(self, allowed_hosts: Iterable[str], **kwargs: Any) -> None:
+        self.allowed_hosts = tuple(allowed_hosts)
+        self.csp = content_security_policy()
+        super().__init__(**kwargs)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return BrowserGuard(super().build_middleware_stack(), self.allowed_hosts, self.csp)
 
 
 # ------------------------------------------------------------------ charts
@@ -151,8 +352,14 @@ def _json_for_script(value: Any) -> str:
 
 
 # ------------------------------------------------------------------ the app
-def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0) -> FastAPI:
-    """The dashboard's ASGI app for the region at `layout` (links runs to the Prefect UI at `prefect_ui`)."""
+def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0,
+               allowed_hosts: Iterable[str] = ()) -> FastAPI:
+    """The dashboard's ASGI app for the region at `layout` (links runs to the Prefect UI at `prefect_ui`).
+
+    It answers to the loopback names plus `allowed_hosts` (the bind address, --allowed-host); UsageError for
+    one that is not a host name or address.
+    """
+    hosts = tuple(dict.fromkeys(allowed_host(h) for h in (*LOOPBACK_HOSTS, *allowed_hosts)))
     board = Dashboard(layout, prefect_ui or DEFAULT_PREFECT_UI, refresh_s)
 
     @asynccontextmanager
@@ -162,8 +369,8 @@ def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0
         finally:
             board.close()
 
-    app = FastAPI(title="renkei dashboard", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = DashboardApp(hosts, title="renkei dashboard", lifespan=lifespan, docs_url=None, redoc_url=None,
+                       openapi_url=None)
     app.state.board = board
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
