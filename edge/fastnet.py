@@ -138,6 +138,7 @@ A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x01, 0x02, 0x03
 P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE = 0x04, 0x05, 0x06, 0x07
 _FIXED_LENGTH = {A_ASSOCIATE_RJ_TYPE: 4, A_RELEASE_RQ_TYPE: 4, A_RELEASE_RP_TYPE: 4, A_ABORT_TYPE: 4}
 DEFAULT_MAX_PDU = 1024 * 1024
+ABORT_PDU = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"  # A-ABORT, service-provider source
 DEFAULT_MAX_ASSOCIATE = 64 * 1024
 
 
@@ -381,8 +382,17 @@ class FastDUL(DULServiceProvider):
         try:
             pdu_read = read_pdu(sock.recv, associated=associated, max_pdu=max_pdu, max_associate=max_associate)
         except PDUError as exc:
+            # the stream cannot be resynchronised (the body was never read): abort once and close
             LOGGER.warning("invalid PDU from %s, aborting: %s", _peer_address(self.assoc), exc)
-            self.event_queue.put("Evt19")
+            try:
+                sock.send(ABORT_PDU)
+            except Exception:
+                pass
+            try:
+                cast(socket.socket, sock.socket).shutdown(socket.SHUT_RDWR)
+            except Exception:
+                pass
+            self.event_queue.put("Evt17")
             return
         except (OSError, TimeoutError, EOFError) as exc:
             LOGGER.info("connection with %s closed: %s", _peer_address(self.assoc), exc or type(exc).__name__)

@@ -64,7 +64,7 @@ class ParsedInstance:
 
 # A deflated dataset may inflate to at most this many bytes, and at most INFLATE_RATIO times its
 # own size above that: enough for any real image (DICOM deflates 2-10x), never a deflate bomb.
-INFLATE_FLOOR = 64 * 1024 * 1024
+INFLATE_FLOOR = 32 * 1024 * 1024
 INFLATE_RATIO = 64
 
 
