@@ -106,13 +106,13 @@ CLEAN_SHUTDOWN = "clean_shutdown"  # journal meta key: "1" after a clean stop
 
 
 def allowed_calling_aes(config: RegionConfig, site: SiteConfig) -> list[str]:
-    """Who may associate with a site's edge: its own PACS and workstations, nobody else.
+    """Who may associate with a site's edge: its own PACS and workstations (and itself), nobody else.
 
     Other sites' edges are not listed: nothing in the design needs edge-to-edge
     associations (deliveries go through the center and the edge's cache), and
     accepting them let one site file another's study as its own.
     """
-    titles: list[str] = []
+    titles: list[str] = [site.edge.ae_title]  # the edge itself, from its own host (`renkei edge echo`)
     if site.pacs:
         titles.append(site.pacs.ae_title)
     titles.extend(ws.ae_title for ws in site.workstations)
@@ -180,7 +180,9 @@ class Gatekeeper:
         self.limits = site.edge.limits
         self.mutual_tls = mutual_tls
         self.active = active
-        self.nodes = {p.ae_title: p for p in ([site.pacs] if site.pacs else []) + list(site.workstations)}
+        itself = DicomPeer(ae_title=site.edge.ae_title, host=site.edge.host, port=site.edge.port,
+                           networks=("127.0.0.0/8", "::1/128"))
+        self.nodes = {p.ae_title: p for p in [itself, *([site.pacs] if site.pacs else []), *site.workstations]}
         self.networks = {ae: _resolve(p.host) + [ipaddress.ip_network(n, strict=False) for n in p.networks]
                          for ae, p in self.nodes.items()}
         self._lock = threading.Lock()
