@@ -356,6 +356,26 @@ class FastDUL(DULServiceProvider):
             except (BlockingIOError, OSError):
                 pass
 
+    def _check_setup_deadline(self) -> None:
+        """A connection that has not sent a whole A-ASSOCIATE-RQ by its set-up deadline is closed."""
+        sock = self.socket
+        if not isinstance(sock, FastSocket) or sock.setup_deadline is None:
+            return
+        if self.state_machine.current_state != "Sta2":
+            if self.state_machine.current_state not in ("Sta1", "Sta2"):
+                sock.setup_deadline = None  # past set-up: the deadline no longer applies
+            return
+        if time.monotonic() < sock.setup_deadline:
+            return
+        sock.setup_deadline = None
+        LOGGER.info("connection from %s sent no association request within the set-up deadline: closed",
+                    _peer_address(self.assoc))
+        try:
+            cast(socket.socket, sock.socket).shutdown(socket.SHUT_RDWR)
+        except Exception:
+            pass
+        self.event_queue.put("Evt17")
+
     def _limits(self) -> tuple[int, int, float]:
         ae = self.assoc.ae
         return (int(getattr(ae, "maximum_pdu_size", 0) or 0),
@@ -506,6 +526,7 @@ class FastDUL(DULServiceProvider):
                     break
                 if self.artim_timer.expired:
                     self.event_queue.put("Evt18")
+                self._check_setup_deadline()
                 try:
                     if self._process_recv_primitive():
                         pass
