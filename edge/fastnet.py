@@ -731,6 +731,10 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     - `setup_timeout` bounds connect-to-A-ASSOCIATE-RQ (with `acse_timeout`).
     """
 
+    # socketserver listens with a backlog of 5: a burst of connections then drops the SYN of a
+    # legitimate peer, which retries only after a second
+    request_queue_size = 1024
+
     def __init__(self, *args: Any, setup_timeout: float = 10.0, pdu_timeout: float = 30.0,
                  max_per_address: int = 16, max_pending: int = 256, **kwargs: Any) -> None:
         self.setup_timeout = setup_timeout
