@@ -62,6 +62,11 @@ class E2E:
     def catalog(self) -> Catalog:
         return Catalog.from_layout(self.layout)
 
+    def flagged(self, uids) -> bool:
+        with self.catalog() as cat:
+            return all(any(g.active and g.site == "hub" for g in cat.grants(uid))
+                       for uid in uids if self.studies[uid]["site"] != "hub")
+
     def verified(self, uids) -> bool:
         with self.catalog() as cat:
             for uid in uids:
@@ -100,6 +105,8 @@ def test_studies_sent_to_every_edge_end_up_verified_and_flagged(region: E2E) -> 
         storescu(site, [f for s in sent[site_id] for f in s.files])
     uids = [s.info.study_uid for studies in sent.values() for s in studies]
     region.runner.wait_until(lambda: region.verified(uids), 240, "every study verified in the center")
+    # the flag step commits right after registration: wait for it too, not only for the registration
+    region.runner.wait_until(lambda: region.flagged(uids), 120, "every clinic study granted to the hub")
 
     with region.catalog() as cat:
         for uid in uids:
