@@ -138,7 +138,6 @@ A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x01, 0x02, 0x03
 P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE = 0x04, 0x05, 0x06, 0x07
 _FIXED_LENGTH = {A_ASSOCIATE_RJ_TYPE: 4, A_RELEASE_RQ_TYPE: 4, A_RELEASE_RP_TYPE: 4, A_ABORT_TYPE: 4}
 DEFAULT_MAX_PDU = 1024 * 1024
-ABORT_PDU = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"  # A-ABORT, service-provider source
 DEFAULT_MAX_ASSOCIATE = 64 * 1024
 
 
@@ -316,6 +315,9 @@ class FastDUL(DULServiceProvider):
         self._store: dict[str, Any] | None = None  # the C-STORE whose dataset is arriving
         self._pass_dataset = False  # the current message's dataset goes to pynetdicom
         self.last_activity = time.monotonic()  # of the last PDU received (for idle eviction)
+        ae = assoc.ae  # the limits the edge set on its AE
+        self._max_associate = int(getattr(ae, "max_associate_rq", DEFAULT_MAX_ASSOCIATE))
+        self._pdu_timeout = float(getattr(ae, "pdu_timeout", 30.0))
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -369,18 +371,28 @@ class FastDUL(DULServiceProvider):
             return
         sock.setup_deadline = None
         LOGGER.info("connection from %s sent no association request within the set-up deadline: closed",
-                    _peer_address(self.assoc))
+                    peer_address(self.assoc))
+        self._close_transport(abort=False)
+
+    def _send_abort(self) -> None:
+        """Send an A-ABORT (service-provider source) straight to the socket; never raises."""
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
         try:
-            cast(socket.socket, sock.socket).shutdown(socket.SHUT_RDWR)
+            cast(AssociationSocket, self.socket).send(abort_pdu.encode())
+        except Exception:
+            pass
+
+    def _close_transport(self, abort: bool) -> None:
+        """End the connection from this side (after an A-ABORT when `abort`): the state machine sees it closed."""
+        if abort:
+            self._send_abort()
+        try:
+            cast(socket.socket, cast(AssociationSocket, self.socket).socket).shutdown(socket.SHUT_RDWR)
         except Exception:
             pass
         self.event_queue.put("Evt17")
-
-    def _limits(self) -> tuple[int, int, float]:
-        ae = self.assoc.ae
-        return (int(getattr(ae, "maximum_pdu_size", 0) or 0),
-                int(getattr(ae, "max_associate_rq", DEFAULT_MAX_ASSOCIATE)),
-                float(getattr(ae, "pdu_timeout", 30.0)))
 
     def _read_pdu_data(self) -> None:
         """Read one PDU within the limits; P-DATA-TF values stay views on the received buffer.
@@ -391,7 +403,9 @@ class FastDUL(DULServiceProvider):
         pynetdicom's decoder as before.
         """
         sock = cast(AssociationSocket, self.socket)
-        max_pdu, max_associate, pdu_timeout = self._limits()
+        # what this side advertised (as acceptor or requestor); 0 is pynetdicom's "unlimited"
+        local = self.assoc.acceptor if self.assoc.is_acceptor else self.assoc.requestor
+        max_pdu, max_associate, pdu_timeout = int(local.maximum_length or 0), self._max_associate, self._pdu_timeout
         state = self.state_machine.current_state
         associated = state not in ("Sta1", "Sta2", "Sta3", "Sta4", "Sta5")
         if isinstance(sock, FastSocket):
@@ -403,19 +417,11 @@ class FastDUL(DULServiceProvider):
             pdu_read = read_pdu(sock.recv, associated=associated, max_pdu=max_pdu, max_associate=max_associate)
         except PDUError as exc:
             # the stream cannot be resynchronised (the body was never read): abort once and close
-            LOGGER.warning("invalid PDU from %s, aborting: %s", _peer_address(self.assoc), exc)
-            try:
-                sock.send(ABORT_PDU)
-            except Exception:
-                pass
-            try:
-                cast(socket.socket, sock.socket).shutdown(socket.SHUT_RDWR)
-            except Exception:
-                pass
-            self.event_queue.put("Evt17")
+            LOGGER.warning("invalid PDU from %s, aborting: %s", peer_address(self.assoc), exc)
+            self._close_transport(abort=True)
             return
         except (OSError, TimeoutError, EOFError) as exc:
-            LOGGER.info("connection with %s closed: %s", _peer_address(self.assoc), exc or type(exc).__name__)
+            LOGGER.info("connection with %s closed: %s", peer_address(self.assoc), exc or type(exc).__name__)
             self.event_queue.put("Evt17")
             return
         finally:
@@ -432,7 +438,7 @@ class FastDUL(DULServiceProvider):
                 if self.store_handler is not None and state == "Sta6":
                     pdu.items = self._route(pdu.items)
             except Exception as exc:  # malformed values, commands or a failing handler: abort, never crash
-                LOGGER.warning("invalid P-DATA-TF PDU from %s, aborting: %s", _peer_address(self.assoc), exc)
+                LOGGER.warning("invalid P-DATA-TF PDU from %s, aborting: %s", peer_address(self.assoc), exc)
                 self.event_queue.put("Evt19")
                 return
             if pdu.items:
@@ -442,7 +448,7 @@ class FastDUL(DULServiceProvider):
         try:
             pdu, event = self._decode_pdu(bytearray(header) + body)
         except Exception as exc:
-            LOGGER.warning("undecodable PDU from %s, aborting: %s", _peer_address(self.assoc), exc)
+            LOGGER.warning("undecodable PDU from %s, aborting: %s", peer_address(self.assoc), exc)
             self.event_queue.put("Evt19")
             return
         self.event_queue.put(event)
@@ -542,13 +548,7 @@ class FastDUL(DULServiceProvider):
                 except Exception as exc:
                     LOGGER.error("DICOM upper layer failed, aborting the association: %s", exc)
                     LOGGER.debug("upper layer failure", exc_info=True)
-                    abort_pdu = A_ABORT_RQ()
-                    abort_pdu.source = 0x02
-                    abort_pdu.reason_diagnostic = 0x00
-                    try:
-                        cast(AssociationSocket, self.socket).send(abort_pdu.encode())
-                    except Exception:
-                        pass
+                    self._send_abort()
                     self.assoc.is_aborted = True
                     self.assoc.is_established = False
                     self.assoc._kill = True
@@ -640,7 +640,16 @@ class FastAssociation(Association):
                 return
 
 
-def _peer_address(assoc: Any) -> str:
+def peer_host(assoc: Any) -> str:
+    """The requestor's IP address as its socket reports it ("?" before it is known)."""
+    try:
+        return str(assoc.requestor.address)
+    except Exception:
+        return "?"
+
+
+def peer_address(assoc: Any) -> str:
+    """The requestor's address and port, for logs ("?" before they are known)."""
     try:
         return f"{assoc.requestor.address}:{assoc.requestor.port}"
     except Exception:
@@ -651,13 +660,12 @@ def _peer_address(assoc: Any) -> str:
 class PendingConnection:
     """An accepted connection whose peer has not yet been admitted (TLS, A-ASSOCIATE-RQ, checks)."""
 
-    __slots__ = ("sock", "address", "opened_at", "settled")
+    __slots__ = ("sock", "address", "opened_at")
 
     def __init__(self, sock: socket.socket, address: str) -> None:
         self.sock = sock
         self.address = address
         self.opened_at = time.monotonic()
-        self.settled = False
 
     def close(self) -> None:
         try:
@@ -685,7 +693,7 @@ class ConnectionGuard:
         conn = PendingConnection(sock, address)
         evict: list[PendingConnection] = []
         with self._lock:
-            self._pending = [c for c in self._pending if not c.settled and _is_open(c.sock)]
+            self._pending = [c for c in self._pending if _is_open(c.sock)]
             mine = [c for c in self._pending if c.address == address]
             while len(mine) >= self.per_address:
                 victim = mine.pop(0)
@@ -704,13 +712,8 @@ class ConnectionGuard:
         if conn is None:
             return
         with self._lock:
-            conn.settled = True
             if conn in self._pending:
                 self._pending.remove(conn)
-
-    def pending(self) -> int:
-        with self._lock:
-            return sum(1 for c in self._pending if not c.settled and _is_open(c.sock))
 
 
 def _is_open(sock: socket.socket) -> bool:

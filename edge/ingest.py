@@ -27,6 +27,8 @@ from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.uid import ImplicitVRLittleEndian
+
 from renkei.errors import RenkeiError
 from renkei.uids import is_valid_uid
 
@@ -39,7 +41,6 @@ LOGGER = logging.getLogger("renkei.edge.store")
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
-IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
@@ -344,10 +345,10 @@ class Incoming:
                     problem = None  # no reference cycle through the traceback
             assert temp is not None
             transfer_syntax_uid = self.transfer_syntax_uid
-            if parsed.implicit_vr and transfer_syntax_uid != IMPLICIT_VR_LITTLE_ENDIAN:
+            if parsed.implicit_vr and transfer_syntax_uid != ImplicitVRLittleEndian:
                 # implicit VR data sent under an explicit syntax: the bytes are kept as received,
                 # the file is labelled with what they are, so that every reader decodes them
-                transfer_syntax_uid = IMPLICIT_VR_LITTLE_ENDIAN
+                transfer_syntax_uid = ImplicitVRLittleEndian
                 LOGGER.info("instance %s from %s is implicit VR sent as %s: stored labelled implicit VR",
                             _short(self.sop_instance_uid), self.who, self.transfer_syntax_uid)
                 header = encode_file_meta(self.sop_class_uid, self.sop_instance_uid, transfer_syntax_uid)

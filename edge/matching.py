@@ -59,8 +59,9 @@ def _collapse_stars(text: str) -> str:
     return _STAR_RUN.sub("*", text) if "**" in text else text
 
 
+@lru_cache(maxsize=4096)
 def _complexity_problem(vr: str, text: str) -> str | None:
-    """What makes `text` too costly to match, or None. Only C-level string scans: it runs per record."""
+    """What makes `text` too costly to match, or None (cached: `match_attribute` asks it per record)."""
     values = text.split("\\")
     if len(values) > MAX_LIST_VALUES:
         return (f"has {len(values)} values separated by '\\' (at most {MAX_LIST_VALUES}); "

@@ -44,7 +44,7 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import Verification
 
-from renkei.config import DicomPeer, RegionConfig, SiteConfig
+from renkei.config import DicomPeer, RegionConfig, SiteConfig, address_in
 from renkei.errors import PeerError
 
 from edge import fastnet
@@ -149,16 +149,6 @@ def _resolve(host: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return list(dict.fromkeys(ipaddress.ip_network(info[4][0]) for info in infos))
 
 
-def _normalise_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
 class Gatekeeper:
     """Who may associate with this edge, decided when the A-ASSOCIATE-RQ arrives.
 
@@ -174,7 +164,7 @@ class Gatekeeper:
     Every refusal is logged with the AE titles and the address.
     """
 
-    def __init__(self, config: RegionConfig, site: SiteConfig, *, mutual_tls: bool = False,
+    def __init__(self, site: SiteConfig, *, mutual_tls: bool = False,
                  active: Callable[[], list[Any]] = list) -> None:
         self.site = site
         self.limits = site.edge.limits
@@ -195,8 +185,7 @@ class Gatekeeper:
             return REJECT_CALLED_AE, f"called AE title {called_ae!r} is not this edge's"
         if calling_ae not in self.nodes:
             return REJECT_CALLING_AE, f"calling AE title {calling_ae!r} is not a node of site {self.site.id}"
-        ip = _normalise_address(address)
-        if ip is None or not any(ip in net for net in self.networks[calling_ae]):
+        if not address_in(address, self.networks[calling_ae]):
             return REJECT_CALLING_AE, (f"calling AE title {calling_ae!r} is not accepted from {address} "
                                        f"(configured host {self.nodes[calling_ae].host})")
         if self.mutual_tls:
@@ -214,7 +203,7 @@ class Gatekeeper:
         with self._lock:
             others = [a for a in self.active() if a is not assoc and a.is_established and not a.is_released
                       and a not in self._evicted]
-            mine = [a for a in others if _address_of(a) == address]
+            mine = [a for a in others if fastnet.peer_host(a) == address]
             for group, limit in ((mine, self.limits.max_per_address), (others, self.limits.max_associations)):
                 if len(group) < limit:
                     continue
@@ -225,7 +214,7 @@ class Gatekeeper:
                     return False
                 seconds, victim = max(idle, key=lambda pair: pair[0])
                 LOGGER.warning("association limit reached: closing the association of %s@%s idle for %.0f s",
-                               str(victim.requestor.ae_title).strip(), _address_of(victim), seconds)
+                               str(victim.requestor.ae_title).strip(), fastnet.peer_host(victim), seconds)
                 self._evicted.add(victim)  # no longer counted while its abort completes
                 group.remove(victim)
                 threading.Thread(target=victim.abort, daemon=True).start()
@@ -238,7 +227,7 @@ class Gatekeeper:
         """
         assoc = event.assoc
         calling_ae = called_ae = "?"
-        address = _address_of(assoc)
+        address = fastnet.peer_host(assoc)
         try:
             primitive = assoc.requestor.primitive
             calling_ae = str(primitive.calling_ae_title).strip()
@@ -262,13 +251,6 @@ class Gatekeeper:
         assoc.kill()
 
 
-def _address_of(assoc: Any) -> str:
-    try:
-        return str(assoc.requestor.address)
-    except Exception:
-        return "?"
-
-
 def _peer_identity(assoc: Any) -> Any:
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if not isinstance(sock, ssl.SSLSocket):
@@ -287,12 +269,7 @@ def _peer_identity(assoc: Any) -> Any:
 
 
 def _peer_of(event: Any) -> tuple[str, str]:
-    requestor = event.assoc.requestor
-    try:
-        address = f"{requestor.address}:{requestor.port}"
-    except Exception:
-        address = "?"
-    return str(requestor.ae_title).strip(), address
+    return str(event.assoc.requestor.ae_title).strip(), fastnet.peer_address(event.assoc)
 
 
 # ------------------------------------------------------------------ handlers
@@ -437,7 +414,7 @@ class RetrieveServer:
                 self._respond(assoc, req, context, kind, MOVE_DESTINATION_UNKNOWN, None)
                 return
             items, refused = self.qr.for_destination(calling_ae, destination_ae, items)
-            if refused and not items:
+            if not items:
                 LOGGER.warning("C-MOVE from %s: %d instance(s) not permitted at %s", calling_ae, refused,
                                destination_ae)
                 self._respond(assoc, req, context, kind, NOT_AUTHORIZED, None)
@@ -679,7 +656,7 @@ class EdgeServer:
         self.access: Access = access or AllowLocal()
         self.qr = QRService(self.sources, self.access, self.site.edge.ae_title,
                             time_budget=self.site.edge.limits.query_time_budget)
-        self.gatekeeper = Gatekeeper(config, self.site, mutual_tls=bool(self.site.edge.tls and self.site.edge.tls.ca),
+        self.gatekeeper = Gatekeeper(self.site, mutual_tls=bool(self.site.edge.tls and self.site.edge.tls.ca),
                                      active=self.active_associations)
         self.fast = fastnet.check_compatible() if fast is None else fast
         self._server: Any = None
@@ -690,10 +667,19 @@ class EdgeServer:
         self._counts = {"stored": 0, "duplicate": 0, "conflict": 0, "refused": 0, "failed": 0}
         self._counts_lock = threading.Lock()
         self._per_assoc: dict[int, dict[str, int]] = {}
+        self._client_tls: Any = None
 
     def tls_args(self, peer: DicomPeer) -> Any:
-        """TLS arguments for an association the edge opens to `peer` (None: plaintext)."""
-        return client_tls_args(self.site.edge.tls, peer)
+        """TLS arguments for an association the edge opens to `peer` (None: plaintext).
+
+        The client context (the edge's certificate and the region CA) is loaded
+        once and serves every outgoing association.
+        """
+        if not peer.tls:
+            return None
+        if self._client_tls is None:
+            self._client_tls = client_tls_args(self.site.edge.tls, peer)
+        return self._client_tls
 
     def _source(self, source: QRSource | str | Callable[[Journal], QRSource]) -> QRSource:
         """"local" is this edge's own store; a callable gets the edge's journal."""
@@ -748,13 +734,9 @@ class EdgeServer:
 
     def _store_request(self, request: fastnet.StoreRequest) -> "_CountingSink":
         """A C-STORE served in the DUL thread (see fastnet): its dataset streams to tmp/."""
-        requestor = request.assoc.requestor
-        try:
-            address = f"{requestor.address}:{requestor.port}"
-        except Exception:
-            address = "?"
         incoming = self.ingestor.begin(request.transfer_syntax_uid, request.sop_class_uid,
-                                       request.sop_instance_uid, str(requestor.ae_title).strip(), address)
+                                       request.sop_instance_uid, str(request.assoc.requestor.ae_title).strip(),
+                                       fastnet.peer_address(request.assoc))
         return _CountingSink(incoming, lambda outcome: self._count(outcome, request.assoc))
 
     def _count(self, outcome: StoreOutcome, assoc: Any = None) -> None:

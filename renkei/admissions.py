@@ -31,7 +31,7 @@ from typing import Callable
 
 import hl7
 
-from renkei.config import HL7Config, RegionConfig
+from renkei.config import HL7Config, RegionConfig, address_in
 from renkei.errors import ConfigError, UsageError
 
 log = logging.getLogger("renkei.hl7")
@@ -494,13 +494,7 @@ class AdmissionListener:
 
     # -- connections (on the event loop) ---------------------------------------
     def _allowed(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.allowed_networks)
+        return address_in(address, self.allowed_networks)
 
     def _warn(self, key: str, message: str, *args: object) -> None:
         """A WARNING, at most one per `key` every WARNING_INTERVAL seconds: a flood must not flood the log."""

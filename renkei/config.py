@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Iterable, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -58,6 +58,23 @@ def _check_network(value: str) -> str:
 
 Network = Annotated[str, AfterValidator(_check_network),
                     Field(description="an IP address or network in CIDR notation")]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def address_in(address: str, networks: Iterable[IPNetwork]) -> bool:
+    """True when the peer `address` (as a socket reports it) lies in one of `networks`.
+
+    A scope (`fe80::1%eth0`) is ignored and an IPv4-mapped IPv6 address counts
+    as its IPv4 address; anything that is not an IP address is in none.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 class DicomPeer(_Model):

@@ -117,7 +117,6 @@ def _upload_one(store: ObjectStore, site_id: str, entry: JournalEntry) -> tuple[
         key = _key(site_id, info)
     except DATA_ERRORS as exc:
         raise _Refused(f"instance {_shown(info.sop_instance_uid)}: {exc}") from None
-    _check_readable(entry)
     conflict = False
     try:
         try:
@@ -138,25 +137,12 @@ def _upload_one(store: ObjectStore, site_id: str, entry: JournalEntry) -> tuple[
     return info.sop_instance_uid, key, result.created, conflict
 
 
-def _check_readable(entry: JournalEntry) -> None:
-    """Raise _Refused when the edge's file is missing or cannot be opened (cheap, before any upload)."""
-    uid = _shown(entry.instance.sop_instance_uid)
-    try:
-        with open(entry.path, "rb"):
-            pass
-    except FileNotFoundError:
-        raise _Refused(f"instance {uid}: the edge's file {entry.path} is missing; run the nightly verification "
-                       "to see whether the center holds it") from None
-    except OSError as exc:
-        raise _Refused(f"instance {uid}: the edge's file {entry.path} cannot be read "
-                       f"({exc.strerror or type(exc).__name__}); fix its permissions or disk") from None
-
-
 def _local_problem(entry: JournalEntry) -> str:
     """Why the edge's file is at fault ('' when it reads back whole with the journaled SHA-256).
 
     Asked only after an upload failed with an OSError, which may come from the
-    network as well as from the local disk: read the file once more to tell.
+    network as well as from the local disk (put_file opens the edge's file
+    first, so a missing one arrives here too): read the file once more to tell.
     """
     uid = _shown(entry.instance.sop_instance_uid)
     digest = hashlib.sha256()
@@ -164,6 +150,9 @@ def _local_problem(entry: JournalEntry) -> str:
         with open(entry.path, "rb", buffering=0) as handle:
             while chunk := handle.read(4 << 20):
                 digest.update(chunk)
+    except FileNotFoundError:
+        return (f"instance {uid}: the edge's file {entry.path} is missing; run the nightly verification "
+                "to see whether the center holds it")
     except OSError as exc:
         return f"instance {uid}: the edge's file {entry.path} cannot be read ({exc.strerror or exc})"
     if digest.hexdigest() != entry.instance.sha256:

@@ -29,9 +29,10 @@ from pynetdicom.sop_class import Verification
 
 from renkei import peers
 
+from helpers_region import region_config
+
 REPO = Path(__file__).resolve().parents[1]
 RENKEI = REPO / ".venv" / "bin" / "renkei"
-EXAMPLE = REPO / "examples" / "nagasaki.yaml"
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -85,35 +86,24 @@ def attack_region(folder: Path, *, limits: dict[str, Any] | None = None, tls: di
     studies with the hub, so a clinic study in the catalog is one the hub may not see.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    raw = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
-    used: set[int] = set()
-
-    def port() -> int:
-        while (p := peers.free_port()) in used:
-            pass
-        used.add(p)
-        return p
-
     chosen = {**DEFAULT_LIMITS, **(limits or {})}
-    for site in raw["sites"]:
-        site["edge"]["port"] = port()
-        if "pacs" in site:
-            site["pacs"]["port"] = port()
-        for ws in site["workstations"]:
-            ws["port"] = port()
-    hub = next(s for s in raw["sites"] if s["id"] == "hub")
-    hub["edge"]["limits"] = chosen
-    hub["edge"]["store"] = str(folder / "hub-store")
-    for ws in hub["workstations"]:
-        if ws["ae_title"] == "HUB_WS2":
-            ws["networks"] = ["127.0.0.3/32"]
-    if tls:
-        hub["edge"]["tls"] = tls
-    raw["policy"]["rules"] = [r for r in raw["policy"]["rules"] if r["name"] != "clinic-studies-to-hub"]
-    if edit:
-        edit(raw)
-    path = folder / "region.yaml"
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+    def adjust(raw: dict[str, Any]) -> None:
+        hub = next(s for s in raw["sites"] if s["id"] == "hub")
+        hub["edge"]["limits"] = chosen
+        hub["edge"]["store"] = str(folder / "hub-store")
+        for ws in hub["workstations"]:
+            if ws["ae_title"] == "HUB_WS2":
+                ws["networks"] = ["127.0.0.3/32"]
+        if tls:
+            hub["edge"]["tls"] = tls
+        raw["policy"]["rules"] = [r for r in raw["policy"]["rules"] if r["name"] != "clinic-studies-to-hub"]
+        if edit:
+            edit(raw)
+
+    # the example's stable_age (60 s): no study completes during an attack
+    path = region_config(folder, stable_age=60, edit=adjust)
+    hub = next(s for s in yaml.safe_load(path.read_text(encoding="utf-8"))["sites"] if s["id"] == "hub")
     data_dir = folder / "data"
     data_dir.mkdir(exist_ok=True)
     return AttackRegion(folder, path, data_dir, hub["edge"]["port"], hub["edge"]["ae_title"],

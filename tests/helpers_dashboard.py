@@ -106,3 +106,11 @@ def build_region(tmp_path: Path, data_dir: Path, patients: int = 2) -> DemoRegio
     put_into_edge(lay, "clinic-a", late.files[:1])
     region.waiting = ("clinic-a", late.studies[0].info.study_uid)
     return region
+
+
+def module_region(tmp_path_factory, name: str) -> DemoRegion:
+    """A synced region in a folder of its own (`name`), for a module-scoped fixture."""
+    tmp = tmp_path_factory.mktemp(name)
+    data_dir = tmp / "renkei-data"
+    data_dir.mkdir()
+    return build_region(tmp, data_dir)

@@ -28,7 +28,7 @@ from renkei import peers
 from renkei.runtime import open_catalog, open_journal
 
 from conftest import REPO, require_program
-from helpers_dashboard import DemoRegion, build_region
+from helpers_dashboard import DemoRegion, module_region
 
 PREFECT_UI = "http://127.0.0.1:4299"  # links only: the test never follows them
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -37,10 +37,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> DemoRegion:
-    tmp = tmp_path_factory.mktemp("dashboard-region")
-    data_dir = tmp / "renkei-data"
-    data_dir.mkdir()
-    return build_region(tmp, data_dir)
+    return module_region(tmp_path_factory, "dashboard-region")
 
 
 @pytest.fixture(scope="module")

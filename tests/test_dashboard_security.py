@@ -27,7 +27,7 @@ from renkei import peers
 from renkei.runtime import open_catalog
 
 from conftest import REPO, require_program
-from helpers_dashboard import DemoRegion, build_region
+from helpers_dashboard import DemoRegion, module_region
 
 EXTRA_HOST = "dash.test"  # given with --allowed-host
 # Chromium's own Local Network Access check stops a public page's requests to loopback before they leave the
@@ -42,10 +42,7 @@ HEADERS = {"x-frame-options": "DENY", "x-content-type-options": "nosniff", "refe
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> DemoRegion:
-    tmp = tmp_path_factory.mktemp("dashboard-security-region")
-    data_dir = tmp / "renkei-data"
-    data_dir.mkdir()
-    return build_region(tmp, data_dir)
+    return module_region(tmp_path_factory, "dashboard-security-region")
 
 
 @pytest.fixture(scope="module")
