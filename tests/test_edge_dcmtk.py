@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 from pydicom import dcmread
 from pydicom.data import get_charset_files, get_testdata_files
 from pydicom.dataset import Dataset
@@ -42,10 +43,13 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from edge import fastnet
 from edge.parsing import InvalidInstance, parse_dataset, split_file_meta
 from edge.server import EdgeServer
+from edge.tls import client_context
 from renkei import peers, pki
 from renkei.synth import write_single_study
 
@@ -559,6 +563,65 @@ def test_tls_with_dcmtk_and_plain_connections_fail(tmp_path: Path) -> None:
                          region.edge_port], check=False, timeout=60)
         assert untrusted.returncode != 0
         run(["echoscu", *tls("ECHOSCU"), "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port])
+
+
+def test_c_move_to_a_workstation_configured_for_tls_goes_over_tls(tmp_path: Path) -> None:
+    """The edge calls a `tls: true` destination over TLS with its own certificate, never in plaintext."""
+    certs = _make_certs(tmp_path / "certs")
+    region = write_region(tmp_path / "region", tls={"cert": str(certs["edge.crt"]),
+                                                    "key": str(certs["edge.key"]),
+                                                    "ca": str(certs["ca.crt"])})
+    raw = yaml.safe_load(region.path.read_text())
+    for ws in raw["sites"][0]["workstations"]:
+        if ws["ae_title"] == "STORESCP":
+            ws["tls"] = True
+    region.path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    study_uid, files = make_study(tmp_path / "s", 3)
+
+    def tls(ae: str) -> list[object]:
+        return ["+tls", certs[f"{ae}.key"], certs[f"{ae}.crt"], "+cf", certs["ca.crt"]]
+
+    def move() -> int:
+        """C-MOVE over TLS from MOVESCU (pynetdicom: Debian's movescu has no TLS); the final status."""
+        ae = AE(ae_title="MOVESCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        context = client_context(ca=str(certs["ca.crt"]), cert=str(certs["MOVESCU.crt"]),
+                                 key=str(certs["MOVESCU.key"]))
+        assoc = ae.associate("127.0.0.1", region.edge_port, ae_title="HUB_SVR", tls_args=(context, None))
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study_uid
+        try:
+            statuses = [s.Status for s, _ in assoc.send_c_move(query, "STORESCP",
+                                                               StudyRootQueryRetrieveInformationModelMove)
+                        if s is not None and "Status" in s]
+        finally:
+            assoc.release()
+        return int(statuses[-1])
+
+    with EdgeServer(region.config, "hub", region.store_dir):
+        run(["storescu", *tls("STORESCU"), "-aet", "STORESCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port,
+             *files])
+        # a plaintext listener under that AE title gets nothing: the edge does not fall back to plaintext
+        plain = peers.start_storescp(tmp_path / "plain", ae_title="STORESCP", port=region.storescp_port)
+        try:
+            assert move() != 0x0000
+            assert files_by_sop(plain.workdir) == {}
+        finally:
+            plain.stop()
+        # a TLS listener that requires the region CA's client certificate receives the study as stored
+        secure = peers.start_storescp(tmp_path / "secure", ae_title="STORESCP", port=region.storescp_port,
+                                      extra_args=["+tls", str(certs["ECHOSCU.key"]), str(certs["ECHOSCU.crt"]),
+                                                  "+cf", str(certs["ca.crt"])])
+        try:
+            assert move() == 0x0000
+            received = files_by_sop(secure.workdir)
+            assert set(received) == {meta_of(f)["MediaStorageSOPInstanceUID"] for f in files}
+            for path in files:
+                assert dataset_bytes(received[meta_of(path)["MediaStorageSOPInstanceUID"]]) == dataset_bytes(path)
+        finally:
+            secure.stop()
 
 
 def test_plain_pynetdicom_path_when_the_fast_path_is_off(region: Region, storescp_bp: peers.Peer,
