@@ -121,7 +121,7 @@ def event_from_row(row: dict[str, Any]) -> AuditEvent:
 
 
 def verify_rows(rows: Iterable[dict[str, Any]], expected_count: int, expected_head: str,
-                anchor: dict[str, Any] | None) -> AuditVerification:
+                anchor: dict[str, Any] | None, witness: dict[str, Any] | None = None) -> AuditVerification:
     """Recompute the chain over `rows` (in event_no order) and compare with the recorded head."""
     problems: list[str] = []
     head = GENESIS
@@ -160,6 +160,13 @@ def verify_rows(rows: Iterable[dict[str, Any]], expected_count: int, expected_he
                             "(the last events were deleted)")
         elif a_no and hashes.get(a_no) != a_hash:
             problems.append(f"event {a_no} differs from the hash recorded in the audit anchor")
+    if witness:  # outside the catalog: survives the catalog's deletion
+        w_no, w_hash = int(witness.get("audit_count", 0)), str(witness.get("audit_head", ""))
+        if w_no > last:
+            problems.append(f"the witness outside the catalog records {w_no} events, but only {last} remain "
+                            "(events were deleted, or the catalog was lost or restored from an older copy)")
+        elif w_no and hashes.get(w_no) != w_hash:
+            problems.append(f"event {w_no} differs from the hash the witness outside the catalog recorded")
     # Report each problem once, keeping the first ones (later events all break after a change).
     unique = list(dict.fromkeys(problems))
     return AuditVerification(not unique, checked, tuple(unique[:50]))

@@ -10,6 +10,7 @@ whole commit or nothing. See docs/catalog.md for the design.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -34,8 +35,9 @@ from catalog import audit as audit_mod
 from catalog import fs as cfs
 from catalog import keys, tables
 from catalog.audit import AuditDraft, AuditEvent, AuditVerification
-from catalog.log import CommitLog, State
-from renkei.errors import CatalogError, InvalidUID, RenkeiError, StudyOfAnotherSite, UsageError
+from catalog.backup import BackupLocation, witness_problems
+from catalog.log import REPAIR_HINT, CommitLog, FileEntry, State, new_commit_id
+from renkei.errors import CatalogDamaged, CatalogError, InvalidUID, RenkeiError, StudyOfAnotherSite, UsageError
 from renkei.records import StudyBatch, StudyInfo
 
 _log = logging.getLogger("renkei.catalog")
@@ -58,6 +60,35 @@ _STUDY_AGG = ",\n".join(
         "min(registered_at) AS registered_at",
     ]
 )
+
+
+# Data files this process has checked against their log entry: path -> (size, mtime_ns, sha256).
+# Files are immutable, so a file is hashed once per process, and again only if it changes on disk.
+_VERIFIED: dict[str, tuple[int, int, str]] = {}
+_VERIFIED_LOCK = threading.Lock()
+
+
+def check_data_file(path: str, entry: FileEntry, table: str) -> None:
+    """Raise CatalogDamaged unless the local file at `path` holds what `entry` recorded."""
+    if not entry.sha256:
+        return  # written before checksums were recorded
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CatalogDamaged(f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is missing: "
+                             f"{REPAIR_HINT}") from None
+    with _VERIFIED_LOCK:
+        if _VERIFIED.get(path) == (st.st_size, st.st_mtime_ns, entry.sha256):
+            return
+    if entry.size >= 0 and st.st_size != entry.size:
+        raise CatalogDamaged(f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is truncated "
+                             f"or altered: {st.st_size} bytes where {entry.size} were written; {REPAIR_HINT}")
+    digest, _size = cfs.sha256_file(path)
+    if digest != entry.sha256:
+        raise CatalogDamaged(f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is altered: "
+                             f"its SHA-256 is not the one recorded when it was written; {REPAIR_HINT}")
+    with _VERIFIED_LOCK:
+        _VERIFIED[path] = (st.st_size, st.st_mtime_ns, entry.sha256)
 
 
 def _const(value: Any, n: int, type_: pa.DataType | None = None) -> pa.Array:
@@ -280,7 +311,8 @@ class Catalog:
     def __init__(self, url: str, s3_options: Any = None, *, writer: str | None = None,
                  auto_compact: int | None = DEFAULT_AUTO_COMPACT, memory_limit: str = "768MB",
                  threads: int | None = None, vacuum_grace_s: float = 600.0,
-                 background_compaction: bool = True, cache: bool = True) -> None:
+                 background_compaction: bool = True, cache: bool = True, backup_url: str | None = None,
+                 backup_s3_options: Any = None) -> None:
         self.url = url
         self.fs, self.root = cfs.open_filesystem(url, s3_options)
         self.local = cfs.is_local(self.fs)
@@ -300,6 +332,11 @@ class Catalog:
         # On S3, immutable data files are read from a local copy (see read_path).
         self._cache_dir = os.path.join(self._tmpdir, "files") if cache and not self.local else None
         self._cached: set[str] = set()
+        # the second location: the witness after every commit, backups (catalog/backup.py)
+        self.backup: BackupLocation | None = (BackupLocation(backup_url, backup_s3_options if backup_s3_options
+                                                             is not None else s3_options)
+                                              if backup_url else None)
+        self._witness_seq = 0
         self.con = duckdb.connect(config={"memory_limit": memory_limit,
                                           "threads": threads or max(1, min(4, os.cpu_count() or 1)),
                                           "preserve_insertion_order": False,
@@ -314,6 +351,7 @@ class Catalog:
     @classmethod
     def from_layout(cls, layout: Any, **kwargs: Any) -> "Catalog":
         """The catalog of a region: Layout(config, data_dir).catalog_url with the config's S3 options."""
+        kwargs.setdefault("backup_url", layout.catalog_backup_url)
         return cls(layout.catalog_url, layout.config.center.s3, **kwargs)
 
     def close(self) -> None:
@@ -351,7 +389,8 @@ class Catalog:
         self._fetch([rel])
         return os.path.join(self._cache_dir, rel)
 
-    def _fetch(self, rels: Iterable[str]) -> None:
+    def _fetch(self, rels: Iterable[str], entries: Mapping[str, tuple[str, FileEntry]] | None = None) -> None:
+        """Copy data files into the local cache; those in `entries` are checked before they are used."""
         assert self._cache_dir is not None
         missing = [r for r in rels if not os.path.exists(os.path.join(self._cache_dir, r))]
         if not missing:
@@ -362,8 +401,19 @@ class Catalog:
             os.makedirs(os.path.dirname(local), exist_ok=True)
             temps.append(cfs.temp_sibling(local))
         try:
-            self.fs.get([cfs.join(self.root, r) for r in missing], temps)
+            try:
+                self.fs.get([cfs.join(self.root, r) for r in missing], temps)
+            except FileNotFoundError:
+                gone = [r for r in missing if not cfs.exists(self.fs, cfs.join(self.root, r))]
+                if entries is None or not any(r in entries for r in gone):
+                    raise
+                table, entry = entries[next(r for r in gone if r in entries)]
+                raise CatalogDamaged(f"catalog data file {entry.path} (table {table}, commit {entry.seq}) "
+                                     f"is missing: {REPAIR_HINT}") from None
             for rel, tmp in zip(missing, temps):
+                if entries is not None and rel in entries:
+                    table, entry = entries[rel]
+                    check_data_file(tmp, entry, table)
                 os.replace(tmp, os.path.join(self._cache_dir, rel))
         finally:
             for tmp in temps:
@@ -387,7 +437,7 @@ class Catalog:
         with self._lock:
             try:
                 if self._state is None:
-                    self._state = self.log.load()
+                    self._state = self._check_witness(self.log.load())
                 else:
                     self._state = self.log.catch_up(self._state)
             except RenkeiError:
@@ -405,11 +455,16 @@ class Catalog:
         state = self.refresh()
         if self._views_seq == state.seq:
             return
-        if self._cache_dir is not None:
-            live = [p for files in state.files.values() for p in files]
-            self._fetch(live)
-            self._cached.update(live)
-            self._prune_cache(state)
+        for attempt in range(2):
+            try:
+                self._check_live_files(state)
+                break
+            except CatalogDamaged:
+                if attempt:
+                    raise
+                # a compaction may have removed and vacuumed a file since this state: re-read once
+                self._state = None
+                state = self.refresh()
         for name in tables.TABLES:
             files = sorted(state.files.get(name, {}).values(), key=lambda f: (f.seq, f.path))
             if files:
@@ -419,6 +474,24 @@ class Catalog:
                 sql = f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM _empty_{name}"
             self.con.execute(sql)
         self._views_seq = state.seq
+
+    def _check_live_files(self, state: State) -> None:
+        """Every live data file is there and holds the bytes its log entry recorded (CatalogDamaged if not).
+
+        Locally each file is hashed once per process (then only its size and
+        time are compared); on S3 each file is checked as it is copied into
+        the local cache. Without a cache (cache=False) only the nightly check
+        reads the files on S3.
+        """
+        entries = {f.path: (t, f) for t, files in state.files.items() for f in files.values()}
+        if self._cache_dir is not None:
+            live = list(entries)
+            self._fetch(live, entries)
+            self._cached.update(live)
+            self._prune_cache(state)
+        elif self.local:
+            for rel, (table, entry) in entries.items():
+                check_data_file(self.abs_path(rel), entry, table)
 
     def _arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
         """Run a query over the current state; retries once if compaction removed a file meanwhile."""
@@ -459,20 +532,23 @@ class Catalog:
         rel = f"data/{table}/L{level}-{uuid.uuid4().hex}.parquet"
         path = cfs.join(self.root, rel)
         kwargs = dict(spec.parquet_options(), row_group_size=spec.row_group_size)
+        sink = pa.BufferOutputStream()
+        pq.write_table(data, sink, **kwargs)
+        payload = sink.getvalue()
+        digest = hashlib.sha256(payload).hexdigest()
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            pq.write_table(data, path, **kwargs)
+            with open(path, "wb") as handle:  # a new name: nobody reads it before the commit
+                handle.write(payload)
+            _VERIFIED[path] = (payload.size, os.stat(path).st_mtime_ns, digest)
         else:
-            sink = pa.BufferOutputStream()
-            pq.write_table(data, sink, **kwargs)
-            payload = sink.getvalue().to_pybytes()
-            self.fs.pipe_file(path, payload)
+            self.fs.pipe_file(path, payload.to_pybytes())
             if self._cache_dir is not None:  # what we wrote needs no download
                 local = os.path.join(self._cache_dir, rel)
                 os.makedirs(os.path.dirname(local), exist_ok=True)
                 with open(local, "wb") as handle:
                     handle.write(payload)
-        return {"path": rel, "rows": data.num_rows, "level": level}
+        return {"path": rel, "rows": data.num_rows, "level": level, "sha256": digest, "size": payload.size}
 
     def _pool(self) -> "ThreadPoolExecutor":
         if self._executor is None:
@@ -518,7 +594,8 @@ class Catalog:
                     for name, record in records:
                         written.append(record["path"])
                         add.setdefault(name, []).append(record)
-                    entry: dict[str, Any] = {"kind": kind, "writer": self.writer, "time": time.time()}
+                    entry: dict[str, Any] = {"kind": kind, "writer": self.writer, "time": time.time(),
+                                             "commit_id": new_commit_id(), "prev": state.last_commit}
                     if plan.audit:
                         rows, head = audit_mod.build_rows(plan.audit, state.audit_count + 1,
                                                           state.audit_head or audit_mod.GENESIS, now, seq)
@@ -532,16 +609,19 @@ class Catalog:
                         entry["remove"] = plan.remove
                     if plan.vacuumed:
                         entry["vacuumed"] = plan.vacuumed
-                    won = self.log.try_create(seq, entry)
                 except BaseException:
-                    self._delete_files(written)
+                    self._delete_files(written)  # nothing refers to them yet
                     raise
+                # From here on the entry may exist even when an error is raised (a lost reply):
+                # try_create reads it back, and its files are kept unless another writer's entry won.
+                won = self.log.try_create(seq, entry)
                 if won:
                     new_state = state.copy()
                     new_state.apply(seq, json.loads(json.dumps({**entry, "seq": seq})))
                     self._state = new_state
                     if plan.audit:
                         self._write_anchor(new_state)
+                    self._write_witness(new_state)
                     if kind != "compact":
                         self._maybe_compact(new_state)
                     return seq, plan.result
@@ -551,6 +631,48 @@ class Catalog:
                 f"could not commit to the catalog at {self.url} after {MAX_COMMIT_ATTEMPTS} attempts: "
                 "too many concurrent writers; retry later"
             )
+
+    def _check_witness(self, state: State) -> State:
+        """CatalogDamaged when the witness (or the anchor in the catalog) knows of commits the log lacks.
+
+        Other writers keep committing while this runs: a witness ahead of the
+        state is only damage if it is still ahead after catching up again.
+        """
+        problems = self._witness_problems(state)
+        if problems:
+            state = self.log.catch_up(state)
+            problems = self._witness_problems(state)
+        if problems:
+            raise CatalogDamaged(f"the catalog at {self.url} is damaged: {'; '.join(problems)}; {REPAIR_HINT}")
+        self._witness_seq = state.seq
+        return state
+
+    def _witness_problems(self, state: State) -> list[str]:
+        problems: list[str] = []
+        try:
+            anchor = json.loads(cfs.read_bytes(self.fs, cfs.join(self.root, audit_mod.ANCHOR)))
+            if int(anchor.get("seq", 0)) > state.seq:
+                problems.append(f"the catalog's log ends at entry {state.seq}, but its audit anchor was written "
+                                f"at entry {anchor['seq']}: entries are missing")
+        except (FileNotFoundError, ValueError, AttributeError):
+            pass
+        if self.backup is not None:
+            try:
+                problems.extend(witness_problems(self.log, state, self.backup.read_witness()))
+            except CatalogDamaged as exc:
+                problems.append(str(exc))
+            except Exception as exc:  # the second location is down: the catalog still works
+                _log.warning("the catalog's witness at %s cannot be read: %s", self.backup.url, exc)
+        return problems
+
+    def _write_witness(self, state: State) -> None:
+        if self.backup is None or state.seq <= self._witness_seq:
+            return
+        try:
+            self.backup.write_witness(state, self.url)
+            self._witness_seq = state.seq
+        except Exception as exc:  # never fail a commit that succeeded; the next one writes it again
+            _log.warning("the catalog's witness at %s could not be written: %s", self.backup.url, exc)
 
     def _write_anchor(self, state: State) -> None:
         data = json.dumps({"count": state.audit_count, "head": state.audit_head, "seq": state.seq}).encode()
@@ -1430,34 +1552,68 @@ class Catalog:
         return self.audit(study_uid=study_uid)
 
     def verify_audit(self) -> AuditVerification:
-        """Recompute the whole hash chain; reports edited, deleted and reordered events."""
+        """Recompute the whole hash chain; reports edited, deleted and reordered events.
+
+        Damage to the catalog itself (a missing log entry, an altered data
+        file, a witness that knows of more) is reported as problems, not
+        raised: this is the question an auditor asks of a damaged catalog.
+        """
         with self._lock:
-            state = self.refresh()
-            self._ensure_views()
+            extra: list[str] = []
+            try:
+                state = self.refresh()
+            except CatalogDamaged as exc:
+                extra.append(str(exc))
+                try:  # what can still be read
+                    state = self.log.catch_up(self.log.latest_checkpoint() or State())
+                except CatalogError as exc2:
+                    return AuditVerification(False, 0, tuple(extra + [str(exc2)]))
             try:
                 anchor = json.loads(cfs.read_bytes(self.fs, cfs.join(self.root, audit_mod.ANCHOR)))
             except (FileNotFoundError, ValueError):
                 anchor = None
+            witness = None
+            if self.backup is not None:
+                try:
+                    witness = self.backup.read_witness()
+                except CatalogDamaged as exc:
+                    extra.append(str(exc))
             # Read the stored files themselves (never a cached copy or cached metadata).
             files = sorted(state.files.get("audit", {}).values(), key=lambda f: (f.seq, f.path))
-            if not files:
-                return audit_mod.verify_rows([], state.audit_count, state.audit_head, anchor)
-            source = f"read_parquet([{', '.join(_sql_str(self.abs_path(f.path)) for f in files)}])"
-            cur = self.con.cursor()
-            cur.execute("SET parquet_metadata_cache = false")
-            try:
-                reader = cur.sql(
-                    "SELECT event_no, \"at\", actor_site, actor, action, study_uid, target_site, outcome, detail, "
-                    f"prev_hash, hash FROM {source} ORDER BY event_no").to_arrow_reader(50_000)
+            readable = []
+            for f in files:
+                if not cfs.exists(self.fs, cfs.join(self.root, f.path)):
+                    extra.append(f"audit data file {f.path} (commit {f.seq}) is missing")
+                else:
+                    readable.append(f)
+            result = self._verify_audit_files(state, readable, anchor, witness)
+            if not extra:
+                return result
+            problems = tuple(dict.fromkeys(extra + list(result.problems)))
+            return AuditVerification(False, result.events_checked, problems[:50])
 
-                def rows() -> Iterable[dict[str, Any]]:
-                    for batch in reader:
-                        yield from batch.to_pylist()
+    def _verify_audit_files(self, state: State, files: list[FileEntry], anchor: dict[str, Any] | None,
+                            witness: dict[str, Any] | None) -> AuditVerification:
+        if not files:
+            return audit_mod.verify_rows([], state.audit_count, state.audit_head, anchor, witness)
+        source = f"read_parquet([{', '.join(_sql_str(self.abs_path(f.path)) for f in files)}])"
+        cur = self.con.cursor()
+        cur.execute("SET parquet_metadata_cache = false")
+        try:
+            reader = cur.sql(
+                "SELECT event_no, \"at\", actor_site, actor, action, study_uid, target_site, outcome, detail, "
+                f"prev_hash, hash FROM {source} ORDER BY event_no").to_arrow_reader(50_000)
 
-                return audit_mod.verify_rows(rows(), state.audit_count, state.audit_head, anchor)
-            finally:
-                cur.close()
-                self.con.execute("SET parquet_metadata_cache = true")
+            def rows() -> Iterable[dict[str, Any]]:
+                for batch in reader:
+                    yield from batch.to_pylist()
+
+            return audit_mod.verify_rows(rows(), state.audit_count, state.audit_head, anchor, witness)
+        except (duckdb.Error, OSError) as exc:
+            return AuditVerification(False, 0, (f"the audit files cannot be read: {exc}",))
+        finally:
+            cur.close()
+            self.con.execute("SET parquet_metadata_cache = true")
 
     # ---------------------------------------------------------- maintenance
     def file_counts(self) -> dict[str, int]:

@@ -111,12 +111,13 @@ def _merge(catalog: "Catalog", table: str, inputs: list[str], level: int) -> dic
 
 def _publish(catalog: "Catalog", local_target: str, final: str, rel_out: str, rows: int,
              level: int) -> dict[str, Any]:
+    digest, size = cfs.sha256_file(local_target)  # recorded in the log entry, checked on every read
     if not catalog.local:
         try:
             catalog.fs.put_file(local_target, final)
         finally:
             os.unlink(local_target)
-    return {"path": rel_out, "rows": rows, "level": level}
+    return {"path": rel_out, "rows": rows, "level": level, "sha256": digest, "size": size}
 
 
 def _open(catalog: "Catalog", rel: str) -> Any:

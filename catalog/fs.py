@@ -14,6 +14,7 @@ store need are here too, because they differ per backend:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -188,3 +189,58 @@ def listdir_names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     except FileNotFoundError:
         return []
     return [e.rstrip("/").rpartition("/")[2] for e in entries]
+
+
+def _hash_stream(handle: Any, chunk: int) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    while True:
+        block = handle.read(chunk)
+        if not block:
+            return digest.hexdigest(), size
+        digest.update(block)
+        size += len(block)
+
+
+def sha256_file(path: str, chunk: int = 8 << 20) -> tuple[str, int]:
+    """(SHA-256 hex, size) of a local file."""
+    with open(path, "rb") as handle:
+        return _hash_stream(handle, chunk)
+
+
+def sha256_of(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 8 << 20) -> tuple[str, int]:
+    """(SHA-256 hex, size) of a file on any backend, streamed."""
+    if is_local(fs):
+        return sha256_file(path, chunk)
+    with fs.open(path, "rb", block_size=chunk) as handle:
+        return _hash_stream(handle, chunk)
+
+
+def copy_file(src_fs: fsspec.AbstractFileSystem, src: str, dst_fs: fsspec.AbstractFileSystem, dst: str,
+              chunk: int = 8 << 20) -> tuple[str, int]:
+    """Copy one file between backends (streamed, atomic at the destination); returns (SHA-256, size)."""
+    digest = hashlib.sha256()
+    size = 0
+    if is_local(dst_fs):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = temp_sibling(dst)
+        try:
+            with (open(src, "rb") if is_local(src_fs) else src_fs.open(src, "rb", block_size=chunk)) as inp, \
+                    open(tmp, "wb") as out:
+                while True:
+                    block = inp.read(chunk)
+                    if not block:
+                        break
+                    digest.update(block)
+                    size += len(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return digest.hexdigest(), size
+    data = read_bytes(src_fs, src)
+    dst_fs.pipe_file(dst, data)
+    return hashlib.sha256(data).hexdigest(), len(data)

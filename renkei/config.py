@@ -237,12 +237,16 @@ class CenterConfig(_Model):
         "center", description="a folder (relative to the data folder) or s3://bucket/prefix"
     )
     catalog_url: str | None = Field(None, description="default: <storage_url>/catalog")
+    catalog_backup_url: str | None = Field(
+        None, description="the catalog's second location (witness and backups); default: the folder "
+        "'catalog-backup' in the data folder, or <catalog_url>-backup on S3. Put it on other storage "
+        "(another bucket or region) in production")
     s3: S3Options = S3Options()
     verify_fraction: float = Field(
         1.0, gt=0, le=1, description="share of objects the nightly verification reads each night"
     )
 
-    @field_validator("storage_url", "catalog_url")
+    @field_validator("storage_url", "catalog_url", "catalog_backup_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is None:
@@ -559,6 +563,14 @@ class Layout:
         if self.config.center.catalog_url:
             return self._url(self.config.center.catalog_url)
         return self.center_url.rstrip("/") + "/catalog"
+
+    @property
+    def catalog_backup_url(self) -> str:
+        if self.config.center.catalog_backup_url:
+            return self._url(self.config.center.catalog_backup_url)
+        if self.catalog_url.startswith("s3://"):
+            return self.catalog_url.rstrip("/") + "-backup"
+        return str(self.data_dir / "catalog-backup")
 
     @property
     def logs_dir(self) -> Path:

@@ -37,6 +37,14 @@ class CatalogError(RenkeiError):
     """The catalog could not be read or written."""
 
 
+class CatalogDamaged(CatalogError):
+    """A catalog file or log entry is missing, truncated or altered: restore or rebuild the catalog."""
+
+
+class CommitOutcomeUnknown(CatalogError):
+    """A catalog commit's reply was lost and its entry could not be read back: retry later."""
+
+
 class RejectedData(CatalogError):
     """The catalog refused what it was given (not a failure to reach it): retrying cannot help."""
 
