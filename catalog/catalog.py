@@ -36,6 +36,7 @@ from catalog import fs as cfs
 from catalog import keys, tables
 from catalog.audit import AuditDraft, AuditEvent, AuditVerification
 from catalog.backup import BackupLocation, witness_problems
+from catalog.backup import check as check_catalog
 from catalog.log import REPAIR_HINT, CommitLog, FileEntry, State, new_commit_id
 from renkei.errors import CatalogDamaged, CatalogError, InvalidUID, RenkeiError, StudyOfAnotherSite, UsageError
 from renkei.records import StudyBatch, StudyInfo
@@ -1551,15 +1552,18 @@ class Catalog:
     def audit_trail(self, study_uid: str) -> list[AuditEvent]:
         return self.audit(study_uid=study_uid)
 
-    def verify_audit(self) -> AuditVerification:
+    def verify_audit(self, deep: bool = True) -> AuditVerification:
         """Recompute the whole hash chain; reports edited, deleted and reordered events.
 
         Damage to the catalog itself (a missing log entry, an altered data
         file, a witness that knows of more) is reported as problems, not
         raised: this is the question an auditor asks of a damaged catalog.
+        `deep` also reads every data file against its checksum (check()).
         """
         with self._lock:
             extra: list[str] = []
+            if deep:
+                extra += [f"catalog: {p}" for p in check_catalog(self, self.backup).problems]
             try:
                 state = self.refresh()
             except CatalogDamaged as exc:

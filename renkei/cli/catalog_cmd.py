@@ -47,6 +47,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_compact)
 
+    for name, help_text, func in (
+        ("check", "read the whole catalog: log continuity, every data file's checksum, the witness", _check),
+        ("backup", "copy what is new in the catalog to its second location (incremental)", _backup),
+        ("restore", "repair a damaged or lost catalog from its backup (keeps intact later commits)", _restore),
+        ("rebuild", "restore from the backup if needed, then register every object the catalog lacks "
+                    "and apply the sharing rules again", _rebuild),
+    ):
+        p = cmds.add_parser(name, parents=[common], help=help_text, description=help_text[0].upper() + help_text[1:]
+                            + ". The second location is center.catalog_backup_url (see docs/catalog.md).")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
 
 @contextmanager
 def open_catalog(args: argparse.Namespace) -> Iterator[Any]:
@@ -155,3 +167,82 @@ def _compact(args: argparse.Namespace) -> int:
         print(f"{table}: {files} files merged ({rows} rows)")
     print("files per table now: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
     return 0
+
+
+def _backup_location(args: argparse.Namespace) -> Any:
+    from catalog.backup import BackupLocation
+
+    layout = layout_of(args)
+    return BackupLocation(layout.catalog_backup_url, layout.config.center.s3)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from catalog.backup import check
+
+    with open_catalog(args) as cat:
+        result = check(cat, cat.backup)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(f"{result.entries} log entries, {result.files} data files ({result.bytes / 1e6:.1f} MB) "
+              f"checked in {result.seconds:.1f} s")
+        for problem in result.problems:
+            print(f"DAMAGED: {problem}")
+        print("catalog intact" if result.ok else
+              "the catalog is damaged: `renkei catalog restore` repairs it from the backup; "
+              "`renkei catalog rebuild` also registers the objects the backup lacks")
+    return 0 if result.ok else 1
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from catalog.backup import backup
+
+    with open_catalog(args) as cat:
+        assert cat.backup is not None
+        result = backup(cat, cat.backup)
+        where = cat.backup.url
+    if args.json:
+        print_json({**result.to_dict(), "location": where})
+    else:
+        print(f"catalog backed up to {where} as of commit {result.seq}: {result.entries_copied} log entries and "
+              f"{result.files_copied} data files ({result.bytes_copied / 1e6:.1f} MB) copied, "
+              f"{result.files_pruned} no longer needed removed ({result.seconds:.1f} s)")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from renkei.rebuild import restore
+
+    result = restore(layout_of(args))
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(f"restored from the backup of commit {result.backup_seq}: {result.entries_restored} log entries and "
+              f"{result.files_restored} data files repaired; the catalog is at commit {result.seq}")
+        if result.entries_set_aside:
+            print(f"{len(result.entries_set_aside)} later commits could not be kept (set aside under _damaged/): "
+                  "run `renkei catalog rebuild` to register their objects again")
+        if result.events_lost:
+            print(f"WARNING: {result.events_lost} audit events committed after the backup are lost")
+        for problem in result.problems:
+            print(f"  {problem}")
+    return 0
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    from renkei.rebuild import rebuild
+
+    result = rebuild(layout_of(args))
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        source = (f"restored from the backup of commit {result.backup_seq}, then " if result.restored_from_backup
+                  else "no backup: started empty, then " if result.set_aside else "")
+        print(f"catalog rebuilt: {source}{result.objects_seen} objects read, {result.instances_registered} instances "
+              f"of {result.studies_registered} studies registered, {result.rule_grants} rule grants written "
+              f"({result.seconds:.1f} s)")
+        if result.unreadable:
+            print(f"{len(result.unreadable)} objects could not be read:")
+            for key in result.unreadable[:20]:
+                print(f"  {key}")
+    return 0 if not result.unreadable else 1
