@@ -14,6 +14,7 @@ from renkei import runtime
 from tasks.common import logger, publish_artifacts
 from tasks.sync import (
     audit_quarantines,
+    check_center,
     flag,
     ingest,
     mark_verified,
@@ -35,10 +36,19 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
     later runs until `renkei edge release`): the run still ends Completed, in a
     state named "Completed with quarantine" whose message and artifact say how
     many and where to look. Returns the run's summary (a dict).
+
+    Every run first checks a sample of what the edge's journal calls verified
+    against the center (renkei.center_check): what a wiped bucket or a lost
+    catalog took is uploaded, registered and flagged again in the same run
+    (state message and artifact give the counts); instances lost with no edge
+    copy left fail the run.
     """
     started = time.monotonic()
     lay = runtime.layout(config, data_dir)
     lay.config.site(site)
+    # the center still holds what the journal calls verified (a sample); what it lost is set back in the
+    # journal, so that the steps below upload, register and flag it again in this run
+    center = _check_center(site, config, data_dir)
     studies = ingest(site, config, data_dir)
     uploads: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
@@ -83,16 +93,50 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
                                   f"(disk {retained['disk_usage']:.0%} full)"
     elapsed = time.monotonic() - started
     summary = _report(site, studies, uploads, failures, registered, flagged, deliveries, elapsed,
-                      quarantined, held)
+                      quarantined, held, center)
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(studies)} studies of {site} could not be uploaded; "
                            "see the run's artifact; the next run retries them")
+    if center.get("lost"):
+        raise LostFromCenter(f"{center['lost']} instance(s) the edge of {site} journaled as verified are missing "
+                             "from the center and the edge no longer holds them; see the run's artifact")
+    if center.get("error"):
+        raise RuntimeError(f"the check of the center failed ({center['error']}); the rest of the run went "
+                           "through; see the run's artifact")
+    repaired = center_line(center)
     if quarantined:
-        return Completed(name=QUARANTINE_STATE, message=quarantine_line(site, len(quarantined)), data=summary)
+        message = quarantine_line(site, len(quarantined)) + (f"; {repaired}" if repaired else "")
+        return Completed(name=QUARANTINE_STATE, message=message, data=summary)
+    if repaired:
+        return Completed(message=repaired, data=summary)
     return summary
 
 
 QUARANTINE_STATE = "Completed with quarantine"
+
+
+def center_line(center: dict[str, Any]) -> str:
+    """The run state's message when the center check found something ('' when it found nothing)."""
+    if not _center_problems(center) or center.get("error"):
+        return ""
+    if not center.get("escalated"):
+        return (f"center check: {center['sample_damaged']} of {center['sampled']} sampled objects have another "
+                "size (the nightly verification repairs them)")
+    return (f"center check: {center['missing']} of {center['checked']} verified instances were missing from the "
+            f"center ({center['reupload']} uploaded again), {center['unregistered']} not registered "
+            f"(registered again)")
+
+
+class LostFromCenter(Exception):
+    """Instances journaled as verified are gone from the center, and the edge has no copy left."""
+
+
+def _check_center(site: str, config: str | None, data_dir: str | None) -> dict[str, Any]:
+    """The center check's counts; a check that failed (after its retries) does not stop the rest of the run."""
+    state = check_center(site, config, data_dir, return_state=True)
+    if state.is_completed():
+        return state.result()
+    return {"error": _message(state)[:300]}
 
 
 def quarantine_line(site: str, n: int) -> str:
@@ -110,9 +154,12 @@ def _message(state: Any) -> str:
 def _report(site: str, studies: list[str], uploads: dict[str, dict[str, Any]], failures: dict[str, str],
             registered: dict[str, Any], flagged: dict[str, Any], deliveries: dict[str, Any],
             elapsed: float, quarantined: dict[str, str] | None = None,
-            held: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            held: list[dict[str, Any]] | None = None, center: dict[str, Any] | None = None) -> dict[str, Any]:
+    from renkei.center_check import summary_lines
+
     quarantined = quarantined or {}
     held = held or []
+    center = center or {}
     moved = [uid for uid in uploads if uid not in quarantined]
     instances = sum(uploads[uid]["instances"] for uid in moved)
     size = sum(uploads[uid]["bytes"] for uid in moved)
@@ -137,8 +184,11 @@ def _report(site: str, studies: list[str], uploads: dict[str, dict[str, Any]], f
     ]
     if quarantined:
         lines += [f"**{quarantine_line(site, len(quarantined))}**", ""]
-    if not studies:
+    if not studies and not _center_problems(center):
         lines.append("Nothing to do: no completed study is waiting at this site's edge.")
+    lines += summary_lines(center)
+    if center.get("error"):
+        lines += ["## Center check", f"The check of the center failed: {center['error']}. The next run checks again."]
     for uid, study_grants in _grants_by_study(flagged).items():
         lines.append(f"- {uid}: granted to {', '.join(study_grants)}")
     for site_id, info in deliveries.items():
@@ -167,7 +217,13 @@ def _report(site: str, studies: list[str], uploads: dict[str, dict[str, Any]], f
     return {"site": site, "studies": len(moved), "instances": instances, "bytes": size,
             "seconds": round(elapsed, 3), "failures": failures, "registered": registered["studies"],
             "granted": flagged.get("granted", []), "deliveries": deliveries,
-            "quarantined": quarantined, "held_in_quarantine": [q["study_uid"] for q in held]}
+            "quarantined": quarantined, "held_in_quarantine": [q["study_uid"] for q in held],
+            "center_check": center}
+
+
+def _center_problems(center: dict[str, Any]) -> bool:
+    return bool(center.get("error") or center.get("sample_missing") or center.get("sample_unregistered")
+                or center.get("sample_damaged") or center.get("lost"))
 
 
 def _line_safe(text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import asdict
 from typing import Any
 
@@ -23,6 +24,30 @@ def ingest(site: str, config: str | None = None, data_dir: str | None = None) ->
         studies = transfer.studies_to_sync(journal, lay.config.site(site).edge.stable_age)
     logger().info("ingest %s: %d completed studies to sync", site, len(studies))
     return studies
+
+
+@task(name="check-center", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=retry_io_only)
+def check_center(site: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Does the center still hold what the edge's journal calls verified? (a sample; see renkei.center_check)
+
+    Instances found missing are set back in the journal (to 'pending', or to
+    'uploaded' when only the catalog lost them), so that this run's ingest,
+    upload, register and flag steps repair them. Returns counts only.
+    """
+    from renkei import center_check
+
+    lay = runtime.layout(config, data_dir)
+    with ExitStack() as stack:
+        journal = stack.enter_context(runtime.open_journal(lay, site))
+        # the catalog is opened only when the journal holds something verified to compare
+        result = center_check.check_site(journal, runtime.open_store(lay),
+                                         lambda: stack.enter_context(runtime.open_catalog(lay)), site)
+    logger().info("check-center %s: %d verified instances sampled, %d missing, %d not registered; "
+                  "full check of %d: %d set back for upload, %d for registration, %d lost",
+                  site, result.sampled, result.sample_missing, result.sample_unregistered, result.checked,
+                  result.reupload, result.reregister, result.lost)
+    return result.to_dict()
 
 
 @task(name="upload-study", task_run_name="upload {study_uid}", retries=IO_RETRIES,
