@@ -10,6 +10,11 @@ from tasks.common import publish_artifacts
 from tasks.verify import verify_center
 
 
+def _recent(report: dict[str, Any]) -> str:
+    n = report.get("unreferenced_recent", 0)
+    return f" (and {n} younger than an hour: uploads not registered yet)" if n else ""
+
+
 class UnrecoverableBackup(Exception):
     """Some objects are missing or corrupt and no edge holds a copy."""
 
@@ -19,7 +24,9 @@ def verify_backups(full: bool = False, repair: bool = True, config: str | None =
                    data_dir: str | None = None) -> dict[str, Any]:
     """Check size and SHA-256 of the center's objects (a rotating share each night unless `full`),
     that every instance the edges journaled reached the center, and that every grant names a study.
-    Repairs from an edge's copy; fails (red in the Prefect UI) when something cannot be repaired.
+    Repairs from an edge's copy (and applies the sharing rules again to what it uploaded or registered
+    again); reports the objects no catalog row points to; removes temporary files of killed writers.
+    Fails (red in the Prefect UI) when something cannot be repaired.
     """
     report = verify_center(full, repair, config, data_dir)
     findings = report["findings"]
@@ -34,6 +41,21 @@ def verify_backups(full: bool = False, repair: bool = True, config: str | None =
     ]
     if not findings:
         lines.append("Every object read back whole; nothing is missing.")
+    if report.get("rule_grants_reapplied"):
+        lines.append(f"The sharing rules were applied again to the studies uploaded or registered again: "
+                     f"{report['rule_grants_reapplied']} grants written.")
+    lines.append(f"Object store: {report['objects_listed']} objects, {report['unreferenced']} that no catalog row "
+                 f"points to{_recent(report)}; {report['temp_removed']} temporary files of interrupted writers "
+                 "removed (older than an hour).")
+    if report["unreferenced"]:
+        lines += ["## Unreferenced objects",
+                  "These objects are in the center's store but no catalog row points to them (nothing is deleted). "
+                  "After a catalog loss or restore, `renkei catalog rebuild` registers them again. Otherwise an "
+                  "upload whose registration was lost left them: while the origin site's edge still journals "
+                  "the instances, this flow's edge check (or the site's next sync) registers them again. "
+                  f"The first {len(report['unreferenced_keys'])} of {report['unreferenced']}:", ""]
+        lines += [f"- `{key}`" for key in report["unreferenced_keys"]]
+        lines.append("")
     if report.get("edges_not_checked"):
         lines.append(f"Edge journals not reachable from this worker (not checked, and not available for "
                      f"repairs): {', '.join(report['edges_not_checked'])}. Their journals are on their own "

@@ -5,7 +5,11 @@ Pure code (no Prefect). `verify_center` reads every object the catalog lists
 checks that every instance an edge journaled as verified is registered in the
 center; `check_grants` that every grant names a study. What is missing or
 corrupt is repaired from an edge's copy when one exists (uploaded again and
-verified); what cannot be repaired is reported as unrecoverable.
+verified); what cannot be repaired is reported as unrecoverable. A study
+uploaded or registered again gets the sharing rules applied again
+(`reapply_rules`), so that a center or catalog loss does not silently take
+away what the rules granted. `check_unreferenced` reports objects no catalog
+row points to, and `sweep_temp` removes what killed writers left.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from catalog import keys
 from catalog.catalog import Catalog
 from catalog.store import ObjectMissing, ObjectStore
 from renkei.config import Layout
@@ -30,6 +35,9 @@ CORRUPT = "corrupt"
 TRUNCATED = "truncated"
 NOT_IN_CENTER = "not-in-center"
 ORPHAN_GRANT = "orphan-grant"
+UNREFERENCED_LISTED = 20  # unreferenced object keys named in the operator's report (all are counted)
+UNREFERENCED_GRACE_S = 3600.0  # an unreferenced object younger than this may be an upload not registered yet
+TEMP_GRACE_S = 3600.0  # a temporary file older than this belongs to no live writer
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,12 @@ class VerificationReport:
     edges_not_checked: list[str] = field(default_factory=list)  # journals not reachable from here
     grants_checked: int = 0
     findings: list[Finding] = field(default_factory=list)
+    rule_grants_reapplied: int = 0  # grants the rules wrote again for studies uploaded or registered again
+    objects_listed: int = 0  # objects in the center's store (check_unreferenced)
+    unreferenced: int = 0  # of those, how many no catalog row points to (older than the grace period)
+    unreferenced_recent: int = 0  # unreferenced but younger than the grace period (an upload in flight)
+    unreferenced_keys: list[str] = field(default_factory=list)  # the first UNREFERENCED_LISTED of them
+    temp_removed: int = 0  # temporary files / incomplete uploads of killed writers removed (sweep_temp)
 
     @property
     def repaired(self) -> list[Finding]:
@@ -219,6 +233,8 @@ def check_edges(catalog: Catalog, store: ObjectStore, layout: Layout, report: Ve
                     reg = transfer.register_studies(journal, catalog, site.id, [study_uid],
                                                     default_issuer=site.issuer)
                     repaired = up.ok and study_uid in reg.studies
+                    if repaired:
+                        report.rule_grants_reapplied += reapply_rules(catalog, layout, [study_uid])
                     detail += "; uploaded again from the edge" if repaired else f"; repair failed: {up.failures[:1]}"
                 for e in lost:
                     report.findings.append(Finding(NOT_IN_CENTER, study_uid, e.instance.sop_instance_uid,
@@ -234,6 +250,79 @@ def _origin_of(entry: Any, own_site: str) -> str:
 def _conflict_registered(catalog: Catalog, entry: Any) -> bool:
     return any(c.sop_instance_uid == entry.instance.sop_instance_uid and c.new_sha256 == entry.instance.sha256
                for c in catalog.conflicts(entry.instance.study_uid))
+
+
+def reapply_rules(catalog: Catalog, layout: Layout, study_uids: Iterable[str]) -> int:
+    """Apply the sharing rules to studies uploaded or registered again; returns the grants written.
+
+    The same flag step a first registration gets (renkei.sharing.Sharing.flag):
+    after a catalog loss the studies come back with their rule grants, and a
+    (study, site) pair with a history (unpublished, consent) is left alone.
+    """
+    from renkei.sharing import Sharing
+
+    uids = list(dict.fromkeys(study_uids))
+    if not uids:
+        return 0
+    return len(Sharing(layout.config, catalog).flag(uids).granted)
+
+
+def reapply_rules_to_repaired(catalog: Catalog, layout: Layout, report: VerificationReport) -> VerificationReport:
+    """The rules again for every study whose objects verify_center uploaded again."""
+    report.rule_grants_reapplied += reapply_rules(
+        catalog, layout, (f.study_uid for f in report.findings if f.repaired and f.kind != NOT_IN_CENTER))
+    return report
+
+
+def _referenced_keys(catalog: Catalog) -> set[str]:
+    """Every object key a catalog row points to: instances, and the conflicting copies beside them."""
+    rows = catalog._rows("SELECT object_key AS k FROM instances UNION SELECT conflict_key AS k FROM conflicts")
+    return {r["k"] for r in rows if r["k"]}
+
+
+def _age_s(store: ObjectStore, key: str, now: float) -> float | None:
+    try:
+        info = store.fs.info(store.path(key))
+    except (FileNotFoundError, OSError):
+        return None
+    mtime = info.get("mtime") or info.get("created")
+    if mtime is None and info.get("LastModified") is not None:
+        mtime = info["LastModified"].timestamp()
+    return None if mtime is None else now - float(mtime)
+
+
+def check_unreferenced(catalog: Catalog, store: ObjectStore, report: VerificationReport,
+                       grace_s: float = UNREFERENCED_GRACE_S, listed: int = UNREFERENCED_LISTED,
+                       now: float | None = None) -> VerificationReport:
+    """Count the objects of the center no catalog row points to; name the first `listed` in the report.
+
+    Nothing is deleted: an unreferenced object may be the only copy of an
+    instance whose registration was lost (`renkei catalog rebuild` registers
+    it again). One younger than `grace_s` is counted apart (an upload whose
+    registration has not happened yet).
+    """
+    now = time.time() if now is None else now
+    referenced = _referenced_keys(catalog)
+    for key in store.list(f"{keys.OBJECTS_PREFIX}/"):
+        report.objects_listed += 1
+        if key in referenced:
+            continue
+        age = _age_s(store, key, now)
+        if age is not None and age < grace_s:
+            report.unreferenced_recent += 1
+            continue
+        report.unreferenced += 1
+        if len(report.unreferenced_keys) < listed:
+            report.unreferenced_keys.append(key)
+    return report
+
+
+def sweep_temp(store_url: str, s3_options: Any, report: VerificationReport,
+               grace_s: float = TEMP_GRACE_S) -> VerificationReport:
+    """Remove temporary files (local) or incomplete multipart uploads (S3) older than `grace_s` under objects/."""
+    objects = ObjectStore(f"{store_url.rstrip('/')}/{keys.OBJECTS_PREFIX}", s3_options)
+    report.temp_removed += objects.sweep_temp(grace_s)
+    return report
 
 
 def check_grants(catalog: Catalog, layout: Layout, report: VerificationReport) -> VerificationReport:
