@@ -58,10 +58,11 @@ def split_part10(data: bytes) -> tuple[bytes, str, str, str]:
 class EdgeCache:
     """Copies of other sites' studies at this edge: a journal and a file store of their own."""
 
-    def __init__(self, store_dir: Path) -> None:
+    def __init__(self, store_dir: Path, space: FileStore | None = None) -> None:
+        """`space`: the edge's own store, whose space rules (min_free, journal reserve) the cache obeys too."""
         self.root = cache_root(store_dir)
-        self.journal = Journal.open(self.root)
-        self.ingestor = Ingestor(FileStore(self.root), self.journal)
+        self.journal = Journal(self.root, on_full=space.release_reserve if space is not None else None)
+        self.ingestor = Ingestor(FileStore(self.root, space=space), self.journal)
         self._lock = threading.Lock()
 
     def close(self) -> None:

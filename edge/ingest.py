@@ -21,7 +21,6 @@ import logging
 import mmap
 import sqlite3
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from renkei.errors import RenkeiError
 from renkei.uids import is_valid_uid
 
+from edge.clock import wall_time
 from edge.journal import Journal, JournalError
 from edge.parsing import InvalidInstance, ParsedInstance, encode_file_meta, parse_dataset, split_file_meta
 from edge.store import DiskFull, EdgeStoreError, FileStore, TempFile, TempWriter
@@ -129,7 +129,7 @@ class Ingestor:
                 self.store.commit(temp, final)
                 try:
                     self.journal.record_instance(parsed, transfer_syntax_uid, self.store.relative(final),
-                                                 temp.size, temp.sha256, calling_ae, time.time())
+                                                 temp.size, temp.sha256, calling_ae, wall_time())
                 except sqlite3.IntegrityError:  # another process journaled it meanwhile
                     existing = self.journal.lookup(sop)
                     if existing is None:
@@ -249,7 +249,11 @@ class Incoming:
             self._fail(exc)
 
     def _fail(self, exc: Exception) -> None:
-        LOGGER.error("cannot store %s from %s: %s (status 0xA700)", self.sop_instance_uid, self.who, exc)
+        if isinstance(exc, DiskFull):  # expected while the disk is full: the peer and the reason, no UID
+            LOGGER.warning("refused an instance from %s: %s (status 0xA700)", self.who, exc)
+            LOGGER.debug("refused instance: %s", self.sop_instance_uid)
+        else:
+            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", self.sop_instance_uid, self.who, exc)
         self.outcome = StoreOutcome(OUT_OF_RESOURCES, "failed", self.sop_instance_uid, "", str(exc))
         if self.writer is not None:
             self.writer.abort()
@@ -362,7 +366,8 @@ class Incoming:
                            _short(self.sop_instance_uid), self.who, exc, status)
             return StoreOutcome(status, "refused", self.sop_instance_uid, "", str(exc))
         except DiskFull as exc:
-            LOGGER.error("cannot store %s from %s: %s (status 0xA700)", self.sop_instance_uid, self.who, exc)
+            LOGGER.warning("refused an instance from %s: %s (status 0xA700)", self.who, exc)
+            LOGGER.debug("refused instance: %s", self.sop_instance_uid)
             return StoreOutcome(OUT_OF_RESOURCES, "failed", self.sop_instance_uid, "", str(exc))
         except (EdgeStoreError, JournalError) as exc:
             LOGGER.error("cannot store %s from %s: %s (status 0xA700)", self.sop_instance_uid, self.who, exc)

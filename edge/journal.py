@@ -24,16 +24,21 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from renkei.errors import RenkeiError, StorageError
 from renkei.records import InstanceInfo, StudyInfo
 
+from edge.clock import QuietClock, wall_time
 from edge.parsing import ParsedInstance
 
 JOURNAL_NAME = "journal.sqlite"
 UPLOAD_STATES: tuple[str, ...] = ("pending", "uploaded", "verified")
-SCHEMA_VERSION = "4"  # 4: the quarantine table (older journals gain it when opened writable)
+# 4: the quarantine table; 5: studies' quiet-clock readings (last_clock, announced_clock).
+# An older journal is migrated when opened writable; opened read-only it is read as it is.
+SCHEMA_VERSION = "5"
+HEARTBEAT_CLOCK = "edge_clock"  # meta: the running edge's quiet clock (see edge.clock), every few seconds
+HEARTBEAT_WALL = "edge_heartbeat"  # meta: the edge's wall clock at that heartbeat (liveness, for people)
 QUARANTINE_REASON_MAX = 500  # characters kept of a reason (it is shown and audited)
 
 # keyword -> column, per table
@@ -78,7 +83,9 @@ CREATE TABLE IF NOT EXISTS studies (
     specific_character_set TEXT NOT NULL DEFAULT '',
     first_received REAL NOT NULL,
     last_received REAL NOT NULL,
-    completed_at REAL
+    completed_at REAL,
+    last_clock REAL,
+    announced_clock REAL
 );
 CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_id);
 CREATE INDEX IF NOT EXISTS studies_last_received ON studies (last_received);
@@ -227,46 +234,82 @@ def _int_or_none(value: str) -> int | None:
 class Journal:
     """The journal of one edge store. Safe to open from several processes at once."""
 
-    def __init__(self, store_dir: Path, readonly: bool = False, synchronous: str = "FULL") -> None:
+    def __init__(self, store_dir: Path, readonly: bool = False, synchronous: str = "FULL",
+                 on_full: Callable[[], bool] | None = None) -> None:
+        """Open the journal of the store at `store_dir`.
+
+        `on_full` is called when SQLite finds the disk full (while opening,
+        migrating, writing or checkpointing); when it returns True (it freed
+        space: the edge releases its journal reserve) the operation is tried once more.
+        """
         self.store_dir = Path(store_dir)
         self.path = self.store_dir / JOURNAL_NAME
         self.readonly = readonly
+        self.on_full = on_full
+        self.quiet_clock: QuietClock | None = None  # set by the running edge (EdgeServer.start)
         self._lock = threading.RLock()
+        self._clock_columns = False
         if not readonly:
             self.store_dir.mkdir(parents=True, exist_ok=True)
         try:
-            if readonly:
-                uri = f"file:{self.path}?mode=ro"
-                self._conn = sqlite3.connect(uri, uri=True, isolation_level=None,
-                                             check_same_thread=False, timeout=30)
-            else:
-                self._conn = sqlite3.connect(self.path, isolation_level=None,
-                                             check_same_thread=False, timeout=30)
-            self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA busy_timeout = 30000")
-            if not readonly:
-                mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise JournalError(f"{self.path}: cannot switch the journal to WAL mode")
-                # FULL fsyncs every commit. The edge's own connection uses NORMAL: a
-                # commit survives a crash of the process (kill -9), and after a power
-                # loss the last commits are rebuilt from the fsynced files (see
-                # Ingestor.recover), so an acknowledged instance is never lost.
-                if synchronous.upper() not in ("FULL", "NORMAL"):
-                    raise JournalError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
-                self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-                self._conn.executescript(_SCHEMA)
-                self._conn.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (SCHEMA_VERSION,),
-                )
-                # an older journal got the new tables from _SCHEMA (CREATE ... IF NOT EXISTS)
-                self._conn.execute(
-                    "UPDATE meta SET value = ? WHERE key = 'schema_version' AND CAST(value AS INTEGER) < ?",
-                    (SCHEMA_VERSION, int(SCHEMA_VERSION)),
-                )
+            self._connect(synchronous)
         except sqlite3.Error as exc:
-            raise JournalError(f"{self.path}: cannot open the journal: {exc}") from None
+            if not self._make_room(exc):
+                raise JournalError(f"{self.path}: cannot open the journal: {exc}") from None
+            try:
+                self._conn.close()
+            except (AttributeError, sqlite3.Error):
+                pass
+            try:
+                self._connect(synchronous)
+            except sqlite3.Error as again:
+                raise JournalError(f"{self.path}: cannot open the journal: {again}") from None
+
+    def _connect(self, synchronous: str) -> None:
+        """Connect, set WAL mode and synchronous, create or migrate the schema (writable)."""
+        readonly = self.readonly
+        if readonly:
+            uri = f"file:{self.path}?mode=ro"
+            self._conn = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                         check_same_thread=False, timeout=30)
+        else:
+            self._conn = sqlite3.connect(self.path, isolation_level=None,
+                                         check_same_thread=False, timeout=30)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA busy_timeout = 30000")
+        if not readonly:
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise JournalError(f"{self.path}: cannot switch the journal to WAL mode")
+            # FULL fsyncs every commit. The edge's own connection uses NORMAL: a
+            # commit survives a crash of the process (kill -9), and after a power
+            # loss the last commits are rebuilt from the fsynced files (see
+            # Ingestor.recover), so an acknowledged instance is never lost.
+            if synchronous.upper() not in ("FULL", "NORMAL"):
+                raise JournalError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+            self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            self._conn.executescript(_SCHEMA)
+            # schema 5: an older journal's studies gain their quiet-clock columns (NULL: judged by
+            # wall time until an edge adopts them, see adopt_unclocked)
+            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(studies)")}
+            for column in ("last_clock", "announced_clock"):
+                if column not in columns:
+                    try:
+                        self._conn.execute(f"ALTER TABLE studies ADD COLUMN {column} REAL")
+                    except sqlite3.OperationalError as exc:
+                        if "duplicate column" not in str(exc):  # another process migrated it meanwhile
+                            raise
+            self._conn.execute("CREATE INDEX IF NOT EXISTS studies_last_clock ON studies (last_clock)")
+            self._conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (SCHEMA_VERSION,),
+            )
+            # an older journal got the new tables from _SCHEMA (CREATE ... IF NOT EXISTS)
+            self._conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version' AND CAST(value AS INTEGER) < ?",
+                (SCHEMA_VERSION, int(SCHEMA_VERSION)),
+            )
+        self._clock_columns = self._has_clock_columns()
 
     # -- opening -------------------------------------------------------------
     @classmethod
@@ -293,20 +336,53 @@ class Journal:
                 raise JournalError(f"{self.path}: query failed: {exc}") from None
 
     def _write(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        """Run the statements in one transaction; a full disk is retried once after `on_full` made room."""
+        statements = list(statements)
         with self._lock:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
+            for attempt in (1, 2):
                 try:
-                    for sql, params in statements:
-                        self._conn.execute(sql, params)
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        for sql, params in statements:
+                            self._conn.execute(sql, params)
+                        self._conn.execute("COMMIT")
+                    except BaseException:
+                        self._rollback()  # also after a failed COMMIT (SQLITE_FULL may leave it open)
+                        raise
+                    return
+                except sqlite3.IntegrityError:
                     raise
-                self._conn.execute("COMMIT")
-            except sqlite3.IntegrityError:
-                raise
-            except sqlite3.Error as exc:
-                raise JournalError(f"{self.path}: write failed: {exc}") from None
+                except sqlite3.Error as exc:
+                    if attempt == 1 and self._make_room(exc):
+                        continue
+                    raise JournalError(f"{self.path}: write failed: {exc}") from None
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _make_room(self, exc: sqlite3.Error) -> bool:
+        """On a full disk, ask `on_full` to free space; True when the operation should be tried again."""
+        if self.on_full is None:
+            return False
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+        full = code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+        if not full and (code == sqlite3.SQLITE_IOERR or "disk I/O error" in str(exc)):
+            # a -shm or -wal file that could not be extended is reported as an I/O error
+            try:
+                stat = os.statvfs(self.store_dir)
+                full = stat.f_bavail * stat.f_frsize < 1 << 20
+            except OSError:
+                full = False
+        if not full:
+            return False
+        try:
+            return bool(self.on_full())
+        except Exception:
+            return False
 
     # -- bookkeeping -----------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -323,10 +399,63 @@ class Journal:
     def checkpoint(self) -> None:
         """Copy the WAL into the database file and fsync it."""
         with self._lock:
-            try:
-                self._conn.execute("PRAGMA wal_checkpoint(FULL)")
-            except sqlite3.Error as exc:
-                raise JournalError(f"{self.path}: checkpoint failed: {exc}") from None
+            for attempt in (1, 2):
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(FULL)")
+                    return
+                except sqlite3.Error as exc:
+                    if attempt == 1 and self._make_room(exc):
+                        continue
+                    raise JournalError(f"{self.path}: checkpoint failed: {exc}") from None
+
+    # -- the edge's quiet clock (see edge.clock) -----------------------------------
+    def _has_clock_columns(self) -> bool:
+        # a journal from before schema 5 opened read-only has no clock columns (a writable open adds them)
+        return any(r[1] == "last_clock" for r in self._conn.execute("PRAGMA table_info(studies)"))
+
+    def heartbeat(self, clock: float, wall: float | None = None) -> None:
+        """The running edge's quiet clock (and its wall clock, for liveness), every few seconds."""
+        wall = wall_time() if wall is None else wall
+        upsert = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        self._write([(upsert, (HEARTBEAT_CLOCK, repr(float(clock)))), (upsert, (HEARTBEAT_WALL, repr(float(wall))))])
+
+    def stored_clock(self) -> float | None:
+        """The edge's quiet clock at its last heartbeat; None if no edge ever kept one here."""
+        value = self.get_meta(HEARTBEAT_CLOCK)
+        return float(value) if value is not None else None
+
+    def last_heartbeat(self) -> float | None:
+        """The edge's wall clock at its last heartbeat (on the edge's clock: compare with care)."""
+        value = self.get_meta(HEARTBEAT_WALL)
+        return float(value) if value is not None else None
+
+    def clock_now(self) -> float | None:
+        """The edge's quiet clock: live in the edge's own process, else its last heartbeat."""
+        if self.quiet_clock is not None:
+            return self.quiet_clock.now()
+        return self.stored_clock() if self._clock_columns else None
+
+    def resume_clock(self) -> float:
+        """Where the quiet clock goes on at an edge's start: past its last heartbeat and past every
+        reading journaled (instances received after the last heartbeat, before a crash)."""
+        stored = self.stored_clock() or 0.0
+        rows = self._query("SELECT max(last_clock) AS m FROM studies")
+        latest = rows[0]["m"] if rows and rows[0]["m"] is not None else 0.0
+        return max(stored, float(latest))
+
+    def adopt_unclocked(self, clock: float) -> int:
+        """Give studies journaled without a quiet-clock reading (before schema 5, or by a tool) this one.
+
+        They count as received now: they complete `stable_age` later on the edge's clock. One
+        already announced stays announced. Returns how many.
+        """
+        with self._lock:
+            before = self._conn.total_changes
+            self._write([(
+                "UPDATE studies SET last_clock = ?, announced_clock = CASE WHEN completed_at IS NOT NULL "
+                "AND completed_at >= last_received THEN ? ELSE NULL END WHERE last_clock IS NULL",
+                (clock, clock))])
+            return self._conn.total_changes - before
 
     # -- ingest (the edge's own writes) ----------------------------------------
     def lookup(self, sop_instance_uid: str) -> StoredInstance | None:
@@ -348,15 +477,19 @@ class Journal:
         sha256: str,
         calling_ae: str,
         received_at: float | None = None,
+        clock: float | None = None,
     ) -> None:
         """Commit one stored instance (and its series and study) in one durable transaction.
 
         `sha256` is the stored file's: what identifies the instance and what the
-        center verifies end to end.
+        center verifies end to end. `received_at` is the edge's wall clock,
+        `clock` its quiet clock (default: the running edge's; none without one).
 
         Raises sqlite3.IntegrityError when the SOP Instance UID is already journaled.
         """
-        now = time.time() if received_at is None else received_at
+        now = wall_time() if received_at is None else received_at
+        if clock is None and self.quiet_clock is not None:
+            clock = self.quiet_clock.now()
         attrs = parsed.attributes
         charset = parsed.specific_character_set
         study_cols = [c for c in STUDY_COLUMNS.values()]
@@ -380,10 +513,11 @@ class Journal:
             ),
             (
                 f"INSERT INTO studies ({', '.join(study_cols)}, specific_character_set, "
-                f"first_received, last_received) VALUES ({', '.join('?' * (len(study_cols) + 3))}) "
+                f"first_received, last_received, last_clock) VALUES ({', '.join('?' * (len(study_cols) + 4))}) "
                 "ON CONFLICT (study_uid) DO UPDATE SET last_received = "
-                "max(studies.last_received, excluded.last_received)",
-                [*study_vals, charset, now, now],
+                "max(studies.last_received, excluded.last_received), last_clock = "
+                "coalesce(max(studies.last_clock, excluded.last_clock), excluded.last_clock, studies.last_clock)",
+                [*study_vals, charset, now, now, clock],
             ),
         ])
 
@@ -411,7 +545,7 @@ class Journal:
         received_at: float | None = None,
     ) -> bool:
         """Record a conflicting instance; False when that exact conflict was recorded before."""
-        now = time.time() if received_at is None else received_at
+        now = wall_time() if received_at is None else received_at
         try:
             self._write([(
                 "INSERT INTO conflicts (sop_instance_uid, study_uid, series_uid, existing_sha256, "
@@ -434,39 +568,86 @@ class Journal:
     ) -> list[str]:
         """Study UIDs with no instance received for `stable_age` seconds, oldest first.
 
+        Quiet is judged on the edge's own quiet clock (see edge.clock): a study
+        is complete when its last instance's reading is at least `stable_age`
+        below the edge's clock (live in the edge's process, else its last
+        heartbeat: a stopped edge's studies are judged as of its stop). Never
+        against this process's clock, which may be another machine's. Studies
+        journaled with no reading (by a tool, or before schema 5, until an edge
+        adopts them) are judged by wall time, as they always were.
+
+        With `now` (seconds on the edge's wall clock; for tools and tests), every
+        study is judged by `last_received <= now - stable_age` instead.
+
         With `state`, only studies having at least one instance in that upload
         state. A late instance moves a study's last-received time, so a study
         already completed (and uploaded) comes back with its new instance pending.
         """
-        now = time.time() if now is None else now
+        quiet, params = self._quiet("s", stable_age, now)
         if state is not None:
             _check_state(state)
             rows = self._query(
-                "SELECT s.study_uid FROM studies s WHERE s.last_received <= ? AND EXISTS "
+                f"SELECT s.study_uid FROM studies s WHERE {quiet} AND EXISTS "
                 "(SELECT 1 FROM instances i WHERE i.study_uid = s.study_uid AND i.upload_state = ?) "
                 "ORDER BY s.last_received, s.study_uid",
-                (now - stable_age, state),
+                (*params, state),
             )
         else:
             rows = self._query(
-                "SELECT study_uid FROM studies WHERE last_received <= ? ORDER BY last_received, study_uid",
-                (now - stable_age,),
+                f"SELECT s.study_uid FROM studies s WHERE {quiet} ORDER BY s.last_received, s.study_uid",
+                params,
             )
         return [r["study_uid"] for r in rows]
 
-    def newly_completed(self, stable_age: float, now: float | None = None) -> list[str]:
-        """Studies complete since their last instance and not yet announced (see mark_announced)."""
-        now = time.time() if now is None else now
-        rows = self._query(
-            "SELECT study_uid FROM studies WHERE last_received <= ? AND "
-            "(completed_at IS NULL OR completed_at < last_received) ORDER BY last_received",
-            (now - stable_age,),
-        )
+    def _quiet(self, alias: str, stable_age: float, now: float | None) -> tuple[str, tuple[float, ...]]:
+        """SQL condition (and parameters) for 'no instance for stable_age seconds' (see completed_studies)."""
+        if now is not None or not self._clock_columns:
+            wall = wall_time() if now is None else now
+            return f"{alias}.last_received <= ?", (wall - stable_age,)
+        clock = self.clock_now()
+        clock_cutoff = clock - stable_age if clock is not None else float("-inf")
+        return (f"(({alias}.last_clock IS NOT NULL AND {alias}.last_clock <= ?) OR "
+                f"({alias}.last_clock IS NULL AND {alias}.last_received <= ?))",
+                (clock_cutoff, wall_time() - stable_age))
+
+    def newly_completed(self, stable_age: float, clock: float | None = None) -> list[str]:
+        """Studies complete since their last instance and not yet announced (see mark_announced).
+
+        `clock` is a reading of the edge's quiet clock (default: `clock_now()`);
+        without any, wall time and `completed_at` decide, as before schema 5.
+        """
+        clock = self.clock_now() if clock is None else clock
+        if clock is None or not self._clock_columns:
+            rows = self._query(
+                "SELECT study_uid FROM studies WHERE last_received <= ? AND "
+                "(completed_at IS NULL OR completed_at < last_received) ORDER BY last_received",
+                (wall_time() - stable_age,),
+            )
+        else:  # a study journaled meanwhile with no reading (by a tool) is judged by wall time
+            rows = self._query(
+                "SELECT study_uid FROM studies WHERE (last_clock <= ? AND "
+                "(announced_clock IS NULL OR announced_clock < last_clock)) OR (last_clock IS NULL AND "
+                "last_received <= ? AND (completed_at IS NULL OR completed_at < last_received)) "
+                "ORDER BY last_clock, last_received",
+                (clock - stable_age, wall_time() - stable_age),
+            )
         return [r["study_uid"] for r in rows]
 
-    def mark_announced(self, study_uid: str, when: float | None = None) -> None:
-        when = time.time() if when is None else when
-        self._write([("UPDATE studies SET completed_at = ? WHERE study_uid = ?", (when, study_uid))])
+    def mark_announced(self, study_uid: str, when: float | None = None, cutoff: float | None = None) -> bool:
+        """The study's completion was announced. With `cutoff` (the quiet-clock reading below which it was
+        found complete), only if no instance arrived since: a late one leaves it to be announced again."""
+        when = wall_time() if when is None else when
+        with self._lock:
+            before = self._conn.total_changes
+            if cutoff is None or not self._clock_columns:
+                self._write([("UPDATE studies SET completed_at = ?, announced_clock = last_clock "
+                              "WHERE study_uid = ?" if self._clock_columns else
+                              "UPDATE studies SET completed_at = ? WHERE study_uid = ?", (when, study_uid))])
+            else:
+                self._write([("UPDATE studies SET completed_at = ?, announced_clock = last_clock "
+                              "WHERE study_uid = ? AND (last_clock <= ? OR last_clock IS NULL)",
+                              (when, study_uid, cutoff))])
+            return self._conn.total_changes > before
 
     def study_info(self, study_uid: str, origin_site: str) -> StudyInfo:
         """The study's patient/study attributes (decoded text) and the modalities of its series."""

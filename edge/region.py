@@ -15,7 +15,7 @@ from catalog.catalog import Catalog
 from catalog.store import ObjectStore
 from edge.center import (AuditBuffer, CenterSource, EdgeCache, SharingAccess, StudyOrigins, catalog_origin,
                          catalog_recorder)
-from edge.server import EdgeServer
+from edge.server import EdgeServer, edge_file_store
 from renkei.config import Layout
 from renkei.sharing import Sharing
 
@@ -30,9 +30,13 @@ class RegionalEdge:
         self.layout = layout
         self.site_id = site_id
         store_dir = layout.edge_store(site_id)
+        # first: on a full disk the journal reserve is released before the journals open
+        files = edge_file_store(layout.config, site_id, store_dir, fsync=server_kwargs.get("fsync", True),
+                                reserve_bytes=server_kwargs.pop("reserve_bytes", None),
+                                min_free_bytes=server_kwargs.pop("min_free_bytes", None))
         self.catalog = Catalog.from_layout(layout)
         self.store = ObjectStore(layout.center_url, layout.config.center.s3)
-        self.cache = EdgeCache(store_dir)
+        self.cache = EdgeCache(store_dir, space=files)
         self.sharing = Sharing(layout.config, self.catalog)
         self.audit = AuditBuffer(catalog_recorder(self.catalog))
         self.origins = StudyOrigins(site_id, catalog_origin(self.catalog))
@@ -44,7 +48,8 @@ class RegionalEdge:
                                           issuer_sites={s.issuer: s.id for s in layout.config.sites})
         self.server = EdgeServer(layout.config, site_id, store_dir,
                                  sources=["local", self.cache.source(), self.center_source],
-                                 access=self.access, on_study_complete=on_study_complete, **server_kwargs)
+                                 access=self.access, on_study_complete=on_study_complete, store=files,
+                                 **server_kwargs)
 
     def start(self) -> "RegionalEdge":
         self.server.start()

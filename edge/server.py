@@ -48,8 +48,9 @@ from renkei.config import DicomPeer, RegionConfig, SiteConfig, address_in
 from renkei.errors import PeerError
 
 from edge import fastnet
+from edge.clock import QuietClock, heartbeat_interval
 from edge.ingest import Ingestor, StoreOutcome
-from edge.journal import Journal
+from edge.journal import Journal, JournalError
 from edge.parsing import split_file_meta
 from edge.qr import (
     PATIENT_ROOT_FIND,
@@ -67,7 +68,7 @@ from edge.qr import (
     RetrieveItem,
     RetrieveTally,
 )
-from edge.store import FileStore
+from edge.store import EdgeStoreError, FileStore
 from edge.tls import client_tls_args, server_context
 from renkei.pki import identities_of
 
@@ -600,6 +601,30 @@ def send_item(assoc: Any, item: RetrieveItem, msg_id: int = 1, originator: str |
 
 
 # ------------------------------------------------------------------ the server
+def edge_file_store(config: RegionConfig, site_id: str, store_dir: Path, *, fsync: bool = True,
+                    reserve_bytes: int | None = None, min_free_bytes: int | None = None) -> FileStore:
+    """The edge's FileStore with its space rules (the arguments, else the site's `edge.disk`), checked once.
+
+    Made before any journal of the store is opened: on a full disk the journal
+    reserve is released first, so that the journals open and migrate.
+    """
+    folder = Path(store_dir)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    stat = os.statvfs(folder)
+    total = stat.f_blocks * stat.f_frsize
+    default_reserve, default_min_free = config.site(site_id).edge.disk.sizes_for(total)
+    reserve = default_reserve if reserve_bytes is None else reserve_bytes
+    min_free = default_min_free if min_free_bytes is None else min_free_bytes
+    if reserve + min_free > total // 2:
+        raise EdgeStoreError(
+            f"edge.disk of site {site_id}: journal_reserve ({reserve} bytes) and min_free ({min_free} bytes) "
+            f"take more than half of the filesystem of {store_dir} ({total} bytes): lower them")
+    store = FileStore(Path(store_dir), fsync=fsync, min_free_bytes=min_free, reserve_bytes=reserve)
+    store.maintain_space()
+    return store
+
+
 @dataclass(frozen=True)
 class ServerStats:
     stored: int
@@ -635,7 +660,9 @@ class EdgeServer:
         completion_poll: float = 0.25,
         max_pdu: int | None = None,
         fast: bool | None = None,
-        min_free_bytes: int = 0,
+        min_free_bytes: int | None = None,
+        reserve_bytes: int | None = None,
+        store: FileStore | None = None,
     ) -> None:
         self.config = config
         self.site = config.site(site_id)
@@ -648,8 +675,11 @@ class EdgeServer:
         self.completion_poll = completion_poll
         # a finite maximum PDU length, advertised and enforced (0, "unlimited", is never used)
         self.max_pdu = max_pdu or self.site.edge.limits.max_pdu
-        self.store = FileStore(self.store_dir, fsync=fsync, min_free_bytes=min_free_bytes)
-        self.journal = Journal(self.store_dir, synchronous="NORMAL")
+        self.heartbeat_interval = heartbeat_interval(self.stable_age)
+        # before the journal opens: on a full disk the reserve is released, so that it opens and migrates
+        self.store = store or edge_file_store(config, site_id, self.store_dir, fsync=fsync,
+                                              reserve_bytes=reserve_bytes, min_free_bytes=min_free_bytes)
+        self.journal = Journal(self.store_dir, synchronous="NORMAL", on_full=self.store.release_reserve)
         self.ingestor = Ingestor(self.store, self.journal)
         self.local_source = LocalSource(self.journal)
         self.sources: list[QRSource] = [self._source(s) for s in (sources or ["local"])]
@@ -668,6 +698,7 @@ class EdgeServer:
         self._counts_lock = threading.Lock()
         self._per_assoc: dict[int, dict[str, int]] = {}
         self._client_tls: Any = None
+        self._beat_failed = False
 
     def tls_args(self, peer: DicomPeer) -> Any:
         """TLS arguments for an association the edge opens to `peer` (None: plaintext).
@@ -761,7 +792,15 @@ class EdgeServer:
         """Recover the store, then listen (non-blocking). Returns self."""
         clean = self.journal.get_meta(CLEAN_SHUTDOWN) == "1"
         self.journal.set_meta(CLEAN_SHUTDOWN, "0")
+        # the quiet clock goes on from where the last run left it (see edge.clock); studies journaled
+        # without a reading (an older journal) count as received now
+        self.journal.quiet_clock = QuietClock(self.journal.resume_clock())
+        adopted = self.journal.adopt_unclocked(self.journal.quiet_clock.now())
+        if adopted:
+            LOGGER.info("edge %s: %d study(ies) journaled before the quiet clock now count as received at "
+                        "this start", self.site.edge.ae_title, adopted)
         report = self.ingestor.recover(scan=not clean)
+        self._beat()
         if not clean:
             LOGGER.info("edge %s: store checked after an unclean stop: %d file(s) journaled again, "
                         "%d conflict file(s), %d unreadable, %d temporary file(s) removed",
@@ -793,6 +832,12 @@ class EdgeServer:
         LOGGER.info("edge %s (site %s) listening on %s:%s%s, store %s, stable_age %gs",
                     self.site.edge.ae_title, self.site_id, self.host, self.port,
                     " with TLS" if ssl_context else "", self.store_dir, self.stable_age)
+        reserve = self.store.reserve
+        LOGGER.info("edge %s: %.1f MiB free for the store; C-STORE refused below %.1f MiB free; journal "
+                    "reserve %s", self.site.edge.ae_title, self.store.free_bytes() / 2**20,
+                    self.store.min_free_bytes / 2**20,
+                    "none" if reserve is None else
+                    f"{reserve.size / 2**20:.1f} MiB ({'held' if reserve.held() else 'released: disk nearly full'})")
         return self
 
     def active_associations(self) -> list[Any]:
@@ -829,8 +874,13 @@ class EdgeServer:
             shutdown.join(timeout=5)
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+        self._beat()  # the quiet clock stands at the stop until the next start
         if not self._established():
-            self.journal.set_meta(CLEAN_SHUTDOWN, "1")
+            try:
+                self.journal.set_meta(CLEAN_SHUTDOWN, "1")
+            except JournalError as exc:  # nothing is lost: the next start checks the store as after a crash
+                LOGGER.warning("edge %s: the journal could not be marked cleanly closed (%s); the next start "
+                               "checks the store", self.site.edge.ae_title, exc)
         self.ingestor.close()
         self.journal.close()
         self._stopped.set()
@@ -849,15 +899,43 @@ class EdgeServer:
 
     # -- study completion ---------------------------------------------------------
     def _watch_completion(self) -> None:
+        """Every poll: completions; every heartbeat interval: the quiet clock; every second: the disk."""
+        next_beat = time.monotonic() + self.heartbeat_interval
+        next_disk = 0.0
         while not self._stopping.wait(self.completion_poll):
+            now = time.monotonic()
+            if now >= next_disk:
+                self.store.maintain_space()
+                next_disk = now + 1.0
+            if now >= next_beat:
+                self._beat()
+                next_beat = now + self.heartbeat_interval
             try:
                 self.check_completion()
             except Exception:
                 LOGGER.exception("study completion check failed")
 
+    def _beat(self) -> None:
+        """Write the quiet clock to the journal (never raises: a full disk only delays completions)."""
+        clock = self.journal.quiet_clock
+        if clock is None:
+            return
+        try:
+            self.journal.heartbeat(clock.now())
+            self._beat_failed = False
+        except JournalError as exc:
+            if not self._beat_failed:
+                LOGGER.warning("edge %s: cannot write its heartbeat to the journal (%s); completions wait",
+                               self.site.edge.ae_title, exc)
+            self._beat_failed = True
+
     def check_completion(self, now: float | None = None) -> list[str]:
-        """Announce studies that just became complete; returns their UIDs."""
-        done = self.journal.newly_completed(self.stable_age, now)
+        """Announce studies that just became complete; returns their UIDs.
+
+        `now` is a reading of the edge's quiet clock (default: the running clock).
+        """
+        clock = self.journal.clock_now() if now is None else now
+        done = self.journal.newly_completed(self.stable_age, clock)
         for study_uid in done:
             LOGGER.info("study complete: %s (site %s)", study_uid, self.site_id)
             if self.on_study_complete is not None:
@@ -865,7 +943,7 @@ class EdgeServer:
                     self.on_study_complete(study_uid)
                 except Exception:
                     LOGGER.exception("on_study_complete failed for study %s", study_uid)
-            self.journal.mark_announced(study_uid)
+            self.journal.mark_announced(study_uid, cutoff=None if clock is None else clock - self.stable_age)
         return done
 
 

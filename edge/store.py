@@ -3,6 +3,7 @@
 Layout under the site's store folder (`Layout(config, data_dir).edge_store(site_id)`):
 
     journal.sqlite                                  the journal (see edge.journal)
+    space-reserve                                   space held for the journal (see SpaceReserve)
     tmp/<random>.part                               files being written
     instances/<study_uid>/<series_uid>/<sop_instance_uid>.dcm
     conflicts/<sop_instance_uid>/<sha256>.dcm       a different instance under a known SOP Instance UID
@@ -12,14 +13,24 @@ and dots, no empty part) or a hex digest, so nothing received can name a file
 outside the store. A file is durable once `commit` returns: it was written to
 a temporary file, fsynced, renamed into place, and its directory fsynced
 (and any directory created for it, with its parent).
+
+A full disk never stops the edge: `min_free_bytes` is kept free (a C-STORE is
+refused with 0xA700 before the disk is full), and a preallocated reserve file
+(`space-reserve`) holds space for the journal that the edge releases when the
+filesystem is nearly full anyway (another program filled it), so that the
+journal can still open, migrate and write its bookkeeping; it is made again
+when space is back. While the reserve is released, its size counts as used:
+stores resume only when there is room for them and for the reserve.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, cast
@@ -28,6 +39,9 @@ from renkei.errors import StorageError
 from renkei.uids import validate_uid
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+RESERVE_NAME = "space-reserve"
+_ROOM_FOR_ONE = 64 * 1024  # below this much room for stores the edge counts as full (maintain_space)
+LOGGER = logging.getLogger("renkei.edge.store")
 
 
 class EdgeStoreError(StorageError):
@@ -50,8 +64,11 @@ class TempFile:
 class FileStore:
     """Durable files under one folder; see the module docstring for the layout."""
 
-    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0, reserve_bytes: int = 0,
+                 space: "FileStore | None" = None) -> None:
+        """`space`: another store on the same filesystem whose space rules this one obeys (the edge cache)."""
         self.root = Path(root)
+        self.space = space
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self.tmp_dir = self.root / "tmp"
@@ -60,6 +77,11 @@ class FileStore:
         self._known_dirs: set[Path] = set()
         for folder in (self.root, self.tmp_dir, self.instances_dir, self.conflicts_dir):
             self._make_dir(folder)
+        self.reserve = SpaceReserve(self.root / RESERVE_NAME, reserve_bytes, fsync) if reserve_bytes > 0 else None
+        self._space_lock = threading.Lock()
+        self._refusing = False  # C-STORE refused for want of space, since the last "space is back"
+        self._refused = 0
+        self._released = False  # this process released the reserve (its making again is news)
 
     # -- paths ---------------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
@@ -87,14 +109,99 @@ class FileStore:
         return path
 
     # -- writing -------------------------------------------------------------
-    def check_space(self, size: int) -> None:
-        """Raise DiskFull when writing `size` bytes would leave less than min_free_bytes."""
-        if self.min_free_bytes <= 0:
-            return
+    def free_bytes(self) -> int:
+        """Bytes an ordinary process may still write on the store's filesystem."""
         stat = os.statvfs(self.root)
-        if stat.f_bavail * stat.f_frsize < size + self.min_free_bytes:
-            raise DiskFull(f"only {stat.f_bavail * stat.f_frsize} bytes free in {self.root}; "
-                           f"keeping {self.min_free_bytes} free: free disk space")
+        return stat.f_bavail * stat.f_frsize
+
+    def _room(self, free: int) -> int:
+        """Bytes a C-STORE may use: free space less min_free_bytes and a released reserve's size."""
+        held_back = self.min_free_bytes
+        if self.reserve is not None and not self.reserve.held():
+            held_back += self.reserve.size
+        return free - held_back
+
+    def check_space(self, size: int) -> None:
+        """Raise DiskFull when writing `size` bytes would eat into min_free_bytes (or the released reserve)."""
+        if self.space is not None:
+            return self.space.check_space(size)
+        if self.min_free_bytes <= 0 and self.reserve is None:
+            return
+        free = self.free_bytes()
+        if self._room(free) >= size:
+            return
+        with self._space_lock:
+            self._refused += 1
+        self._now_full(free)
+        raise DiskFull(f"only {_mib(free)} free in {self.root}, {_mib(self.min_free_bytes)} kept free"
+                       f"{self._reserve_note()}: free disk space")
+
+    def _now_full(self, free: int) -> None:
+        """Log (once, until space is back) that C-STORE is refused for want of space."""
+        with self._space_lock:
+            first = not self._refusing
+            self._refusing = True
+        if first:
+            LOGGER.warning("disk nearly full: %s free on the filesystem of %s, %s kept free%s; C-STORE is "
+                           "refused (0xA700) until space is freed (verified studies are dropped by retention; "
+                           "queries and retrievals go on)", _mib(free), self.root, _mib(self.min_free_bytes),
+                           self._reserve_note())
+
+    def _reserve_note(self) -> str:
+        if self.reserve is None:
+            return ""
+        if self.reserve.held():
+            return f" (the journal's reserve of {_mib(self.reserve.size)} held apart)"
+        return f" plus the journal's reserve of {_mib(self.reserve.size)} (released: the disk is full)"
+
+    def release_reserve(self) -> bool:
+        """Give the journal the reserve's space now (the disk is full); True when something was freed."""
+        if self.reserve is None:
+            return False
+        with self._space_lock:
+            freed = self.reserve.release()
+            self._released = self._released or bool(freed)
+        if freed:
+            LOGGER.warning("disk full: released the journal's reserve of %s in %s so that the journal can "
+                           "still write; C-STORE is refused (0xA700) until space is freed",
+                           _mib(freed), self.root)
+        return bool(freed)
+
+    def maintain_space(self) -> None:
+        """Release the reserve when the disk is nearly full, make it again when space is back.
+
+        Released below half the reserve's size free (something besides the edge
+        filled the disk), made again at twice its size free. Never raises.
+        """
+        try:
+            free = self.free_bytes()
+            if self.reserve is not None:
+                if self.reserve.held() and free < self.reserve.size // 2:
+                    self.release_reserve()
+                    free = self.free_bytes()
+                elif not self.reserve.held() and free >= 2 * self.reserve.size:
+                    with self._space_lock:
+                        made = self.reserve.make()
+                    if made and self._released:
+                        LOGGER.warning("space is back: %s free in %s; the journal's reserve of %s is held "
+                                       "again", _mib(free), self.root, _mib(self.reserve.size))
+                    elif made:
+                        LOGGER.info("made the journal's reserve of %s in %s", _mib(self.reserve.size), self.root)
+                    free = self.free_bytes()
+            room = self._room(free)
+            if room < _ROOM_FOR_ONE and (self.min_free_bytes > 0 or self.reserve is not None):
+                self._now_full(free)
+                return
+            with self._space_lock:
+                back = self._refusing
+                refused = self._refused
+                if back:
+                    self._refusing, self._refused = False, 0
+            if back:
+                LOGGER.warning("space is back: %s free in %s; C-STORE is accepted again (%d instance(s) "
+                               "refused meanwhile)", _mib(free), self.root, refused)
+        except OSError as exc:
+            LOGGER.error("cannot check the free space of %s: %s", self.root, exc.strerror or exc)
 
     def write_temp(self, parts: Iterable[bytes | bytearray | memoryview], hash: bool = True) -> TempFile:
         """Write `parts` to a new temporary file, fsync it, and return its size and SHA-256.
@@ -230,6 +337,68 @@ class FileStore:
         if exc.errno in _FULL_ERRNOS:
             return DiskFull(f"disk full while writing {path}: free disk space in {self.root}")
         return EdgeStoreError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+class SpaceReserve:
+    """A preallocated file whose space the journal gets when the disk is full (see the module docstring)."""
+
+    def __init__(self, path: Path, size: int, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.size = size
+        self.fsync = fsync
+        _unlink(self.path.with_name(self.path.name + ".part"))  # a creation a crash interrupted
+        try:
+            if self.path.stat().st_size != size:  # the configured size changed: made again at its new size
+                self.release()
+        except FileNotFoundError:
+            pass
+
+    def held(self) -> bool:
+        return self.path.exists()
+
+    def release(self) -> int:
+        """Delete the reserve; returns the bytes freed (0 when it was not held)."""
+        try:
+            size = self.path.stat().st_blocks * 512
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return 0
+        if self.fsync:
+            _fsync_dir(self.path.parent)
+        return size or self.size
+
+    def make(self) -> bool:
+        """Allocate the reserve (blocks really allocated, not a sparse file); False when there is no room."""
+        part = self.path.with_name(self.path.name + ".part")
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return False
+        try:
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                chunk = os.urandom(1 << 20)  # not zeros: a compressing filesystem would not keep them
+                written = 0
+                while written < self.size:
+                    written += os.write(fd, chunk[: self.size - written])
+            if self.fsync:
+                os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            _unlink(part)
+            return False
+        os.close(fd)
+        os.rename(part, self.path)
+        if self.fsync:
+            _fsync_dir(self.path.parent)
+        return True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -14,10 +14,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Iterable, Literal
+from typing import Annotated, ClassVar, Iterable, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from renkei.errors import ConfigError, UsageError
 
@@ -153,6 +153,89 @@ class EdgeLimits(_Model):
     query_time_budget: float = Field(10.0, gt=0, description="seconds one C-FIND may run")
 
 
+_SIZE_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MIB = 2**20
+
+
+def _parse_size(value: object) -> object:
+    """A size in bytes: an integer, or a number with a unit ("64 MiB", "1 GiB", "500 MB")."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value != int(value):
+            raise ValueError(f"{value!r} is not a whole number of bytes")
+        number = int(value)
+    elif isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise ValueError(f"{value!r} is not a size: write bytes (67108864) or a number and one of "
+                             "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '64 MiB')")
+        number = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    else:
+        return value  # pydantic says what is wrong with it
+    if number < 0:
+        raise ValueError(f"a size cannot be negative ({value!r})")
+    return number
+
+
+ByteSize = Annotated[int, BeforeValidator(_parse_size),
+                     Field(description="bytes, or a number with a unit: '64 MiB', '1 GiB', '500 MB'")]
+
+
+class EdgeDiskConfig(_Model):
+    """Space the edge keeps on its store's filesystem, so that a full disk never stops it.
+
+    `journal_reserve` is a preallocated file in the store folder that the edge
+    deletes when the filesystem is nearly full (so that the journal can still
+    open, migrate and write its bookkeeping: the edge starts, stops cleanly and
+    serves queries and retrievals) and makes again when space is back.
+    `min_free` is what a C-STORE may not eat into: below it the edge answers
+    0xA700 (Out of Resources) before the disk is full. Left unset, they are
+    64 MiB and 256 MiB, at most 1/16 of a smaller filesystem each.
+    """
+
+    journal_reserve: ByteSize | None = Field(
+        None, description="space held for the journal (0: none; default 64 MiB, at most 1/16 of the filesystem)"
+    )
+    min_free: ByteSize | None = Field(
+        None, description="C-STORE is refused when less than this is free (default 256 MiB, at most 1/16 "
+        "of the filesystem)"
+    )
+
+    DEFAULT_JOURNAL_RESERVE: ClassVar[int] = 64 * MIB
+    DEFAULT_MIN_FREE: ClassVar[int] = 256 * MIB
+
+    @field_validator("journal_reserve")
+    @classmethod
+    def _reserve(cls, value: int | None) -> int | None:
+        if value is not None and value != 0 and not MIB <= value <= 64 * 2**30:
+            raise ValueError(f"journal_reserve of {value} bytes: use 0 (no reserve) or 1 MiB to 64 GiB; "
+                             "the journal needs at least 1 MiB to open and migrate")
+        return value
+
+    @field_validator("min_free")
+    @classmethod
+    def _min_free(cls, value: int | None) -> int | None:
+        if value is not None and value > 2**40:
+            raise ValueError(f"min_free of {value} bytes is more than 1 TiB: is the unit right?")
+        return value
+
+    def sizes_for(self, filesystem_bytes: int) -> tuple[int, int]:
+        """(journal reserve, minimum free) in bytes on a filesystem of that size.
+
+        A value set in the configuration is used as it is; a default is capped
+        at 1/16 of the filesystem (a 64 MiB reserve makes no sense on a 48 MiB disk).
+        """
+        cap = max(0, filesystem_bytes // 16)
+        reserve = self.journal_reserve if self.journal_reserve is not None else min(
+            self.DEFAULT_JOURNAL_RESERVE, cap)
+        min_free = self.min_free if self.min_free is not None else min(self.DEFAULT_MIN_FREE, cap)
+        return reserve, min_free
+
+
 class EdgeConfig(_Model):
     """The site's edge node (SVR): its own DICOM address and local store."""
 
@@ -168,6 +251,7 @@ class EdgeConfig(_Model):
     tls: TLSConfig | None = None
     retention: RetentionConfig = RetentionConfig()
     limits: EdgeLimits = EdgeLimits()
+    disk: EdgeDiskConfig = EdgeDiskConfig()
 
 
 class LinkConfig(_Model):

@@ -137,6 +137,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         held = journal.quarantined()
         held_uids = {q.study_uid for q in held}
         complete = [uid for uid in journal.completed_studies(stable_age, state="pending") if uid not in held_uids]
+        heartbeat = journal.last_heartbeat()
+        stopped_cleanly = journal.get_meta("clean_shutdown") == "1"
+    disk = _disk(store_dir, site)
     data = {
         "site": args.site,
         "ae_title": site.edge.ae_title,
@@ -149,6 +152,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         "complete_pending_studies": complete,
         "quarantined": [{"study_uid": q.study_uid, "since": _when(q.quarantined_at), "step": q.step,
                          "reason": q.reason, "sop_instance_uids": list(q.sop_instance_uids)} for q in held],
+        # the edge's last heartbeat, on the edge's own clock; completion is judged by its quiet clock
+        "last_heartbeat": heartbeat,
+        "stopped_cleanly": stopped_cleanly,
+        "disk": disk,
     }
     if args.json:
         print_json(data)
@@ -160,12 +167,30 @@ def cmd_status(args: argparse.Namespace) -> int:
         "quarantined": len(held),
     }])
     print(f"\n{len(complete)} complete study(ies) with instances pending upload")
+    if heartbeat is not None:
+        print(f"last heartbeat of the edge: {_when(heartbeat)} (its own clock)"
+              f"{'; stopped cleanly' if stopped_cleanly else ''}")
+    reserve = "none" if not disk["reserve_bytes"] else (
+        f"{disk['reserve_bytes'] / 2**20:.1f} MiB " + ("held" if disk["reserve_held"] else "RELEASED: the disk is full"))
+    print(f"disk: {disk['free_bytes'] / 2**20:.1f} MiB free, C-STORE refused below "
+          f"{disk['min_free_bytes'] / 2**20:.1f} MiB; journal reserve {reserve}")
     if held:
         print(f"\n{len(held)} study(ies) in quarantine: no sync sends them until released "
               f"(fix the cause, then `renkei edge release --site {args.site} STUDY_UID`)")
         print_table([{"study_uid": _one_line(q.study_uid), "since": _when(q.quarantined_at), "step": q.step,
                       "bad_instances": len(q.sop_instance_uids), "reason": q.reason} for q in held])
     return 0
+
+
+def _disk(store_dir: Any, site: Any) -> dict[str, Any]:
+    """Free bytes on the store's filesystem, and the journal reserve: configured size and whether it is held."""
+    from edge.store import RESERVE_NAME
+
+    stat = os.statvfs(store_dir)
+    total = stat.f_blocks * stat.f_frsize
+    reserve, min_free = site.edge.disk.sizes_for(total)
+    return {"free_bytes": stat.f_bavail * stat.f_frsize, "total_bytes": total, "min_free_bytes": min_free,
+            "reserve_bytes": reserve, "reserve_held": (store_dir / RESERVE_NAME).exists()}
 
 
 def cmd_release(args: argparse.Namespace) -> int:
