@@ -14,6 +14,15 @@ from renkei.errors import UsageError
 ORDER = 30
 REPO = Path(__file__).resolve().parents[2]
 
+# A run whose process died (kill -9 of the worker and the flow, a power cut) stops sending heartbeats; the
+# automation below marks it Crashed, which frees its deployment's concurrency slot (a site's sync: limit 1).
+# Without it Prefect keeps it "Running" and holds the slot until its lease expires (renewed for 300 s at a time).
+HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of renkei's flow runs (Prefect's minimum; prefect.yaml sets it)
+CRASH_AFTER_S = 60  # no heartbeat for this long: the run is dead (one lost heartbeat is tolerated)
+SLOT_WAIT_S = 10  # a run waiting for its site's slot asks again this often (`renkei server`; Prefect's default 30)
+CRASH_AUTOMATION = "renkei: a run without heartbeats is crashed"
+RUN_TAG = "renkei"  # the tag of renkei's deployments (prefect.yaml): the automation watches only their runs
+
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("server", parents=[common], help="run a local Prefect server (API and UI) on loopback",
@@ -24,8 +33,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=_server)
 
     p = sub.add_parser("deploy", parents=[common], help="create the work pools and deployments (prefect.yaml)",
-                       description="Create a process work pool per site and one for the center, then apply "
-                       "prefect.yaml (prefect deploy --all). Needs PREFECT_API_URL.")
+                       description="Create a process work pool per site and one for the center, apply "
+                       "prefect.yaml (prefect deploy --all), and the automation that marks a run without "
+                       "heartbeats Crashed (so a killed run frees its site's slot). Needs PREFECT_API_URL.")
     p.add_argument("--prefect-file", default=str(REPO / "prefect.yaml"), metavar="FILE")
     p.set_defaults(func=_deploy)
 
@@ -65,6 +75,8 @@ def _server(args: argparse.Namespace) -> int:
     layout = layout_of(args)
     home = layout.data_dir / "prefect"
     home.mkdir(parents=True, exist_ok=True)
+    # a run waiting for its site's slot (held by a run found crashed) starts within SLOT_WAIT_S
+    env.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", str(SLOT_WAIT_S))
     env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": "127.0.0.1",
                 "PREFECT_SERVER_API_PORT": str(args.port),
                 "PREFECT_UI_API_URL": f"http://127.0.0.1:{args.port}/api"})
@@ -92,6 +104,59 @@ def ensure_pools(site_ids: list[str]) -> list[str]:
     return created
 
 
+def crash_automation(within_s: float = CRASH_AFTER_S, tag: str = RUN_TAG):  # -> prefect AutomationCore
+    """Prefect's zombie-run detection: a flow run of a renkei deployment silent for `within_s` is Crashed.
+
+    A proactive trigger per flow run: after a heartbeat, expect another
+    heartbeat or any state event of the run (its end included) within
+    `within_s`; when none comes, change the run's state to Crashed. The
+    Crashed state releases the deployment's concurrency slot at once, so the
+    site's next sync starts.
+    """
+    from datetime import timedelta
+
+    from prefect.automations import AutomationCore, EventTrigger, Posture
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+
+    return AutomationCore(
+        name=CRASH_AUTOMATION,
+        description=f"A flow run of a deployment tagged {tag!r} that sent no heartbeat for {within_s:.0f} s "
+                    "(its process was killed or its machine stopped) is marked Crashed, which frees its "
+                    "deployment's concurrency slot. Created by `renkei deploy`.",
+        enabled=True,
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{tag}"},
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.*"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_s),
+        ),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"no heartbeat for {within_s:.0f} s: the run's process is gone (marked by the automation "
+                    f"{CRASH_AUTOMATION!r}); the site's next run finishes its work")],
+    )
+
+
+def ensure_crash_detection(within_s: float = CRASH_AFTER_S, tag: str = RUN_TAG) -> str:
+    """Create (or bring up to date) the crash-detection automation; returns its id."""
+    from prefect import get_client
+
+    wanted = crash_automation(within_s, tag)
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(CRASH_AUTOMATION)
+        if existing:
+            client.update_automation(existing[0].id, wanted)
+            for extra in existing[1:]:
+                client.delete_automation(extra.id)
+            return str(existing[0].id)
+        return str(client.create_automation(wanted))
+
+
 def _deploy(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -105,6 +170,9 @@ def _deploy(args: argparse.Namespace) -> int:
     if proc.returncode != 0:
         raise UsageError(f"prefect deploy failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     print("deployments applied from", args.prefect_file)
+    ensure_crash_detection()
+    print(f"automation {CRASH_AUTOMATION!r}: a run silent for {CRASH_AFTER_S} s is marked Crashed "
+          "(its site's slot is freed)")
     return 0
 
 
@@ -119,6 +187,8 @@ def _worker(args: argparse.Namespace) -> int:
     env = prefect_env(args)
     env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
     env.setdefault("PREFECT_WORKER_PREFETCH_SECONDS", "2")
+    # heartbeats of the flow runs it starts (prefect.yaml sets it too): a dead run is found within CRASH_AFTER_S
+    env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))
     cmd = worker_command(args.site, args.limit)
     print(f"worker of pool {pool_name(args.site)} (Ctrl-C stops it)", flush=True)
     os.execve(cmd[0], cmd, env)
