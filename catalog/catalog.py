@@ -156,6 +156,14 @@ class ConflictRecord:
     origin_site: str
     holder: str
     at: dt.datetime | None = None
+    new_size: int | None = None
+
+    @property
+    def why(self) -> str:
+        by = self.holder.replace("edge:", "the edge of ") if self.holder.startswith("edge:") else self.holder
+        when = self.at.strftime("%Y-%m-%d %H:%M:%S UTC") if self.at else "an unknown time"
+        return (f"sent again by {by} with other bytes at {when}; kept beside the first version, and current "
+                "as the latest received")
 
 
 @dataclass(frozen=True)
@@ -470,7 +478,9 @@ class Catalog:
             files = sorted(state.files.get(name, {}).values(), key=lambda f: (f.seq, f.path))
             if files:
                 listing = ", ".join(_sql_str(self.read_path(f.path)) for f in files)
-                sql = f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet([{listing}])"
+                # by name: a column added to a table later is NULL in the files written before it
+                sql = (f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet([{listing}]"
+                       f"{', union_by_name = true' if name == 'conflicts' else ''})")
             else:
                 sql = f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM _empty_{name}"
             self.con.execute(sql)
@@ -819,16 +829,20 @@ class Catalog:
                              zip(existing.column("sha256").to_pylist(), existing.column("object_key").to_pylist())))
             mask = pc.invert(pc.is_in(fresh.column("sop_instance_uid"), value_set=existing.column("sop_instance_uid")))
             clashing = fresh.filter(pc.invert(mask))
-            for row in clashing.select(["study_uid", "series_uid", "sop_instance_uid", "sha256", "origin_site"]).to_pylist():
+            versions = {(r[0], r[1]) for r in con.execute(
+                "SELECT c.sop_instance_uid, c.new_sha256 FROM conflicts c JOIN _new_inst n "
+                "ON c.study_uid = n.study_uid AND c.sop_instance_uid = n.sop_instance_uid").fetchall()}
+            for row in clashing.select(["study_uid", "series_uid", "sop_instance_uid", "sha256", "origin_site",
+                                        "size"]).to_pylist():
                 old_sha, old_key = known[row["sop_instance_uid"]]
-                if old_sha == row["sha256"]:
-                    already += 1
+                if old_sha == row["sha256"] or (row["sop_instance_uid"], row["sha256"]) in versions:
+                    already += 1  # this version is registered already
                     continue
                 conflicts.append(ConflictRecord(
                     row["study_uid"], row["sop_instance_uid"], old_key, old_sha, row["sha256"],
                     keys.object_key(row["origin_site"], row["study_uid"], row["series_uid"],
                                     row["sop_instance_uid"], conflict_sha256=row["sha256"]),
-                    row["origin_site"], holder, now))
+                    row["origin_site"], holder, now, int(row["size"])))
             fresh = fresh.filter(mask)
         n_new = fresh.num_rows
         # which studies need their location (re)written at this holder
@@ -906,11 +920,27 @@ class Catalog:
         return CommitPlan(rows=rows, audit=drafts, result=result)
 
     # ---------------------------------------------------------- instances
-    def instances(self, study_uid: str) -> list[dict[str, Any]]:
-        """The study's registered instances (object key, SHA-256, size, SOP class, transfer syntax)."""
+    def instances(self, study_uid: str, version: str = "current") -> list[dict[str, Any]]:
+        """The study's registered instances (object key, SHA-256, size, SOP class, transfer syntax).
+
+        version='current' (what every retrieval serves): an instance sent
+        again with other bytes has the key, SHA-256 and size of its latest
+        version, and `corrected` True; version='first': the rows as first
+        registered.
+        """
+        if version == "first":
+            return self._rows(
+                "SELECT * EXCLUDE (_seq) FROM instances WHERE study_uid = ? ORDER BY series_uid, instance_number, "
+                "sop_instance_uid", [study_uid])
+        if version != "current":
+            raise UsageError(f"version {version!r}: use 'current' or 'first'")
         return self._rows(
-            "SELECT * EXCLUDE (_seq) FROM instances WHERE study_uid = ? ORDER BY series_uid, instance_number, "
-            "sop_instance_uid", [study_uid])
+            "WITH v AS (SELECT sop_instance_uid, arg_max(conflict_key, _seq) AS k, arg_max(new_sha256, _seq) AS sha, "
+            "  arg_max(new_size, _seq) AS sz FROM conflicts WHERE study_uid = ? GROUP BY sop_instance_uid) "
+            "SELECT i.* EXCLUDE (_seq, object_key, sha256, size), coalesce(v.k, i.object_key) AS object_key, "
+            "coalesce(v.sha, i.sha256) AS sha256, coalesce(v.sz, i.size) AS size, v.k IS NOT NULL AS corrected "
+            "FROM instances i LEFT JOIN v USING (sop_instance_uid) WHERE i.study_uid = ? "
+            "ORDER BY i.series_uid, i.instance_number, i.sop_instance_uid", [study_uid, study_uid])
 
     def iter_instances(self, part: int = 0, parts: int = 1, batch_size: int = 10_000) -> Iterator[list[dict[str, Any]]]:
         """Every registered instance (study, origin, key, SHA-256, size), in batches.
@@ -924,7 +954,13 @@ class Catalog:
             self._ensure_views()
             reader = self.con.sql(
                 "SELECT i.study_uid, i.series_uid, i.sop_instance_uid, i.object_key, i.sha256, i.size, "
-                "s.origin_site FROM instances i JOIN (SELECT study_uid, arg_max(origin_site, _seq) AS origin_site "
+                "s.origin_site FROM (SELECT study_uid, series_uid, sop_instance_uid, object_key, sha256, size "
+                "  FROM instances UNION ALL "
+                # every kept version is verified too (versions registered before sizes were recorded: not)
+                "  SELECT c.study_uid, f.series_uid, c.sop_instance_uid, c.conflict_key, c.new_sha256, c.new_size "
+                "  FROM conflicts c JOIN instances f USING (study_uid, sop_instance_uid) "
+                "  WHERE c.new_size IS NOT NULL) i "
+                "JOIN (SELECT study_uid, arg_max(origin_site, _seq) AS origin_site "
                 f"FROM studies GROUP BY study_uid) s USING (study_uid) {where} "
                 "ORDER BY i.object_key").to_arrow_reader(batch_size)
             batches = [b.to_pylist() for b in reader]

@@ -70,7 +70,7 @@ def _merge(catalog: "Catalog", table: str, inputs: list[str], level: int) -> dic
     """Write the merged, sorted file of `inputs`; returns its log record (not yet committed)."""
     spec = tables.TABLES[table]
     listing = ", ".join("'" + catalog.read_path(p).replace("'", "''") + "'" for p in inputs)
-    sql = _select_sql(spec, f"read_parquet([{listing}])")
+    sql = _select_sql(spec, f"read_parquet([{listing}], union_by_name = true)")
     rel = f"data/{table}/L{level}-{uuid.uuid4().hex}.parquet"
     final = cfs.join(catalog.root, rel)
     local_target = final if catalog.local else os.path.join(catalog._tmpdir, f"merge-{uuid.uuid4().hex}.parquet")
@@ -83,7 +83,7 @@ def _merge(catalog: "Catalog", table: str, inputs: list[str], level: int) -> dic
             for source in ordered:
                 with _open(catalog, source) as handle:
                     for batch in pq.ParquetFile(handle).iter_batches(batch_size=spec.row_group_size * 8):
-                        data = pa.Table.from_batches([batch]).cast(spec.schema)
+                        data = tables.conform(pa.Table.from_batches([batch]), spec.schema)
                         writer.write_table(data, row_group_size=spec.row_group_size)
                         rows += data.num_rows
         pa.default_memory_pool().release_unused()

@@ -78,6 +78,7 @@ CONFLICTS = pa.schema([
     ("study_uid", STR), ("sop_instance_uid", STR), ("object_key", STR), ("existing_sha256", STR),
     ("new_sha256", STR), ("conflict_key", STR), ("origin_site", STR), ("holder", STR),
     ("at", TS), ("_seq", I64),
+    ("new_size", I64),  # added later: files written before it lack the column (read by name)
 ])
 
 
@@ -132,3 +133,10 @@ BY_KINDS = ("rule", "person", "consent", "system")
 CONSENT_STATES = ("given", "withdrawn")
 LINK_METHODS = ("auto-exact", "operator", "unlink")
 CENTER = "center"
+
+
+def conform(data: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`data` with `schema`'s columns in its order; a column older files lack is filled with nulls."""
+    columns = [data.column(f.name).cast(f.type) if f.name in data.column_names else pa.nulls(data.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -22,6 +22,7 @@ from tasks.sync import (
     register,
     retain,
     upload_study,
+    upload_versions,
 )
 
 
@@ -85,6 +86,12 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
             from flows.deliver import distribute
 
             deliveries = distribute(plan, config, data_dir)
+    # every run: instances received again with other bytes (corrected images) become new versions
+    versions = upload_versions(site, config, data_dir)
+    if versions["registered"]:
+        deliveries["corrected"] = f"{versions['registered']} corrected instance(s) registered as new versions"
+    if versions["failed"]:
+        failures["corrected instances"] = "; ".join(versions["failed"][:3])
     # every run: what this or an earlier run quarantined (or an operator released) goes into the audit chain
     held = audit_quarantines(site, config, data_dir)
     retained = retain(site, config, data_dir)

@@ -121,13 +121,18 @@ def find_edge_copy(layout: Layout, sop_instance_uid: str, sha256: str) -> tuple[
             continue
         with Journal.open(root) as journal:
             entry = journal.entry(sop_instance_uid)
-        if entry is None or not entry.local or entry.instance.sha256 != sha256:
-            continue
-        try:
-            if entry.path.exists() and _file_sha256(entry.path) == sha256:
-                return site.id, entry.path
-        except OSError:
-            continue
+            # a later version of the instance (sent again with other bytes) is kept in conflicts/
+            versions = [c.path for c in journal.conflicts()
+                        if c.sop_instance_uid == sop_instance_uid and c.received_sha256 == sha256]
+        candidates = versions
+        if entry is not None and entry.local and entry.instance.sha256 == sha256:
+            candidates = [entry.path, *versions]
+        for path in candidates:
+            try:
+                if path.exists() and _file_sha256(path) == sha256:
+                    return site.id, path
+            except OSError:
+                continue
     return None
 
 

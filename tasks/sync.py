@@ -109,6 +109,18 @@ def mark_verified(site: str, study_uids: list[str], config: str | None = None, d
         return transfer.mark_verified(journal, study_uids)
 
 
+@task(name="versions", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=retry_io_only)
+def upload_versions(site: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Instances the edge received again with other bytes go to the center as new versions (counts only)."""
+    from renkei.versions import upload_versions as upload
+
+    lay = runtime.layout(config, data_dir)
+    with runtime.open_journal(lay, site) as journal, runtime.open_catalog(lay) as catalog:
+        result = upload(journal, runtime.open_store(lay), catalog, site)
+    return result.to_dict()
+
+
 @task(name="flag", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
       retry_condition_fn=retry_io_only)
 def flag(study_uids: list[str], config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:

@@ -53,14 +53,27 @@ def test_changed_checksum_is_a_conflict_never_an_overwrite(cat: Catalog) -> None
     conflict = result.conflicts[0]
     assert conflict.existing_sha256 != conflict.new_sha256
     assert conflict.conflict_key.endswith(f".{conflict.new_sha256}.dcm")
-    rows = {r["sop_instance_uid"]: r["sha256"] for r in cat.instances(f"{ROOT}.2")}
+    first = {r["sop_instance_uid"]: r for r in cat.instances(f"{ROOT}.2", version="first")}
     original = {i.sop_instance_uid: i.sha256 for i in make_batch(2, 4).instances}
-    assert all(rows[sop] == sha for sop, sha in original.items())  # the registered bytes stay
+    assert all(first[sop]["sha256"] == sha for sop, sha in original.items())  # the first rows stay
+    # what retrieval serves is the latest version, under its own key
+    current = {r["sop_instance_uid"]: r for r in cat.instances(f"{ROOT}.2")}
+    edited = {i.sop_instance_uid: i for i in changed.instances}
+    for sop in original:
+        assert current[sop]["sha256"] == edited[sop].sha256 and current[sop]["corrected"]
+        assert current[sop]["object_key"].endswith(f".{edited[sop].sha256}.dcm")
+        assert current[sop]["size"] == edited[sop].size
     assert len(cat.conflicts(f"{ROOT}.2")) == 4
+    assert "sent again" in cat.conflicts(f"{ROOT}.2")[0].why
     assert cat.study(f"{ROOT}.2").instance_count == 5
     assert cat.audit_trail(f"{ROOT}.2")[-1].outcome == "conflict"
-    # the same conflict again is recorded again (each attempt is evidence), nothing overwritten
-    assert len(cat.register(changed).conflicts) == 4
+    # the same version again is already registered: nothing recorded twice, nothing overwritten
+    again = cat.register(changed)
+    assert (len(again.conflicts), again.already_present) == (0, 5)
+    assert len(cat.conflicts(f"{ROOT}.2")) == 4
+    # both versions are verified by the nightly check
+    keys = [r["object_key"] for part in cat.iter_instances() for r in part if r["study_uid"] == f"{ROOT}.2"]
+    assert len(keys) == 9
 
 
 def test_invalid_uids_are_refused(cat: Catalog) -> None:

@@ -47,6 +47,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_compact)
 
+    p = cmds.add_parser("versions", parents=[common], help="instances sent again with other bytes: every version",
+                        description="Instances an edge received again under the same SOP Instance UID with other "
+                                    "bytes (corrected images). Both versions are kept; the latest received is "
+                                    "current and is what every retrieval serves.")
+    p.add_argument("study_uid", nargs="?", metavar="STUDY_UID", help="only this study")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_versions)
+
     for name, help_text, func in (
         ("check", "read the whole catalog: log continuity, every data file's checksum, the witness", _check),
         ("backup", "copy what is new in the catalog to its second location (incremental)", _backup),
@@ -246,3 +254,18 @@ def _rebuild(args: argparse.Namespace) -> int:
             for key in result.unreadable[:20]:
                 print(f"  {key}")
     return 0 if not result.unreadable else 1
+
+
+def _versions(args: argparse.Namespace) -> int:
+    with open_catalog(args) as cat:
+        records = cat.conflicts(args.study_uid)
+    if args.json:
+        print_json([{**r.__dict__, "at": r.at.isoformat() if r.at else None, "why": r.why} for r in records])
+        return 0
+    if not records:
+        print("no instance was sent again with other bytes")
+        return 0
+    print_table([{"study_uid": r.study_uid, "instance": r.sop_instance_uid, "first": r.existing_sha256[:12],
+                  "version": r.new_sha256[:12], "from": r.holder, "at": r.at} for r in records])
+    print("the latest version of each instance is current (what retrievals serve); every version is kept")
+    return 0
