@@ -252,4 +252,15 @@ def _sweep_orphans(catalog: "Catalog", grace: float) -> int:
             if mtime is not None and float(mtime) < cutoff:
                 catalog._delete_files([rel])
                 removed += 1
+    if catalog.local:  # temporary files of writers killed while creating an entry, checkpoint or anchor
+        for folder in ("_log", "_checkpoints", "_audit"):
+            for dirpath, _dirs, names in os.walk(cfs.join(catalog.root, folder)):
+                for name in names:
+                    path = os.path.join(dirpath, name)
+                    try:
+                        if name.startswith(cfs.TEMP_PREFIX) and os.path.getmtime(path) < cutoff:
+                            os.unlink(path)
+                            removed += 1
+                    except FileNotFoundError:
+                        pass
     return removed

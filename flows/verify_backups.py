@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow
 
+from tasks.center import backup_catalog, check_catalog
 from tasks.common import publish_artifacts
 from tasks.verify import verify_center
 
@@ -19,6 +20,10 @@ class UnrecoverableBackup(Exception):
     """Some objects are missing or corrupt and no edge holds a copy."""
 
 
+class CatalogDamagedRun(Exception):
+    """The catalog itself is damaged: restore it from its backup or rebuild it."""
+
+
 @flow(name="verify_backups")
 def verify_backups(full: bool = False, repair: bool = True, config: str | None = None,
                    data_dir: str | None = None) -> dict[str, Any]:
@@ -28,7 +33,20 @@ def verify_backups(full: bool = False, repair: bool = True, config: str | None =
     again); reports the objects no catalog row points to; removes temporary files of killed writers.
     Fails (red in the Prefect UI) when something cannot be repaired.
     """
+    catalog = check_catalog(config, data_dir)
+    if not catalog["ok"]:
+        lines = ["## The catalog is damaged",
+                 "The objects were not verified: the catalog that lists them is damaged. "
+                 "Run `renkei catalog restore` (repairs it from its backup, keeping later commits that are "
+                 "intact), then `renkei catalog check`; if the backup is gone too, `renkei catalog rebuild` "
+                 "registers every object again. Then start this flow again.", ""]
+        lines += [f"- {p}" for p in catalog["problems"][:50]]
+        publish_artifacts("verify-backups", "verify_backups", lines, [], "Nightly backup verification")
+        raise CatalogDamagedRun(f"the catalog is damaged ({len(catalog['problems'])} problems); "
+                                "see the run's artifact")
     report = verify_center(full, repair, config, data_dir)
+    report["catalog_check"] = {k: catalog[k] for k in ("entries", "files", "bytes", "seconds")}
+    report["catalog_backup"] = backup_catalog(config, data_dir)
     findings = report["findings"]
     lines = [
         "| part | instances | MB | seconds | MB/s | edge instances | grants | findings | repaired | unrecoverable |",
@@ -41,6 +59,10 @@ def verify_backups(full: bool = False, repair: bool = True, config: str | None =
     ]
     if not findings:
         lines.append("Every object read back whole; nothing is missing.")
+    cc, cb = report["catalog_check"], report["catalog_backup"]
+    lines.append(f"Catalog: {cc['entries']} log entries and {cc['files']} data files ({cc['bytes'] / 1e6:.1f} MB) "
+                 f"read whole in {cc['seconds']:.1f} s; backed up as of commit {cb['seq']} "
+                 f"({cb['files_copied']} new files).")
     if report.get("rule_grants_reapplied"):
         lines.append(f"The sharing rules were applied again to the studies uploaded or registered again: "
                      f"{report['rule_grants_reapplied']} grants written.")

@@ -35,3 +35,31 @@ def compact(config: str | None = None, data_dir: str | None = None) -> dict[str,
         after = catalog.file_counts()
     logger().info("catalog files before %s, after %s", before, after)
     return {"before": before, "after": after}
+
+
+@task(name="check-catalog", retries=1, retry_delay_seconds=[30], retry_condition_fn=retry_io_only)
+def check_catalog(config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Read the whole catalog: log continuity, every data file's checksum, the witness (catalog.backup.check)."""
+    from catalog.backup import check
+
+    lay = runtime.layout(config, data_dir)
+    with runtime.open_catalog(lay) as catalog:
+        result = check(catalog, catalog.backup)
+    logger().info("catalog check: %d entries, %d files, %d problems, %.1f s", result.entries, result.files,
+                  len(result.problems), result.seconds)
+    return result.to_dict()
+
+
+@task(name="backup-catalog", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=retry_io_only)
+def backup_catalog(config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Copy what is new in the catalog to its second location (incremental; catalog.backup.backup)."""
+    from catalog.backup import backup
+
+    lay = runtime.layout(config, data_dir)
+    with runtime.open_catalog(lay) as catalog:
+        assert catalog.backup is not None
+        result = backup(catalog, catalog.backup)
+    logger().info("catalog backup at commit %d: %d entries, %d files (%.1f MB) copied in %.1f s", result.seq,
+                  result.entries_copied, result.files_copied, result.bytes_copied / 1e6, result.seconds)
+    return result.to_dict()

@@ -245,3 +245,44 @@ def test_catalog_lost_with_no_backup_is_rebuilt_from_the_objects(region, capsys)
         assert ("center", "present") in held or ("center", "verified") in held
     code, out = _cli(capsys, data_dir, "audit", "verify")
     assert code == 0, out  # the witness recorded the accepted loss at the rebuild
+
+
+def test_what_killed_writers_left_is_swept(region) -> None:
+    """Temporary files in the log folder and data files no commit refers to are removed after a grace period."""
+    import time as _time
+
+    from catalog.compaction import compact
+
+    layout = region["layout"]
+    root = _catalog_root(layout)
+    stale = [root / "_log" / "00000000" / f"{cfs.TEMP_PREFIX}dead-000000000099.json",
+             root / "data" / "grants" / "L0-deadbeef.parquet"]
+    fresh = root / "_log" / "00000000" / f"{cfs.TEMP_PREFIX}live-000000000100.json"
+    for path in [*stale, fresh]:
+        path.write_bytes(b"left by a killed writer")
+    old = _time.time() - 7200
+    for path in stale:
+        os.utime(path, (old, old))
+    with Catalog.from_layout(layout) as cat:
+        result = compact(cat)
+    assert result.orphans_removed == 2
+    assert not any(p.exists() for p in stale) and fresh.exists()  # one in progress is left alone
+    assert snapshot(layout, region["uids"]) == region["before"]
+
+
+def test_nightly_verification_detects_a_damaged_catalog(region, prefect_api) -> None:
+    """The verification flow reads the whole catalog first, fails red with what to do, then backs it up when whole."""
+    from flows.verify_backups import CatalogDamagedRun, verify_backups
+
+    layout, data_dir = region["layout"], region["data_dir"]
+    config = str(EXAMPLE_CONFIG)
+    report = verify_backups(config=config, data_dir=str(data_dir))
+    assert report["catalog_check"]["files"] > 0 and report["catalog_backup"]["files_copied"] > 0
+    _flip_byte(layout)
+    with pytest.raises(CatalogDamagedRun):
+        verify_backups(config=config, data_dir=str(data_dir))
+    from renkei.rebuild import restore
+
+    restore(layout)
+    report = verify_backups(config=config, data_dir=str(data_dir))
+    assert report["catalog_check"]["files"] > 0 and not report["unrecoverable"]
