@@ -689,7 +689,8 @@ class Journal:
         params: list[Any] = [study_uid]
         if upload_state is not None:
             _check_state(upload_state)
-            sql += " AND i.upload_state = ?"
+            # "+": the study's index, never the state's (which would scan every instance in that state)
+            sql += " AND +i.upload_state = ?"
             params.append(upload_state)
         rows = self._query(sql, params)
         entries = [self._entry(r) for r in rows]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from catalog.catalog import Catalog
+from catalog.store import ObjectMissing, ObjectStore
 from edge.journal import Journal, JournalError
 from renkei.config import Layout
 
@@ -45,8 +46,23 @@ def _center_verified(catalog: Catalog, study_uid: str) -> bool:
     return study_level == ["verified"] and not damaged
 
 
+def _center_holds(store: ObjectStore, catalog: Catalog, study_uid: str) -> bool:
+    """Every version of every instance is in the center's store with its size (a stat or HEAD each, no read).
+
+    The catalog's "verified" may be older than a loss of the center; the
+    edge's copy may be the last one, so it is only dropped after this look.
+    """
+    rows = catalog.instances(study_uid, version="first") + [r for r in catalog.instances(study_uid)
+                                                             if r.get("corrected")]
+    try:
+        return bool(rows) and all(store.size(r["object_key"]) == int(r["size"]) for r in rows)
+    except (ObjectMissing, OSError):
+        return False
+
+
 def apply_retention(layout: Layout, catalog: Catalog, site_id: str, now: float | None = None,
-                    usage: Callable[[Path], float] = disk_usage) -> RetentionResult:
+                    usage: Callable[[Path], float] = disk_usage,
+                    store: ObjectStore | None = None) -> RetentionResult:
     """Remove the oldest verified studies of the site's edge while its disk is above the threshold."""
     site = layout.config.site(site_id)
     policy = site.edge.retention
@@ -59,6 +75,7 @@ def apply_retention(layout: Layout, catalog: Catalog, site_id: str, now: float |
     freed = 0
     unverified = 0
     cutoff = now - policy.min_age_days * 86400
+    store = store or ObjectStore(layout.center_url, layout.config.center.s3)
     with Journal.open(root) as journal:
         rows = sorted(journal.study_rows(), key=lambda r: r["_last_received"])
         for row in rows:
@@ -68,7 +85,7 @@ def apply_retention(layout: Layout, catalog: Catalog, site_id: str, now: float |
             if row["_last_received"] > cutoff or int(row["NumberOfStudyRelatedInstances"]) == 0:
                 continue
             states = {e.upload_state for e in journal.instances(uid)}
-            if states != {"verified"} or not _center_verified(catalog, uid):
+            if states != {"verified"} or not _center_verified(catalog, uid) or not _center_holds(store, catalog, uid):
                 unverified += 1
                 continue
             size = sum(e.instance.size for e in journal.instances(uid) if e.local)

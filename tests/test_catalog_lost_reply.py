@@ -121,3 +121,31 @@ def test_a_lost_reply_to_a_losing_commit_still_lets_the_other_writer_win(proxied
     finally:
         other.close()
     _fresh_reader_agrees(url, 3, 9, cat.state.audit_count)
+
+
+def test_on_s3_a_deleted_catalog_is_detected_and_restored_from_its_backup(s3_bucket, s3_env) -> None:
+    """The same witness, backup and restore on S3: the catalog and its backup both in buckets."""
+    from catalog import fs as cfs
+    from catalog.backup import BackupLocation, backup, restore
+
+    url, backup_url = s3_bucket + "/catalog", s3_bucket + "-backup-prefix/b"
+    with Catalog(url, auto_compact=None, backup_url=backup_url) as cat:
+        cat.register_many([make_batch(1, 4), make_batch(2, 3)])
+        cat.set_consent("clinic-a", "P1", "CLA", "withdrawn", "clerk")
+        cat.compact(force=True)
+        cat.append_audit("hub", "dr", "view", make_batch(1, 1).study.study_uid)
+        backup(cat, cat.backup)
+        events, head = cat.state.audit_count, cat.state.audit_head
+    fs, root = cfs.open_filesystem(url)
+    fs.rm(root, recursive=True)
+    with Catalog(url, auto_compact=None, backup_url=backup_url) as cat:
+        verified = cat.verify_audit()
+        assert not verified.ok and any("witness" in p for p in verified.problems)
+        assert not check(cat, cat.backup).ok
+    restore(fs, root, url, BackupLocation(backup_url))
+    with Catalog(url, auto_compact=None, backup_url=backup_url) as cat:
+        assert check(cat, cat.backup).ok
+        assert (cat.state.audit_count, cat.state.audit_head) == (events, head)
+        assert cat.verify_audit().ok
+        assert cat.instance_count() == 7
+        assert cat.consent_of("clinic-a", "P1", "CLA").state == "withdrawn"
