@@ -146,7 +146,8 @@ def main() -> int:
     url = str(work / "catalog")
     rng = np.random.default_rng(42)
     n_patients = max(1, args.studies // 3)
-    cat = Catalog(url, auto_compact=args.auto_compact or None, writer="bench")
+    # as the flows open it: with its second location, so every commit also writes the witness
+    cat = Catalog(url, auto_compact=args.auto_compact or None, writer="bench", backup_url=str(work / "witness"))
     try:
         # -------------------------------------------------------- registration
         total_instances = 0
@@ -210,6 +211,38 @@ def main() -> int:
         total = sum(t.instances for t in cat.totals())
         assert total == total_instances, (total, total_instances)
 
+        # ------------------------------------------- the cost of the integrity checks
+        from catalog import backup as cbackup
+        from catalog import catalog as catalog_mod
+
+        catalog_mb_live = sum(f.size for files in cat.state.files.values() for f in files.values()) / 2**20
+        catalog_mod._VERIFIED.clear()  # as a new process: every live file is hashed before the first query
+        cold = Catalog(url, auto_compact=None, writer="bench-cold")
+        t0 = time.perf_counter()
+        cold.totals()
+        cold_first_s = time.perf_counter() - t0
+        cold.close()
+        catalog_mod._VERIFIED.clear()
+        cold = Catalog(url, auto_compact=None, writer="bench-cold")
+        t0 = time.perf_counter()
+        cold.con.execute("SELECT 1")  # a connection of its own, without the checks: the reference
+        cold._check_live_files = lambda state: None  # type: ignore[method-assign]
+        cold.totals()
+        cold_unchecked_s = time.perf_counter() - t0
+        cold.close()
+        t0 = time.perf_counter()
+        checked = cbackup.check(cat)
+        check_s = time.perf_counter() - t0
+        assert checked.ok, checked.problems
+        location = cbackup.BackupLocation(str(Path(url).parent / "catalog-backup"))
+        t0 = time.perf_counter()
+        cbackup.backup(cat, location)
+        backup_full_s = time.perf_counter() - t0
+        cat.append_audit("center", "bench", "bench-marker")
+        t0 = time.perf_counter()
+        cbackup.backup(cat, location)
+        backup_incr_s = time.perf_counter() - t0
+
         out = {
             "studies": args.studies,
             "instances": total_instances,
@@ -230,6 +263,12 @@ def main() -> int:
             "visible_p99_ms_before_final_compaction": round(pct(before[0], 0.99), 2),
             "locate_p50_ms_before_final_compaction": round(statistics.median(before[1]), 2),
             "locate_p99_ms_before_final_compaction": round(pct(before[1], 0.99), 2),
+            "live_catalog_mb": round(catalog_mb_live),
+            "cold_first_query_s": round(cold_first_s, 2),
+            "cold_first_query_unchecked_s": round(cold_unchecked_s, 2),
+            "check_s": round(check_s, 2),
+            "backup_full_s": round(backup_full_s, 2),
+            "backup_incremental_s": round(backup_incr_s, 3),
             "peak_rss_mb": round(rss_mb()),
             "catalog_mb": round(sum(f.stat().st_size for f in Path(url).rglob("*") if f.is_file()) / 2**20),
         }
@@ -245,6 +284,11 @@ def main() -> int:
               f"p99 {out['visible_p99_ms_before_final_compaction']} ms, "
               f"locate p50 {out['locate_p50_ms_before_final_compaction']} ms / "
               f"p99 {out['locate_p99_ms_before_final_compaction']} ms")
+        print(f"checks: first query of a new process {out['cold_first_query_s']} s with every live file hashed "
+              f"({out['live_catalog_mb']} MB) vs {out['cold_first_query_unchecked_s']} s without "
+              f"({(cold_first_s / cold_unchecked_s if cold_unchecked_s else 0):.1f}x); full catalog check "
+              f"{out['check_s']} s; backup {out['backup_full_s']} s first, {out['backup_incremental_s']} s after "
+              "one more commit")
         print(f"peak memory {out['peak_rss_mb']} MB (target <= 2048); catalog on disk {out['catalog_mb']} MB")
         print(json.dumps(out))
         return 0
