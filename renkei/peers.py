@@ -66,11 +66,51 @@ def dcmtk_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+# How each package's programs say who they are (`<program> --version`). pynetdicom installs console
+# scripts named storescu, findscu, movescu, getscu and echoscu into a venv's bin/: with the venv
+# activated they come first on PATH, take other options and exit 0 having sent nothing.
+_IDENTITY = {"dcmtk": ("$dcmtk:",), "orthanc": ("Orthanc",), "dicom3tools": ("",), "chromium": ("Chromium",)}
+_FOUND: dict[tuple[str, str], str] = {}
+
+
+def _identifies(path: str, package: str) -> bool:
+    marks = _IDENTITY.get(package)
+    if not marks or marks == ("",):
+        return True
+    try:
+        proc = subprocess.run([path, "--version"], capture_output=True, timeout=20, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    text = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+    first = text.splitlines()[0] if text else ""
+    head = os.path.basename(first.split(" ")[0]) if first else ""  # Orthanc prints its own path first
+    return any(first.startswith(m) or head == m for m in marks)
+
+
 def require_program(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if not path:
-        raise PeerError(f"{name} is not installed; install Debian's package: apt-get install -y {package}")
-    return path
+    """The full path of `name` from Debian's `package`, checked by its --version, whatever PATH offers first.
+
+    $RENKEI_<PACKAGE>_BIN (e.g. RENKEI_DCMTK_BIN=/opt/dcmtk/bin) names the folder to use instead.
+    """
+    key = (name, package)
+    if key in _FOUND:
+        return _FOUND[key]
+    override = os.environ.get(f"RENKEI_{package.upper()}_BIN")
+    folders = [override] if override else os.environ.get("PATH", os.defpath).split(os.pathsep)
+    wrong = []
+    for folder in folders:
+        candidate = shutil.which(name, path=folder) if folder else None
+        if not candidate:
+            continue
+        if _identifies(candidate, package):
+            _FOUND[key] = candidate
+            return candidate
+        wrong.append(candidate)
+    if wrong:
+        raise PeerError(f"{name} found at {', '.join(wrong)} is not {package}'s (its --version says otherwise; "
+                        f"a Python venv's bin/ holds pynetdicom's programs of the same names): install Debian's "
+                        f"package (apt-get install -y {package}) or set RENKEI_{package.upper()}_BIN")
+    raise PeerError(f"{name} is not installed; install Debian's package: apt-get install -y {package}")
 
 
 @dataclass
@@ -288,8 +328,8 @@ def start_moto(workdir: Path, port: int | None = None) -> S3Peer:
 # --------------------------------------------------------------------- dcmtk clients
 def run_dcmtk(args: Sequence[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run a dcmtk command line (storescu, findscu, movescu...) with TCP_NODELAY set."""
-    require_program(args[0], "dcmtk")
-    proc = subprocess.run(list(args), capture_output=True, timeout=timeout, env=dcmtk_env())
+    exe = require_program(args[0], "dcmtk") if os.sep not in args[0] else args[0]
+    proc = subprocess.run([exe, *list(args)[1:]], capture_output=True, timeout=timeout, env=dcmtk_env())
     if check and proc.returncode != 0:
         raise PeerError(
             f"{' '.join(args[:3])}... exited {proc.returncode}: "

@@ -69,3 +69,33 @@ def test_prefect_api_runs_a_real_flow(prefect_api: str) -> None:
     names = [r.name for r in anyio.run(runs)]
     assert names, "the flow run is recorded by the Prefect API"
     assert prefect_api.startswith("http://127.0.0.1:")
+
+
+def test_dcmtk_is_found_by_identity_not_by_path_order(monkeypatch) -> None:
+    """pynetdicom's storescu in the venv's bin/ comes first on PATH when the venv is activated: never used."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from renkei import peers
+
+    venv_bin = Path(sys.executable).parent
+    if not (venv_bin / "storescu").exists():
+        import pytest
+
+        pytest.skip("this interpreter's bin/ has no pynetdicom storescu to shadow dcmtk's")
+    monkeypatch.setattr(peers, "_FOUND", {})
+    monkeypatch.setenv("PATH", f"{venv_bin}:{shutil.os.environ['PATH']}")
+    assert shutil.which("storescu") == str(venv_bin / "storescu")  # what PATH offers first
+    found = peers.require_program("storescu", "dcmtk")
+    assert Path(found).parent != venv_bin and Path(found).name == "storescu"
+    proc = peers.run_dcmtk(["echoscu", "--version"], check=False)
+    assert proc.stdout.decode().startswith("$dcmtk:")
+    monkeypatch.setattr(peers, "_FOUND", {})
+    monkeypatch.setenv("PATH", str(venv_bin))
+    try:
+        peers.require_program("storescu", "dcmtk")
+    except peers.PeerError as exc:
+        assert "not dcmtk's" in str(exc) and "RENKEI_DCMTK_BIN" in str(exc)
+    else:
+        raise AssertionError("pynetdicom's storescu was taken for dcmtk's")
