@@ -5,13 +5,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv system-deps clean-data bench
+.PHONY: demo test venv system-deps clean-data bench lock
 
-$(STAMP): pyproject.toml
+# requirements.lock: the exact versions the suite passed with (`make lock` writes it from the venv);
+# a fresh install gets those, then renkei itself without resolving anything again.
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m pip check
 	@touch $(STAMP)
+
+# after changing a dependency in pyproject.toml: install it, run the suite, then record what passed
+lock:
+	$(PY) -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m pip freeze --exclude-editable --all | grep -v -E '^(pip|setuptools|wheel)==' > requirements.lock
 
 venv: $(STAMP)
 
@@ -37,8 +46,9 @@ system-deps:
 demo: venv system-deps
 	$(VENV)/bin/renkei demo $(DEMO_ARGS)
 
+TEST_WORKERS ?= 2
 test: venv system-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: venv system-deps
 	$(PY) bench/edge_ingest.py && $(PY) bench/catalog_scale.py --studies 100000 && \
