@@ -26,8 +26,44 @@ from renkei.errors import PeerError
 LOOPBACK = "127.0.0.1"
 
 
+def _port_range() -> tuple[int, int]:
+    """Where free_port looks: $RENKEI_PORT_RANGE ("low-high"), else 20000-32767.
+
+    Below Linux's ephemeral range (32768-60999 by default), so that the
+    outgoing connections of other processes never take a port between the
+    moment it is chosen and the moment a peer binds it; test workers running
+    in parallel each get their own share (tests/conftest.py).
+    """
+    text = os.environ.get("RENKEI_PORT_RANGE", "")
+    try:
+        low, high = (int(x) for x in text.split("-"))
+        if 1024 <= low < high <= 65535:
+            return low, high
+    except ValueError:
+        pass
+    return 20000, 32767
+
+
+_GIVEN: list[int] = []  # handed out recently by this process (maybe not bound yet): never twice in a row
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
+    """A TCP port on loopback that nothing listens on right now (nor was handed out lately here)."""
+    import random
+
+    low, high = _port_range()
+    for _ in range(200):
+        port = random.randint(low, high)
+        if port in _GIVEN:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        _GIVEN.append(port)
+        del _GIVEN[:-((high - low) // 2)]
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])

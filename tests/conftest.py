@@ -17,6 +17,11 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# pytest-xdist workers (gw0, gw1, ...) pick free ports in ranges of their own (renkei.peers.free_port)
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _worker.startswith("gw") and _worker[2:].isdigit():
+    _n = int(_worker[2:]) % 4
+    os.environ.setdefault("RENKEI_PORT_RANGE", f"{20000 + _n * 3000}-{20000 + _n * 3000 + 2999}")
 
 from renkei import peers  # noqa: E402
 

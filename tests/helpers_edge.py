@@ -210,6 +210,9 @@ def edge_subprocess(region: Region, data_dir: Path, log: Path) -> subprocess.Pop
     """`renkei edge serve` as a real process (its own session, output to `log`)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # a lone edge has no deployments to trigger: without this, a Prefect API that another test of the
+    # same worker process started would make it log "no deployment sync_site/..." errors
+    env.pop("PREFECT_API_URL", None)
     handle = open(log, "ab")
     try:
         return subprocess.Popen(
