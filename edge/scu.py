@@ -83,9 +83,20 @@ def _associate(ae: AE, peer: DicomPeer, site: SiteConfig | None = None) -> Any:
     except Exception as exc:
         raise PeerError(f"cannot connect to {peer.ae_title} at {peer.host}:{peer.port}: {exc}") from None
     if not assoc.is_established:
-        raise PeerError(
-            f"{peer.ae_title} at {peer.host}:{peer.port} refused the association from "
-            f"{ae.ae_title}: check that it knows this AE title and that it is running")
+        if assoc.is_rejected:
+            raise PeerError(
+                f"{peer.ae_title} at {peer.host}:{peer.port} rejected the association from "
+                f"{ae.ae_title}: check that it knows this AE title (and its own, {peer.ae_title})")
+        import socket
+
+        try:
+            socket.create_connection((peer.host, peer.port), timeout=5).close()
+        except OSError as exc:
+            raise PeerError(f"nothing answers at {peer.host}:{peer.port} ({peer.ae_title}): "
+                            f"{exc.strerror or exc}; is it running, and are its host and port in the "
+                            "configuration right?") from None
+        raise PeerError(f"{peer.ae_title} at {peer.host}:{peer.port} accepted the connection but no association "
+                        f"({'TLS handshake or ' if tls_args else ''}the peer aborted it): check its log")
     return assoc
 
 

@@ -47,7 +47,23 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _when(value: str | None, option: str) -> str | None:
+    import datetime as dt
+
+    from renkei.errors import UsageError
+
+    if value is None:
+        return None
+    try:
+        dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{option} {value!r} is not a date or time: write e.g. 2026-12-01 or "
+                         "2026-12-01T08:30 (UTC) or 2026-12-01T08:30+09:00") from None
+    return value
+
+
 def _show(args: argparse.Namespace) -> int:
+    args.since, args.until = _when(args.since, "--since"), _when(args.until, "--until")
     with open_catalog(args) as cat:
         events = cat.audit(study_uid=args.study_uid, site=args.site, actor=args.actor, action=args.action,
                            since=args.since, until=args.until, limit=args.limit)

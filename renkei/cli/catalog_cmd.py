@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from renkei.cli.common import layout_of, print_json, print_table
+from renkei.errors import UsageError
 
 ORDER = 50
 
@@ -69,10 +71,17 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 @contextmanager
-def open_catalog(args: argparse.Namespace) -> Iterator[Any]:
+def open_catalog(args: argparse.Namespace, create: bool = False) -> Iterator[Any]:
+    """The region's catalog; unless `create`, a local catalog that does not exist is an error, not made."""
     from catalog.catalog import Catalog
 
-    catalog = Catalog.from_layout(layout_of(args), writer=f"cli:{_user()}")
+    layout = layout_of(args)
+    url = layout.catalog_url
+    if not create and "://" not in url and not os.path.isdir(url):
+        where = "" if layout.data_dir.is_dir() else f" (the data folder {layout.data_dir} does not exist either)"
+        raise UsageError(f"there is no catalog at {url}{where}: check --data-dir or RENKEI_DATA_DIR "
+                         "(or `renkei catalog rebuild` to make one from the center's objects)")
+    catalog = Catalog.from_layout(layout, writer=f"cli:{_user()}")
     try:
         yield catalog
     finally:
@@ -90,6 +99,7 @@ def _user() -> str:
 
 def _studies(args: argparse.Namespace) -> int:
     patients = [(args.patient_id, args.issuer)] if args.patient_id else None
+    layout_of(args).config.site(args.site)  # an unknown site is an error, never "(none)"
     with open_catalog(args) as cat:
         rows = cat.visible_studies(args.site, patients, args.date_from, args.date_to, args.modality)
     if args.json:
@@ -240,6 +250,8 @@ def _restore(args: argparse.Namespace) -> int:
 def _rebuild(args: argparse.Namespace) -> int:
     from renkei.rebuild import rebuild
 
+    if not layout_of(args).data_dir.is_dir():
+        raise UsageError(f"the data folder {layout_of(args).data_dir} does not exist: check --data-dir")
     result = rebuild(layout_of(args))
     if args.json:
         print_json(result.to_dict())

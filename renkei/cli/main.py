@@ -62,6 +62,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("renkei: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # an unreachable part, or a bug: one line (the traceback with -v)
+        if getattr(args, "verbose", 0):
+            import traceback
+
+            traceback.print_exc()
+        print(f"renkei: error: {describe_failure(exc)}", file=sys.stderr)
+        return 1
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an exception that is not a RenkeiError: what failed, and what to do."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 8:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    names = " ".join(type(e).__name__ for e in chain)
+    text = " ".join(str(e) for e in chain)
+    if "ConnectError" in names or "ConnectionRefused" in names or "Connection refused" in text \
+            or "All connection attempts failed" in text:
+        api = os.environ.get("PREFECT_API_URL", "")
+        what = f"the Prefect API at {api}" if api and "prefect" in repr(type(exc)).lower() + text.lower() else \
+            "a server this command needs"
+        return (f"cannot reach {what}: connection refused; start it (e.g. `renkei server`) or check "
+                "PREFECT_API_URL and the addresses in the config (run with -v for details)")
+    if "Timeout" in names:
+        return f"a server did not answer in time ({type(exc).__name__}); check the network and retry (-v: details)"
+    message = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {message} (unexpected; run with -v for the traceback and report it)"
 
 
 if __name__ == "__main__":

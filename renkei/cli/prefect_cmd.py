@@ -181,6 +181,9 @@ def worker_command(site: str | None, limit: int = 4) -> list[str]:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UsageError("set PREFECT_API_URL to the Prefect server's API (e.g. http://127.0.0.1:4200/api): "
+                         "the worker takes its runs from there")
     layout = layout_of(args)
     if args.site:
         layout.config.site(args.site)
