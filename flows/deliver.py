@@ -12,6 +12,8 @@ from typing import Any
 
 from prefect import flow
 
+from flows import run_names
+
 from renkei import runtime
 from tasks.clinical import (
     cache_study,
@@ -22,7 +24,7 @@ from tasks.clinical import (
 from tasks.common import publish_artifacts
 
 
-@flow(name="deliver")
+@flow(name="deliver", flow_run_name=run_names.deliver)
 def deliver(site: str, study_uids: list[str], to_pacs: bool = False, config: str | None = None,
             data_dir: str | None = None) -> dict[str, Any]:
     """Copy the studies from the center into the site's edge cache; with `to_pacs`, also import them
@@ -47,12 +49,23 @@ def deliver(site: str, study_uids: list[str], to_pacs: bool = False, config: str
                 row["pacs"] = "imported" if state.is_completed() else f"FAILED: {state.result(raise_on_failure=False)}"
         rows.append(row)
     elapsed = time.monotonic() - started
-    publish_artifacts(f"deliver-{site}", f"deliver to {site}",
-                      [f"{len(study_uids)} studies delivered to {site} in {elapsed:.1f} s."], rows,
-                      "Studies pushed ahead of time")
     failed = [r for r in rows if r["edge"].startswith("FAILED") or r["pacs"].startswith("FAILED")]
+    # asked for the PACS and not imported there (patient unknown at the site, no PACS): not a success
+    partial = [r for r in rows if to_pacs and r not in failed and r["pacs"] != "imported"]
+    done = len(rows) - len(failed) - len(partial)
+    lines = [f"{done} of {len(study_uids)} studies delivered to {site}"
+             + (" and imported into its PACS" if to_pacs else " (edge cache)") + f" in {elapsed:.1f} s."]
     if failed:
-        raise RuntimeError(f"{len(failed)} studies could not be delivered to {site}")
+        lines += ["", f"**FAILED: {len(failed)}** (see the rows). The center still holds every study: start this "
+                  "flow again once the cause is fixed (the edge's disk, the PACS, the network)."]
+    if partial:
+        lines += ["", f"**NOT IMPORTED: {len(partial)}** — cached at the edge but not in the PACS (see the rows): "
+                  "register the patient at the site (or link the patient's IDs: `renkei link`), then start this "
+                  "flow again."]
+    publish_artifacts(f"deliver-{site}", f"deliver to {site}", lines, rows, "Studies pushed ahead of time")
+    if failed or partial:
+        raise RuntimeError(f"{len(failed)} studies could not be delivered to {site}, {len(partial)} not imported "
+                           "into its PACS; see the run's artifact")
     return {"site": site, "studies": rows, "seconds": elapsed}
 
 

@@ -16,7 +16,7 @@ from tasks.clinical import (
 from tasks.common import publish_artifacts
 
 
-@flow(name="fetch_priors")
+@flow(name="fetch_priors", flow_run_name="priors-into-{site}")
 def fetch_priors(site: str, patient_id: str, issuer: str = "", lookback_years: float = 5.0,
                  modalities: list[str] | None = None, patient_name: str = "", birth_date: str = "",
                  sex: str = "", config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from tasks.center import compact
 from tasks.common import publish_artifacts
 
 
-@flow(name="compact_catalog")
+@flow(name="compact_catalog", flow_run_name="compact-catalog")
 def compact_catalog(config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Merge the catalog's small files (nightly), so that query time does not grow with writes."""
     result = compact(config, data_dir)
@@ -23,7 +23,7 @@ def compact_catalog(config: str | None = None, data_dir: str | None = None) -> d
     return result
 
 
-@flow(name="backup_catalog")
+@flow(name="backup_catalog", flow_run_name="backup-catalog")
 def backup_catalog(config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Copy what is new in the catalog to its second location (every 15 minutes; incremental).
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows import run_names
+
 from tasks.center import publish_study
 from tasks.common import publish_artifacts
 
 
-@flow(name="publish")
+@flow(name="publish", flow_run_name=run_names.publish)
 def publish(study_uid: str, to_sites: list[str], operator: str, reason: str = "", unpublish: bool = False,
             deliver: bool = True, config: str | None = None, data_dir: str | None = None) -> list[str]:
     """Grant `study_uid` to `to_sites` (revoke with unpublish=True); audited under `operator`.

@@ -26,7 +26,7 @@ from tasks.sync import (
 )
 
 
-@flow(name="sync_site", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=False)
+@flow(name="sync_site", flow_run_name="sync-{site}", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=False)
 def sync_site(site: str, config: str | None = None, data_dir: str | None = None) -> Any:
     """Move the site's completed studies to the center, verified, registered and flagged.
 

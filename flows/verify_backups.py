@@ -6,6 +6,8 @@ from typing import Any
 
 from prefect import flow
 
+from flows import run_names
+
 from tasks.center import backup_catalog, check_catalog
 from tasks.common import publish_artifacts
 from tasks.verify import verify_center
@@ -24,7 +26,7 @@ class CatalogDamagedRun(Exception):
     """The catalog itself is damaged: restore it from its backup or rebuild it."""
 
 
-@flow(name="verify_backups")
+@flow(name="verify_backups", flow_run_name=run_names.verify)
 def verify_backups(full: bool = False, repair: bool = True, config: str | None = None,
                    data_dir: str | None = None) -> dict[str, Any]:
     """Check size and SHA-256 of the center's objects (a rotating share each night unless `full`),
