@@ -424,8 +424,12 @@ def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0
         cat = board.catalog
         view = d.overview(layout, cat)
         page = d.browse_studies(layout, cat, query)
+        from renkei.status import region_status
+
+        api = os.environ.get("PREFECT_API_URL") or f"{board.prefect_ui}/api"
+        needs = region_status(layout, api, catalog=cat, timeout=3.0)
         context = {
-            "view": view, "page": page, "query": query, "prefect_ui": board.prefect_ui,
+            "view": view, "page": page, "query": query, "prefect_ui": board.prefect_ui, "needs": needs,
             "refresh_s": board.refresh_s if not query.viewer else 0,
             "throughput_json": _json_for_script(throughput_figure(view.throughput, layout.config)),
             "availability_json": _json_for_script(availability_figure(list(view.availability), layout.config)),

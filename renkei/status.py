@@ -58,14 +58,16 @@ class Status:
                 "problems": [asdict(p) for p in self.problems], "ok": self.ok}
 
 
-def region_status(layout: Layout, api_url: str | None = None, now: float | None = None) -> Status:
+def region_status(layout: Layout, api_url: str | None = None, now: float | None = None,
+                  catalog: Any = None, timeout: float = 15.0) -> Status:
+    """What needs action; `catalog` reuses an open Catalog (the dashboard's), `timeout` bounds each API call."""
     now = time.time() if now is None else now
     status = Status(dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds"))
     _edges(layout, status, now)
-    _catalog(layout, status, now)
+    _catalog(layout, status, now, catalog)
     api_url = api_url if api_url is not None else os.environ.get("PREFECT_API_URL")
     if api_url:
-        _prefect(api_url, status, now)
+        _prefect(api_url, status, now, timeout)
     else:
         status.problems.append(Problem("prefect", None, "PREFECT_API_URL is not set: runs, pools and workers "
                                        "were not checked", "set it to the Prefect server's API"))
@@ -100,7 +102,7 @@ def _edges(layout: Layout, status: Status, now: float) -> None:
                                            "sender or renkei edge release"))
 
 
-def _catalog(layout: Layout, status: Status, now: float) -> None:
+def _catalog(layout: Layout, status: Status, now: float, open_catalog: Any = None) -> None:
     from catalog.backup import BackupLocation
     from catalog.catalog import Catalog
     from renkei.errors import RenkeiError
@@ -111,9 +113,13 @@ def _catalog(layout: Layout, status: Status, now: float) -> None:
                                        "check --data-dir; after a loss: renkei catalog rebuild"))
         return
     try:
-        with Catalog.from_layout(layout, auto_compact=None) as cat:
-            cat.totals()
-            events = cat.recent_audit(["verify-backups"], limit=1)
+        if open_catalog is not None:
+            open_catalog.totals()
+            events = open_catalog.recent_audit(["verify-backups"], limit=1)
+        else:
+            with Catalog.from_layout(layout, auto_compact=None) as cat:
+                cat.totals()
+                events = cat.recent_audit(["verify-backups"], limit=1)
     except RenkeiError as exc:
         status.problems.append(Problem("catalog", None, str(exc).split(";")[0],
                                        "renkei catalog check; then renkei catalog restore (or rebuild)"))
@@ -153,25 +159,26 @@ def _catalog(layout: Layout, status: Status, now: float) -> None:
         status.ok.append("catalog backed up")
 
 
-def _get(url: str, body: dict | None = None) -> Any:
+def _get(url: str, body: dict | None = None, timeout: float = 15.0) -> Any:
     import urllib.request
 
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=15) as resp:
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
-def _prefect(api: str, status: Status, now: float) -> None:
+def _prefect(api: str, status: Status, now: float, timeout: float = 15.0) -> None:
     ui = api[:-4] if api.endswith("/api") else api
     since = dt.datetime.fromtimestamp(now - 86400, dt.timezone.utc).isoformat()
     try:
         runs = _get(f"{api}/flow_runs/filter", {
             "limit": 200, "sort": "START_TIME_DESC",
             "flow_runs": {"state": {"type": {"any_": ["FAILED", "CRASHED"]}},
-                          "start_time": {"after_": since}}})
-        late = _get(f"{api}/flow_runs/filter", {"limit": 50, "flow_runs": {"state": {"name": {"any_": ["Late"]}}}})
-        pools = _get(f"{api}/work_pools/filter", {})
+                          "start_time": {"after_": since}}}, timeout)
+        late = _get(f"{api}/flow_runs/filter", {"limit": 50, "flow_runs": {"state": {"name": {"any_": ["Late"]}}}},
+                    timeout)
+        pools = _get(f"{api}/work_pools/filter", {}, timeout)
     except OSError as exc:
         status.problems.append(Problem("prefect", None, f"the Prefect API at {api} does not answer ({exc})",
                                        "start it (renkei server) and check PREFECT_API_URL"))

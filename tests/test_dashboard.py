@@ -285,6 +285,13 @@ def test_page_in_headless_chromium(server: str, region: DemoRegion, tmp_path: Pa
             page.wait_for_selector("#throughput-chart[data-drawn=true]", timeout=30_000)
             page.wait_for_selector("#availability-chart[data-drawn=true]", timeout=30_000)
 
+            # what needs action comes first, each with its cause (this region's edges are not running)
+            assert page.evaluate("document.querySelector('#needs-action').compareDocumentPosition("
+                                 "document.querySelector('#sites')) & Node.DOCUMENT_POSITION_FOLLOWING")
+            edges = page.locator("#needs-action li[data-what=edge]")
+            assert edges.count() >= 1 and "not running" in edges.first.inner_text() or \
+                "never run" in edges.first.inner_text()
+
             # per-site numbers equal the catalog's
             for site, t in totals.items():
                 row = f"#sites tr[data-site='{site}']"
