@@ -77,7 +77,9 @@ def open_catalog(args: argparse.Namespace, create: bool = False) -> Iterator[Any
 
     layout = layout_of(args)
     url = layout.catalog_url
-    if not create and "://" not in url and not os.path.isdir(url):
+    backup = layout.catalog_backup_url
+    lost = "://" in backup or os.path.exists(os.path.join(backup, "witness.json"))  # it existed: report the loss
+    if not create and "://" not in url and not os.path.isdir(url) and not (layout.data_dir.is_dir() and lost):
         where = "" if layout.data_dir.is_dir() else f" (the data folder {layout.data_dir} does not exist either)"
         raise UsageError(f"there is no catalog at {url}{where}: check --data-dir or RENKEI_DATA_DIR "
                          "(or `renkei catalog rebuild` to make one from the center's objects)")
