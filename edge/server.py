@@ -309,6 +309,9 @@ def handle_find(event: Any, qr: QRService) -> Iterator[tuple[int, Dataset | None
                 return
             count += 1
             yield PENDING, answer
+        if event.is_cancelled:  # the search itself saw the C-CANCEL first and stopped
+            yield CANCEL, None
+            return
     except QueryError as exc:
         LOGGER.warning("C-FIND from %s@%s refused: %s", calling_ae, address, exc)
         yield IDENTIFIER_DOES_NOT_MATCH, None
