@@ -44,16 +44,15 @@ def _port_range() -> tuple[int, int]:
     return 20000, 32767
 
 
+_RANDOM = __import__("random").SystemRandom()
 _GIVEN: list[int] = []  # handed out recently by this process (maybe not bound yet): never twice in a row
 
 
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now (nor was handed out lately here)."""
-    import random
-
     low, high = _port_range()
     for _ in range(200):
-        port = random.randint(low, high)
+        port = _RANDOM.randint(low, high)  # never the global random: synthetic data seeds it
         if port in _GIVEN:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
