@@ -301,15 +301,21 @@ def handle_find(event: Any, qr: QRService) -> Iterator[tuple[int, Dataset | None
     model = str(event.request.AffectedSOPClassUID)
     try:
         identifier = event.identifier
-        answers = qr.find(calling_ae, model, identifier, cancelled=lambda: event.is_cancelled)
+        seen = [False]
+
+        def cancelled() -> bool:  # pynetdicom forgets a C-CANCEL once asked: remember it here
+            seen[0] = seen[0] or bool(event.is_cancelled)
+            return seen[0]
+
+        answers = qr.find(calling_ae, model, identifier, cancelled=cancelled)
         count = 0
         for answer in answers:
-            if event.is_cancelled:
+            if cancelled():
                 yield CANCEL, None
                 return
             count += 1
             yield PENDING, answer
-        if event.is_cancelled:  # the search itself saw the C-CANCEL first and stopped
+        if cancelled():  # the search itself saw the C-CANCEL first and stopped
             yield CANCEL, None
             return
     except QueryError as exc:
