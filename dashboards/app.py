@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import time
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -73,6 +74,21 @@ class Dashboard:
         self._catalog: Any = None
         self._store: Any = None
         self._lock = threading.Lock()
+        self._status: tuple[float, Any] | None = None
+
+    STATUS_TTL_S = 10.0  # every page load (and the auto-refresh of several screens) shares one check
+
+    def needs_action(self) -> Any:
+        """`renkei status`'s checks, at most once per STATUS_TTL_S (edges, catalog, Prefect API calls)."""
+        from renkei.status import region_status
+
+        cached = self._status
+        if cached is not None and time.monotonic() - cached[0] < self.STATUS_TTL_S:
+            return cached[1]
+        api = os.environ.get("PREFECT_API_URL") or f"{self.prefect_ui}/api"
+        status = region_status(self.layout, api, catalog=self.catalog, timeout=3.0)
+        self._status = (time.monotonic(), status)
+        return status
 
     @property
     def catalog(self) -> Any:
@@ -424,10 +440,7 @@ def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0
         cat = board.catalog
         view = d.overview(layout, cat)
         page = d.browse_studies(layout, cat, query)
-        from renkei.status import region_status
-
-        api = os.environ.get("PREFECT_API_URL") or f"{board.prefect_ui}/api"
-        needs = region_status(layout, api, catalog=cat, timeout=3.0)
+        needs = board.needs_action()
         context = {
             "view": view, "page": page, "query": query, "prefect_ui": board.prefect_ui, "needs": needs,
             "refresh_s": board.refresh_s if not query.viewer else 0,

@@ -19,6 +19,7 @@ from tasks.clinical import (
     cache_study,
     import_study,
     patient_id_at_site,
+    record_deliveries,
     start_deliveries,
 )
 from tasks.common import publish_artifacts
@@ -36,17 +37,20 @@ def deliver(site: str, study_uids: list[str], to_pacs: bool = False, config: str
         cached = cache_study(site, study_uid, config, data_dir, return_state=True)
         row = {"study_uid": study_uid,
                "edge": "cached" if cached.is_completed() else f"FAILED: {cached.result(raise_on_failure=False)}",
-               "pacs": "not asked"}
+               "pacs": "not asked", "outcome": "ok" if cached.is_completed() else "edge-failed"}
         if to_pacs and not has_pacs:
             row["pacs"] = f"not imported: {site} has no PACS in the configuration"
+            row["outcome"] = "no-pacs"
         elif to_pacs and cached.is_completed():
             ident = patient_id_at_site(site, study_uid, config, data_dir)
             if not ident["found"]:
                 row["pacs"] = f"not imported: {ident['detail']}"
+                row["outcome"] = "patient-unknown"
             else:
                 state = import_study(site, study_uid, ident["patient_id"], ident["issuer"], config, data_dir,
                                      return_state=True)
                 row["pacs"] = "imported" if state.is_completed() else f"FAILED: {state.result(raise_on_failure=False)}"
+                row["outcome"] = "ok" if state.is_completed() else "pacs-failed"
         rows.append(row)
     elapsed = time.monotonic() - started
     failed = [r for r in rows if r["edge"].startswith("FAILED") or r["pacs"].startswith("FAILED")]
@@ -62,10 +66,13 @@ def deliver(site: str, study_uids: list[str], to_pacs: bool = False, config: str
         lines += ["", f"**NOT IMPORTED: {len(partial)}** — cached at the edge but not in the PACS (see the rows): "
                   "register the patient at the site (or link the patient's IDs: `renkei link`), then start this "
                   "flow again."]
+    # each study's outcome in the audit chain: `renkei status` lists what was not delivered until it is
+    record_deliveries(site, [(r["study_uid"], r["outcome"]) for r in rows], config, data_dir)
     publish_artifacts(f"deliver-{site}", f"deliver to {site}", lines, rows, "Studies pushed ahead of time")
     if failed or partial:
-        raise RuntimeError(f"{len(failed)} studies could not be delivered to {site}, {len(partial)} not imported "
-                           "into its PACS; see the run's artifact")
+        what = ([f"{len(failed)} of {len(rows)} studies could not be delivered to {site}"] if failed else []) + \
+            ([f"{len(partial)} of {len(rows)} studies not imported into the PACS of {site}"] if partial else [])
+        raise RuntimeError("; ".join(what) + ": see the run's artifact")
     return {"site": site, "studies": rows, "seconds": elapsed}
 
 

@@ -430,6 +430,33 @@ class PolicyConfig(_Model):
     )
 
 
+class AlertsConfig(_Model):
+    """Who is told when something needs action (`renkei watch`), and the limits the checks use."""
+
+    notify: tuple[str, ...] = Field(
+        (), description="Apprise URLs to notify: json://host:port/path (a webhook), mailto://user:pass@host, "
+        "mailtos://..., slack://... (see the apprise documentation); URLs holding a secret are better "
+        "given in the environment variable named by notify_env")
+    notify_env: str = Field("RENKEI_ALERT_URLS", description="environment variable with more Apprise URLs "
+                            "(separated by spaces), for URLs that hold a password or token")
+    every_s: float = Field(120, gt=0, description="how often `renkei watch` checks the region")
+    repeat_h: float = Field(24, gt=0, description="a problem that persists is notified again after this long")
+    verification_max_age_h: float = Field(26, gt=0, description="the nightly verification is overdue after")
+    backup_max_age_min: float = Field(60, gt=0, description="the catalog's backup is overdue after")
+    edge_silent_s: float = Field(120, gt=0, description="an edge whose last heartbeat is older is reported "
+                                 "as not running (a running edge beats every 0.25-2 s)")
+    stuck_after_min: float = Field(15, gt=0, description="a site whose oldest waiting study waits longer "
+                                   "is reported as stuck, with the cause")
+
+    @field_validator("notify")
+    @classmethod
+    def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            if "://" not in url:
+                raise ValueError(f"{url!r} is not an Apprise URL (e.g. json://host:port/path, mailto://...)")
+        return value
+
+
 class RegionConfig(_Model):
     """The whole region: sites, center and sharing policy."""
 
@@ -440,6 +467,7 @@ class RegionConfig(_Model):
     center: CenterConfig = CenterConfig()
     sites: tuple[SiteConfig, ...]
     policy: PolicyConfig = PolicyConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "RegionConfig":

@@ -137,6 +137,20 @@ class RegionRunner:
             time.sleep(every)
         raise RenkeiError(f"timed out after {timeout:.0f} s waiting for {what}")
 
+    def stop_one(self, name: str, timeout: float = 20) -> None:
+        """Stop one part (an edge, a worker...) as an operator or a crash would; the others go on."""
+        proc = next(p for p in self.procs if p.name == name)
+        if proc.alive():
+            try:
+                os.killpg(proc.process.pid, proc.stop_signal)
+                proc.process.wait(timeout)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.process.pid, signal.SIGKILL)
+                proc.process.wait(5)
+        self.procs.remove(proc)
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.alive():

@@ -80,6 +80,25 @@ def import_study(site: str, study_uid: str, patient_id: str, issuer: str, config
     return asdict(result)
 
 
+@task(name="record-deliveries", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=retry_io_only)
+def record_deliveries(site: str, outcomes: list[tuple[str, str]], config: str | None = None,
+                      data_dir: str | None = None) -> int:
+    """One `deliver` audit event per study and its outcome (ok, edge-failed, pacs-failed, patient-unknown,
+    no-pacs), in one commit; `renkei status` reports the studies whose latest delivery failed."""
+    from catalog.audit import AuditDraft
+
+    lay = runtime.layout(config, data_dir)
+    with runtime.open_catalog(lay) as catalog:
+        drafts = []
+        for study_uid, outcome in outcomes:
+            row = catalog.study(study_uid)
+            drafts.append(AuditDraft(site, "renkei", "deliver", study_uid, row.origin_site if row else None,
+                                     outcome, None))
+        catalog.append_audits(drafts)
+    return len(outcomes)
+
+
 @task(name="patient-id-at-site", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=retry_io_only)
 def patient_id_at_site(site: str, study_uid: str, config: str | None = None,
                        data_dir: str | None = None) -> dict[str, Any]:

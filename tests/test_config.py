@@ -14,6 +14,7 @@ from renkei.config import Layout, load_config
 from renkei.errors import ConfigError
 
 from conftest import EXAMPLE_CONFIG
+from renkei.regionrun import REPO
 
 
 def _write(tmp_path: Path, raw: dict) -> Path:
@@ -114,3 +115,44 @@ def test_broken_config_from_the_installed_command_exits_2_without_traceback(tmp_
 def test_missing_config_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", str(tmp_path / "nope.yaml")]) == 2
     assert "no such configuration file" in capsys.readouterr().err
+
+
+def test_config_check_finds_a_site_without_deployments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A site added to the region but not to prefect.yaml would never sync on schedule: said at once."""
+    raw = yaml.safe_load(EXAMPLE_CONFIG.read_text(encoding="utf-8"))
+    extra = dict(raw["sites"][-1], id="clinic-d", name="Another clinic")
+    extra["edge"] = dict(extra["edge"], ae_title="CLD_SVR", port=extra["edge"]["port"] + 100)
+    extra["workstations"] = []
+    extra.pop("pacs", None)
+    raw["sites"].append(extra)
+    path = _write(tmp_path, raw)
+    assert main(["config", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "deployment sync-clinic-d is missing" in err and "renkei-clinic-d" in err
+    assert "Traceback" not in err
+    assert main(["config", "check", "--no-deployments", str(path)]) == 0
+    capsys.readouterr()
+
+    # a deployment whose work pool is another site's would run that site's steps on the wrong machine
+    prefect_yaml = yaml.safe_load((REPO / "prefect.yaml").read_text(encoding="utf-8"))
+    for dep in prefect_yaml["deployments"]:
+        if dep["name"] == "sync-clinic-b":
+            dep["work_pool"] = dict(dep["work_pool"], name="renkei-clinic-a")
+        if dep["name"] == "verify-backups":
+            dep.pop("schedules")
+    other = tmp_path / "prefect.yaml"
+    other.write_text(yaml.safe_dump(prefect_yaml), encoding="utf-8")
+    assert main(["config", "check", "--prefect-file", str(other), str(EXAMPLE_CONFIG)]) == 2
+    err = capsys.readouterr().err
+    assert "sync-clinic-b: work pool 'renkei-clinic-a', expected 'renkei-clinic-b'" in err
+    assert "verify-backups has no schedule" in err
+
+
+def test_config_check_refuses_an_alert_url_apprise_cannot_use(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    raw = yaml.safe_load(EXAMPLE_CONFIG.read_text(encoding="utf-8"))
+    raw["alerts"] = {"notify": ["nosuchscheme://secret@host/x"]}
+    path = _write(tmp_path, raw)
+    assert main(["config", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "nosuchscheme://..." in err and "secret" not in err and "Traceback" not in err

@@ -22,16 +22,90 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     check.add_argument("file", nargs="?", help="the YAML file (default: --config)")
     check.add_argument("--json", action="store_true", help="print the validated config as JSON")
+    check.add_argument("--prefect-file", metavar="FILE", default=None,
+                       help="the deployments to check against the sites (default: prefect.yaml of the checkout)")
+    check.add_argument("--no-deployments", action="store_true",
+                       help="check the configuration alone, not the deployments")
     check.set_defaults(func=_check)
 
 
+SITE_DEPLOYMENTS = {"sync": "flows/sync_site.py:sync_site", "deliver": "flows/deliver.py:deliver",
+                    "fetch-priors": "flows/fetch_priors.py:fetch_priors"}
+CENTER_DEPLOYMENTS = {"publish": "flows/publish.py:publish",
+                      "verify-backups": "flows/verify_backups.py:verify_backups",
+                      "compact-catalog": "flows/maintenance.py:compact_catalog",
+                      "backup-catalog": "flows/maintenance.py:backup_catalog"}
+SCHEDULED = ("sync", "verify-backups", "compact-catalog", "backup-catalog")
+
+
+def deployment_problems(config: RegionConfig, prefect_file: str) -> list[str]:
+    """What prefect.yaml lacks or gets wrong for this region's sites (one line each, saying what to fix)."""
+    import yaml
+
+    try:
+        with open(prefect_file, encoding="utf-8") as fh:
+            doc = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        return [f"{prefect_file}: cannot be read ({exc.strerror})"]
+    except yaml.YAMLError as exc:
+        return [f"{prefect_file}: not valid YAML ({str(exc).splitlines()[0]})"]
+    deployments = {d.get("name"): d for d in doc.get("deployments") or [] if isinstance(d, dict)}
+    problems = []
+
+    def expect(name: str, entrypoint: str, pool: str, site: str | None, scheduled: bool) -> None:
+        dep = deployments.get(name)
+        if dep is None:
+            problems.append(f"deployment {name} is missing: copy the entries of another site"
+                            + (f" and set site: {site} and work_pool renkei-{site}" if site else ""))
+            return
+        if dep.get("entrypoint") != entrypoint:
+            problems.append(f"deployment {name}: entrypoint {dep.get('entrypoint')!r}, expected {entrypoint!r}")
+        got_pool = (dep.get("work_pool") or {}).get("name")
+        if got_pool != pool:
+            problems.append(f"deployment {name}: work pool {got_pool!r}, expected {pool!r} "
+                            "(its steps must run on that site's own worker)")
+        if site and (dep.get("parameters") or {}).get("site") != site:
+            problems.append(f"deployment {name}: parameters.site is {(dep.get('parameters') or {}).get('site')!r}, "
+                            f"expected {site!r}")
+        if scheduled and not dep.get("schedules"):
+            problems.append(f"deployment {name} has no schedule: nothing would start it when nobody does")
+
+    for site in config.site_ids:
+        for short, entrypoint in SITE_DEPLOYMENTS.items():
+            expect(f"{short}-{site}", entrypoint, f"renkei-{site}", site, short in SCHEDULED)
+    for name, entrypoint in CENTER_DEPLOYMENTS.items():
+        expect(name, entrypoint, "renkei-center", None, name in SCHEDULED)
+    known = {f"{short}-{site}" for site in config.site_ids for short in SITE_DEPLOYMENTS} | set(CENTER_DEPLOYMENTS)
+    for name, dep in deployments.items():
+        site = (dep.get("parameters") or {}).get("site")
+        if name not in known and (site is None or site not in config.site_ids):
+            problems.append(f"deployment {name} is not for this region"
+                            + (f" (site {site!r} is not in the configuration)" if site else "")
+                            + ": remove it or add the site")
+    return problems
+
+
 def _check(args: argparse.Namespace) -> int:
+    from renkei.errors import UsageError
+
     path = args.file or getattr(args, "config", None) or default_config_path()
     config = load_config(path)
+    if config.alerts.notify:
+        from renkei.alerts import Sender
+
+        Sender(list(config.alerts.notify))  # a URL Apprise cannot send to is a mistake to say now
+    if not args.no_deployments:
+        from renkei.regionrun import REPO
+
+        prefect_file = args.prefect_file or str(REPO / "prefect.yaml")
+        problems = deployment_problems(config, prefect_file)
+        if problems:
+            raise UsageError(f"{path} is valid, but the deployments in {prefect_file} do not match its sites:\n  "
+                             + "\n  ".join(problems) + "\n(or check the configuration alone: --no-deployments)")
     if args.json:
         print_json(config.model_dump(mode="json"))
         return 0
-    print(f"{path}: valid")
+    print(f"{path}: valid" + ("" if args.no_deployments else "; the deployments match its sites"))
     print(summary(config))
     return 0
 

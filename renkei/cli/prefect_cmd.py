@@ -163,6 +163,12 @@ def _deploy(args: argparse.Namespace) -> int:
     if not os.environ.get("PREFECT_API_URL"):
         raise UsageError("set PREFECT_API_URL to the Prefect server's API (e.g. http://127.0.0.1:4200/api)")
     layout = layout_of(args)
+    from renkei.cli.config_cmd import deployment_problems
+
+    problems = deployment_problems(layout.config, args.prefect_file)
+    if problems:
+        raise UsageError(f"the deployments in {args.prefect_file} do not match the sites of the configuration:\n  "
+                         + "\n  ".join(problems))
     created = ensure_pools(list(layout.config.site_ids))
     print(f"work pools: {', '.join(created) or 'all present'}")
     proc = subprocess.run([_prefect(), "--no-prompt", "deploy", "--all", "--prefect-file", args.prefect_file],
