@@ -48,6 +48,43 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--limit", type=int, default=4, help="flow runs at once (default 4)")
     p.set_defaults(func=_worker)
 
+    parser = sub.add_parser("server-db", parents=[common], help="back up or restore the Prefect server's "
+                            "database (deployments, schedules, pools, run history)",
+                            description="Back up or restore the Prefect server's database: renkei server's "
+                            "SQLite file under the data folder, or the PostgreSQL database of "
+                            "PREFECT_API_DATABASE_CONNECTION_URL (pg_dump/pg_restore).")
+    cmds = parser.add_subparsers(title="server-db commands", metavar="ACTION")
+    b = cmds.add_parser("backup", parents=[common], help="write a consistent copy (while the server runs)")
+    b.add_argument("--to", required=True, metavar="FILE", help="the backup file to write")
+    b.set_defaults(func=_db_backup)
+    r = cmds.add_parser("restore", parents=[common], help="put a backup in place (stop the server first)")
+    r.add_argument("file", metavar="FILE", help="a file written by renkei server-db backup")
+    r.set_defaults(func=_db_restore)
+
+
+def _db_summary(held: dict[str, int]) -> str:
+    return ", ".join(f"{n} {table.replace('_', ' ')}{'s' if n != 1 else ''}" for table, n in held.items()) or \
+        "(PostgreSQL dump)"
+
+
+def _db_backup(args: argparse.Namespace) -> int:
+    from renkei import prefect_db
+
+    layout = layout_of(args)
+    held = prefect_db.backup(layout, Path(args.to))
+    print(f"backed up {prefect_db.database(layout).shown()} to {args.to}: {_db_summary(held)}")
+    return 0
+
+
+def _db_restore(args: argparse.Namespace) -> int:
+    from renkei import prefect_db
+
+    layout = layout_of(args)
+    held = prefect_db.restore(layout, Path(args.file))
+    print(f"restored {prefect_db.database(layout).shown()} from {args.file}: {_db_summary(held)}; "
+          "start the server again (renkei server)")
+    return 0
+
 
 def pool_name(site: str | None) -> str:
     return f"renkei-{site}" if site else "renkei-center"
