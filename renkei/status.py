@@ -241,7 +241,13 @@ def _get(url: str, body: dict | None = None, timeout: float = 15.0) -> Any:
     import urllib.request
 
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    auth = os.environ.get("PREFECT_API_AUTH_STRING")  # a Prefect server with basic authentication
+    if auth:
+        import base64
+
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    req = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
@@ -258,8 +264,13 @@ def _prefect(api: str, status: Status, now: float, timeout: float = 15.0) -> Non
                     timeout)
         pools = _get(f"{api}/work_pools/filter", {}, timeout)
     except OSError as exc:
-        status.problems.append(Problem("prefect", None, f"the Prefect API at {api} does not answer ({exc})",
-                                       "start it (renkei server) and check PREFECT_API_URL"))
+        if getattr(exc, "code", None) in (401, 403):
+            status.problems.append(Problem("prefect", None, f"the Prefect API at {api} refuses renkei's requests "
+                                           f"({exc})", "set PREFECT_API_AUTH_STRING to the server's user:password "
+                                           "(PREFECT_SERVER_API_AUTH_STRING)"))
+        else:
+            status.problems.append(Problem("prefect", None, f"the Prefect API at {api} does not answer ({exc})",
+                                           "start it (renkei server) and check PREFECT_API_URL"))
         return
     for run in runs:
         status.problems.append(Problem("run", None, f"run {run['name']} ended {run['state']['name']}"
