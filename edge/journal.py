@@ -277,6 +277,7 @@ class Journal:
                                          check_same_thread=False, timeout=30)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA busy_timeout = 30000")
+        self._refuse_newer_schema()
         if not readonly:
             mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -310,6 +311,19 @@ class Journal:
                 (SCHEMA_VERSION, int(SCHEMA_VERSION)),
             )
         self._clock_columns = self._has_clock_columns()
+
+    def _refuse_newer_schema(self) -> None:
+        """A journal written by a newer renkei is refused, not misread (after a downgrade)."""
+        assert self._conn is not None
+        has_meta = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        if not has_meta:
+            return
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is not None and str(row[0]).isdigit() and int(row[0]) > int(SCHEMA_VERSION):
+            self._conn.close()
+            raise JournalError(f"{self.path}: this journal was written by a newer renkei (schema {row[0]}; this "
+                               f"one knows {SCHEMA_VERSION}): install that version again (git checkout, make venv)")
 
     # -- opening -------------------------------------------------------------
     @classmethod

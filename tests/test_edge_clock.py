@@ -192,3 +192,16 @@ def test_an_older_journal_is_migrated_and_its_studies_adopted_by_the_edge(region
             time.sleep(0.05)
         time.sleep(0.5)
         assert completed == []  # announced once, before the upgrade: not again
+
+
+def test_a_journal_of_a_newer_renkei_is_refused_not_misread(tmp_path: Path) -> None:
+    """After a downgrade, an edge must not run on a journal whose meaning it does not know."""
+    from edge.journal import JournalError
+
+    with Journal.open(tmp_path) as journal:
+        journal._write([("UPDATE meta SET value = '99' WHERE key = 'schema_version'", ())])
+    for readonly in (False, True):
+        with pytest.raises(JournalError, match="newer renkei .schema 99"):
+            Journal.open(tmp_path, readonly=readonly)
+    with Journal.open(tmp_path.parent / "fresh") as fresh:  # a new journal is still created as ever
+        assert fresh.get_meta("schema_version") == SCHEMA_VERSION
