@@ -29,6 +29,9 @@ class Proc:
     process: subprocess.Popen
     log: Path
     stop_signal: int = signal.SIGTERM
+    cmd: tuple[str, ...] = ()
+    extra_env: dict[str, str] | None = None
+    restarts: int = 0
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -78,14 +81,47 @@ class RegionRunner:
         return [sys.executable, "-m", "renkei.cli.main", "--config", str(self.config_path),
                 "--data-dir", str(self.layout.data_dir), *args]
 
-    def spawn(self, name: str, cmd: Sequence[str], stop_signal: int = signal.SIGTERM) -> Proc:
+    def spawn(self, name: str, cmd: Sequence[str], stop_signal: int = signal.SIGTERM,
+              extra_env: dict[str, str] | None = None) -> Proc:
         log = self.logs / f"{name}.log"
         with open(log, "ab") as out:
-            process = subprocess.Popen(list(cmd), cwd=REPO, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(list(cmd), cwd=REPO, env=self.env(extra_env), stdout=out,
+                                       stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
-        proc = Proc(name, process, log, stop_signal)
+        proc = Proc(name, process, log, stop_signal, tuple(cmd), extra_env)
         self.procs.append(proc)
         return proc
+
+    MAX_RESTARTS = 3
+
+    def supervise(self, say: Callable[[str], None]) -> list[str]:
+        """One look at every part: one that exited is said by name and started again (as systemd's
+        Restart=on-failure would), up to MAX_RESTARTS times; the rest of the region keeps running.
+        Returns the names of the parts that stopped."""
+        stopped = []
+        for proc in list(self.procs):
+            if proc.alive():
+                continue
+            stopped.append(proc.name)
+            code = proc.process.returncode
+            last = proc.tail(400).strip().splitlines()[-1:] or ["(no output)"]
+            if proc.restarts >= self.MAX_RESTARTS:
+                say(f"{proc.name} stopped again (exit code {code}) after {proc.restarts} restarts; left stopped, "
+                    f"the rest of the region keeps running. Its log: {proc.log} (last line: {last[0][:200]})")
+                self.procs.remove(proc)
+                continue
+            say(f"{proc.name} stopped (exit code {code}; last line of {proc.log.name}: {last[0][:200]}); "
+                "the rest of the region keeps running; starting it again")
+            self.procs.remove(proc)
+            again = self.spawn(proc.name, proc.cmd, proc.stop_signal, proc.extra_env)
+            again.restarts = proc.restarts + 1
+        for site_id, orthanc in list(self.pacs.items()):
+            if orthanc.process.poll() is not None:
+                stopped.append(f"pacs-{site_id}")
+                say(f"the PACS of {site_id} (Orthanc) stopped (exit code {orthanc.process.returncode}); "
+                    f"imports into it fail until it is back. Its log: {orthanc.log_path}")
+                del self.pacs[site_id]
+        return stopped
 
     # -- the parts -----------------------------------------------------------
     def deploy(self, timeout: float = 300) -> None:

@@ -66,7 +66,7 @@ def _demo(args: argparse.Namespace) -> int:
                   flush=True)
             try:
                 while not stop.wait(1):
-                    demo.runner.check()
+                    demo.runner.supervise(lambda text: print(text, flush=True))
             except KeyboardInterrupt:
                 pass
         return 0
