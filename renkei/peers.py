@@ -384,3 +384,78 @@ def findscu_study_uids(host: str, port: int, calling_ae: str, called_ae: str, **
     # UIDs of odd length come back padded with a NUL
     return [line.split("[")[1].split("]")[0].strip("\x00 ") for line in text.splitlines()
             if "(0020,000d)" in line and "[" in line]
+
+
+@dataclass
+class PostgresPeer(Peer):
+    """A throwaway PostgreSQL cluster on loopback (Debian's package), owned by the `postgres` user."""
+
+    database: str = "prefect"
+    bindir: Path = Path("/usr/lib/postgresql")
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL for Prefect (asyncpg); the cluster trusts loopback connections."""
+        return f"postgresql+asyncpg://postgres@{LOOPBACK}:{self.port}/{self.database}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bindir / "pg_ctl"),
+                        "-D", str(self.workdir / "data"), "-m", "fast", "-w", "stop"],
+                       capture_output=True, timeout=timeout)
+        super().stop(timeout)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def postgres_bin() -> Path:
+    """The folder of Debian's PostgreSQL server programs ($RENKEI_POSTGRESQL_BIN, else the newest installed)."""
+    override = os.environ.get("RENKEI_POSTGRESQL_BIN")
+    folders = [Path(override)] if override else sorted(Path("/usr/lib/postgresql").glob("*/bin"),
+                                                       key=lambda p: int(p.parent.name) if p.parent.name.isdigit()
+                                                       else 0, reverse=True)
+    for folder in folders:
+        if (folder / "initdb").is_file() and (folder / "postgres").is_file():
+            return folder
+    raise PeerError("PostgreSQL's server is not installed; install Debian's package: apt-get install -y postgresql")
+
+
+def start_postgres(port: int | None = None, database: str = "prefect") -> PostgresPeer:
+    """initdb + postgres as the `postgres` user in a fresh folder under /tmp, listening on loopback only."""
+    import tempfile
+
+    bindir = postgres_bin()
+    port = port or free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="renkei-pg-"))
+    os.chmod(workdir, 0o755)
+    shutil.chown(workdir, "postgres", "postgres")
+    data = workdir / "data"
+
+    def as_postgres(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], capture_output=True, text=True,
+                              timeout=120, cwd=workdir)
+
+    init = as_postgres(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                       "--encoding=UTF8", "--locale=C.UTF-8")
+    if init.returncode != 0:
+        raise PeerError(f"initdb failed: {init.stderr[-1000:]}")
+    log = workdir / "postgres.log"
+    out = open(log, "wb")
+    process = subprocess.Popen(["runuser", "-u", "postgres", "--", str(bindir / "postgres"), "-D", str(data),
+                                "-p", str(port), "-h", LOOPBACK, "-k", str(workdir), "-c", "fsync=off",
+                                "-c", "max_connections=200"],
+                               stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    peer = PostgresPeer("postgres", process, LOOPBACK, port, workdir, log, database, bindir)
+    try:
+        wait_for_port(LOOPBACK, port, 60, process, "PostgreSQL")
+        deadline = time.monotonic() + 30
+        while True:
+            made = as_postgres(str(bindir / "createdb"), "-h", LOOPBACK, "-p", str(port), "-U", "postgres",
+                               database)
+            if made.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise PeerError(f"createdb failed: {made.stderr[-1000:]}")
+            time.sleep(0.5)
+    except BaseException:
+        peer.stop()
+        raise
+    return peer
