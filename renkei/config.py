@@ -92,6 +92,9 @@ class DicomPeer(_Model):
         (), description="other addresses or networks this AE may connect from (e.g. a DHCP range)"
     )
     tls: bool = Field(False, description="the edge calls this node over TLS (its own certificate, the region CA)")
+    convert_to_utf8: bool = Field(
+        False, description="copies renkei imports into this PACS are re-encoded in UTF-8 (ISO_IR 192), for a PACS "
+        "that garbles ISO 2022 IR 87 (e.g. Orthanc 1.10); the archived bytes stay as received")
 
 
 class TLSConfig(_Model):

@@ -65,7 +65,8 @@ def import_to_pacs(layout: Layout, catalog: Catalog, store: ObjectStore, site_id
         items = []
         for row in rows[start:start + BATCH]:
             try:
-                data = reconcile(store.read_verified(row["object_key"], row["sha256"]), patient_id, issuer)
+                data = reconcile(store.read_verified(row["object_key"], row["sha256"]), patient_id, issuer,
+                                 to_utf8=site.pacs.convert_to_utf8)
             except Exception as exc:  # one unreadable object must not stop the others
                 failures.append(f"{row['sop_instance_uid']}: {exc}")
                 continue

@@ -140,15 +140,19 @@ def find_priors(catalog: Catalog, resolution: Resolution, lookback_years: float 
     return sorted(rows, key=lambda r: (r.study_date, r.study_time), reverse=True)
 
 
-def reconcile(part10: bytes, patient_id: str, issuer: str) -> bytes:
+def reconcile(part10: bytes, patient_id: str, issuer: str, to_utf8: bool = False) -> bytes:
     """A copy for the destination: its Patient ID and Issuer, the originals in Other Patient IDs Sequence.
 
     Names and UIDs stay; pixel data and every other element keep their bytes
-    (compressed pixel data is not decoded).
+    (compressed pixel data is not decoded). With `to_utf8` (a PACS that cannot
+    read ISO 2022 IR 87, as Orthanc 1.10), every text value is re-encoded in
+    UTF-8 (ISO_IR 192); the same characters, only the bytes of the copy change.
     """
     if not patient_id:
         raise UsageError("the destination Patient ID is empty")
     ds = pydicom.dcmread(io.BytesIO(part10))
+    if to_utf8:
+        convert_to_utf8(ds)
     original_id = str(ds.get("PatientID", "") or "")
     original_issuer = str(ds.get("IssuerOfPatientID", "") or "")
     if original_id != patient_id or original_issuer != issuer:
@@ -166,6 +170,30 @@ def reconcile(part10: bytes, patient_id: str, issuer: str) -> bytes:
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def convert_to_utf8(ds: Dataset) -> None:
+    """Every text value of `ds` (sequences too) decoded by its character set, then declared ISO_IR 192.
+
+    pydicom writes decoded text in the dataset's declared character set, so the
+    copy is UTF-8 throughout; items lose their own Specific Character Set (they
+    inherit the dataset's). A value that cannot be decoded is an error, never
+    a silent replacement character.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom warns, and replaces, on undecodable bytes: refuse instead
+        try:
+            ds.decode()
+        except (UserWarning, UnicodeError, LookupError) as exc:
+            raise UsageError(f"the copy cannot be converted to UTF-8: {exc}") from None
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    for elem in ds.iterall():
+        if elem.VR == "SQ":
+            for item in elem.value:
+                if "SpecificCharacterSet" in item:
+                    del item.SpecificCharacterSet
 
 
 def destination_id(resolution: Resolution) -> tuple[str, str]:

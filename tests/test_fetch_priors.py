@@ -87,3 +87,53 @@ def test_priors_land_in_the_hub_pacs_under_the_hub_patient_id(region_with_priors
                          config=str(config_path), data_dir=str(lay.data_dir))
     assert all(s["result"] == "already in the PACS" for s in again["studies"])
     assert len(orthanc.instances()) == sum(expected.values())
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["as-archived", "utf-8"])
+def test_an_opt_in_utf8_copy_reads_right_in_orthanc_and_the_archive_is_unchanged(region_with_priors, tmp_path,
+                                                                                  convert: bool) -> None:
+    """Orthanc 1.10 does not decode ISO 2022 IR 87; with pacs.convert_to_utf8 its copy is UTF-8."""
+    import dataclasses
+    import hashlib
+
+    from renkei.imports import import_to_pacs
+    from renkei.runtime import open_store
+
+    config_path, lay, patients, _ = region_with_priors
+    hub = lay.config.site("hub")
+    with open_catalog(lay) as catalog:
+        jis = [r for r in catalog.visible_studies("hub") if r.origin_site != "hub"
+               and "ISO 2022 IR 87" in r.specific_character_set and "=" in r.patient_name]
+        assert jis, "no clinic study in ISO 2022 IR 87 granted to the hub"
+        study = jis[0]
+        rows = catalog.instances(study.study_uid)
+        orthanc = peers.start_orthanc(tmp_path / "pacs", ae_title=hub.pacs.ae_title,
+                                      modalities={"HUB_SVR": (hub.edge.ae_title, "127.0.0.1", hub.edge.port)})
+        try:
+            pacs = hub.pacs.model_copy(update={"port": orthanc.port, "convert_to_utf8": convert})
+            sites = tuple(s.model_copy(update={"pacs": pacs}) if s.id == "hub" else s for s in lay.config.sites)
+            layout = dataclasses.replace(lay, config=lay.config.model_copy(update={"sites": sites}))
+            store = open_store(layout)
+            result = import_to_pacs(layout, catalog, store, "hub", study.study_uid, "H-UTF8", "NAGASAKI-HUB",
+                                    skip_if_complete=False)
+            assert result.ok and result.sent == len(rows), result.failures
+            ideographic = study.patient_name.split("=")[1]
+            names = set()
+            for oid in orthanc.instances():
+                tags = orthanc.rest("GET", f"/instances/{oid}/tags?simplify")
+                names.add(tags["PatientName"])
+                assert tags["PatientID"] == "H-UTF8"
+                if convert:
+                    assert tags["SpecificCharacterSet"] == "ISO_IR 192"
+            assert len(orthanc.instances()) == len(rows)
+            if convert:
+                assert names == {study.patient_name}, (names, study.patient_name)
+            else:  # what the operator saw, and why the option exists
+                assert not any(ideographic in n for n in names), names
+            # the archive keeps the bytes it received
+            for row in rows:
+                data = store.read_verified(row["object_key"], row["sha256"])
+                assert hashlib.sha256(data).hexdigest() == row["sha256"]
+                assert b"\x1b$B" in data  # still ISO 2022 escapes in the archived copy
+        finally:
+            orthanc.stop()
