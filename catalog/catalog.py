@@ -1389,14 +1389,20 @@ class Catalog:
     def studies_page(self, visible_to: str | None = None, origin_sites: Sequence[str] | None = None,
                      patient_id: str | None = None, date_from: str | None = None, date_to: str | None = None,
                      modalities: Sequence[str] | None = None, limit: int = 50,
-                     offset: int = 0) -> tuple[int, list[StudyRow]]:
+                     offset: int = 0, search: str | None = None,
+                     search_names: bool = False) -> tuple[int, list[StudyRow]]:
         """(how many studies match, one page of them newest first) for a study browser.
 
         `visible_to` keeps what that site may see by the catalog's grants (as
         visible_studies does; an exit still asks the policy for each study
         shown); the other filters are those of visible_studies, with
-        `origin_sites` added. Newest first: study date, time, then UID, descending.
+        `origin_sites` added, and `search` (catalog.search: Patient ID,
+        accession number, and with `search_names` the patient's name in any
+        form, DICOM wildcards allowed). Newest first: study date, time, then UID,
+        descending.
         """
+        from catalog.search import Search
+
         where: list[str] = []
         having: list[str] = []
         outer: list[str] = []
@@ -1419,6 +1425,10 @@ class Catalog:
         if origin_sites is not None:
             outer.append("list_contains(?::VARCHAR[], origin_site)")
             p_outer.append(list(origin_sites))
+        if search:
+            clause, p_search = Search.parse(search).where(names=search_names)
+            outer.append(clause)
+            p_outer.extend(p_search)
         visible = ""
         if visible_to is not None:
             visible = (", g AS (SELECT study_uid FROM grants WHERE site = ? GROUP BY study_uid "
@@ -1436,7 +1446,8 @@ class Catalog:
         params = p_where + p_having + p_cte + p_outer
         rows = self._rows(sql, params)
         total = int(rows[0]["_total"]) if rows else (self.studies_page(
-            visible_to, origin_sites, patient_id, date_from, date_to, modalities, 1, 0)[0] if offset else 0)
+            visible_to, origin_sites, patient_id, date_from, date_to, modalities, 1, 0, search,
+            search_names)[0] if offset else 0)
         return total, [_study_row(r) for r in rows]
 
     def series_summaries(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:

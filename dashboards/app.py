@@ -46,6 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dashboards import data as d
 from dashboards.thumbnails import PLACEHOLDER, ThumbnailCache, middle_instance, placeholder
 from renkei.config import Layout
+from renkei.display import dicom_date
 from renkei.errors import CatalogError, IntegrityError, RenkeiError, StorageError, UsageError
 from renkei.uids import is_valid_uid
 
@@ -322,6 +323,8 @@ def throughput_figure(t: d.Throughput, config: Any) -> dict[str, Any]:
     fig.update_layout(_layout(f"time ({config.timezone})", "MB/s", title))
     if not t.starts:
         _empty(fig, "nothing registered in the last 24 h")
+    else:
+        _pad_x(fig, t.starts, config, max(t.bucket_seconds, 60))
     return fig.to_plotly_json()
 
 
@@ -344,6 +347,8 @@ def availability_figure(points: list[d.Availability], config: Any) -> dict[str, 
                               "last instance at the edge to verified in the center"))
     if not points:
         _empty(fig, "no study became available in the last 24 h")
+    else:
+        _pad_x(fig, [p.available_at for p in points], config, 300)
     return fig.to_plotly_json()
 
 
@@ -355,8 +360,22 @@ def _layout(x_title: str, y_title: str, title: str) -> dict[str, Any]:
             "title_x": 0.0, "template": "plotly_white"}
 
 
+def _pad_x(fig: Any, times: list[Any], config: Any, pad_s: float) -> None:
+    """All points at one instant: a time axis of a few minutes around it, not of a few microseconds."""
+    import datetime as dt
+
+    if times and max(times) - min(times) < dt.timedelta(seconds=pad_s):
+        mid = min(times) + (max(times) - min(times)) / 2
+        pad = dt.timedelta(seconds=pad_s)
+        fig.update_xaxes(range=[d.local_time(mid - pad, config), d.local_time(mid + pad, config)])
+
+
 def _empty(fig: Any, text: str) -> None:
-    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    """No data: say so, with no axes (Plotly would draw -1..6 and sub-millisecond ticks for nothing)."""
+    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                       font={"size": 14, "color": "#666"})
+    fig.update_xaxes(visible=False, showgrid=False)
+    fig.update_yaxes(visible=False, showgrid=False)
 
 
 def _json_for_script(value: Any) -> str:
@@ -392,7 +411,7 @@ def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0
     env = templates.env
     env.globals.update(local_time=lambda v, fmt="%Y-%m-%d %H:%M:%S": d.local_time(v, layout.config, fmt),
                        age_text=d.age_text, run_url=lambda run: d.run_url(board.prefect_ui, run),
-                       mb=lambda b: f"{(b or 0) / 1e6:.1f}", config=layout.config)
+                       mb=lambda b: f"{(b or 0) / 1e6:.1f}", dicom_date=dicom_date, config=layout.config)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def wants_json(request: Request) -> bool:

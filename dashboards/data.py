@@ -13,13 +13,13 @@ recorded as a cross-site access ('view') in the audit log.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
-from zoneinfo import ZoneInfo
 
 from catalog.audit import AuditEvent
 from catalog.catalog import Catalog, LocationRecord, StudyRow
@@ -358,11 +358,13 @@ class StudyQuery:
     modality: str | None = None
     patient_id: str | None = None
     limit: int = DEFAULT_LIMIT
+    search: str | None = None  # catalog.search: Patient ID, accession, and a name where names are shown
 
     def params(self) -> dict[str, str]:
         """The query as URL parameters (dates as YYYY-MM-DD)."""
         out = {"site": self.viewer, "origin": self.origin, "date_from": _iso_date(self.date_from),
-               "date_to": _iso_date(self.date_to), "modality": self.modality, "patient_id": self.patient_id}
+               "date_to": _iso_date(self.date_to), "modality": self.modality, "patient_id": self.patient_id,
+               "q": self.search}
         return {k: v for k, v in out.items() if v}
 
 
@@ -400,6 +402,14 @@ def parse_query(config: RegionConfig, params: Mapping[str, str]) -> StudyQuery:
     viewer, origin = get("site"), get("origin")
     date_from, date_to = get("date_from"), get("date_to")
     modality, patient_id, limit = get("modality"), get("patient_id"), get("limit")
+    search = get("q")
+    if search:
+        from catalog.search import Search
+
+        try:
+            Search.parse(search)
+        except RenkeiError as exc:
+            raise BadRequest(f"q: {exc}") from None
     q = StudyQuery(
         viewer=check_site(config, viewer, "site") if viewer else None,
         origin=check_site(config, origin, "origin site") if origin else None,
@@ -407,6 +417,7 @@ def parse_query(config: RegionConfig, params: Mapping[str, str]) -> StudyQuery:
         date_to=parse_date(date_to, "date_to") if date_to else None,
         modality=modality.upper() if modality else None,
         patient_id=patient_id,
+        search=search,
     )
     if q.modality and not _MODALITY_RE.fullmatch(q.modality):
         raise BadRequest(f"modality {modality!r} is not a DICOM modality code (letters and digits, e.g. CT)")
@@ -415,7 +426,7 @@ def parse_query(config: RegionConfig, params: Mapping[str, str]) -> StudyQuery:
     if limit is not None:
         if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIMIT:
             raise BadRequest(f"limit {limit!r} must be a whole number from 1 to {MAX_LIMIT}")
-        q = StudyQuery(q.viewer, q.origin, q.date_from, q.date_to, q.modality, q.patient_id, int(limit))
+        q = dataclasses.replace(q, limit=int(limit))
     return q
 
 
@@ -533,7 +544,7 @@ def browse_studies(layout: Layout, catalog: Catalog, q: StudyQuery, record: bool
     total, rows = catalog.studies_page(
         visible_to=q.viewer, origin_sites=[q.origin] if q.origin else None, patient_id=q.patient_id,
         date_from=q.date_from, date_to=q.date_to, modalities=[q.modality] if q.modality else None,
-        limit=q.limit)
+        limit=q.limit, search=q.search, search_names=q.viewer is not None)
     recorded = 0
     shown = rows
     if q.viewer:
@@ -637,16 +648,10 @@ def overview(layout: Layout, catalog: Catalog, window_s: float = DEFAULT_WINDOW_
 
 
 def local_time(value: dt.datetime | None, config: RegionConfig, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
-    """A UTC time in the region's time zone, for display."""
-    if value is None:
-        return ""
-    try:
-        zone = ZoneInfo(config.timezone)
-    except Exception:  # an unknown zone name: show UTC
-        zone = dt.timezone.utc
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(zone).strftime(fmt)
+    """A UTC time in the region's time zone, for display (as the command line shows it)."""
+    from renkei.display import local_time as in_zone
+
+    return in_zone(value, config.timezone, fmt)
 
 
 def age_text(seconds: float | None) -> str:

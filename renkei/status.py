@@ -77,7 +77,7 @@ def region_status(layout: Layout, api_url: str | None = None, now: float | None 
     _catalog(layout, status, now, catalog)
     api_url = api_url if api_url is not None else os.environ.get("PREFECT_API_URL")
     if api_url:
-        _prefect(api_url, status, now, timeout)
+        _prefect(api_url, status, now, timeout, layout.config.timezone)
     else:
         status.problems.append(Problem("prefect", None, "PREFECT_API_URL is not set: runs, pools and workers "
                                        "were not checked", "set it to the Prefect server's API"))
@@ -252,7 +252,7 @@ def _get(url: str, body: dict | None = None, timeout: float = 15.0) -> Any:
         return json.loads(resp.read())
 
 
-def _prefect(api: str, status: Status, now: float, timeout: float = 15.0) -> None:
+def _prefect(api: str, status: Status, now: float, timeout: float = 15.0, zone_name: str | None = None) -> None:
     ui = api[:-4] if api.endswith("/api") else api
     since = dt.datetime.fromtimestamp(now - 86400, dt.timezone.utc).isoformat()
     try:
@@ -279,7 +279,7 @@ def _prefect(api: str, status: Status, now: float, timeout: float = 15.0) -> Non
                                        f"{ui}/runs/flow-run/{run['id']}", key=f"run:{run['id']}"))
     for run in late:
         status.problems.append(Problem("run", None, f"run {run['name']} is late (scheduled "
-                                       f"{run.get('expected_start_time', '')[:16]})",
+                                       f"{_local(run.get('expected_start_time'), zone_name)})",
                                        "no worker takes it: start the pool's worker, or resume the pool",
                                        f"{ui}/runs/flow-run/{run['id']}", key=f"late:{run['id']}"))
     for pool in pools:
@@ -299,3 +299,14 @@ def _prefect(api: str, status: Status, now: float, timeout: float = 15.0) -> Non
                                            key=f"pool-idle:{pool['name']}"))
     if not runs and not late:
         status.ok.append("no failed or late runs in 24 h")
+
+
+def _local(iso: str | None, zone_name: str | None) -> str:
+    """An ISO time from Prefect's API in the region's zone, to the minute and zone named."""
+    from renkei.display import local_time
+
+    try:
+        return local_time(dt.datetime.fromisoformat(iso or ""), zone_name, "%Y-%m-%d %H:%M",
+                          with_zone=True)
+    except ValueError:
+        return str(iso or "?")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -77,6 +78,21 @@ def test_audit_verify_and_show(region: Path, capsys: pytest.CaptureFixture[str])
     assert [(e["action"], e["target_site"]) for e in events] == [("grant", "hub")]
     code, out = _run(capsys, region, "audit", "show", "--site", "hub", "--since", "2000-01-01")
     assert "grant" in out and "register" in out
+    # times for people: the region's zone (Asia/Tokyo), to the second, zone named; JSON stays UTC
+    import re
+
+    shown = re.findall(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)? ?\S*", out)
+    assert shown and all(re.fullmatch(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} JST", t) for t in shown), shown
+    code, as_json = _run(capsys, region, "audit", "show", "--site", "hub", "--json")
+    first = dt.datetime.fromisoformat(json.loads(as_json)[0]["at"])
+    assert first.utcoffset() == dt.timedelta(0)
+    assert first.astimezone(dt.timezone(dt.timedelta(hours=9))).strftime("%Y-%m-%d %H:%M:%S JST") in out
+    # a --since without an offset is the region's local time: 9 hours ahead of UTC
+    since_utc = first.replace(microsecond=0)
+    local = (since_utc + dt.timedelta(hours=9)).strftime("%Y-%m-%dT%H:%M:%S")
+    code, out = _run(capsys, region, "audit", "show", "--site", "hub", "--since", local, "--json")
+    assert [e["event_no"] for e in json.loads(out)] == [e["event_no"] for e in json.loads(as_json)
+                                                        if dt.datetime.fromisoformat(e["at"]) >= since_utc]
     code, out = _run(capsys, region, "audit", "show", "--until", "2000-01-01", "--json")
     assert json.loads(out) == []
 

@@ -163,3 +163,52 @@ def test_studies_page_agrees_with_visible_studies(cat: Catalog) -> None:
     assert not {r.study_uid for r in first} & {r.study_uid for r in second}
     assert cat.studies_page(limit=5, offset=100) == (len(batches), [])
     assert cat.studies_page(visible_to="clinic-a", origin_sites=["hub"]) == (0, [])
+
+
+NAMES = {
+    1: ("P-0042", "Yamada^Taro=山田^太郎=やまだ^たろう"),
+    2: ("P-0043", "SATO^HANAKO=佐藤^花子=サトウ^ハナコ"),
+    3: ("Q-7", "Yamamoto^Ken=山本^健=ヤマモト^ケン"),
+    4: ("P-0420", "Tanaka^Ichiro"),
+}
+
+
+@pytest.mark.parametrize("text, names, expected", [
+    ("yamada", True, {1}),
+    ("YAMADA taro", True, {1}),          # spaces and case do not matter, nor the ^ between the names
+    ("山田", True, {1}),
+    ("山田 太郎", True, {1}),
+    ("やまもと", True, {3}),               # hiragana finds a katakana reading
+    ("サトウ", True, {2}),
+    ("さとう", True, {2}),
+    ("ｙａｍａ", True, {1, 3}),            # full-width romaji
+    ("ﾔﾏﾓﾄ", True, {3}),                 # half-width katakana
+    ("yama*", True, {1, 3}),             # a wildcard matches a whole component group
+    ("*taro", True, {1}),
+    ("*ro", True, {1, 4}),
+    ("ta?aka*", True, {4}),
+    ("0042", True, {1}),                 # a part of a Patient ID
+    ("p-004?", True, {1, 2}),            # a whole Patient ID with a wildcard
+    ("A3", True, {3}),                   # an accession number
+    ("yamada", False, set()),            # an operator's view searches no names
+    ("0042", False, {1}),
+    ("*", True, {1, 2, 3, 4}),
+    ("a.b(c)[d]+", True, set()),         # regular-expression characters are literal
+    ("%", True, set()), ("_", True, set()),
+])
+def test_search_finds_ids_accessions_and_names_in_every_form(cat: Catalog, text: str, names: bool,
+                                                              expected: set[int]) -> None:
+    cat.register_many([make_batch(n, 1, site="clinic-a", patient_id=pid, name=name)
+                       for n, (pid, name) in NAMES.items()])
+    total, rows = cat.studies_page(search=text, search_names=names, limit=100)
+    found = {int(r.study_uid.rsplit(".", 1)[1]) for r in rows}
+    assert (total, found) == (len(expected), expected)
+
+
+def test_a_search_too_long_or_with_control_characters_is_refused(cat: Catalog) -> None:
+    from renkei.errors import UsageError
+
+    with pytest.raises(UsageError, match="at most 64"):
+        cat.studies_page(search="x" * 65)
+    with pytest.raises(UsageError, match="control"):
+        cat.studies_page(search="ya\x00ma")

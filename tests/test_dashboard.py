@@ -202,6 +202,22 @@ def test_bad_filters_are_refused_with_a_message(region: DemoRegion) -> None:
     assert d.bucket_seconds(50) == 10 and d.bucket_seconds(86400) == 1800 and d.bucket_seconds(40 * 86400) == 86400
 
 
+def test_empty_and_single_point_charts_have_sane_axes(region: DemoRegion) -> None:
+    import datetime as dt
+
+    from dashboards.app import availability_figure, throughput_figure
+
+    config = region.layout.config
+    empty = throughput_figure(d.Throughput(0, (), {}, {}), config)
+    assert empty["layout"]["xaxis"]["visible"] is False and empty["layout"]["yaxis"]["visible"] is False
+    assert "nothing registered" in empty["layout"]["annotations"][0]["text"]
+    assert availability_figure([], config)["layout"]["xaxis"]["visible"] is False
+    at = dt.datetime(2026, 8, 13, 6, 34, 45, tzinfo=dt.timezone.utc)
+    one = availability_figure([d.Availability("1.2.3", "hub", at - dt.timedelta(seconds=12.5), at, 12.5)], config)
+    low, high = one["layout"]["xaxis"]["range"]
+    assert (low, high) == ("2026-08-13 15:29:45", "2026-08-13 15:39:45")  # +-5 min, in Asia/Tokyo
+
+
 # ------------------------------------------------------------------ thumbnails (pure)
 def test_thumbnail_window_comes_from_the_data() -> None:
     import pydicom
@@ -262,8 +278,12 @@ def test_http_errors_and_thumbnails(server: str, region: DemoRegion) -> None:
 
 # ------------------------------------------------------------------ (c) the page in Chromium
 def test_page_in_headless_chromium(server: str, region: DemoRegion, tmp_path: Path) -> None:
+    import re
+
     chromium = require_program("chromium", "chromium")
     from playwright.sync_api import sync_playwright
+
+    from renkei.sharing import Sharing
 
     lay = region.layout
     with open_catalog(lay) as catalog:
@@ -334,6 +354,37 @@ def test_page_in_headless_chromium(server: str, region: DemoRegion, tmp_path: Pa
             page.goto(f"{server}/?site=hub", wait_until="networkidle", timeout=60_000)
             page.wait_for_selector("#throughput-chart[data-drawn=true]", timeout=30_000)
             assert page.locator("#studies .name").count() == page.locator("#studies tr[data-study-uid]").count() > 0
+
+            # the browser is first after "needs action", in the first screen, dates as people write them
+            assert page.evaluate("document.querySelector('#needs-action').compareDocumentPosition("
+                                 "document.querySelector('#studies')) & Node.DOCUMENT_POSITION_FOLLOWING")
+            assert page.evaluate("document.querySelector('#studies').compareDocumentPosition("
+                                 "document.querySelector('#sites')) & Node.DOCUMENT_POSITION_FOLLOWING")
+            assert page.locator("#studies").bounding_box()["y"] < 1000
+            first_date = page.inner_text("#studies tr[data-study-uid] td >> nth=0")
+            assert re.fullmatch(r"\d{4}-\d{2}-\d{2}( \d{2}:\d{2})?", first_date), first_date
+
+            # searched by the name's kana reading typed in hiragana: that patient's studies, and only those
+            with open_catalog(lay) as catalog:
+                sharing = Sharing(lay.config, catalog)
+                target = next(r for r in _all_studies(catalog, lay.config) if r.patient_name.count("=") == 2
+                              and r.origin_site != "hub" and sharing.decide("hub", r.study_uid).allowed)
+            family, reading = target.patient_name.split("=")[1].split("^")[0], target.patient_name.split("=")[2]
+            hiragana = "".join(chr(ord(c) - 0x60) if "\u30a1" <= c <= "\u30f6" else c for c in reading)
+            page.fill("#studies input[name=q]", hiragana.replace("^", " "))
+            page.click("#studies button[type=submit]")
+            page.wait_for_load_state("networkidle")
+            rows = page.locator("#studies tr[data-study-uid]")
+            found = [rows.nth(i).get_attribute("data-study-uid") for i in range(rows.count())]
+            assert target.study_uid in found
+            names = page.eval_on_selector_all("#studies .name", "els => els.map(e => e.textContent)")
+            assert names and all(family in n for n in names), (family, names)
+            # and by kanji with a wildcard
+            page.fill("#studies input[name=q]", family + "*")
+            page.click("#studies button[type=submit]")
+            page.wait_for_load_state("networkidle")
+            assert target.study_uid in page.eval_on_selector_all("#studies tr[data-study-uid]",
+                                                                 "els => els.map(e => e.dataset.studyUid)")
         finally:
             browser.close()
     assert problems == []

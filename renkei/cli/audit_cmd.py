@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from renkei.cli.catalog_cmd import open_catalog, print_events
-from renkei.cli.common import print_json
+from renkei.cli.common import config_of, print_json
 
 ORDER = 55
 
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--study-uid", metavar="UID")
     p.add_argument("--actor", metavar="NAME")
     p.add_argument("--action", metavar="ACTION", help="e.g. register, grant, revoke, view, retrieve")
-    p.add_argument("--since", metavar="TIME", help="ISO date or time (UTC unless it says otherwise)")
+    p.add_argument("--since", metavar="TIME", help="ISO date or time (the region's time zone unless it says otherwise)")
     p.add_argument("--until", metavar="TIME", help="ISO date or time, exclusive")
     p.add_argument("--limit", type=int, metavar="N")
     p.add_argument("--json", action="store_true")
@@ -47,23 +47,28 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _when(value: str | None, option: str) -> str | None:
+def _when(value: str | None, option: str, zone_name: str | None) -> str | None:
+    """An ISO date or time as UTC; one without an offset is the region's local time."""
     import datetime as dt
 
+    from renkei.display import zone
     from renkei.errors import UsageError
 
     if value is None:
         return None
     try:
-        dt.datetime.fromisoformat(value)
+        parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         raise UsageError(f"{option} {value!r} is not a date or time: write e.g. 2026-12-01 or "
-                         "2026-12-01T08:30 (UTC) or 2026-12-01T08:30+09:00") from None
-    return value
+                         f"2026-12-01T08:30 (in {zone_name or 'UTC'}) or 2026-12-01T08:30+09:00") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=zone(zone_name))
+    return parsed.astimezone(dt.timezone.utc).isoformat()
 
 
 def _show(args: argparse.Namespace) -> int:
-    args.since, args.until = _when(args.since, "--since"), _when(args.until, "--until")
+    zone_name = config_of(args).timezone
+    args.since, args.until = _when(args.since, "--since", zone_name), _when(args.until, "--until", zone_name)
     with open_catalog(args) as cat:
         events = cat.audit(study_uid=args.study_uid, site=args.site, actor=args.actor, action=args.action,
                            since=args.since, until=args.until, limit=args.limit)

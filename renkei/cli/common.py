@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -43,8 +44,22 @@ def common_options() -> argparse.ArgumentParser:
     return parent
 
 
+# times in tables are shown in the region's zone once a command has read the config (UTC before)
+_display_zone: str | None = None
+
+
 def config_of(args: argparse.Namespace) -> RegionConfig:
-    return load_config(getattr(args, "config", None) or default_config_path())
+    global _display_zone
+    config = load_config(getattr(args, "config", None) or default_config_path())
+    _display_zone = config.timezone
+    return config
+
+
+def when(value: Any) -> str:
+    """A time (datetime or POSIX timestamp) for a terminal: the region's zone, to the second, zone named."""
+    from renkei.display import local_time
+
+    return local_time(value, _display_zone, with_zone=True)
 
 
 def layout_of(args: argparse.Namespace) -> Layout:
@@ -74,6 +89,8 @@ def print_table(rows: Sequence[dict[str, Any]] | Iterable[dict[str, Any]], colum
 def _cell(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, dt.datetime):
+        return when(value)
     if isinstance(value, float):
         return f"{value:.2f}"
     if isinstance(value, (list, tuple)):

@@ -17,7 +17,8 @@ import signal
 import threading
 from typing import Any
 
-from renkei.cli.common import layout_of, print_json, print_table
+from renkei.cli.common import layout_of, print_json, print_table, when
+from renkei.display import size
 
 ORDER = 20
 LOGGER = logging.getLogger("renkei.edge")
@@ -171,9 +172,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"last heartbeat of the edge: {_when(heartbeat)} (its own clock)"
               f"{'; stopped cleanly' if stopped_cleanly else ''}")
     reserve = "none" if not disk["reserve_bytes"] else (
-        f"{disk['reserve_bytes'] / 2**20:.1f} MiB " + ("held" if disk["reserve_held"] else "RELEASED: the disk is full"))
-    print(f"disk: {disk['free_bytes'] / 2**20:.1f} MiB free, C-STORE refused below "
-          f"{disk['min_free_bytes'] / 2**20:.1f} MiB; journal reserve {reserve}")
+        size(disk['reserve_bytes']) + " " + ("held" if disk["reserve_held"] else "RELEASED: the disk is full"))
+    print(f"disk: {size(disk['free_bytes'])} free, C-STORE refused below "
+          f"{size(disk['min_free_bytes'])}; journal reserve {reserve}")
     if held:
         print(f"\n{len(held)} study(ies) in quarantine: no sync sends them until released "
               f"(fix the cause, then `renkei edge release --site {args.site} STUDY_UID`)")
@@ -232,9 +233,7 @@ def _user() -> str:
 
 
 def _when(timestamp: float) -> str:
-    import time
-
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    return when(timestamp)
 
 
 def _one_line(text: str) -> str:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from typing import TYPE_CHECKING
 
-from renkei.cli.common import layout_of, print_json
+from renkei.cli.common import layout_of, print_json, when
 
 if TYPE_CHECKING:
     from renkei.alerts import Round
@@ -50,7 +51,7 @@ def _watch(args: argparse.Namespace) -> int:
 
     def report(result: Round) -> None:
         last["needs"] = result.status.needs_action
-        print(f"{result.status.checked_at}: {len(result.status.problems)} need action; notified "
+        print(f"{when(dt.datetime.fromisoformat(result.status.checked_at))}: {len(result.status.problems)} need action; notified "
               f"{len(result.notified)} new, {len(result.resolved)} resolved"
               + (f", {len(result.failed)} could not be sent" if result.failed else ""), flush=True)
 
