@@ -123,8 +123,18 @@ class Demo:
                                          ct_slices=self.o.ct_slices, size=self.o.size)
             sender = site.pacs.ae_title if site.pacs else site.workstations[0].ae_title
             sent_at = time.monotonic()
-            peers.run_dcmtk(["storescu", "-aet", sender, "-aec", site.edge.ae_title, site.edge.host,
-                             str(site.edge.port), "+sd", "+r", str(synth_dir / site.id)], timeout=900)
+            proc = peers.run_dcmtk(["storescu", "-aet", sender, "-aec", site.edge.ae_title, site.edge.host,
+                                    str(site.edge.port), "+sd", "+r", str(synth_dir / site.id)], timeout=900)
+            # what was asked is what arrived: an exit code 0 alone has meant "sent nothing" before
+            got = _received(layout, site.id, [(st.info.study_uid, len(st.files)) for st in result.studies])
+            if got != result.instance_count:
+                from renkei.errors import RenkeiError
+
+                raise RenkeiError(
+                    f"{site.id}: storescu exited 0 but the edge received {got} of {result.instance_count} "
+                    f"instances (storescu's last words: "
+                    f"{proc.stderr.decode(errors='replace').strip().splitlines()[-1:] or ['none']}); "
+                    "see the edge's log in the logs folder")
             self.say(f"{site.id}: {len(result.studies)} synthetic studies, {result.instance_count} instances "
                      f"({result.bytes_written / 1e6:.0f} MB) written in {sent_at - t0:.1f} s and sent by "
                      f"C-STORE ({sender} -> {site.edge.ae_title}) in {time.monotonic() - sent_at:.1f} s")
@@ -295,6 +305,17 @@ class Demo:
     def stop(self) -> None:
         if self.runner is not None:
             self.runner.stop()
+
+
+def _received(layout: Layout, site_id: str, studies: list[tuple[str, int]]) -> int:
+    """Instances of these studies the site's edge holds (journaled before each C-STORE is answered)."""
+    from edge.journal import JOURNAL_NAME, Journal
+
+    root = layout.edge_store(site_id)
+    if not (root / JOURNAL_NAME).exists():
+        return 0
+    with Journal.open(root, readonly=True) as journal:
+        return sum(min(len(journal.instances(uid)), n) for uid, n in studies)
 
 
 def _healthy(api: str) -> bool:
