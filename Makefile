@@ -4,23 +4,32 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Python 3.11, 3.12 and 3.13 are supported, each with its own lock: requirements.lock for 3.11 (the
+# default), requirements-3.12.lock and requirements-3.13.lock, picked by the venv's Python (by
+# $(PYTHON)'s before the venv exists): `make venv PYTHON=python3.13 VENV=.venv-3.13`
+PYVER := $(shell $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+LOCK := $(if $(filter 3.11,$(PYVER)),requirements.lock,requirements-$(or $(PYVER),unknown).lock)
 
 .PHONY: demo test venv system-deps clean-data bench lock
 
-# requirements.lock: the exact versions the suite passed with (`make lock` writes it from the venv);
+# $(LOCK): the exact versions the suite passed with on that Python (`make lock` writes it from the venv);
 # a fresh install gets those, then renkei itself without resolving anything again.
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps -e '.[test]' --config-settings editable_mode=compat
 	$(PY) -m pip check
 	@touch $(STAMP)
 
-# after changing a dependency in pyproject.toml: install it, run the suite, then record what passed
+requirements-%.lock:
+	@echo "$@: no lock for $(PYTHON) (Python $(or $(PYVER),not found)); renkei supports 3.11, 3.12 and 3.13" >&2; exit 1
+
+# after changing a dependency in pyproject.toml: install it, run the suite, then record what passed;
+# once per supported Python (`make lock PYTHON=python3.12 VENV=.venv-3.12` writes requirements-3.12.lock)
 lock:
 	$(PY) -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
-	$(PY) -m pip freeze --exclude-editable --all | grep -v -E '^(pip|setuptools|wheel)==' > requirements.lock
+	$(PY) -m pip freeze --exclude-editable --all | grep -v -E '^(pip|setuptools|wheel)==' > $(LOCK)
 
 venv: $(STAMP)
 
