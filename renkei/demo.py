@@ -215,7 +215,7 @@ class Demo:
             reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", self.o.hl7_port)
             writer.writemessage(hl7.parse(message))
             await writer.drain()
-            ack = await asyncio.wait_for(reader.readmessage(), 60)
+            ack = await asyncio.wait_for(reader.readmessage(), 180)  # the ACK follows the run's creation
             writer.close()
             return str(ack.segment("MSA")(1))
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from catalog.catalog import Catalog
 from renkei import peers
@@ -23,7 +25,13 @@ def test_demo_once_completes_and_its_summary_matches_the_catalog(tmp_path) -> No
            "--data-dir", str(data_dir), "--patients", "2", "--ct-slices", "10", "--size", "128",
            "--stable-age", "2", "--prefect-port", str(peers.free_port()),
            "--dashboard-port", str(peers.free_port()), "--hl7-port", str(peers.free_port())]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    # as after `source .venv/bin/activate`: pynetdicom's own storescu/findscu/movescu come first on PATH
+    # and must not be taken for dcmtk's (they once sent nothing and exited 0)
+    venv_bin = Path(sys.executable).parent
+    assert (venv_bin / "storescu").exists(), "pynetdicom's storescu is not in the venv: this test checks nothing"
+    env = {**os.environ, "VIRTUAL_ENV": str(venv_bin.parent),
+           "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = proc.stdout
     for text in ("remote reading", "priors for an admitted patient", "instant publish", "nightly verification",

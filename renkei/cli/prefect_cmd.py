@@ -107,6 +107,9 @@ def _prefect() -> str:
     return str(exe) if exe.exists() else (shutil.which("prefect") or "prefect")
 
 
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
 def _server(args: argparse.Namespace) -> int:
     env = prefect_env(args)
     layout = layout_of(args)
@@ -114,6 +117,10 @@ def _server(args: argparse.Namespace) -> int:
     home.mkdir(parents=True, exist_ok=True)
     # a run waiting for its site's slot (held by a run found crashed) starts within SLOT_WAIT_S
     env.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", str(SLOT_WAIT_S))
+    if not env.get("PREFECT_API_DATABASE_CONNECTION_URL", "").startswith("postgresql"):
+        # SQLite has one writer: a busy machine held the lock past Prefect's 10 s and the server answered
+        # "database is locked" (lost heartbeats, an admission's run not created within a minute); wait instead
+        env.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", str(SQLITE_BUSY_TIMEOUT_S))
     env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": "127.0.0.1",
                 "PREFECT_SERVER_API_PORT": str(args.port),
                 "PREFECT_UI_API_URL": f"http://127.0.0.1:{args.port}/api"})
