@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PYVER := $(shell $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 LOCK := $(if $(filter 3.11,$(PYVER)),requirements.lock,requirements-$(or $(PYVER),unknown).lock)
 
-.PHONY: demo test venv system-deps clean-data bench lock
+.PHONY: demo test test-fast venv system-deps clean-data bench lock
 
 # $(LOCK): the exact versions the suite passed with on that Python (`make lock` writes it from the venv);
 # a fresh install gets those, then renkei itself without resolving anything again.
@@ -58,6 +58,11 @@ demo: venv system-deps
 TEST_WORKERS ?= 2
 test: venv system-deps
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# the tests that need no real part (no program, S3 endpoint, Prefect API or browser) and are not slow:
+# tests/conftest.py marks the others `external` from what they use, and fails one that runs a program here
+test-fast: venv
+	RENKEI_TEST_TIER=fast $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not external and not slow" $(PYTEST_ARGS)
 
 bench: venv system-deps
 	$(PY) bench/edge_ingest.py && $(PY) bench/catalog_scale.py --studies 100000 && \

@@ -40,9 +40,86 @@ def require_part(available: bool, part: str, how: str) -> None:
 
 
 def require_program(name: str, package: str) -> str:
-    path = shutil.which(name)
+    """The program from Debian's `package` (by its --version, never whatever PATH offers first)."""
+    try:
+        path: str | None = peers.require_program(name, package)
+    except peers.PeerError:
+        path = None
     require_part(path is not None, f"{name} ({package})", f"apt-get install -y {package}")
     return path  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ test tiers
+# `external`: the test uses a real part (a program, an S3 endpoint, a Prefect API, a browser). Set here
+# from what the test uses: its fixtures, and the names its code (and its module's helpers and
+# fixtures, two calls deep) refers to. `make test-fast` runs the rest (-m "not external"), and in that
+# tier a real part asked for anyway fails the test: the classification is then wrong and is fixed here.
+EXTERNAL_FIXTURES = frozenset({"dcmtk", "storescp", "orthanc", "s3_server", "s3_env", "s3_bucket", "prefect_api"})
+EXTERNAL_NAMES = frozenset({
+    "require_program", "require_part", "run_dcmtk", "findscu_study_uids", "start_storescp", "start_orthanc",
+    "start_moto", "start_postgres", "RegionRunner", "sync_playwright", "prefect_test_harness", "subprocess",
+    "Popen", "run_deployment", "get_client", "dcmtk_env",
+})
+FAST_TIER_ENV = "RENKEI_TEST_TIER"
+
+
+def _names(fn: object, module: object, depth: int, seen: set[int]) -> set[str]:
+    import inspect
+    import types
+
+    fn = inspect.unwrap(fn)  # type: ignore[arg-type]
+    code = getattr(fn, "__code__", None)
+    if code is None or id(code) in seen:
+        return set()
+    seen.add(id(code))
+    names: set[str] = set()
+    stack = [code]
+    while stack:  # nested functions and comprehensions have code objects of their own
+        c = stack.pop()
+        names.update(c.co_names)
+        names.update(c.co_varnames)
+        names.update(k for k in c.co_consts if isinstance(k, str) and k.isidentifier())  # getfixturevalue("s3_bucket")
+        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    if depth > 0:
+        for name in list(names):
+            helper = getattr(module, name, None)
+            if isinstance(helper, types.FunctionType):
+                names |= _names(helper, module, depth - 1, seen)
+    return names
+
+
+def _external(item: pytest.Item) -> bool:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if fixtures & EXTERNAL_FIXTURES:
+        return True
+    module = getattr(item, "module", None)
+    fns = [getattr(item, "function", None)]
+    infos = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    for defs in infos.values():
+        fns.extend(d.func for d in defs if getattr(d, "baseid", "").split("::")[0] == item.nodeid.split("::")[0])
+    seen: set[int] = set()
+    backend = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+    wanted = EXTERNAL_NAMES | (EXTERNAL_FIXTURES if backend != "local" else frozenset())
+    return any(_names(fn, module, 2, seen) & wanted for fn in fns if fn is not None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _external(item):
+            item.add_marker(pytest.mark.external)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_uses_no_real_part(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In `make test-fast`, a real program asked for means the test is external after all: say so."""
+    if os.environ.get(FAST_TIER_ENV) != "fast":
+        return
+
+    def refuse(name: str, package: str) -> str:
+        pytest.fail(f"{request.node.nodeid} runs {name} ({package}) in the fast tier: it is external; "
+                    "teach tests/conftest.py (EXTERNAL_NAMES or EXTERNAL_FIXTURES) how to see it")
+
+    monkeypatch.setattr(peers, "require_program", refuse)
 
 
 @pytest.fixture
