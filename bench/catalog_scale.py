@@ -29,8 +29,10 @@ import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catalog import Catalog  # noqa: E402
-from catalog import tables  # noqa: E402
+from catalog import (
+    Catalog,  # noqa: E402
+    tables,  # noqa: E402
+)
 
 ROOT = "1.2.826.0.1.3680043.10.543"
 SITES = ("hub", "clinic-a", "clinic-b", "clinic-c")
@@ -44,8 +46,9 @@ def rss_mb() -> float:
 
 
 def study_uids(ids: np.ndarray) -> pa.Array:
-    return pc.binary_join_element_wise(pa.array([ROOT] * len(ids)),
-                                       pc.cast(pa.array(ids + 1_000_000_000), pa.string()), ".")
+    return pc.binary_join_element_wise(
+        pa.array([ROOT] * len(ids)), pc.cast(pa.array(ids + 1_000_000_000), pa.string()), "."
+    )
 
 
 def random_sha(n: int, rng: np.random.Generator) -> pa.Array:
@@ -58,8 +61,9 @@ def patient_of(ids: np.ndarray, n_patients: int) -> np.ndarray:
     return (ids * 2654435761) % n_patients  # spreads a patient's studies over the whole run
 
 
-def make_chunk(start: int, count: int, per_study: int, n_patients: int,
-               rng: np.random.Generator) -> tuple[pa.Table, pa.Table]:
+def make_chunk(
+    start: int, count: int, per_study: int, n_patients: int, rng: np.random.Generator
+) -> tuple[pa.Table, pa.Table]:
     ids = np.arange(start, start + count, dtype=np.int64)
     patients = patient_of(ids, n_patients)
     site_idx = patients % len(SITES)
@@ -68,20 +72,22 @@ def make_chunk(start: int, count: int, per_study: int, n_patients: int,
     pid_str = pc.cast(pa.array(patients), pa.string())
     dates = pc.cast(pa.array(20100101 + (ids % 3000)), pa.string())
     mods = np.array(MODALITIES, dtype=object)[ids % len(MODALITIES)]
-    studies = pa.table({
-        "study_uid": uids,
-        "origin_site": pa.array(sites, pa.string()),
-        "patient_id": pc.binary_join_element_wise(pa.array(["P"] * count), pid_str, ""),
-        "issuer_of_patient_id": pa.array([ISSUERS[s] for s in SITES], pa.string()).take(pa.array(site_idx)),
-        "patient_name": pc.binary_join_element_wise(pa.array(["Name^"] * count), pid_str, ""),
-        "patient_birth_date": pc.cast(pa.array(19300101 + (patients % 700) * 100), pa.string()),
-        "patient_sex": pa.array(np.where(patients % 2 == 0, "F", "M"), pa.string()),
-        "study_date": dates,
-        "study_time": pa.array(["101500"] * count),
-        "study_description": pa.array(["synthetic"] * count),
-        "accession_number": pc.cast(pa.array(ids), pa.string()),
-        "modalities": pa.array([[m] for m in mods], pa.list_(pa.string())),
-    })
+    studies = pa.table(
+        {
+            "study_uid": uids,
+            "origin_site": pa.array(sites, pa.string()),
+            "patient_id": pc.binary_join_element_wise(pa.array(["P"] * count), pid_str, ""),
+            "issuer_of_patient_id": pa.array([ISSUERS[s] for s in SITES], pa.string()).take(pa.array(site_idx)),
+            "patient_name": pc.binary_join_element_wise(pa.array(["Name^"] * count), pid_str, ""),
+            "patient_birth_date": pc.cast(pa.array(19300101 + (patients % 700) * 100), pa.string()),
+            "patient_sex": pa.array(np.where(patients % 2 == 0, "F", "M"), pa.string()),
+            "study_date": dates,
+            "study_time": pa.array(["101500"] * count),
+            "study_description": pa.array(["synthetic"] * count),
+            "accession_number": pc.cast(pa.array(ids), pa.string()),
+            "modalities": pa.array([[m] for m in mods], pa.list_(pa.string())),
+        }
+    )
     n = count * per_study
     rep = np.repeat(np.arange(count), per_study)
     within = np.tile(np.arange(per_study), count)
@@ -89,23 +95,26 @@ def make_chunk(start: int, count: int, per_study: int, n_patients: int,
     inst_uid = pc.take(uids, pa.array(rep))
     series_uid = pc.binary_join_element_wise(inst_uid, pc.cast(pa.array(series_no), pa.string()), ".")
     sop = pc.binary_join_element_wise(series_uid, pc.cast(pa.array(within + 1), pa.string()), ".")
-    instances = pa.table({
-        "study_uid": inst_uid,
-        "series_uid": series_uid,
-        "sop_instance_uid": sop,
-        "sop_class_uid": pa.array(["1.2.840.10008.5.1.4.1.1.2"] * n),
-        "transfer_syntax_uid": pa.array(["1.2.840.10008.1.2.1"] * n),
-        "size": pa.array(rng.integers(100_000, 600_000, size=n)),
-        "sha256": random_sha(n, rng),
-        "instance_number": pa.array(within + 1),
-        "modality": pa.array(np.asarray(mods, dtype=object)[rep], pa.string()),
-        "series_number": pa.array(series_no),
-    })
+    instances = pa.table(
+        {
+            "study_uid": inst_uid,
+            "series_uid": series_uid,
+            "sop_instance_uid": sop,
+            "sop_class_uid": pa.array(["1.2.840.10008.5.1.4.1.1.2"] * n),
+            "transfer_syntax_uid": pa.array(["1.2.840.10008.1.2.1"] * n),
+            "size": pa.array(rng.integers(100_000, 600_000, size=n)),
+            "sha256": random_sha(n, rng),
+            "instance_number": pa.array(within + 1),
+            "modality": pa.array(np.asarray(mods, dtype=object)[rep], pa.string()),
+            "series_number": pa.array(series_no),
+        }
+    )
     return studies, instances
 
 
-def run_queries(cat: Catalog, args: argparse.Namespace, n_patients: int, count: int,
-                seed: int) -> tuple[list[float], list[float], int]:
+def run_queries(
+    cat: Catalog, args: argparse.Namespace, n_patients: int, count: int, seed: int
+) -> tuple[list[float], list[float], int]:
     """Time `count` of each query on random patients and studies; returns (visible ms, locate ms, rows)."""
     qrng = random.Random(seed)
     visible_ms, locate_ms, found = [], [], 0
@@ -138,8 +147,12 @@ def main() -> int:
     ap.add_argument("--chunk-studies", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--dir", help="where to build the catalog (default: a temporary folder, removed)")
-    ap.add_argument("--auto-compact", type=int, default=16,
-                    help="level-0 files per table before the writer compacts (0: only at the end)")
+    ap.add_argument(
+        "--auto-compact",
+        type=int,
+        default=16,
+        help="level-0 files per table before the writer compacts (0: only at the end)",
+    )
     args = ap.parse_args()
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="renkei-bench-"))
@@ -183,12 +196,18 @@ def main() -> int:
             hub_to_clinic = (site_idx == 0) & (ids % 5 == 0)
             pick = clinic | hub_to_clinic
             target = np.where(clinic, "hub", np.array(SITES, dtype=object)[1 + ids % 3])[pick]
-            table = pa.table({"study_uid": study_uids(ids[pick]), "site": pa.array(target, pa.string()),
-                              "by_kind": pa.array(["rule"] * int(pick.sum())),
-                              "by": pa.array(np.where(clinic, "clinic-studies-to-hub",
-                                                      "hub-exam-to-referring-clinic")[pick], pa.string()),
-                              "reason": pa.array(["policy"] * int(pick.sum())),
-                              "policy_version": pa.array(["1"] * int(pick.sum()))})
+            table = pa.table(
+                {
+                    "study_uid": study_uids(ids[pick]),
+                    "site": pa.array(target, pa.string()),
+                    "by_kind": pa.array(["rule"] * int(pick.sum())),
+                    "by": pa.array(
+                        np.where(clinic, "clinic-studies-to-hub", "hub-exam-to-referring-clinic")[pick], pa.string()
+                    ),
+                    "reason": pa.array(["policy"] * int(pick.sum())),
+                    "policy_version": pa.array(["1"] * int(pick.sum())),
+                }
+            )
             grants_written += cat.grant_table(table, skip_unchanged=False)
             start += count
         grants_s = time.perf_counter() - t0
@@ -199,7 +218,7 @@ def main() -> int:
         before = run_queries(cat, args, n_patients, max(100, args.queries // 5), seed=5)
 
         t0 = time.perf_counter()
-        compaction = cat.compact(force=True)
+        cat.compact(force=True)
         compact_s = time.perf_counter() - t0
         files = cat.file_counts()
 
@@ -272,23 +291,33 @@ def main() -> int:
             "peak_rss_mb": round(rss_mb()),
             "catalog_mb": round(sum(f.stat().st_size for f in Path(url).rglob("*") if f.is_file()) / 2**20),
         }
-        print(f"registered {total_instances:,} instances of {args.studies:,} studies in {register_s:.1f} s: "
-              f"{register_ips:,.0f} instances/s (target >= 200,000; row generation {gen_s:.1f} s not counted)")
+        print(
+            f"registered {total_instances:,} instances of {args.studies:,} studies in {register_s:.1f} s: "
+            f"{register_ips:,.0f} instances/s (target >= 200,000; row generation {gen_s:.1f} s not counted)"
+        )
         print(f"{grants_written:,} grants in {grants_s:.1f} s; final compaction {compact_s:.1f} s -> {files}")
-        print(f"studies site S may see for patient P: p50 {out['visible_p50_ms']} ms, "
-              f"p99 {out['visible_p99_ms']} ms (target 20 / 100)")
-        print(f"where are the copies of study X:      p50 {out['locate_p50_ms']} ms, "
-              f"p99 {out['locate_p99_ms']} ms (target 20 / 100)")
-        print(f"before the final compaction ({files_before} files, automatic compaction only): "
-              f"visible p50 {out['visible_p50_ms_before_final_compaction']} ms / "
-              f"p99 {out['visible_p99_ms_before_final_compaction']} ms, "
-              f"locate p50 {out['locate_p50_ms_before_final_compaction']} ms / "
-              f"p99 {out['locate_p99_ms_before_final_compaction']} ms")
-        print(f"checks: first query of a new process {out['cold_first_query_s']} s with every live file hashed "
-              f"({out['live_catalog_mb']} MB) vs {out['cold_first_query_unchecked_s']} s without "
-              f"({(cold_first_s / cold_unchecked_s if cold_unchecked_s else 0):.1f}x); full catalog check "
-              f"{out['check_s']} s; backup {out['backup_full_s']} s first, {out['backup_incremental_s']} s after "
-              "one more commit")
+        print(
+            f"studies site S may see for patient P: p50 {out['visible_p50_ms']} ms, "
+            f"p99 {out['visible_p99_ms']} ms (target 20 / 100)"
+        )
+        print(
+            f"where are the copies of study X:      p50 {out['locate_p50_ms']} ms, "
+            f"p99 {out['locate_p99_ms']} ms (target 20 / 100)"
+        )
+        print(
+            f"before the final compaction ({files_before} files, automatic compaction only): "
+            f"visible p50 {out['visible_p50_ms_before_final_compaction']} ms / "
+            f"p99 {out['visible_p99_ms_before_final_compaction']} ms, "
+            f"locate p50 {out['locate_p50_ms_before_final_compaction']} ms / "
+            f"p99 {out['locate_p99_ms_before_final_compaction']} ms"
+        )
+        print(
+            f"checks: first query of a new process {out['cold_first_query_s']} s with every live file hashed "
+            f"({out['live_catalog_mb']} MB) vs {out['cold_first_query_unchecked_s']} s without "
+            f"({(cold_first_s / cold_unchecked_s if cold_unchecked_s else 0):.1f}x); full catalog check "
+            f"{out['check_s']} s; backup {out['backup_full_s']} s first, {out['backup_incremental_s']} s after "
+            "one more commit"
+        )
         print(f"peak memory {out['peak_rss_mb']} MB (target <= 2048); catalog on disk {out['catalog_mb']} MB")
         print(json.dumps(out))
         return 0

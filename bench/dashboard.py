@@ -36,18 +36,44 @@ def fill(cat: Catalog, sites: tuple[str, ...], n_studies: int, per_study: int, c
     """Register n_studies (per_study instances each, one series) in chunks; clinic studies granted to the hub."""
     for first in range(0, n_studies, chunk):
         ids = range(first, min(n_studies, first + chunk))
-        studies = pa.Table.from_pylist([{
-            "study_uid": f"{ROOT}.{i}", "origin_site": sites[i % len(sites)], "patient_id": f"P{i % 997}",
-            "issuer_of_patient_id": sites[i % len(sites)].upper(), "patient_name": f"Test^Patient{i % 997}",
-            "study_date": f"20{10 + i % 15:02d}{1 + i % 12:02d}{1 + i % 28:02d}", "study_time": "101500",
-            "study_description": "bench", "modalities": ["CT"]} for i in ids])
-        instances = pa.Table.from_pylist([{
-            "study_uid": f"{ROOT}.{i}", "series_uid": f"{ROOT}.{i}.1", "sop_instance_uid": f"{ROOT}.{i}.1.{k}",
-            "size": 500_000, "sha256": f"{i:032x}{k:032x}", "instance_number": k, "modality": "CT",
-            "series_number": 1} for i in ids for k in range(1, per_study + 1)])
+        studies = pa.Table.from_pylist(
+            [
+                {
+                    "study_uid": f"{ROOT}.{i}",
+                    "origin_site": sites[i % len(sites)],
+                    "patient_id": f"P{i % 997}",
+                    "issuer_of_patient_id": sites[i % len(sites)].upper(),
+                    "patient_name": f"Test^Patient{i % 997}",
+                    "study_date": f"20{10 + i % 15:02d}{1 + i % 12:02d}{1 + i % 28:02d}",
+                    "study_time": "101500",
+                    "study_description": "bench",
+                    "modalities": ["CT"],
+                }
+                for i in ids
+            ]
+        )
+        instances = pa.Table.from_pylist(
+            [
+                {
+                    "study_uid": f"{ROOT}.{i}",
+                    "series_uid": f"{ROOT}.{i}.1",
+                    "sop_instance_uid": f"{ROOT}.{i}.1.{k}",
+                    "size": 500_000,
+                    "sha256": f"{i:032x}{k:032x}",
+                    "instance_number": k,
+                    "modality": "CT",
+                    "series_number": 1,
+                }
+                for i in ids
+                for k in range(1, per_study + 1)
+            ]
+        )
         cat.register_tables(studies, instances, actor="flow-run:00000000-0000-0000-0000-000000000000")
-        grants = [{"study_uid": f"{ROOT}.{i}", "site": "hub", "by_kind": "rule", "by": "clinic-studies-to-hub"}
-                  for i in ids if sites[i % len(sites)] != "hub"]
+        grants = [
+            {"study_uid": f"{ROOT}.{i}", "site": "hub", "by_kind": "rule", "by": "clinic-studies-to-hub"}
+            for i in ids
+            if sites[i % len(sites)] != "hub"
+        ]
         if grants:
             cat.grant_table(pa.Table.from_pylist(grants))
     cat.compact(force=True)
@@ -75,8 +101,9 @@ def main() -> int:
         cat = Catalog.from_layout(lay, writer="bench")
         started = time.perf_counter()
         fill(cat, config.site_ids, args.studies, args.instances)
-        print(f"registered {args.studies} studies x {args.instances} instances in "
-              f"{time.perf_counter() - started:.1f} s")
+        print(
+            f"registered {args.studies} studies x {args.instances} instances in {time.perf_counter() - started:.1f} s"
+        )
         reference = best(cat.totals, args.repeat)
         operator = d.parse_query(config, {})
         viewer = d.parse_query(config, {"site": "hub"})
@@ -89,10 +116,18 @@ def main() -> int:
         for name, seconds in results.items():
             print(f"{name:16s} {seconds * 1000:7.0f} ms  = {seconds / reference:5.1f} x totals()")
         cat.close()
-        print(json.dumps({"bench": "dashboard", "studies": args.studies, "instances": args.studies * args.instances,
-                          "reference_totals_s": round(reference, 4),
-                          **{f"{k}_s": round(v, 4) for k, v in results.items()},
-                          **{f"{k}_ratio": round(v / reference, 2) for k, v in results.items()}}))
+        print(
+            json.dumps(
+                {
+                    "bench": "dashboard",
+                    "studies": args.studies,
+                    "instances": args.studies * args.instances,
+                    "reference_totals_s": round(reference, 4),
+                    **{f"{k}_s": round(v, 4) for k, v in results.items()},
+                    **{f"{k}_ratio": round(v / reference, 2) for k, v in results.items()},
+                }
+            )
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

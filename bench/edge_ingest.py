@@ -14,7 +14,8 @@ Over TLS: a second edge with mutual TLS (renkei.pki certificates) receives
 the same study from `storescu +tls`, in the same rounds.
 
 Targets: edge >= 1.5x Orthanc's and >= 0.4x storescp's instances/s; edge as a
-sender >= 0.3x storescu's; edge over TLS >= 0.8x the edge in plaintext. Prints instances/s per round, the medians and the
+sender >= 0.3x storescu's; edge over TLS >= 0.8x the edge in plaintext. Prints instances/s per round, the medians
+and the
 ratios, and ends with one JSON line.
 
     python bench/edge_ingest.py                # 300 instances, 5 rounds
@@ -44,22 +45,39 @@ from renkei import peers, pki  # noqa: E402
 from renkei.synth import write_single_study  # noqa: E402
 
 
-def write_config(folder: Path, edge_port: int, storescp_port: int, orthanc_port: int,
-                 tls: dict | None = None, name: str = "region.yaml", store: str = "edge-store") -> Path:
+def write_config(
+    folder: Path,
+    edge_port: int,
+    storescp_port: int,
+    orthanc_port: int,
+    tls: dict | None = None,
+    name: str = "region.yaml",
+    store: str = "edge-store",
+) -> Path:
     config = {
         "version": 1,
         "region": "bench",
-        "sites": [{
-            "id": "hub", "name": "Bench hub", "role": "hub",
-            "edge": {"ae_title": "HUB_SVR", "host": "127.0.0.1", "port": edge_port, "stable_age": 60,
-                     "store": str(folder / store), **({"tls": tls} if tls else {})},
-            "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port},
-            "workstations": [
-                {"ae_title": "STORESCU", "host": "127.0.0.1", "port": peers.free_port()},
-                {"ae_title": "MOVESCU", "host": "127.0.0.1", "port": peers.free_port()},
-                {"ae_title": "STORESCP", "host": "127.0.0.1", "port": storescp_port},
-            ],
-        }],
+        "sites": [
+            {
+                "id": "hub",
+                "name": "Bench hub",
+                "role": "hub",
+                "edge": {
+                    "ae_title": "HUB_SVR",
+                    "host": "127.0.0.1",
+                    "port": edge_port,
+                    "stable_age": 60,
+                    "store": str(folder / store),
+                    **({"tls": tls} if tls else {}),
+                },
+                "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port},
+                "workstations": [
+                    {"ae_title": "STORESCU", "host": "127.0.0.1", "port": peers.free_port()},
+                    {"ae_title": "MOVESCU", "host": "127.0.0.1", "port": peers.free_port()},
+                    {"ae_title": "STORESCP", "host": "127.0.0.1", "port": storescp_port},
+                ],
+            }
+        ],
     }
     path = folder / name
     path.write_text(yaml.safe_dump(config))
@@ -69,8 +87,9 @@ def write_config(folder: Path, edge_port: int, storescp_port: int, orthanc_port:
 class Edge:
     """`renkei edge serve` as a process; restarted with an empty store for each round."""
 
-    def __init__(self, config: Path, folder: Path, port: int, fsync: bool = True, store: str = "edge-store",
-                 name: str = "edge") -> None:
+    def __init__(
+        self, config: Path, folder: Path, port: int, fsync: bool = True, store: str = "edge-store", name: str = "edge"
+    ) -> None:
         self.config, self.folder, self.port, self.fsync = config, folder, port, fsync
         self.store, self.name = store, name
         self.proc: subprocess.Popen | None = None
@@ -79,14 +98,26 @@ class Edge:
         store = self.folder / self.store
         if empty and store.exists():
             shutil.rmtree(store)
-        cmd = [sys.executable, "-m", "renkei.cli.main", "edge", "serve", "--site", "hub",
-               "--config", str(self.config), "--data-dir", str(self.folder / f"data-{self.name}")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "renkei.cli.main",
+            "edge",
+            "serve",
+            "--site",
+            "hub",
+            "--config",
+            str(self.config),
+            "--data-dir",
+            str(self.folder / f"data-{self.name}"),
+        ]
         if not self.fsync:
             cmd.append("--no-fsync")
         log = open(self.folder / f"{self.name}.log", "ab")
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         log.close()
         peers.wait_for_port("127.0.0.1", self.port, 30, self.proc, "renkei edge serve")
 
@@ -127,9 +158,15 @@ def main() -> int:
     pki.create_ca(ca_dir, "bench", force=True)
     edge_cert, edge_key = pki.issue(ca_dir, work / "pki", site_id="hub", hosts=["127.0.0.1"], name="edge")
     client_cert, client_key = pki.issue(ca_dir, work / "pki", site_id="hub", ae_title="STORESCU")
-    tls_config = write_config(work, tls_port, send_port, orthanc_dicom, name="region-tls.yaml",
-                              store="edge-tls-store",
-                              tls={"cert": str(edge_cert), "key": str(edge_key), "ca": str(ca_dir / pki.CA_CERT)})
+    tls_config = write_config(
+        work,
+        tls_port,
+        send_port,
+        orthanc_dicom,
+        name="region-tls.yaml",
+        store="edge-tls-store",
+        tls={"cert": str(edge_cert), "key": str(edge_key), "ca": str(ca_dir / pki.CA_CERT)},
+    )
     print(f"generating a {args.instances}-instance CT study ({args.size}x{args.size}) in {work}", flush=True)
     study = write_single_study(work / "study", "CT", slices=args.instances, size=args.size, seed=7)
     files = [str(f) for f in study.files]
@@ -140,13 +177,31 @@ def main() -> int:
     edge = Edge(config, work, edge_port, fsync=not args.no_fsync)
     tls_edge = Edge(tls_config, work, tls_port, fsync=not args.no_fsync, store="edge-tls-store", name="edge-tls")
     storescp = peers.start_storescp(work / "storescp-recv", ae_title="STORESCP", port=storescp_port)
-    orthanc = peers.start_orthanc(work / "orthanc", ae_title="ORTHANC", dicom_port=orthanc_dicom,
-                                  modalities={"edge": ("HUB_SVR", "127.0.0.1", edge_port)})
+    orthanc = peers.start_orthanc(
+        work / "orthanc",
+        ae_title="ORTHANC",
+        dicom_port=orthanc_dicom,
+        modalities={"edge": ("HUB_SVR", "127.0.0.1", edge_port)},
+    )
     sink = peers.start_storescp(work / "storescp-send", ae_title="STORESCP", port=send_port)
-    results: dict[str, list[float]] = {"edge": [], "edge_tls": [], "storescp": [], "orthanc": [],
-                                       "edge_send": [], "storescu_send": []}
-    tls_storescu = ["storescu", "+tls", str(client_key), str(client_cert), "+cf", str(ca_dir / pki.CA_CERT),
-                    "-aet", "STORESCU"]
+    results: dict[str, list[float]] = {
+        "edge": [],
+        "edge_tls": [],
+        "storescp": [],
+        "orthanc": [],
+        "edge_send": [],
+        "storescu_send": [],
+    }
+    tls_storescu = [
+        "storescu",
+        "+tls",
+        str(client_key),
+        str(client_cert),
+        "+cf",
+        str(ca_dir / pki.CA_CERT),
+        "-aet",
+        "STORESCU",
+    ]
     try:
         storescu = ["storescu", "-aet", "STORESCU"]
         for round_no in range(1, args.rounds + 1):
@@ -164,10 +219,24 @@ def main() -> int:
             seconds = timed([*storescu, "-aec", "ORTHANC", "127.0.0.1", str(orthanc_dicom), *files])
             results["orthanc"].append(n / seconds)
             # the edge as a sender (C-MOVE to storescp) against storescu to the same storescp
-            seconds = timed(["movescu", "-S", "-aet", "MOVESCU", "-aec", "HUB_SVR", "-aem", "STORESCP",
-                             "-k", "QueryRetrieveLevel=STUDY",
-                             "-k", f"StudyInstanceUID={study.info.study_uid}",
-                             "127.0.0.1", str(edge_port)])
+            seconds = timed(
+                [
+                    "movescu",
+                    "-S",
+                    "-aet",
+                    "MOVESCU",
+                    "-aec",
+                    "HUB_SVR",
+                    "-aem",
+                    "STORESCP",
+                    "-k",
+                    "QueryRetrieveLevel=STUDY",
+                    "-k",
+                    f"StudyInstanceUID={study.info.study_uid}",
+                    "127.0.0.1",
+                    str(edge_port),
+                ]
+            )
             results["edge_send"].append(n / seconds)
             seconds = timed([*storescu, "-aec", "STORESCP", "127.0.0.1", str(send_port), *files])
             results["storescu_send"].append(n / seconds)
@@ -194,17 +263,23 @@ def main() -> int:
     print(f"edge / storescp {ratios['edge_vs_storescp']:.2f}  (target >= 0.4)")
     print(f"edge over TLS / plaintext {ratios['edge_tls_vs_plain']:.2f}  (target >= 0.8)")
     print(f"edge send / storescu send {ratios['edge_send_vs_storescu']:.2f}  (target >= 0.3)")
-    print(json.dumps({
-        "edge_ips": round(med["edge"], 1),
-        "edge_tls_ips": round(med["edge_tls"], 1),
-        "orthanc_ips": round(med["orthanc"], 1),
-        "storescp_ips": round(med["storescp"], 1),
-        "edge_send_ips": round(med["edge_send"], 1),
-        "storescu_send_ips": round(med["storescu_send"], 1),
-        **{k: round(v, 3) for k, v in ratios.items()},
-        "instances": n, "megabytes": round(megabytes, 1), "rounds": args.rounds,
-        "durable": not args.no_fsync,
-    }))
+    print(
+        json.dumps(
+            {
+                "edge_ips": round(med["edge"], 1),
+                "edge_tls_ips": round(med["edge_tls"], 1),
+                "orthanc_ips": round(med["orthanc"], 1),
+                "storescp_ips": round(med["storescp"], 1),
+                "edge_send_ips": round(med["edge_send"], 1),
+                "storescu_send_ips": round(med["storescu_send"], 1),
+                **{k: round(v, 3) for k, v in ratios.items()},
+                "instances": n,
+                "megabytes": round(megabytes, 1),
+                "rounds": args.rounds,
+                "durable": not args.no_fsync,
+            }
+        )
+    )
     return 0
 
 

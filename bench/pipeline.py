@@ -81,8 +81,9 @@ def main() -> int:
     parser.add_argument("--studies", type=int, default=20)
     parser.add_argument("--slices", type=int, default=20, help="CT slices per study (default 20)")
     parser.add_argument("--size", type=int, default=256, help="matrix size (default 256)")
-    parser.add_argument("--slots", type=int, default=None,
-                        help="upload slots of the site (default: from the example's link, 4)")
+    parser.add_argument(
+        "--slots", type=int, default=None, help="upload slots of the site (default: from the example's link, 4)"
+    )
     args = parser.parse_args()
 
     from prefect.testing.utilities import prefect_test_harness
@@ -93,8 +94,9 @@ def main() -> int:
         root = Path(tmp)
         files: list[Path] = []
         for i in range(args.studies):
-            files += synth.write_single_study(root / "synth", "CT", slices=args.slices, size=args.size,
-                                              seed=1000 + i).files
+            files += synth.write_single_study(
+                root / "synth", "CT", slices=args.slices, size=args.size, seed=1000 + i
+            ).files
         a = prepare(root / "direct", files, args.slots)
         b = prepare(root / "flow", files, args.slots)
         time.sleep(0.1)  # both edges' studies are past stable_age
@@ -107,10 +109,21 @@ def main() -> int:
             flow_s = time.monotonic() - started
         assert n_direct == result["studies"] == args.studies, (n_direct, result["studies"])
     overhead = (flow_s - direct_s) / args.studies
-    print(f"{args.studies} studies ({len(files)} instances): direct {direct_s:.2f} s, one sync_site flow run "
-          f"{flow_s:.2f} s; orchestration overhead {overhead:.3f} s per study (target <= 0.5)")
-    print(json.dumps({"flow_s": round(flow_s, 3), "direct_s": round(direct_s, 3), "studies": args.studies,
-                      "instances": len(files), "overhead_s_per_study": round(overhead, 4)}))
+    print(
+        f"{args.studies} studies ({len(files)} instances): direct {direct_s:.2f} s, one sync_site flow run "
+        f"{flow_s:.2f} s; orchestration overhead {overhead:.3f} s per study (target <= 0.5)"
+    )
+    print(
+        json.dumps(
+            {
+                "flow_s": round(flow_s, 3),
+                "direct_s": round(direct_s, 3),
+                "studies": args.studies,
+                "instances": len(files),
+                "overhead_s_per_study": round(overhead, 4),
+            }
+        )
+    )
     return 0
 
 

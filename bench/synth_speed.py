@@ -64,8 +64,11 @@ def main() -> None:
             modality = study.info.modalities[0]
             ratios.setdefault(modality, []).extend(_zlib_ratio(f) for f in study.files[:3])
         zlib_ratio = {m: round(sum(r) / len(r), 2) for m, r in ratios.items()}
-        zlib_ratio["CT"] = round(sum(_zlib_ratio(f) for f in ct.files[:: max(1, len(ct.files) // 10)])
-                                 / len(ct.files[:: max(1, len(ct.files) // 10)]), 2)
+        zlib_ratio["CT"] = round(
+            sum(_zlib_ratio(f) for f in ct.files[:: max(1, len(ct.files) // 10)])
+            / len(ct.files[:: max(1, len(ct.files) // 10)]),
+            2,
+        )
 
         result = {
             "bench": "synth_speed",
@@ -82,11 +85,15 @@ def main() -> None:
             "site_vs_plain_write": round(site_seconds / site_reference, 2),
             "zlib_ratio": zlib_ratio,
         }
-        print(f"CT {ct.instance_count} x {args.size}^2: {ct_seconds:.2f} s "
-              f"({result['ct_instances_per_s']} instances/s, {result['ct_mb_per_s']} MB/s), "
-              f"{result['ct_vs_plain_write']}x the time of writing the same bytes as plain files")
-        print(f"hub, {args.site_patients} patients: {len(site.studies)} studies, {site.instance_count} instances, "
-              f"{result['site_mb']} MB in {site_seconds:.2f} s ({result['site_vs_plain_write']}x plain writes)")
+        print(
+            f"CT {ct.instance_count} x {args.size}^2: {ct_seconds:.2f} s "
+            f"({result['ct_instances_per_s']} instances/s, {result['ct_mb_per_s']} MB/s), "
+            f"{result['ct_vs_plain_write']}x the time of writing the same bytes as plain files"
+        )
+        print(
+            f"hub, {args.site_patients} patients: {len(site.studies)} studies, {site.instance_count} instances, "
+            f"{result['site_mb']} MB in {site_seconds:.2f} s ({result['site_vs_plain_write']}x plain writes)"
+        )
         print(f"zlib ratio of PixelData by modality: {zlib_ratio}")
         print(json.dumps(result))
     finally:

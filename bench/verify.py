@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 def build_center(data_dir: Path, patients: int, seed: int) -> None:
     from helpers_region import put_into_edge
+
     from renkei import synth, transfer
     from renkei.config import Layout, load_config
     from renkei.runtime import open_catalog, open_journal, open_store
@@ -58,7 +59,7 @@ def evict(paths: list[str]) -> None:
 def cat_all(paths: list[str]) -> float:
     started = time.monotonic()
     for i in range(0, len(paths), 500):
-        subprocess.run(["cat", *paths[i:i + 500]], stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(["cat", *paths[i : i + 500]], stdout=subprocess.DEVNULL, check=True)
     return time.monotonic() - started
 
 
@@ -99,11 +100,24 @@ def main() -> int:
             ver.append(report.bytes_checked / 1e6 / report.seconds)
     raw_mb_s, verify_mb_s = statistics.median(raw), statistics.median(ver)
     ratio = verify_mb_s / raw_mb_s
-    print(f"raw read (cat, cold cache): {raw_mb_s:.0f} MB/s   verification (size + SHA-256, "
-          f"{args.threads} threads): {verify_mb_s:.0f} MB/s   ratio {ratio:.2f} (target >= 0.8)")
-    print(json.dumps({"verify_mb_s": round(verify_mb_s, 1), "raw_mb_s": round(raw_mb_s, 1), "ratio": round(ratio, 3),
-                      "objects": len(paths), "megabytes": round(total_mb, 1), "rounds": args.rounds,
-                      "raw_rounds": [round(x, 1) for x in raw], "verify_rounds": [round(x, 1) for x in ver]}))
+    print(
+        f"raw read (cat, cold cache): {raw_mb_s:.0f} MB/s   verification (size + SHA-256, "
+        f"{args.threads} threads): {verify_mb_s:.0f} MB/s   ratio {ratio:.2f} (target >= 0.8)"
+    )
+    print(
+        json.dumps(
+            {
+                "verify_mb_s": round(verify_mb_s, 1),
+                "raw_mb_s": round(raw_mb_s, 1),
+                "ratio": round(ratio, 3),
+                "objects": len(paths),
+                "megabytes": round(total_mb, 1),
+                "rounds": args.rounds,
+                "raw_rounds": [round(x, 1) for x in raw],
+                "verify_rounds": [round(x, 1) for x in ver],
+            }
+        )
+    )
     if tmp is not None:
         tmp.cleanup()
     return 0

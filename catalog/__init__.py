@@ -7,8 +7,16 @@ who may see it; `ObjectStore` (catalog.store) holds the bytes; `open_filesystem`
 
 from catalog.audit import AuditDraft, AuditEvent, AuditVerification
 from catalog.catalog import (
-    Catalog, ConflictRecord, ConsentRecord, GrantRecord, GrantRequest, LocationRecord,
-    PatientCandidate, RegisterResult, SiteTotals, StudyRow,
+    Catalog,
+    ConflictRecord,
+    ConsentRecord,
+    GrantRecord,
+    GrantRequest,
+    LocationRecord,
+    PatientCandidate,
+    RegisterResult,
+    SiteTotals,
+    StudyRow,
 )
 from catalog.compaction import CompactionResult, compact
 from catalog.fs import open_filesystem
@@ -16,8 +24,24 @@ from catalog.keys import object_key
 from catalog.store import ObjectConflict, ObjectInfo, ObjectStore
 
 __all__ = [
-    "AuditDraft", "AuditEvent", "AuditVerification", "Catalog", "CompactionResult", "ConflictRecord",
-    "ConsentRecord", "GrantRecord", "GrantRequest", "LocationRecord", "ObjectConflict", "ObjectInfo",
-    "ObjectStore", "PatientCandidate", "RegisterResult", "SiteTotals", "StudyRow", "compact",
-    "object_key", "open_filesystem",
+    "AuditDraft",
+    "AuditEvent",
+    "AuditVerification",
+    "Catalog",
+    "CompactionResult",
+    "ConflictRecord",
+    "ConsentRecord",
+    "GrantRecord",
+    "GrantRequest",
+    "LocationRecord",
+    "ObjectConflict",
+    "ObjectInfo",
+    "ObjectStore",
+    "PatientCandidate",
+    "RegisterResult",
+    "SiteTotals",
+    "StudyRow",
+    "compact",
+    "object_key",
+    "open_filesystem",
 ]

@@ -124,14 +124,24 @@ class BackupLocation:
                 previous = self.read_witness()
             except CatalogDamaged:
                 previous = None
-        data: dict[str, Any] = {"seq": state.seq, "commit_id": state.last_commit, "audit_count": state.audit_count,
-                                "audit_head": state.audit_head, "time": time.time(), "catalog": catalog_url}
+        data: dict[str, Any] = {
+            "seq": state.seq,
+            "commit_id": state.last_commit,
+            "audit_count": state.audit_count,
+            "audit_head": state.audit_head,
+            "time": time.time(),
+            "catalog": catalog_url,
+        }
         history = list((previous or {}).get("restores", []))
         if restored is not None:
             history.append(restored)
             data["restores"] = history[-20:]
-        cfs.atomic_write(self.fs, cfs.join(self.root, WITNESS),
-                         json.dumps(data, separators=(",", ":")).encode(), fsync=restored is not None)
+        cfs.atomic_write(
+            self.fs,
+            cfs.join(self.root, WITNESS),
+            json.dumps(data, separators=(",", ":")).encode(),
+            fsync=restored is not None,
+        )
 
     def manifest(self) -> dict[str, Any] | None:
         try:
@@ -159,25 +169,31 @@ def witness_problems(log: CommitLog, state: State, witness: dict[str, Any] | Non
         return []
     problems = []
     w_seq = int(witness.get("seq", 0))
-    when = dt.datetime.fromtimestamp(float(witness.get("time", 0)), dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = dt.datetime.fromtimestamp(float(witness.get("time", 0)), dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     if w_seq > state.seq:
-        problems.append(f"the catalog's log ends at entry {state.seq}, but entry {w_seq} had been committed "
-                        f"(witness of {when}): entries {state.seq + 1}..{w_seq} are missing")
+        problems.append(
+            f"the catalog's log ends at entry {state.seq}, but entry {w_seq} had been committed "
+            f"(witness of {when}): entries {state.seq + 1}..{w_seq} are missing"
+        )
     elif w_seq and witness.get("commit_id"):
         entry = log.read(w_seq)
         if entry is None:
             problems.append(f"catalog log entry {w_seq} is missing (the witness of {when} records it)")
         elif entry.get("commit_id") != witness["commit_id"]:
-            problems.append(f"catalog log entry {w_seq} is not the one committed as {w_seq} (witness of {when}): "
-                            "the log was cut back and its numbers used again")
+            problems.append(
+                f"catalog log entry {w_seq} is not the one committed as {w_seq} (witness of {when}): "
+                "the log was cut back and its numbers used again"
+            )
     if int(witness.get("audit_count", 0)) > state.audit_count:
-        problems.append(f"the audit chain holds {state.audit_count} events, but {witness['audit_count']} had been "
-                        f"committed (witness of {when}): events were lost")
+        problems.append(
+            f"the audit chain holds {state.audit_count} events, but {witness['audit_count']} had been "
+            f"committed (witness of {when}): events were lost"
+        )
     return problems
 
 
 # ---------------------------------------------------------------- backup
-def backup(catalog: "Catalog", location: BackupLocation, prune: bool = True) -> BackupResult:
+def backup(catalog: Catalog, location: BackupLocation, prune: bool = True) -> BackupResult:
     """Copy what the backup lacks: log entries, checkpoints, live data files (each checked). Incremental."""
     started = time.monotonic()
     state = catalog.refresh()
@@ -208,8 +224,9 @@ def backup(catalog: "Catalog", location: BackupLocation, prune: bool = True) -> 
         digest, size = cfs.copy_file(catalog.fs, cfs.join(catalog.root, rel), location.fs, dst)
         if entry.sha256 and digest != entry.sha256:
             _remove(location.fs, dst)
-            raise CatalogDamaged(f"catalog data file {rel} (table {table}) is altered, so it was not backed up: "
-                                 f"{REPAIR_HINT}")
+            raise CatalogDamaged(
+                f"catalog data file {rel} (table {table}) is altered, so it was not backed up: {REPAIR_HINT}"
+            )
         backed[rel] = [digest, size]
         result.files_copied += 1
         result.bytes_copied += size
@@ -218,10 +235,18 @@ def backup(catalog: "Catalog", location: BackupLocation, prune: bool = True) -> 
             _remove(location.fs, cfs.join(location.mirror_root, rel))
             del backed[rel]
             result.files_pruned += 1
-    manifest = {"seq": state.seq, "commit_id": state.last_commit, "audit_count": state.audit_count,
-                "audit_head": state.audit_head, "time": time.time(), "catalog": catalog.url, "files": backed}
-    cfs.atomic_write(location.fs, cfs.join(location.mirror_root, MANIFEST),
-                     json.dumps(manifest, separators=(",", ":")).encode())
+    manifest = {
+        "seq": state.seq,
+        "commit_id": state.last_commit,
+        "audit_count": state.audit_count,
+        "audit_head": state.audit_head,
+        "time": time.time(),
+        "catalog": catalog.url,
+        "files": backed,
+    }
+    cfs.atomic_write(
+        location.fs, cfs.join(location.mirror_root, MANIFEST), json.dumps(manifest, separators=(",", ":")).encode()
+    )
     result.seconds = round(time.monotonic() - started, 3)
     return result
 
@@ -243,8 +268,10 @@ def restore(catalog_fs: Any, catalog_root: str, catalog_url: str, location: Back
     """Repair the catalog at `catalog_root` from the backup (see the module's docstring)."""
     manifest = location.manifest()
     if manifest is None:
-        raise CatalogError(f"there is no catalog backup at {location.url}: nothing to restore from "
-                           "(`renkei catalog rebuild` rebuilds from the objects alone)")
+        raise CatalogError(
+            f"there is no catalog backup at {location.url}: nothing to restore from "
+            "(`renkei catalog rebuild` rebuilds from the objects alone)"
+        )
     b_seq = int(manifest["seq"])
     result = RestoreResult(seq=b_seq, backup_seq=b_seq)
     clog = CommitLog(catalog_fs, catalog_root)
@@ -312,14 +339,26 @@ def restore(catalog_fs: Any, catalog_root: str, catalog_url: str, location: Back
     # 4. the anchors: in the catalog, and the witness (recording what was lost, if anything)
     witness = location.read_witness() or {}
     result.events_lost = max(0, int(witness.get("audit_count", 0)) - state.audit_count)
-    cfs.atomic_write(catalog_fs, cfs.join(catalog_root, audit_mod.ANCHOR),
-                     json.dumps({"count": state.audit_count, "head": state.audit_head, "seq": state.seq}).encode())
+    cfs.atomic_write(
+        catalog_fs,
+        cfs.join(catalog_root, audit_mod.ANCHOR),
+        json.dumps({"count": state.audit_count, "head": state.audit_head, "seq": state.seq}).encode(),
+    )
     lost = int(witness.get("seq", 0)) > state.seq or result.events_lost
-    location.write_witness(state, catalog_url, restored={
-        "at": time.time(), "from_seq": int(witness.get("seq", state.seq)), "to_seq": state.seq,
-        "events_lost": result.events_lost, "entries_restored": result.entries_restored,
-        "files_restored": result.files_restored} if (lost or result.entries_restored or result.files_restored)
-        else None)
+    location.write_witness(
+        state,
+        catalog_url,
+        restored={
+            "at": time.time(),
+            "from_seq": int(witness.get("seq", state.seq)),
+            "to_seq": state.seq,
+            "events_lost": result.events_lost,
+            "entries_restored": result.entries_restored,
+            "files_restored": result.files_restored,
+        }
+        if (lost or result.entries_restored or result.files_restored)
+        else None,
+    )
     return result
 
 
@@ -343,12 +382,13 @@ def _check_remote(fs: Any, root: str, table: str, item: dict[str, Any]) -> None:
         raise CatalogDamaged(f"its data file {item['path']} (table {table}) is altered")
 
 
-def _restore_files(fs: Any, root: str, location: BackupLocation, state: State, backed: dict[str, list[Any]],
-                   result: RestoreResult) -> State:
+def _restore_files(
+    fs: Any, root: str, location: BackupLocation, state: State, backed: dict[str, list[Any]], result: RestoreResult
+) -> State:
     for table, files in state.files.items():
-        for rel, entry in files.items():
+        for rel, fe in files.items():
             path = cfs.join(root, rel)
-            expected = entry.sha256 or (backed.get(rel) or [""])[0]
+            expected = fe.sha256 or (backed.get(rel) or [""])[0]
             try:
                 digest, _size = cfs.sha256_of(fs, path)
                 if not expected or digest == expected:
@@ -356,19 +396,23 @@ def _restore_files(fs: Any, root: str, location: BackupLocation, state: State, b
             except FileNotFoundError:
                 pass
             if rel not in backed:
-                raise CatalogDamaged(f"catalog data file {rel} (table {table}) is damaged and not in the backup at "
-                                     f"{location.url}: rebuild the catalog (`renkei catalog rebuild`)")
+                raise CatalogDamaged(
+                    f"catalog data file {rel} (table {table}) is damaged and not in the backup at "
+                    f"{location.url}: rebuild the catalog (`renkei catalog rebuild`)"
+                )
             digest, _size = cfs.copy_file(location.fs, cfs.join(location.mirror_root, rel), fs, path)
             if expected and digest != expected:
                 _remove(fs, path)
-                raise CatalogDamaged(f"the backup's copy of {rel} (table {table}) is damaged too: rebuild the "
-                                     "catalog (`renkei catalog rebuild`)")
+                raise CatalogDamaged(
+                    f"the backup's copy of {rel} (table {table}) is damaged too: rebuild the "
+                    "catalog (`renkei catalog rebuild`)"
+                )
             result.files_restored += 1
     return state
 
 
 # ---------------------------------------------------------------- check
-def check(catalog: "Catalog", location: BackupLocation | None = None) -> CheckResult:
+def check(catalog: Catalog, location: BackupLocation | None = None) -> CheckResult:
     """Read the whole catalog: every log entry, every live data file, the checkpoints and the witness."""
     started = time.monotonic()
     fs, root = catalog.fs, catalog.root
@@ -376,16 +420,19 @@ def check(catalog: "Catalog", location: BackupLocation | None = None) -> CheckRe
     problems: list[str] = []
     listed = _later_entries(log, fs, root)
     last = max(listed) if listed else 0
-    checkpoints = sorted(int(n[:-5]) for n in cfs.listdir_names(fs, f"{root}/_checkpoints")
-                         if n.endswith(".json") and n[:-5].isdigit())
+    checkpoints = sorted(
+        int(n[:-5]) for n in cfs.listdir_names(fs, f"{root}/_checkpoints") if n.endswith(".json") and n[:-5].isdigit()
+    )
     state = State()
     entries = 0
     present = set(listed)
     for seq in range(1, last + 1):
         if seq not in present:
             covered = any(c >= seq for c in checkpoints)
-            problems.append(f"log entry {seq} is missing" + (" (a checkpoint covers it)" if covered else
-                                                              f" and entries up to {last} exist"))
+            problems.append(
+                f"log entry {seq} is missing"
+                + (" (a checkpoint covers it)" if covered else f" and entries up to {last} exist")
+            )
             if covered:
                 cp = log.latest_checkpoint_at_most(max(c for c in checkpoints if c >= seq))
                 if cp is not None and cp.seq >= seq:
@@ -410,26 +457,36 @@ def check(catalog: "Catalog", location: BackupLocation | None = None) -> CheckRe
     n_files = 0
     n_bytes = 0
     for table, files in state.files.items():
-        for rel, entry in files.items():
+        for rel, fe in files.items():
             n_files += 1
             try:
                 digest, size = cfs.sha256_of(fs, cfs.join(root, rel))
             except FileNotFoundError:
-                problems.append(f"data file {rel} (table {table}, commit {entry.seq}) is missing")
+                problems.append(f"data file {rel} (table {table}, commit {fe.seq}) is missing")
                 continue
             n_bytes += size
-            if entry.sha256 and (digest != entry.sha256 or size != entry.size):
-                problems.append(f"data file {rel} (table {table}, commit {entry.seq}) is "
-                                + ("truncated" if size < entry.size else "altered")
-                                + f" ({size} bytes, recorded {entry.size}; SHA-256 differs)")
+            if fe.sha256 and (digest != fe.sha256 or size != fe.size):
+                problems.append(
+                    f"data file {rel} (table {table}, commit {fe.seq}) is "
+                    + ("truncated" if size < fe.size else "altered")
+                    + f" ({size} bytes, recorded {fe.size}; SHA-256 differs)"
+                )
     if location is not None:
         try:
             problems.extend(witness_problems(log, state, location.read_witness()))
         except CatalogError as exc:
             problems.append(str(exc))
-    return CheckResult(not problems, entries, n_files, n_bytes, problems,
-                       round(time.monotonic() - started, 3))
+    return CheckResult(not problems, entries, n_files, n_bytes, problems, round(time.monotonic() - started, 3))
 
 
-__all__ = ["BUCKET", "BackupLocation", "BackupResult", "CheckResult", "RestoreResult", "backup", "check",
-           "restore", "witness_problems"]
+__all__ = [
+    "BUCKET",
+    "BackupLocation",
+    "BackupResult",
+    "CheckResult",
+    "RestoreResult",
+    "backup",
+    "check",
+    "restore",
+    "witness_problems",
+]

@@ -22,9 +22,10 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -48,7 +49,11 @@ MAX_COMMIT_ATTEMPTS = 200
 _UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 
 STUDY_ROW_FIELDS = tables.STUDY_INFO_FIELDS + (
-    "modalities", "series_count", "instance_count", "bytes", "registered_at",
+    "modalities",
+    "series_count",
+    "instance_count",
+    "bytes",
+    "registered_at",
 )
 
 _STUDY_AGG = ",\n".join(
@@ -76,18 +81,23 @@ def check_data_file(path: str, entry: FileEntry, table: str) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise CatalogDamaged(f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is missing: "
-                             f"{REPAIR_HINT}") from None
+        raise CatalogDamaged(
+            f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is missing: {REPAIR_HINT}"
+        ) from None
     with _VERIFIED_LOCK:
         if _VERIFIED.get(path) == (st.st_size, st.st_mtime_ns, entry.sha256):
             return
     if entry.size >= 0 and st.st_size != entry.size:
-        raise CatalogDamaged(f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is truncated "
-                             f"or altered: {st.st_size} bytes where {entry.size} were written; {REPAIR_HINT}")
+        raise CatalogDamaged(
+            f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is truncated "
+            f"or altered: {st.st_size} bytes where {entry.size} were written; {REPAIR_HINT}"
+        )
     digest, _size = cfs.sha256_file(path)
     if digest != entry.sha256:
-        raise CatalogDamaged(f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is altered: "
-                             f"its SHA-256 is not the one recorded when it was written; {REPAIR_HINT}")
+        raise CatalogDamaged(
+            f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is altered: "
+            f"its SHA-256 is not the one recorded when it was written; {REPAIR_HINT}"
+        )
     with _VERIFIED_LOCK:
         _VERIFIED[path] = (st.st_size, st.st_mtime_ns, entry.sha256)
 
@@ -100,7 +110,7 @@ def _const(value: Any, n: int, type_: pa.DataType | None = None) -> pa.Array:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _sql_str(value: str) -> str:
@@ -162,8 +172,10 @@ class ConflictRecord:
     def why(self) -> str:
         by = self.holder.replace("edge:", "the edge of ") if self.holder.startswith("edge:") else self.holder
         when = self.at.strftime("%Y-%m-%d %H:%M:%S UTC") if self.at else "an unknown time"
-        return (f"sent again by {by} with other bytes at {when}; kept beside the first version, and current "
-                "as the latest received")
+        return (
+            f"sent again by {by} with other bytes at {when}; kept beside the first version, and current "
+            "as the latest received"
+        )
 
 
 @dataclass(frozen=True)
@@ -317,11 +329,21 @@ class Catalog:
     catches up with the commits other writers made.
     """
 
-    def __init__(self, url: str, s3_options: Any = None, *, writer: str | None = None,
-                 auto_compact: int | None = DEFAULT_AUTO_COMPACT, memory_limit: str = "768MB",
-                 threads: int | None = None, vacuum_grace_s: float = 600.0,
-                 background_compaction: bool = True, cache: bool = True, backup_url: str | None = None,
-                 backup_s3_options: Any = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        s3_options: Any = None,
+        *,
+        writer: str | None = None,
+        auto_compact: int | None = DEFAULT_AUTO_COMPACT,
+        memory_limit: str = "768MB",
+        threads: int | None = None,
+        vacuum_grace_s: float = 600.0,
+        background_compaction: bool = True,
+        cache: bool = True,
+        backup_url: str | None = None,
+        backup_s3_options: Any = None,
+    ) -> None:
         self.url = url
         self.fs, self.root = cfs.open_filesystem(url, s3_options)
         self.local = cfs.is_local(self.fs)
@@ -342,14 +364,20 @@ class Catalog:
         self._cache_dir = os.path.join(self._tmpdir, "files") if cache and not self.local else None
         self._cached: set[str] = set()
         # the second location: the witness after every commit, backups (catalog/backup.py)
-        self.backup: BackupLocation | None = (BackupLocation(backup_url, backup_s3_options if backup_s3_options
-                                                             is not None else s3_options)
-                                              if backup_url else None)
+        self.backup: BackupLocation | None = (
+            BackupLocation(backup_url, backup_s3_options if backup_s3_options is not None else s3_options)
+            if backup_url
+            else None
+        )
         self._witness_seq = 0
-        self.con = duckdb.connect(config={"memory_limit": memory_limit,
-                                          "threads": threads or max(1, min(4, os.cpu_count() or 1)),
-                                          "preserve_insertion_order": False,
-                                          "temp_directory": self._tmpdir})
+        self.con = duckdb.connect(
+            config={
+                "memory_limit": memory_limit,
+                "threads": threads or max(1, min(4, os.cpu_count() or 1)),
+                "preserve_insertion_order": False,
+                "temp_directory": self._tmpdir,
+            }
+        )
         self.con.execute("SET parquet_metadata_cache = true")
         self.con.execute("SET enable_external_file_cache = false")
         if not self.local:
@@ -358,7 +386,7 @@ class Catalog:
             self.con.register(f"_empty_{name}", spec.schema.empty_table())
 
     @classmethod
-    def from_layout(cls, layout: Any, **kwargs: Any) -> "Catalog":
+    def from_layout(cls, layout: Any, **kwargs: Any) -> Catalog:
         """The catalog of a region: Layout(config, data_dir).catalog_url with the config's S3 options."""
         kwargs.setdefault("backup_url", layout.catalog_backup_url)
         return cls(layout.catalog_url, layout.config.center.s3, **kwargs)
@@ -375,7 +403,7 @@ class Catalog:
             finally:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
 
-    def __enter__(self) -> "Catalog":
+    def __enter__(self) -> Catalog:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -417,8 +445,9 @@ class Catalog:
                 if entries is None or not any(r in entries for r in gone):
                     raise
                 table, entry = entries[next(r for r in gone if r in entries)]
-                raise CatalogDamaged(f"catalog data file {entry.path} (table {table}, commit {entry.seq}) "
-                                     f"is missing: {REPAIR_HINT}") from None
+                raise CatalogDamaged(
+                    f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is missing: {REPAIR_HINT}"
+                ) from None
             for rel, tmp in zip(missing, temps):
                 if entries is not None and rel in entries:
                     table, entry = entries[rel]
@@ -452,8 +481,10 @@ class Catalog:
             except RenkeiError:
                 raise
             except Exception as exc:  # storage clients raise many types (botocore, aiohttp, OSError)
-                raise CatalogError(f"the catalog at {self.url} cannot be read: {exc}; check the center's "
-                                   "storage (endpoint, credentials, disk)") from exc
+                raise CatalogError(
+                    f"the catalog at {self.url} cannot be read: {exc}; check the center's "
+                    "storage (endpoint, credentials, disk)"
+                ) from exc
             return self._state
 
     @property
@@ -479,8 +510,10 @@ class Catalog:
             if files:
                 listing = ", ".join(_sql_str(self.read_path(f.path)) for f in files)
                 # by name: a column added to a table later is NULL in the files written before it
-                sql = (f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet([{listing}]"
-                       f"{', union_by_name = true' if name == 'conflicts' else ''})")
+                sql = (
+                    f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet([{listing}]"
+                    f"{', union_by_name = true' if name == 'conflicts' else ''})"
+                )
             else:
                 sql = f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM _empty_{name}"
             self.con.execute(sql)
@@ -561,7 +594,7 @@ class Catalog:
                     handle.write(payload)
         return {"path": rel, "rows": data.num_rows, "level": level, "sha256": digest, "size": payload.size}
 
-    def _pool(self) -> "ThreadPoolExecutor":
+    def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="catalog-write")
         return self._executor
@@ -577,8 +610,9 @@ class Catalog:
             except FileNotFoundError:
                 pass
 
-    def _commit(self, kind: str, build: Callable[[State, int, dt.datetime], CommitPlan | None],
-                actor_site: str = tables.CENTER) -> tuple[int | None, Any]:
+    def _commit(
+        self, kind: str, build: Callable[[State, int, dt.datetime], CommitPlan | None], actor_site: str = tables.CENTER
+    ) -> tuple[int | None, Any]:
         """Build a plan against the latest state and commit it as the next log entry.
 
         `build(state, seq, now)` returns the plan, or None when there is nothing
@@ -605,16 +639,25 @@ class Catalog:
                     for name, record in records:
                         written.append(record["path"])
                         add.setdefault(name, []).append(record)
-                    entry: dict[str, Any] = {"kind": kind, "writer": self.writer, "time": time.time(),
-                                             "commit_id": new_commit_id(), "prev": state.last_commit}
+                    entry: dict[str, Any] = {
+                        "kind": kind,
+                        "writer": self.writer,
+                        "time": time.time(),
+                        "commit_id": new_commit_id(),
+                        "prev": state.last_commit,
+                    }
                     if plan.audit:
-                        rows, head = audit_mod.build_rows(plan.audit, state.audit_count + 1,
-                                                          state.audit_head or audit_mod.GENESIS, now, seq)
+                        rows, head = audit_mod.build_rows(
+                            plan.audit, state.audit_count + 1, state.audit_head or audit_mod.GENESIS, now, seq
+                        )
                         record = self._write_file("audit", rows)
                         written.append(record["path"])
                         add.setdefault("audit", []).append(record)
-                        entry["audit"] = {"prev_count": state.audit_count,
-                                          "count": state.audit_count + len(plan.audit), "head": head}
+                        entry["audit"] = {
+                            "prev_count": state.audit_count,
+                            "count": state.audit_count + len(plan.audit),
+                            "head": head,
+                        }
                     entry["add"] = add
                     if plan.remove:
                         entry["remove"] = plan.remove
@@ -663,8 +706,10 @@ class Catalog:
         try:
             anchor = json.loads(cfs.read_bytes(self.fs, cfs.join(self.root, audit_mod.ANCHOR)))
             if int(anchor.get("seq", 0)) > state.seq:
-                problems.append(f"the catalog's log ends at entry {state.seq}, but its audit anchor was written "
-                                f"at entry {anchor['seq']}: entries are missing")
+                problems.append(
+                    f"the catalog's log ends at entry {state.seq}, but its audit anchor was written "
+                    f"at entry {anchor['seq']}: entries are missing"
+                )
         except (FileNotFoundError, ValueError, AttributeError):
             pass
         if self.backup is not None:
@@ -696,8 +741,9 @@ class Catalog:
         """Compact when a table has more than `auto_compact` level-0 files (in the background by default)."""
         if not self.auto_compact:
             return
-        if not any(sum(1 for f in files.values() if f.level == 0) > self.auto_compact
-                   for files in state.files.values()):
+        if not any(
+            sum(1 for f in files.values() if f.level == 0) > self.auto_compact for files in state.files.values()
+        ):
             return
         from catalog.compaction import compact
 
@@ -730,8 +776,9 @@ class Catalog:
             return self._compact_con
 
     # ---------------------------------------------------------- registration
-    def register(self, batch: StudyBatch, origin_site: str | None = None, holder: str = tables.CENTER,
-                 actor: str | None = None) -> RegisterResult:
+    def register(
+        self, batch: StudyBatch, origin_site: str | None = None, holder: str = tables.CENTER, actor: str | None = None
+    ) -> RegisterResult:
         """Record a study and its instances as held by `holder`; idempotent.
 
         Instances already registered with the same SHA-256 are counted as
@@ -741,27 +788,39 @@ class Catalog:
         origin = origin_site or batch.study.origin_site
         info = batch.study.to_dict()
         info["origin_site"] = origin
-        modalities = list(dict.fromkeys([*batch.study.modalities, *(i.modality for i in batch.instances if i.modality)]))
+        modalities = list(
+            dict.fromkeys([*batch.study.modalities, *(i.modality for i in batch.instances if i.modality)])
+        )
         info["modalities"] = modalities
         studies = pa.Table.from_pylist([info])
         instances = pa.Table.from_pylist([i.to_dict() for i in batch.instances]) if batch.instances else None
         return self.register_tables(studies, instances, holder=holder, actor=actor)
 
-    def register_many(self, batches: Sequence[StudyBatch], holder: str = tables.CENTER,
-                      actor: str | None = None) -> RegisterResult:
+    def register_many(
+        self, batches: Sequence[StudyBatch], holder: str = tables.CENTER, actor: str | None = None
+    ) -> RegisterResult:
         """Register several studies in one commit (each batch's study.origin_site is its origin)."""
-        infos, inst = [], []
+        infos: list[dict[str, Any]] = []
+        inst: list[dict[str, Any]] = []
         for batch in batches:
             info = batch.study.to_dict()
-            info["modalities"] = list(dict.fromkeys([*batch.study.modalities,
-                                                     *(i.modality for i in batch.instances if i.modality)]))
+            info["modalities"] = list(
+                dict.fromkeys([*batch.study.modalities, *(i.modality for i in batch.instances if i.modality)])
+            )
             infos.append(info)
             inst.extend(i.to_dict() for i in batch.instances)
-        return self.register_tables(pa.Table.from_pylist(infos),
-                                    pa.Table.from_pylist(inst) if inst else None, holder=holder, actor=actor)
+        return self.register_tables(
+            pa.Table.from_pylist(infos), pa.Table.from_pylist(inst) if inst else None, holder=holder, actor=actor
+        )
 
-    def register_tables(self, studies: pa.Table, instances: pa.Table | None, holder: str = tables.CENTER,
-                        actor: str | None = None, audit_each_study: bool | None = None) -> RegisterResult:
+    def register_tables(
+        self,
+        studies: pa.Table,
+        instances: pa.Table | None,
+        holder: str = tables.CENTER,
+        actor: str | None = None,
+        audit_each_study: bool | None = None,
+    ) -> RegisterResult:
         """The bulk path: studies (StudyInfo columns, with origin_site) and instances (InstanceInfo columns).
 
         Validates every UID, derives object keys (unless an object_key column
@@ -780,18 +839,33 @@ class Catalog:
             self.con.register("_new_studies", studies)
             self.con.register("_new_inst", instances)
             try:
-                seq, result = self._commit("register", lambda state, seq, now: self._plan_register(
-                    state, seq, now, studies, instances, holder, actor or self.writer, study_uids, audit_each_study))
+                seq, result = self._commit(
+                    "register",
+                    lambda state, seq, now: self._plan_register(
+                        state, seq, now, studies, instances, holder, actor or self.writer, study_uids, audit_each_study
+                    ),
+                )
             finally:
                 self.con.unregister("_new_studies")
                 self.con.unregister("_new_inst")
         if result is None:  # nothing changed
             return RegisterResult(0, instances.num_rows, (), 0, tuple(study_uids), None)
-        return RegisterResult(result.new_instances, result.already_present, result.conflicts,
-                              result.new_series, result.studies, seq)
+        return RegisterResult(
+            result.new_instances, result.already_present, result.conflicts, result.new_series, result.studies, seq
+        )
 
-    def _plan_register(self, state: State, seq: int, now: dt.datetime, studies: pa.Table, instances: pa.Table,
-                       holder: str, actor: str, study_uids: list[str], audit_each_study: bool) -> CommitPlan | None:
+    def _plan_register(
+        self,
+        state: State,
+        seq: int,
+        now: dt.datetime,
+        studies: pa.Table,
+        instances: pa.Table,
+        holder: str,
+        actor: str,
+        study_uids: list[str],
+        audit_each_study: bool,
+    ) -> CommitPlan | None:
         self._ensure_views()
         con = self.con
         # a site registers only its own studies: a study the catalog holds as another site's
@@ -799,12 +873,14 @@ class Catalog:
         foreign = con.sql(
             "SELECT n.study_uid, n.origin_site AS new_origin, s.origin_site FROM _new_studies n JOIN "
             "(SELECT study_uid, arg_max(origin_site, _seq) AS origin_site FROM studies GROUP BY study_uid) s "
-            "ON s.study_uid = n.study_uid WHERE s.origin_site <> n.origin_site").fetchall()
+            "ON s.study_uid = n.study_uid WHERE s.origin_site <> n.origin_site"
+        ).fetchall()
         if foreign:
             uid, new_origin, origin = foreign[0]
             raise StudyOfAnotherSite(
                 f"study {uid} is registered as a study of site {origin}; site {new_origin} cannot register it "
-                f"as its own ({len(foreign)} such stud{'y' if len(foreign) == 1 else 'ies'} in this batch)")
+                f"as its own ({len(foreign)} such stud{'y' if len(foreign) == 1 else 'ies'} in this batch)"
+            )
         n_in = instances.num_rows
         existing = con.sql(
             "SELECT e.sop_instance_uid, e.sha256, e.object_key, e.study_uid FROM instances e "
@@ -816,8 +892,9 @@ class Catalog:
         if n_in and pc.count_distinct(instances.column("sop_instance_uid")).as_py() != n_in:
             seen: dict[str, str] = {}
             keep = []
-            for i, (sop, sha) in enumerate(zip(instances.column("sop_instance_uid").to_pylist(),
-                                               instances.column("sha256").to_pylist())):
+            for _i, (sop, sha) in enumerate(
+                zip(instances.column("sop_instance_uid").to_pylist(), instances.column("sha256").to_pylist())
+            ):
                 keep.append(sop not in seen)
                 seen.setdefault(sop, sha)
             fresh = instances.filter(pa.array(keep))
@@ -825,24 +902,48 @@ class Catalog:
         conflicts: list[ConflictRecord] = []
         already = dup_in_batch
         if existing.num_rows:
-            known = dict(zip(existing.column("sop_instance_uid").to_pylist(),
-                             zip(existing.column("sha256").to_pylist(), existing.column("object_key").to_pylist())))
+            known = dict(
+                zip(
+                    existing.column("sop_instance_uid").to_pylist(),
+                    zip(existing.column("sha256").to_pylist(), existing.column("object_key").to_pylist()),
+                )
+            )
             mask = pc.invert(pc.is_in(fresh.column("sop_instance_uid"), value_set=existing.column("sop_instance_uid")))
             clashing = fresh.filter(pc.invert(mask))
-            versions = {(r[0], r[1]) for r in con.execute(
-                "SELECT c.sop_instance_uid, c.new_sha256 FROM conflicts c JOIN _new_inst n "
-                "ON c.study_uid = n.study_uid AND c.sop_instance_uid = n.sop_instance_uid").fetchall()}
-            for row in clashing.select(["study_uid", "series_uid", "sop_instance_uid", "sha256", "origin_site",
-                                        "size"]).to_pylist():
+            versions = {
+                (r[0], r[1])
+                for r in con.execute(
+                    "SELECT c.sop_instance_uid, c.new_sha256 FROM conflicts c JOIN _new_inst n "
+                    "ON c.study_uid = n.study_uid AND c.sop_instance_uid = n.sop_instance_uid"
+                ).fetchall()
+            }
+            for row in clashing.select(
+                ["study_uid", "series_uid", "sop_instance_uid", "sha256", "origin_site", "size"]
+            ).to_pylist():
                 old_sha, old_key = known[row["sop_instance_uid"]]
                 if old_sha == row["sha256"] or (row["sop_instance_uid"], row["sha256"]) in versions:
                     already += 1  # this version is registered already
                     continue
-                conflicts.append(ConflictRecord(
-                    row["study_uid"], row["sop_instance_uid"], old_key, old_sha, row["sha256"],
-                    keys.object_key(row["origin_site"], row["study_uid"], row["series_uid"],
-                                    row["sop_instance_uid"], conflict_sha256=row["sha256"]),
-                    row["origin_site"], holder, now, int(row["size"])))
+                conflicts.append(
+                    ConflictRecord(
+                        row["study_uid"],
+                        row["sop_instance_uid"],
+                        old_key,
+                        old_sha,
+                        row["sha256"],
+                        keys.object_key(
+                            row["origin_site"],
+                            row["study_uid"],
+                            row["series_uid"],
+                            row["sop_instance_uid"],
+                            conflict_sha256=row["sha256"],
+                        ),
+                        row["origin_site"],
+                        holder,
+                        now,
+                        int(row["size"]),
+                    )
+                )
             fresh = fresh.filter(mask)
         n_new = fresh.num_rows
         # which studies need their location (re)written at this holder
@@ -851,14 +952,19 @@ class Catalog:
                 current = con.execute(
                     "SELECT study_uid, arg_max(state, _seq) AS state FROM locations "
                     "WHERE holder = ? AND sop_instance_uid = '' AND study_uid IN (SELECT study_uid FROM _new_studies) "
-                    "GROUP BY study_uid", [holder]).fetchall()
+                    "GROUP BY study_uid",
+                    [holder],
+                ).fetchall()
                 ok = {uid for uid, st in current if st in ("present", "verified")}
                 if all(uid in ok for uid in study_uids):
                     return None
             else:
-                known_studies = {r[0] for r in con.execute(
-                    "SELECT DISTINCT study_uid FROM studies WHERE study_uid IN (SELECT study_uid FROM _new_studies)"
-                ).fetchall()}
+                known_studies = {
+                    r[0]
+                    for r in con.execute(
+                        "SELECT DISTINCT study_uid FROM studies WHERE study_uid IN (SELECT study_uid FROM _new_studies)"
+                    ).fetchall()
+                }
                 if all(uid in known_studies for uid in study_uids):
                     return None
         con.register("_fresh", fresh)
@@ -881,27 +987,33 @@ class Catalog:
         finally:
             con.unregister("_fresh")
         n = deltas.num_rows
-        deltas = deltas.append_column("registered_at", _const(now, n, tables.TS)) \
-                       .append_column("_seq", _const(seq, n, pa.int64()))
-        fresh = fresh.append_column("registered_at", _const(now, n_new, tables.TS)) \
-                     .append_column("_seq", _const(seq, n_new, pa.int64()))
-        series = series.append_column("registered_at", _const(now, series.num_rows, tables.TS)) \
-                       .append_column("_seq", _const(seq, series.num_rows, pa.int64()))
-        locations = pa.table({
-            "study_uid": studies.column("study_uid"),
-            "sop_instance_uid": _const("", studies.num_rows),
-            "holder": _const(holder, studies.num_rows),
-            "state": _const("present", studies.num_rows),
-            "verified_at": pa.nulls(studies.num_rows, tables.TS),
-            "detail": _const("", studies.num_rows),
-            "by": _const(actor, studies.num_rows),
-            "at": _const(now, studies.num_rows, tables.TS),
-            "_seq": _const(seq, studies.num_rows, pa.int64()),
-        })
+        deltas = deltas.append_column("registered_at", _const(now, n, tables.TS)).append_column(
+            "_seq", _const(seq, n, pa.int64())
+        )
+        fresh = fresh.append_column("registered_at", _const(now, n_new, tables.TS)).append_column(
+            "_seq", _const(seq, n_new, pa.int64())
+        )
+        series = series.append_column("registered_at", _const(now, series.num_rows, tables.TS)).append_column(
+            "_seq", _const(seq, series.num_rows, pa.int64())
+        )
+        locations = pa.table(
+            {
+                "study_uid": studies.column("study_uid"),
+                "sop_instance_uid": _const("", studies.num_rows),
+                "holder": _const(holder, studies.num_rows),
+                "state": _const("present", studies.num_rows),
+                "verified_at": pa.nulls(studies.num_rows, tables.TS),
+                "detail": _const("", studies.num_rows),
+                "by": _const(actor, studies.num_rows),
+                "at": _const(now, studies.num_rows, tables.TS),
+                "_seq": _const(seq, studies.num_rows, pa.int64()),
+            }
+        )
         rows = {"instances": fresh, "series": series, "studies": deltas, "locations": locations}
         if conflicts:
             rows["conflicts"] = pa.Table.from_pylist(
-                [{**c.__dict__, "_seq": seq} for c in conflicts], schema=tables.CONFLICTS)
+                [{**c.__dict__, "_seq": seq} for c in conflicts], schema=tables.CONFLICTS
+            )
         result = RegisterResult(n_new, already, tuple(conflicts), series.num_rows, tuple(study_uids), seq)
         origin_of = dict(zip(study_uids, studies.column("origin_site").to_pylist()))
         drafts: list[AuditDraft] = []
@@ -909,14 +1021,35 @@ class Catalog:
             per_study = dict(zip(deltas.column("study_uid").to_pylist(), deltas.column("instances_added").to_pylist()))
             for uid in study_uids:
                 n_conf = sum(1 for c in conflicts if c.study_uid == uid)
-                drafts.append(AuditDraft(origin_of[uid], actor, "register", uid, None,
-                                         "conflict" if n_conf else "ok",
-                                         {"holder": holder, "new_instances": per_study.get(uid, 0), "conflicts": n_conf}))
+                drafts.append(
+                    AuditDraft(
+                        origin_of[uid],
+                        actor,
+                        "register",
+                        uid,
+                        None,
+                        "conflict" if n_conf else "ok",
+                        {"holder": holder, "new_instances": per_study.get(uid, 0), "conflicts": n_conf},
+                    )
+                )
         else:
-            drafts.append(AuditDraft(origin_sites_text(origin_of.values()), actor, "register", None, None,
-                                     "conflict" if conflicts else "ok",
-                                     {"holder": holder, "studies": len(study_uids), "new_instances": n_new,
-                                      "already_present": already, "conflicts": len(conflicts)}))
+            drafts.append(
+                AuditDraft(
+                    origin_sites_text(origin_of.values()),
+                    actor,
+                    "register",
+                    None,
+                    None,
+                    "conflict" if conflicts else "ok",
+                    {
+                        "holder": holder,
+                        "studies": len(study_uids),
+                        "new_instances": n_new,
+                        "already_present": already,
+                        "conflicts": len(conflicts),
+                    },
+                )
+            )
         return CommitPlan(rows=rows, audit=drafts, result=result)
 
     # ---------------------------------------------------------- instances
@@ -931,7 +1064,9 @@ class Catalog:
         if version == "first":
             return self._rows(
                 "SELECT * EXCLUDE (_seq) FROM instances WHERE study_uid = ? ORDER BY series_uid, instance_number, "
-                "sop_instance_uid", [study_uid])
+                "sop_instance_uid",
+                [study_uid],
+            )
         if version != "current":
             raise UsageError(f"version {version!r}: use 'current' or 'first'")
         return self._rows(
@@ -940,7 +1075,9 @@ class Catalog:
             "SELECT i.* EXCLUDE (_seq, object_key, sha256, size), coalesce(v.k, i.object_key) AS object_key, "
             "coalesce(v.sha, i.sha256) AS sha256, coalesce(v.sz, i.size) AS size, v.k IS NOT NULL AS corrected "
             "FROM instances i LEFT JOIN v USING (sop_instance_uid) WHERE i.study_uid = ? "
-            "ORDER BY i.series_uid, i.instance_number, i.sop_instance_uid", [study_uid, study_uid])
+            "ORDER BY i.series_uid, i.instance_number, i.sop_instance_uid",
+            [study_uid, study_uid],
+        )
 
     def iter_instances(self, part: int = 0, parts: int = 1, batch_size: int = 10_000) -> Iterator[list[dict[str, Any]]]:
         """Every registered instance (study, origin, key, SHA-256, size), in batches.
@@ -962,7 +1099,8 @@ class Catalog:
                 "  WHERE c.new_size IS NOT NULL) i "
                 "JOIN (SELECT study_uid, arg_max(origin_site, _seq) AS origin_site "
                 f"FROM studies GROUP BY study_uid) s USING (study_uid) {where} "
-                "ORDER BY i.object_key").to_arrow_reader(batch_size)
+                "ORDER BY i.object_key"
+            ).to_arrow_reader(batch_size)
             batches = [b.to_pylist() for b in reader]
         yield from batches
 
@@ -970,30 +1108,40 @@ class Catalog:
         return int(self._rows("SELECT count(*) AS n FROM instances")[0]["n"])
 
     def series(self, study_uid: str) -> list[dict[str, Any]]:
-        return self._rows("SELECT * EXCLUDE (_seq) FROM series WHERE study_uid = ? ORDER BY series_number, series_uid",
-                          [study_uid])
+        return self._rows(
+            "SELECT * EXCLUDE (_seq) FROM series WHERE study_uid = ? ORDER BY series_number, series_uid", [study_uid]
+        )
 
     def conflicts(self, study_uid: str | None = None) -> list[ConflictRecord]:
         where, params = ("WHERE study_uid = ?", [study_uid]) if study_uid else ("", [])
-        return [ConflictRecord(**{k: v for k, v in r.items() if k != "_seq"})
-                for r in self._rows(f"SELECT * FROM conflicts {where} ORDER BY \"at\", sop_instance_uid", params)]
+        return [
+            ConflictRecord(**{k: v for k, v in r.items() if k != "_seq"})
+            for r in self._rows(f'SELECT * FROM conflicts {where} ORDER BY "at", sop_instance_uid', params)
+        ]
 
     # ---------------------------------------------------------- studies
     def study(self, study_uid: str) -> StudyRow | None:
-        rows = self._rows(f"SELECT study_uid, {_STUDY_AGG} FROM studies WHERE study_uid = ? GROUP BY study_uid",
-                          [study_uid])
+        rows = self._rows(
+            f"SELECT study_uid, {_STUDY_AGG} FROM studies WHERE study_uid = ? GROUP BY study_uid", [study_uid]
+        )
         return _study_row(rows[0]) if rows else None
 
-    def visible_studies(self, site: str, patient_ids: Sequence[tuple[str, str | None]] | None = None,
-                        date_from: str | None = None, date_to: str | None = None,
-                        modalities: Sequence[str] | None = None) -> list[StudyRow]:
+    def visible_studies(
+        self,
+        site: str,
+        patient_ids: Sequence[tuple[str, str | None]] | None = None,
+        date_from: str | None = None,
+        date_to: str | None = None,
+        modalities: Sequence[str] | None = None,
+    ) -> list[StudyRow]:
         """Studies `site` may see: its own (origin) or with an active grant to it.
 
         Optionally only those of the given (patient_id, issuer) pairs (issuer
         None matches any), with study_date within [date_from, date_to]
         (YYYYMMDD) and any of `modalities`.
         """
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if patient_ids is not None:
             if not patient_ids:
                 return []
@@ -1016,10 +1164,12 @@ class Catalog:
         if modalities:
             having.append("list_has_any(list_distinct(flatten(list(modalities))), ?::VARCHAR[])")
             params.append(list(modalities))
-        sql = (f"SELECT study_uid, {_STUDY_AGG} FROM studies "
-               + (f"WHERE {' AND '.join(where)} " if where else "")
-               + "GROUP BY study_uid "
-               + (f"HAVING {' AND '.join(having)} " if having else ""))
+        sql = (
+            f"SELECT study_uid, {_STUDY_AGG} FROM studies "
+            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + "GROUP BY study_uid "
+            + (f"HAVING {' AND '.join(having)} " if having else "")
+        )
         with self._lock:
             candidates = self._rows(sql, params)
             if not candidates:
@@ -1034,9 +1184,15 @@ class Catalog:
                     self.con.register("_candidates", pa.table({"study_uid": others}))
                     cond = "study_uid IN (SELECT study_uid FROM _candidates)"
                 try:
-                    granted = {r["study_uid"] for r in self._rows(
-                        f"SELECT study_uid, arg_max(action, _seq) AS action FROM grants "
-                        f"WHERE site = ? AND {cond} GROUP BY study_uid", [site]) if r["action"] == tables.GRANT}
+                    granted = {
+                        r["study_uid"]
+                        for r in self._rows(
+                            f"SELECT study_uid, arg_max(action, _seq) AS action FROM grants "
+                            f"WHERE site = ? AND {cond} GROUP BY study_uid",
+                            [site],
+                        )
+                        if r["action"] == tables.GRANT
+                    }
                 finally:
                     if "_candidates" in cond:
                         self.con.unregister("_candidates")
@@ -1060,18 +1216,49 @@ class Catalog:
         rows = self._rows(
             "SELECT study_uid, sop_instance_uid, holder, arg_max(state, _seq) AS state, "
             "arg_max(verified_at, _seq) AS verified_at, arg_max(detail, _seq) AS detail, "
-            "arg_max(\"by\", _seq) AS \"by\", max(\"at\") AS \"at\" FROM locations "
+            'arg_max("by", _seq) AS "by", max("at") AS "at" FROM locations '
             f"WHERE study_uid = ? {extra} GROUP BY study_uid, sop_instance_uid, holder "
-            "ORDER BY holder, sop_instance_uid", [study_uid])
-        return [LocationRecord(r["study_uid"], r["sop_instance_uid"] or None, r["holder"], r["state"],
-                               r["verified_at"], r["detail"] or "", r["by"] or "", r["at"]) for r in rows]
+            "ORDER BY holder, sop_instance_uid",
+            [study_uid],
+        )
+        return [
+            LocationRecord(
+                r["study_uid"],
+                r["sop_instance_uid"] or None,
+                r["holder"],
+                r["state"],
+                r["verified_at"],
+                r["detail"] or "",
+                r["by"] or "",
+                r["at"],
+            )
+            for r in rows
+        ]
 
-    def set_location(self, study_uid: str, holder: str, state: str, sop_instance_uid: str | None = None,
-                     verified_at: dt.datetime | None = None, detail: str = "", by: str = "") -> int:
+    def set_location(
+        self,
+        study_uid: str,
+        holder: str,
+        state: str,
+        sop_instance_uid: str | None = None,
+        verified_at: dt.datetime | None = None,
+        detail: str = "",
+        by: str = "",
+    ) -> int:
         """Record the state of a copy ('present', 'verified', 'missing', 'corrupt', 'removed'); returns the commit."""
-        return self.set_locations([dict(study_uid=study_uid, holder=holder, state=state,
-                                         sop_instance_uid=sop_instance_uid, verified_at=verified_at,
-                                         detail=detail, by=by)])
+        return self.set_locations(
+            [
+                dict(
+                    study_uid=study_uid,
+                    holder=holder,
+                    state=state,
+                    sop_instance_uid=sop_instance_uid,
+                    verified_at=verified_at,
+                    detail=detail,
+                    by=by,
+                )
+            ]
+        )
 
     def set_locations(self, entries: Sequence[Mapping[str, Any]]) -> int:
         """Several location states in one commit (e.g. a night's verification); returns the commit."""
@@ -1080,35 +1267,61 @@ class Catalog:
                 raise UsageError(f"location state {e['state']!r} is not one of {', '.join(tables.LOCATION_STATES)}")
 
         def build(state: State, seq: int, now: dt.datetime) -> CommitPlan:
-            rows = [{
-                "study_uid": e["study_uid"], "sop_instance_uid": e.get("sop_instance_uid") or "",
-                "holder": e["holder"], "state": e["state"],
-                "verified_at": e.get("verified_at") or (now if e["state"] == "verified" else None),
-                "detail": e.get("detail") or "", "by": e.get("by") or self.writer, "at": now, "_seq": seq,
-            } for e in entries]
+            rows = [
+                {
+                    "study_uid": e["study_uid"],
+                    "sop_instance_uid": e.get("sop_instance_uid") or "",
+                    "holder": e["holder"],
+                    "state": e["state"],
+                    "verified_at": e.get("verified_at") or (now if e["state"] == "verified" else None),
+                    "detail": e.get("detail") or "",
+                    "by": e.get("by") or self.writer,
+                    "at": now,
+                    "_seq": seq,
+                }
+                for e in entries
+            ]
             return CommitPlan(rows={"locations": pa.Table.from_pylist(rows, schema=tables.LOCATIONS)})
 
         seq, _ = self._commit("locations", build)
         return int(seq or 0)
 
     # ---------------------------------------------------------- grants
-    def grant(self, study_uid: str, site: str, by_kind: str, by: str, reason: str = "",
-              rule: str | None = None, policy_version: str | None = None,
-              actor_site: str = tables.CENTER) -> GrantRecord:
+    def grant(
+        self,
+        study_uid: str,
+        site: str,
+        by_kind: str,
+        by: str,
+        reason: str = "",
+        rule: str | None = None,
+        policy_version: str | None = None,
+        actor_site: str = tables.CENTER,
+    ) -> GrantRecord:
         """Make the study visible to `site` (no change if already active); returns the current grant."""
         self.grant_many([GrantRequest(study_uid, site, by_kind, by, reason, rule, policy_version)], actor_site)
         return next(g for g in self.grants(study_uid) if g.site == site and g.current)
 
-    def revoke(self, study_uid: str, site: str, by_kind: str, by: str, reason: str = "",
-               rule: str | None = None, policy_version: str | None = None,
-               actor_site: str = tables.CENTER) -> GrantRecord | None:
+    def revoke(
+        self,
+        study_uid: str,
+        site: str,
+        by_kind: str,
+        by: str,
+        reason: str = "",
+        rule: str | None = None,
+        policy_version: str | None = None,
+        actor_site: str = tables.CENTER,
+    ) -> GrantRecord | None:
         """Withdraw the site's grant (no change if none is active); returns the current record."""
-        self.grant_many([GrantRequest(study_uid, site, by_kind, by, reason, rule, policy_version,
-                                      tables.REVOKE)], actor_site)
+        self.grant_many(
+            [GrantRequest(study_uid, site, by_kind, by, reason, rule, policy_version, tables.REVOKE)], actor_site
+        )
         return next((g for g in self.grants(study_uid) if g.site == site and g.current), None)
 
-    def grant_many(self, requests: Sequence[GrantRequest], actor_site: str = tables.CENTER,
-                   skip_unchanged: bool = True) -> int:
+    def grant_many(
+        self, requests: Sequence[GrantRequest], actor_site: str = tables.CENTER, skip_unchanged: bool = True
+    ) -> int:
         """Write grants and revocations in one commit, each with its audit event.
 
         With skip_unchanged, a grant already active (or a revocation of one
@@ -1118,9 +1331,12 @@ class Catalog:
             validate_grant(r)
         if not requests:
             return 0
-        table = pa.table({name: [getattr(r, name) for r in requests]
-                          for name in ("study_uid", "site", "action", "by_kind", "by", "reason", "rule",
-                                       "policy_version")})
+        table = pa.table(
+            {
+                name: [getattr(r, name) for r in requests]
+                for name in ("study_uid", "site", "action", "by_kind", "by", "reason", "rule", "policy_version")
+            }
+        )
         return self.grant_table(table, actor_site, skip_unchanged)
 
     def grant_table(self, table: pa.Table, actor_site: str = tables.CENTER, skip_unchanged: bool = True) -> int:
@@ -1130,8 +1346,16 @@ class Catalog:
         if n == 0:
             return 0
         cols = {}
-        for name, default in (("study_uid", None), ("site", None), ("action", tables.GRANT), ("by_kind", None),
-                              ("by", None), ("reason", ""), ("rule", None), ("policy_version", None)):
+        for name, default in (
+            ("study_uid", None),
+            ("site", None),
+            ("action", tables.GRANT),
+            ("by_kind", None),
+            ("by", None),
+            ("reason", ""),
+            ("rule", None),
+            ("policy_version", None),
+        ):
             if name in table.column_names:
                 cols[name] = table.column(name).cast(pa.string())
             elif default is not None or name in ("rule", "policy_version"):
@@ -1156,14 +1380,21 @@ class Catalog:
                 self.con.register("_grant_uids", pa.table({"study_uid": pc.unique(table.column("study_uid"))}))
                 try:
                     self._ensure_views()
-                    current = {(u, s): a for u, s, a in self.con.execute(
-                        "SELECT study_uid, site, arg_max(action, _seq) FROM grants "
-                        "WHERE study_uid IN (SELECT study_uid FROM _grant_uids) GROUP BY study_uid, site").fetchall()}
+                    current = {
+                        (u, s): a
+                        for u, s, a in self.con.execute(
+                            "SELECT study_uid, site, arg_max(action, _seq) FROM grants "
+                            "WHERE study_uid IN (SELECT study_uid FROM _grant_uids) GROUP BY study_uid, site"
+                        ).fetchall()
+                    }
                 finally:
                     self.con.unregister("_grant_uids")
                 keep = []
-                for uid, site, action in zip(table.column("study_uid").to_pylist(), table.column("site").to_pylist(),
-                                             table.column("action").to_pylist()):
+                for uid, site, action in zip(
+                    table.column("study_uid").to_pylist(),
+                    table.column("site").to_pylist(),
+                    table.column("action").to_pylist(),
+                ):
                     key = (uid, site)
                     change = (action == tables.GRANT) != (current.get(key) == tables.GRANT)
                     keep.append(change)
@@ -1173,11 +1404,26 @@ class Catalog:
             if todo.num_rows == 0:
                 return None
             written["n"] = todo.num_rows
-            rows = todo.append_column("at", _const(now, todo.num_rows, tables.TS)) \
-                       .append_column("_seq", _const(seq, todo.num_rows, pa.int64()))
-            drafts = [AuditDraft(actor_site, r["by"], r["action"], r["study_uid"], r["site"], "ok",
-                                 {"by_kind": r["by_kind"], "reason": r["reason"], "rule": r["rule"],
-                                  "policy_version": r["policy_version"]}) for r in todo.to_pylist()]
+            rows = todo.append_column("at", _const(now, todo.num_rows, tables.TS)).append_column(
+                "_seq", _const(seq, todo.num_rows, pa.int64())
+            )
+            drafts = [
+                AuditDraft(
+                    actor_site,
+                    r["by"],
+                    r["action"],
+                    r["study_uid"],
+                    r["site"],
+                    "ok",
+                    {
+                        "by_kind": r["by_kind"],
+                        "reason": r["reason"],
+                        "rule": r["rule"],
+                        "policy_version": r["policy_version"],
+                    },
+                )
+                for r in todo.to_pylist()
+            ]
             return CommitPlan(rows={"grants": rows}, audit=drafts)
 
         self._commit("grants", build)
@@ -1187,45 +1433,77 @@ class Catalog:
         """Every grant and revocation of the study, oldest first; `current` marks the latest per site."""
         rows = self._rows(
             "SELECT *, _seq = max(_seq) OVER (PARTITION BY site) AS current FROM grants WHERE study_uid = ? "
-            "ORDER BY _seq, site", [study_uid])
+            "ORDER BY _seq, site",
+            [study_uid],
+        )
         return [_grant(r) for r in rows]
 
     def active_grants_for_site(self, site: str) -> list[GrantRecord]:
         """The grants currently active for `site` (one per study)."""
         rows = self._rows(
             "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY study_uid ORDER BY _seq DESC) AS rn "
-            "FROM grants WHERE site = ?) WHERE rn = 1 AND action = 'grant' ORDER BY study_uid", [site])
+            "FROM grants WHERE site = ?) WHERE rn = 1 AND action = 'grant' ORDER BY study_uid",
+            [site],
+        )
         return [_grant({**r, "current": True}) for r in rows]
 
     # ---------------------------------------------------------- consents
-    def set_consent(self, site: str, patient_id: str, issuer: str, state: str, by: str, reason: str = "",
-                    actor_site: str | None = None) -> int:
+    def set_consent(
+        self,
+        site: str,
+        patient_id: str,
+        issuer: str,
+        state: str,
+        by: str,
+        reason: str = "",
+        actor_site: str | None = None,
+    ) -> int:
         """Record a patient's consent ('given') or its withdrawal ('withdrawn'); returns the commit."""
         if state not in tables.CONSENT_STATES:
             raise UsageError(f"consent state {state!r} is not one of {', '.join(tables.CONSENT_STATES)}")
 
         def build(st: State, seq: int, now: dt.datetime) -> CommitPlan:
-            row = pa.Table.from_pylist([{"site": site, "patient_id": patient_id, "issuer": issuer, "state": state,
-                                         "by": by, "reason": reason, "at": now, "_seq": seq}], schema=tables.CONSENTS)
-            return CommitPlan(rows={"consents": row}, audit=[AuditDraft(
-                actor_site or site, by, f"consent-{state}", None, site, "ok", {"reason": reason})])
+            row = pa.Table.from_pylist(
+                [
+                    {
+                        "site": site,
+                        "patient_id": patient_id,
+                        "issuer": issuer,
+                        "state": state,
+                        "by": by,
+                        "reason": reason,
+                        "at": now,
+                        "_seq": seq,
+                    }
+                ],
+                schema=tables.CONSENTS,
+            )
+            return CommitPlan(
+                rows={"consents": row},
+                audit=[AuditDraft(actor_site or site, by, f"consent-{state}", None, site, "ok", {"reason": reason})],
+            )
 
         seq, _ = self._commit("consent", build)
         return int(seq or 0)
 
     def consent_of(self, site: str, patient_id: str, issuer: str) -> ConsentRecord | None:
-        rows = self._rows("SELECT * FROM consents WHERE site = ? AND patient_id = ? AND issuer = ? "
-                          "ORDER BY _seq DESC LIMIT 1", [site, patient_id, issuer])
+        rows = self._rows(
+            "SELECT * FROM consents WHERE site = ? AND patient_id = ? AND issuer = ? ORDER BY _seq DESC LIMIT 1",
+            [site, patient_id, issuer],
+        )
         return ConsentRecord(**{k: v for k, v in rows[0].items() if k != "_seq"}) if rows else None
 
     def withdrawn_consents(self) -> list[ConsentRecord]:
-        rows = self._rows("SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY site, patient_id, issuer "
-                          "ORDER BY _seq DESC) AS rn FROM consents) WHERE rn = 1 AND state = 'withdrawn'")
+        rows = self._rows(
+            "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY site, patient_id, issuer "
+            "ORDER BY _seq DESC) AS rn FROM consents) WHERE rn = 1 AND state = 'withdrawn'"
+        )
         return [ConsentRecord(**{k: v for k, v in r.items() if k not in ("_seq", "rn")}) for r in rows]
 
     # ---------------------------------------------------------- patient links
-    def link_patients(self, entries: Sequence[tuple[str, str, str]], method: str, by: str,
-                      evidence: str | Mapping[str, Any] = "") -> str:
+    def link_patients(
+        self, entries: Sequence[tuple[str, str, str]], method: str, by: str, evidence: str | Mapping[str, Any] = ""
+    ) -> str:
         """Record that the (site, patient_id, issuer) entries are one person; returns the person id.
 
         Entries already linked keep their person (the smallest id wins when
@@ -1240,49 +1518,96 @@ class Catalog:
 
         def build(state: State, seq: int, now: dt.datetime) -> CommitPlan | None:
             current = self._current_links()
-            persons = sorted({current[tuple(e)] for e in entries if current.get(tuple(e))})
+            keys = [(e[0], e[1], e[2]) for e in entries]
+            persons = sorted({current[k] for k in keys if current.get(k)})
             person = persons[0] if persons else f"person-{uuid.uuid4().hex[:16]}"
             out["person"] = person
-            members = {tuple(e) for e in entries}
+            members = set(keys)
             for key, pid in current.items():
                 if pid in persons[1:]:
                     members.add(key)
             todo = sorted(m for m in members if current.get(m) != person)
             if not todo:
                 return None
-            rows = pa.Table.from_pylist([{"person_id": person, "site": s, "patient_id": p, "issuer": i,
-                                          "method": method, "by": by, "evidence": evidence_text, "at": now,
-                                          "_seq": seq} for s, p, i in todo], schema=tables.PATIENT_LINKS)
-            return CommitPlan(rows={"patient_links": rows}, audit=[AuditDraft(
-                tables.CENTER, by, "link-patients", None, None, "ok",
-                {"person_id": person, "method": method, "members": len(todo)})])
+            rows = pa.Table.from_pylist(
+                [
+                    {
+                        "person_id": person,
+                        "site": s,
+                        "patient_id": p,
+                        "issuer": i,
+                        "method": method,
+                        "by": by,
+                        "evidence": evidence_text,
+                        "at": now,
+                        "_seq": seq,
+                    }
+                    for s, p, i in todo
+                ],
+                schema=tables.PATIENT_LINKS,
+            )
+            return CommitPlan(
+                rows={"patient_links": rows},
+                audit=[
+                    AuditDraft(
+                        tables.CENTER,
+                        by,
+                        "link-patients",
+                        None,
+                        None,
+                        "ok",
+                        {"person_id": person, "method": method, "members": len(todo)},
+                    )
+                ],
+            )
 
         self._commit("link", build)
         return out["person"]
 
     def unlink_patient(self, site: str, patient_id: str, issuer: str, by: str, reason: str = "") -> bool:
         """Detach one site-local patient ID from its person; False when it was not linked."""
+
         def build(state: State, seq: int, now: dt.datetime) -> CommitPlan | None:
             if not self._current_links().get((site, patient_id, issuer)):
                 return None
-            rows = pa.Table.from_pylist([{"person_id": "", "site": site, "patient_id": patient_id, "issuer": issuer,
-                                          "method": "unlink", "by": by, "evidence": reason, "at": now,
-                                          "_seq": seq}], schema=tables.PATIENT_LINKS)
-            return CommitPlan(rows={"patient_links": rows}, audit=[AuditDraft(
-                tables.CENTER, by, "unlink-patient", None, site, "ok", {"reason": reason})])
+            rows = pa.Table.from_pylist(
+                [
+                    {
+                        "person_id": "",
+                        "site": site,
+                        "patient_id": patient_id,
+                        "issuer": issuer,
+                        "method": "unlink",
+                        "by": by,
+                        "evidence": reason,
+                        "at": now,
+                        "_seq": seq,
+                    }
+                ],
+                schema=tables.PATIENT_LINKS,
+            )
+            return CommitPlan(
+                rows={"patient_links": rows},
+                audit=[AuditDraft(tables.CENTER, by, "unlink-patient", None, site, "ok", {"reason": reason})],
+            )
 
         seq, _ = self._commit("unlink", build)
         return seq is not None
 
     def _current_links(self) -> dict[tuple[str, str, str], str]:
         self._ensure_views()
-        rows = self.con.execute("SELECT site, patient_id, issuer, arg_max(person_id, _seq) FROM patient_links "
-                                "GROUP BY site, patient_id, issuer").fetchall()
+        rows = self.con.execute(
+            "SELECT site, patient_id, issuer, arg_max(person_id, _seq) FROM patient_links "
+            "GROUP BY site, patient_id, issuer"
+        ).fetchall()
         return {(s, p, i): person for s, p, i, person in rows if person}
 
     def person_of(self, site: str, patient_id: str, issuer: str) -> str | None:
-        rows = self._rows("SELECT arg_max(person_id, _seq) AS person FROM patient_links "
-                          "WHERE site = ? AND patient_id = ? AND issuer = ?", [site, patient_id, issuer])
+        rows = self._rows(
+            "SELECT arg_max(person_id, _seq) AS person FROM patient_links "
+            "WHERE site = ? AND patient_id = ? AND issuer = ?",
+            [site, patient_id, issuer],
+        )
         return (rows[0]["person"] or None) if rows else None
 
     def patient_ids_of(self, person_id: str) -> list[tuple[str, str, str]]:
@@ -1290,16 +1615,21 @@ class Catalog:
             "SELECT site, patient_id, issuer FROM (SELECT site, patient_id, issuer, arg_max(person_id, _seq) AS p "
             "FROM patient_links WHERE (site, patient_id, issuer) IN (SELECT (site, patient_id, issuer) "
             "FROM patient_links WHERE person_id = ?) GROUP BY ALL) WHERE p = ? ORDER BY site, patient_id",
-            [person_id, person_id])
+            [person_id, person_id],
+        )
         return [(r["site"], r["patient_id"], r["issuer"]) for r in rows]
 
-    def find_patients(self, name: str | None = None, birth_date: str | None = None,
-                      sex: str | None = None, site: str | None = None) -> list[PatientCandidate]:
+    def find_patients(
+        self, name: str | None = None, birth_date: str | None = None, sex: str | None = None, site: str | None = None
+    ) -> list[PatientCandidate]:
         """Site-local patients whose demographics match (a name matches on any '='-group, case-insensitive)."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if name:
             groups = [g.strip().lower() for g in name.split("=") if g.strip()]
-            where.append("list_has_any(list_transform(string_split(lower(patient_name), '='), lambda x: trim(x)), ?::VARCHAR[])")
+            where.append(
+                "list_has_any(list_transform(string_split(lower(patient_name), '='), lambda x: trim(x)), ?::VARCHAR[])"
+            )
             params.append(groups)
         if birth_date:
             where.append("patient_birth_date = ?")
@@ -1315,7 +1645,9 @@ class Catalog:
             "patient_name, any_value(patient_birth_date) AS patient_birth_date, any_value(patient_sex) AS patient_sex, "
             "count(DISTINCT study_uid) AS studies FROM studies "
             + (f"WHERE {' AND '.join(where)} " if where else "")
-            + "GROUP BY origin_site, patient_id, issuer_of_patient_id ORDER BY site, patient_id", params)
+            + "GROUP BY origin_site, patient_id, issuer_of_patient_id ORDER BY site, patient_id",
+            params,
+        )
         return [PatientCandidate(**r) for r in rows]
 
     # ---------------------------------------------------------- totals
@@ -1339,20 +1671,31 @@ class Catalog:
                                     AND study_uid NOT IN (SELECT study_uid FROM verified)) AS backlog_studies
             FROM s GROUP BY origin_site ORDER BY origin_site""")
         pending = dict(pending or {})
-        out = [SiteTotals(r["site"], int(r["studies"]), int(r["instances"]), int(r["bytes"]),
-                          int(r["backlog_studies"]), int(pending.pop(r["site"], 0))) for r in rows]
+        out = [
+            SiteTotals(
+                r["site"],
+                int(r["studies"]),
+                int(r["instances"]),
+                int(r["bytes"]),
+                int(r["backlog_studies"]),
+                int(pending.pop(r["site"], 0)),
+            )
+            for r in rows
+        ]
         out.extend(SiteTotals(site, 0, 0, 0, 0, int(n)) for site, n in sorted(pending.items()))
         return out
 
     # ---------------------------------------------------------- reports (read-only)
-    def registrations(self, since: dt.datetime | str | None = None,
-                      until: dt.datetime | str | None = None) -> list[RegistrationBatch]:
+    def registrations(
+        self, since: dt.datetime | str | None = None, until: dt.datetime | str | None = None
+    ) -> list[RegistrationBatch]:
         """Per origin site and registration commit: studies, instances and bytes registered, oldest first.
 
         What an operator's throughput chart is drawn from (instances are never
         folded by compaction, so the history stays complete).
         """
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if since is not None:
             where.append("registered_at >= ?::TIMESTAMPTZ")
             params.append(_as_ts(since))
@@ -1363,12 +1706,17 @@ class Catalog:
             "SELECT origin_site, registered_at AS at, count(DISTINCT study_uid) AS studies, count(*) AS instances, "
             "coalesce(sum(size), 0)::BIGINT AS bytes FROM instances "
             + (f"WHERE {' AND '.join(where)} " if where else "")
-            + "GROUP BY origin_site, registered_at ORDER BY registered_at, origin_site", params)
-        return [RegistrationBatch(r["origin_site"], r["at"], int(r["studies"]), int(r["instances"]),
-                                  int(r["bytes"])) for r in rows]
+            + "GROUP BY origin_site, registered_at ORDER BY registered_at, origin_site",
+            params,
+        )
+        return [
+            RegistrationBatch(r["origin_site"], r["at"], int(r["studies"]), int(r["instances"]), int(r["bytes"]))
+            for r in rows
+        ]
 
-    def study_registrations(self, since: dt.datetime | str | None = None,
-                            limit: int | None = None) -> list[StudyRegistration]:
+    def study_registrations(
+        self, since: dt.datetime | str | None = None, limit: int | None = None
+    ) -> list[StudyRegistration]:
         """Studies by the time their last instance was registered (newest first), with first/last times.
 
         `since` keeps studies whose last registration is at or after it.
@@ -1382,15 +1730,30 @@ class Catalog:
             "max(registered_at) AS last_at, count(*) AS instances, coalesce(sum(size), 0)::BIGINT AS bytes "
             "FROM instances GROUP BY study_uid "
             + (f"HAVING {' AND '.join(having)} " if having else "")
-            + "ORDER BY last_at DESC, study_uid" + (f" LIMIT {int(limit)}" if limit else ""), params)
-        return [StudyRegistration(r["study_uid"], r["origin_site"], r["first_at"], r["last_at"],
-                                  int(r["instances"]), int(r["bytes"])) for r in rows]
+            + "ORDER BY last_at DESC, study_uid"
+            + (f" LIMIT {int(limit)}" if limit else ""),
+            params,
+        )
+        return [
+            StudyRegistration(
+                r["study_uid"], r["origin_site"], r["first_at"], r["last_at"], int(r["instances"]), int(r["bytes"])
+            )
+            for r in rows
+        ]
 
-    def studies_page(self, visible_to: str | None = None, origin_sites: Sequence[str] | None = None,
-                     patient_id: str | None = None, date_from: str | None = None, date_to: str | None = None,
-                     modalities: Sequence[str] | None = None, limit: int = 50,
-                     offset: int = 0, search: str | None = None,
-                     search_names: bool = False) -> tuple[int, list[StudyRow]]:
+    def studies_page(
+        self,
+        visible_to: str | None = None,
+        origin_sites: Sequence[str] | None = None,
+        patient_id: str | None = None,
+        date_from: str | None = None,
+        date_to: str | None = None,
+        modalities: Sequence[str] | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        search: str | None = None,
+        search_names: bool = False,
+    ) -> tuple[int, list[StudyRow]]:
         """(how many studies match, one page of them newest first) for a study browser.
 
         `visible_to` keeps what that site may see by the catalog's grants (as
@@ -1431,23 +1794,38 @@ class Catalog:
             p_outer.extend(p_search)
         visible = ""
         if visible_to is not None:
-            visible = (", g AS (SELECT study_uid FROM grants WHERE site = ? GROUP BY study_uid "
-                       "HAVING arg_max(action, _seq) = 'grant')")
+            visible = (
+                ", g AS (SELECT study_uid FROM grants WHERE site = ? GROUP BY study_uid "
+                "HAVING arg_max(action, _seq) = 'grant')"
+            )
             p_cte.append(visible_to)
             outer.append("(origin_site = ? OR study_uid IN (SELECT study_uid FROM g))")
             p_outer.append(visible_to)
-        sql = (f"WITH a AS (SELECT study_uid, {_STUDY_AGG} FROM studies "
-               + (f"WHERE {' AND '.join(where)} " if where else "") + "GROUP BY study_uid "
-               + (f"HAVING {' AND '.join(having)} " if having else "") + ")" + visible
-               + " SELECT *, count(*) OVER () AS _total FROM a "
-               + (f"WHERE {' AND '.join(outer)} " if outer else "")
-               + "ORDER BY study_date DESC, study_time DESC, study_uid DESC "
-               + f"LIMIT {max(0, int(limit))} OFFSET {max(0, int(offset))}")
+        sql = (
+            f"WITH a AS (SELECT study_uid, {_STUDY_AGG} FROM studies "
+            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + "GROUP BY study_uid "
+            + (f"HAVING {' AND '.join(having)} " if having else "")
+            + ")"
+            + visible
+            + " SELECT *, count(*) OVER () AS _total FROM a "
+            + (f"WHERE {' AND '.join(outer)} " if outer else "")
+            + "ORDER BY study_date DESC, study_time DESC, study_uid DESC "
+            + f"LIMIT {max(0, int(limit))} OFFSET {max(0, int(offset))}"
+        )
         params = p_where + p_having + p_cte + p_outer
         rows = self._rows(sql, params)
-        total = int(rows[0]["_total"]) if rows else (self.studies_page(
-            visible_to, origin_sites, patient_id, date_from, date_to, modalities, 1, 0, search,
-            search_names)[0] if offset else 0)
+        total = (
+            int(rows[0]["_total"])
+            if rows
+            else (
+                self.studies_page(
+                    visible_to, origin_sites, patient_id, date_from, date_to, modalities, 1, 0, search, search_names
+                )[0]
+                if offset
+                else 0
+            )
+        )
         return total, [_study_row(r) for r in rows]
 
     def series_summaries(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
@@ -1460,8 +1838,11 @@ class Catalog:
             "FROM series WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) GROUP BY study_uid, series_uid), "
             "i AS (SELECT study_uid, series_uid, count(*) AS instances FROM instances "
             "WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) GROUP BY study_uid, series_uid) "
-            "SELECT s.*, coalesce(i.instances, 0)::BIGINT AS instances FROM s LEFT JOIN i USING (study_uid, series_uid) "
-            "ORDER BY s.study_uid, s.series_number NULLS LAST, s.series_uid", [list(study_uids), list(study_uids)])
+            "SELECT s.*, coalesce(i.instances, 0)::BIGINT AS instances FROM s "
+            "LEFT JOIN i USING (study_uid, series_uid) "
+            "ORDER BY s.study_uid, s.series_number NULLS LAST, s.series_uid",
+            [list(study_uids), list(study_uids)],
+        )
         out: dict[str, list[dict[str, Any]]] = {uid: [] for uid in study_uids}
         for r in rows:
             out.setdefault(r["study_uid"], []).append(r)
@@ -1473,14 +1854,25 @@ class Catalog:
             return {}
         rows = self._rows(
             "SELECT study_uid, holder, arg_max(state, _seq) AS state, arg_max(verified_at, _seq) AS verified_at, "
-            "arg_max(detail, _seq) AS detail, arg_max(\"by\", _seq) AS \"by\", max(\"at\") AS \"at\" "
+            'arg_max(detail, _seq) AS detail, arg_max("by", _seq) AS "by", max("at") AS "at" '
             "FROM locations WHERE sop_instance_uid = '' AND study_uid IN (SELECT unnest(?::VARCHAR[])) "
-            "GROUP BY study_uid, holder ORDER BY study_uid, holder", [list(study_uids)])
+            "GROUP BY study_uid, holder ORDER BY study_uid, holder",
+            [list(study_uids)],
+        )
         out: dict[str, list[LocationRecord]] = {uid: [] for uid in study_uids}
         for r in rows:
-            out.setdefault(r["study_uid"], []).append(LocationRecord(
-                r["study_uid"], None, r["holder"], r["state"], r["verified_at"], r["detail"] or "", r["by"] or "",
-                r["at"]))
+            out.setdefault(r["study_uid"], []).append(
+                LocationRecord(
+                    r["study_uid"],
+                    None,
+                    r["holder"],
+                    r["state"],
+                    r["verified_at"],
+                    r["detail"] or "",
+                    r["by"] or "",
+                    r["at"],
+                )
+            )
         return out
 
     def visibility_counts(self) -> dict[tuple[str, str], int]:
@@ -1507,10 +1899,12 @@ class Catalog:
             SELECT origin_site AS viewer, origin_site AS origin, count(*) AS n FROM s GROUP BY origin_site""")
         return {(r["viewer"], r["origin"]): int(r["n"]) for r in rows}
 
-    def recent_audit(self, actions: Sequence[str] | None = None, limit: int = 50,
-                     since: dt.datetime | str | None = None) -> list[AuditEvent]:
+    def recent_audit(
+        self, actions: Sequence[str] | None = None, limit: int = 50, since: dt.datetime | str | None = None
+    ) -> list[AuditEvent]:
         """The latest audit events (newest first), optionally only of the given actions."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if actions is not None:
             if not actions:
                 return []
@@ -1519,19 +1913,25 @@ class Catalog:
         if since is not None:
             where.append('"at" >= ?::TIMESTAMPTZ')
             params.append(_as_ts(since))
-        rows = self._rows("SELECT * FROM audit " + (f"WHERE {' AND '.join(where)} " if where else "")
-                          + f"ORDER BY event_no DESC LIMIT {max(0, int(limit))}", params)
+        rows = self._rows(
+            "SELECT * FROM audit "
+            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + f"ORDER BY event_no DESC LIMIT {max(0, int(limit))}",
+            params,
+        )
         return [audit_mod.event_from_row(r) for r in rows]
 
-    def instance_locations(self, by: str | None = None, since: dt.datetime | str | None = None,
-                           limit: int | None = 500) -> list[LocationRecord]:
+    def instance_locations(
+        self, by: str | None = None, since: dt.datetime | str | None = None, limit: int | None = 500
+    ) -> list[LocationRecord]:
         """Instance-level copies (latest state per instance and holder), newest first.
 
         Instance-level rows are written for exceptions (the nightly verification
         records what it found missing or corrupt, and whether it was repaired);
         `by` and `since` filter on the latest record's writer and time.
         """
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if by is not None:
             where.append('"by" = ?')
             params.append(by)
@@ -1541,18 +1941,38 @@ class Catalog:
         rows = self._rows(
             "SELECT * FROM (SELECT study_uid, sop_instance_uid, holder, arg_max(state, _seq) AS state, "
             "arg_max(verified_at, _seq) AS verified_at, arg_max(detail, _seq) AS detail, "
-            "arg_max(\"by\", _seq) AS \"by\", max(\"at\") AS \"at\" FROM locations WHERE sop_instance_uid <> '' "
+            'arg_max("by", _seq) AS "by", max("at") AS "at" FROM locations WHERE sop_instance_uid <> \'\' '
             "GROUP BY study_uid, sop_instance_uid, holder) "
             + (f"WHERE {' AND '.join(where)} " if where else "")
-            + "ORDER BY \"at\" DESC, study_uid, sop_instance_uid" + (f" LIMIT {int(limit)}" if limit else ""),
-            params)
-        return [LocationRecord(r["study_uid"], r["sop_instance_uid"] or None, r["holder"], r["state"],
-                               r["verified_at"], r["detail"] or "", r["by"] or "", r["at"]) for r in rows]
+            + 'ORDER BY "at" DESC, study_uid, sop_instance_uid'
+            + (f" LIMIT {int(limit)}" if limit else ""),
+            params,
+        )
+        return [
+            LocationRecord(
+                r["study_uid"],
+                r["sop_instance_uid"] or None,
+                r["holder"],
+                r["state"],
+                r["verified_at"],
+                r["detail"] or "",
+                r["by"] or "",
+                r["at"],
+            )
+            for r in rows
+        ]
 
     # ---------------------------------------------------------- audit
-    def append_audit(self, actor_site: str, actor: str, action: str, study_uid: str | None = None,
-                     target_site: str | None = None, outcome: str = "ok",
-                     detail: dict[str, Any] | None = None) -> AuditEvent:
+    def append_audit(
+        self,
+        actor_site: str,
+        actor: str,
+        action: str,
+        study_uid: str | None = None,
+        target_site: str | None = None,
+        outcome: str = "ok",
+        detail: dict[str, Any] | None = None,
+    ) -> AuditEvent:
         """Append one audit event to the chain; returns it with its number and hash."""
         return self.append_audits([AuditDraft(actor_site, actor, action, study_uid, target_site, outcome, detail)])[0]
 
@@ -1567,12 +1987,21 @@ class Catalog:
         seq, (first, _) = self._commit("audit", build)
         return self.audit(event_from=first, event_to=first + len(drafts) - 1)
 
-    def audit(self, study_uid: str | None = None, site: str | None = None, actor: str | None = None,
-              action: str | None = None, since: dt.datetime | str | None = None,
-              until: dt.datetime | str | None = None, limit: int | None = None,
-              event_from: int | None = None, event_to: int | None = None) -> list[AuditEvent]:
+    def audit(
+        self,
+        study_uid: str | None = None,
+        site: str | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+        since: dt.datetime | str | None = None,
+        until: dt.datetime | str | None = None,
+        limit: int | None = None,
+        event_from: int | None = None,
+        event_to: int | None = None,
+    ) -> list[AuditEvent]:
         """Audit events matching every given filter, in chain order (site matches actor or target)."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         for col, value in (("study_uid", study_uid), ("actor", actor), ("action", action)):
             if value is not None:
                 where.append(f"{col} = ?")
@@ -1592,8 +2021,12 @@ class Catalog:
         if event_to is not None:
             where.append("event_no <= ?")
             params.append(event_to)
-        sql = ("SELECT * FROM audit " + (f"WHERE {' AND '.join(where)} " if where else "")
-               + "ORDER BY event_no" + (f" LIMIT {int(limit)}" if limit else ""))
+        sql = (
+            "SELECT * FROM audit "
+            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + "ORDER BY event_no"
+            + (f" LIMIT {int(limit)}" if limit else "")
+        )
         return [audit_mod.event_from_row(r) for r in self._rows(sql, params)]
 
     def audit_trail(self, study_uid: str) -> list[AuditEvent]:
@@ -1643,8 +2076,9 @@ class Catalog:
             problems = tuple(dict.fromkeys(extra + list(result.problems)))
             return AuditVerification(False, result.events_checked, problems[:50])
 
-    def _verify_audit_files(self, state: State, files: list[FileEntry], anchor: dict[str, Any] | None,
-                            witness: dict[str, Any] | None) -> AuditVerification:
+    def _verify_audit_files(
+        self, state: State, files: list[FileEntry], anchor: dict[str, Any] | None, witness: dict[str, Any] | None
+    ) -> AuditVerification:
         if not files:
             return audit_mod.verify_rows([], state.audit_count, state.audit_head, anchor, witness)
         source = f"read_parquet([{', '.join(_sql_str(self.abs_path(f.path)) for f in files)}])"
@@ -1652,8 +2086,9 @@ class Catalog:
         cur.execute("SET parquet_metadata_cache = false")
         try:
             reader = cur.sql(
-                "SELECT event_no, \"at\", actor_site, actor, action, study_uid, target_site, outcome, detail, "
-                f"prev_hash, hash FROM {source} ORDER BY event_no").to_arrow_reader(50_000)
+                'SELECT event_no, "at", actor_site, actor, action, study_uid, target_site, outcome, detail, '
+                f"prev_hash, hash FROM {source} ORDER BY event_no"
+            ).to_arrow_reader(50_000)
 
             def rows() -> Iterable[dict[str, Any]]:
                 for batch in reader:
@@ -1699,13 +2134,13 @@ def validate_grant(r: GrantRequest) -> None:
 def _as_ts(value: dt.datetime | str) -> str:
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
+            value = value.replace(tzinfo=dt.UTC)
         return value.isoformat()
     return value
 
 
 def _study_row(r: dict[str, Any]) -> StudyRow:
-    data = {f: r.get(f) for f in StudyRow.__dataclass_fields__}
+    data: dict[str, Any] = {f: r.get(f) for f in StudyRow.__dataclass_fields__}
     for f in tables.STUDY_INFO_FIELDS:
         data[f] = data[f] or ""
     data["modalities"] = tuple(m for m in (r.get("modalities") or []) if m)
@@ -1715,8 +2150,18 @@ def _study_row(r: dict[str, Any]) -> StudyRow:
 
 
 def _grant(r: dict[str, Any]) -> GrantRecord:
-    return GrantRecord(r["study_uid"], r["site"], r["action"], r["by_kind"], r["by"], r["reason"] or "",
-                       r["rule"], r["policy_version"], r["at"], bool(r.get("current")))
+    return GrantRecord(
+        r["study_uid"],
+        r["site"],
+        r["action"],
+        r["by_kind"],
+        r["by"],
+        r["reason"] or "",
+        r["rule"],
+        r["policy_version"],
+        r["at"],
+        bool(r.get("current")),
+    )
 
 
 def _check_uids(column: pa.ChunkedArray | pa.Array, what: str) -> None:
@@ -1725,7 +2170,9 @@ def _check_uids(column: pa.ChunkedArray | pa.Array, what: str) -> None:
     if not pc.all(ok).as_py():
         bad = column.filter(pc.invert(ok))
         shown = bad[0].as_py() if len(bad) else None
-        raise InvalidUID(f"{what} {str(shown)[:80]!r} is not a valid DICOM UID (digits and dots, at most 64 characters)")
+        raise InvalidUID(
+            f"{what} {str(shown)[:80]!r} is not a valid DICOM UID (digits and dots, at most 64 characters)"
+        )
 
 
 def _column(table: pa.Table, name: str, type_: pa.DataType, default: Any) -> pa.Array | pa.ChunkedArray:
@@ -1756,25 +2203,36 @@ def _normalise_studies(studies: pa.Table) -> pa.Table:
 
 
 _INSTANCE_COLUMNS = (
-    ("study_uid", pa.string(), None), ("series_uid", pa.string(), None), ("sop_instance_uid", pa.string(), None),
-    ("sop_class_uid", pa.string(), ""), ("transfer_syntax_uid", pa.string(), ""), ("size", pa.int64(), None),
-    ("sha256", pa.string(), None), ("instance_number", pa.int64(), None), ("modality", pa.string(), ""),
-    ("series_number", pa.int64(), None), ("series_description", pa.string(), ""),
+    ("study_uid", pa.string(), None),
+    ("series_uid", pa.string(), None),
+    ("sop_instance_uid", pa.string(), None),
+    ("sop_class_uid", pa.string(), ""),
+    ("transfer_syntax_uid", pa.string(), ""),
+    ("size", pa.int64(), None),
+    ("sha256", pa.string(), None),
+    ("instance_number", pa.int64(), None),
+    ("modality", pa.string(), ""),
+    ("series_number", pa.int64(), None),
+    ("series_description", pa.string(), ""),
 )
 
 
 def _normalise_instances(instances: pa.Table | None, studies: pa.Table) -> pa.Table:
     """Instance rows with validated UIDs, origin_site and object_key columns."""
     if instances is None or instances.num_rows == 0:
-        schema = pa.schema([(n, t) for n, t, _ in _INSTANCE_COLUMNS]
-                           + [("origin_site", pa.string()), ("object_key", pa.string())])
+        schema = pa.schema(
+            [(n, t) for n, t, _ in _INSTANCE_COLUMNS] + [("origin_site", pa.string()), ("object_key", pa.string())]
+        )
         return schema.empty_table()
     for name in ("study_uid", "series_uid", "sop_instance_uid", "size", "sha256"):
         if name not in instances.column_names:
             raise UsageError(f"the instances table needs a {name!r} column")
     cols = {name: _column(instances, name, type_, default) for name, type_, default in _INSTANCE_COLUMNS}
-    for name, what in (("study_uid", "Study Instance UID"), ("series_uid", "Series Instance UID"),
-                       ("sop_instance_uid", "SOP Instance UID")):
+    for name, what in (
+        ("study_uid", "Study Instance UID"),
+        ("series_uid", "Series Instance UID"),
+        ("sop_instance_uid", "SOP Instance UID"),
+    ):
         _check_uids(cols[name], what)
     sha_ok = pc.fill_null(pc.match_substring_regex(cols["sha256"], r"^[0-9a-f]{64}$"), False)
     if not pc.all(sha_ok).as_py():
@@ -1788,9 +2246,12 @@ def _normalise_instances(instances: pa.Table | None, studies: pa.Table) -> pa.Ta
         table = table.append_column("object_key", instances.column("object_key").cast(pa.string()))
     else:
         key = pc.binary_join_element_wise(
-            _const(keys.OBJECTS_PREFIX, table.num_rows), table.column("origin_site"),
-            table.column("study_uid"), table.column("series_uid"),
+            _const(keys.OBJECTS_PREFIX, table.num_rows),
+            table.column("origin_site"),
+            table.column("study_uid"),
+            table.column("series_uid"),
             pc.binary_join_element_wise(table.column("sop_instance_uid"), _const(".dcm", table.num_rows), ""),
-            "/")
+            "/",
+        )
         table = table.append_column("object_key", key)
     return table

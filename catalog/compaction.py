@@ -53,20 +53,29 @@ def _select_sql(spec: tables.TableSpec, source: str) -> str:
         info = [c for c in tables.STUDY_INFO_FIELDS if c != "study_uid"]
         aggs = ", ".join(
             [f"arg_max({c}, _seq) AS {c}" for c in info]
-            + ["list_sort(list_distinct(flatten(list(modalities)))) AS modalities",
-               "min(registered_at) AS registered_at", "sum(series_added)::BIGINT AS series_added",
-               "sum(instances_added)::BIGINT AS instances_added", "sum(bytes_added)::BIGINT AS bytes_added",
-               "max(_seq) AS _seq"])
-        return (f"SELECT {', '.join(names)} FROM (SELECT study_uid, {aggs} FROM {source} GROUP BY study_uid) "
-                f"ORDER BY {order}")
+            + [
+                "list_sort(list_distinct(flatten(list(modalities)))) AS modalities",
+                "min(registered_at) AS registered_at",
+                "sum(series_added)::BIGINT AS series_added",
+                "sum(instances_added)::BIGINT AS instances_added",
+                "sum(bytes_added)::BIGINT AS bytes_added",
+                "max(_seq) AS _seq",
+            ]
+        )
+        return (
+            f"SELECT {', '.join(names)} FROM (SELECT study_uid, {aggs} FROM {source} GROUP BY study_uid) "
+            f"ORDER BY {order}"
+        )
     if spec.latest_by:
         keys = ", ".join(spec.latest_by)
-        return (f"SELECT {', '.join(names)} FROM (SELECT *, row_number() OVER (PARTITION BY {keys} "
-                f"ORDER BY _seq DESC) AS _rn FROM {source}) WHERE _rn = 1 ORDER BY {order}")
+        return (
+            f"SELECT {', '.join(names)} FROM (SELECT *, row_number() OVER (PARTITION BY {keys} "
+            f"ORDER BY _seq DESC) AS _rn FROM {source}) WHERE _rn = 1 ORDER BY {order}"
+        )
     return f"SELECT {', '.join(names)} FROM {source} ORDER BY {order}"
 
 
-def _merge(catalog: "Catalog", table: str, inputs: list[str], level: int) -> dict[str, Any]:
+def _merge(catalog: Catalog, table: str, inputs: list[str], level: int) -> dict[str, Any]:
     """Write the merged, sorted file of `inputs`; returns its log record (not yet committed)."""
     spec = tables.TABLES[table]
     listing = ", ".join("'" + catalog.read_path(p).replace("'", "''") + "'" for p in inputs)
@@ -109,8 +118,7 @@ def _merge(catalog: "Catalog", table: str, inputs: list[str], level: int) -> dic
     return _publish(catalog, local_target, final, rel_out=rel, rows=rows, level=level)
 
 
-def _publish(catalog: "Catalog", local_target: str, final: str, rel_out: str, rows: int,
-             level: int) -> dict[str, Any]:
+def _publish(catalog: Catalog, local_target: str, final: str, rel_out: str, rows: int, level: int) -> dict[str, Any]:
     digest, size = cfs.sha256_file(local_target)  # recorded in the log entry, checked on every read
     if not catalog.local:
         try:
@@ -120,12 +128,12 @@ def _publish(catalog: "Catalog", local_target: str, final: str, rel_out: str, ro
     return {"path": rel_out, "rows": rows, "level": level, "sha256": digest, "size": size}
 
 
-def _open(catalog: "Catalog", rel: str) -> Any:
+def _open(catalog: Catalog, rel: str) -> Any:
     path = catalog.read_path(rel)
     return catalog.fs.open(path, "rb") if path.startswith("s3://") else open(path, "rb")
 
 
-def _disjoint_order(catalog: "Catalog", spec: tables.TableSpec, inputs: list[str]) -> list[str] | None:
+def _disjoint_order(catalog: Catalog, spec: tables.TableSpec, inputs: list[str]) -> list[str] | None:
     """The inputs ordered by key when their ranges of the first sort key do not overlap, else None."""
     key = spec.sort_keys[0]
     ranges = []
@@ -154,8 +162,7 @@ def _groups(state: State, table: str, fanout: int, force: bool) -> list[tuple[li
     files = list(state.files.get(table, {}).values())
     if force:
         if len(files) > 1 or any(f.level == 0 for f in files):
-            return [([f.path for f in sorted(files, key=lambda f: (f.seq, f.path))],
-                     max(f.level for f in files) + 1)]
+            return [([f.path for f in sorted(files, key=lambda f: (f.seq, f.path))], max(f.level for f in files) + 1)]
         return []
     by_level: dict[int, list[Any]] = {}
     for f in files:
@@ -167,8 +174,13 @@ def _groups(state: State, table: str, fanout: int, force: bool) -> list[tuple[li
     return []
 
 
-def compact(catalog: "Catalog", fanout: int = DEFAULT_FANOUT, force: bool = False,
-            vacuum_grace_s: float | None = None, checkpoint: bool = True) -> CompactionResult:
+def compact(
+    catalog: Catalog,
+    fanout: int = DEFAULT_FANOUT,
+    force: bool = False,
+    vacuum_grace_s: float | None = None,
+    checkpoint: bool = True,
+) -> CompactionResult:
     """Merge files until no level holds `fanout` files (force: one file per table); vacuum; checkpoint.
 
     Callable by a flow at any time, from any process, while others write.
@@ -187,8 +199,14 @@ def compact(catalog: "Catalog", fanout: int = DEFAULT_FANOUT, force: bool = Fals
             inputs, level = groups[0]
             record = _merge(catalog, table, inputs, level)
 
-            def build(st: State, seq: int, now: Any, inputs: list[str] = inputs,
-                      record: dict[str, Any] = record) -> Any:
+            def build(
+                st: State,
+                seq: int,
+                now: Any,
+                inputs: list[str] = inputs,
+                record: dict[str, Any] = record,
+                table: str = table,
+            ) -> Any:
                 live = st.files.get(table, {})
                 if not all(p in live for p in inputs):
                     return None  # another compaction merged some of them first
@@ -209,7 +227,7 @@ def compact(catalog: "Catalog", fanout: int = DEFAULT_FANOUT, force: bool = Fals
     return CompactionResult(merged, vacuumed, orphans, state.seq)
 
 
-def _vacuum(catalog: "Catalog", grace: float) -> int:
+def _vacuum(catalog: Catalog, grace: float) -> int:
     """Delete files that compaction removed more than `grace` seconds ago, and record it."""
     from catalog.catalog import CommitPlan
 
@@ -229,7 +247,7 @@ def _vacuum(catalog: "Catalog", grace: float) -> int:
     return int(n or 0)
 
 
-def _sweep_orphans(catalog: "Catalog", grace: float) -> int:
+def _sweep_orphans(catalog: Catalog, grace: float) -> int:
     """Remove data files no commit refers to (left by writers that crashed or lost a race)."""
     state = catalog.refresh()
     referenced = {p for files in state.files.values() for p in files} | {p for p, _ in state.removed}

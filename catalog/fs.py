@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -75,16 +76,15 @@ def open_filesystem(url: str, s3_options: Any = None) -> tuple[fsspec.AbstractFi
         # region_name='us-east-1' breaks bucket creation on some servers: pass it only if asked.
         if opts.region and opts.region != "us-east-1":
             client_kwargs["region_name"] = opts.region
-        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True,
-                               use_listings_cache=False)
-        root = url[len("s3://"):].rstrip("/")
+        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True, use_listings_cache=False)
+        root = url[len("s3://") :].rstrip("/")
         if not root:
             raise StorageError("s3:// URL needs a bucket name: s3://bucket/prefix")
         return fs, root
     if url.startswith("memory://"):
         return fsspec.filesystem("memory"), url.rstrip("/")
     if url.startswith("file://"):
-        url = url[len("file://"):]
+        url = url[len("file://") :]
     root = os.path.abspath(os.path.expanduser(url))
     try:
         os.makedirs(root, exist_ok=True)
@@ -168,13 +168,13 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     if is_local(fs):
         with open(path, "rb") as handle:
             return handle.read()
-    return fs.cat_file(path)
+    return bytes(fs.cat_file(path))
 
 
 def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     if is_local(fs):
         return os.path.exists(path)
-    return fs.exists(path)
+    return bool(fs.exists(path))
 
 
 def listdir_names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
@@ -216,8 +216,9 @@ def sha256_of(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 8 << 20) ->
         return _hash_stream(handle, chunk)
 
 
-def copy_file(src_fs: fsspec.AbstractFileSystem, src: str, dst_fs: fsspec.AbstractFileSystem, dst: str,
-              chunk: int = 8 << 20) -> tuple[str, int]:
+def copy_file(
+    src_fs: fsspec.AbstractFileSystem, src: str, dst_fs: fsspec.AbstractFileSystem, dst: str, chunk: int = 8 << 20
+) -> tuple[str, int]:
     """Copy one file between backends (streamed, atomic at the destination); returns (SHA-256, size)."""
     digest = hashlib.sha256()
     size = 0
@@ -225,8 +226,10 @@ def copy_file(src_fs: fsspec.AbstractFileSystem, src: str, dst_fs: fsspec.Abstra
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         tmp = temp_sibling(dst)
         try:
-            with (open(src, "rb") if is_local(src_fs) else src_fs.open(src, "rb", block_size=chunk)) as inp, \
-                    open(tmp, "wb") as out:
+            with (
+                open(src, "rb") if is_local(src_fs) else src_fs.open(src, "rb", block_size=chunk) as inp,
+                open(tmp, "wb") as out,
+            ):
                 while True:
                     block = inp.read(chunk)
                     if not block:

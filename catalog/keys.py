@@ -41,8 +41,9 @@ def study_prefix(origin_site: str, study_uid: str) -> str:
     return f"{OBJECTS_PREFIX}/{validate_site(origin_site)}/{validate_uid(study_uid, 'Study Instance UID')}"
 
 
-def object_key(origin_site: str, study_uid: str, series_uid: str, sop_instance_uid: str,
-               conflict_sha256: str | None = None) -> str:
+def object_key(
+    origin_site: str, study_uid: str, series_uid: str, sop_instance_uid: str, conflict_sha256: str | None = None
+) -> str:
     """The key of one instance; with `conflict_sha256`, the distinct key for a conflicting copy."""
     series = validate_uid(series_uid, "Series Instance UID")
     sop = validate_uid(sop_instance_uid, "SOP Instance UID")

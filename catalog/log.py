@@ -40,8 +40,10 @@ from renkei.errors import CatalogDamaged, CatalogError, CommitOutcomeUnknown
 _log = logging.getLogger("renkei.catalog")
 
 BUCKET = 1000  # entries per log folder, to keep listings short
-REPAIR_HINT = ("restore it from the backup (`renkei catalog restore`) or rebuild it "
-               "(`renkei catalog rebuild`); `renkei catalog check` lists what is damaged")
+REPAIR_HINT = (
+    "restore it from the backup (`renkei catalog restore`) or rebuild it "
+    "(`renkei catalog rebuild`); `renkei catalog check` lists what is damaged"
+)
 
 
 def new_commit_id() -> str:
@@ -73,9 +75,15 @@ class FileEntry:
         return data
 
     @classmethod
-    def from_record(cls, item: dict[str, Any], seq: int) -> "FileEntry":
-        return cls(str(item["path"]), int(item["rows"]), int(item.get("level", 0)), seq,
-                   str(item.get("sha256", "")), int(item.get("size", -1)))
+    def from_record(cls, item: dict[str, Any], seq: int) -> FileEntry:
+        return cls(
+            str(item["path"]),
+            int(item["rows"]),
+            int(item.get("level", 0)),
+            seq,
+            str(item.get("sha256", "")),
+            int(item.get("size", -1)),
+        )
 
 
 @dataclass
@@ -90,21 +98,30 @@ class State:
     removed: list[tuple[str, float]] = field(default_factory=list)
     last_commit: str = ""  # commit_id of entry `seq` ("" before commit ids existed)
 
-    def copy(self) -> "State":
-        return State(self.seq, {t: dict(f) for t, f in self.files.items()}, self.audit_count,
-                     self.audit_head, list(self.removed), self.last_commit)
+    def copy(self) -> State:
+        return State(
+            self.seq,
+            {t: dict(f) for t, f in self.files.items()},
+            self.audit_count,
+            self.audit_head,
+            list(self.removed),
+            self.last_commit,
+        )
 
     def apply(self, seq: int, entry: dict[str, Any]) -> None:
         if seq != self.seq + 1:
             raise CatalogError(f"catalog log entry {seq} applied after {self.seq}: the log is damaged")
         if int(entry.get("seq", seq)) != seq:
-            raise CatalogDamaged(f"catalog log entry {seq} says it is entry {entry.get('seq')}: "
-                                 f"the log is damaged; {REPAIR_HINT}")
+            raise CatalogDamaged(
+                f"catalog log entry {seq} says it is entry {entry.get('seq')}: the log is damaged; {REPAIR_HINT}"
+            )
         prev = entry.get("prev")
         if prev is not None and self.last_commit and prev != self.last_commit:
-            raise CatalogDamaged(f"catalog log entry {seq} does not follow entry {self.seq} "
-                                 f"(it was written after another entry {self.seq}): the log is damaged; "
-                                 f"{REPAIR_HINT}")
+            raise CatalogDamaged(
+                f"catalog log entry {seq} does not follow entry {self.seq} "
+                f"(it was written after another entry {self.seq}): the log is damaged; "
+                f"{REPAIR_HINT}"
+            )
         for table, added in entry.get("add", {}).items():
             live = self.files.setdefault(table, {})
             for item in added:
@@ -141,13 +158,19 @@ class State:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "State":
+    def from_json(cls, data: dict[str, Any]) -> State:
         files = {
             t: {f["path"]: FileEntry.from_record(f, int(f["seq"])) for f in items}
             for t, items in data.get("files", {}).items()
         }
-        return cls(int(data["seq"]), files, int(data.get("audit_count", 0)), str(data.get("audit_head", "")),
-                   [(str(p), float(t)) for p, t in data.get("removed", [])], str(data.get("last_commit", "")))
+        return cls(
+            int(data["seq"]),
+            files,
+            int(data.get("audit_count", 0)),
+            str(data.get("audit_head", "")),
+            [(str(p), float(t)) for p, t in data.get("removed", [])],
+            str(data.get("last_commit", "")),
+        )
 
 
 class CommitLog:
@@ -169,8 +192,10 @@ class CommitLog:
             if not isinstance(entry, dict):
                 raise ValueError("not an object")
         except ValueError:
-            raise CatalogDamaged(f"catalog log entry {seq} ({path}) is truncated or altered "
-                                 f"({len(raw)} bytes, not a valid entry): {REPAIR_HINT}") from None
+            raise CatalogDamaged(
+                f"catalog log entry {seq} ({path}) is truncated or altered "
+                f"({len(raw)} bytes, not a valid entry): {REPAIR_HINT}"
+            ) from None
         return entry
 
     def encode(self, seq: int, entry: dict[str, Any]) -> bytes:
@@ -203,25 +228,29 @@ class CommitLog:
                 raise
             except Exception as exc:
                 error = exc
-                time.sleep(min(2.0, 0.1 * 2 ** attempt))
+                time.sleep(min(2.0, 0.1 * 2**attempt))
                 continue
             if found is not None:
-                ours = found.get("commit_id") == commit_id
+                ours = bool(found.get("commit_id") == commit_id)
                 if ours and error is not None:
                     _log.info("catalog commit %d landed although its reply was lost", seq)
                 return ours
             # neither created nor there: nothing landed, try again
-            time.sleep(min(2.0, 0.1 * 2 ** attempt))
+            time.sleep(min(2.0, 0.1 * 2**attempt))
         raise CommitOutcomeUnknown(
             f"catalog commit {seq} at {self.root}: no answer from the storage and the entry could not "
-            f"be read back ({error}); nothing was removed, retry later")
+            f"be read back ({error}); nothing was removed, retry later"
+        )
 
     def latest_listed(self) -> int:
         """The highest entry number a listing shows (0 for an empty log)."""
         buckets = sorted(n for n in cfs.listdir_names(self.fs, f"{self.root}/_log") if n.isdigit())
         for bucket in reversed(buckets):
-            names = [n for n in cfs.listdir_names(self.fs, f"{self.root}/_log/{bucket}")
-                     if n.endswith(".json") and n[:-5].isdigit()]
+            names = [
+                n
+                for n in cfs.listdir_names(self.fs, f"{self.root}/_log/{bucket}")
+                if n.endswith(".json") and n[:-5].isdigit()
+            ]
             if names:
                 return max(int(n[:-5]) for n in names)
         return 0
@@ -235,9 +264,14 @@ class CommitLog:
 
     def latest_checkpoint_at_most(self, seq: int | None) -> State | None:
         """The newest readable checkpoint (at or before entry `seq` when given)."""
-        names = sorted((n for n in cfs.listdir_names(self.fs, f"{self.root}/_checkpoints")
-                        if n.endswith(".json") and n[:-5].isdigit() and (seq is None or int(n[:-5]) <= seq)),
-                       reverse=True)
+        names = sorted(
+            (
+                n
+                for n in cfs.listdir_names(self.fs, f"{self.root}/_checkpoints")
+                if n.endswith(".json") and n[:-5].isdigit() and (seq is None or int(n[:-5]) <= seq)
+            ),
+            reverse=True,
+        )
         for name in names:
             try:
                 return State.from_json(json.loads(cfs.read_bytes(self.fs, f"{self.root}/_checkpoints/{name}")))
@@ -280,5 +314,6 @@ class CommitLog:
         if listed > state.seq:
             raise CatalogDamaged(
                 f"catalog log entry {state.seq + 1} at {self.root} is missing, but entries up to {listed} "
-                f"exist: the log is damaged; {REPAIR_HINT}")
+                f"exist: the log is damaged; {REPAIR_HINT}"
+            )
         return state

@@ -31,7 +31,9 @@ _TO_HIRAGANA = str.maketrans(_KATAKANA, _HIRAGANA)
 
 # a name as searched: lower case, no '^' or spaces, each component group (alphabetic=ideographic=phonetic)
 # between '=' so that a whole-value pattern can be anchored to one group
-NAME_SQL = "('=' || replace(replace(replace(lower(coalesce(patient_name, '')), '^', ''), ' ', ''), '\u3000', '') || '=')"
+NAME_SQL = (
+    "('=' || replace(replace(replace(lower(coalesce(patient_name, '')), '^', ''), ' ', ''), '\u3000', '') || '=')"
+)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Search:
     text: str
 
     @classmethod
-    def parse(cls, raw: str) -> "Search":
+    def parse(cls, raw: str) -> Search:
         text = unicodedata.normalize("NFKC", raw).strip().lower()
         if len(text) > MAX_LENGTH:
             raise UsageError(f"a search of {len(text)} characters: at most {MAX_LENGTH}")
@@ -62,7 +64,8 @@ class Search:
         if self.matches_all:
             return "TRUE", []
         terms: list[tuple[str, str, str, str]] = [  # (SQL value, text, wildcard's any-character, anchor)
-            (f"lower(coalesce({column}, ''))", self.text, ".", "^$") for column in ("patient_id", "accession_number")]
+            (f"lower(coalesce({column}, ''))", self.text, ".", "^$") for column in ("patient_id", "accession_number")
+        ]
         if names:
             compact = re.sub(r"[\s^]+", "", self.text)
             for variant in dict.fromkeys([compact, compact.translate(_TO_KATAKANA), compact.translate(_TO_HIRAGANA)]):

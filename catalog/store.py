@@ -19,8 +19,9 @@ import io
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import fsspec
 
@@ -36,7 +37,10 @@ class ObjectMissing(StorageError):
 
 
 class ObjectConflict(StorageError):
-    """Different bytes already exist under the key; keep the new ones under keys.object_key(..., conflict_sha256=...)."""
+    """Different bytes already exist under the key.
+
+    Keep the new ones under keys.object_key(..., conflict_sha256=...).
+    """
 
     def __init__(self, key: str, existing_sha256: str, new_sha256: str) -> None:
         super().__init__(
@@ -77,8 +81,9 @@ def _sha256_file(path: str) -> tuple[str, int]:
 class ObjectStore:
     """Instance bytes by key (see catalog.keys) under `url`: a folder or s3://bucket/prefix."""
 
-    def __init__(self, url: str, s3_options: Any = None,
-                 filesystem: tuple[fsspec.AbstractFileSystem, str] | None = None) -> None:
+    def __init__(
+        self, url: str, s3_options: Any = None, filesystem: tuple[fsspec.AbstractFileSystem, str] | None = None
+    ) -> None:
         self.url = url
         self.fs, self.root = filesystem or cfs.open_filesystem(url, s3_options)
         self.local = cfs.is_local(self.fs)
@@ -92,8 +97,7 @@ class ObjectStore:
         return cfs.join(self.root, key)
 
     # ----------------------------------------------------------------- writes
-    def put_file(self, local_path: str | os.PathLike[str], key: str,
-                 expected_sha256: str | None = None) -> ObjectInfo:
+    def put_file(self, local_path: str | os.PathLike[str], key: str, expected_sha256: str | None = None) -> ObjectInfo:
         """Store the file at `local_path` under `key`; returns its ObjectInfo.
 
         Raises IntegrityError when the bytes do not hash to `expected_sha256`
@@ -149,8 +153,7 @@ class ObjectStore:
             cfs._fsync_dir(os.path.dirname(final))
             return ObjectInfo(key, size, expected_sha256, True)
         # S3: exclusive create; a multipart upload only becomes visible on completion.
-        handle = self.fs.open(final, "xb", block_size=16 * 1024 * 1024,
-                              Metadata={"sha256": expected_sha256})
+        handle = self.fs.open(final, "xb", block_size=16 * 1024 * 1024, Metadata={"sha256": expected_sha256})
         try:
             while chunk := source.read(READ_BUFFER):
                 digest.update(chunk)
@@ -226,8 +229,11 @@ class ObjectStore:
         digest = hashlib.sha256()
         try:
             path = self.path(key)
-            opener = open(path, "rb", buffering=0) if self.local else self.fs.open(
-                path, "rb", block_size=READ_BUFFER, cache_type="none")
+            opener = (
+                open(path, "rb", buffering=0)
+                if self.local
+                else self.fs.open(path, "rb", block_size=READ_BUFFER, cache_type="none")
+            )
             with opener as handle:
                 while chunk := handle.read(READ_BUFFER):
                     digest.update(chunk)
@@ -243,7 +249,7 @@ class ObjectStore:
                 "it is corrupt; restore it from an edge copy (renkei verify) before serving it"
             )
         spool.seek(0)
-        return spool  # type: ignore[return-value]
+        return spool
 
     def read_verified(self, key: str, sha256: str) -> bytes:
         """The object's bytes, or IntegrityError when they do not hash to `sha256`."""
@@ -306,7 +312,7 @@ class ObjectStore:
         for path in sorted(paths):
             name = path.rpartition("/")[2]
             if path.startswith(root) and not name.startswith(cfs.TEMP_PREFIX):
-                yield path[len(root):]
+                yield path[len(root) :]
 
     def sweep_temp(self, older_than_s: float = 3600.0) -> int:
         """Remove what interrupted writers left (temp files; incomplete S3 uploads); returns how many."""
@@ -329,7 +335,6 @@ class ObjectStore:
         for upload in client_uploads.get("Uploads", []):
             initiated = upload.get("Initiated")
             if initiated is not None and initiated.timestamp() < cutoff:
-                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
-                                UploadId=upload["UploadId"])
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 removed += 1
         return removed

@@ -10,6 +10,7 @@ groups by their min/max statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -18,10 +19,22 @@ STR = pa.string()
 I64 = pa.int64()
 
 STUDY_INFO_FIELDS = (
-    "study_uid", "origin_site", "patient_id", "issuer_of_patient_id", "patient_name",
-    "patient_birth_date", "patient_sex", "study_date", "study_time", "accession_number",
-    "study_description", "referring_physician", "requesting_service", "institution_name",
-    "study_id", "specific_character_set",
+    "study_uid",
+    "origin_site",
+    "patient_id",
+    "issuer_of_patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "patient_sex",
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_description",
+    "referring_physician",
+    "requesting_service",
+    "institution_name",
+    "study_id",
+    "specific_character_set",
 )
 
 STUDIES = pa.schema(
@@ -36,58 +49,149 @@ STUDIES = pa.schema(
     ]
 )
 
-SERIES = pa.schema([
-    ("study_uid", STR), ("series_uid", STR), ("modality", STR), ("series_number", I64),
-    ("series_description", STR), ("origin_site", STR), ("registered_at", TS), ("_seq", I64),
-])
+SERIES = pa.schema(
+    [
+        ("study_uid", STR),
+        ("series_uid", STR),
+        ("modality", STR),
+        ("series_number", I64),
+        ("series_description", STR),
+        ("origin_site", STR),
+        ("registered_at", TS),
+        ("_seq", I64),
+    ]
+)
 
-INSTANCES = pa.schema([
-    ("study_uid", STR), ("series_uid", STR), ("sop_instance_uid", STR), ("sop_class_uid", STR),
-    ("transfer_syntax_uid", STR), ("size", I64), ("sha256", STR), ("instance_number", I64),
-    ("object_key", STR), ("origin_site", STR), ("registered_at", TS), ("_seq", I64),
-])
+INSTANCES = pa.schema(
+    [
+        ("study_uid", STR),
+        ("series_uid", STR),
+        ("sop_instance_uid", STR),
+        ("sop_class_uid", STR),
+        ("transfer_syntax_uid", STR),
+        ("size", I64),
+        ("sha256", STR),
+        ("instance_number", I64),
+        ("object_key", STR),
+        ("origin_site", STR),
+        ("registered_at", TS),
+        ("_seq", I64),
+    ]
+)
 
-LOCATIONS = pa.schema([
-    ("study_uid", STR), ("sop_instance_uid", STR),  # '' = the whole study
-    ("holder", STR), ("state", STR), ("verified_at", TS), ("detail", STR), ("by", STR),
-    ("at", TS), ("_seq", I64),
-])
+LOCATIONS = pa.schema(
+    [
+        ("study_uid", STR),
+        ("sop_instance_uid", STR),  # '' = the whole study
+        ("holder", STR),
+        ("state", STR),
+        ("verified_at", TS),
+        ("detail", STR),
+        ("by", STR),
+        ("at", TS),
+        ("_seq", I64),
+    ]
+)
 
-GRANTS = pa.schema([
-    ("study_uid", STR), ("site", STR), ("action", STR), ("by_kind", STR), ("by", STR),
-    ("reason", STR), ("rule", STR), ("policy_version", STR), ("at", TS), ("_seq", I64),
-])
+GRANTS = pa.schema(
+    [
+        ("study_uid", STR),
+        ("site", STR),
+        ("action", STR),
+        ("by_kind", STR),
+        ("by", STR),
+        ("reason", STR),
+        ("rule", STR),
+        ("policy_version", STR),
+        ("at", TS),
+        ("_seq", I64),
+    ]
+)
 
-CONSENTS = pa.schema([
-    ("site", STR), ("patient_id", STR), ("issuer", STR), ("state", STR), ("by", STR),
-    ("reason", STR), ("at", TS), ("_seq", I64),
-])
+CONSENTS = pa.schema(
+    [
+        ("site", STR),
+        ("patient_id", STR),
+        ("issuer", STR),
+        ("state", STR),
+        ("by", STR),
+        ("reason", STR),
+        ("at", TS),
+        ("_seq", I64),
+    ]
+)
 
-PATIENT_LINKS = pa.schema([
-    ("person_id", STR), ("site", STR), ("patient_id", STR), ("issuer", STR), ("method", STR),
-    ("by", STR), ("evidence", STR), ("at", TS), ("_seq", I64),
-])
+PATIENT_LINKS = pa.schema(
+    [
+        ("person_id", STR),
+        ("site", STR),
+        ("patient_id", STR),
+        ("issuer", STR),
+        ("method", STR),
+        ("by", STR),
+        ("evidence", STR),
+        ("at", TS),
+        ("_seq", I64),
+    ]
+)
 
-AUDIT = pa.schema([
-    ("event_no", I64), ("at", TS), ("actor_site", STR), ("actor", STR), ("action", STR),
-    ("study_uid", STR), ("target_site", STR), ("outcome", STR), ("detail", STR),
-    ("prev_hash", STR), ("hash", STR), ("_seq", I64),
-])
+AUDIT = pa.schema(
+    [
+        ("event_no", I64),
+        ("at", TS),
+        ("actor_site", STR),
+        ("actor", STR),
+        ("action", STR),
+        ("study_uid", STR),
+        ("target_site", STR),
+        ("outcome", STR),
+        ("detail", STR),
+        ("prev_hash", STR),
+        ("hash", STR),
+        ("_seq", I64),
+    ]
+)
 
-CONFLICTS = pa.schema([
-    ("study_uid", STR), ("sop_instance_uid", STR), ("object_key", STR), ("existing_sha256", STR),
-    ("new_sha256", STR), ("conflict_key", STR), ("origin_site", STR), ("holder", STR),
-    ("at", TS), ("_seq", I64),
-    ("new_size", I64),  # added later: files written before it lack the column (read by name)
-])
+CONFLICTS = pa.schema(
+    [
+        ("study_uid", STR),
+        ("sop_instance_uid", STR),
+        ("object_key", STR),
+        ("existing_sha256", STR),
+        ("new_sha256", STR),
+        ("conflict_key", STR),
+        ("origin_site", STR),
+        ("holder", STR),
+        ("at", TS),
+        ("_seq", I64),
+        ("new_size", I64),  # added later: files written before it lack the column (read by name)
+    ]
+)
 
 
 # Columns with (nearly) one value per row: dictionary encoding only costs time there.
-HIGH_CARDINALITY = frozenset({
-    "study_uid", "series_uid", "sop_instance_uid", "sha256", "object_key", "existing_sha256", "new_sha256",
-    "conflict_key", "hash", "prev_hash", "detail", "patient_id", "patient_name", "accession_number",
-    "study_id", "person_id", "evidence", "reason",
-})
+HIGH_CARDINALITY = frozenset(
+    {
+        "study_uid",
+        "series_uid",
+        "sop_instance_uid",
+        "sha256",
+        "object_key",
+        "existing_sha256",
+        "new_sha256",
+        "conflict_key",
+        "hash",
+        "prev_hash",
+        "detail",
+        "patient_id",
+        "patient_name",
+        "accession_number",
+        "study_id",
+        "person_id",
+        "evidence",
+        "reason",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -102,10 +206,13 @@ class TableSpec:
     @property
     def dictionary_columns(self) -> list[str]:
         """Columns worth dictionary-encoding in Parquet (few distinct values)."""
-        return [f.name for f in self.schema if f.name not in HIGH_CARDINALITY
-                and (pa.types.is_string(f.type) or pa.types.is_list(f.type))]
+        return [
+            f.name
+            for f in self.schema
+            if f.name not in HIGH_CARDINALITY and (pa.types.is_string(f.type) or pa.types.is_list(f.type))
+        ]
 
-    def parquet_options(self) -> dict:
+    def parquet_options(self) -> dict[str, Any]:
         return {"compression": "zstd", "use_dictionary": self.dictionary_columns, "write_statistics": True}
 
 
@@ -115,8 +222,13 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("studies", STUDIES, ("patient_id", "issuer_of_patient_id", "study_uid"), 8192),
         TableSpec("series", SERIES, ("study_uid", "series_uid"), 16384),
         TableSpec("instances", INSTANCES, ("study_uid", "sop_instance_uid"), 32768),
-        TableSpec("locations", LOCATIONS, ("study_uid", "holder", "sop_instance_uid"), 8192,
-                  latest_by=("study_uid", "sop_instance_uid", "holder")),
+        TableSpec(
+            "locations",
+            LOCATIONS,
+            ("study_uid", "holder", "sop_instance_uid"),
+            8192,
+            latest_by=("study_uid", "sop_instance_uid", "holder"),
+        ),
         TableSpec("grants", GRANTS, ("study_uid", "site", "_seq"), 8192),
         TableSpec("consents", CONSENTS, ("patient_id", "issuer", "site", "_seq"), 8192),
         TableSpec("patient_links", PATIENT_LINKS, ("patient_id", "issuer", "site", "_seq"), 8192),
@@ -137,6 +249,8 @@ CENTER = "center"
 
 def conform(data: pa.Table, schema: pa.Schema) -> pa.Table:
     """`data` with `schema`'s columns in its order; a column older files lack is filled with nulls."""
-    columns = [data.column(f.name).cast(f.type) if f.name in data.column_names else pa.nulls(data.num_rows, f.type)
-               for f in schema]
+    columns = [
+        data.column(f.name).cast(f.type) if f.name in data.column_names else pa.nulls(data.num_rows, f.type)
+        for f in schema
+    ]
     return pa.Table.from_arrays(columns, schema=schema)

@@ -28,11 +28,12 @@ import json
 import logging
 import os
 import re
-import time
 import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
@@ -128,8 +129,10 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # fills through CSSOM (allowed by the hash of "") and the map CSS it bundles (allowed by its own hash, read
 # from the plotly.min.js served: see plotly_style_hashes). No 'unsafe-inline' anywhere.
 EMPTY_STYLE_HASH = "'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"
-_PLOTLY_STYLE_RE = re.compile(r"""createElement\("style"\);\w+\.id="[0-9a-f]+",\w+\.textContent="""
-                              r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+_PLOTLY_STYLE_RE = re.compile(
+    r"""createElement\("style"\);\w+\.id="[0-9a-f]+",\w+\.textContent="""
+    r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -155,10 +158,20 @@ def plotly_style_hashes() -> tuple[str, ...]:
 def content_security_policy() -> str:
     """The dashboard's CSP: everything from itself only, nothing inline but Plotly's own style sheets."""
     styles = " ".join(("'self'", EMPTY_STYLE_HASH, *plotly_style_hashes()))
-    return "; ".join((
-        "default-src 'self'", "script-src 'self'", f"style-src {styles}", "img-src 'self' data:",
-        "connect-src 'self'", "font-src 'self'", "object-src 'none'", "base-uri 'none'", "form-action 'self'",
-        "frame-ancestors 'none'"))
+    return "; ".join(
+        (
+            "default-src 'self'",
+            "script-src 'self'",
+            f"style-src {styles}",
+            "img-src 'self' data:",
+            "connect-src 'self'",
+            "font-src 'self'",
+            "object-src 'none'",
+            "base-uri 'none'",
+            "form-action 'self'",
+            "frame-ancestors 'none'",
+        )
+    )
 
 
 SECURITY_HEADERS = (  # and Content-Security-Policy
@@ -198,8 +211,10 @@ def allowed_host(value: str) -> str:
         text = f"[{text}]"  # a bare IPv6 address
     parsed = _split_host(text)
     if parsed is None or parsed[1] is not None or not parsed[0].strip("."):
-        raise UsageError(f"allowed host {value!r} is not a host name or address: write it as the browser's "
-                         "address bar shows it, without scheme or port (dashboard.example.org, 10.0.0.5, ::1)")
+        raise UsageError(
+            f"allowed host {value!r} is not a host name or address: write it as the browser's "
+            "address bar shows it, without scheme or port (dashboard.example.org, 10.0.0.5, ::1)"
+        )
     return parsed[0]
 
 
@@ -210,8 +225,11 @@ def _origin_matches(origin: str, host: tuple[str, int | None], scheme: str) -> b
         return False  # 'null' (sandboxed frame, file:) among others
     theirs = _split_host(parts.netloc)
     default = {"http": 80, "https": 443}
-    return theirs is not None and parts.scheme == scheme and (theirs[0], theirs[1] or default[parts.scheme]) == \
-        (host[0], host[1] or default.get(scheme, 80))
+    return (
+        theirs is not None
+        and parts.scheme == scheme
+        and (theirs[0], theirs[1] or default[parts.scheme]) == (host[0], host[1] or default.get(scheme, 80))
+    )
 
 
 class BrowserGuard:
@@ -267,10 +285,12 @@ class BrowserGuard:
         host = _split_host(raw_host)
         if host is None or host[0] not in self.allowed_hosts:
             log.warning("dashboard refused Host %r (allowed: %s)", raw_host[:100], ", ".join(self.allowed_hosts))
-            return 400, (f"renkei dashboard: refused Host {raw_host[:100]!r}. It answers only to "
-                         f"{', '.join(self.allowed_hosts)} (with any port): it has no login and shows patient "
-                         "data, and a foreign Host is how a hostile web page reaches it (DNS rebinding). "
-                         "Open it by one of those names, or start it with --allowed-host NAME to allow a name.")
+            return 400, (
+                f"renkei dashboard: refused Host {raw_host[:100]!r}. It answers only to "
+                f"{', '.join(self.allowed_hosts)} (with any port): it has no login and shows patient "
+                "data, and a foreign Host is how a hostile web page reaches it (DNS rebinding). "
+                "Open it by one of those names, or start it with --allowed-host NAME to allow a name."
+            )
         fetch_site = headers.get("sec-fetch-site", "").lower()
         origin = headers.get("origin")
         origin_ok = origin is None or _origin_matches(origin, host, scope.get("scheme", "http"))
@@ -283,12 +303,20 @@ class BrowserGuard:
             return None
         else:
             why = "comes from another web site"
-        log.warning("dashboard refused %s %s: %s (Sec-Fetch-Site %r, Origin %r)", method, scope["path"], why,
-                    fetch_site, (origin or "")[:100])
-        return 403, (f"renkei dashboard: refused {method} {scope['path']}: the request {why} (Sec-Fetch-Site "
-                     f"{fetch_site or 'absent'}, Origin {(origin or 'absent')[:100]}). Its pages show patient data "
-                     "and record views in the audit log, so only its own pages may ask for them: type the "
-                     f"dashboard's address (http://{raw_host[:100]}/) in the browser or use a bookmark.")
+        log.warning(
+            "dashboard refused %s %s: %s (Sec-Fetch-Site %r, Origin %r)",
+            method,
+            scope["path"],
+            why,
+            fetch_site,
+            (origin or "")[:100],
+        )
+        return 403, (
+            f"renkei dashboard: refused {method} {scope['path']}: the request {why} (Sec-Fetch-Site "
+            f"{fetch_site or 'absent'}, Origin {(origin or 'absent')[:100]}). Its pages show patient data "
+            "and record views in the audit log, so only its own pages may ask for them: type the "
+            f"dashboard's address (http://{raw_host[:100]}/) in the browser or use a bookmark."
+        )
 
 
 class DashboardApp(FastAPI):
@@ -316,9 +344,17 @@ def throughput_figure(t: d.Throughput, config: Any) -> dict[str, Any]:
     x = [d.local_time(s, config, "%Y-%m-%d %H:%M:%S") for s in t.starts]
     fig = go.Figure()
     for site, values in t.mb_s.items():
-        fig.add_trace(go.Scatter(x=x, y=list(values), name=site, mode="lines+markers", line_shape="hv",
-                                 line={"color": _color(config, site)},
-                                 hovertemplate=f"{site}: %{{y:.2f}} MB/s<br>%{{x}}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=list(values),
+                name=site,
+                mode="lines+markers",
+                line_shape="hv",
+                line={"color": _color(config, site)},
+                hovertemplate=f"{site}: %{{y:.2f}} MB/s<br>%{{x}}<extra></extra>",
+            )
+        )
     title = f"MB registered per second, {t.bucket_seconds} s buckets" if t.bucket_seconds else "no data"
     fig.update_layout(_layout(f"time ({config.timezone})", "MB/s", title))
     if not t.starts:
@@ -338,13 +374,24 @@ def availability_figure(points: list[d.Availability], config: Any) -> dict[str, 
         by_site.setdefault(p.origin_site, []).append(p)
     for site in [s for s in config.site_ids if s in by_site] + sorted(set(by_site) - set(config.site_ids)):
         pts = sorted(by_site[site], key=lambda p: p.available_at)
-        fig.add_trace(go.Scatter(
-            x=[d.local_time(p.available_at, config) for p in pts], y=[p.seconds for p in pts], name=site,
-            mode="markers", marker={"color": _color(config, site), "size": 8},
-            customdata=[p.study_uid for p in pts],
-            hovertemplate=f"{site}: %{{y:.1f}} s<br>study %{{customdata}}<br>%{{x}}<extra></extra>"))
-    fig.update_layout(_layout(f"available in the center at ({config.timezone})", "seconds",
-                              "last instance at the edge to verified in the center"))
+        fig.add_trace(
+            go.Scatter(
+                x=[d.local_time(p.available_at, config) for p in pts],
+                y=[p.seconds for p in pts],
+                name=site,
+                mode="markers",
+                marker={"color": _color(config, site), "size": 8},
+                customdata=[p.study_uid for p in pts],
+                hovertemplate=f"{site}: %{{y:.1f}} s<br>study %{{customdata}}<br>%{{x}}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        _layout(
+            f"available in the center at ({config.timezone})",
+            "seconds",
+            "last instance at the edge to verified in the center",
+        )
+    )
     if not points:
         _empty(fig, "no study became available in the last 24 h")
     else:
@@ -353,14 +400,19 @@ def availability_figure(points: list[d.Availability], config: Any) -> dict[str, 
 
 
 def _layout(x_title: str, y_title: str, title: str) -> dict[str, Any]:
-    return {"title": {"text": title, "font": {"size": 13}}, "height": 300,
-            "margin": {"l": 55, "r": 10, "t": 56, "b": 50},
-            "xaxis": {"title": {"text": x_title}}, "yaxis": {"title": {"text": y_title}, "rangemode": "tozero"},
-            "legend": {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.0, "yanchor": "bottom"},
-            "title_x": 0.0, "template": "plotly_white"}
+    return {
+        "title": {"text": title, "font": {"size": 13}},
+        "height": 300,
+        "margin": {"l": 55, "r": 10, "t": 56, "b": 50},
+        "xaxis": {"title": {"text": x_title}},
+        "yaxis": {"title": {"text": y_title}, "rangemode": "tozero"},
+        "legend": {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.0, "yanchor": "bottom"},
+        "title_x": 0.0,
+        "template": "plotly_white",
+    }
 
 
-def _pad_x(fig: Any, times: list[Any], config: Any, pad_s: float) -> None:
+def _pad_x(fig: Any, times: Sequence[Any], config: Any, pad_s: float) -> None:
     """All points at one instant: a time axis of a few minutes around it, not of a few microseconds."""
     import datetime as dt
 
@@ -372,8 +424,9 @@ def _pad_x(fig: Any, times: list[Any], config: Any, pad_s: float) -> None:
 
 def _empty(fig: Any, text: str) -> None:
     """No data: say so, with no axes (Plotly would draw -1..6 and sub-millisecond ticks for nothing)."""
-    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
-                       font={"size": 14, "color": "#666"})
+    fig.add_annotation(
+        text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5, font={"size": 14, "color": "#666"}
+    )
     fig.update_xaxes(visible=False, showgrid=False)
     fig.update_yaxes(visible=False, showgrid=False)
 
@@ -387,8 +440,9 @@ def _json_for_script(value: Any) -> str:
 
 
 # ------------------------------------------------------------------ the app
-def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0,
-               allowed_hosts: Iterable[str] = ()) -> FastAPI:
+def create_app(
+    layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0, allowed_hosts: Iterable[str] = ()
+) -> FastAPI:
     """The dashboard's ASGI app for the region at `layout` (links runs to the Prefect UI at `prefect_ui`).
 
     It answers to the loopback names plus `allowed_hosts` (the bind address, --allowed-host); UsageError for
@@ -404,14 +458,20 @@ def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0
         finally:
             board.close()
 
-    app = DashboardApp(hosts, title="renkei dashboard", lifespan=lifespan, docs_url=None, redoc_url=None,
-                       openapi_url=None)
+    app = DashboardApp(
+        hosts, title="renkei dashboard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.board = board
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
-    env.globals.update(local_time=lambda v, fmt="%Y-%m-%d %H:%M:%S": d.local_time(v, layout.config, fmt),
-                       age_text=d.age_text, run_url=lambda run: d.run_url(board.prefect_ui, run),
-                       mb=lambda b: f"{(b or 0) / 1e6:.1f}", dicom_date=dicom_date, config=layout.config)
+    env.globals.update(
+        local_time=lambda v, fmt="%Y-%m-%d %H:%M:%S": d.local_time(v, layout.config, fmt),
+        age_text=d.age_text,
+        run_url=lambda run: d.run_url(board.prefect_ui, run),
+        mb=lambda b: f"{(b or 0) / 1e6:.1f}",
+        dicom_date=dicom_date,
+        config=layout.config,
+    )
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def wants_json(request: Request) -> bool:
@@ -420,8 +480,9 @@ def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0
     def error(request: Request, status: int, message: str) -> Response:
         if wants_json(request):
             return JSONResponse({"error": message, "status": status}, status_code=status)
-        return templates.TemplateResponse(request, "error.html", {"status": status, "message": message},
-                                          status_code=status)
+        return templates.TemplateResponse(
+            request, "error.html", {"status": status, "message": message}, status_code=status
+        )
 
     @app.exception_handler(UsageError)
     async def _bad_request(request: Request, exc: UsageError) -> Response:
@@ -461,7 +522,11 @@ def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0
         page = d.browse_studies(layout, cat, query)
         needs = board.needs_action()
         context = {
-            "view": view, "page": page, "query": query, "prefect_ui": board.prefect_ui, "needs": needs,
+            "view": view,
+            "page": page,
+            "query": query,
+            "prefect_ui": board.prefect_ui,
+            "needs": needs,
             "refresh_s": board.refresh_s if not query.viewer else 0,
             "throughput_json": _json_for_script(throughput_figure(view.throughput, layout.config)),
             "availability_json": _json_for_script(availability_figure(list(view.availability), layout.config)),
@@ -475,8 +540,13 @@ def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0
         uid_or_400(study_uid, "Study Instance UID")
         viewer = d.check_site(layout.config, site) if site else None
         detail = d.study_detail(layout, board.catalog, study_uid, viewer)
-        return no_store(templates.TemplateResponse(request, "study.html", {
-            "detail": detail, "viewer": viewer, "thumb_suffix": f"?site={viewer}" if viewer else ""}))
+        return no_store(
+            templates.TemplateResponse(
+                request,
+                "study.html",
+                {"detail": detail, "viewer": viewer, "thumb_suffix": f"?site={viewer}" if viewer else ""},
+            )
+        )
 
     @app.get("/thumbnails/{study_uid}/{series_uid}.png")
     def thumbnail(study_uid: str, series_uid: str, site: str | None = None) -> Response:
@@ -505,8 +575,7 @@ def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0
         except (StorageError, FileNotFoundError, OSError):
             png, kind = placeholder("the center's copy is missing"), PLACEHOLDER
         cache = "no-store" if kind == PLACEHOLDER else "private, max-age=86400"
-        return Response(png, media_type="image/png",
-                        headers={"X-Renkei-Thumbnail": kind, "Cache-Control": cache})
+        return Response(png, media_type="image/png", headers={"X-Renkei-Thumbnail": kind, "Cache-Control": cache})
 
     @app.get("/api/overview")
     def api_overview() -> Response:
@@ -519,10 +588,12 @@ def create_app(layout: Layout, prefect_ui: str | None = None, refresh_s: int = 0
 
     @app.get("/vendor/plotly.min.js")
     def plotly_js() -> Response:
-        return FileResponse(plotly_js_path(), media_type="text/javascript",
-                            headers={"Cache-Control": "public, max-age=86400"})
+        return FileResponse(
+            plotly_js_path(), media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"}
+        )
 
     @app.get("/healthz")
     def healthz() -> Response:
         return JSONResponse({"ok": True, "region": layout.config.region, "pid": os.getpid()})
+
     return app

@@ -18,8 +18,9 @@ import datetime as dt
 import math
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from catalog.audit import AuditEvent
 from catalog.catalog import Catalog, LocationRecord, StudyRow
@@ -36,7 +37,7 @@ DEFAULT_WINDOW_S = 24 * 3600
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 _BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400)
-_ALL = 10.0 ** 12  # a 'now' far enough ahead that every journaled study counts as complete
+_ALL = 10.0**12  # a 'now' far enough ahead that every journaled study counts as complete
 
 
 class BadRequest(UsageError):
@@ -52,7 +53,7 @@ class Forbidden(RenkeiError):
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 # ------------------------------------------------------------------ per site
@@ -108,8 +109,16 @@ def site_statuses(layout: Layout, catalog: Catalog, now: float | None = None) ->
     out = []
     for site in layout.config.sites:
         t = totals.get(site.id)
-        center = dict(center_studies=t.studies, center_instances=t.instances, center_bytes=t.bytes,
-                      center_backlog_studies=t.backlog_studies) if t else {}
+        center: dict[str, Any] = (
+            dict(
+                center_studies=t.studies,
+                center_instances=t.instances,
+                center_bytes=t.bytes,
+                center_backlog_studies=t.backlog_studies,
+            )
+            if t
+            else {}
+        )
         if not _journal_exists(layout, site.id):
             out.append(SiteStatus(site.id, site.name, site.role, False, **center))
             continue
@@ -131,16 +140,26 @@ def site_statuses(layout: Layout, catalog: Catalog, now: float | None = None) ->
                 oldest_uid = oldest["StudyInstanceUID"]
                 oldest_age = max(0.0, now - float(oldest["_last_received"]))
         states = summary.upload_states
-        out.append(SiteStatus(
-            site.id, site.name, site.role, True,
-            received_studies=summary.studies, received_instances=summary.instances,
-            received_bytes=summary.bytes,
-            uploaded_studies=summary.studies - len(set(all_pending)),
-            uploaded_instances=states.get("uploaded", 0) + states.get("verified", 0),
-            verified_studies=summary.studies - len(not_verified),
-            verified_instances=states.get("verified", 0),
-            waiting_studies=len(waiting), oldest_waiting_study=oldest_uid, oldest_waiting_age_s=oldest_age,
-            quarantined_studies=len(held), **center))
+        out.append(
+            SiteStatus(
+                site.id,
+                site.name,
+                site.role,
+                True,
+                received_studies=summary.studies,
+                received_instances=summary.instances,
+                received_bytes=summary.bytes,
+                uploaded_studies=summary.studies - len(set(all_pending)),
+                uploaded_instances=states.get("uploaded", 0) + states.get("verified", 0),
+                verified_studies=summary.studies - len(not_verified),
+                verified_instances=states.get("verified", 0),
+                waiting_studies=len(waiting),
+                oldest_waiting_study=oldest_uid,
+                oldest_waiting_age_s=oldest_age,
+                quarantined_studies=len(held),
+                **center,
+            )
+        )
     return out
 
 
@@ -155,8 +174,12 @@ class Throughput:
     bytes: dict[str, int]  # per site, over the whole window
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bucket_seconds": self.bucket_seconds, "starts": [s.isoformat() for s in self.starts],
-                "mb_s": {k: list(v) for k, v in self.mb_s.items()}, "bytes": dict(self.bytes)}
+        return {
+            "bucket_seconds": self.bucket_seconds,
+            "starts": [s.isoformat() for s in self.starts],
+            "mb_s": {k: list(v) for k, v in self.mb_s.items()},
+            "bytes": dict(self.bytes),
+        }
 
 
 def bucket_seconds(span_s: float, max_buckets: int = 60) -> int:
@@ -167,8 +190,13 @@ def bucket_seconds(span_s: float, max_buckets: int = 60) -> int:
     return int(math.ceil(span_s / max_buckets / 86400.0)) * 86400
 
 
-def throughput(catalog: Catalog, config: RegionConfig, now: dt.datetime | None = None,
-               window_s: float = DEFAULT_WINDOW_S, max_buckets: int = 60) -> Throughput:
+def throughput(
+    catalog: Catalog,
+    config: RegionConfig,
+    now: dt.datetime | None = None,
+    window_s: float = DEFAULT_WINDOW_S,
+    max_buckets: int = 60,
+) -> Throughput:
     """Bytes registered per site per bucket, as MB/s, over the window (from its first registration on)."""
     now = now or utcnow()
     since = now - dt.timedelta(seconds=window_s)
@@ -184,7 +212,7 @@ def throughput(catalog: Catalog, config: RegionConfig, now: dt.datetime | None =
     for b in batches:
         index = min(count - 1, int((b.at.timestamp() - epoch) // width))
         sums[b.origin_site][index] += b.bytes
-    starts = tuple(dt.datetime.fromtimestamp(epoch + i * width, dt.timezone.utc) for i in range(count))
+    starts = tuple(dt.datetime.fromtimestamp(epoch + i * width, dt.UTC) for i in range(count))
     mb_s = {s: tuple(v / 1e6 / width for v in values) for s, values in sums.items()}
     return Throughput(width, starts, mb_s, {s: sum(v) for s, v in sums.items()})
 
@@ -201,13 +229,22 @@ class Availability:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"study_uid": self.study_uid, "origin_site": self.origin_site,
-                "edge_last_received": self.edge_last_received.isoformat(),
-                "available_at": self.available_at.isoformat(), "seconds": self.seconds}
+        return {
+            "study_uid": self.study_uid,
+            "origin_site": self.origin_site,
+            "edge_last_received": self.edge_last_received.isoformat(),
+            "available_at": self.available_at.isoformat(),
+            "seconds": self.seconds,
+        }
 
 
-def availability(layout: Layout, catalog: Catalog, now: dt.datetime | None = None,
-                 window_s: float = DEFAULT_WINDOW_S, limit: int = MAX_LIMIT) -> list[Availability]:
+def availability(
+    layout: Layout,
+    catalog: Catalog,
+    now: dt.datetime | None = None,
+    window_s: float = DEFAULT_WINDOW_S,
+    limit: int = MAX_LIMIT,
+) -> list[Availability]:
     """Time to availability of the studies that became available in the window (newest first).
 
     The start is the edge journal's last-received time of the study at its
@@ -228,16 +265,23 @@ def availability(layout: Layout, catalog: Catalog, now: dt.datetime | None = Non
         with Journal.open(layout.edge_store(site_id), readonly=True) as journal:
             uids = [r.study_uid for r in rows]
             for i in range(0, len(uids), 400):
-                for row in journal.study_rows(uids[i:i + 400]):
+                for row in journal.study_rows(uids[i : i + 400]):
                     received[row["StudyInstanceUID"]] = float(row["_last_received"])
     out = []
     for r in recent:
         last = received.get(r.study_uid)
         if last is None:
             continue
-        edge_time = dt.datetime.fromtimestamp(last, dt.timezone.utc)
-        out.append(Availability(r.study_uid, r.origin_site, edge_time, r.last_registered_at,
-                                round((r.last_registered_at - edge_time).total_seconds(), 3)))
+        edge_time = dt.datetime.fromtimestamp(last, dt.UTC)
+        out.append(
+            Availability(
+                r.study_uid,
+                r.origin_site,
+                edge_time,
+                r.last_registered_at,
+                round((r.last_registered_at - edge_time).total_seconds(), 3),
+            )
+        )
     return out
 
 
@@ -253,9 +297,10 @@ class VisibilityMatrix:
         return self.counts.get((viewer, origin), 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sites": list(self.sites),
-                "counts": {viewer: {origin: self.count(viewer, origin) for origin in self.sites}
-                           for viewer in self.sites}}
+        return {
+            "sites": list(self.sites),
+            "counts": {viewer: {origin: self.count(viewer, origin) for origin in self.sites} for viewer in self.sites},
+        }
 
 
 def visibility_matrix(catalog: Catalog, config: RegionConfig) -> VisibilityMatrix:
@@ -283,11 +328,27 @@ class VerificationSummary:
         return sum(1 for i in self.items if i.state != "verified")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"at": self.at.isoformat(), "outcome": self.outcome, "instances": self.instances,
-                "findings": self.findings, "repaired": self.repaired, "part": self.part, "parts": self.parts,
-                "actor": self.actor, "unrecoverable": self.unrecoverable,
-                "items": [{"study_uid": i.study_uid, "sop_instance_uid": i.sop_instance_uid, "state": i.state,
-                           "detail": i.detail, "at": i.at.isoformat()} for i in self.items]}
+        return {
+            "at": self.at.isoformat(),
+            "outcome": self.outcome,
+            "instances": self.instances,
+            "findings": self.findings,
+            "repaired": self.repaired,
+            "part": self.part,
+            "parts": self.parts,
+            "actor": self.actor,
+            "unrecoverable": self.unrecoverable,
+            "items": [
+                {
+                    "study_uid": i.study_uid,
+                    "sop_instance_uid": i.sop_instance_uid,
+                    "state": i.state,
+                    "detail": i.detail,
+                    "at": i.at.isoformat(),
+                }
+                for i in self.items
+            ],
+        }
 
 
 def last_verification(catalog: Catalog) -> VerificationSummary | None:
@@ -298,12 +359,23 @@ def last_verification(catalog: Catalog) -> VerificationSummary | None:
     last = events[0]
     since = events[1].at if len(events) > 1 else None
     d = last.detail
-    items = tuple(i for i in catalog.instance_locations(by=VERIFY_WRITER, since=since, limit=MAX_LIMIT)
-                  if i.holder == "center" and i.at <= last.at)
+    items = tuple(
+        i
+        for i in catalog.instance_locations(by=VERIFY_WRITER, since=since, limit=MAX_LIMIT)
+        if i.holder == "center" and i.at <= last.at
+    )
     part = int(d.get("part", 0) or 0)
-    return VerificationSummary(last.at, last.outcome, int(d.get("instances", 0) or 0),
-                               int(d.get("findings", 0) or 0), int(d.get("repaired", 0) or 0),
-                               part + 1, int(d.get("parts", 1) or 1), last.actor, items)
+    return VerificationSummary(
+        last.at,
+        last.outcome,
+        int(d.get("instances", 0) or 0),
+        int(d.get("findings", 0) or 0),
+        int(d.get("repaired", 0) or 0),
+        part + 1,
+        int(d.get("parts", 1) or 1),
+        last.actor,
+        items,
+    )
 
 
 # ------------------------------------------------------------------ accesses
@@ -339,8 +411,18 @@ def recent_accesses(catalog: Catalog, limit: int = DEFAULT_LIMIT) -> list[Access
             origin = row.origin_site if row else ""
             origins[event.study_uid] = origin
         if origin and origin != event.actor_site:
-            out.append(AccessEvent(event.event_no, event.at, event.actor_site, event.actor, event.action,
-                                   event.study_uid, origin, event.outcome))
+            out.append(
+                AccessEvent(
+                    event.event_no,
+                    event.at,
+                    event.actor_site,
+                    event.actor,
+                    event.action,
+                    event.study_uid,
+                    origin,
+                    event.outcome,
+                )
+            )
             if len(out) >= limit:
                 break
     return out
@@ -362,9 +444,15 @@ class StudyQuery:
 
     def params(self) -> dict[str, str]:
         """The query as URL parameters (dates as YYYY-MM-DD)."""
-        out = {"site": self.viewer, "origin": self.origin, "date_from": _iso_date(self.date_from),
-               "date_to": _iso_date(self.date_to), "modality": self.modality, "patient_id": self.patient_id,
-               "q": self.search}
+        out = {
+            "site": self.viewer,
+            "origin": self.origin,
+            "date_from": _iso_date(self.date_from),
+            "date_to": _iso_date(self.date_to),
+            "modality": self.modality,
+            "patient_id": self.patient_id,
+            "q": self.search,
+        }
         return {k: v for k, v in out.items() if v}
 
 
@@ -395,6 +483,7 @@ def check_site(config: RegionConfig, value: str, what: str = "site") -> str:
 
 def parse_query(config: RegionConfig, params: Mapping[str, str]) -> StudyQuery:
     """The browser's filters from URL parameters; BadRequest names a parameter that cannot work."""
+
     def get(name: str) -> str | None:
         value = params.get(name)
         return value.strip() if value and value.strip() else None
@@ -477,8 +566,13 @@ class StudyPage:
     recorded_accesses: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"query": self.query.params(), "total": self.total, "names_shown": self.names_shown,
-                "recorded_accesses": self.recorded_accesses, "studies": [s.to_dict() for s in self.studies]}
+        return {
+            "query": self.query.params(),
+            "total": self.total,
+            "names_shown": self.names_shown,
+            "recorded_accesses": self.recorded_accesses,
+            "studies": [s.to_dict() for s in self.studies],
+        }
 
 
 def display_name(patient_name: str) -> str:
@@ -497,7 +591,7 @@ def _runs_in(markers: Any) -> tuple[str, ...]:
     found: list[str] = []
     for marker in markers:
         if marker and marker.startswith(FLOW_RUN_PREFIX):
-            run = marker[len(FLOW_RUN_PREFIX):]
+            run = marker[len(FLOW_RUN_PREFIX) :]
             if run and run not in found:
                 found.append(run)
     return tuple(found)
@@ -520,13 +614,34 @@ def study_views(catalog: Catalog, rows: Sequence[StudyRow], show_name: bool) -> 
         runs = _runs_in(l.by for l in locations)
         if not runs:  # the locations were rewritten since (e.g. the edge copy removed): the registrations say
             runs = flow_runs(catalog, row.study_uid, locations)
-        series = tuple(SeriesView(s["series_uid"], s["modality"] or "", s["series_number"],
-                                  s["series_description"] or "", int(s["instances"]))
-                       for s in series_of.get(row.study_uid, []))
-        out.append(StudyView(row.study_uid, row.origin_site, row.patient_id,
-                             display_name(row.patient_name) if show_name else None, row.study_date,
-                             row.study_time, row.study_description, row.modalities, row.series_count,
-                             row.instance_count, row.bytes, center, runs, series))
+        series = tuple(
+            SeriesView(
+                s["series_uid"],
+                s["modality"] or "",
+                s["series_number"],
+                s["series_description"] or "",
+                int(s["instances"]),
+            )
+            for s in series_of.get(row.study_uid, [])
+        )
+        out.append(
+            StudyView(
+                row.study_uid,
+                row.origin_site,
+                row.patient_id,
+                display_name(row.patient_name) if show_name else None,
+                row.study_date,
+                row.study_time,
+                row.study_description,
+                row.modalities,
+                row.series_count,
+                row.instance_count,
+                row.bytes,
+                center,
+                runs,
+                series,
+            )
+        )
     return out
 
 
@@ -542,9 +657,16 @@ def browse_studies(layout: Layout, catalog: Catalog, q: StudyQuery, record: bool
     from renkei.sharing import Sharing
 
     total, rows = catalog.studies_page(
-        visible_to=q.viewer, origin_sites=[q.origin] if q.origin else None, patient_id=q.patient_id,
-        date_from=q.date_from, date_to=q.date_to, modalities=[q.modality] if q.modality else None,
-        limit=q.limit, search=q.search, search_names=q.viewer is not None)
+        visible_to=q.viewer,
+        origin_sites=[q.origin] if q.origin else None,
+        patient_id=q.patient_id,
+        date_from=q.date_from,
+        date_to=q.date_to,
+        modalities=[q.modality] if q.modality else None,
+        limit=q.limit,
+        search=q.search,
+        search_names=q.viewer is not None,
+    )
     recorded = 0
     shown = rows
     if q.viewer:
@@ -557,8 +679,12 @@ def browse_studies(layout: Layout, catalog: Catalog, q: StudyQuery, record: bool
         others = [r.study_uid for r in shown if r.origin_site != q.viewer]
         if others:
             Sharing(layout.config, catalog).record_access(
-                q.viewer, DASHBOARD_ACTOR, "view", others,
-                detail={"via": "dashboard", "shown": "patient name and images"})
+                q.viewer,
+                DASHBOARD_ACTOR,
+                "view",
+                others,
+                detail={"via": "dashboard", "shown": "patient name and images"},
+            )
             recorded = len(others)
     return StudyPage(q, total, views, q.viewer is not None, recorded)
 
@@ -574,8 +700,9 @@ class StudyDetail:
     decision: str = ""
 
 
-def study_detail(layout: Layout, catalog: Catalog, study_uid: str, viewer: str | None = None,
-                 record: bool = True) -> StudyDetail:
+def study_detail(
+    layout: Layout, catalog: Catalog, study_uid: str, viewer: str | None = None, record: bool = True
+) -> StudyDetail:
     """A study's detail page; NotFound for an unknown study, Forbidden when the viewer may not see it."""
     from renkei.sharing import Sharing
 
@@ -591,12 +718,16 @@ def study_detail(layout: Layout, catalog: Catalog, study_uid: str, viewer: str |
             raise Forbidden(f"{viewer} may not see study {study_uid}: {verdict.explanation}")
         decision = verdict.explanation
         if record and row.origin_site != viewer:
-            sharing.record_access(viewer, DASHBOARD_ACTOR, "view", [study_uid],
-                                  detail={"via": "dashboard", "shown": "patient name and images"})
+            sharing.record_access(
+                viewer,
+                DASHBOARD_ACTOR,
+                "view",
+                [study_uid],
+                detail={"via": "dashboard", "shown": "patient name and images"},
+            )
     view = study_views(catalog, [row], show_name=viewer is not None)[0]
     trail = tuple(catalog.audit(study_uid=study_uid))
-    return StudyDetail(view, tuple(catalog.locations(study_uid)), tuple(catalog.grants(study_uid)),
-                       trail, decision)
+    return StudyDetail(view, tuple(catalog.locations(study_uid)), tuple(catalog.grants(study_uid)), trail, decision)
 
 
 def series_instances(catalog: Catalog, study_uid: str, series_uid: str) -> list[dict[str, Any]]:
@@ -624,16 +755,20 @@ class Overview:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"at": self.at.isoformat(), "sites": [s.to_dict() for s in self.sites],
-                "throughput": self.throughput.to_dict(),
-                "availability": [a.to_dict() for a in self.availability],
-                "matrix": self.matrix.to_dict(),
-                "verification": self.verification.to_dict() if self.verification else None,
-                "accesses": [a.to_dict() for a in self.accesses]}
+        return {
+            "at": self.at.isoformat(),
+            "sites": [s.to_dict() for s in self.sites],
+            "throughput": self.throughput.to_dict(),
+            "availability": [a.to_dict() for a in self.availability],
+            "matrix": self.matrix.to_dict(),
+            "verification": self.verification.to_dict() if self.verification else None,
+            "accesses": [a.to_dict() for a in self.accesses],
+        }
 
 
-def overview(layout: Layout, catalog: Catalog, window_s: float = DEFAULT_WINDOW_S,
-             accesses_limit: int = DEFAULT_LIMIT) -> Overview:
+def overview(
+    layout: Layout, catalog: Catalog, window_s: float = DEFAULT_WINDOW_S, accesses_limit: int = DEFAULT_LIMIT
+) -> Overview:
     """The dashboard's sections, all read at one moment."""
     now = utcnow()
     return Overview(

@@ -13,9 +13,10 @@ import io
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,8 +46,10 @@ def middle_instance(instances: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The instance in the middle of a series, ordered by Instance Number (then SOP Instance UID)."""
     if not instances:
         raise ThumbnailError("the series has no instances")
-    ordered = sorted(instances, key=lambda i: (i.get("instance_number") is None, i.get("instance_number") or 0,
-                                               i["sop_instance_uid"]))
+    ordered = sorted(
+        instances,
+        key=lambda i: (i.get("instance_number") is None, i.get("instance_number") or 0, i["sop_instance_uid"]),
+    )
     return ordered[len(ordered) // 2]
 
 
@@ -64,7 +67,7 @@ def _dataset(data: bytes, transfer_syntax_uid: str | None):
             raise ThumbnailError("the object has no transfer syntax")
         if meta is None:
             ds.file_meta = pydicom.dataset.FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = transfer_syntax_uid
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(transfer_syntax_uid)
     return ds
 
 
@@ -144,10 +147,10 @@ def _to_thumbnail(ds: Any, pixels: np.ndarray, size: int) -> bytes:
         raise ThumbnailError(f"unexpected pixel array shape {pixels.shape}")
     values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
     low, high = window_of(ds, values)
-    scaled = np.clip((values - low) / (high - low), 0.0, 1.0)
+    unit = np.clip((values - low) / (high - low), 0.0, 1.0)
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        scaled = 1.0 - scaled
-    return to_png(Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), "L"), size)
+        unit = 1.0 - unit
+    return to_png(Image.fromarray((unit * 255.0 + 0.5).astype(np.uint8), "L"), size)
 
 
 def placeholder(reason: str, size: int = THUMBNAIL_SIZE) -> bytes:

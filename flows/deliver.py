@@ -13,7 +13,6 @@ from typing import Any
 from prefect import flow
 
 from flows import run_names
-
 from renkei import runtime
 from tasks.clinical import (
     cache_study,
@@ -26,8 +25,9 @@ from tasks.common import publish_artifacts
 
 
 @flow(name="deliver", flow_run_name=run_names.deliver)
-def deliver(site: str, study_uids: list[str], to_pacs: bool = False, config: str | None = None,
-            data_dir: str | None = None) -> dict[str, Any]:
+def deliver(
+    site: str, study_uids: list[str], to_pacs: bool = False, config: str | None = None, data_dir: str | None = None
+) -> dict[str, Any]:
     """Copy the studies from the center into the site's edge cache; with `to_pacs`, also import them
     into its PACS under the site's own Patient ID (when the patient is known there)."""
     started = time.monotonic()
@@ -35,9 +35,12 @@ def deliver(site: str, study_uids: list[str], to_pacs: bool = False, config: str
     rows = []
     for study_uid in study_uids:
         cached = cache_study(site, study_uid, config, data_dir, return_state=True)
-        row = {"study_uid": study_uid,
-               "edge": "cached" if cached.is_completed() else f"FAILED: {cached.result(raise_on_failure=False)}",
-               "pacs": "not asked", "outcome": "ok" if cached.is_completed() else "edge-failed"}
+        row = {
+            "study_uid": study_uid,
+            "edge": "cached" if cached.is_completed() else f"FAILED: {cached.result(raise_on_failure=False)}",
+            "pacs": "not asked",
+            "outcome": "ok" if cached.is_completed() else "edge-failed",
+        }
         if to_pacs and not has_pacs:
             row["pacs"] = f"not imported: {site} has no PACS in the configuration"
             row["outcome"] = "no-pacs"
@@ -47,8 +50,9 @@ def deliver(site: str, study_uids: list[str], to_pacs: bool = False, config: str
                 row["pacs"] = f"not imported: {ident['detail']}"
                 row["outcome"] = "patient-unknown"
             else:
-                state = import_study(site, study_uid, ident["patient_id"], ident["issuer"], config, data_dir,
-                                     return_state=True)
+                state = import_study(
+                    site, study_uid, ident["patient_id"], ident["issuer"], config, data_dir, return_state=True
+                )
                 row["pacs"] = "imported" if state.is_completed() else f"FAILED: {state.result(raise_on_failure=False)}"
                 row["outcome"] = "ok" if state.is_completed() else "pacs-failed"
         rows.append(row)
@@ -57,33 +61,45 @@ def deliver(site: str, study_uids: list[str], to_pacs: bool = False, config: str
     # asked for the PACS and not imported there (patient unknown at the site, no PACS): not a success
     partial = [r for r in rows if to_pacs and r not in failed and r["pacs"] != "imported"]
     done = len(rows) - len(failed) - len(partial)
-    lines = [f"{done} of {len(study_uids)} studies delivered to {site}"
-             + (" and imported into its PACS" if to_pacs else " (edge cache)") + f" in {elapsed:.1f} s."]
+    lines = [
+        f"{done} of {len(study_uids)} studies delivered to {site}"
+        + (" and imported into its PACS" if to_pacs else " (edge cache)")
+        + f" in {elapsed:.1f} s."
+    ]
     if failed:
-        lines += ["", f"**FAILED: {len(failed)}** (see the rows). The center still holds every study: start this "
-                  "flow again once the cause is fixed (the edge's disk, the PACS, the network)."]
+        lines += [
+            "",
+            f"**FAILED: {len(failed)}** (see the rows). The center still holds every study: start this "
+            "flow again once the cause is fixed (the edge's disk, the PACS, the network).",
+        ]
     if partial:
-        lines += ["", f"**NOT IMPORTED: {len(partial)}** — cached at the edge but not in the PACS (see the rows): "
-                  "register the patient at the site (or link the patient's IDs: `renkei link`), then start this "
-                  "flow again."]
+        lines += [
+            "",
+            f"**NOT IMPORTED: {len(partial)}** — cached at the edge but not in the PACS (see the rows): "
+            "register the patient at the site (or link the patient's IDs: `renkei link`), then start this "
+            "flow again.",
+        ]
     # each study's outcome in the audit chain: `renkei status` lists what was not delivered until it is
     record_deliveries(site, [(r["study_uid"], r["outcome"]) for r in rows], config, data_dir)
     publish_artifacts(f"deliver-{site}", f"deliver to {site}", lines, rows, "Studies pushed ahead of time")
     if failed or partial:
-        what = ([f"{len(failed)} of {len(rows)} studies could not be delivered to {site}"] if failed else []) + \
-            ([f"{len(partial)} of {len(rows)} studies not imported into the PACS of {site}"] if partial else [])
+        what = ([f"{len(failed)} of {len(rows)} studies could not be delivered to {site}"] if failed else []) + (
+            [f"{len(partial)} of {len(rows)} studies not imported into the PACS of {site}"] if partial else []
+        )
         raise RuntimeError("; ".join(what) + ": see the run's artifact")
     return {"site": site, "studies": rows, "seconds": elapsed}
 
 
-def distribute(plan: dict[str, dict[str, Any]], config: str | None = None,
-               data_dir: str | None = None) -> dict[str, str]:
+def distribute(
+    plan: dict[str, dict[str, Any]], config: str | None = None, data_dir: str | None = None
+) -> dict[str, str]:
     """Start `deliver` at each destination site (its own pool); inline when no deployment exists."""
     started = start_deliveries(plan, config, data_dir)
     for site, how in list(started.items()):
         if how == "no deployment":
-            state = deliver(site, plan[site]["study_uids"], plan[site]["to_pacs"], config, data_dir,
-                            return_state=True)
-            started[site] = (f"delivered here (no deployment deliver-{site}): "
-                             f"{'ok' if state.is_completed() else state.message or 'failed'}")
+            state = deliver(site, plan[site]["study_uids"], plan[site]["to_pacs"], config, data_dir, return_state=True)
+            started[site] = (
+                f"delivered here (no deployment deliver-{site}): "
+                f"{'ok' if state.is_completed() else state.message or 'failed'}"
+            )
     return started

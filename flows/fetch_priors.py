@@ -17,9 +17,18 @@ from tasks.common import publish_artifacts
 
 
 @flow(name="fetch_priors", flow_run_name="priors-into-{site}")
-def fetch_priors(site: str, patient_id: str, issuer: str = "", lookback_years: float = 5.0,
-                 modalities: list[str] | None = None, patient_name: str = "", birth_date: str = "",
-                 sex: str = "", config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def fetch_priors(
+    site: str,
+    patient_id: str,
+    issuer: str = "",
+    lookback_years: float = 5.0,
+    modalities: list[str] | None = None,
+    patient_name: str = "",
+    birth_date: str = "",
+    sex: str = "",
+    config: str | None = None,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
     """Resolve the patient across sites, then bring their visible prior studies from other sites to
     this site's edge and import them into its PACS under this site's Patient ID.
 
@@ -33,16 +42,27 @@ def fetch_priors(site: str, patient_id: str, issuer: str = "", lookback_years: f
     imported: list[dict[str, Any]] = []
     if not res["resolved"]:
         if res["candidates"]:
-            lines += ["Nothing was fetched. Candidates (confirm with "
-                      "`renkei link --site SITE --patient-id ID --with SITE2:ID2`):", "",
-                      "| site | patient ID | issuer | name | birth date | sex | studies |", "|---|---|---|---|---|---|---|"]
-            lines += [f"| {c['site']} | {c['patient_id']} | {c['issuer']} | {c['patient_name']} | "
-                      f"{c['patient_birth_date']} | {c['patient_sex']} | {c['studies']} |" for c in res["candidates"]]
+            lines += [
+                "Nothing was fetched. Candidates (confirm with "
+                "`renkei link --site SITE --patient-id ID --with SITE2:ID2`):",
+                "",
+                "| site | patient ID | issuer | name | birth date | sex | studies |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {c['site']} | {c['patient_id']} | {c['issuer']} | {c['patient_name']} | "
+                f"{c['patient_birth_date']} | {c['patient_sex']} | {c['studies']} |"
+                for c in res["candidates"]
+            ]
     else:
         studies = find_prior_studies(res, lookback_years, modalities, config, data_dir)
         caches = [cache_study.submit(site, s["study_uid"], config, data_dir) for s in studies]
-        imports = [import_study.submit(site, s["study_uid"], res["patient_id"], res["issuer"], config, data_dir,
-                                       wait_for=[c]) for s, c in zip(studies, caches)]
+        imports = [
+            import_study.submit(  # type: ignore[call-overload]  # prefect's overloads miss wait_for with these args
+                site, s["study_uid"], res["patient_id"], res["issuer"], config, data_dir, wait_for=[c]
+            )
+            for s, c in zip(studies, caches)
+        ]
         for study, cache, future in zip(studies, caches, imports):
             future.wait()
             cache.wait()
@@ -53,14 +73,26 @@ def fetch_priors(site: str, patient_id: str, issuer: str = "", lookback_years: f
                 result = f"FAILED: not brought to the edge: {_error(cache.state)}"
             else:
                 result = f"FAILED: {_error(future.state)}"
-            imported.append({"study_uid": study["study_uid"], "from": study["origin_site"],
-                             "date": study["study_date"], "modalities": ",".join(study["modalities"]),
-                             "instances": study["instances"], "result": result})
+            imported.append(
+                {
+                    "study_uid": study["study_uid"],
+                    "from": study["origin_site"],
+                    "date": study["study_date"],
+                    "modalities": ",".join(study["modalities"]),
+                    "instances": study["instances"],
+                    "result": result,
+                }
+            )
         lines.append(f"{len(studies)} prior studies found at other sites within {lookback_years:g} years.")
     elapsed = time.monotonic() - started
     lines.append(f"Done in {elapsed:.1f} s.")
-    publish_artifacts(f"fetch-priors-{site}", f"fetch_priors at {site}", lines, imported,
-                      "Prior studies fetched for an admitted patient")
+    publish_artifacts(
+        f"fetch-priors-{site}",
+        f"fetch_priors at {site}",
+        lines,
+        imported,
+        "Prior studies fetched for an admitted patient",
+    )
     failed = [i for i in imported if i["result"].startswith("FAILED")]
     if failed:
         raise RuntimeError(f"{len(failed)} prior studies could not be imported; see the artifact")

@@ -16,10 +16,14 @@ def compact_catalog(config: str | None = None, data_dir: str | None = None) -> d
     """Merge the catalog's small files (nightly), so that query time does not grow with writes."""
     result = compact(config, data_dir)
     result["backup"] = backup_task(config, data_dir)
-    publish_artifacts("compact-catalog", "compact_catalog",
-                      ["| table | files before | files after |", "|---|---|---|"]
-                      + [f"| {t} | {result['before'].get(t, 0)} | {result['after'].get(t, 0)} |"
-                         for t in sorted(result["before"])], [], "Catalog compaction")
+    publish_artifacts(
+        "compact-catalog",
+        "compact_catalog",
+        ["| table | files before | files after |", "|---|---|---|"]
+        + [f"| {t} | {result['before'].get(t, 0)} | {result['after'].get(t, 0)} |" for t in sorted(result["before"])],
+        [],
+        "Catalog compaction",
+    )
     return result
 
 
@@ -32,8 +36,16 @@ def backup_catalog(config: str | None = None, data_dir: str | None = None) -> di
     the loss to the last quarter hour (docs/catalog.md).
     """
     result = backup_task(config, data_dir)
-    publish_artifacts("backup-catalog", "backup_catalog",
-                      ["| commit | entries copied | files copied | MB | seconds |", "|---|---|---|---|---|",
-                       f"| {result['seq']} | {result['entries_copied']} | {result['files_copied']} | "
-                       f"{result['bytes_copied'] / 1e6:.1f} | {result['seconds']:.1f} |"], [], "Catalog backup")
+    publish_artifacts(
+        "backup-catalog",
+        "backup_catalog",
+        [
+            "| commit | entries copied | files copied | MB | seconds |",
+            "|---|---|---|---|---|",
+            f"| {result['seq']} | {result['entries_copied']} | {result['files_copied']} | "
+            f"{result['bytes_copied'] / 1e6:.1f} | {result['seconds']:.1f} |",
+        ],
+        [],
+        "Catalog backup",
+    )
     return result

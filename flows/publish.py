@@ -5,27 +5,35 @@ from __future__ import annotations
 from prefect import flow
 
 from flows import run_names
-
 from tasks.center import publish_study
 from tasks.common import publish_artifacts
 
 
 @flow(name="publish", flow_run_name=run_names.publish)
-def publish(study_uid: str, to_sites: list[str], operator: str, reason: str = "", unpublish: bool = False,
-            deliver: bool = True, config: str | None = None, data_dir: str | None = None) -> list[str]:
+def publish(
+    study_uid: str,
+    to_sites: list[str],
+    operator: str,
+    reason: str = "",
+    unpublish: bool = False,
+    deliver: bool = True,
+    config: str | None = None,
+    data_dir: str | None = None,
+) -> list[str]:
     """Grant `study_uid` to `to_sites` (revoke with unpublish=True); audited under `operator`.
 
     With `deliver`, newly granted sites also get the study pushed to their edge.
     """
     changed = publish_study(study_uid, to_sites, operator, reason, unpublish, config, data_dir)
     verb = "unpublished from" if unpublish else "published to"
-    lines = [f"Study `{study_uid}` {verb} {', '.join(changed) or 'no site (nothing changed)'} by {operator}.",
-             f"Reason: {reason or '(none given)'}"]
+    lines = [
+        f"Study `{study_uid}` {verb} {', '.join(changed) or 'no site (nothing changed)'} by {operator}.",
+        f"Reason: {reason or '(none given)'}",
+    ]
     if changed and deliver and not unpublish:
         from flows.deliver import distribute
 
-        result = distribute({site: {"study_uids": [study_uid], "to_pacs": False} for site in changed},
-                            config, data_dir)
+        result = distribute({site: {"study_uids": [study_uid], "to_pacs": False} for site in changed}, config, data_dir)
         lines += [f"- delivery to {site}: {info}" for site, info in result.items()]
     publish_artifacts(f"publish-{study_uid[-12:]}", "publish", lines, [], "A publication change")
     return changed

@@ -26,7 +26,12 @@ from tasks.sync import (
 )
 
 
-@flow(name="sync_site", flow_run_name="sync-{site}", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=False)
+@flow(
+    name="sync_site",
+    flow_run_name="sync-{site}",
+    task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]  # prefect's generic is too narrow
+    log_prints=False,
+)
 def sync_site(site: str, config: str | None = None, data_dir: str | None = None) -> Any:
     """Move the site's completed studies to the center, verified, registered and flagged.
 
@@ -96,20 +101,29 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
     held = audit_quarantines(site, config, data_dir)
     retained = retain(site, config, data_dir)
     if retained["removed"]:
-        deliveries["retention"] = f"{len(retained['removed'])} verified studies dropped from the edge " \
-                                  f"(disk {retained['disk_usage']:.0%} full)"
+        deliveries["retention"] = (
+            f"{len(retained['removed'])} verified studies dropped from the edge "
+            f"(disk {retained['disk_usage']:.0%} full)"
+        )
     elapsed = time.monotonic() - started
-    summary = _report(site, studies, uploads, failures, registered, flagged, deliveries, elapsed,
-                      quarantined, held, center)
+    summary = _report(
+        site, studies, uploads, failures, registered, flagged, deliveries, elapsed, quarantined, held, center
+    )
     if failures:
-        raise RuntimeError(f"{len(failures)} of {len(studies)} studies of {site} could not be uploaded; "
-                           "see the run's artifact; the next run retries them")
+        raise RuntimeError(
+            f"{len(failures)} of {len(studies)} studies of {site} could not be uploaded; "
+            "see the run's artifact; the next run retries them"
+        )
     if center.get("lost"):
-        raise LostFromCenter(f"{center['lost']} instance(s) the edge of {site} journaled as verified are missing "
-                             "from the center and the edge no longer holds them; see the run's artifact")
+        raise LostFromCenter(
+            f"{center['lost']} instance(s) the edge of {site} journaled as verified are missing "
+            "from the center and the edge no longer holds them; see the run's artifact"
+        )
     if center.get("error"):
-        raise RuntimeError(f"the check of the center failed ({center['error']}); the rest of the run went "
-                           "through; see the run's artifact")
+        raise RuntimeError(
+            f"the check of the center failed ({center['error']}); the rest of the run went "
+            "through; see the run's artifact"
+        )
     repaired = center_line(center)
     if quarantined:
         message = quarantine_line(site, len(quarantined)) + (f"; {repaired}" if repaired else "")
@@ -127,11 +141,15 @@ def center_line(center: dict[str, Any]) -> str:
     if not _center_problems(center) or center.get("error"):
         return ""
     if not center.get("escalated"):
-        return (f"center check: {center['sample_damaged']} of {center['sampled']} sampled objects have another "
-                "size (the nightly verification repairs them)")
-    return (f"center check: {center['missing']} of {center['checked']} verified instances were missing from the "
-            f"center ({center['reupload']} uploaded again), {center['unregistered']} not registered "
-            f"(registered again)")
+        return (
+            f"center check: {center['sample_damaged']} of {center['sampled']} sampled objects have another "
+            "size (the nightly verification repairs them)"
+        )
+    return (
+        f"center check: {center['missing']} of {center['checked']} verified instances were missing from the "
+        f"center ({center['reupload']} uploaded again), {center['unregistered']} not registered "
+        f"(registered again)"
+    )
 
 
 class LostFromCenter(Exception):
@@ -158,10 +176,19 @@ def _message(state: Any) -> str:
     return state.message or state.name
 
 
-def _report(site: str, studies: list[str], uploads: dict[str, dict[str, Any]], failures: dict[str, str],
-            registered: dict[str, Any], flagged: dict[str, Any], deliveries: dict[str, Any],
-            elapsed: float, quarantined: dict[str, str] | None = None,
-            held: list[dict[str, Any]] | None = None, center: dict[str, Any] | None = None) -> dict[str, Any]:
+def _report(
+    site: str,
+    studies: list[str],
+    uploads: dict[str, dict[str, Any]],
+    failures: dict[str, str],
+    registered: dict[str, Any],
+    flagged: dict[str, Any],
+    deliveries: dict[str, Any],
+    elapsed: float,
+    quarantined: dict[str, str] | None = None,
+    held: list[dict[str, Any]] | None = None,
+    center: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     from renkei.center_check import summary_lines
 
     quarantined = quarantined or {}
@@ -171,17 +198,49 @@ def _report(site: str, studies: list[str], uploads: dict[str, dict[str, Any]], f
     instances = sum(uploads[uid]["instances"] for uid in moved)
     size = sum(uploads[uid]["bytes"] for uid in moved)
     mb_s = size / 1e6 / elapsed if elapsed > 0 else 0.0
-    rows = [{"study_uid": uid, "instances": u["instances"], "new_objects": u["uploaded"],
-             "already_in_center": u["already_present"], "conflicts": u["conflicts"], "MB": round(u["bytes"] / 1e6, 2),
-             "seconds": round(u["seconds"], 2), "result": "verified"} for uid, u in uploads.items()]
+    rows = [
+        {
+            "study_uid": uid,
+            "instances": u["instances"],
+            "new_objects": u["uploaded"],
+            "already_in_center": u["already_present"],
+            "conflicts": u["conflicts"],
+            "MB": round(u["bytes"] / 1e6, 2),
+            "seconds": round(u["seconds"], 2),
+            "result": "verified",
+        }
+        for uid, u in uploads.items()
+    ]
     for row in rows:  # uploaded, then refused by the catalog
         if row["study_uid"] in quarantined:
             row["result"] = f"QUARANTINED: {quarantined[row['study_uid']]}"
-    rows += [{"study_uid": _line_safe(uid), "instances": 0, "new_objects": 0, "already_in_center": 0,
-              "conflicts": 0, "MB": 0, "seconds": 0, "result": f"QUARANTINED: {why}"}
-             for uid, why in quarantined.items() if uid not in uploads]
-    rows += [{"study_uid": uid, "instances": 0, "new_objects": 0, "already_in_center": 0, "conflicts": 0,
-              "MB": 0, "seconds": 0, "result": f"FAILED: {msg}"} for uid, msg in failures.items()]
+    rows += [
+        {
+            "study_uid": _line_safe(uid),
+            "instances": 0,
+            "new_objects": 0,
+            "already_in_center": 0,
+            "conflicts": 0,
+            "MB": 0,
+            "seconds": 0,
+            "result": f"QUARANTINED: {why}",
+        }
+        for uid, why in quarantined.items()
+        if uid not in uploads
+    ]
+    rows += [
+        {
+            "study_uid": uid,
+            "instances": 0,
+            "new_objects": 0,
+            "already_in_center": 0,
+            "conflicts": 0,
+            "MB": 0,
+            "seconds": 0,
+            "result": f"FAILED: {msg}",
+        }
+        for uid, msg in failures.items()
+    ]
     lines = [
         "| studies | instances | MB | seconds | MB/s | grants | failures | quarantined |",
         "|---|---|---|---|---|---|---|---|",
@@ -201,36 +260,72 @@ def _report(site: str, studies: list[str], uploads: dict[str, dict[str, Any]], f
     for site_id, info in deliveries.items():
         lines.append(f"- delivery to {site_id}: {info}")
     if failures:
-        lines += ["", "## Failures and what to do",
-                  "The instances stay 'pending' at the edge (nothing is lost); the next run retries them.",
-                  "If it fails again: check the center's storage (S3 endpoint, credentials, disk) and the "
-                  "edge's files, then start this deployment again from the Prefect UI."]
+        lines += [
+            "",
+            "## Failures and what to do",
+            "The instances stay 'pending' at the edge (nothing is lost); the next run retries them.",
+            "If it fails again: check the center's storage (S3 endpoint, credentials, disk) and the "
+            "edge's files, then start this deployment again from the Prefect UI.",
+        ]
         lines += [f"- {uid}: {msg}" for uid, msg in failures.items()]
     if held:
         earlier = [q for q in held if q["study_uid"] not in quarantined]
-        lines += ["", "## Quarantine",
-                  "A quarantined study's data was refused (by the center or at the edge); retrying cannot help, so "
-                  "no run sends it until an operator fixes the cause and runs "
-                  f"`renkei edge release --site {site} STUDY_UID`. The other studies are not held up by it."]
-        lines += [f"- {_line_safe(q['study_uid'])} ({'this run' if q['study_uid'] in quarantined else 'held since an earlier run'}"
-                  f", {q['step'] or 'sync'}): {q['reason']}" for q in held]
+        lines += [
+            "",
+            "## Quarantine",
+            "A quarantined study's data was refused (by the center or at the edge); retrying cannot help, so "
+            "no run sends it until an operator fixes the cause and runs "
+            f"`renkei edge release --site {site} STUDY_UID`. The other studies are not held up by it.",
+        ]
+        lines += [
+            f"- {_line_safe(q['study_uid'])} "
+            f"({'this run' if q['study_uid'] in quarantined else 'held since an earlier run'}"
+            f", {q['step'] or 'sync'}): {q['reason']}"
+            for q in held
+        ]
         if earlier and not quarantined:
-            lines[4:4] = [f"{len(earlier)} {'study' if len(earlier) == 1 else 'studies'} held in quarantine "
-                          f"since earlier runs — see `renkei edge status --site {site}`", ""]
-    publish_artifacts(f"sync-{site}", f"sync_site {site}", lines, rows,
-                      f"Studies moved from {site}'s edge to the center")
-    logger().info("sync %s: %d studies, %d instances, %.1f MB in %.1f s, %d failures, %d quarantined",
-                  site, len(moved), instances, size / 1e6, elapsed, len(failures), len(quarantined))
-    return {"site": site, "studies": len(moved), "instances": instances, "bytes": size,
-            "seconds": round(elapsed, 3), "failures": failures, "registered": registered["studies"],
-            "granted": flagged.get("granted", []), "deliveries": deliveries,
-            "quarantined": quarantined, "held_in_quarantine": [q["study_uid"] for q in held],
-            "center_check": center}
+            lines[4:4] = [
+                f"{len(earlier)} {'study' if len(earlier) == 1 else 'studies'} held in quarantine "
+                f"since earlier runs — see `renkei edge status --site {site}`",
+                "",
+            ]
+    publish_artifacts(
+        f"sync-{site}", f"sync_site {site}", lines, rows, f"Studies moved from {site}'s edge to the center"
+    )
+    logger().info(
+        "sync %s: %d studies, %d instances, %.1f MB in %.1f s, %d failures, %d quarantined",
+        site,
+        len(moved),
+        instances,
+        size / 1e6,
+        elapsed,
+        len(failures),
+        len(quarantined),
+    )
+    return {
+        "site": site,
+        "studies": len(moved),
+        "instances": instances,
+        "bytes": size,
+        "seconds": round(elapsed, 3),
+        "failures": failures,
+        "registered": registered["studies"],
+        "granted": flagged.get("granted", []),
+        "deliveries": deliveries,
+        "quarantined": quarantined,
+        "held_in_quarantine": [q["study_uid"] for q in held],
+        "center_check": center,
+    }
 
 
 def _center_problems(center: dict[str, Any]) -> bool:
-    return bool(center.get("error") or center.get("sample_missing") or center.get("sample_unregistered")
-                or center.get("sample_damaged") or center.get("lost"))
+    return bool(
+        center.get("error")
+        or center.get("sample_missing")
+        or center.get("sample_unregistered")
+        or center.get("sample_damaged")
+        or center.get("lost")
+    )
 
 
 def _line_safe(text: str) -> str:

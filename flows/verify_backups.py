@@ -7,7 +7,6 @@ from typing import Any
 from prefect import flow
 
 from flows import run_names
-
 from tasks.center import backup_catalog, check_catalog
 from tasks.common import publish_artifacts
 from tasks.verify import verify_center
@@ -27,8 +26,9 @@ class CatalogDamagedRun(Exception):
 
 
 @flow(name="verify_backups", flow_run_name=run_names.verify)
-def verify_backups(full: bool = False, repair: bool = True, config: str | None = None,
-                   data_dir: str | None = None) -> dict[str, Any]:
+def verify_backups(
+    full: bool = False, repair: bool = True, config: str | None = None, data_dir: str | None = None
+) -> dict[str, Any]:
     """Check size and SHA-256 of the center's objects (a rotating share each night unless `full`),
     that every instance the edges journaled reached the center, and that every grant names a study.
     Repairs from an edge's copy (and applies the sharing rules again to what it uploaded or registered
@@ -37,15 +37,17 @@ def verify_backups(full: bool = False, repair: bool = True, config: str | None =
     """
     catalog = check_catalog(config, data_dir)
     if not catalog["ok"]:
-        lines = ["## The catalog is damaged",
-                 "The objects were not verified: the catalog that lists them is damaged. "
-                 "Run `renkei catalog restore` (repairs it from its backup, keeping later commits that are "
-                 "intact), then `renkei catalog check`; if the backup is gone too, `renkei catalog rebuild` "
-                 "registers every object again. Then start this flow again.", ""]
+        lines = [
+            "## The catalog is damaged",
+            "The objects were not verified: the catalog that lists them is damaged. "
+            "Run `renkei catalog restore` (repairs it from its backup, keeping later commits that are "
+            "intact), then `renkei catalog check`; if the backup is gone too, `renkei catalog rebuild` "
+            "registers every object again. Then start this flow again.",
+            "",
+        ]
         lines += [f"- {p}" for p in catalog["problems"][:50]]
         publish_artifacts("verify-backups", "verify_backups", lines, [], "Nightly backup verification")
-        raise CatalogDamagedRun(f"the catalog is damaged ({len(catalog['problems'])} problems); "
-                                "see the run's artifact")
+        raise CatalogDamagedRun(f"the catalog is damaged ({len(catalog['problems'])} problems); see the run's artifact")
     report = verify_center(full, repair, config, data_dir)
     report["catalog_check"] = {k: catalog[k] for k in ("entries", "files", "bytes", "seconds")}
     report["catalog_backup"] = backup_catalog(config, data_dir)
@@ -62,36 +64,56 @@ def verify_backups(full: bool = False, repair: bool = True, config: str | None =
     if not findings:
         lines.append("Every object read back whole; nothing is missing.")
     cc, cb = report["catalog_check"], report["catalog_backup"]
-    lines.append(f"Catalog: {cc['entries']} log entries and {cc['files']} data files ({cc['bytes'] / 1e6:.1f} MB) "
-                 f"read whole in {cc['seconds']:.1f} s; backed up as of commit {cb['seq']} "
-                 f"({cb['files_copied']} new files).")
+    lines.append(
+        f"Catalog: {cc['entries']} log entries and {cc['files']} data files ({cc['bytes'] / 1e6:.1f} MB) "
+        f"read whole in {cc['seconds']:.1f} s; backed up as of commit {cb['seq']} "
+        f"({cb['files_copied']} new files)."
+    )
     if report.get("rule_grants_reapplied"):
-        lines.append(f"The sharing rules were applied again to the studies uploaded or registered again: "
-                     f"{report['rule_grants_reapplied']} grants written.")
-    lines.append(f"Object store: {report['objects_listed']} objects, {report['unreferenced']} that no catalog row "
-                 f"points to{_recent(report)}; {report['temp_removed']} temporary files of interrupted writers "
-                 "removed (older than an hour).")
+        lines.append(
+            f"The sharing rules were applied again to the studies uploaded or registered again: "
+            f"{report['rule_grants_reapplied']} grants written."
+        )
+    lines.append(
+        f"Object store: {report['objects_listed']} objects, {report['unreferenced']} that no catalog row "
+        f"points to{_recent(report)}; {report['temp_removed']} temporary files of interrupted writers "
+        "removed (older than an hour)."
+    )
     if report["unreferenced"]:
-        lines += ["## Unreferenced objects",
-                  "These objects are in the center's store but no catalog row points to them (nothing is deleted). "
-                  "After a catalog loss or restore, `renkei catalog rebuild` registers them again. Otherwise an "
-                  "upload whose registration was lost left them: while the origin site's edge still journals "
-                  "the instances, this flow's edge check (or the site's next sync) registers them again. "
-                  f"The first {len(report['unreferenced_keys'])} of {report['unreferenced']}:", ""]
+        lines += [
+            "## Unreferenced objects",
+            "These objects are in the center's store but no catalog row points to them (nothing is deleted). "
+            "After a catalog loss or restore, `renkei catalog rebuild` registers them again. Otherwise an "
+            "upload whose registration was lost left them: while the origin site's edge still journals "
+            "the instances, this flow's edge check (or the site's next sync) registers them again. "
+            f"The first {len(report['unreferenced_keys'])} of {report['unreferenced']}:",
+            "",
+        ]
         lines += [f"- `{key}`" for key in report["unreferenced_keys"]]
         lines.append("")
     if report.get("edges_not_checked"):
-        lines.append(f"Edge journals not reachable from this worker (not checked, and not available for "
-                     f"repairs): {', '.join(report['edges_not_checked'])}. Their journals are on their own "
-                     "machines; this run checked the center's objects and grants only for them.")
+        lines.append(
+            f"Edge journals not reachable from this worker (not checked, and not available for "
+            f"repairs): {', '.join(report['edges_not_checked'])}. Their journals are on their own "
+            "machines; this run checked the center's objects and grants only for them."
+        )
     if report["unrecoverable"]:
-        lines += ["## Unrecoverable", "These objects are missing or damaged in the center and no edge "
-                  "holds a copy. Ask the origin site to send the study again from its PACS "
-                  "(`renkei edge pull --site SITE --study-uid UID`), then rerun this flow."]
-    rows = [{k: f[k] for k in ("kind", "study_uid", "sop_instance_uid", "object_key", "repaired",
-                                "repaired_from", "detail")} for f in findings]
+        lines += [
+            "## Unrecoverable",
+            "These objects are missing or damaged in the center and no edge "
+            "holds a copy. Ask the origin site to send the study again from its PACS "
+            "(`renkei edge pull --site SITE --study-uid UID`), then rerun this flow.",
+        ]
+    rows = [
+        {
+            k: f[k]
+            for k in ("kind", "study_uid", "sop_instance_uid", "object_key", "repaired", "repaired_from", "detail")
+        }
+        for f in findings
+    ]
     publish_artifacts("verify-backups", "verify_backups", lines, rows, "Nightly backup verification")
     if report["unrecoverable"]:
-        raise UnrecoverableBackup(f"{report['unrecoverable']} object(s) missing or corrupt with no copy left; "
-                                  "see the run's artifact")
+        raise UnrecoverableBackup(
+            f"{report['unrecoverable']} object(s) missing or corrupt with no copy left; see the run's artifact"
+        )
     return report

@@ -25,9 +25,9 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import hl7
 
@@ -116,8 +116,7 @@ def dicom_person_name(field: object) -> str:
     XPN.8 gives the representation (A, I, P); without it, the script decides.
     """
     groups = {"A": "", "I": "", "P": ""}
-    reps = list(field) if isinstance(field, hl7.Field) and field and isinstance(field[0], hl7.Repetition) \
-        else [field]
+    reps = list(field) if isinstance(field, hl7.Field) and field and isinstance(field[0], hl7.Repetition) else [field]
     for rep in reps:
         comps = str(rep).split("^")
         name = "^".join(c.strip() for c in comps[:2]).rstrip("^")
@@ -159,15 +158,24 @@ def _pick_identifier(pid: hl7.Segment, site_issuer: str) -> tuple[str, str]:
 
 # -- character sets (MSH-18, HL7 table 0211) ------------------------------------
 
+
 def _charset_key(name: str) -> str:
     return re.sub(r"[\s_\-]", "", name).upper()
 
 
 _SINGLE_CODECS: dict[str, str] = {
-    "ASCII": "ascii", "USASCII": "ascii", "ISOIR6": "ascii",
-    "UNICODEUTF8": "utf-8", "UTF8": "utf-8", "ISOIR192": "utf-8",
+    "ASCII": "ascii",
+    "USASCII": "ascii",
+    "ISOIR6": "ascii",
+    "UNICODEUTF8": "utf-8",
+    "UTF8": "utf-8",
+    "ISOIR192": "utf-8",
     # cp932 decodes all of Shift_JIS plus the vendor kanji HIS use in names (髙, 﨑)
-    "SJIS": "cp932", "SHIFTJIS": "cp932", "CP932": "cp932", "WINDOWS31J": "cp932", "MS932": "cp932",
+    "SJIS": "cp932",
+    "SHIFTJIS": "cp932",
+    "CP932": "cp932",
+    "WINDOWS31J": "cp932",
+    "MS932": "cp932",
     "EUCJP": "euc_jp",
     "ISOIR13": "shift_jis",  # JIS X 0201 alone: half-width katakana in 0xA1-0xDF, as Shift_JIS has them
     "ISOIR100": "latin_1",
@@ -175,14 +183,28 @@ _SINGLE_CODECS: dict[str, str] = {
     **{f"ISO8859{n}": f"iso8859_{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15)},
 }
 # ISO 2022 code extension (JIS X 0208/0212 switched in by escape sequences), the Japanese HIS norm
-_ISO2022_NAMES = frozenset({
-    "ISOIR87", "ISOIR159", "ISOIR14", "ISO20221994", "ISO2022IR87", "ISO2022IR159", "ISO2022IR13",
-    "ISO2022IR6", "JISX0208", "JISX0212", "ISO2022JP", "JIS",
-})
+_ISO2022_NAMES = frozenset(
+    {
+        "ISOIR87",
+        "ISOIR159",
+        "ISOIR14",
+        "ISO20221994",
+        "ISO2022IR87",
+        "ISO2022IR159",
+        "ISO2022IR13",
+        "ISO2022IR6",
+        "JISX0208",
+        "JISX0212",
+        "ISO2022JP",
+        "JIS",
+    }
+)
 # iso2022_jp_2 reads JIS X 0208 and 0212; iso2022_jp_ext reads JIS X 0201 katakana (ESC ( I)
 _ISO2022_CODECS = ("iso2022_jp_2", "iso2022_jp_ext")
-SUPPORTED_CHARSETS = ("ASCII, 8859/1 to 8859/9 and 8859/15, UNICODE UTF-8, SJIS (Shift_JIS), "
-                      "ISO IR87 / ISO 2022-1994 / JIS X 0208 (ISO-2022-JP), ISO IR159, ISO IR13, ISO IR14, EUC-JP")
+SUPPORTED_CHARSETS = (
+    "ASCII, 8859/1 to 8859/9 and 8859/15, UNICODE UTF-8, SJIS (Shift_JIS), "
+    "ISO IR87 / ISO 2022-1994 / JIS X 0208 (ISO-2022-JP), ISO IR159, ISO IR13, ISO IR14, EUC-JP"
+)
 
 
 @dataclass(frozen=True)
@@ -201,8 +223,9 @@ class Charset:
             except UnicodeDecodeError as exc:
                 first_error = first_error or exc
         position = first_error.start if first_error else 0
-        raise AdmissionRejected(f"the message is not valid {self.label} (at byte {position}); "
-                                "declare its character set in MSH-18")
+        raise AdmissionRejected(
+            f"the message is not valid {self.label} (at byte {position}); declare its character set in MSH-18"
+        )
 
     def encode(self, text: str) -> bytes:
         return text.encode(self.codecs[0], "replace")
@@ -220,8 +243,10 @@ def charset_for(msh18: str, default: str, repetition: str = "~") -> Charset:
     for name in names:
         key = _charset_key(name)
         if key and key not in _SINGLE_CODECS and key not in _ISO2022_NAMES:
-            raise AdmissionRejected(f"MSH-18 character set {name!r} is not supported; use one of "
-                                    f"{SUPPORTED_CHARSETS}, or leave MSH-18 empty for {default}")
+            raise AdmissionRejected(
+                f"MSH-18 character set {name!r} is not supported; use one of "
+                f"{SUPPORTED_CHARSETS}, or leave MSH-18 empty for {default}"
+            )
         keys.append(key)
     if any(key in _ISO2022_NAMES for key in keys):
         return Charset(f"ISO 2022 ({msh18.strip()})", _ISO2022_CODECS)
@@ -240,7 +265,7 @@ def raw_header(block: bytes) -> list[str]:
     if not data.startswith(b"MSH") or len(data) < 4:
         return []
     ends = [i for i in (data.find(b"\r"), data.find(b"\n")) if i >= 0]
-    line = data[:min(ends)] if ends else data
+    line = data[: min(ends)] if ends else data
     text = line.decode("iso2022_jp_2", "replace") if b"\x1b" in line else line.decode("latin-1")
     return text.split(text[3])
 
@@ -305,7 +330,7 @@ class MLLPFramer:
         while pos < n and not self.stopped:
             if not self.in_block:
                 start = data.find(START_BLOCK, pos)
-                outside = data[pos:n if start < 0 else start]
+                outside = data[pos : n if start < 0 else start]
                 if outside.strip(_BLANK):
                     frames.append(Frame("junk", outside.lstrip(_BLANK)[:HEAD_BYTES], len(outside)))
                     self.stopped = True
@@ -315,7 +340,7 @@ class MLLPFramer:
                 self._begin()
                 pos = start + 1
                 continue
-            if self._fs_pending and data[pos:pos + 1] == b"\r":
+            if self._fs_pending and data[pos : pos + 1] == b"\r":
                 self._size -= 1  # that 0x1C closed the block
                 if not self._dropping:
                     del self._buf[-1:]
@@ -324,7 +349,7 @@ class MLLPFramer:
                 continue
             self._fs_pending = False
             end = data.find(END_BLOCK, pos)
-            self._append(data[pos:n if end < 0 else end])
+            self._append(data[pos : n if end < 0 else end])
             if self._size > self.discard_limit:
                 frames.append(Frame("overflow", self.head(), self._size))
                 self.stopped = True
@@ -348,7 +373,7 @@ class MLLPFramer:
             self._buf += chunk
             return
         head = bytes(self._buf[:HEAD_BYTES])
-        self._head = head + chunk[:HEAD_BYTES - len(head)]
+        self._head = head + chunk[: HEAD_BYTES - len(head)]
         self._buf = bytearray()
         self._dropping = True
 
@@ -411,8 +436,9 @@ class AdmissionListener:
         except LookupError:
             ascii_compatible = False
         if not ascii_compatible:
-            raise UsageError(f"encoding {encoding!r} is not an ASCII-compatible text encoding Python knows "
-                             "(e.g. utf-8, cp932)")
+            raise UsageError(
+                f"encoding {encoding!r} is not an ASCII-compatible text encoding Python knows (e.g. utf-8, cp932)"
+            )
         self.config = config
         self.site_id = site_id
         self.on_admission = on_admission
@@ -458,8 +484,9 @@ class AdmissionListener:
         try:
             result = self.on_admission(admission)
         except Exception as exc:  # the sender must learn that the action failed
-            log.error("admission %s at %s could not start fetch_priors: %s",
-                      admission.message_control_id, self.site_id, exc)
+            log.error(
+                "admission %s at %s could not start fetch_priors: %s", admission.message_control_id, self.site_id, exc
+            )
             return "AE", f"could not start fetching priors: {exc}"[:200]
         log.info("admission %s (%s) at %s accepted", admission.message_control_id, admission.event, self.site_id)
         return "AA", result or "fetching prior studies"
@@ -479,8 +506,9 @@ class AdmissionListener:
                 message = hl7.parse(text)
                 message.segment("MSH")
             except Exception as exc:
-                log.warning("HL7 message %s is unparsable (%s)", _msh(fields, 10) or "(no control ID)",
-                            type(exc).__name__)
+                log.warning(
+                    "HL7 message %s is unparsable (%s)", _msh(fields, 10) or "(no control ID)", type(exc).__name__
+                )
                 return self.refuse(block, f"unparsable HL7 message: {exc}"[:200], charset)
             code, reason = self.handle(message)
             return _ack(message, fields, code, reason, charset)
@@ -514,14 +542,24 @@ class AdmissionListener:
         """At max_connections: close the connection silent the longest (not one being answered)."""
         idle = [c for c in self._connections if not c.busy]
         if not idle:
-            self._warn(f"full:{address}", "HL7 connection from %s refused: all %d connections are busy "
-                       "(hl7.max_connections)", address, self.max_connections)
+            self._warn(
+                f"full:{address}",
+                "HL7 connection from %s refused: all %d connections are busy (hl7.max_connections)",
+                address,
+                self.max_connections,
+            )
             return False
         victim = min(idle, key=lambda c: c.last_activity)
         assert self._loop is not None
-        self._warn(f"evict:{victim.address}", "HL7 listener at hl7.max_connections (%d): closing the connection "
-                   "from %s, silent for %.1f s, to accept one from %s", self.max_connections, victim.address,
-                   self._loop.time() - victim.last_activity, address)
+        self._warn(
+            f"evict:{victim.address}",
+            "HL7 listener at hl7.max_connections (%d): closing the connection "
+            "from %s, silent for %.1f s, to accept one from %s",
+            self.max_connections,
+            victim.address,
+            self._loop.time() - victim.last_activity,
+            address,
+        )
         self._close(victim)
         return True
 
@@ -535,8 +573,11 @@ class AdmissionListener:
         self._connections.discard(conn)
         if conn.transport is not None:
             if conn.framer is not None and conn.framer.in_block and not conn.transport.is_closing():
-                reason = ("the listener is stopping" if self._stopping else
-                          "connection closed to make room for another (hl7.max_connections)")
+                reason = (
+                    "the listener is stopping"
+                    if self._stopping
+                    else "connection closed to make room for another (hl7.max_connections)"
+                )
                 conn.transport.write(_framed(self.refuse(conn.framer.head(), reason + "; send again")))
             conn.transport.close()  # flushes that AR; a peer that never reads it is cut off below
             asyncio.get_running_loop().call_later(5.0, conn.transport.abort)
@@ -556,8 +597,12 @@ class AdmissionListener:
                 continue
             address = str(peer[0])
             if not self._allowed(address):
-                self._warn(f"refused:{address}", "HL7 connection from %s refused: not in the allowed senders "
-                           "(hl7.allowed_senders of site %s)", address, self.site_id)
+                self._warn(
+                    f"refused:{address}",
+                    "HL7 connection from %s refused: not in the allowed senders (hl7.allowed_senders of site %s)",
+                    address,
+                    self.site_id,
+                )
                 _abort(client)
                 continue
             if len(self._connections) >= self.max_connections and not self._make_room(address):
@@ -578,16 +623,21 @@ class AdmissionListener:
             try:
                 async with asyncio.timeout(self.handshake_timeout + 1):
                     transport, _ = await loop.connect_accepted_socket(
-                        lambda: protocol, client, ssl=self.ssl_context, **extra)
+                        lambda: protocol, client, ssl=self.ssl_context, **extra
+                    )
             except (OSError, TimeoutError) as exc:
                 kind = getattr(exc, "reason", None) or type(exc).__name__  # a short, bounded name
-                self._warn(f"tls:{conn.address}:{kind}", "HL7 connection from %s closed: TLS handshake failed (%s)",
-                           conn.address, str(exc) or kind)
+                self._warn(
+                    f"tls:{conn.address}:{kind}",
+                    "HL7 connection from %s closed: TLS handshake failed (%s)",
+                    conn.address,
+                    str(exc) or kind,
+                )
                 return
-            conn.transport = transport  # type: ignore[assignment]
+            conn.transport = transport
             if conn.evicted:
                 return
-            writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             await self._converse(conn, reader, writer)
         except asyncio.CancelledError:
             if not conn.evicted:
@@ -621,10 +671,18 @@ class AdmissionListener:
                     log.info("HL7 connection from %s closed after %g s of silence", conn.address, self.idle_timeout)
                     return
                 silent = loop.time() - conn.last_activity >= self.idle_timeout
-                reason = (f"no data for {self.idle_timeout:g} s in the middle of a message (hl7.idle_timeout)"
-                          if silent else f"message not complete within {self.message_deadline:g} s")
-                self._warn(f"partial:{conn.address}", "HL7 connection from %s closed: %s, %d bytes read, "
-                           "no end block", conn.address, reason, framer.size)
+                reason = (
+                    f"no data for {self.idle_timeout:g} s in the middle of a message (hl7.idle_timeout)"
+                    if silent
+                    else f"message not complete within {self.message_deadline:g} s"
+                )
+                self._warn(
+                    f"partial:{conn.address}",
+                    "HL7 connection from %s closed: %s, %d bytes read, no end block",
+                    conn.address,
+                    reason,
+                    framer.size,
+                )
                 await self._send(conn, writer, [self.refuse(framer.head(), reason + ": connection closed")])
                 return
             except OSError:  # reset by the peer, TLS errors
@@ -633,16 +691,25 @@ class AdmissionListener:
                 return
             if not data:
                 if started is not None:
-                    self._warn(f"partial:{conn.address}", "HL7 connection from %s closed by the peer in the middle "
-                               "of a message (%d bytes, no end block)", conn.address, framer.size)
+                    self._warn(
+                        f"partial:{conn.address}",
+                        "HL7 connection from %s closed by the peer in the middle of a message (%d bytes, no end block)",
+                        conn.address,
+                        framer.size,
+                    )
                 return
             conn.last_activity = loop.time()
             frames = framer.feed(data)
             if frames:
                 for frame in frames:
                     if frame.kind != "block":
-                        self._warn(f"{frame.kind}:{conn.address}", "HL7 connection from %s: %s (%d bytes)",
-                                   conn.address, _FRAME_PROBLEMS[frame.kind], frame.size)
+                        self._warn(
+                            f"{frame.kind}:{conn.address}",
+                            "HL7 connection from %s: %s (%d bytes)",
+                            conn.address,
+                            _FRAME_PROBLEMS[frame.kind],
+                            frame.size,
+                        )
                 conn.busy = True
                 try:
                     assert self._executor is not None
@@ -665,14 +732,25 @@ class AdmissionListener:
             if frame.kind == "block":
                 replies.append(self.respond(frame.data))
             elif frame.kind == "too_large":
-                replies.append(self.refuse(frame.data, f"message of {frame.size} bytes is over the limit of "
-                                           f"{self.max_message_bytes} bytes (hl7.max_message_bytes)"))
+                replies.append(
+                    self.refuse(
+                        frame.data,
+                        f"message of {frame.size} bytes is over the limit of "
+                        f"{self.max_message_bytes} bytes (hl7.max_message_bytes)",
+                    )
+                )
             elif frame.kind == "overflow":
-                replies.append(self.refuse(frame.data, f"no end block (0x1C 0x0D) within {self.discard_limit} "
-                                           "bytes: connection closed"))
+                replies.append(
+                    self.refuse(
+                        frame.data, f"no end block (0x1C 0x0D) within {self.discard_limit} bytes: connection closed"
+                    )
+                )
             else:
-                replies.append(self.refuse(b"", "data outside an MLLP block: frame each message as "
-                                           "0x0B ... 0x1C 0x0D; connection closed"))
+                replies.append(
+                    self.refuse(
+                        b"", "data outside an MLLP block: frame each message as 0x0B ... 0x1C 0x0D; connection closed"
+                    )
+                )
         return replies
 
     async def _send(self, conn: _Connection, writer: asyncio.StreamWriter, replies: list[bytes]) -> bool:
@@ -701,8 +779,14 @@ class AdmissionListener:
         self.port = sock.getsockname()[1]
         self._executor = ThreadPoolExecutor(max_workers=ACK_WORKERS, thread_name_prefix=f"hl7-{self.site_id}")
         accept = asyncio.create_task(self._accept(sock))
-        log.info("HL7 listener for %s on %s:%d%s; allowed senders %s", self.site_id, self.host, self.port,
-                 " (TLS)" if self.ssl_context else "", ", ".join(self.settings.allowed_senders))
+        log.info(
+            "HL7 listener for %s on %s:%d%s; allowed senders %s",
+            self.site_id,
+            self.host,
+            self.port,
+            " (TLS)" if self.ssl_context else "",
+            ", ".join(self.settings.allowed_senders),
+        )
         self._ready.set()
         try:
             await (stop.wait() if stop is not None else asyncio.Event().wait())
@@ -718,7 +802,7 @@ class AdmissionListener:
             sock.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def start(self) -> "AdmissionListener":
+    def start(self) -> AdmissionListener:
         def run() -> None:
             async def main() -> None:
                 self._stop_event = asyncio.Event()
@@ -800,7 +884,13 @@ def _ack(message: hl7.Message | None, fields: list[str], code: str, reason: str,
 
 
 def _escape(text: str) -> str:
-    return text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\").replace("&", "\\T\\").replace("~", "\\R\\")
+    return (
+        text.replace("\\", "\\E\\")
+        .replace("|", "\\F\\")
+        .replace("^", "\\S\\")
+        .replace("&", "\\T\\")
+        .replace("~", "\\R\\")
+    )
 
 
 def _bare_nack(control: str, reason: str, code: str = "AR") -> str:

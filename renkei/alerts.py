@@ -21,9 +21,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from renkei.config import Layout
 from renkei.errors import UsageError
@@ -61,8 +62,10 @@ class Sender:
         for url in refused:
             if url:
                 shown = url.split("://", 1)[0] + "://..."  # never print a password the URL may hold
-                raise UsageError(f"alerts: {shown} is not a notification URL Apprise understands "
-                                 "(e.g. json://host:port/path, mailto://user:pass@host?to=someone@example.org)")
+                raise UsageError(
+                    f"alerts: {shown} is not a notification URL Apprise understands "
+                    "(e.g. json://host:port/path, mailto://user:pass@host?to=someone@example.org)"
+                )
 
     def __call__(self, title: str, body: str, problem: bool) -> bool:
         import apprise
@@ -105,8 +108,9 @@ def _message(region: str, p: Problem) -> tuple[str, str]:
     return f"renkei {region}: {p.what}{where} needs action", body
 
 
-def check_and_notify(layout: Layout, send: Callable[[str, str, bool], bool], now: float | None = None,
-                     status: Status | None = None) -> Round:
+def check_and_notify(
+    layout: Layout, send: Callable[[str, str, bool], bool], now: float | None = None, status: Status | None = None
+) -> Round:
     """One round: check the region, notify each new (or long-standing) problem and each resolved one."""
     now = time.time() if now is None else now
     status = status if status is not None else region_status(layout, now=now)
@@ -115,7 +119,7 @@ def check_and_notify(layout: Layout, send: Callable[[str, str, bool], bool], now
     repeat_s = layout.config.alerts.repeat_h * 3600
     region = layout.config.name or layout.config.region
     result = Round(status)
-    current = {}
+    current: dict[str, Problem] = {}
     for p in status.problems:
         current.setdefault(p.key, p)
     for key, p in current.items():
@@ -124,16 +128,18 @@ def check_and_notify(layout: Layout, send: Callable[[str, str, bool], bool], now
             continue
         title, body = _message(region, p)
         if send(title, body, True):
-            state[key] = {"first": seen["first"] if seen else now, "notified": now, "what": p.what,
-                          "site": p.site}
+            state[key] = {"first": seen["first"] if seen else now, "notified": now, "what": p.what, "site": p.site}
             result.notified.append(p)
         else:
             result.failed.append(key)
     for key in [k for k in state if k not in current]:
         seen = state[key]
         where = f" at {seen['site']}" if seen.get("site") else ""
-        if send(f"renkei {region}: {seen.get('what', key)}{where} resolved",
-                f"Fine again after {(now - float(seen.get('first', now))) / 60:.0f} min ({key}).", False):
+        if send(
+            f"renkei {region}: {seen.get('what', key)}{where} resolved",
+            f"Fine again after {(now - float(seen.get('first', now))) / 60:.0f} min ({key}).",
+            False,
+        ):
             del state[key]
             result.resolved.append(key)
         else:
@@ -141,18 +147,23 @@ def check_and_notify(layout: Layout, send: Callable[[str, str, bool], bool], now
     if layout.data_dir.is_dir():
         _save(path, state)
     if result.failed:
-        log.warning("alerts: %d notification(s) could not be sent; they are tried again next round",
-                    len(result.failed))
+        log.warning("alerts: %d notification(s) could not be sent; they are tried again next round", len(result.failed))
     return result
 
 
-def watch(layout: Layout, every_s: float | None = None, rounds: int | None = None,
-          report: Callable[[Round], None] | None = None) -> None:
+def watch(
+    layout: Layout,
+    every_s: float | None = None,
+    rounds: int | None = None,
+    report: Callable[[Round], None] | None = None,
+) -> None:
     """Check every `every_s` seconds (default alerts.every_s) until stopped (or `rounds` done)."""
     urls = alert_urls(layout)
     if not urls:
-        raise UsageError("alerts: nobody to notify: add Apprise URLs under alerts.notify in the region's "
-                         f"configuration, or in the environment variable {layout.config.alerts.notify_env}")
+        raise UsageError(
+            "alerts: nobody to notify: add Apprise URLs under alerts.notify in the region's "
+            f"configuration, or in the environment variable {layout.config.alerts.notify_env}"
+        )
     send = Sender(urls)
     every = every_s if every_s is not None else layout.config.alerts.every_s
     done = 0

@@ -33,9 +33,10 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from catalog import keys
 from catalog.store import ObjectMissing, ObjectStore
@@ -73,8 +74,14 @@ class CenterCheck:
 
     @property
     def found_problems(self) -> bool:
-        return bool(self.sample_missing or self.sample_unregistered or self.sample_damaged or self.lost
-                    or self.missing or self.unregistered)
+        return bool(
+            self.sample_missing
+            or self.sample_unregistered
+            or self.sample_damaged
+            or self.lost
+            or self.missing
+            or self.unregistered
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,8 +97,9 @@ def _key_of(site_id: str, entry: JournalEntry) -> str | None:
         return None
 
 
-def sample_verified(journal: Journal, n_random: int = SAMPLE_RANDOM, n_recent: int = SAMPLE_RECENT,
-                    rng: random.Random | None = None) -> list[JournalEntry]:
+def sample_verified(
+    journal: Journal, n_random: int = SAMPLE_RANDOM, n_recent: int = SAMPLE_RECENT, rng: random.Random | None = None
+) -> list[JournalEntry]:
     """Up to n_random + n_recent verified instances; each lookup is one index probe (any journal size).
 
     Uses the journal's SQLite directly (rowid probes on the upload_state
@@ -101,7 +109,8 @@ def sample_verified(journal: Journal, n_random: int = SAMPLE_RANDOM, n_recent: i
     uids: dict[str, None] = {}
     recent = journal._query(
         "SELECT sop_instance_uid FROM instances WHERE upload_state = 'verified' ORDER BY rowid DESC LIMIT ?",
-        (int(n_recent),))
+        (int(n_recent),),
+    )
     uids.update((r["sop_instance_uid"], None) for r in recent)
     top = journal._query("SELECT max(rowid) AS m FROM instances")[0]["m"] or 0
     if top and n_random > 0:
@@ -109,8 +118,11 @@ def sample_verified(journal: Journal, n_random: int = SAMPLE_RANDOM, n_recent: i
             start = rng.randint(1, top)
             rows = journal._query(
                 "SELECT sop_instance_uid FROM instances WHERE upload_state = 'verified' AND rowid >= ? "
-                "ORDER BY rowid LIMIT 1", (start,)) or journal._query(
-                "SELECT sop_instance_uid FROM instances WHERE upload_state = 'verified' ORDER BY rowid LIMIT 1")
+                "ORDER BY rowid LIMIT 1",
+                (start,),
+            ) or journal._query(
+                "SELECT sop_instance_uid FROM instances WHERE upload_state = 'verified' ORDER BY rowid LIMIT 1"
+            )
             if not rows:
                 break  # nothing verified at all
             uids[rows[0]["sop_instance_uid"]] = None
@@ -140,9 +152,17 @@ def _last_full(journal: Journal) -> dict[str, Any]:
         return {}
 
 
-def check_site(journal: Journal, store: ObjectStore, open_catalog: Callable[[], Any] | Any, site_id: str,
-               n_random: int = SAMPLE_RANDOM, n_recent: int = SAMPLE_RECENT, rng: random.Random | None = None,
-               threads: int = 8, now: float | None = None) -> CenterCheck:
+def check_site(
+    journal: Journal,
+    store: ObjectStore,
+    open_catalog: Callable[[], Any] | Any,
+    site_id: str,
+    n_random: int = SAMPLE_RANDOM,
+    n_recent: int = SAMPLE_RECENT,
+    rng: random.Random | None = None,
+    threads: int = 8,
+    now: float | None = None,
+) -> CenterCheck:
     """Check a sample of the site's verified instances against the center; escalate and set back on loss.
 
     `open_catalog` is the catalog or a callable returning one (opened only
@@ -176,25 +196,46 @@ def check_site(journal: Journal, store: ObjectStore, open_catalog: Callable[[], 
             actionable = True
     if result.sample_missing or result.sample_unregistered:
         last = _last_full(journal)
-        if (not actionable and last.get("lost") and now - float(last.get("at", 0)) < FULL_RECHECK_S):
+        if not actionable and last.get("lost") and now - float(last.get("at", 0)) < FULL_RECHECK_S:
             result.repeated = True
             result.checked, result.missing, result.lost = last.get("checked", 0), last.get("missing", 0), last["lost"]
         else:
             _full_check(journal, store, catalog if registered is not None else None, site_id, result, threads)
-            journal.set_meta(META_KEY, json.dumps({"at": now, "checked": result.checked, "missing": result.missing,
-                                                   "lost": result.lost, "unregistered": result.unregistered}))
+            journal.set_meta(
+                META_KEY,
+                json.dumps(
+                    {
+                        "at": now,
+                        "checked": result.checked,
+                        "missing": result.missing,
+                        "lost": result.lost,
+                        "unregistered": result.unregistered,
+                    }
+                ),
+            )
     result.seconds = time.monotonic() - started
     if result.found_problems:
-        log.warning("center check %s: %d of %d sampled instances missing from the center, %d not registered, "
-                    "%d of another size; full check of %d: %d missing (%d to upload again, %d lost: no edge copy), "
-                    "%d to register again", site_id, result.sample_missing, result.sampled,
-                    result.sample_unregistered, result.sample_damaged, result.checked, result.missing,
-                    result.reupload, result.lost, result.reregister)
+        log.warning(
+            "center check %s: %d of %d sampled instances missing from the center, %d not registered, "
+            "%d of another size; full check of %d: %d missing (%d to upload again, %d lost: no edge copy), "
+            "%d to register again",
+            site_id,
+            result.sample_missing,
+            result.sampled,
+            result.sample_unregistered,
+            result.sample_damaged,
+            result.checked,
+            result.missing,
+            result.reupload,
+            result.lost,
+            result.reregister,
+        )
     return result
 
 
-def _full_check(journal: Journal, store: ObjectStore, catalog: Any | None, site_id: str, result: CenterCheck,
-                threads: int) -> None:
+def _full_check(
+    journal: Journal, store: ObjectStore, catalog: Any | None, site_id: str, result: CenterCheck, threads: int
+) -> None:
     """Every verified instance of the site against its study's object listing and the catalog."""
     result.escalated = True
     studies = list(journal.iter_study_uids())
@@ -211,8 +252,11 @@ def _full_check(journal: Journal, store: ObjectStore, catalog: Any | None, site_
             present = set()
         held = {r["sop_instance_uid"] for r in catalog.instances(study_uid)} if catalog is not None else None
         gone = [e for e in entries if _key_of(site_id, e) not in present]
-        unregistered = [e for e in entries if held is not None and e.instance.sop_instance_uid not in held
-                        and _key_of(site_id, e) in present]
+        unregistered = [
+            e
+            for e in entries
+            if held is not None and e.instance.sop_instance_uid not in held and _key_of(site_id, e) in present
+        ]
         return entries, gone, unregistered, len(entries)
 
     # the catalog's connection is shared: one study at a time for it, the listings in parallel
@@ -227,8 +271,9 @@ def _full_check(journal: Journal, store: ObjectStore, catalog: Any | None, site_
         if again:
             result.reupload += journal.set_upload_state(again, "pending")
         if unregistered:
-            result.reregister += journal.set_upload_state([e.instance.sop_instance_uid for e in unregistered],
-                                                          "uploaded")
+            result.reregister += journal.set_upload_state(
+                [e.instance.sop_instance_uid for e in unregistered], "uploaded"
+            )
         result.studies += bool(again or unregistered)
 
 
@@ -239,27 +284,39 @@ def summary_lines(check: dict[str, Any]) -> list[str]:
     sampled = check["sampled"]
     if not (check["sample_missing"] or check["sample_unregistered"] or check["sample_damaged"] or check["lost"]):
         return [f"Center check: {sampled} verified instances sampled; the center holds each one, registered."]
-    lines = ["## Center check",
-             f"Of {sampled} verified instances sampled, {check['sample_missing']} are missing from the center's "
-             f"object store, {check['sample_unregistered']} are not in the catalog and {check['sample_damaged']} "
-             "have another size."]
+    lines = [
+        "## Center check",
+        f"Of {sampled} verified instances sampled, {check['sample_missing']} are missing from the center's "
+        f"object store, {check['sample_unregistered']} are not in the catalog and {check['sample_damaged']} "
+        "have another size.",
+    ]
     if check.get("repeated"):
-        lines.append(f"The full check of this site (less than {FULL_RECHECK_S / 3600:.0f} h ago) found "
-                     f"{check['lost']} of {check['checked']} verified instances lost; it is not repeated until then.")
+        lines.append(
+            f"The full check of this site (less than {FULL_RECHECK_S / 3600:.0f} h ago) found "
+            f"{check['lost']} of {check['checked']} verified instances lost; it is not repeated until then."
+        )
     elif check.get("escalated"):
-        lines.append(f"Full check of the site's {check['checked']} verified instances: {check['missing']} missing "
-                     f"from the center ({check['reupload']} uploaded again by this run from the edge's copy, "
-                     f"{check['lost']} lost: the edge no longer holds them), {check['unregistered']} not registered "
-                     f"(registered again by this run); the sharing rules were applied again to the "
-                     f"{check['studies']} studies repaired.")
+        lines.append(
+            f"Full check of the site's {check['checked']} verified instances: {check['missing']} missing "
+            f"from the center ({check['reupload']} uploaded again by this run from the edge's copy, "
+            f"{check['lost']} lost: the edge no longer holds them), {check['unregistered']} not registered "
+            f"(registered again by this run); the sharing rules were applied again to the "
+            f"{check['studies']} studies repaired."
+        )
     if check.get("catalog_unreadable"):
-        lines.append(f"The catalog could not be read ({check['catalog_unreadable']}); only the objects were "
-                     "compared. See `renkei catalog check`.")
+        lines.append(
+            f"The catalog could not be read ({check['catalog_unreadable']}); only the objects were "
+            "compared. See `renkei catalog check`."
+        )
     if check["sample_damaged"]:
-        lines.append("Objects of another size are repaired from the edge by the nightly verification "
-                     "(`verify_backups`); run it now from the Prefect UI to repair them at once.")
+        lines.append(
+            "Objects of another size are repaired from the edge by the nightly verification "
+            "(`verify_backups`); run it now from the Prefect UI to repair them at once."
+        )
     if check["lost"]:
-        lines.append("**Lost instances**: the edge has dropped its copy (retention) and the center no longer holds "
-                     "them. Restore the center's object store from its backup, or have the origin site send the "
-                     "studies again from its PACS; then run `verify_backups` (full) to confirm.")
+        lines.append(
+            "**Lost instances**: the edge has dropped its copy (retention) and the center no longer holds "
+            "them. Restore the center's object store from its backup, or have the origin site send the "
+            "studies again from its PACS; then run `verify_backups` (full) to confirm."
+        )
     return lines

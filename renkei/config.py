@@ -12,12 +12,22 @@ import ipaddress
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, ClassVar, Iterable, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from renkei.errors import ConfigError, UsageError
 
@@ -34,17 +44,13 @@ class _Model(BaseModel):
 
 def _check_ae(value: str) -> str:
     if not _AE_RE.fullmatch(value) or not value.strip():
-        raise ValueError(
-            f"AE title {value!r} must be 1-16 printable ASCII characters, no backslash"
-        )
+        raise ValueError(f"AE title {value!r} must be 1-16 printable ASCII characters, no backslash")
     if value != value.strip():
         raise ValueError(f"AE title {value!r} must not start or end with spaces")
     return value
 
 
-AETitle = Annotated[
-    str, AfterValidator(_check_ae), Field(description="DICOM Application Entity title")
-]
+AETitle = Annotated[str, AfterValidator(_check_ae), Field(description="DICOM Application Entity title")]
 Port = Annotated[int, Field(ge=1, le=65535, description="TCP port")]
 
 
@@ -56,8 +62,7 @@ def _check_network(value: str) -> str:
     return value
 
 
-Network = Annotated[str, AfterValidator(_check_network),
-                    Field(description="an IP address or network in CIDR notation")]
+Network = Annotated[str, AfterValidator(_check_network), Field(description="an IP address or network in CIDR notation")]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -93,8 +98,10 @@ class DicomPeer(_Model):
     )
     tls: bool = Field(False, description="the edge calls this node over TLS (its own certificate, the region CA)")
     convert_to_utf8: bool = Field(
-        False, description="copies renkei imports into this PACS are re-encoded in UTF-8 (ISO_IR 192), for a PACS "
-        "that garbles ISO 2022 IR 87 (e.g. Orthanc 1.10); the archived bytes stay as received")
+        False,
+        description="copies renkei imports into this PACS are re-encoded in UTF-8 (ISO_IR 192), for a PACS "
+        "that garbles ISO 2022 IR 87 (e.g. Orthanc 1.10); the archived bytes stay as received",
+    )
 
 
 class TLSConfig(_Model):
@@ -131,7 +138,9 @@ class EdgeLimits(_Model):
     """What one peer may cost the edge before and after it is known (bounded memory and time)."""
 
     max_pdu: int = Field(
-        1024 * 1024, ge=4096, le=64 * 1024 * 1024,
+        1024 * 1024,
+        ge=4096,
+        le=64 * 1024 * 1024,
         description="maximum PDU length the edge advertises and accepts (bytes)",
     )
     max_associate_rq: int = Field(
@@ -140,16 +149,13 @@ class EdgeLimits(_Model):
     setup_timeout: float = Field(
         10.0, gt=0, description="seconds from connect (TLS handshake included) to a complete A-ASSOCIATE-RQ"
     )
-    pdu_timeout: float = Field(
-        30.0, gt=0, description="seconds one PDU may take to arrive once its first byte has"
-    )
+    pdu_timeout: float = Field(30.0, gt=0, description="seconds one PDU may take to arrive once its first byte has")
     idle_timeout: float = Field(120.0, gt=0, description="seconds an association may stay silent")
     max_associations: int = Field(64, ge=1, le=1024)
-    max_per_address: int = Field(
-        16, ge=1, le=1024, description="associations and pending connections from one address"
-    )
+    max_per_address: int = Field(16, ge=1, le=1024, description="associations and pending connections from one address")
     idle_evict_after: float = Field(
-        2.0, gt=0,
+        2.0,
+        gt=0,
         description="when the limits are reached, the longest-idle association silent for this long "
         "is closed to let a new peer in",
     )
@@ -157,8 +163,18 @@ class EdgeLimits(_Model):
 
 
 _SIZE_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 MIB = 2**20
 
 
@@ -174,8 +190,10 @@ def _parse_size(value: object) -> object:
         match = _SIZE_RE.fullmatch(value)
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _SIZE_UNITS:
-            raise ValueError(f"{value!r} is not a size: write bytes (67108864) or a number and one of "
-                             "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '64 MiB')")
+            raise ValueError(
+                f"{value!r} is not a size: write bytes (67108864) or a number and one of "
+                "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '64 MiB')"
+            )
         number = int(float(match.group(1)) * _SIZE_UNITS[unit])
     else:
         return value  # pydantic says what is wrong with it
@@ -184,8 +202,9 @@ def _parse_size(value: object) -> object:
     return number
 
 
-ByteSize = Annotated[int, BeforeValidator(_parse_size),
-                     Field(description="bytes, or a number with a unit: '64 MiB', '1 GiB', '500 MB'")]
+ByteSize = Annotated[
+    int, BeforeValidator(_parse_size), Field(description="bytes, or a number with a unit: '64 MiB', '1 GiB', '500 MB'")
+]
 
 
 class EdgeDiskConfig(_Model):
@@ -204,8 +223,8 @@ class EdgeDiskConfig(_Model):
         None, description="space held for the journal (0: none; default 64 MiB, at most 1/16 of the filesystem)"
     )
     min_free: ByteSize | None = Field(
-        None, description="C-STORE is refused when less than this is free (default 256 MiB, at most 1/16 "
-        "of the filesystem)"
+        None,
+        description="C-STORE is refused when less than this is free (default 256 MiB, at most 1/16 of the filesystem)",
     )
 
     DEFAULT_JOURNAL_RESERVE: ClassVar[int] = 64 * MIB
@@ -215,8 +234,10 @@ class EdgeDiskConfig(_Model):
     @classmethod
     def _reserve(cls, value: int | None) -> int | None:
         if value is not None and value != 0 and not MIB <= value <= 64 * 2**30:
-            raise ValueError(f"journal_reserve of {value} bytes: use 0 (no reserve) or 1 MiB to 64 GiB; "
-                             "the journal needs at least 1 MiB to open and migrate")
+            raise ValueError(
+                f"journal_reserve of {value} bytes: use 0 (no reserve) or 1 MiB to 64 GiB; "
+                "the journal needs at least 1 MiB to open and migrate"
+            )
         return value
 
     @field_validator("min_free")
@@ -233,8 +254,7 @@ class EdgeDiskConfig(_Model):
         at 1/16 of the filesystem (a 64 MiB reserve makes no sense on a 48 MiB disk).
         """
         cap = max(0, filesystem_bytes // 16)
-        reserve = self.journal_reserve if self.journal_reserve is not None else min(
-            self.DEFAULT_JOURNAL_RESERVE, cap)
+        reserve = self.journal_reserve if self.journal_reserve is not None else min(self.DEFAULT_JOURNAL_RESERVE, cap)
         min_free = self.min_free if self.min_free is not None else min(self.DEFAULT_MIN_FREE, cap)
         return reserve, min_free
 
@@ -245,9 +265,7 @@ class EdgeConfig(_Model):
     ae_title: AETitle
     host: str = "127.0.0.1"
     port: Port
-    store: str | None = Field(
-        None, description="local store folder; relative paths are under the data folder"
-    )
+    store: str | None = Field(None, description="local store folder; relative paths are under the data folder")
     stable_age: float = Field(
         60.0, gt=0, description="seconds without a new instance before a study counts as complete"
     )
@@ -262,9 +280,7 @@ class LinkConfig(_Model):
 
     bandwidth_mbps: float = Field(100.0, gt=0)
     rtt_ms: float = Field(10.0, ge=0)
-    max_concurrent_uploads: int | None = Field(
-        None, ge=1, le=64, description="default: derived from the bandwidth"
-    )
+    max_concurrent_uploads: int | None = Field(None, ge=1, le=64, description="default: derived from the bandwidth")
 
     @property
     def upload_slots(self) -> int:
@@ -281,12 +297,8 @@ class SiteConfig(_Model):
     name: str
     role: Literal["hub", "clinic"]
     institution_name: str = Field("", description="Institution Name its modalities write")
-    aliases: tuple[str, ...] = Field(
-        (), description="other names by which studies refer to this site"
-    )
-    issuer_of_patient_id: str = Field(
-        "", description="Issuer of Patient ID for this site's patient numbers"
-    )
+    aliases: tuple[str, ...] = Field((), description="other names by which studies refer to this site")
+    issuer_of_patient_id: str = Field("", description="Issuer of Patient ID for this site's patient numbers")
     edge: EdgeConfig
     pacs: DicomPeer | None = None
     workstations: tuple[DicomPeer, ...] = ()
@@ -320,14 +332,14 @@ class S3Options(_Model):
 class CenterConfig(_Model):
     """The off-site center (DSP server center): object storage and the catalog."""
 
-    storage_url: str = Field(
-        "center", description="a folder (relative to the data folder) or s3://bucket/prefix"
-    )
+    storage_url: str = Field("center", description="a folder (relative to the data folder) or s3://bucket/prefix")
     catalog_url: str | None = Field(None, description="default: <storage_url>/catalog")
     catalog_backup_url: str | None = Field(
-        None, description="the catalog's second location (witness and backups); default: the folder "
+        None,
+        description="the catalog's second location (witness and backups); default: the folder "
         "'catalog-backup' in the data folder, or <catalog_url>-backup on S3. Put it on other storage "
-        "(another bucket or region) in production")
+        "(another bucket or region) in production",
+    )
     s3: S3Options = S3Options()
     verify_fraction: float = Field(
         1.0, gt=0, le=1, description="share of objects the nightly verification reads each night"
@@ -361,7 +373,7 @@ class GrantTarget(_Model):
     referring_site: bool = False
 
     @model_validator(mode="after")
-    def _not_empty(self) -> "GrantTarget":
+    def _not_empty(self) -> GrantTarget:
         if not (self.sites or self.roles or self.referring_site):
             raise ValueError("grant_to needs sites, roles or referring_site: true")
         return self
@@ -437,19 +449,29 @@ class AlertsConfig(_Model):
     """Who is told when something needs action (`renkei watch`), and the limits the checks use."""
 
     notify: tuple[str, ...] = Field(
-        (), description="Apprise URLs to notify: json://host:port/path (a webhook), mailto://user:pass@host, "
+        (),
+        description="Apprise URLs to notify: json://host:port/path (a webhook), mailto://user:pass@host, "
         "mailtos://..., slack://... (see the apprise documentation); URLs holding a secret are better "
-        "given in the environment variable named by notify_env")
-    notify_env: str = Field("RENKEI_ALERT_URLS", description="environment variable with more Apprise URLs "
-                            "(separated by spaces), for URLs that hold a password or token")
+        "given in the environment variable named by notify_env",
+    )
+    notify_env: str = Field(
+        "RENKEI_ALERT_URLS",
+        description="environment variable with more Apprise URLs "
+        "(separated by spaces), for URLs that hold a password or token",
+    )
     every_s: float = Field(120, gt=0, description="how often `renkei watch` checks the region")
     repeat_h: float = Field(24, gt=0, description="a problem that persists is notified again after this long")
     verification_max_age_h: float = Field(26, gt=0, description="the nightly verification is overdue after")
     backup_max_age_min: float = Field(60, gt=0, description="the catalog's backup is overdue after")
-    edge_silent_s: float = Field(120, gt=0, description="an edge whose last heartbeat is older is reported "
-                                 "as not running (a running edge beats every 0.25-2 s)")
-    stuck_after_min: float = Field(15, gt=0, description="a site whose oldest waiting study waits longer "
-                                   "is reported as stuck, with the cause")
+    edge_silent_s: float = Field(
+        120,
+        gt=0,
+        description="an edge whose last heartbeat is older is reported "
+        "as not running (a running edge beats every 0.25-2 s)",
+    )
+    stuck_after_min: float = Field(
+        15, gt=0, description="a site whose oldest waiting study waits longer is reported as stuck, with the cause"
+    )
 
     @field_validator("notify")
     @classmethod
@@ -473,7 +495,7 @@ class RegionConfig(_Model):
     alerts: AlertsConfig = AlertsConfig()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RegionConfig":
+    def _consistent(self) -> RegionConfig:
         errors: list[str] = []
         ids = [s.id for s in self.sites]
         for site_id, n in Counter(ids).items():
@@ -494,16 +516,12 @@ class RegionConfig(_Model):
             for where, ae, host, port in nodes:
                 ae_owners.setdefault(ae, []).append(where)
                 ports.setdefault((_host_key(host), port), []).append(where)
-        for ae, where in ae_owners.items():
-            if len(where) > 1:
-                errors.append(
-                    f"{where[1]}.ae_title: duplicate AE title {ae!r} (also used by {where[0]})"
-                )
-        for (host, port), where in ports.items():
-            if len(where) > 1:
-                errors.append(
-                    f"{where[1]}.port: duplicate port {port} on {host} (also used by {where[0]})"
-                )
+        for ae, owners in ae_owners.items():
+            if len(owners) > 1:
+                errors.append(f"{owners[1]}.ae_title: duplicate AE title {ae!r} (also used by {owners[0]})")
+        for (host, port), owners in ports.items():
+            if len(owners) > 1:
+                errors.append(f"{owners[1]}.port: duplicate port {port} on {host} (also used by {owners[0]})")
 
         known = set(ids)
         for i, rule in enumerate(self.policy.rules):
@@ -513,15 +531,11 @@ class RegionConfig(_Model):
             ):
                 for value in values:
                     if value not in known:
-                        errors.append(
-                            f"policy.rules[{i}].{field}: unknown site {value!r} "
-                            f"(known: {', '.join(ids)})"
-                        )
+                        errors.append(f"policy.rules[{i}].{field}: unknown site {value!r} (known: {', '.join(ids)})")
         for pattern, site_id in self.policy.referring_site.mapping.items():
             if site_id not in known:
                 errors.append(
-                    f"policy.referring_site.mapping[{pattern!r}]: unknown site {site_id!r} "
-                    f"(known: {', '.join(ids)})"
+                    f"policy.referring_site.mapping[{pattern!r}]: unknown site {site_id!r} (known: {', '.join(ids)})"
                 )
         if errors:
             raise ValueError("; ".join(errors))
@@ -532,9 +546,7 @@ class RegionConfig(_Model):
         for site in self.sites:
             if site.id == site_id:
                 return site
-        raise UsageError(
-            f"unknown site {site_id!r}; this region has: {', '.join(s.id for s in self.sites)}"
-        )
+        raise UsageError(f"unknown site {site_id!r}; this region has: {', '.join(s.id for s in self.sites)}")
 
     @property
     def site_ids(self) -> tuple[str, ...]:

@@ -16,9 +16,10 @@ import json
 import shutil
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -82,8 +83,10 @@ class Demo:
         config_path = data / "demo-region.yaml"
         config_path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
         layout = Layout(load_config(config_path), data.resolve())
-        self.say(f"region {layout.config.region!r} from {self.o.config_path} (stable_age {self.o.stable_age:g} s "
-                 f"for the demo), state in {data}")
+        self.say(
+            f"region {layout.config.region!r} from {self.o.config_path} (stable_age {self.o.stable_age:g} s "
+            f"for the demo), state in {data}"
+        )
         return layout
 
     def start(self, layout: Layout) -> RegionRunner:
@@ -91,8 +94,7 @@ class Demo:
         runner = RegionRunner(layout.data_dir / "demo-region.yaml", layout, api)
         self.runner = runner
         if peers.port_open("127.0.0.1", self.o.prefect_port):
-            raise UsageError(f"port {self.o.prefect_port} is in use: stop what listens there, or pass "
-                             "--prefect-port")
+            raise UsageError(f"port {self.o.prefect_port} is in use: stop what listens there, or pass --prefect-port")
         self.say(f"starting the Prefect server on 127.0.0.1:{self.o.prefect_port} ...")
         server = runner.spawn("prefect-server", runner.renkei("server", "--port", str(self.o.prefect_port)))
         runner.wait_until(lambda: _healthy(api), 180, "the Prefect server's API", every=1)
@@ -102,11 +104,21 @@ class Demo:
         runner.start_pacs(["hub"])
         runner.start_workers()
         runner.start_edges()
-        hl7 = runner.spawn("hl7-hub", runner.renkei("hl7", "listen", "--site", "hub", "--port", str(self.o.hl7_port),
-                                                    "--lookback-years", "30"))
+        hl7 = runner.spawn(
+            "hl7-hub",
+            runner.renkei("hl7", "listen", "--site", "hub", "--port", str(self.o.hl7_port), "--lookback-years", "30"),
+        )
         peers.wait_for_port("127.0.0.1", self.o.hl7_port, 60, hl7.process, "renkei hl7 listen")
-        dash = runner.spawn("dashboard", runner.renkei("dashboard", "--port", str(self.o.dashboard_port),
-                                                       "--prefect-ui", f"http://127.0.0.1:{self.o.prefect_port}"))
+        dash = runner.spawn(
+            "dashboard",
+            runner.renkei(
+                "dashboard",
+                "--port",
+                str(self.o.dashboard_port),
+                "--prefect-ui",
+                f"http://127.0.0.1:{self.o.prefect_port}",
+            ),
+        )
         peers.wait_for_port("127.0.0.1", self.o.dashboard_port, 60, dash.process, "renkei dashboard")
         del server
         self.result.prefect_ui = f"http://127.0.0.1:{self.o.prefect_port}"
@@ -119,12 +131,32 @@ class Demo:
         synth_dir = layout.data_dir / "synthetic"
         for site in layout.config.sites:
             t0 = time.monotonic()
-            result = synth.generate_site(layout.config, site.id, self.o.patients, self.o.seed, synth_dir / site.id,
-                                         ct_slices=self.o.ct_slices, size=self.o.size)
+            result = synth.generate_site(
+                layout.config,
+                site.id,
+                self.o.patients,
+                self.o.seed,
+                synth_dir / site.id,
+                ct_slices=self.o.ct_slices,
+                size=self.o.size,
+            )
             sender = site.pacs.ae_title if site.pacs else site.workstations[0].ae_title
             sent_at = time.monotonic()
-            proc = peers.run_dcmtk(["storescu", "-aet", sender, "-aec", site.edge.ae_title, site.edge.host,
-                                    str(site.edge.port), "+sd", "+r", str(synth_dir / site.id)], timeout=900)
+            proc = peers.run_dcmtk(
+                [
+                    "storescu",
+                    "-aet",
+                    sender,
+                    "-aec",
+                    site.edge.ae_title,
+                    site.edge.host,
+                    str(site.edge.port),
+                    "+sd",
+                    "+r",
+                    str(synth_dir / site.id),
+                ],
+                timeout=900,
+            )
             # what was asked is what arrived: an exit code 0 alone has meant "sent nothing" before
             got = _received(layout, site.id, [(st.info.study_uid, len(st.files)) for st in result.studies])
             if got != result.instance_count:
@@ -134,10 +166,13 @@ class Demo:
                     f"{site.id}: storescu exited 0 but the edge received {got} of {result.instance_count} "
                     f"instances (storescu's last words: "
                     f"{proc.stderr.decode(errors='replace').strip().splitlines()[-1:] or ['none']}); "
-                    "see the edge's log in the logs folder")
-            self.say(f"{site.id}: {len(result.studies)} synthetic studies, {result.instance_count} instances "
-                     f"({result.bytes_written / 1e6:.0f} MB) written in {sent_at - t0:.1f} s and sent by "
-                     f"C-STORE ({sender} -> {site.edge.ae_title}) in {time.monotonic() - sent_at:.1f} s")
+                    "see the edge's log in the logs folder"
+                )
+            self.say(
+                f"{site.id}: {len(result.studies)} synthetic studies, {result.instance_count} instances "
+                f"({result.bytes_written / 1e6:.0f} MB) written in {sent_at - t0:.1f} s and sent by "
+                f"C-STORE ({sender} -> {site.edge.ae_title}) in {time.monotonic() - sent_at:.1f} s"
+            )
             out[site.id] = [s.info.study_uid for s in result.studies]
             self._sent_at = getattr(self, "_sent_at", {})
             self._sent_at[site.id] = (sent_at, time.monotonic())
@@ -162,13 +197,18 @@ class Demo:
         runner.wait_until(all_verified, 600, "every study verified in the center", every=2)
         with Catalog.from_layout(layout) as catalog:
             totals = {t.site: t for t in catalog.totals()}
-        for site_id, uids in studies.items():
+        for site_id in studies:
             t = totals.get(site_id)
             first_sent = self._sent_at[site_id][0]
-            self.result.sites.append({
-                "site": site_id, "studies": t.studies if t else 0, "instances": t.instances if t else 0,
-                "MB": round((t.bytes if t else 0) / 1e6, 1),
-                "seconds": round(done[site_id] - first_sent, 1)})
+            self.result.sites.append(
+                {
+                    "site": site_id,
+                    "studies": t.studies if t else 0,
+                    "instances": t.instances if t else 0,
+                    "MB": round((t.bytes if t else 0) / 1e6, 1),
+                    "seconds": round(done[site_id] - first_sent, 1),
+                }
+            )
 
     # ------------------------------------------------------------------ scenarios
     def remote_reading(self, layout: Layout, runner: RegionRunner) -> None:
@@ -176,28 +216,52 @@ class Demo:
 
         hub = layout.config.site("hub")
         with Catalog.from_layout(layout) as catalog:
-            goto = max((r for r in catalog.visible_studies("clinic-c") if r.origin_site == "clinic-c"),
-                       key=lambda r: r.instance_count)
+            goto = max(
+                (r for r in catalog.visible_studies("clinic-c") if r.origin_site == "clinic-c"),
+                key=lambda r: r.instance_count,
+            )
         ws = hub.workstations[0]
         out = layout.data_dir / "demo" / "hub-ws1"
         scp = peers.start_storescp(out, ae_title=ws.ae_title, port=ws.port, extra_args=["+B"])
         try:
             t0 = time.time()
-            peers.run_dcmtk(["movescu", "-S", "-aet", ws.ae_title, "-aec", hub.edge.ae_title, "-aem", ws.ae_title,
-                             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={goto.study_uid}",
-                             hub.edge.host, str(hub.edge.port)], timeout=600)
+            peers.run_dcmtk(
+                [
+                    "movescu",
+                    "-S",
+                    "-aet",
+                    ws.ae_title,
+                    "-aec",
+                    hub.edge.ae_title,
+                    "-aem",
+                    ws.ae_title,
+                    "-k",
+                    "QueryRetrieveLevel=STUDY",
+                    "-k",
+                    f"StudyInstanceUID={goto.study_uid}",
+                    hub.edge.host,
+                    str(hub.edge.port),
+                ],
+                timeout=600,
+            )
             t1 = time.time()
         finally:
             scp.stop()
         times = sorted(p.stat().st_mtime for p in out.glob("*") if p.is_file() and not p.name.endswith(".log"))
         first = times[0] - t0 if times else float("nan")
-        self.result.scenarios.append({
-            "scenario": "remote reading",
-            "what": f"HUB_WS1 retrieved a Goto clinic study ({goto.instance_count} instances, only in the center) "
-                    f"from the hub's edge: {len(times)} received",
-            "seconds": round(t1 - t0, 2), "detail": f"first instance after {first:.2f} s, last after {t1 - t0:.2f} s"})
-        self.say(f"remote reading: {len(times)} instances of a Goto study at HUB_WS1; first after {first:.2f} s, "
-                 f"last after {t1 - t0:.2f} s")
+        self.result.scenarios.append(
+            {
+                "scenario": "remote reading",
+                "what": f"HUB_WS1 retrieved a Goto clinic study ({goto.instance_count} instances, only in the center) "
+                f"from the hub's edge: {len(times)} received",
+                "seconds": round(t1 - t0, 2),
+                "detail": f"first instance after {first:.2f} s, last after {t1 - t0:.2f} s",
+            }
+        )
+        self.say(
+            f"remote reading: {len(times)} instances of a Goto study at HUB_WS1; first after {first:.2f} s, "
+            f"last after {t1 - t0:.2f} s"
+        )
 
     def admission(self, layout: Layout, runner: RegionRunner) -> None:
         import hl7
@@ -205,11 +269,14 @@ class Demo:
 
         hub = layout.config.site("hub")
         patient = synth.site_patients(layout.config, "hub", self.o.patients, self.o.seed)[0]  # also at every clinic
-        message = "\r".join([
-            f"MSH|^~\\&|HIS|{hub.institution_name}|RENKEI|HUB|{dt.datetime.now():%Y%m%d%H%M%S}||ADT^A01|DEMO0001|P|2.5",
-            f"PID|1||{patient.patient_id}^^^{patient.issuer_of_patient_id}||{patient.person.family_romaji}^"
-            f"{patient.person.given_romaji}||{patient.birth_date}|{patient.sex}",
-            "PV1|1|I|W5^501^1"])
+        message = "\r".join(
+            [
+                f"MSH|^~\\&|HIS|{hub.institution_name}|RENKEI|HUB|{dt.datetime.now():%Y%m%d%H%M%S}||ADT^A01|DEMO0001|P|2.5",
+                f"PID|1||{patient.patient_id}^^^{patient.issuer_of_patient_id}||{patient.person.family_romaji}^"
+                f"{patient.person.given_romaji}||{patient.birth_date}|{patient.sex}",
+                "PV1|1|I|W5^501^1",
+            ]
+        )
 
         async def send() -> str:
             reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", self.o.hl7_port)
@@ -224,58 +291,104 @@ class Demo:
         state = runner.wait_until(lambda: _flow_done("fetch_priors"), 600, "fetch_priors to finish", every=1)
         orthanc = runner.pacs["hub"]
         imported = len(orthanc.instances())
-        self.result.scenarios.append({
-            "scenario": "priors for an admitted patient",
-            "what": f"ADT^A01 over MLLP acknowledged {code}; fetch_priors imported {imported} instances of the "
-                    "patient's clinic studies into the hub's PACS (Orthanc) under the hub's patient ID",
-            "seconds": round(time.monotonic() - t0, 1), "detail": f"flow run finished {state:.1f} s after the ACK"})
-        self.say(f"admission: ACK {code}; fetch_priors put {imported} instances into HUB_PACS "
-                 f"in {time.monotonic() - t0:.1f} s")
+        self.result.scenarios.append(
+            {
+                "scenario": "priors for an admitted patient",
+                "what": f"ADT^A01 over MLLP acknowledged {code}; fetch_priors imported {imported} instances of the "
+                "patient's clinic studies into the hub's PACS (Orthanc) under the hub's patient ID",
+                "seconds": round(time.monotonic() - t0, 1),
+                "detail": f"flow run finished {state:.1f} s after the ACK",
+            }
+        )
+        self.say(
+            f"admission: ACK {code}; fetch_priors put {imported} instances into HUB_PACS "
+            f"in {time.monotonic() - t0:.1f} s"
+        )
 
     def instant_publish(self, layout: Layout, runner: RegionRunner) -> None:
         hub, clinic = layout.config.site("hub"), layout.config.site("clinic-c")
         patient = synth.site_patients(layout.config, "hub", self.o.patients, self.o.seed)[0]
-        plan = synth.plan_study(hub, patient, study_uid=derive_uid("demo-instant", self.o.seed), modality="CT",
-                                study_date=dt.date.today(), study_time=dt.datetime.now().strftime("%H%M%S"),
-                                accession_number="DEMO-INSTANT", study_id="9001",
-                                referring_physician=synth.site_doctors(layout.config, "clinic-c", self.o.seed)[0],
-                                requesting_service=clinic.institution_name, ct_slices=min(self.o.ct_slices, 50),
-                                size=self.o.size)
+        plan = synth.plan_study(
+            hub,
+            patient,
+            study_uid=derive_uid("demo-instant", self.o.seed),
+            modality="CT",
+            study_date=dt.date.today(),
+            study_time=dt.datetime.now().strftime("%H%M%S"),
+            accession_number="DEMO-INSTANT",
+            study_id="9001",
+            referring_physician=synth.site_doctors(layout.config, "clinic-c", self.o.seed)[0],
+            requesting_service=clinic.institution_name,
+            ct_slices=min(self.o.ct_slices, 50),
+            size=self.o.size,
+        )
         study = synth.write_study(plan, layout.data_dir / "demo" / "instant")
-        peers.run_dcmtk(["storescu", "-aet", hub.pacs.ae_title if hub.pacs else hub.workstations[0].ae_title,
-                         "-aec", hub.edge.ae_title, hub.edge.host, str(hub.edge.port), *map(str, study.files)])
+        peers.run_dcmtk(
+            [
+                "storescu",
+                "-aet",
+                hub.pacs.ae_title if hub.pacs else hub.workstations[0].ae_title,
+                "-aec",
+                hub.edge.ae_title,
+                hub.edge.host,
+                str(hub.edge.port),
+                *map(str, study.files),
+            ]
+        )
         ws = clinic.workstations[0]
-        visible = runner.wait_until(lambda: plan.info.study_uid in _findscu(clinic, ws.ae_title), 600,
-                                    "the hub exam to be visible at the Goto clinic", every=0.5)
-        cached = runner.wait_until(lambda: _cached(layout, "clinic-c", plan.info.study_uid, study.instance_count),
-                                   600, "the hub exam to be delivered into the Goto clinic's edge", every=0.5)
-        self.result.scenarios.append({
-            "scenario": "instant publish",
-            "what": f"a hub CT ordered by the Goto clinic ({study.instance_count} instances) became retrievable at "
-                    "the Goto clinic's edge, then was pushed into it",
-            "seconds": round(visible, 1),
-            "detail": f"visible {visible:.1f} s after the last instance (stable_age {self.o.stable_age:g} s), "
-                      f"held at the clinic's edge after {visible + cached:.1f} s"})
-        self.say(f"instant publish: visible at clinic-c after {visible:.1f} s, delivered to its edge after "
-                 f"{visible + cached:.1f} s")
+        visible = runner.wait_until(
+            lambda: plan.info.study_uid in _findscu(clinic, ws.ae_title),
+            600,
+            "the hub exam to be visible at the Goto clinic",
+            every=0.5,
+        )
+        cached = runner.wait_until(
+            lambda: _cached(layout, "clinic-c", plan.info.study_uid, study.instance_count),
+            600,
+            "the hub exam to be delivered into the Goto clinic's edge",
+            every=0.5,
+        )
+        self.result.scenarios.append(
+            {
+                "scenario": "instant publish",
+                "what": f"a hub CT ordered by the Goto clinic ({study.instance_count} instances) became retrievable at "
+                "the Goto clinic's edge, then was pushed into it",
+                "seconds": round(visible, 1),
+                "detail": f"visible {visible:.1f} s after the last instance (stable_age {self.o.stable_age:g} s), "
+                f"held at the clinic's edge after {visible + cached:.1f} s",
+            }
+        )
+        self.say(
+            f"instant publish: visible at clinic-c after {visible:.1f} s, delivered to its edge after "
+            f"{visible + cached:.1f} s"
+        )
 
     def verification(self, layout: Layout, runner: RegionRunner) -> None:
+        from prefect.client.schemas.objects import FlowRun
         from prefect.deployments import run_deployment
 
         t0 = time.monotonic()
-        run = run_deployment("verify_backups/verify-backups", parameters={"full": True}, timeout=600,
-                             as_subflow=False)
+        run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here, whatever the stubs say
+            "verify_backups/verify-backups", parameters={"full": True}, timeout=600, as_subflow=False
+        )
         ok = run.state is not None and run.state.is_completed()
         from catalog.catalog import Catalog
 
-        with Catalog.from_layout(layout) as catalog:   # the run's result, as it audited it
+        with Catalog.from_layout(layout) as catalog:  # the run's result, as it audited it
             events = catalog.audit(action="verify-backups")
         detail = events[-1].detail if events else {}
-        text = (f"{detail.get('instances', '?')} objects read back, {detail.get('findings', '?')} findings, "
-                f"{detail.get('repaired', 0)} repaired")
-        self.result.scenarios.append({"scenario": "nightly verification", "what": f"verify_backups: {text}",
-                                      "seconds": round(time.monotonic() - t0, 1),
-                                      "detail": "completed" if ok else f"state {run.state.name if run.state else '?'}"})
+        text = (
+            f"{detail.get('instances', '?')} objects read back, {detail.get('findings', '?')} findings, "
+            f"{detail.get('repaired', 0)} repaired"
+        )
+        self.result.scenarios.append(
+            {
+                "scenario": "nightly verification",
+                "what": f"verify_backups: {text}",
+                "seconds": round(time.monotonic() - t0, 1),
+                "detail": "completed" if ok else f"state {run.state.name if run.state else '?'}",
+            }
+        )
         self.say(f"verification: {text} ({'completed' if ok else 'FAILED'}) in {time.monotonic() - t0:.1f} s")
 
     # ------------------------------------------------------------------ all of it

@@ -21,22 +21,23 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 def zone(name: str | None) -> dt.tzinfo:
     """The named IANA zone; UTC for none or an unknown name (config check reports those)."""
     if not name:
-        return dt.timezone.utc
+        return dt.UTC
     try:
         return ZoneInfo(name)
     except Exception:
-        return dt.timezone.utc
+        return dt.UTC
 
 
-def local_time(value: dt.datetime | float | None, zone_name: str | None, fmt: str = TIME_FORMAT,
-               with_zone: bool = False) -> str:
+def local_time(
+    value: dt.datetime | float | None, zone_name: str | None, fmt: str = TIME_FORMAT, with_zone: bool = False
+) -> str:
     """A UTC time (aware, naive UTC, or a POSIX timestamp) in the region's zone, to the second."""
     if value is None:
         return ""
     if isinstance(value, (int, float)):
-        value = dt.datetime.fromtimestamp(value, dt.timezone.utc)
+        value = dt.datetime.fromtimestamp(value, dt.UTC)
     elif value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
+        value = value.replace(tzinfo=dt.UTC)
     local = value.astimezone(zone(zone_name))
     text = local.strftime(fmt)
     return f"{text} {local.tzname()}" if with_zone else text

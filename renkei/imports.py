@@ -48,8 +48,16 @@ def check_allowed(layout: Layout, catalog: Catalog, site_id: str, study_uid: str
         raise PolicyError(f"{site_id} may not receive study {study_uid}: {decision.explanation}")
 
 
-def import_to_pacs(layout: Layout, catalog: Catalog, store: ObjectStore, site_id: str, study_uid: str,
-                   patient_id: str, issuer: str, skip_if_complete: bool = True) -> ImportResult:
+def import_to_pacs(
+    layout: Layout,
+    catalog: Catalog,
+    store: ObjectStore,
+    site_id: str,
+    study_uid: str,
+    patient_id: str,
+    issuer: str,
+    skip_if_complete: bool = True,
+) -> ImportResult:
     """Send a reconciled copy of a center study to the site's PACS; skipped when it holds it complete."""
     check_allowed(layout, catalog, site_id, study_uid)
     started = time.monotonic()
@@ -63,21 +71,39 @@ def import_to_pacs(layout: Layout, catalog: Catalog, store: ObjectStore, site_id
     failures: list[str] = []
     for start in range(0, len(rows), BATCH):
         items = []
-        for row in rows[start:start + BATCH]:
+        for row in rows[start : start + BATCH]:
             try:
-                data = reconcile(store.read_verified(row["object_key"], row["sha256"]), patient_id, issuer,
-                                 to_utf8=site.pacs.convert_to_utf8)
+                data = reconcile(
+                    store.read_verified(row["object_key"], row["sha256"]),
+                    patient_id,
+                    issuer,
+                    to_utf8=site.pacs.convert_to_utf8,
+                )
             except Exception as exc:  # one unreadable object must not stop the others
                 failures.append(f"{row['sop_instance_uid']}: {exc}")
                 continue
-            items.append(RetrieveItem(study_uid, row["series_uid"], row["sop_instance_uid"], row["sop_class_uid"],
-                                      row["transfer_syntax_uid"], data=data, source="center"))
+            items.append(
+                RetrieveItem(
+                    study_uid,
+                    row["series_uid"],
+                    row["sop_instance_uid"],
+                    row["sop_class_uid"],
+                    row["transfer_syntax_uid"],
+                    data=data,
+                    source="center",
+                )
+            )
         n, failed = send_items(site.edge.ae_title, site.pacs, items, site)
         sent += n
         failures.extend(f"{uid}: the PACS refused it" for uid in failed)
     if sent:
-        catalog.set_location(study_uid, f"pacs:{site_id}", "present" if not failures else "missing",
-                             detail=f"{sent} of {len(rows)} instances imported as {patient_id}", by="import")
+        catalog.set_location(
+            study_uid,
+            f"pacs:{site_id}",
+            "present" if not failures else "missing",
+            detail=f"{sent} of {len(rows)} instances imported as {patient_id}",
+            by="import",
+        )
     log.info("imported %s into the PACS of %s: %d of %d instances", study_uid, site_id, sent, len(rows))
     return ImportResult(study_uid, len(rows), sent, False, time.monotonic() - started, tuple(failures))
 

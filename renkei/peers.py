@@ -17,9 +17,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from renkei.errors import PeerError
 
@@ -61,7 +61,7 @@ def free_port() -> int:
             except OSError:
                 continue
         _GIVEN.append(port)
-        del _GIVEN[:-((high - low) // 2)]
+        del _GIVEN[: -((high - low) // 2)]
         return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
@@ -142,9 +142,11 @@ def require_program(name: str, package: str) -> str:
             return candidate
         wrong.append(candidate)
     if wrong:
-        raise PeerError(f"{name} found at {', '.join(wrong)} is not {package}'s (its --version says otherwise; "
-                        f"a Python venv's bin/ holds pynetdicom's programs of the same names): install Debian's "
-                        f"package (apt-get install -y {package}) or set RENKEI_{package.upper()}_BIN")
+        raise PeerError(
+            f"{name} found at {', '.join(wrong)} is not {package}'s (its --version says otherwise; "
+            f"a Python venv's bin/ holds pynetdicom's programs of the same names): install Debian's "
+            f"package (apt-get install -y {package}) or set RENKEI_{package.upper()}_BIN"
+        )
     raise PeerError(f"{name} is not installed; install Debian's package: apt-get install -y {package}")
 
 
@@ -174,14 +176,16 @@ class Peer:
             return self.log_path.read_text(errors="replace")
         return ""
 
-    def __enter__(self) -> "Peer":
+    def __enter__(self) -> Peer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def _spawn(cmd: Sequence[str], workdir: Path, log_name: str, env: Mapping[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+def _spawn(
+    cmd: Sequence[str], workdir: Path, log_name: str, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen, Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / log_name
     log = open(log_path, "ab")
@@ -212,8 +216,20 @@ def start_storescp(
     port = port or free_port()
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    cmd = [exe, "--aetitle", ae_title, "--output-directory", str(outdir), "+xa",
-           "--filename-extension", ".dcm", "--max-pdu", "131072", *extra_args, str(port)]
+    cmd = [
+        exe,
+        "--aetitle",
+        ae_title,
+        "--output-directory",
+        str(outdir),
+        "+xa",
+        "--filename-extension",
+        ".dcm",
+        "--max-pdu",
+        "131072",
+        *extra_args,
+        str(port),
+    ]
     proc, log = _spawn(cmd, outdir.parent / f"storescp-{port}", "storescp.log", dcmtk_env())
     peer = Peer("storescp", proc, LOOPBACK, port, outdir, log)
     try:
@@ -249,7 +265,8 @@ class OrthancPeer(Peer):
             return raw
 
     def instances(self) -> list[str]:
-        return list(self.rest("GET", "/instances"))  # type: ignore[arg-type]
+        found = self.rest("GET", "/instances")
+        return [str(i) for i in found] if isinstance(found, list) else []
 
 
 def start_orthanc(
@@ -288,8 +305,16 @@ def start_orthanc(
         "DicomAlwaysAllowStore": True,
         "UnknownSopClassAccepted": True,
         "DicomModalities": {
-            name: {"AET": ae, "Host": host, "Port": port, "AllowEcho": True, "AllowFind": True,
-                   "AllowMove": True, "AllowGet": True, "AllowStore": True}
+            name: {
+                "AET": ae,
+                "Host": host,
+                "Port": port,
+                "AllowEcho": True,
+                "AllowFind": True,
+                "AllowMove": True,
+                "AllowGet": True,
+                "AllowStore": True,
+            }
             for name, (ae, host, port) in mods.items()
         },
         "DicomScuTimeout": 30,
@@ -303,8 +328,9 @@ def start_orthanc(
     cfg_path = workdir / "orthanc.json"
     cfg_path.write_text(json.dumps(config, indent=2))
     proc, log = _spawn([exe, str(cfg_path)], workdir, "orthanc.log", dcmtk_env())
-    peer = OrthancPeer("orthanc", proc, LOOPBACK, dicom_port, workdir, log,
-                       http_port=http_port, ae_title=ae_title, modalities=mods)
+    peer = OrthancPeer(
+        "orthanc", proc, LOOPBACK, dicom_port, workdir, log, http_port=http_port, ae_title=ae_title, modalities=mods
+    )
     try:
         wait_for_port(LOOPBACK, http_port, 60, proc, "Orthanc HTTP")
         wait_for_port(LOOPBACK, dicom_port, 30, proc, "Orthanc DICOM")
@@ -367,23 +393,35 @@ def run_dcmtk(args: Sequence[str], timeout: float = 300, check: bool = True) -> 
     proc = subprocess.run([exe, *list(args)[1:]], capture_output=True, timeout=timeout, env=dcmtk_env())
     if check and proc.returncode != 0:
         raise PeerError(
-            f"{' '.join(args[:3])}... exited {proc.returncode}: "
-            f"{proc.stderr.decode(errors='replace')[-2000:]}"
+            f"{' '.join(args[:3])}... exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-2000:]}"
         )
     return proc
 
 
 def findscu_study_uids(host: str, port: int, calling_ae: str, called_ae: str, **keys: str) -> list[str]:
     """Study Instance UIDs a workstation finds at a node, asked with dcmtk's findscu (Study Root)."""
-    args = ["findscu", "-S", "-aet", calling_ae, "-aec", called_ae, "-k", "QueryRetrieveLevel=STUDY",
-            "-k", "StudyInstanceUID"]
+    args = [
+        "findscu",
+        "-S",
+        "-aet",
+        calling_ae,
+        "-aec",
+        called_ae,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID",
+    ]
     for keyword, value in keys.items():
         args += ["-k", f"{keyword}={value}"]
     out = run_dcmtk([*args, host, str(port)], check=False)
     text = out.stderr.decode(errors="replace") + out.stdout.decode(errors="replace")
     # UIDs of odd length come back padded with a NUL
-    return [line.split("[")[1].split("]")[0].strip("\x00 ") for line in text.splitlines()
-            if "(0020,000d)" in line and "[" in line]
+    return [
+        line.split("[")[1].split("]")[0].strip("\x00 ")
+        for line in text.splitlines()
+        if "(0020,000d)" in line and "[" in line
+    ]
 
 
 @dataclass
@@ -399,9 +437,23 @@ class PostgresPeer(Peer):
         return f"postgresql+asyncpg://postgres@{LOOPBACK}:{self.port}/{self.database}"
 
     def stop(self, timeout: float = 30.0) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bindir / "pg_ctl"),
-                        "-D", str(self.workdir / "data"), "-m", "fast", "-w", "stop"],
-                       capture_output=True, timeout=timeout)
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.workdir / "data"),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+            capture_output=True,
+            timeout=timeout,
+        )
         super().stop(timeout)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -409,9 +461,15 @@ class PostgresPeer(Peer):
 def postgres_bin() -> Path:
     """The folder of Debian's PostgreSQL server programs ($RENKEI_POSTGRESQL_BIN, else the newest installed)."""
     override = os.environ.get("RENKEI_POSTGRESQL_BIN")
-    folders = [Path(override)] if override else sorted(Path("/usr/lib/postgresql").glob("*/bin"),
-                                                       key=lambda p: int(p.parent.name) if p.parent.name.isdigit()
-                                                       else 0, reverse=True)
+    folders = (
+        [Path(override)]
+        if override
+        else sorted(
+            Path("/usr/lib/postgresql").glob("*/bin"),
+            key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+            reverse=True,
+        )
+    )
     for folder in folders:
         if (folder / "initdb").is_file() and (folder / "postgres").is_file():
             return folder
@@ -430,26 +488,48 @@ def start_postgres(port: int | None = None, database: str = "prefect") -> Postgr
     data = workdir / "data"
 
     def as_postgres(*cmd: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], capture_output=True, text=True,
-                              timeout=120, cwd=workdir)
+        return subprocess.run(
+            ["runuser", "-u", "postgres", "--", *cmd], capture_output=True, text=True, timeout=120, cwd=workdir
+        )
 
-    init = as_postgres(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                       "--encoding=UTF8", "--locale=C.UTF-8")
+    init = as_postgres(
+        str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"
+    )
     if init.returncode != 0:
         raise PeerError(f"initdb failed: {init.stderr[-1000:]}")
     log = workdir / "postgres.log"
     out = open(log, "wb")
-    process = subprocess.Popen(["runuser", "-u", "postgres", "--", str(bindir / "postgres"), "-D", str(data),
-                                "-p", str(port), "-h", LOOPBACK, "-k", str(workdir), "-c", "fsync=off",
-                                "-c", "max_connections=200"],
-                               stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    process = subprocess.Popen(
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-h",
+            LOOPBACK,
+            "-k",
+            str(workdir),
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+        start_new_session=True,
+    )
     peer = PostgresPeer("postgres", process, LOOPBACK, port, workdir, log, database, bindir)
     try:
         wait_for_port(LOOPBACK, port, 60, process, "PostgreSQL")
         deadline = time.monotonic() + 30
         while True:
-            made = as_postgres(str(bindir / "createdb"), "-h", LOOPBACK, "-p", str(port), "-U", "postgres",
-                               database)
+            made = as_postgres(str(bindir / "createdb"), "-h", LOOPBACK, "-p", str(port), "-U", "postgres", database)
             if made.returncode == 0:
                 break
             if time.monotonic() > deadline:

@@ -23,9 +23,9 @@ import os
 import re
 import ssl
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import quote, unquote
 
 from cryptography import x509
@@ -39,8 +39,18 @@ from renkei.config import AETitle
 from renkei.errors import UsageError
 
 __all__ = [
-    "CA_CERT", "CA_KEY", "Identity", "ae_uri", "site_uri", "create_ca", "issue",
-    "identities_of", "peer_identity", "load_certificate", "file_stem", "verify_issued_by",
+    "CA_CERT",
+    "CA_KEY",
+    "Identity",
+    "ae_uri",
+    "site_uri",
+    "create_ca",
+    "issue",
+    "identities_of",
+    "peer_identity",
+    "load_certificate",
+    "file_stem",
+    "verify_issued_by",
 ]
 
 CA_CERT = "ca.pem"
@@ -117,8 +127,9 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
@@ -147,8 +158,9 @@ def _parse_certificate(data: bytes) -> x509.Certificate:
 def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert_path, key_path = Path(ca_dir) / CA_CERT, Path(ca_dir) / CA_KEY
     if not cert_path.exists() or not key_path.exists():
-        raise UsageError(f"no region CA in {ca_dir} (need {CA_CERT} and {CA_KEY}); "
-                         "create one with `renkei tls init-ca`")
+        raise UsageError(
+            f"no region CA in {ca_dir} (need {CA_CERT} and {CA_KEY}); create one with `renkei tls init-ca`"
+        )
     cert = load_certificate(cert_path)
     try:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -164,7 +176,7 @@ def _common_name(text: str) -> x509.NameAttribute:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 # --------------------------------------------------------------------- CA
@@ -178,18 +190,22 @@ def create_ca(directory: Path, region: str, days: int = 3650, *, force: bool = F
     cert_path, key_path = directory / CA_CERT, directory / CA_KEY
     existing = [p for p in (cert_path, key_path) if p.exists()]
     if existing and not force:
-        raise UsageError(f"a region CA already exists at {existing[0]}; keep it, or replace it with "
-                         "--force (then re-issue and re-install every certificate)")
+        raise UsageError(
+            f"a region CA already exists at {existing[0]}; keep it, or replace it with "
+            "--force (then re-issue and re-install every certificate)"
+        )
     if days < 1:
         raise UsageError(f"CA validity must be at least 1 day (got {days})")
     region = region.strip() or "region"
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"renkei {region}"[:64]),
-        _common_name(f"renkei {region} region CA"),
-    ])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"renkei {region}"[:64]),
+            _common_name(f"renkei {region} region CA"),
+        ]
+    )
     now = _now()
     public = key.public_key()
     cert = (
@@ -201,9 +217,20 @@ def create_ca(directory: Path, region: str, days: int = 3650, *, force: bool = F
         .not_valid_before(now - _CLOCK_SKEW)
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -232,8 +259,16 @@ def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     return names
 
 
-def issue(ca_dir: Path, out_dir: Path, *, site_id: str, ae_title: str | None = None,
-          hosts: Sequence[str] = (), days: int = 825, name: str | None = None) -> tuple[Path, Path]:
+def issue(
+    ca_dir: Path,
+    out_dir: Path,
+    *,
+    site_id: str,
+    ae_title: str | None = None,
+    hosts: Sequence[str] = (),
+    days: int = 825,
+    name: str | None = None,
+) -> tuple[Path, Path]:
     """Issue an AE certificate (with `ae_title`) or a site certificate (without); returns (cert, key).
 
     Files are `<out_dir>/<name>.pem` and `<out_dir>/<name>.key` (key mode 0600);
@@ -257,8 +292,10 @@ def issue(ca_dir: Path, out_dir: Path, *, site_id: str, ae_title: str | None = N
 
     key = ec.generate_private_key(ec.SECP256R1())
     public = key.public_key()
-    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, attr.value)
-               for attr in ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)][:1]
+    subject = [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, attr.value)
+        for attr in ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    ][:1]
     subject.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, site_id))
     subject.append(_common_name(ae_title if ae_title is not None else SITE_CN + site_id))
     san: list[x509.GeneralName] = []
@@ -281,11 +318,23 @@ def issue(ca_dir: Path, out_dir: Path, *, site_id: str, ae_title: str | None = N
         .not_valid_before(now - _CLOCK_SKEW)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
         .add_extension(x509.SubjectAlternativeName(san), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
@@ -319,14 +368,14 @@ def identities_of(cert: x509.Certificate | bytes) -> Identity:
     for uri in uris:
         lowered = uri.lower()  # the scheme and the namespace are case-insensitive, the rest is not
         if lowered.startswith(AE_URN) and len(uri) > len(AE_URN):
-            ae_titles.add(unquote(uri[len(AE_URN):]))
+            ae_titles.add(unquote(uri[len(AE_URN) :]))
         elif lowered.startswith(SITE_URN) and len(uri) > len(SITE_URN):
-            sites.add(unquote(uri[len(SITE_URN):]))
+            sites.add(unquote(uri[len(SITE_URN) :]))
     if not ae_titles and not sites:
         for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
             value = str(attr.value)
             if value.startswith(SITE_CN) and len(value) > len(SITE_CN):
-                sites.add(value[len(SITE_CN):])
+                sites.add(value[len(SITE_CN) :])
             elif value:
                 ae_titles.add(value)
             break

@@ -14,8 +14,8 @@ HTTP) asks `decide`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from renkei.config import PolicyRule, RegionConfig
 from renkei.records import StudyInfo
@@ -154,13 +154,24 @@ def decide(
         person = [g for g in mine if g.by_kind == "person"]
         if person:
             g = person[0]
-            return Decision(True, site, uid, "grant",
-                            f"published to {site} by {g.by} at {g.at or '?'} ({g.reason or 'no reason given'}); "
-                            f"the patient withdrew consent at {study.origin_site}, which stops rule grants only",
-                            grant=g, rule_grants_possible=possible)
-        return Decision(False, site, uid, "consent-withdrawn",
-                        f"the patient withdrew consent to sharing at {study.origin_site}: no rule grants "
-                        f"this study to {site}", rule_grants_possible=possible)
+            return Decision(
+                True,
+                site,
+                uid,
+                "grant",
+                f"published to {site} by {g.by} at {g.at or '?'} ({g.reason or 'no reason given'}); "
+                f"the patient withdrew consent at {study.origin_site}, which stops rule grants only",
+                grant=g,
+                rule_grants_possible=possible,
+            )
+        return Decision(
+            False,
+            site,
+            uid,
+            "consent-withdrawn",
+            f"the patient withdrew consent to sharing at {study.origin_site}: no rule grants this study to {site}",
+            rule_grants_possible=possible,
+        )
     if mine:
         g = sorted(mine, key=lambda x: (x.by_kind != "person", x.at))[0]
         if g.by_kind == "rule":
@@ -169,10 +180,12 @@ def decide(
             text = f"granted to {site} by {g.by_kind} {g.by} at {g.at or '?'} ({g.reason or 'no reason given'})"
         return Decision(True, site, uid, "grant", text, grant=g, rule_grants_possible=possible)
     if possible:
-        text = (f"no grant to {site} is in force (rule {possible[0].rule!r} would grant it: "
-                f"{possible[0].reason}; it may have been unpublished, or the flag step has not run yet)")
+        text = (
+            f"no grant to {site} is in force (rule {possible[0].rule!r} would grant it: "
+            f"{possible[0].reason}; it may have been unpublished, or the flag step has not run yet)"
+        )
     else:
-        text = (f"no rule grants studies of {study.origin_site} to {site}, and nobody published it there")
+        text = f"no rule grants studies of {study.origin_site} to {site}, and nobody published it there"
     return Decision(False, site, uid, "no-grant", text, rule_grants_possible=possible)
 
 

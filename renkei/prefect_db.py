@@ -50,7 +50,7 @@ def database(layout: Layout) -> Database:
     url = os.environ.get(URL_ENV, "")
     if url.startswith("postgresql"):
         parts = urlsplit(url)
-        return Database("postgresql", urlunsplit(("postgresql",) + tuple(parts[1:])))  # type: ignore[arg-type]
+        return Database("postgresql", urlunsplit(("postgresql", *parts[1:])))
     if url.startswith("sqlite"):
         return Database("sqlite", url.split(":///", 1)[-1])
     if url:
@@ -82,8 +82,9 @@ def backup(layout: Layout, to: Path) -> dict[str, int]:
         result = check.execute("PRAGMA integrity_check").fetchone()[0]
     if result != "ok":
         tmp.unlink(missing_ok=True)
-        raise UsageError(f"the copy of {db.where} failed SQLite's integrity check ({result}); the database "
-                         "itself may be damaged")
+        raise UsageError(
+            f"the copy of {db.where} failed SQLite's integrity check ({result}); the database itself may be damaged"
+        )
     os.replace(tmp, to)
     return counts(to)
 
@@ -94,8 +95,7 @@ def restore(layout: Layout, source: Path) -> dict[str, int]:
     if not source.is_file():
         raise UsageError(f"there is no backup at {source}")
     if db.kind == "postgresql":
-        _run(["pg_restore", "--clean", "--if-exists", "--no-owner", f"--dbname={db.where}", str(source)],
-             "pg_restore")
+        _run(["pg_restore", "--clean", "--if-exists", "--no-owner", f"--dbname={db.where}", str(source)], "pg_restore")
         return {}
     try:
         with sqlite3.connect(f"file:{source}?mode=ro", uri=True) as check:
@@ -107,8 +107,10 @@ def restore(layout: Layout, source: Path) -> dict[str, int]:
     target = Path(db.where)
     holders = _holders(target)
     if holders:
-        raise UsageError(f"the Prefect server is still running (process {', '.join(map(str, holders))} has "
-                         f"{target} open): stop it, then restore")
+        raise UsageError(
+            f"the Prefect server is still running (process {', '.join(map(str, holders))} has "
+            f"{target} open): stop it, then restore"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.restore")
     shutil.copyfile(source, tmp)

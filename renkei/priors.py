@@ -15,8 +15,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -85,27 +85,46 @@ def demographics_of(catalog: Catalog, site: str, patient_id: str, issuer: str) -
     return Demographics(latest.patient_name, latest.patient_birth_date, latest.patient_sex)
 
 
-def resolve_person(config: RegionConfig, catalog: Catalog, site: str, patient_id: str, issuer: str,
-                   given: Demographics | None = None, operator: str = "fetch_priors") -> Resolution:
+def resolve_person(
+    config: RegionConfig,
+    catalog: Catalog,
+    site: str,
+    patient_id: str,
+    issuer: str,
+    given: Demographics | None = None,
+    operator: str = "fetch_priors",
+) -> Resolution:
     """The person's IDs at every site: existing links, else an unambiguous exact demographic match."""
     issuer = issuer or config.site(site).issuer
     me = (site, patient_id, issuer)
     person = catalog.person_of(site, patient_id, issuer)
     if person:
         ids = tuple(catalog.patient_ids_of(person))
-        return Resolution(site, patient_id, issuer, ids, "linked", person,
-                          detail=f"linked before as {person}")
+        return Resolution(site, patient_id, issuer, ids, "linked", person, detail=f"linked before as {person}")
     demo = demographics_of(catalog, site, patient_id, issuer) or given
     if demo is None or demo.key is None:
-        return Resolution(site, patient_id, issuer, (me,), "no-match",
-                          detail="no kanji and kana name, birth date and sex known for this patient")
+        return Resolution(
+            site,
+            patient_id,
+            issuer,
+            (me,),
+            "no-match",
+            detail="no kanji and kana name, birth date and sex known for this patient",
+        )
     kanji, kana, birth_date, sex = demo.key
-    found = [c for c in catalog.find_patients(birth_date=birth_date, sex=sex)
-             if name_groups(c.patient_name) == (kanji, kana)]
+    found = [
+        c for c in catalog.find_patients(birth_date=birth_date, sex=sex) if name_groups(c.patient_name) == (kanji, kana)
+    ]
     others = [c for c in found if (c.site, c.patient_id, c.issuer) != me]
     if not others:
-        return Resolution(site, patient_id, issuer, (me,), "no-match",
-                          detail="nobody at another site has the same name, birth date and sex")
+        return Resolution(
+            site,
+            patient_id,
+            issuer,
+            (me,),
+            "no-match",
+            detail="nobody at another site has the same name, birth date and sex",
+        )
     by_site: dict[str, list[PatientCandidate]] = {}
     for c in found:
         by_site.setdefault(c.site, []).append(c)
@@ -113,29 +132,58 @@ def resolve_person(config: RegionConfig, catalog: Catalog, site: str, patient_id
     crowded = {s: cs for s, cs in by_site.items() if len(cs) > 1}
     if same_site_homonyms or crowded:
         where = sorted(set(crowded) | ({site} if same_site_homonyms else set()))
-        return Resolution(site, patient_id, issuer, (me,), "ambiguous", candidates=tuple(found),
-                          detail=f"several patients share this name, birth date and sex at {', '.join(where)}; "
-                                 "confirm who is who with `renkei link`")
+        return Resolution(
+            site,
+            patient_id,
+            issuer,
+            (me,),
+            "ambiguous",
+            candidates=tuple(found),
+            detail=f"several patients share this name, birth date and sex at {', '.join(where)}; "
+            "confirm who is who with `renkei link`",
+        )
     if not config.policy.auto_link_exact_match:
-        return Resolution(site, patient_id, issuer, (me,), "needs-confirmation", candidates=tuple(found),
-                          detail="exact match found; the policy asks an operator to confirm it (renkei link)")
+        return Resolution(
+            site,
+            patient_id,
+            issuer,
+            (me,),
+            "needs-confirmation",
+            candidates=tuple(found),
+            detail="exact match found; the policy asks an operator to confirm it (renkei link)",
+        )
     entries = [me] + [(c.site, c.patient_id, c.issuer) for c in others]
-    person = catalog.link_patients(entries, "auto-exact", operator,
-                                   {"kanji": kanji, "kana": kana, "birth_date": birth_date, "sex": sex})
-    return Resolution(site, patient_id, issuer, tuple(catalog.patient_ids_of(person)), "auto-exact", person,
-                      candidates=tuple(found), detail="kanji and kana name, birth date and sex match exactly")
+    person = catalog.link_patients(
+        entries, "auto-exact", operator, {"kanji": kanji, "kana": kana, "birth_date": birth_date, "sex": sex}
+    )
+    return Resolution(
+        site,
+        patient_id,
+        issuer,
+        tuple(catalog.patient_ids_of(person)),
+        "auto-exact",
+        person,
+        candidates=tuple(found),
+        detail="kanji and kana name, birth date and sex match exactly",
+    )
 
 
-def find_priors(catalog: Catalog, resolution: Resolution, lookback_years: float = 5.0,
-                modalities: Sequence[str] | None = None, today: dt.date | None = None) -> list[StudyRow]:
+def find_priors(
+    catalog: Catalog,
+    resolution: Resolution,
+    lookback_years: float = 5.0,
+    modalities: Sequence[str] | None = None,
+    today: dt.date | None = None,
+) -> list[StudyRow]:
     """The person's studies taken at other sites that the requesting site may see, newest first."""
     today = today or dt.date.today()
     since = (today - dt.timedelta(days=int(round(lookback_years * 365.25)))).strftime("%Y%m%d")
     others = [(pid, issuer) for s, pid, issuer in resolution.ids if s != resolution.site]
     if not others:
         return []
-    rows = catalog.visible_studies(resolution.site, others, date_from=since,
-                                   modalities=[m.upper() for m in modalities] if modalities else None)
+    rows = catalog.visible_studies(
+        resolution.site, others, date_from=since, modalities=[m.upper() for m in modalities] if modalities else None
+    )
     rows = [r for r in rows if r.origin_site != resolution.site]
     return sorted(rows, key=lambda r: (r.study_date, r.study_time), reverse=True)
 
@@ -157,8 +205,10 @@ def reconcile(part10: bytes, patient_id: str, issuer: str, to_utf8: bool = False
     original_issuer = str(ds.get("IssuerOfPatientID", "") or "")
     if original_id != patient_id or original_issuer != issuer:
         others = list(ds.get("OtherPatientIDsSequence", []))
-        if not any(str(i.get("PatientID", "")) == original_id and str(i.get("IssuerOfPatientID", "")) == original_issuer
-                   for i in others):
+        if not any(
+            str(i.get("PatientID", "")) == original_id and str(i.get("IssuerOfPatientID", "")) == original_issuer
+            for i in others
+        ):
             item = Dataset()
             item.PatientID = original_id
             item.IssuerOfPatientID = original_issuer

@@ -40,11 +40,19 @@ from renkei.records import InstanceInfo, StudyBatch, StudyInfo
 log = logging.getLogger(__name__)
 
 _STUDY_FIELDS = {
-    "patient_id": "PatientID", "issuer_of_patient_id": "IssuerOfPatientID", "patient_name": "PatientName",
-    "patient_birth_date": "PatientBirthDate", "patient_sex": "PatientSex", "study_date": "StudyDate",
-    "study_time": "StudyTime", "accession_number": "AccessionNumber", "study_description": "StudyDescription",
-    "referring_physician": "ReferringPhysicianName", "requesting_service": "RequestingService",
-    "institution_name": "InstitutionName", "study_id": "StudyID",
+    "patient_id": "PatientID",
+    "issuer_of_patient_id": "IssuerOfPatientID",
+    "patient_name": "PatientName",
+    "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex",
+    "study_date": "StudyDate",
+    "study_time": "StudyTime",
+    "accession_number": "AccessionNumber",
+    "study_description": "StudyDescription",
+    "referring_physician": "ReferringPhysicianName",
+    "requesting_service": "RequestingService",
+    "institution_name": "InstitutionName",
+    "study_id": "StudyID",
 }
 _BATCH = 2000  # instances per registration commit
 
@@ -92,7 +100,7 @@ def _set_aside(layout: Layout) -> None:
         except FileNotFoundError:
             continue
         for path in paths:
-            rel = path[len(root):].lstrip("/")
+            rel = path[len(root) :].lstrip("/")
             cfs.copy_file(fs, path, fs, cfs.join(root, f"_damaged/{stamp}/{rel}"))
             cbackup._remove(fs, path)
 
@@ -100,7 +108,7 @@ def _set_aside(layout: Layout) -> None:
 def _walk_local(base: str) -> list[str]:
     import os
 
-    found = []
+    found: list[str] = []
     for folder, _dirs, files in os.walk(base):
         found.extend(os.path.join(folder, n) for n in files)
     return found
@@ -123,12 +131,12 @@ def rebuild(layout: Layout, reapply_rules: bool = True) -> RebuildResult:
             result.set_aside = True
             fs, root = cfs.open_filesystem(layout.catalog_url, layout.config.center.s3)
             empty = CommitLog(fs, root).load()
-            location.write_witness(empty, layout.catalog_url, restored={
-                "at": time.time(), "to_seq": 0, "rebuilt_without_backup": True})
+            location.write_witness(
+                empty, layout.catalog_url, restored={"at": time.time(), "to_seq": 0, "rebuilt_without_backup": True}
+            )
     store = ObjectStore(layout.center_url, layout.config.center.s3)
     with Catalog.from_layout(layout, writer="rebuild") as cat:
-        known = {(r["study_uid"], r["sop_instance_uid"], r["sha256"])
-                 for part in cat.iter_instances() for r in part}
+        known = {(r["study_uid"], r["sop_instance_uid"], r["sha256"]) for part in cat.iter_instances() for r in part}
         known_keys = {(s, i) for s, i, _ in known}
         conflict_shas = {(c.study_uid, c.sop_instance_uid, c.new_sha256) for c in cat.conflicts()}
         firsts, versions = [], []
@@ -171,15 +179,24 @@ def rebuild(layout: Layout, reapply_rules: bool = True) -> RebuildResult:
             flagged = Sharing(layout.config, cat).flag(list(dict.fromkeys(new_studies)))
             result.rule_grants = len(flagged.granted)
         if result.instances_registered or result.rule_grants:
-            cat.append_audit("center", "rebuild", "catalog-rebuild", detail={
-                "instances": result.instances_registered, "studies": result.studies_registered,
-                "rule_grants": result.rule_grants, "from_backup": result.restored_from_backup})
+            cat.append_audit(
+                "center",
+                "rebuild",
+                "catalog-rebuild",
+                detail={
+                    "instances": result.instances_registered,
+                    "studies": result.studies_registered,
+                    "rule_grants": result.rule_grants,
+                    "from_backup": result.restored_from_backup,
+                },
+            )
     result.seconds = round(time.monotonic() - started, 2)
     return result
 
 
-def _register(cat: Catalog, pending: dict[tuple[str, str], tuple[StudyInfo, list[InstanceInfo]]],
-              result: RebuildResult) -> list[str]:
+def _register(
+    cat: Catalog, pending: dict[tuple[str, str], tuple[StudyInfo, list[InstanceInfo]]], result: RebuildResult
+) -> list[str]:
     if not pending:
         return []
     batches = [StudyBatch(info, tuple(insts)) for info, insts in pending.values()]
@@ -211,15 +228,27 @@ def _describe(store: ObjectStore, key: str, site: str) -> tuple[StudyInfo, Insta
             size += len(block)
     parsed = describe_dataset(ds)
     attrs = parsed.attributes
-    info = StudyInfo(study_uid=parsed.study_uid, origin_site=site,
-                     modalities=(attrs.get("Modality", ""),) if attrs.get("Modality") else (),
-                     specific_character_set=parsed.specific_character_set,
-                     **{f: attrs.get(k, "") for f, k in _STUDY_FIELDS.items()})
+    info = StudyInfo(
+        study_uid=parsed.study_uid,
+        origin_site=site,
+        modalities=(attrs.get("Modality", ""),) if attrs.get("Modality") else (),
+        specific_character_set=parsed.specific_character_set,
+        **{f: attrs.get(k, "") for f, k in _STUDY_FIELDS.items()},
+    )
     transfer = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "") or "")
-    inst = InstanceInfo(parsed.study_uid, parsed.series_uid, parsed.sop_instance_uid, parsed.sop_class_uid,
-                        transfer, size, digest.hexdigest(), modality=attrs.get("Modality", ""),
-                        series_number=_int(attrs.get("SeriesNumber")), instance_number=_int(attrs.get("InstanceNumber")),
-                        series_description=attrs.get("SeriesDescription", ""))
+    inst = InstanceInfo(
+        parsed.study_uid,
+        parsed.series_uid,
+        parsed.sop_instance_uid,
+        parsed.sop_class_uid,
+        transfer,
+        size,
+        digest.hexdigest(),
+        modality=attrs.get("Modality", ""),
+        series_number=_int(attrs.get("SeriesNumber")),
+        instance_number=_int(attrs.get("InstanceNumber")),
+        series_description=attrs.get("SeriesDescription", ""),
+    )
     return info, inst
 
 

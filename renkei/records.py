@@ -40,7 +40,7 @@ class StudyInfo:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StudyInfo":
+    def from_dict(cls, data: dict[str, Any]) -> StudyInfo:
         known = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
         if "modalities" in known and known["modalities"] is not None:
             known["modalities"] = tuple(known["modalities"])

@@ -12,9 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from renkei import peers
 from renkei.config import Layout
@@ -61,33 +61,50 @@ class RegionRunner:
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "PREFECT_API_URL": self.api_url,
-            "RENKEI_CONFIG": str(self.config_path),
-            "RENKEI_DATA_DIR": str(self.layout.data_dir),
-            "RENKEI_HOME": str(REPO),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_WORKER_QUERY_SECONDS": "2",
-            "PREFECT_WORKER_PREFETCH_SECONDS": "1",
-            "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
-            "TCP_NODELAY": "1",
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "PREFECT_API_URL": self.api_url,
+                "RENKEI_CONFIG": str(self.config_path),
+                "RENKEI_DATA_DIR": str(self.layout.data_dir),
+                "RENKEI_HOME": str(REPO),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_WORKER_QUERY_SECONDS": "2",
+                "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+                "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
+                "TCP_NODELAY": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if extra:
             env.update(extra)
         return env
 
     def renkei(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "renkei.cli.main", "--config", str(self.config_path),
-                "--data-dir", str(self.layout.data_dir), *args]
+        return [
+            sys.executable,
+            "-m",
+            "renkei.cli.main",
+            "--config",
+            str(self.config_path),
+            "--data-dir",
+            str(self.layout.data_dir),
+            *args,
+        ]
 
-    def spawn(self, name: str, cmd: Sequence[str], stop_signal: int = signal.SIGTERM,
-              extra_env: dict[str, str] | None = None) -> Proc:
+    def spawn(
+        self, name: str, cmd: Sequence[str], stop_signal: int = signal.SIGTERM, extra_env: dict[str, str] | None = None
+    ) -> Proc:
         log = self.logs / f"{name}.log"
         with open(log, "ab") as out:
-            process = subprocess.Popen(list(cmd), cwd=REPO, env=self.env(extra_env), stdout=out,
-                                       stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                list(cmd),
+                cwd=REPO,
+                env=self.env(extra_env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         proc = Proc(name, process, log, stop_signal, tuple(cmd), extra_env)
         self.procs.append(proc)
         return proc
@@ -106,28 +123,35 @@ class RegionRunner:
             code = proc.process.returncode
             last = proc.tail(400).strip().splitlines()[-1:] or ["(no output)"]
             if proc.restarts >= self.MAX_RESTARTS:
-                say(f"{proc.name} stopped again (exit code {code}) after {proc.restarts} restarts; left stopped, "
-                    f"the rest of the region keeps running. Its log: {proc.log} (last line: {last[0][:200]})")
+                say(
+                    f"{proc.name} stopped again (exit code {code}) after {proc.restarts} restarts; left stopped, "
+                    f"the rest of the region keeps running. Its log: {proc.log} (last line: {last[0][:200]})"
+                )
                 self.procs.remove(proc)
                 continue
-            say(f"{proc.name} stopped (exit code {code}; last line of {proc.log.name}: {last[0][:200]}); "
-                "the rest of the region keeps running; starting it again")
+            say(
+                f"{proc.name} stopped (exit code {code}; last line of {proc.log.name}: {last[0][:200]}); "
+                "the rest of the region keeps running; starting it again"
+            )
             self.procs.remove(proc)
             again = self.spawn(proc.name, proc.cmd, proc.stop_signal, proc.extra_env)
             again.restarts = proc.restarts + 1
         for site_id, orthanc in list(self.pacs.items()):
             if orthanc.process.poll() is not None:
                 stopped.append(f"pacs-{site_id}")
-                say(f"the PACS of {site_id} (Orthanc) stopped (exit code {orthanc.process.returncode}); "
-                    f"imports into it fail until it is back. Its log: {orthanc.log_path}")
+                say(
+                    f"the PACS of {site_id} (Orthanc) stopped (exit code {orthanc.process.returncode}); "
+                    f"imports into it fail until it is back. Its log: {orthanc.log_path}"
+                )
                 del self.pacs[site_id]
         return stopped
 
     # -- the parts -----------------------------------------------------------
     def deploy(self, timeout: float = 300) -> None:
         """Work pools and deployments (prefect.yaml), as `renkei deploy` makes them."""
-        proc = subprocess.run(self.renkei("deploy"), cwd=REPO, env=self.env(), capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            self.renkei("deploy"), cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=timeout
+        )
         if proc.returncode != 0:
             raise RenkeiError(f"renkei deploy failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
@@ -143,8 +167,11 @@ class RegionRunner:
             if site.pacs is None or (sites is not None and site.id not in sites):
                 continue
             self.pacs[site.id] = peers.start_orthanc(
-                self.layout.data_dir / "pacs" / site.id, ae_title=site.pacs.ae_title, dicom_port=site.pacs.port,
-                modalities={site.edge.ae_title: (site.edge.ae_title, site.edge.host, site.edge.port)})
+                self.layout.data_dir / "pacs" / site.id,
+                ae_title=site.pacs.ae_title,
+                dicom_port=site.pacs.port,
+                modalities={site.edge.ae_title: (site.edge.ae_title, site.edge.host, site.edge.port)},
+            )
 
     def start_edges(self, sites: Sequence[str] | None = None) -> None:
         for site_id in sites if sites is not None else self.layout.config.site_ids:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from catalog.catalog import Catalog
 from catalog.store import ObjectMissing, ObjectStore
@@ -52,17 +52,23 @@ def _center_holds(store: ObjectStore, catalog: Catalog, study_uid: str) -> bool:
     The catalog's "verified" may be older than a loss of the center; the
     edge's copy may be the last one, so it is only dropped after this look.
     """
-    rows = catalog.instances(study_uid, version="first") + [r for r in catalog.instances(study_uid)
-                                                             if r.get("corrected")]
+    rows = catalog.instances(study_uid, version="first") + [
+        r for r in catalog.instances(study_uid) if r.get("corrected")
+    ]
     try:
         return bool(rows) and all(store.size(r["object_key"]) == int(r["size"]) for r in rows)
     except (ObjectMissing, OSError):
         return False
 
 
-def apply_retention(layout: Layout, catalog: Catalog, site_id: str, now: float | None = None,
-                    usage: Callable[[Path], float] = disk_usage,
-                    store: ObjectStore | None = None) -> RetentionResult:
+def apply_retention(
+    layout: Layout,
+    catalog: Catalog,
+    site_id: str,
+    now: float | None = None,
+    usage: Callable[[Path], float] = disk_usage,
+    store: ObjectStore | None = None,
+) -> RetentionResult:
     """Remove the oldest verified studies of the site's edge while its disk is above the threshold."""
     site = layout.config.site(site_id)
     policy = site.edge.retention
@@ -94,8 +100,9 @@ def apply_retention(layout: Layout, catalog: Catalog, site_id: str, now: float |
             except JournalError:  # an instance arrived meanwhile: keep the study
                 unverified += 1
                 continue
-            catalog.set_location(uid, f"edge:{site_id}", "removed", detail="retention: disk above threshold",
-                                 by=f"retention:{site_id}")
+            catalog.set_location(
+                uid, f"edge:{site_id}", "removed", detail="retention: disk above threshold", by=f"retention:{site_id}"
+            )
             removed.append(uid)
             freed += size
             current = usage(root)

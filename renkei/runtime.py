@@ -8,11 +8,17 @@ length of one call.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any
 
 from renkei.config import DATA_DIR_ENV, Layout, load_config, resolve_data_dir
+
+if TYPE_CHECKING:  # the catalog and the edge import renkei: opened here at call time (issue 14 untangles it)
+    from catalog.catalog import Catalog
+    from catalog.store import ObjectStore
+    from edge.journal import Journal
 
 CONFIG_ENV = "RENKEI_CONFIG"
 _REPO_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nagasaki.yaml"
@@ -28,14 +34,14 @@ def layout(config: str | None = None, data_dir: str | None = None) -> Layout:
     return Layout(load_config(config_path(config)), resolve_data_dir(data_dir or os.environ.get(DATA_DIR_ENV)))
 
 
-def open_store(lay: Layout):  # -> catalog.store.ObjectStore
+def open_store(lay: Layout) -> ObjectStore:
     from catalog.store import ObjectStore
 
     return ObjectStore(lay.center_url, lay.config.center.s3)
 
 
 @contextmanager
-def open_catalog(lay: Layout, **kwargs) -> Iterator["object"]:
+def open_catalog(lay: Layout, **kwargs: Any) -> Iterator[Catalog]:
     from catalog.catalog import Catalog
 
     cat = Catalog.from_layout(lay, **kwargs)
@@ -46,7 +52,7 @@ def open_catalog(lay: Layout, **kwargs) -> Iterator["object"]:
 
 
 @contextmanager
-def open_journal(lay: Layout, site_id: str) -> Iterator["object"]:
+def open_journal(lay: Layout, site_id: str) -> Iterator[Journal]:
     from edge.journal import Journal
 
     journal = Journal.open(lay.edge_store(site_id))

@@ -9,8 +9,9 @@ accesses. Every exit asks `Sharing.decide`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any
 
 from catalog import tables
 from catalog.catalog import Catalog, GrantRecord, GrantRequest, StudyRow
@@ -51,8 +52,11 @@ class Sharing:
 
     @staticmethod
     def _facts(grants: Iterable[GrantRecord]) -> list[GrantFact]:
-        return [GrantFact(g.site, g.by_kind, g.by, g.reason, g.at.isoformat() if g.at else "", g.rule)
-                for g in grants if g.active]
+        return [
+            GrantFact(g.site, g.by_kind, g.by, g.reason, g.at.isoformat() if g.at else "", g.rule)
+            for g in grants
+            if g.active
+        ]
 
     # ------------------------------------------------------------------ decisions
     def decide(self, site: str, study_uid: str) -> Decision:
@@ -60,8 +64,13 @@ class Sharing:
         row = self.catalog.study(study_uid)
         if row is None:
             return decide(self.config, site, None, [], study_uid=study_uid)
-        return decide(self.config, site, row.study_info(), self._facts(self.catalog.grants(study_uid)),
-                      self.consent_withdrawn(row))
+        return decide(
+            self.config,
+            site,
+            row.study_info(),
+            self._facts(self.catalog.grants(study_uid)),
+            self.consent_withdrawn(row),
+        )
 
     def visible_study_uids(self, site: str, study_uids: Iterable[str]) -> set[str]:
         return {uid for uid in study_uids if self.decide(site, uid).allowed}
@@ -82,8 +91,10 @@ class Sharing:
             if history:
                 lines.append(f"  history for {site}:")
                 for g in history:
-                    lines.append(f"    {g.at:%Y-%m-%d %H:%M:%S} {g.action} by {g.by_kind} {g.by}"
-                                 f"{' (' + g.reason + ')' if g.reason else ''}")
+                    lines.append(
+                        f"    {g.at:%Y-%m-%d %H:%M:%S} {g.action} by {g.by_kind} {g.by}"
+                        f"{' (' + g.reason + ')' if g.reason else ''}"
+                    )
             if self.consent_withdrawn(row):
                 c = self.catalog.consent_of(row.origin_site, row.patient_id, row.issuer_of_patient_id)
                 lines.append(f"  consent withdrawn at {row.origin_site} by {c.by if c else '?'}")
@@ -140,19 +151,32 @@ class Sharing:
             out.append(site)
         return out
 
-    def publish(self, study_uid: str, sites: Sequence[str], operator: str, reason: str = "",
-                despite_withdrawn_consent: bool = False) -> list[str]:
+    def publish(
+        self,
+        study_uid: str,
+        sites: Sequence[str],
+        operator: str,
+        reason: str = "",
+        despite_withdrawn_consent: bool = False,
+    ) -> list[str]:
         """A person publishes a study to sites; returns the sites newly granted."""
         row = self._study(study_uid)
         targets = self._check_sites(row, sites)
         if self.consent_withdrawn(row) and not despite_withdrawn_consent:
             raise PolicyError(
                 f"the patient of study {study_uid} withdrew consent to sharing at {row.origin_site}; "
-                "publish only with --despite-withdrawn-consent and a --reason")
+                "publish only with --despite-withdrawn-consent and a --reason"
+            )
         before = {g.site for g in self.catalog.grants(study_uid) if g.active}
-        self.catalog.grant_many([GrantRequest(study_uid, s, "person", operator, reason or "published by hand",
-                                              None, self.config.policy.version) for s in targets],
-                                actor_site=self.config.hub.id)
+        self.catalog.grant_many(
+            [
+                GrantRequest(
+                    study_uid, s, "person", operator, reason or "published by hand", None, self.config.policy.version
+                )
+                for s in targets
+            ],
+            actor_site=self.config.hub.id,
+        )
         return [s for s in targets if s not in before]
 
     def unpublish(self, study_uid: str, sites: Sequence[str], operator: str, reason: str = "") -> list[str]:
@@ -160,18 +184,29 @@ class Sharing:
         row = self._study(study_uid)
         targets = self._check_sites(row, sites)
         before = {g.site for g in self.catalog.grants(study_uid) if g.active}
-        self.catalog.grant_many([GrantRequest(study_uid, s, "person", operator, reason or "unpublished by hand",
-                                              None, self.config.policy.version, tables.REVOKE) for s in targets],
-                                actor_site=self.config.hub.id)
+        self.catalog.grant_many(
+            [
+                GrantRequest(
+                    study_uid,
+                    s,
+                    "person",
+                    operator,
+                    reason or "unpublished by hand",
+                    None,
+                    self.config.policy.version,
+                    tables.REVOKE,
+                )
+                for s in targets
+            ],
+            actor_site=self.config.hub.id,
+        )
         return [s for s in targets if s in before]
 
     # ------------------------------------------------------------------ consent
     def _patient_studies(self, site: str, patient_id: str, issuer: str) -> list[StudyRow]:
-        return [r for r in self.catalog.visible_studies(site, [(patient_id, issuer or None)])
-                if r.origin_site == site]
+        return [r for r in self.catalog.visible_studies(site, [(patient_id, issuer or None)]) if r.origin_site == site]
 
-    def withdraw_consent(self, site: str, patient_id: str, issuer: str, operator: str,
-                         reason: str = "") -> int:
+    def withdraw_consent(self, site: str, patient_id: str, issuer: str, operator: str, reason: str = "") -> int:
         """The patient withdraws sharing at `site`: rule grants stop and are revoked. Returns revocations."""
         self.config.site(site)
         issuer = issuer or self.config.site(site).issuer
@@ -180,9 +215,18 @@ class Sharing:
         for row in self._patient_studies(site, patient_id, issuer):
             for g in self.catalog.grants(row.study_uid):
                 if g.active and g.by_kind == "rule":
-                    revoke.append(GrantRequest(row.study_uid, g.site, "consent", operator,
-                                               reason or "consent withdrawn", g.rule, self.config.policy.version,
-                                               tables.REVOKE))
+                    revoke.append(
+                        GrantRequest(
+                            row.study_uid,
+                            g.site,
+                            "consent",
+                            operator,
+                            reason or "consent withdrawn",
+                            g.rule,
+                            self.config.policy.version,
+                            tables.REVOKE,
+                        )
+                    )
         if revoke:
             self.catalog.grant_many(revoke, actor_site=site)
         return len(revoke)
@@ -204,8 +248,15 @@ class Sharing:
         return len(requests)
 
     # ------------------------------------------------------------------ access audit
-    def record_access(self, site: str, actor: str, action: str, study_uids: Sequence[str],
-                      outcome: str = "ok", detail: dict | None = None) -> None:
+    def record_access(
+        self,
+        site: str,
+        actor: str,
+        action: str,
+        study_uids: Sequence[str],
+        outcome: str = "ok",
+        detail: dict[str, Any] | None = None,
+    ) -> None:
         """Audit a cross-site access: a query answer or a retrieval by `actor` (an AE title) of `site`."""
         from catalog.audit import AuditDraft
 

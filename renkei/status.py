@@ -64,23 +64,34 @@ class Status:
         return bool(self.problems)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"checked_at": self.checked_at, "needs_action": self.needs_action,
-                "problems": [asdict(p) for p in self.problems], "ok": self.ok}
+        return {
+            "checked_at": self.checked_at,
+            "needs_action": self.needs_action,
+            "problems": [asdict(p) for p in self.problems],
+            "ok": self.ok,
+        }
 
 
-def region_status(layout: Layout, api_url: str | None = None, now: float | None = None,
-                  catalog: Any = None, timeout: float = 15.0) -> Status:
+def region_status(
+    layout: Layout, api_url: str | None = None, now: float | None = None, catalog: Any = None, timeout: float = 15.0
+) -> Status:
     """What needs action; `catalog` reuses an open Catalog (the dashboard's), `timeout` bounds each API call."""
     now = time.time() if now is None else now
-    status = Status(dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds"))
+    status = Status(dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds"))
     stuck = _edges(layout, status, now)
     _catalog(layout, status, now, catalog)
     api_url = api_url if api_url is not None else os.environ.get("PREFECT_API_URL")
     if api_url:
         _prefect(api_url, status, now, timeout, layout.config.timezone)
     else:
-        status.problems.append(Problem("prefect", None, "PREFECT_API_URL is not set: runs, pools and workers "
-                                       "were not checked", "set it to the Prefect server's API"))
+        status.problems.append(
+            Problem(
+                "prefect",
+                None,
+                "PREFECT_API_URL is not set: runs, pools and workers were not checked",
+                "set it to the Prefect server's API",
+            )
+        )
     _stuck(layout, status, stuck, api_url)
     return status
 
@@ -98,9 +109,16 @@ def _stuck(layout: Layout, status: Status, stuck: dict[str, tuple[int, float]], 
             why = "no sync has taken them (look at the site's sync runs)"
             action = f"start one: prefect deployment run sync_site/sync-{site}; then read its log"
             link = f"{ui}/runs" if ui else None
-        status.problems.append(Problem(
-            "stuck", site, f"{count} stud{'y' if count == 1 else 'ies'} of {site} waiting for "
-            f"{age_s / 60:.0f} min (more than {limit_min:g} min) to reach the center: {why}", action, link))
+        status.problems.append(
+            Problem(
+                "stuck",
+                site,
+                f"{count} stud{'y' if count == 1 else 'ies'} of {site} waiting for "
+                f"{age_s / 60:.0f} min (more than {limit_min:g} min) to reach the center: {why}",
+                action,
+                link,
+            )
+        )
 
 
 def _edges(layout: Layout, status: Status, now: float) -> dict[str, tuple[int, float]]:
@@ -113,32 +131,50 @@ def _edges(layout: Layout, status: Status, now: float) -> dict[str, tuple[int, f
         root = layout.edge_store(site.id)
         if not (root / JOURNAL_NAME).exists():
             if layout.data_dir.exists():
-                status.problems.append(Problem("edge", site.id, f"the edge of {site.id} has never run with this "
-                                               f"data folder (no journal at {root})",
-                                               f"start it: renkei edge serve --site {site.id}"))
+                status.problems.append(
+                    Problem(
+                        "edge",
+                        site.id,
+                        f"the edge of {site.id} has never run with this data folder (no journal at {root})",
+                        f"start it: renkei edge serve --site {site.id}",
+                    )
+                )
             continue
         with Journal.open(root, readonly=True) as journal:
             beat = journal.last_heartbeat()
             quarantined = journal.quarantined_study_uids()
             held = len(quarantined)
-            waiting = [u for state in ("pending", "uploaded")
-                       for u in journal.completed_studies(stuck_s, now=now, state=state) if u not in quarantined]
+            waiting = [
+                u
+                for state in ("pending", "uploaded")
+                for u in journal.completed_studies(stuck_s, now=now, state=state)
+                if u not in quarantined
+            ]
             if waiting:
                 waiting = list(dict.fromkeys(waiting))
                 oldest = min(float(r["_last_received"]) for r in journal.study_rows(waiting))
                 stuck[site.id] = (len(waiting), now - oldest)
         if beat is None or now - beat > layout.config.alerts.edge_silent_s:
             when = "never" if beat is None else f"{(now - beat) / 60:.0f} min ago"
-            status.problems.append(Problem("edge", site.id, f"the edge of {site.id} is not running (last heartbeat: "
-                                           f"{when})", f"start it (renkei edge serve --site {site.id}) and look at "
-                                           "its log for why it stopped"))
+            status.problems.append(
+                Problem(
+                    "edge",
+                    site.id,
+                    f"the edge of {site.id} is not running (last heartbeat: {when})",
+                    f"start it (renkei edge serve --site {site.id}) and look at its log for why it stopped",
+                )
+            )
         else:
             status.ok.append(f"edge of {site.id} running")
         if held:
-            status.problems.append(Problem("quarantine", site.id, f"{held} stud{'y' if held == 1 else 'ies'} in "
-                                           f"quarantine at the edge of {site.id}",
-                                           f"see why: renkei edge status --site {site.id}; then fix at the "
-                                           "sender or renkei edge release"))
+            status.problems.append(
+                Problem(
+                    "quarantine",
+                    site.id,
+                    f"{held} stud{'y' if held == 1 else 'ies'} in quarantine at the edge of {site.id}",
+                    f"see why: renkei edge status --site {site.id}; then fix at the sender or renkei edge release",
+                )
+            )
     return stuck
 
 
@@ -149,10 +185,16 @@ def _catalog(layout: Layout, status: Status, now: float, open_catalog: Any = Non
 
     url = layout.catalog_url
     if "://" not in url and not os.path.isdir(url):
-        status.problems.append(Problem("catalog", None, f"there is no catalog at {url}",
-                                       "check --data-dir; after a loss: renkei catalog rebuild"))
+        status.problems.append(
+            Problem(
+                "catalog",
+                None,
+                f"there is no catalog at {url}",
+                "check --data-dir; after a loss: renkei catalog rebuild",
+            )
+        )
         return
-    since = dt.datetime.fromtimestamp(now - DELIVERY_LOOKBACK_S, dt.timezone.utc)
+    since = dt.datetime.fromtimestamp(now - DELIVERY_LOOKBACK_S, dt.UTC)
     try:
         if open_catalog is not None:
             open_catalog.totals()
@@ -164,27 +206,48 @@ def _catalog(layout: Layout, status: Status, now: float, open_catalog: Any = Non
                 events = cat.recent_audit(["verify-backups"], limit=1)
                 deliveries = cat.recent_audit(["deliver"], limit=5000, since=since)
     except RenkeiError as exc:
-        status.problems.append(Problem("catalog", None, str(exc).split(";")[0],
-                                       "renkei catalog check; then renkei catalog restore (or rebuild)"))
+        status.problems.append(
+            Problem(
+                "catalog",
+                None,
+                str(exc).split(";")[0],
+                "renkei catalog check; then renkei catalog restore (or rebuild)",
+            )
+        )
         return
     status.ok.append("catalog readable")
     _deliveries(deliveries, status)
     if not events:
-        status.problems.append(Problem("verification", None, "the backup verification has never run",
-                                       "check that the verify-backups deployment exists (renkei deploy) and "
-                                       "that the center's worker runs"))
+        status.problems.append(
+            Problem(
+                "verification",
+                None,
+                "the backup verification has never run",
+                "check that the verify-backups deployment exists (renkei deploy) and that the center's worker runs",
+            )
+        )
     else:
         last = events[0]
         age_h = (now - last.at.timestamp()) / 3600
         limit_h = layout.config.alerts.verification_max_age_h
         if age_h > limit_h:
-            status.problems.append(Problem("verification", None, f"the last backup verification is "
-                                           f"{_hours(age_h)} old (more than {limit_h:g} h)",
-                                           "the nightly schedule is not running: check the center's worker and "
-                                           "the Prefect server"))
+            status.problems.append(
+                Problem(
+                    "verification",
+                    None,
+                    f"the last backup verification is {_hours(age_h)} old (more than {limit_h:g} h)",
+                    "the nightly schedule is not running: check the center's worker and the Prefect server",
+                )
+            )
         elif last.outcome not in ("ok", "repaired"):
-            status.problems.append(Problem("verification", None, f"the last backup verification ended "
-                                           f"'{last.outcome}'", "read its artifact in the Prefect UI"))
+            status.problems.append(
+                Problem(
+                    "verification",
+                    None,
+                    f"the last backup verification ended '{last.outcome}'",
+                    "read its artifact in the Prefect UI",
+                )
+            )
         else:
             status.ok.append(f"backup verification {age_h:.1f} h ago")
     location = BackupLocation(layout.catalog_backup_url, layout.config.center.s3)
@@ -193,13 +256,24 @@ def _catalog(layout: Layout, status: Status, now: float, open_catalog: Any = Non
     except RenkeiError:
         manifest = None
     if manifest is None:
-        status.problems.append(Problem("backup", None, "the catalog has never been backed up to "
-                                       f"{layout.catalog_backup_url}",
-                                       "renkei catalog backup, and check the backup-catalog deployment"))
+        status.problems.append(
+            Problem(
+                "backup",
+                None,
+                f"the catalog has never been backed up to {layout.catalog_backup_url}",
+                "renkei catalog backup, and check the backup-catalog deployment",
+            )
+        )
     elif now - float(manifest.get("time", 0)) > layout.config.alerts.backup_max_age_min * 60:
         age = (now - float(manifest["time"])) / 3600
-        status.problems.append(Problem("backup", None, f"the catalog's last backup is {_hours(age)} old",
-                                       "the backup-catalog schedule is not running: check the center's worker"))
+        status.problems.append(
+            Problem(
+                "backup",
+                None,
+                f"the catalog's last backup is {_hours(age)} old",
+                "the backup-catalog schedule is not running: check the center's worker",
+            )
+        )
     else:
         status.ok.append("catalog backed up")
 
@@ -208,8 +282,12 @@ def _hours(h: float) -> str:
     return f"{h:.0f} h" if h >= 10 else f"{h:.1f} h" if h >= 0.1 else f"{h * 60:.0f} min"
 
 
-NOT_DELIVERED = {"edge-failed": "could not be cached at the edge", "pacs-failed": "the PACS refused the import",
-                 "patient-unknown": "the patient is not known at the site", "no-pacs": "the site has no PACS"}
+NOT_DELIVERED = {
+    "edge-failed": "could not be cached at the edge",
+    "pacs-failed": "the PACS refused the import",
+    "patient-unknown": "the patient is not known at the site",
+    "no-pacs": "the site has no PACS",
+}
 
 
 def _deliveries(events: list[Any], status: Status) -> None:
@@ -228,13 +306,21 @@ def _deliveries(events: list[Any], status: Status) -> None:
             why = NOT_DELIVERED.get(event.outcome, event.outcome)
             reasons[why] = reasons.get(why, 0) + 1
         uids = ", ".join(e.study_uid for e in failed[:3]) + (" ..." if len(failed) > 3 else "")
-        action = ("register the patient at the site or link the patient's IDs (renkei link), then deliver again"
-                  if "patient-unknown" in {e.outcome for e in failed} else
-                  "fix the cause (the site's PACS or edge), then deliver again (prefect deployment run "
-                  f"deliver/deliver-{site} with the studies)")
-        status.problems.append(Problem(
-            "delivery", site, f"{len(failed)} stud{'y' if len(failed) == 1 else 'ies'} not delivered to {site} "
-            f"({'; '.join(f'{n}: {why}' for why, n in reasons.items())}): {uids}", action))
+        action = (
+            "register the patient at the site or link the patient's IDs (renkei link), then deliver again"
+            if "patient-unknown" in {e.outcome for e in failed}
+            else "fix the cause (the site's PACS or edge), then deliver again (prefect deployment run "
+            f"deliver/deliver-{site} with the studies)"
+        )
+        status.problems.append(
+            Problem(
+                "delivery",
+                site,
+                f"{len(failed)} stud{'y' if len(failed) == 1 else 'ies'} not delivered to {site} "
+                f"({'; '.join(f'{n}: {why}' for why, n in reasons.items())}): {uids}",
+                action,
+            )
+        )
 
 
 def _get(url: str, body: dict | None = None, timeout: float = 15.0) -> Any:
@@ -254,49 +340,94 @@ def _get(url: str, body: dict | None = None, timeout: float = 15.0) -> Any:
 
 def _prefect(api: str, status: Status, now: float, timeout: float = 15.0, zone_name: str | None = None) -> None:
     ui = api[:-4] if api.endswith("/api") else api
-    since = dt.datetime.fromtimestamp(now - 86400, dt.timezone.utc).isoformat()
+    since = dt.datetime.fromtimestamp(now - 86400, dt.UTC).isoformat()
     try:
-        runs = _get(f"{api}/flow_runs/filter", {
-            "limit": 200, "sort": "START_TIME_DESC",
-            "flow_runs": {"state": {"type": {"any_": ["FAILED", "CRASHED"]}},
-                          "start_time": {"after_": since}}}, timeout)
-        late = _get(f"{api}/flow_runs/filter", {"limit": 50, "flow_runs": {"state": {"name": {"any_": ["Late"]}}}},
-                    timeout)
+        runs = _get(
+            f"{api}/flow_runs/filter",
+            {
+                "limit": 200,
+                "sort": "START_TIME_DESC",
+                "flow_runs": {"state": {"type": {"any_": ["FAILED", "CRASHED"]}}, "start_time": {"after_": since}},
+            },
+            timeout,
+        )
+        late = _get(
+            f"{api}/flow_runs/filter", {"limit": 50, "flow_runs": {"state": {"name": {"any_": ["Late"]}}}}, timeout
+        )
         pools = _get(f"{api}/work_pools/filter", {}, timeout)
     except OSError as exc:
         if getattr(exc, "code", None) in (401, 403):
-            status.problems.append(Problem("prefect", None, f"the Prefect API at {api} refuses renkei's requests "
-                                           f"({exc})", "set PREFECT_API_AUTH_STRING to the server's user:password "
-                                           "(PREFECT_SERVER_API_AUTH_STRING)"))
+            status.problems.append(
+                Problem(
+                    "prefect",
+                    None,
+                    f"the Prefect API at {api} refuses renkei's requests ({exc})",
+                    "set PREFECT_API_AUTH_STRING to the server's user:password (PREFECT_SERVER_API_AUTH_STRING)",
+                )
+            )
         else:
-            status.problems.append(Problem("prefect", None, f"the Prefect API at {api} does not answer ({exc})",
-                                           "start it (renkei server) and check PREFECT_API_URL"))
+            status.problems.append(
+                Problem(
+                    "prefect",
+                    None,
+                    f"the Prefect API at {api} does not answer ({exc})",
+                    "start it (renkei server) and check PREFECT_API_URL",
+                )
+            )
         return
     for run in runs:
-        status.problems.append(Problem("run", None, f"run {run['name']} ended {run['state']['name']}"
-                                       + (f": {run['state'].get('message')}" if run["state"].get("message") else ""),
-                                       "read the run's artifact and log; start it again when the cause is fixed",
-                                       f"{ui}/runs/flow-run/{run['id']}", key=f"run:{run['id']}"))
+        status.problems.append(
+            Problem(
+                "run",
+                None,
+                f"run {run['name']} ended {run['state']['name']}"
+                + (f": {run['state'].get('message')}" if run["state"].get("message") else ""),
+                "read the run's artifact and log; start it again when the cause is fixed",
+                f"{ui}/runs/flow-run/{run['id']}",
+                key=f"run:{run['id']}",
+            )
+        )
     for run in late:
-        status.problems.append(Problem("run", None, f"run {run['name']} is late (scheduled "
-                                       f"{_local(run.get('expected_start_time'), zone_name)})",
-                                       "no worker takes it: start the pool's worker, or resume the pool",
-                                       f"{ui}/runs/flow-run/{run['id']}", key=f"late:{run['id']}"))
+        status.problems.append(
+            Problem(
+                "run",
+                None,
+                f"run {run['name']} is late (scheduled {_local(run.get('expected_start_time'), zone_name)})",
+                "no worker takes it: start the pool's worker, or resume the pool",
+                f"{ui}/runs/flow-run/{run['id']}",
+                key=f"late:{run['id']}",
+            )
+        )
     for pool in pools:
         if not str(pool.get("name", "")).startswith("renkei-"):
             continue
         if pool.get("is_paused"):
-            status.problems.append(Problem("pool", pool["name"].removeprefix("renkei-"), f"work pool {pool['name']} "
-                                           "is paused", f"resume it: prefect work-pool resume {pool['name']}",
-                                           f"{ui}/work-pools/work-pool/{pool['name']}",
-                                           key=f"pool-paused:{pool['name']}"))
+            status.problems.append(
+                Problem(
+                    "pool",
+                    pool["name"].removeprefix("renkei-"),
+                    f"work pool {pool['name']} is paused",
+                    f"resume it: prefect work-pool resume {pool['name']}",
+                    f"{ui}/work-pools/work-pool/{pool['name']}",
+                    key=f"pool-paused:{pool['name']}",
+                )
+            )
         elif pool.get("status") == "NOT_READY":
-            status.problems.append(Problem("pool", pool["name"].removeprefix("renkei-"), f"no worker polls work pool "
-                                           f"{pool['name']}", "start it: renkei worker "
-                                           + ("--center" if pool["name"] == "renkei-center" else
-                                              f"--site {pool['name'].removeprefix('renkei-')}"),
-                                           f"{ui}/work-pools/work-pool/{pool['name']}",
-                                           key=f"pool-idle:{pool['name']}"))
+            status.problems.append(
+                Problem(
+                    "pool",
+                    pool["name"].removeprefix("renkei-"),
+                    f"no worker polls work pool {pool['name']}",
+                    "start it: renkei worker "
+                    + (
+                        "--center"
+                        if pool["name"] == "renkei-center"
+                        else f"--site {pool['name'].removeprefix('renkei-')}"
+                    ),
+                    f"{ui}/work-pools/work-pool/{pool['name']}",
+                    key=f"pool-idle:{pool['name']}",
+                )
+            )
     if not runs and not late:
         status.ok.append("no failed or late runs in 24 h")
 
@@ -306,7 +437,6 @@ def _local(iso: str | None, zone_name: str | None) -> str:
     from renkei.display import local_time
 
     try:
-        return local_time(dt.datetime.fromisoformat(iso or ""), zone_name, "%Y-%m-%d %H:%M",
-                          with_zone=True)
+        return local_time(dt.datetime.fromisoformat(iso or ""), zone_name, "%Y-%m-%d %H:%M", with_zone=True)
     except ValueError:
         return str(iso or "?")

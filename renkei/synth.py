@@ -41,14 +41,15 @@ import datetime as dt
 import logging
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import (
+    UID,
     ComputedRadiographyImageStorage,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -90,42 +91,101 @@ SOP_CLASS_OF_MODALITY = {
 # -- names ---------------------------------------------------------------------
 # (kanji, hiragana reading, romaji): common surnames, with some of Nagasaki's.
 SURNAMES: tuple[tuple[str, str, str], ...] = (
-    ("佐藤", "さとう", "Sato"), ("鈴木", "すずき", "Suzuki"), ("高橋", "たかはし", "Takahashi"),
-    ("田中", "たなか", "Tanaka"), ("伊藤", "いとう", "Ito"), ("渡辺", "わたなべ", "Watanabe"),
-    ("山本", "やまもと", "Yamamoto"), ("中村", "なかむら", "Nakamura"), ("小林", "こばやし", "Kobayashi"),
-    ("加藤", "かとう", "Kato"), ("吉田", "よしだ", "Yoshida"), ("山田", "やまだ", "Yamada"),
-    ("佐々木", "ささき", "Sasaki"), ("山口", "やまぐち", "Yamaguchi"), ("松本", "まつもと", "Matsumoto"),
-    ("井上", "いのうえ", "Inoue"), ("木村", "きむら", "Kimura"), ("林", "はやし", "Hayashi"),
-    ("斎藤", "さいとう", "Saito"), ("清水", "しみず", "Shimizu"), ("山崎", "やまざき", "Yamazaki"),
-    ("森", "もり", "Mori"), ("池田", "いけだ", "Ikeda"), ("橋本", "はしもと", "Hashimoto"),
-    ("阿部", "あべ", "Abe"), ("石川", "いしかわ", "Ishikawa"), ("前田", "まえだ", "Maeda"),
-    ("藤田", "ふじた", "Fujita"), ("小川", "おがわ", "Ogawa"), ("岡田", "おかだ", "Okada"),
-    ("後藤", "ごとう", "Goto"), ("長谷川", "はせがわ", "Hasegawa"), ("村上", "むらかみ", "Murakami"),
-    ("近藤", "こんどう", "Kondo"), ("坂本", "さかもと", "Sakamoto"), ("遠藤", "えんどう", "Endo"),
-    ("青木", "あおき", "Aoki"), ("西村", "にしむら", "Nishimura"), ("福田", "ふくだ", "Fukuda"),
-    ("太田", "おおた", "Ota"), ("松尾", "まつお", "Matsuo"), ("中島", "なかしま", "Nakashima"),
-    ("浦川", "うらかわ", "Urakawa"), ("川口", "かわぐち", "Kawaguchi"), ("野口", "のぐち", "Noguchi"),
-    ("荒木", "あらき", "Araki"), ("永田", "ながた", "Nagata"), ("平山", "ひらやま", "Hirayama"),
-    ("山下", "やました", "Yamashita"), ("森田", "もりた", "Morita"),
+    ("佐藤", "さとう", "Sato"),
+    ("鈴木", "すずき", "Suzuki"),
+    ("高橋", "たかはし", "Takahashi"),
+    ("田中", "たなか", "Tanaka"),
+    ("伊藤", "いとう", "Ito"),
+    ("渡辺", "わたなべ", "Watanabe"),
+    ("山本", "やまもと", "Yamamoto"),
+    ("中村", "なかむら", "Nakamura"),
+    ("小林", "こばやし", "Kobayashi"),
+    ("加藤", "かとう", "Kato"),
+    ("吉田", "よしだ", "Yoshida"),
+    ("山田", "やまだ", "Yamada"),
+    ("佐々木", "ささき", "Sasaki"),
+    ("山口", "やまぐち", "Yamaguchi"),
+    ("松本", "まつもと", "Matsumoto"),
+    ("井上", "いのうえ", "Inoue"),
+    ("木村", "きむら", "Kimura"),
+    ("林", "はやし", "Hayashi"),
+    ("斎藤", "さいとう", "Saito"),
+    ("清水", "しみず", "Shimizu"),
+    ("山崎", "やまざき", "Yamazaki"),
+    ("森", "もり", "Mori"),
+    ("池田", "いけだ", "Ikeda"),
+    ("橋本", "はしもと", "Hashimoto"),
+    ("阿部", "あべ", "Abe"),
+    ("石川", "いしかわ", "Ishikawa"),
+    ("前田", "まえだ", "Maeda"),
+    ("藤田", "ふじた", "Fujita"),
+    ("小川", "おがわ", "Ogawa"),
+    ("岡田", "おかだ", "Okada"),
+    ("後藤", "ごとう", "Goto"),
+    ("長谷川", "はせがわ", "Hasegawa"),
+    ("村上", "むらかみ", "Murakami"),
+    ("近藤", "こんどう", "Kondo"),
+    ("坂本", "さかもと", "Sakamoto"),
+    ("遠藤", "えんどう", "Endo"),
+    ("青木", "あおき", "Aoki"),
+    ("西村", "にしむら", "Nishimura"),
+    ("福田", "ふくだ", "Fukuda"),
+    ("太田", "おおた", "Ota"),
+    ("松尾", "まつお", "Matsuo"),
+    ("中島", "なかしま", "Nakashima"),
+    ("浦川", "うらかわ", "Urakawa"),
+    ("川口", "かわぐち", "Kawaguchi"),
+    ("野口", "のぐち", "Noguchi"),
+    ("荒木", "あらき", "Araki"),
+    ("永田", "ながた", "Nagata"),
+    ("平山", "ひらやま", "Hirayama"),
+    ("山下", "やました", "Yamashita"),
+    ("森田", "もりた", "Morita"),
 )
 # (kanji, hiragana, romaji, era): era = the birth years in which the name is usual
 GIVEN_NAMES_MALE: tuple[tuple[str, str, str, str], ...] = (
-    ("茂", "しげる", "Shigeru", "old"), ("清", "きよし", "Kiyoshi", "old"), ("正男", "まさお", "Masao", "old"),
-    ("和夫", "かずお", "Kazuo", "old"), ("勇", "いさむ", "Isamu", "old"), ("修", "おさむ", "Osamu", "old"),
-    ("浩", "ひろし", "Hiroshi", "old"), ("隆", "たかし", "Takashi", "old"), ("誠", "まこと", "Makoto", "mid"),
-    ("健一", "けんいち", "Kenichi", "mid"), ("直樹", "なおき", "Naoki", "mid"), ("大輔", "だいすけ", "Daisuke", "mid"),
-    ("達也", "たつや", "Tatsuya", "mid"), ("拓也", "たくや", "Takuya", "mid"), ("一郎", "いちろう", "Ichiro", "mid"),
-    ("太郎", "たろう", "Taro", "mid"), ("翔太", "しょうた", "Shota", "young"), ("健太", "けんた", "Kenta", "young"),
-    ("蓮", "れん", "Ren", "young"), ("大翔", "ひろと", "Hiroto", "young"),
+    ("茂", "しげる", "Shigeru", "old"),
+    ("清", "きよし", "Kiyoshi", "old"),
+    ("正男", "まさお", "Masao", "old"),
+    ("和夫", "かずお", "Kazuo", "old"),
+    ("勇", "いさむ", "Isamu", "old"),
+    ("修", "おさむ", "Osamu", "old"),
+    ("浩", "ひろし", "Hiroshi", "old"),
+    ("隆", "たかし", "Takashi", "old"),
+    ("誠", "まこと", "Makoto", "mid"),
+    ("健一", "けんいち", "Kenichi", "mid"),
+    ("直樹", "なおき", "Naoki", "mid"),
+    ("大輔", "だいすけ", "Daisuke", "mid"),
+    ("達也", "たつや", "Tatsuya", "mid"),
+    ("拓也", "たくや", "Takuya", "mid"),
+    ("一郎", "いちろう", "Ichiro", "mid"),
+    ("太郎", "たろう", "Taro", "mid"),
+    ("翔太", "しょうた", "Shota", "young"),
+    ("健太", "けんた", "Kenta", "young"),
+    ("蓮", "れん", "Ren", "young"),
+    ("大翔", "ひろと", "Hiroto", "young"),
 )
 GIVEN_NAMES_FEMALE: tuple[tuple[str, str, str, str], ...] = (
-    ("幸子", "さちこ", "Sachiko", "old"), ("節子", "せつこ", "Setsuko", "old"), ("和子", "かずこ", "Kazuko", "old"),
-    ("千代", "ちよ", "Chiyo", "old"), ("恵子", "けいこ", "Keiko", "old"), ("京子", "きょうこ", "Kyoko", "old"),
-    ("久美子", "くみこ", "Kumiko", "old"), ("陽子", "ようこ", "Yoko", "mid"), ("由美", "ゆみ", "Yumi", "mid"),
-    ("直美", "なおみ", "Naomi", "mid"), ("明美", "あけみ", "Akemi", "mid"), ("真由美", "まゆみ", "Mayumi", "mid"),
-    ("美穂", "みほ", "Miho", "mid"), ("花子", "はなこ", "Hanako", "mid"), ("美咲", "みさき", "Misaki", "young"),
-    ("愛", "あい", "Ai", "young"), ("結衣", "ゆい", "Yui", "young"), ("桜", "さくら", "Sakura", "young"),
-    ("葵", "あおい", "Aoi", "young"), ("陽菜", "ひな", "Hina", "young"),
+    ("幸子", "さちこ", "Sachiko", "old"),
+    ("節子", "せつこ", "Setsuko", "old"),
+    ("和子", "かずこ", "Kazuko", "old"),
+    ("千代", "ちよ", "Chiyo", "old"),
+    ("恵子", "けいこ", "Keiko", "old"),
+    ("京子", "きょうこ", "Kyoko", "old"),
+    ("久美子", "くみこ", "Kumiko", "old"),
+    ("陽子", "ようこ", "Yoko", "mid"),
+    ("由美", "ゆみ", "Yumi", "mid"),
+    ("直美", "なおみ", "Naomi", "mid"),
+    ("明美", "あけみ", "Akemi", "mid"),
+    ("真由美", "まゆみ", "Mayumi", "mid"),
+    ("美穂", "みほ", "Miho", "mid"),
+    ("花子", "はなこ", "Hanako", "mid"),
+    ("美咲", "みさき", "Misaki", "young"),
+    ("愛", "あい", "Ai", "young"),
+    ("結衣", "ゆい", "Yui", "young"),
+    ("桜", "さくら", "Sakura", "young"),
+    ("葵", "あおい", "Aoi", "young"),
+    ("陽菜", "ひな", "Hina", "young"),
 )
 
 # Hub departments that order each kind of exam (Requesting Service of local orders)
@@ -515,33 +575,63 @@ def plan_study(
         return f"{min(total // 60, 23):02d}{total % 60:02d}{study_time[4:6]}"
 
     if modality == "CT":
-        series.append(SeriesPlan(
-            series_uid=derive_uid(study_uid, "series", 1), series_number=2, modality="CT",
-            sop_class_uid=sop_class, description=f"{english.removeprefix('CT ')} {'C+' if contrast else 'plain'} axial",
-            kind=kind, instances=ct_slices, rows=size, columns=size, body_part=body_part,
-            frame_of_reference_uid=for_uid, contrast=contrast, series_time=series_time(3),
-        ))
+        series.append(
+            SeriesPlan(
+                series_uid=derive_uid(study_uid, "series", 1),
+                series_number=2,
+                modality="CT",
+                sop_class_uid=sop_class,
+                description=f"{english.removeprefix('CT ')} {'C+' if contrast else 'plain'} axial",
+                kind=kind,
+                instances=ct_slices,
+                rows=size,
+                columns=size,
+                body_part=body_part,
+                frame_of_reference_uid=for_uid,
+                contrast=contrast,
+                series_time=series_time(3),
+            )
+        )
     elif modality == "MR":
         n = mr_slices if mr_slices is not None else max(3, ct_slices // 4)
         mr_size = max(16, size // 2)
         for number, weighting in ((3, "T1"), (4, "T2")):
-            series.append(SeriesPlan(
-                series_uid=derive_uid(study_uid, "series", number), series_number=number, modality="MR",
-                sop_class_uid=sop_class, description=f"AX {weighting} SE" if weighting == "T1" else "AX T2 TSE",
-                kind=f"mr-{weighting.lower()}", instances=n, rows=mr_size, columns=mr_size, body_part=body_part,
-                frame_of_reference_uid=for_uid, series_time=series_time(2 + 6 * (number - 3)),
-            ))
+            series.append(
+                SeriesPlan(
+                    series_uid=derive_uid(study_uid, "series", number),
+                    series_number=number,
+                    modality="MR",
+                    sop_class_uid=sop_class,
+                    description=f"AX {weighting} SE" if weighting == "T1" else "AX T2 TSE",
+                    kind=f"mr-{weighting.lower()}",
+                    instances=n,
+                    rows=mr_size,
+                    columns=mr_size,
+                    body_part=body_part,
+                    frame_of_reference_uid=for_uid,
+                    series_time=series_time(2 + 6 * (number - 3)),
+                )
+            )
     else:
         rows = min(2048, size * 4)
         columns = (rows * 7 // 8) & ~1
         views = ("PA", "LL") if lateral else ("PA",)
         for number, view in enumerate(views, start=1):
-            series.append(SeriesPlan(
-                series_uid=derive_uid(study_uid, "series", number), series_number=number, modality=modality,
-                sop_class_uid=sop_class, description=f"Chest {view}", kind=f"xr-{view.lower()}",
-                instances=1, rows=rows, columns=columns, body_part=body_part,
-                series_time=series_time(number),
-            ))
+            series.append(
+                SeriesPlan(
+                    series_uid=derive_uid(study_uid, "series", number),
+                    series_number=number,
+                    modality=modality,
+                    sop_class_uid=sop_class,
+                    description=f"Chest {view}",
+                    kind=f"xr-{view.lower()}",
+                    instances=1,
+                    rows=rows,
+                    columns=columns,
+                    body_part=body_part,
+                    series_time=series_time(number),
+                )
+            )
     info = StudyInfo(
         study_uid=study_uid,
         origin_site=site.id,
@@ -562,8 +652,13 @@ def plan_study(
         specific_character_set=patient.specific_character_set,
     )
     if patient.specific_character_set == CHARSET_JIS:
-        texts = [info.patient_name, info.study_description, info.referring_physician,
-                 info.requesting_service, info.institution_name] + [s.description for s in series]
+        texts = [
+            info.patient_name,
+            info.study_description,
+            info.referring_physician,
+            info.requesting_service,
+            info.institution_name,
+        ] + [s.description for s in series]
         if not all(jis_encodable(t) for t in texts):
             # a configuration's institution name may hold characters outside JIS X 0208
             info = replace(info, specific_character_set=CHARSET_UTF8)
@@ -643,24 +738,27 @@ def plan_site(
                 accession = f"{study_date:%Y%m%d}{sequence:05d}"
             else:
                 accession = f"{letter}{study_date:%y}{sequence:05d}"
-            plans.append(plan_study(
-                site, patient,
-                study_uid=derive_uid("renkei-synth", seed, site_id, patient.patient_id, "study", k),
-                modality=modality,
-                study_date=study_date,
-                study_time=study_time,
-                accession_number=accession,
-                study_id=str(sequence),
-                referring_physician=referring,
-                requesting_service=requesting,
-                kind=kind,
-                japanese_description=bool(rng.random() < 0.4),
-                contrast=bool(modality == "CT" and rng.random() < 0.4),
-                ct_slices=ct_slices,
-                mr_slices=mr_slices,
-                size=size,
-                lateral=bool(modality in ("CR", "DX") and rng.random() < 0.5),
-            ))
+            plans.append(
+                plan_study(
+                    site,
+                    patient,
+                    study_uid=derive_uid("renkei-synth", seed, site_id, patient.patient_id, "study", k),
+                    modality=modality,
+                    study_date=study_date,
+                    study_time=study_time,
+                    accession_number=accession,
+                    study_id=str(sequence),
+                    referring_physician=referring,
+                    requesting_service=requesting,
+                    kind=kind,
+                    japanese_description=bool(rng.random() < 0.4),
+                    contrast=bool(modality == "CT" and rng.random() < 0.4),
+                    ct_slices=ct_slices,
+                    mr_slices=mr_slices,
+                    size=size,
+                    lateral=bool(modality in ("CR", "DX") and rng.random() < 0.5),
+                )
+            )
     return plans
 
 
@@ -796,7 +894,8 @@ def _series_dataset(plan: StudyPlan, series: SeriesPlan) -> Dataset:
             ds.AcquisitionContextSequence = []
             ds.AnatomicRegionSequence = [_code("51185008", "SCT", "Chest")]
             ds.ViewCodeSequence = [
-                _code("399348003", "SCT", "postero-anterior") if view == "PA"
+                _code("399348003", "SCT", "postero-anterior")
+                if view == "PA"
                 else _code("399173006", "SCT", "left lateral")
             ]
         else:
@@ -836,13 +935,16 @@ def _series_pixels(plan: StudyPlan, series: SeriesPlan) -> Iterator[tuple[np.nda
     for i in range(n):
         z_body = z0 + (i + 0.5) * thickness
         z_patient = -z_body  # slices run from the head toward the feet
-        yield phantom.slice(z_body, i), {
-            "ImagePositionPatient": [_ds_number(corner), _ds_number(corner), _ds_number(z_patient)],
-            "SliceLocation": _ds_number(z_patient),
-            "SliceThickness": _ds_number(thickness),
-            "SpacingBetweenSlices": _ds_number(thickness),
-            "PixelSpacing": [_ds_number(spacing), _ds_number(spacing)],
-        }
+        yield (
+            phantom.slice(z_body, i),
+            {
+                "ImagePositionPatient": [_ds_number(corner), _ds_number(corner), _ds_number(z_patient)],
+                "SliceLocation": _ds_number(z_patient),
+                "SliceThickness": _ds_number(thickness),
+                "SpacingBetweenSlices": _ds_number(thickness),
+                "PixelSpacing": [_ds_number(spacing), _ds_number(spacing)],
+            },
+        )
 
 
 def study_datasets(plan: StudyPlan) -> Iterator[Dataset]:
@@ -852,14 +954,14 @@ def study_datasets(plan: StudyPlan) -> Iterator[Dataset]:
     for series in plan.series:
         ds = _series_dataset(plan, series)
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = series.sop_class_uid
+        meta.MediaStorageSOPClassUID = UID(series.sop_class_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         ds.file_meta = meta
         for i, (pixels, position) in enumerate(_series_pixels(plan, series)):
             sop_uid = series.sop_instance_uid(i)
-            meta.MediaStorageSOPInstanceUID = sop_uid
+            meta.MediaStorageSOPInstanceUID = UID(sop_uid)
             ds.SOPInstanceUID = sop_uid
             ds.InstanceNumber = i + 1
             content_time = _add_seconds(series.series_time, 30 + i // 4)
@@ -965,8 +1067,15 @@ def generate_site(
     if isinstance(patients, int):
         patients = site_patients(config, site_id, patients, seed)
     plans = plan_site(
-        config, site_id, patients, seed,
-        ct_slices=ct_slices, mr_slices=mr_slices, size=size, modalities=modalities, reference_date=reference_date,
+        config,
+        site_id,
+        patients,
+        seed,
+        ct_slices=ct_slices,
+        mr_slices=mr_slices,
+        size=size,
+        modalities=modalities,
+        reference_date=reference_date,
     )
     out = Path(out_dir)
     try:
@@ -977,7 +1086,12 @@ def generate_site(
     result = SynthResult(site_id=site_id, out_dir=out, patients=tuple(patients), studies=studies)
     log.info(
         "site %s: wrote %d studies, %d series, %d instances (%.1f MB) to %s",
-        site_id, len(studies), result.series_count, result.instance_count, result.bytes_written / 1e6, out,
+        site_id,
+        len(studies),
+        result.series_count,
+        result.instance_count,
+        result.bytes_written / 1e6,
+        out,
     )
     return result
 
@@ -1011,17 +1125,30 @@ def write_single_study(
     different calls make different studies and the same call the same bytes.
     """
     if site is None:
-        site = SiteConfig.model_validate({
-            "id": "synthetic", "name": "Synthetic site", "role": "hub",
-            "institution_name": "renkei synthetic", "edge": {"ae_title": "SYNTH", "port": 11112},
-        })
+        site = SiteConfig.model_validate(
+            {
+                "id": "synthetic",
+                "name": "Synthetic site",
+                "role": "hub",
+                "institution_name": "renkei synthetic",
+                "edge": {"ae_title": "SYNTH", "port": 11112},
+            }
+        )
     patient = patient or default_patient(seed, site.id)
     study_uid = derive_uid("renkei-synth", seed, site.id, patient.patient_id, "single", modality, slices, size, kind)
     plan = plan_study(
-        site, patient,
-        study_uid=study_uid, modality=modality, study_date=study_date, study_time="101500",
-        accession_number=f"S{int(study_uid.rsplit('.', 1)[1]) % 10**9:09d}", study_id="1",
-        referring_physician="Tanaka^Ichiro=田中^一郎=タナカ^イチロウ", kind=kind,
-        ct_slices=slices, mr_slices=slices, size=size,
+        site,
+        patient,
+        study_uid=study_uid,
+        modality=modality,
+        study_date=study_date,
+        study_time="101500",
+        accession_number=f"S{int(study_uid.rsplit('.', 1)[1]) % 10**9:09d}",
+        study_id="1",
+        referring_physician="Tanaka^Ichiro=田中^一郎=タナカ^イチロウ",
+        kind=kind,
+        ct_slices=slices,
+        mr_slices=slices,
+        size=size,
     )
     return write_study(plan, out_dir)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -80,8 +81,8 @@ class _Canvas:
         self.cols = cols
         self.img = np.full((rows, cols), fill, dtype=np.float32)
         # pixel centres in normalised coordinates
-        self.u = ((np.arange(cols, dtype=np.float32) + 0.5) / cols * 2.0 - 1.0)
-        self.v = ((np.arange(rows, dtype=np.float32) + 0.5) / rows * 2.0 - 1.0)
+        self.u = (np.arange(cols, dtype=np.float32) + 0.5) / cols * 2.0 - 1.0
+        self.v = (np.arange(rows, dtype=np.float32) + 0.5) / rows * 2.0 - 1.0
         self.edge_px = 1.2
 
     def _box(self, cx: float, cy: float, a: float, b: float) -> tuple[slice, slice] | None:
@@ -148,9 +149,11 @@ class _Texture:
     def _knot(self, k: int) -> np.ndarray:
         """The full-resolution field at knot plane k (cached: slices between two planes blend them)."""
         if k not in self._cache:
-            grid = np.random.default_rng(self.seed + [k & 0xFFFFFFFF]).standard_normal(
-                (self.knots, self.knots)
-            ).astype(np.float32)
+            grid = (
+                np.random.default_rng(self.seed + [k & 0xFFFFFFFF])
+                .standard_normal((self.knots, self.knots))
+                .astype(np.float32)
+            )
             if len(self._cache) > 64:
                 self._cache.clear()
             self._cache[k] = self.wr @ grid @ self.wc.T
@@ -189,13 +192,23 @@ class CTPhantom:
         self.vertebra_phase = float(rng.uniform(0, 28))
         self.rib_phase = float(rng.uniform(0, 2 * math.pi))
         self.bowel = [
-            (float(rng.uniform(-0.45, 0.45)), float(rng.uniform(-0.3, 0.15)), float(rng.uniform(0.05, 0.11)),
-             float(rng.uniform(470, 600)), float(rng.uniform(25, 60)), bool(rng.random() < 0.4))
+            (
+                float(rng.uniform(-0.45, 0.45)),
+                float(rng.uniform(-0.3, 0.15)),
+                float(rng.uniform(0.05, 0.11)),
+                float(rng.uniform(470, 600)),
+                float(rng.uniform(25, 60)),
+                bool(rng.random() < 0.4),
+            )
             for _ in range(7)
         ]
         self.vessels = [
-            (float(rng.choice([-1, 1]) * rng.uniform(0.12, 0.48)), float(rng.uniform(-0.25, 0.35)),
-             float(rng.uniform(0.006, 0.018)), float(rng.uniform(30, 90)))
+            (
+                float(rng.choice([-1, 1]) * rng.uniform(0.12, 0.48)),
+                float(rng.uniform(-0.25, 0.35)),
+                float(rng.uniform(0.006, 0.018)),
+                float(rng.uniform(30, 90)),
+            )
             for _ in range(40)
         ]
         self.texture = _Texture(self.seed + [2], size, size)

@@ -23,9 +23,9 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 from catalog import keys
 from catalog.audit import AuditDraft
@@ -93,8 +93,9 @@ def mark_verified(journal: Journal, study_uids: Sequence[str]) -> int:
     """The end of a study's sync: its uploaded instances are 'verified' (the edge may drop them later)."""
     n = 0
     for study_uid in study_uids:
-        n += journal.set_upload_state([e.instance.sop_instance_uid for e in journal.instances(study_uid, "uploaded")],
-                                      "verified")
+        n += journal.set_upload_state(
+            [e.instance.sop_instance_uid for e in journal.instances(study_uid, "uploaded")], "verified"
+        )
     return n
 
 
@@ -123,14 +124,17 @@ def _upload_one(store: ObjectStore, site_id: str, entry: JournalEntry) -> tuple[
             result = store.put_file(entry.path, key, info.sha256)
         except ObjectConflict:
             # other bytes already hold this SOP Instance UID in the center: keep both, never replace
-            key = keys.object_key(site_id, info.study_uid, info.series_uid, info.sop_instance_uid,
-                                  conflict_sha256=info.sha256)
+            key = keys.object_key(
+                site_id, info.study_uid, info.series_uid, info.sop_instance_uid, conflict_sha256=info.sha256
+            )
             result = store.put_file(entry.path, key, info.sha256)
             conflict = True
     except IntegrityError as exc:
         # put_file hashes the bytes it reads from the edge's file: they are not those journaled
-        raise _Refused(f"instance {_shown(info.sop_instance_uid)}: the edge's file {entry.path.name} is not the "
-                       f"instance journaled ({exc}); it is damaged: have the sender send it again") from None
+        raise _Refused(
+            f"instance {_shown(info.sop_instance_uid)}: the edge's file {entry.path.name} is not the "
+            f"instance journaled ({exc}); it is damaged: have the sender send it again"
+        ) from None
     stored = store.sha256_of(key)
     if stored != info.sha256:
         raise IntegrityError(f"{key}: the center's copy hashes to {stored[:12]}..., not {info.sha256[:12]}...")
@@ -151,13 +155,17 @@ def _local_problem(entry: JournalEntry) -> str:
             while chunk := handle.read(4 << 20):
                 digest.update(chunk)
     except FileNotFoundError:
-        return (f"instance {uid}: the edge's file {entry.path} is missing; run the nightly verification "
-                "to see whether the center holds it")
+        return (
+            f"instance {uid}: the edge's file {entry.path} is missing; run the nightly verification "
+            "to see whether the center holds it"
+        )
     except OSError as exc:
         return f"instance {uid}: the edge's file {entry.path} cannot be read ({exc.strerror or exc})"
     if digest.hexdigest() != entry.instance.sha256:
-        return (f"instance {uid}: the edge's file {entry.path.name} hashes to {digest.hexdigest()[:12]}..., "
-                f"not the journaled {entry.instance.sha256[:12]}...; it is damaged")
+        return (
+            f"instance {uid}: the edge's file {entry.path.name} hashes to {digest.hexdigest()[:12]}..., "
+            f"not the journaled {entry.instance.sha256[:12]}...; it is damaged"
+        )
     return ""
 
 
@@ -184,8 +192,7 @@ def _study_info_or_none(journal: Journal, study_uid: str, site_id: str) -> Study
         return None
 
 
-def upload_study(journal: Journal, store: ObjectStore, site_id: str, study_uid: str,
-                 parallel: int = 4) -> UploadResult:
+def upload_study(journal: Journal, store: ObjectStore, site_id: str, study_uid: str, parallel: int = 4) -> UploadResult:
     """Upload every instance of the study not yet in the center, verifying each by SHA-256.
 
     Instances already 'uploaded' are verified again (cheap) so a crash between
@@ -197,8 +204,12 @@ def upload_study(journal: Journal, store: ObjectStore, site_id: str, study_uid: 
     started = time.monotonic()
     if journal.is_quarantined(study_uid):
         held = next(q for q in journal.quarantined() if q.study_uid == study_uid)
-        log.info("upload %s from %s: skipped, in quarantine since %s", study_uid, site_id,
-                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.quarantined_at)))
+        log.info(
+            "upload %s from %s: skipped, in quarantine since %s",
+            study_uid,
+            site_id,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.quarantined_at)),
+        )
         return UploadResult(study_uid, quarantined=held.reason)
     entries = journal.instances(study_uid, "pending") + journal.instances(study_uid, "uploaded")
     entries = [e for e in entries if e.local]
@@ -241,15 +252,39 @@ def upload_study(journal: Journal, store: ObjectStore, site_id: str, study_uid: 
         reason = f"upload: {len(refused)} of {len(entries)} instance(s) refused; first: {refused[0][1]}"
         reason = journal.quarantine(study_uid, reason, [uid for uid, _ in refused], step="upload").reason
         log.warning("upload %s from %s: quarantined (%s)", study_uid, site_id, reason)
-    result = UploadResult(study_uid, len(entries), created, len(done) - created, conflicts, size,
-                          time.monotonic() - started, tuple(failures), tuple(why for _, why in refused), reason)
-    log.info("upload %s from %s: %d instances, %d new objects, %d failures, %d refused",
-             study_uid, site_id, result.instances, result.uploaded, len(failures), len(refused))
+    result = UploadResult(
+        study_uid,
+        len(entries),
+        created,
+        len(done) - created,
+        conflicts,
+        size,
+        time.monotonic() - started,
+        tuple(failures),
+        tuple(why for _, why in refused),
+        reason,
+    )
+    log.info(
+        "upload %s from %s: %d instances, %d new objects, %d failures, %d refused",
+        study_uid,
+        site_id,
+        result.instances,
+        result.uploaded,
+        len(failures),
+        len(refused),
+    )
     return result
 
 
-def register_studies(journal: Journal, catalog: Catalog, site_id: str, study_uids: Sequence[str],
-                     by: str = "", default_issuer: str = "", mark_verified: bool = True) -> RegisterResult:
+def register_studies(
+    journal: Journal,
+    catalog: Catalog,
+    site_id: str,
+    study_uids: Sequence[str],
+    by: str = "",
+    default_issuer: str = "",
+    mark_verified: bool = True,
+) -> RegisterResult:
     """Register the uploaded instances of these studies in the catalog (then mark them verified).
 
     `by` names who moved them in the locations (the flow run, e.g. 'flow-run:<id>').
@@ -291,8 +326,12 @@ def register_studies(journal: Journal, catalog: Catalog, site_id: str, study_uid
         if len(batches) == 1:
             quarantined[batches[0].study.study_uid] = _quarantine_refused(journal, batches[0], exc)
         else:
-            log.warning("register %d studies from %s: the catalog refused the batch (%s); "
-                        "registering them one by one", len(batches), site_id, exc)
+            log.warning(
+                "register %d studies from %s: the catalog refused the batch (%s); registering them one by one",
+                len(batches),
+                site_id,
+                exc,
+            )
             for batch in batches:
                 try:
                     one = catalog.register_many([batch], actor=by)
@@ -306,8 +345,8 @@ def register_studies(journal: Journal, catalog: Catalog, site_id: str, study_uid
     if uids_by_study:
         catalog.set_locations(
             [{"study_uid": uid, "holder": "center", "state": "verified", "by": by} for uid in uids_by_study]
-            + [{"study_uid": uid, "holder": f"edge:{site_id}", "state": "present", "by": by}
-               for uid in uids_by_study])
+            + [{"study_uid": uid, "holder": f"edge:{site_id}", "state": "present", "by": by} for uid in uids_by_study]
+        )
     if mark_verified:
         for uids in uids_by_study.values():
             journal.set_upload_state(uids, "verified")
@@ -319,8 +358,11 @@ def register_studies(journal: Journal, catalog: Catalog, site_id: str, study_uid
 def _quarantine_refused(journal: Journal, batch: StudyBatch, exc: Exception) -> str:
     """Quarantine a study the catalog refused; returns the reason recorded."""
     study_uid = batch.study.study_uid
-    bad = [i.sop_instance_uid for i in batch.instances
-           if not all(is_valid_uid(u) for u in (i.study_uid, i.series_uid, i.sop_instance_uid))]
+    bad = [
+        i.sop_instance_uid
+        for i in batch.instances
+        if not all(is_valid_uid(u) for u in (i.study_uid, i.series_uid, i.sop_instance_uid))
+    ]
     reason = scrub(f"register: the catalog refused the study ({type(exc).__name__}: {exc})", batch.study)
     reason = journal.quarantine(study_uid, reason, bad, step="register").reason
     log.warning("register %s from %s: quarantined (%s)", study_uid, batch.study.origin_site, reason)
@@ -342,17 +384,35 @@ def audit_quarantines(journal: Journal, catalog: Catalog, site_id: str, by: str 
     by = by or f"sync:{site_id}"
     drafts: list[AuditDraft] = []
     for q in todo:
-        recorded = {e.action for e in catalog.audit(study_uid=q.study_uid)
-                    if e.actor_site == site_id and e.detail.get("quarantine_id") == q.id
-                    and e.detail.get("quarantined_at") == q.quarantined_at}
-        detail = {"quarantine_id": q.id, "quarantined_at": q.quarantined_at, "step": q.step, "reason": q.reason,
-                  "instances": len(q.sop_instance_uids),
-                  "sop_instance_uids": list(q.sop_instance_uids[:_AUDITED_UIDS_MAX])}
+        recorded = {
+            e.action
+            for e in catalog.audit(study_uid=q.study_uid)
+            if e.actor_site == site_id
+            and e.detail.get("quarantine_id") == q.id
+            and e.detail.get("quarantined_at") == q.quarantined_at
+        }
+        detail = {
+            "quarantine_id": q.id,
+            "quarantined_at": q.quarantined_at,
+            "step": q.step,
+            "reason": q.reason,
+            "instances": len(q.sop_instance_uids),
+            "sop_instance_uids": list(q.sop_instance_uids[:_AUDITED_UIDS_MAX]),
+        }
         if q.audited_at is None and QUARANTINE_ACTION not in recorded:
             drafts.append(AuditDraft(site_id, by, QUARANTINE_ACTION, q.study_uid, None, "quarantined", detail))
         if q.released_at is not None and q.release_audited_at is None and RELEASE_ACTION not in recorded:
-            drafts.append(AuditDraft(site_id, q.released_by or by, RELEASE_ACTION, q.study_uid, None, "ok",
-                                     {**detail, "released_at": q.released_at}))
+            drafts.append(
+                AuditDraft(
+                    site_id,
+                    q.released_by or by,
+                    RELEASE_ACTION,
+                    q.study_uid,
+                    None,
+                    "ok",
+                    {**detail, "released_at": q.released_at},
+                )
+            )
     catalog.append_audits(drafts)
     journal.mark_quarantine_audited([q.id for q in todo])
     return todo

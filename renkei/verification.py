@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from catalog import keys
 from catalog.catalog import Catalog
@@ -122,8 +123,11 @@ def find_edge_copy(layout: Layout, sop_instance_uid: str, sha256: str) -> tuple[
         with Journal.open(root) as journal:
             entry = journal.entry(sop_instance_uid)
             # a later version of the instance (sent again with other bytes) is kept in conflicts/
-            versions = [c.path for c in journal.conflicts()
-                        if c.sop_instance_uid == sop_instance_uid and c.received_sha256 == sha256]
+            versions = [
+                c.path
+                for c in journal.conflicts()
+                if c.sop_instance_uid == sop_instance_uid and c.received_sha256 == sha256
+            ]
         candidates = versions
         if entry is not None and entry.local and entry.instance.sha256 == sha256:
             candidates = [entry.path, *versions]
@@ -152,8 +156,16 @@ def _repair(layout: Layout, store: ObjectStore, row: dict[str, Any]) -> tuple[bo
     return True, site_id, f"uploaded again from the edge of {site_id}"
 
 
-def verify_center(catalog: Catalog, store: ObjectStore, layout: Layout, part: int = 0, parts: int = 1,
-                  threads: int = 4, repair: bool = True, report: VerificationReport | None = None) -> VerificationReport:
+def verify_center(
+    catalog: Catalog,
+    store: ObjectStore,
+    layout: Layout,
+    part: int = 0,
+    parts: int = 1,
+    threads: int = 4,
+    repair: bool = True,
+    report: VerificationReport | None = None,
+) -> VerificationReport:
     """Read back every object of the center (or part `part` of `parts`) and repair what is wrong."""
     report = report or VerificationReport(part, parts)
     started = time.monotonic()
@@ -167,16 +179,24 @@ def verify_center(catalog: Catalog, store: ObjectStore, layout: Layout, part: in
                 if kind is None:
                     healthy.setdefault(row["study_uid"], set()).add(row["sop_instance_uid"])
                 else:
-                    problems.append((row, kind))  # type: ignore[arg-type]
+                    problems.append((row, kind))
     report.seconds = time.monotonic() - started
     locations: list[dict[str, Any]] = []
     for row, kind in problems:
         repaired, site_id, detail = _repair(layout, store, row) if repair else (False, "", "repair disabled")
-        report.findings.append(Finding(kind, row["study_uid"], row["sop_instance_uid"], row["object_key"],
-                                       detail, repaired, site_id))
-        locations.append({"study_uid": row["study_uid"], "sop_instance_uid": row["sop_instance_uid"],
-                          "holder": "center", "state": "verified" if repaired else kind_state(kind),
-                          "detail": detail, "by": "verify_backups"})
+        report.findings.append(
+            Finding(kind, row["study_uid"], row["sop_instance_uid"], row["object_key"], detail, repaired, site_id)
+        )
+        locations.append(
+            {
+                "study_uid": row["study_uid"],
+                "sop_instance_uid": row["sop_instance_uid"],
+                "holder": "center",
+                "state": "verified" if repaired else kind_state(kind),
+                "detail": detail,
+                "by": "verify_backups",
+            }
+        )
         if repaired:
             log.warning("repaired %s object %s from %s", kind, row["object_key"], site_id)
         else:
@@ -187,16 +207,33 @@ def verify_center(catalog: Catalog, store: ObjectStore, layout: Layout, part: in
     unrepaired = {(f.study_uid, f.sop_instance_uid) for f in report.findings if not f.repaired}
     for study_uid in {*healthy, *(row["study_uid"] for row, _ in problems)}:
         whole = healthy.get(study_uid, set())
-        damaged_before = {l.sop_instance_uid for l in catalog.locations(study_uid)
-                          if l.holder == "center" and l.sop_instance_uid and l.state in ("missing", "corrupt")}
+        damaged_before = {
+            l.sop_instance_uid
+            for l in catalog.locations(study_uid)
+            if l.holder == "center" and l.sop_instance_uid and l.state in ("missing", "corrupt")
+        }
         for sop in sorted(damaged_before & whole):
-            locations.append({"study_uid": study_uid, "sop_instance_uid": sop, "holder": "center",
-                              "state": "verified", "by": "verify_backups", "detail": "whole again"})
+            locations.append(
+                {
+                    "study_uid": study_uid,
+                    "sop_instance_uid": sop,
+                    "holder": "center",
+                    "state": "verified",
+                    "by": "verify_backups",
+                    "detail": "whole again",
+                }
+            )
         repaired_now = {f.sop_instance_uid for f in report.findings if f.study_uid == study_uid and f.repaired}
         still_damaged = (damaged_before - whole - repaired_now) | {sop for uid, sop in unrepaired if uid == study_uid}
-        locations.append({"study_uid": study_uid, "holder": "center",
-                          "state": "corrupt" if still_damaged else "verified", "by": "verify_backups",
-                          "detail": f"nightly verification part {part + 1} of {parts}"})
+        locations.append(
+            {
+                "study_uid": study_uid,
+                "holder": "center",
+                "state": "corrupt" if still_damaged else "verified",
+                "by": "verify_backups",
+                "detail": f"nightly verification part {part + 1} of {parts}",
+            }
+        )
     if locations:
         catalog.set_locations(locations)
     return report
@@ -206,8 +243,9 @@ def kind_state(kind: str) -> str:
     return "missing" if kind == MISSING else "corrupt"
 
 
-def check_edges(catalog: Catalog, store: ObjectStore, layout: Layout, report: VerificationReport,
-                repair: bool = True) -> VerificationReport:
+def check_edges(
+    catalog: Catalog, store: ObjectStore, layout: Layout, report: VerificationReport, repair: bool = True
+) -> VerificationReport:
     """Every instance an edge journaled as uploaded or verified is registered and stored in the center."""
     from edge.journal import JOURNAL_NAME, Journal
     from renkei import transfer
@@ -219,15 +257,22 @@ def check_edges(catalog: Catalog, store: ObjectStore, layout: Layout, report: Ve
             continue
         with Journal.open(root) as journal:
             for study_uid in journal.iter_study_uids():
-                entries = [e for e in journal.instances(study_uid) if e.upload_state in ("uploaded", "verified")
-                           and _origin_of(e, site.id) == site.id]
+                entries = [
+                    e
+                    for e in journal.instances(study_uid)
+                    if e.upload_state in ("uploaded", "verified") and _origin_of(e, site.id) == site.id
+                ]
                 if not entries:
                     continue
                 report.edge_instances_checked += len(entries)
                 registered = {r["sop_instance_uid"]: r for r in catalog.instances(study_uid)}
-                lost = [e for e in entries if e.instance.sop_instance_uid not in registered
-                        or registered[e.instance.sop_instance_uid]["sha256"] != e.instance.sha256
-                        and not _conflict_registered(catalog, e)]
+                lost = [
+                    e
+                    for e in entries
+                    if e.instance.sop_instance_uid not in registered
+                    or registered[e.instance.sop_instance_uid]["sha256"] != e.instance.sha256
+                    and not _conflict_registered(catalog, e)
+                ]
                 if not lost:
                     continue
                 detail = f"{len(lost)} instance(s) journaled at {site.id} are not in the center"
@@ -235,15 +280,23 @@ def check_edges(catalog: Catalog, store: ObjectStore, layout: Layout, report: Ve
                 if repair and all(e.local for e in lost):
                     journal.set_upload_state([e.instance.sop_instance_uid for e in lost], "pending")
                     up = transfer.upload_study(journal, store, site.id, study_uid)
-                    reg = transfer.register_studies(journal, catalog, site.id, [study_uid],
-                                                    default_issuer=site.issuer)
+                    reg = transfer.register_studies(journal, catalog, site.id, [study_uid], default_issuer=site.issuer)
                     repaired = up.ok and study_uid in reg.studies
                     if repaired:
                         report.rule_grants_reapplied += reapply_rules(catalog, layout, [study_uid])
                     detail += "; uploaded again from the edge" if repaired else f"; repair failed: {up.failures[:1]}"
                 for e in lost:
-                    report.findings.append(Finding(NOT_IN_CENTER, study_uid, e.instance.sop_instance_uid,
-                                                   e.object_key or "", detail, repaired, site.id if repaired else ""))
+                    report.findings.append(
+                        Finding(
+                            NOT_IN_CENTER,
+                            study_uid,
+                            e.instance.sop_instance_uid,
+                            e.object_key or "",
+                            detail,
+                            repaired,
+                            site.id if repaired else "",
+                        )
+                    )
     return report
 
 
@@ -253,8 +306,10 @@ def _origin_of(entry: Any, own_site: str) -> str:
 
 
 def _conflict_registered(catalog: Catalog, entry: Any) -> bool:
-    return any(c.sop_instance_uid == entry.instance.sop_instance_uid and c.new_sha256 == entry.instance.sha256
-               for c in catalog.conflicts(entry.instance.study_uid))
+    return any(
+        c.sop_instance_uid == entry.instance.sop_instance_uid and c.new_sha256 == entry.instance.sha256
+        for c in catalog.conflicts(entry.instance.study_uid)
+    )
 
 
 def reapply_rules(catalog: Catalog, layout: Layout, study_uids: Iterable[str]) -> int:
@@ -275,7 +330,8 @@ def reapply_rules(catalog: Catalog, layout: Layout, study_uids: Iterable[str]) -
 def reapply_rules_to_repaired(catalog: Catalog, layout: Layout, report: VerificationReport) -> VerificationReport:
     """The rules again for every study whose objects verify_center uploaded again."""
     report.rule_grants_reapplied += reapply_rules(
-        catalog, layout, (f.study_uid for f in report.findings if f.repaired and f.kind != NOT_IN_CENTER))
+        catalog, layout, (f.study_uid for f in report.findings if f.repaired and f.kind != NOT_IN_CENTER)
+    )
     return report
 
 
@@ -296,9 +352,14 @@ def _age_s(store: ObjectStore, key: str, now: float) -> float | None:
     return None if mtime is None else now - float(mtime)
 
 
-def check_unreferenced(catalog: Catalog, store: ObjectStore, report: VerificationReport,
-                       grace_s: float = UNREFERENCED_GRACE_S, listed: int = UNREFERENCED_LISTED,
-                       now: float | None = None) -> VerificationReport:
+def check_unreferenced(
+    catalog: Catalog,
+    store: ObjectStore,
+    report: VerificationReport,
+    grace_s: float = UNREFERENCED_GRACE_S,
+    listed: int = UNREFERENCED_LISTED,
+    now: float | None = None,
+) -> VerificationReport:
     """Count the objects of the center no catalog row points to; name the first `listed` in the report.
 
     Nothing is deleted: an unreferenced object may be the only copy of an
@@ -322,8 +383,9 @@ def check_unreferenced(catalog: Catalog, store: ObjectStore, report: Verificatio
     return report
 
 
-def sweep_temp(store_url: str, s3_options: Any, report: VerificationReport,
-               grace_s: float = TEMP_GRACE_S) -> VerificationReport:
+def sweep_temp(
+    store_url: str, s3_options: Any, report: VerificationReport, grace_s: float = TEMP_GRACE_S
+) -> VerificationReport:
     """Remove temporary files (local) or incomplete multipart uploads (S3) older than `grace_s` under objects/."""
     objects = ObjectStore(f"{store_url.rstrip('/')}/{keys.OBJECTS_PREFIX}", s3_options)
     report.temp_removed += objects.sweep_temp(grace_s)
@@ -336,8 +398,13 @@ def check_grants(catalog: Catalog, layout: Layout, report: VerificationReport) -
         for g in catalog.active_grants_for_site(site.id):
             report.grants_checked += 1
             if catalog.study(g.study_uid) is None:
-                report.findings.append(Finding(ORPHAN_GRANT, g.study_uid, detail=f"grant to {site.id} by "
-                                               f"{g.by_kind} {g.by} names no study in the catalog"))
+                report.findings.append(
+                    Finding(
+                        ORPHAN_GRANT,
+                        g.study_uid,
+                        detail=f"grant to {site.id} by {g.by_kind} {g.by} names no study in the catalog",
+                    )
+                )
     return report
 
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field, replace
 
 from catalog import keys
 from catalog.catalog import Catalog
-from catalog.store import IntegrityError, ObjectStore
+from catalog.store import ObjectStore
 from edge.journal import Journal
-from renkei.errors import RenkeiError
+from renkei.errors import IntegrityError, RenkeiError
 from renkei.records import StudyBatch
 
 log = logging.getLogger(__name__)
@@ -78,16 +78,19 @@ def upload_versions(journal: Journal, store: ObjectStore, catalog: Catalog, site
             result.waiting += 1
             continue
         try:
-            key = keys.object_key(site_id, study, conflict.series_uid, conflict.sop_instance_uid,
-                                  conflict_sha256=conflict.received_sha256)
+            key = keys.object_key(
+                site_id, study, conflict.series_uid, conflict.sop_instance_uid, conflict_sha256=conflict.received_sha256
+            )
             put = store.put_file(str(conflict.path), key, conflict.received_sha256)
             result.uploaded += int(put.created)
-            instance = replace(first.instance, sha256=conflict.received_sha256, size=conflict.size,
-                               transfer_syntax_uid=_transfer_syntax(str(conflict.path),
-                                                                    first.instance.transfer_syntax_uid))
+            instance = replace(
+                first.instance,
+                sha256=conflict.received_sha256,
+                size=conflict.size,
+                transfer_syntax_uid=_transfer_syntax(str(conflict.path), first.instance.transfer_syntax_uid),
+            )
             info = journal.study_info(study, site_id)
-            outcome = catalog.register(StudyBatch(info, (instance,)), holder="center",
-                                       actor=f"edge:{site_id}")
+            outcome = catalog.register(StudyBatch(info, (instance,)), holder="center", actor=f"edge:{site_id}")
         except IntegrityError as exc:
             result.failed.append(f"a corrected instance's file at the edge is damaged: {exc}")
             continue
@@ -98,6 +101,11 @@ def upload_versions(journal: Journal, store: ObjectStore, catalog: Catalog, site
         result.already += outcome.already_present
         registered[study].add((conflict.sop_instance_uid, conflict.received_sha256))
     if result.registered or result.failed:
-        log.info("corrected instances of %s: %d registered as new versions, %d failed, %d waiting",
-                 site_id, result.registered, len(result.failed), result.waiting)
+        log.info(
+            "corrected instances of %s: %d registered as new versions, %d failed, %d waiting",
+            site_id,
+            result.registered,
+            len(result.failed),
+            result.waiting,
+        )
     return result

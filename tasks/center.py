@@ -10,10 +10,16 @@ from renkei import runtime
 from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only
 
 
-@task(name="publish-study", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=retry_io_only)
-def publish_study(study_uid: str, sites: list[str], operator: str, reason: str, unpublish: bool,
-                  config: str | None = None, data_dir: str | None = None) -> list[str]:
+@task(name="publish-study", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
+def publish_study(
+    study_uid: str,
+    sites: list[str],
+    operator: str,
+    reason: str,
+    unpublish: bool,
+    config: str | None = None,
+    data_dir: str | None = None,
+) -> list[str]:
     """Grant (or revoke) the study to the sites in the name of `operator`; returns sites changed."""
     from renkei.sharing import Sharing
 
@@ -45,13 +51,17 @@ def check_catalog(config: str | None = None, data_dir: str | None = None) -> dic
     lay = runtime.layout(config, data_dir)
     with runtime.open_catalog(lay) as catalog:
         result = check(catalog, catalog.backup)
-    logger().info("catalog check: %d entries, %d files, %d problems, %.1f s", result.entries, result.files,
-                  len(result.problems), result.seconds)
+    logger().info(
+        "catalog check: %d entries, %d files, %d problems, %.1f s",
+        result.entries,
+        result.files,
+        len(result.problems),
+        result.seconds,
+    )
     return result.to_dict()
 
 
-@task(name="backup-catalog", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=retry_io_only)
+@task(name="backup-catalog", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
 def backup_catalog(config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Copy what is new in the catalog to its second location (incremental; catalog.backup.backup)."""
     from catalog.backup import backup
@@ -60,6 +70,12 @@ def backup_catalog(config: str | None = None, data_dir: str | None = None) -> di
     with runtime.open_catalog(lay) as catalog:
         assert catalog.backup is not None
         result = backup(catalog, catalog.backup)
-    logger().info("catalog backup at commit %d: %d entries, %d files (%.1f MB) copied in %.1f s", result.seq,
-                  result.entries_copied, result.files_copied, result.bytes_copied / 1e6, result.seconds)
+    logger().info(
+        "catalog backup at commit %d: %d entries, %d files (%.1f MB) copied in %.1f s",
+        result.seq,
+        result.entries_copied,
+        result.files_copied,
+        result.bytes_copied / 1e6,
+        result.seconds,
+    )
     return result.to_dict()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import MissingContextError
 
 IO_RETRIES = 4
-IO_RETRY_DELAYS = [2, 4, 8, 16]  # seconds: exponential backoff for I/O tasks
+IO_RETRY_DELAYS: list[float] = [2, 4, 8, 16]  # seconds: exponential backoff for I/O tasks
 
 
 def retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
@@ -46,10 +47,12 @@ def artifact_key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
-def publish_artifacts(key: str, title: str, summary_lines: Sequence[str], rows: Sequence[dict[str, Any]],
-                      description: str) -> None:
+def publish_artifacts(
+    key: str, title: str, summary_lines: Sequence[str], rows: Sequence[dict[str, Any]], description: str
+) -> None:
     """A markdown summary and, when there are rows, a table: what the run did, for the Prefect UI."""
-    create_markdown_artifact("\n".join([f"# {title}", "", *summary_lines]), key=artifact_key(key),
-                             description=description)
+    create_markdown_artifact(
+        "\n".join([f"# {title}", "", *summary_lines]), key=artifact_key(key), description=description
+    )
     if rows:
         create_table_artifact(list(rows), key=artifact_key(key + "-table"), description=description)

@@ -26,8 +26,7 @@ def ingest(site: str, config: str | None = None, data_dir: str | None = None) ->
     return studies
 
 
-@task(name="check-center", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=retry_io_only)
+@task(name="check-center", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
 def check_center(site: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Does the center still hold what the edge's journal calls verified? (a sample; see renkei.center_check)
 
@@ -41,17 +40,31 @@ def check_center(site: str, config: str | None = None, data_dir: str | None = No
     with ExitStack() as stack:
         journal = stack.enter_context(runtime.open_journal(lay, site))
         # the catalog is opened only when the journal holds something verified to compare
-        result = center_check.check_site(journal, runtime.open_store(lay),
-                                         lambda: stack.enter_context(runtime.open_catalog(lay)), site)
-    logger().info("check-center %s: %d verified instances sampled, %d missing, %d not registered; "
-                  "full check of %d: %d set back for upload, %d for registration, %d lost",
-                  site, result.sampled, result.sample_missing, result.sample_unregistered, result.checked,
-                  result.reupload, result.reregister, result.lost)
+        result = center_check.check_site(
+            journal, runtime.open_store(lay), lambda: stack.enter_context(runtime.open_catalog(lay)), site
+        )
+    logger().info(
+        "check-center %s: %d verified instances sampled, %d missing, %d not registered; "
+        "full check of %d: %d set back for upload, %d for registration, %d lost",
+        site,
+        result.sampled,
+        result.sample_missing,
+        result.sample_unregistered,
+        result.checked,
+        result.reupload,
+        result.reregister,
+        result.lost,
+    )
     return result.to_dict()
 
 
-@task(name="upload-study", task_run_name="upload {study_uid}", retries=IO_RETRIES,
-      retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
+@task(
+    name="upload-study",
+    task_run_name="upload {study_uid}",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_io_only,
+)
 def upload_study(site: str, study_uid: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Upload one study's pending instances to the center, each verified by SHA-256.
 
@@ -63,8 +76,7 @@ def upload_study(site: str, study_uid: str, config: str | None = None, data_dir:
     lay = runtime.layout(config, data_dir)
     slots = lay.config.site(site).link.upload_slots
     with runtime.open_journal(lay, site) as journal:
-        result = transfer.upload_study(journal, runtime.open_store(lay), site, study_uid,
-                                       parallel=max(2, 8 // slots))
+        result = transfer.upload_study(journal, runtime.open_store(lay), site, study_uid, parallel=max(2, 8 // slots))
     if result.quarantined:
         logger().warning("upload %s: quarantined: %s", study_uid, result.quarantined)
     elif result.failures:
@@ -72,21 +84,35 @@ def upload_study(site: str, study_uid: str, config: str | None = None, data_dir:
     return asdict(result)
 
 
-@task(name="register", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=retry_io_only)
-def register(site: str, study_uids: list[str], config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+@task(name="register", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
+def register(
+    site: str, study_uids: list[str], config: str | None = None, data_dir: str | None = None
+) -> dict[str, Any]:
     """Register the uploaded studies in the catalog (one commit); the edge marks them verified after flag."""
     lay = runtime.layout(config, data_dir)
     with runtime.open_journal(lay, site) as journal, runtime.open_catalog(lay) as catalog:
-        result = transfer.register_studies(journal, catalog, site, study_uids, by=run_marker(),
-                                           default_issuer=lay.config.site(site).issuer, mark_verified=False)
-    logger().info("register %s: %d studies, %d new instances, %d quarantined", site, len(result.studies),
-                  result.new_instances, len(result.quarantined))
+        result = transfer.register_studies(
+            journal,
+            catalog,
+            site,
+            study_uids,
+            by=run_marker(),
+            default_issuer=lay.config.site(site).issuer,
+            mark_verified=False,
+        )
+    logger().info(
+        "register %s: %d studies, %d new instances, %d quarantined",
+        site,
+        len(result.studies),
+        result.new_instances,
+        len(result.quarantined),
+    )
     return asdict(result)
 
 
-@task(name="audit-quarantines", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=retry_io_only)
+@task(
+    name="audit-quarantines", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only
+)
 def audit_quarantines(site: str, config: str | None = None, data_dir: str | None = None) -> list[dict[str, Any]]:
     """Audit the site's new quarantines and releases in the catalog; returns the studies held now.
 
@@ -109,8 +135,7 @@ def mark_verified(site: str, study_uids: list[str], config: str | None = None, d
         return transfer.mark_verified(journal, study_uids)
 
 
-@task(name="versions", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=retry_io_only)
+@task(name="versions", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
 def upload_versions(site: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Instances the edge received again with other bytes go to the center as new versions (counts only)."""
     from renkei.versions import upload_versions as upload
@@ -121,8 +146,7 @@ def upload_versions(site: str, config: str | None = None, data_dir: str | None =
     return result.to_dict()
 
 
-@task(name="flag", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=retry_io_only)
+@task(name="flag", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
 def flag(study_uids: list[str], config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Apply the sharing policy's rules to the registered studies; returns the grants written."""
     from renkei.sharing import Sharing
@@ -131,13 +155,17 @@ def flag(study_uids: list[str], config: str | None = None, data_dir: str | None 
     with runtime.open_catalog(lay) as catalog:
         result = Sharing(lay.config, catalog).flag(study_uids)
     logger().info("flag: %d grants written", len(result.granted))
-    return {"granted": [list(g) for g in result.granted], "skipped_consent": list(result.skipped_consent),
-            "skipped_history": [list(x) for x in result.skipped_history]}
+    return {
+        "granted": [list(g) for g in result.granted],
+        "skipped_consent": list(result.skipped_consent),
+        "skipped_history": [list(x) for x in result.skipped_history],
+    }
 
 
 @task(name="plan-deliveries")
-def plan_deliveries(granted: list[list[str]], config: str | None = None,
-                    data_dir: str | None = None) -> dict[str, dict[str, Any]]:
+def plan_deliveries(
+    granted: list[list[str]], config: str | None = None, data_dir: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Which of the new grants the policy pushes ahead of time: {site: {study_uids, to_pacs}}."""
     from renkei.policy import deliveries
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -14,7 +15,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
@@ -27,15 +28,22 @@ def deployment_name(flow_name: str, site: str | None = None) -> str:
     return f"{flow_name}/{short}-{site}" if site else f"{flow_name}/{flow_name.replace('_', '-')}"
 
 
-def start_run(flow_name: str, site: str | None, parameters: dict[str, Any], tag: str = "",
-              idempotency_key: str | None = None) -> str:
+def start_run(
+    flow_name: str, site: str | None, parameters: dict[str, Any], tag: str = "", idempotency_key: str | None = None
+) -> str:
     """Create a flow run of the deployment and return its id at once (the worker runs it).
 
     With `idempotency_key`, the same key gives the same run (a retransmitted message starts nothing new).
     """
     name = deployment_name(flow_name, site)
-    run = run_deployment(name, parameters=parameters, timeout=0, as_subflow=False,
-                         tags=[t for t in ("renkei", tag) if t], idempotency_key=idempotency_key)
+    run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here: prefect's stubs say "or a coroutine"
+        name,
+        parameters=parameters,
+        timeout=0,
+        as_subflow=False,
+        tags=[t for t in ("renkei", tag) if t],
+        idempotency_key=idempotency_key,
+    )
     log.info("started %s (flow run %s)", name, run.id)
     return str(run.id)
 
@@ -48,8 +56,9 @@ def has_waiting_run(deployment: str) -> bool:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[dep_name])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-                any_=[StateType.SCHEDULED, StateType.PENDING]))),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING]))
+            ),
             limit=5,
         )
     now = time.time()
@@ -66,8 +75,13 @@ class SyncTrigger:
     catch-up run covers anything missed.
     """
 
-    def __init__(self, site: str, parameters: dict[str, Any] | None = None,
-                 start: Callable[[], str] | None = None, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        site: str,
+        parameters: dict[str, Any] | None = None,
+        start: Callable[[], str] | None = None,
+        interval: float = 1.0,
+    ) -> None:
         self.site = site
         self.parameters = {"site": site, **(parameters or {})}
         self._start = start or (lambda: start_run("sync_site", site, self.parameters, tag=f"site:{site}"))
@@ -77,7 +91,7 @@ class SyncTrigger:
         self._thread = threading.Thread(target=self._run, name=f"sync-trigger-{site}", daemon=True)
         self.runs_started: list[str] = []
 
-    def start(self) -> "SyncTrigger":
+    def start(self) -> SyncTrigger:
         self._thread.start()
         return self
 
@@ -102,8 +116,10 @@ class SyncTrigger:
                     continue
                 self.runs_started.append(self._start())
             except ObjectNotFound:
-                log.error("no deployment %s: run `renkei deploy` (the catch-up schedule will not run either)",
-                          deployment_name("sync_site", self.site))
+                log.error(
+                    "no deployment %s: run `renkei deploy` (the catch-up schedule will not run either)",
+                    deployment_name("sync_site", self.site),
+                )
             except Exception as exc:  # Prefect unreachable: try again shortly
                 log.warning("could not start a sync of %s: %s; retrying", self.site, exc)
                 self._stop.wait(5)

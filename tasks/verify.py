@@ -13,8 +13,9 @@ from tasks.common import logger
 
 
 @task(name="verify-center", retries=1, retry_delay_seconds=[30])
-def verify_center(full: bool = False, repair: bool = True, config: str | None = None,
-                  data_dir: str | None = None) -> dict[str, Any]:
+def verify_center(
+    full: bool = False, repair: bool = True, config: str | None = None, data_dir: str | None = None
+) -> dict[str, Any]:
     """Read back tonight's share of the center's objects (all with `full`) and repair from edges.
 
     Also: the sharing rules again for what was uploaded or registered again,
@@ -32,17 +33,35 @@ def verify_center(full: bool = False, repair: bool = True, config: str | None = 
         verification.check_grants(catalog, lay, report)
         verification.check_unreferenced(catalog, store, report)
         verification.sweep_temp(lay.center_url, lay.config.center.s3, report)
-        catalog.append_audit("center", "verify_backups", "verify-backups",
-                             outcome="ok" if not report.unrecoverable else "unrecoverable",
-                             detail={"instances": report.instances_checked, "findings": len(report.findings),
-                                     "repaired": len(report.repaired), "part": part, "parts": parts,
-                                     "rule_grants_reapplied": report.rule_grants_reapplied,
-                                     "unreferenced": report.unreferenced, "temp_removed": report.temp_removed})
-    logger().info("verified %d instances (%.1f MB/s): %d findings, %d repaired, %d unrecoverable; "
-                  "%d objects listed, %d unreferenced; %d temporary files removed; %d rule grants applied again",
-                  report.instances_checked, report.mb_s, len(report.findings), len(report.repaired),
-                  len(report.unrecoverable), report.objects_listed, report.unreferenced, report.temp_removed,
-                  report.rule_grants_reapplied)
+        catalog.append_audit(
+            "center",
+            "verify_backups",
+            "verify-backups",
+            outcome="ok" if not report.unrecoverable else "unrecoverable",
+            detail={
+                "instances": report.instances_checked,
+                "findings": len(report.findings),
+                "repaired": len(report.repaired),
+                "part": part,
+                "parts": parts,
+                "rule_grants_reapplied": report.rule_grants_reapplied,
+                "unreferenced": report.unreferenced,
+                "temp_removed": report.temp_removed,
+            },
+        )
+    logger().info(
+        "verified %d instances (%.1f MB/s): %d findings, %d repaired, %d unrecoverable; "
+        "%d objects listed, %d unreferenced; %d temporary files removed; %d rule grants applied again",
+        report.instances_checked,
+        report.mb_s,
+        len(report.findings),
+        len(report.repaired),
+        len(report.unrecoverable),
+        report.objects_listed,
+        report.unreferenced,
+        report.temp_removed,
+        report.rule_grants_reapplied,
+    )
     data = asdict(report)
     data.update(mb_s=report.mb_s, repaired=len(report.repaired), unrecoverable=len(report.unrecoverable))
     return data

@@ -8,9 +8,8 @@ RENKEI_REQUIRE_ALL=1 (CI), where that skip becomes a failure.
 from __future__ import annotations
 
 import os
-import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -55,11 +54,26 @@ def require_program(name: str, package: str) -> str:
 # fixtures, two calls deep) refers to. `make test-fast` runs the rest (-m "not external"), and in that
 # tier a real part asked for anyway fails the test: the classification is then wrong and is fixed here.
 EXTERNAL_FIXTURES = frozenset({"dcmtk", "storescp", "orthanc", "s3_server", "s3_env", "s3_bucket", "prefect_api"})
-EXTERNAL_NAMES = frozenset({
-    "require_program", "require_part", "run_dcmtk", "findscu_study_uids", "start_storescp", "start_orthanc",
-    "start_moto", "start_postgres", "RegionRunner", "sync_playwright", "prefect_test_harness", "subprocess",
-    "Popen", "run_deployment", "get_client", "dcmtk_env",
-})
+EXTERNAL_NAMES = frozenset(
+    {
+        "require_program",
+        "require_part",
+        "run_dcmtk",
+        "findscu_study_uids",
+        "start_storescp",
+        "start_orthanc",
+        "start_moto",
+        "start_postgres",
+        "RegionRunner",
+        "sync_playwright",
+        "prefect_test_harness",
+        "subprocess",
+        "Popen",
+        "run_deployment",
+        "get_client",
+        "dcmtk_env",
+    }
+)
 FAST_TIER_ENV = "RENKEI_TEST_TIER"
 
 
@@ -116,8 +130,10 @@ def _fast_tier_uses_no_real_part(request: pytest.FixtureRequest, monkeypatch: py
         return
 
     def refuse(name: str, package: str) -> str:
-        pytest.fail(f"{request.node.nodeid} runs {name} ({package}) in the fast tier: it is external; "
-                    "teach tests/conftest.py (EXTERNAL_NAMES or EXTERNAL_FIXTURES) how to see it")
+        pytest.fail(
+            f"{request.node.nodeid} runs {name} ({package}) in the fast tier: it is external; "
+            "teach tests/conftest.py (EXTERNAL_NAMES or EXTERNAL_FIXTURES) how to see it"
+        )
 
     monkeypatch.setattr(peers, "require_program", refuse)
 

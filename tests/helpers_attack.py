@@ -18,18 +18,18 @@ import subprocess
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import yaml
+from helpers_region import region_config
 from pynetdicom import AE
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification
 
 from renkei import peers
-
-from helpers_region import region_config
 
 REPO = Path(__file__).resolve().parents[1]
 RENKEI = REPO / ".venv" / "bin" / "renkei"
@@ -44,8 +44,15 @@ IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.543.99"
 
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x01, 0x02, 0x03
 P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
-PDU_NAMES = {1: "A-ASSOCIATE-RQ", 2: "A-ASSOCIATE-AC", 3: "A-ASSOCIATE-RJ", 4: "P-DATA-TF",
-             5: "A-RELEASE-RQ", 6: "A-RELEASE-RP", 7: "A-ABORT"}
+PDU_NAMES = {
+    1: "A-ASSOCIATE-RQ",
+    2: "A-ASSOCIATE-AC",
+    3: "A-ASSOCIATE-RJ",
+    4: "P-DATA-TF",
+    5: "A-RELEASE-RQ",
+    6: "A-RELEASE-RP",
+    7: "A-ABORT",
+}
 
 SUCCESS = 0x0000
 PENDING = (0xFF00, 0xFF01)
@@ -73,13 +80,21 @@ class AttackRegion:
 
 
 DEFAULT_LIMITS: dict[str, Any] = {
-    "setup_timeout": 2, "pdu_timeout": 2, "idle_timeout": 30, "idle_evict_after": 1,
+    "setup_timeout": 2,
+    "pdu_timeout": 2,
+    "idle_timeout": 30,
+    "idle_evict_after": 1,
     "query_time_budget": 1,
 }
 
 
-def attack_region(folder: Path, *, limits: dict[str, Any] | None = None, tls: dict[str, str] | None = None,
-                  edit: Callable[[dict[str, Any]], None] | None = None) -> AttackRegion:
+def attack_region(
+    folder: Path,
+    *,
+    limits: dict[str, Any] | None = None,
+    tls: dict[str, str] | None = None,
+    edit: Callable[[dict[str, Any]], None] | None = None,
+) -> AttackRegion:
     """The example region (examples/nagasaki.yaml) with free ports and short edge deadlines.
 
     HUB_WS2 may also connect from 127.0.0.3 (`networks`); no rule shares a clinic's
@@ -106,8 +121,9 @@ def attack_region(folder: Path, *, limits: dict[str, Any] | None = None, tls: di
     hub = next(s for s in yaml.safe_load(path.read_text(encoding="utf-8"))["sites"] if s["id"] == "hub")
     data_dir = folder / "data"
     data_dir.mkdir(exist_ok=True)
-    return AttackRegion(folder, path, data_dir, hub["edge"]["port"], hub["edge"]["ae_title"],
-                        folder / "hub-store", chosen, bool(tls))
+    return AttackRegion(
+        folder, path, data_dir, hub["edge"]["port"], hub["edge"]["ae_title"], folder / "hub-store", chosen, bool(tls)
+    )
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -139,7 +155,7 @@ class EdgeProcess:
     def port(self) -> int:
         return self.region.edge_port
 
-    def start(self, timeout: float = 60) -> "EdgeProcess":
+    def start(self, timeout: float = 60) -> EdgeProcess:
         env = dict(os.environ)
         env.pop("PREFECT_API_URL", None)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -147,10 +163,26 @@ class EdgeProcess:
             handle.write(f"\n===== start {self.starts + 1} =====\n".encode())
             handle.flush()
             self.proc = subprocess.Popen(
-                [str(RENKEI), "--config", str(self.region.config), "--data-dir", str(self.region.data_dir),
-                 "edge", "serve", "--site", "hub", "--trigger", "off"],
-                cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True)
+                [
+                    str(RENKEI),
+                    "--config",
+                    str(self.region.config),
+                    "--data-dir",
+                    str(self.region.data_dir),
+                    "edge",
+                    "serve",
+                    "--site",
+                    "hub",
+                    "--trigger",
+                    "off",
+                ],
+                cwd=REPO,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
         self.starts += 1
         try:
             peers.wait_for_port("127.0.0.1", self.port, timeout, self.proc, "renkei edge serve")
@@ -162,8 +194,10 @@ class EdgeProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def assert_alive(self, after: str = "") -> None:
-        assert self.alive(), (f"the edge process died{' after ' + after if after else ''} "
-                              f"(exit code {self.proc.returncode if self.proc else None})\n{self.log_tail()}")
+        assert self.alive(), (
+            f"the edge process died{' after ' + after if after else ''} "
+            f"(exit code {self.proc.returncode if self.proc else None})\n{self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 10) -> None:
         """SIGINT, then SIGKILL after `timeout`."""
@@ -182,7 +216,7 @@ class EdgeProcess:
             self.proc.kill()
             self.proc.wait(10)
 
-    def restart(self) -> "EdgeProcess":
+    def restart(self) -> EdgeProcess:
         self.kill()
         return self.start()
 
@@ -227,7 +261,7 @@ class MemoryWatch:
             except (OSError, KeyError):
                 return
 
-    def __enter__(self) -> "MemoryWatch":
+    def __enter__(self) -> MemoryWatch:
         self._hwm_reset = self.edge.reset_peak()
         self.before = self.edge.memory()["VmRSS"]
         self.peak = self.before
@@ -250,8 +284,10 @@ class MemoryWatch:
 
     def describe(self) -> str:
         mib = 1024 * 1024
-        return (f"VmRSS before {self.before / mib:.1f} MiB, after {self.after / mib:.1f} MiB, "
-                f"peak {self.peak / mib:.1f} MiB (growth {self.growth / mib:.1f} MiB)")
+        return (
+            f"VmRSS before {self.before / mib:.1f} MiB, after {self.after / mib:.1f} MiB, "
+            f"peak {self.peak / mib:.1f} MiB (growth {self.growth / mib:.1f} MiB)"
+        )
 
 
 # ------------------------------------------------------------------ the legitimate peer
@@ -270,9 +306,19 @@ class EchoMonitor:
     succeeded and none took `max_latency` or more.
     """
 
-    def __init__(self, port: int, *, calling_ae: str = "HUB_WS1", called_ae: str = "HUB_SVR",
-                 host: str = "127.0.0.1", bind: str | None = "127.0.0.1", tls: ssl.SSLContext | None = None,
-                 every: float = 0.15, timeout: float = 5.0, min_echoes: int = 3) -> None:
+    def __init__(
+        self,
+        port: int,
+        *,
+        calling_ae: str = "HUB_WS1",
+        called_ae: str = "HUB_SVR",
+        host: str = "127.0.0.1",
+        bind: str | None = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
+        every: float = 0.15,
+        timeout: float = 5.0,
+        min_echoes: int = 3,
+    ) -> None:
         self.port, self.host, self.bind = port, host, bind
         self.calling_ae, self.called_ae = calling_ae, called_ae
         self.tls = tls
@@ -319,7 +365,7 @@ class EchoMonitor:
             self.results.append(result)
             self._stop.wait(max(0.0, self.every - result.latency) if result.ok else self.every)
 
-    def __enter__(self) -> "EchoMonitor":
+    def __enter__(self) -> EchoMonitor:
         self._thread.start()
         return self
 
@@ -337,10 +383,12 @@ class EchoMonitor:
         failures = [r for r in self.results if not r.ok]
         slow = sorted(self.results, key=lambda r: r.latency, reverse=True)[:5]
         t0 = self.results[0].started
-        return (f"{len(self.results)} echoes over {self.results[-1].started - t0:.1f} s, max "
-                f"{max(lat) * 1000:.0f} ms; slowest (ms @ s after the first): "
-                f"{[(round(r.latency * 1000), round(r.started - t0, 2)) for r in slow]}; {len(failures)} failed"
-                + (f" (first: {failures[0].detail} @ {failures[0].started - t0:.2f} s)" if failures else ""))
+        return (
+            f"{len(self.results)} echoes over {self.results[-1].started - t0:.1f} s, max "
+            f"{max(lat) * 1000:.0f} ms; slowest (ms @ s after the first): "
+            f"{[(round(r.latency * 1000), round(r.started - t0, 2)) for r in slow]}; {len(failures)} failed"
+            + (f" (first: {failures[0].detail} @ {failures[0].started - t0:.2f} s)" if failures else "")
+        )
 
     def check(self, max_latency: float = 1.0, at_least: int = 3) -> None:
         assert len(self.results) >= at_least, f"the legitimate peer made too few echoes: {self.summary()}"
@@ -368,16 +416,19 @@ def pdu(pdu_type: int, body: bytes) -> bytes:
     return struct.pack(">BBL", pdu_type, 0, len(body)) + body
 
 
-def associate_rq(called: str = "HUB_SVR", calling: str = "HUB_WS1",
-                 contexts: Sequence[tuple[int, str, Sequence[str]]] = ((1, VERIFICATION, (IMPLICIT_LE,)),),
-                 max_pdu: int = 16384, extra_user_items: bytes = b"") -> bytes:
+def associate_rq(
+    called: str = "HUB_SVR",
+    calling: str = "HUB_WS1",
+    contexts: Sequence[tuple[int, str, Sequence[str]]] = ((1, VERIFICATION, (IMPLICIT_LE,)),),
+    max_pdu: int = 16384,
+    extra_user_items: bytes = b"",
+) -> bytes:
     """A complete A-ASSOCIATE-RQ PDU, encoded by hand (PS3.8 9.3.2)."""
     items = _item(0x10, APPLICATION_CONTEXT.encode())
     for context_id, abstract, syntaxes in contexts:
         sub = _item(0x30, abstract.encode()) + b"".join(_item(0x40, ts.encode()) for ts in syntaxes)
         items += _item(0x20, struct.pack(">BBBB", context_id, 0, 0, 0) + sub)
-    user = (_item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, IMPLEMENTATION_UID.encode())
-            + extra_user_items)
+    user = _item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, IMPLEMENTATION_UID.encode()) + extra_user_items
     items += _item(0x50, user)
     body = struct.pack(">HH", 1, 0) + _ae_field(called) + _ae_field(calling) + bytes(32) + items
     return pdu(A_ASSOCIATE_RQ, body)
@@ -412,13 +463,22 @@ def us(value: int) -> bytes:
 
 
 def c_echo_rq(message_id: int = 1) -> bytes:
-    return command_set([(0x0002, ui(VERIFICATION)), (0x0100, us(0x0030)), (0x0110, us(message_id)),
-                        (0x0800, us(0x0101))])
+    return command_set(
+        [(0x0002, ui(VERIFICATION)), (0x0100, us(0x0030)), (0x0110, us(message_id)), (0x0800, us(0x0101))]
+    )
 
 
 def c_store_rq(sop_class_uid: str, sop_instance_uid: str | bytes, message_id: int = 1) -> bytes:
-    return command_set([(0x0002, ui(sop_class_uid)), (0x0100, us(0x0001)), (0x0110, us(message_id)),
-                        (0x0700, us(0)), (0x0800, us(0x0000)), (0x1000, ui(sop_instance_uid))])
+    return command_set(
+        [
+            (0x0002, ui(sop_class_uid)),
+            (0x0100, us(0x0001)),
+            (0x0110, us(message_id)),
+            (0x0700, us(0)),
+            (0x0800, us(0x0000)),
+            (0x1000, ui(sop_instance_uid)),
+        ]
+    )
 
 
 def parse_command(raw: bytes) -> dict[int, bytes]:
@@ -426,13 +486,34 @@ def parse_command(raw: bytes) -> dict[int, bytes]:
     pos = 0
     while pos + 8 <= len(raw):
         _group, elem, length = struct.unpack_from("<HHL", raw, pos)
-        out[elem] = raw[pos + 8: pos + 8 + length]
+        out[elem] = raw[pos + 8 : pos + 8 + length]
         pos += 8 + length
     return out
 
 
-_SHORT_VRS = {"AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT", "PN", "SH", "SL",
-              "SS", "ST", "TM", "UI", "UL", "US"}
+_SHORT_VRS = {
+    "AE",
+    "AS",
+    "AT",
+    "CS",
+    "DA",
+    "DS",
+    "DT",
+    "FL",
+    "FD",
+    "IS",
+    "LO",
+    "LT",
+    "PN",
+    "SH",
+    "SL",
+    "SS",
+    "ST",
+    "TM",
+    "UI",
+    "UL",
+    "US",
+}
 
 
 def explicit_element(group: int, elem: int, vr: str, value: bytes) -> bytes:
@@ -447,37 +528,39 @@ def text(value: str, pad: bytes = b" ") -> bytes:
     return raw + pad if len(raw) % 2 else raw
 
 
-def image_header(sop_instance_uid: str | bytes, study_uid: str, series_uid: str,
-                 patient_id: str = "ATTACK1") -> bytes:
+def image_header(sop_instance_uid: str | bytes, study_uid: str, series_uid: str, patient_id: str = "ATTACK1") -> bytes:
     """The elements of a small CT image before its pixel data (explicit VR little endian)."""
     sop = sop_instance_uid if isinstance(sop_instance_uid, bytes) else ui(sop_instance_uid)
-    return b"".join([
-        explicit_element(0x0008, 0x0016, "UI", ui(CT_IMAGE_STORAGE)),
-        explicit_element(0x0008, 0x0018, "UI", sop),
-        explicit_element(0x0008, 0x0020, "DA", text("20260101")),
-        explicit_element(0x0008, 0x0030, "TM", text("101500")),
-        explicit_element(0x0008, 0x0050, "SH", text("ATK1")),
-        explicit_element(0x0008, 0x0060, "CS", text("CT")),
-        explicit_element(0x0010, 0x0010, "PN", text("Attack^Test")),
-        explicit_element(0x0010, 0x0020, "LO", text(patient_id)),
-        explicit_element(0x0020, 0x000D, "UI", ui(study_uid)),
-        explicit_element(0x0020, 0x000E, "UI", ui(series_uid)),
-        explicit_element(0x0020, 0x0013, "IS", text("1")),
-        explicit_element(0x0028, 0x0002, "US", us(1)),
-        explicit_element(0x0028, 0x0004, "CS", text("MONOCHROME2")),
-        explicit_element(0x0028, 0x0010, "US", us(16)),
-        explicit_element(0x0028, 0x0011, "US", us(16)),
-        explicit_element(0x0028, 0x0100, "US", us(16)),
-        explicit_element(0x0028, 0x0101, "US", us(12)),
-        explicit_element(0x0028, 0x0102, "US", us(11)),
-        explicit_element(0x0028, 0x0103, "US", us(0)),
-    ])
+    return b"".join(
+        [
+            explicit_element(0x0008, 0x0016, "UI", ui(CT_IMAGE_STORAGE)),
+            explicit_element(0x0008, 0x0018, "UI", sop),
+            explicit_element(0x0008, 0x0020, "DA", text("20260101")),
+            explicit_element(0x0008, 0x0030, "TM", text("101500")),
+            explicit_element(0x0008, 0x0050, "SH", text("ATK1")),
+            explicit_element(0x0008, 0x0060, "CS", text("CT")),
+            explicit_element(0x0010, 0x0010, "PN", text("Attack^Test")),
+            explicit_element(0x0010, 0x0020, "LO", text(patient_id)),
+            explicit_element(0x0020, 0x000D, "UI", ui(study_uid)),
+            explicit_element(0x0020, 0x000E, "UI", ui(series_uid)),
+            explicit_element(0x0020, 0x0013, "IS", text("1")),
+            explicit_element(0x0028, 0x0002, "US", us(1)),
+            explicit_element(0x0028, 0x0004, "CS", text("MONOCHROME2")),
+            explicit_element(0x0028, 0x0010, "US", us(16)),
+            explicit_element(0x0028, 0x0011, "US", us(16)),
+            explicit_element(0x0028, 0x0100, "US", us(16)),
+            explicit_element(0x0028, 0x0101, "US", us(12)),
+            explicit_element(0x0028, 0x0102, "US", us(11)),
+            explicit_element(0x0028, 0x0103, "US", us(0)),
+        ]
+    )
 
 
 def small_image(sop_instance_uid: str | bytes, study_uid: str, series_uid: str) -> bytes:
     """A whole 16x16 CT image dataset (explicit VR little endian)."""
-    return (image_header(sop_instance_uid, study_uid, series_uid)
-            + explicit_element(0x7FE0, 0x0010, "OW", bytes(16 * 16 * 2)))
+    return image_header(sop_instance_uid, study_uid, series_uid) + explicit_element(
+        0x7FE0, 0x0010, "OW", bytes(16 * 16 * 2)
+    )
 
 
 def deflate_bomb(inflated: int, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
@@ -497,10 +580,15 @@ def deflate_bomb(inflated: int, study_uid: str, series_uid: str, sop_uid: str) -
 
 
 # ------------------------------------------------------------------ raw connections
-def connect(port: int, *, bind: str | None = None, host: str = "127.0.0.1", timeout: float = 5.0,
-            tls: ssl.SSLContext | None = None) -> socket.socket:
-    sock = socket.create_connection((host, port), timeout=timeout,
-                                    source_address=(bind, 0) if bind else None)
+def connect(
+    port: int,
+    *,
+    bind: str | None = None,
+    host: str = "127.0.0.1",
+    timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
+) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout, source_address=(bind, 0) if bind else None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tls is not None:
         sock = tls.wrap_socket(sock, server_hostname=None)
@@ -557,7 +645,7 @@ def read_reply(sock: socket.socket, timeout: float, max_body: int = 64 * 1024 * 
         if body is None:
             return Reply("closed", seconds=time.monotonic() - start)
         return Reply("pdu", pdu_type, body, time.monotonic() - start)
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         return Reply("timeout", seconds=time.monotonic() - start)
     except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLError, OSError):
         return Reply("closed", seconds=time.monotonic() - start)
@@ -669,10 +757,16 @@ def decode_ac(body: bytes) -> tuple[dict[int, str], int]:
     return contexts, int(ac.user_information.maximum_length or 0)
 
 
-def raw_associate(port: int, *, calling: str = "HUB_WS1", called: str = "HUB_SVR",
-                  contexts: Sequence[tuple[int, str, Sequence[str]]] = ((1, VERIFICATION, (IMPLICIT_LE,)),),
-                  bind: str | None = "127.0.0.1", timeout: float = 5.0,
-                  tls: ssl.SSLContext | None = None) -> Accepted:
+def raw_associate(
+    port: int,
+    *,
+    calling: str = "HUB_WS1",
+    called: str = "HUB_SVR",
+    contexts: Sequence[tuple[int, str, Sequence[str]]] = ((1, VERIFICATION, (IMPLICIT_LE,)),),
+    bind: str | None = "127.0.0.1",
+    timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
+) -> Accepted:
     """Open an association by hand; raises NotAccepted with what the edge did instead."""
     sock = connect(port, bind=bind, timeout=timeout, tls=tls)
     if not send_quietly(sock, associate_rq(called, calling, contexts)):
@@ -695,7 +789,7 @@ def send_message(acc: Accepted, context_id: int, command: bytes, dataset: bytes 
     limit = (acc.max_pdu or 16384) - 6  # PDV item header within the PDU
     pos = 0
     while pos < len(dataset) or not dataset:
-        chunk = dataset[pos: pos + limit]
+        chunk = dataset[pos : pos + limit]
         pos += len(chunk)
         last = pos >= len(dataset)
         if not send_quietly(acc.sock, p_data(pdv(context_id, 0x02 if last else 0x00, chunk))):
@@ -731,7 +825,7 @@ def read_response(acc: Accepted, timeout: float) -> Response:
         while pos + 6 <= len(body):
             length = struct.unpack_from(">L", body, pos)[0]
             control = body[pos + 5]
-            fragments += body[pos + 6: pos + 4 + length]
+            fragments += body[pos + 6 : pos + 4 + length]
             pos += 4 + length
             if control & 1 and control & 2:
                 command = parse_command(fragments)

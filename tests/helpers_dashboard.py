@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from helpers_region import layout_of, put_into_edge, region_config
+
 from renkei import synth
 from renkei.config import Layout
 from renkei.runtime import open_catalog, open_store
-
-from helpers_region import layout_of, put_into_edge, region_config
 
 # JPEG-LS: pydicom decodes it only with pylibjpeg-libjpeg or pyjpegls, which renkei does not install
 UNDECODABLE_TEST_FILE = "MR_small_jpeg_ls_lossless.dcm"
@@ -44,7 +44,7 @@ def undecodable_file() -> Path | None:
     if path is None:
         return None
     try:
-        pydicom.dcmread(path).pixel_array
+        _ = pydicom.dcmread(path).pixel_array
     except Exception:
         return Path(path)
     return None
@@ -60,8 +60,9 @@ def build_region(tmp_path: Path, data_dir: Path, patients: int = 2) -> DemoRegio
     lay = layout_of(config_path, data_dir)
     region = DemoRegion(config_path, lay)
     for n, site in enumerate(lay.config.site_ids):
-        result = synth.generate_site(lay.config, site, patients, 11 + n, tmp_path / "synth" / site, ct_slices=5,
-                                     size=64, modalities=("CT", "CR"))
+        result = synth.generate_site(
+            lay.config, site, patients, 11 + n, tmp_path / "synth" / site, ct_slices=5, size=64, modalities=("CT", "CR")
+        )
         put_into_edge(lay, site, result.files)
         region.studies[site] = [s.info.study_uid for s in result.studies]
     odd = undecodable_file()
@@ -101,8 +102,9 @@ def build_region(tmp_path: Path, data_dir: Path, patients: int = 2) -> DemoRegio
         sharing.record_access("hub", "HUB_WS1", "find", own_hub[:1])  # its own study: not cross-site
 
     # one more study arrives at clinic-a after the sync: it waits at the edge
-    late = synth.generate_site(lay.config, "clinic-a", 1, 99, tmp_path / "synth-late", ct_slices=3, size=64,
-                               modalities=("CR",))
+    late = synth.generate_site(
+        lay.config, "clinic-a", 1, 99, tmp_path / "synth-late", ct_slices=3, size=64, modalities=("CR",)
+    )
     put_into_edge(lay, "clinic-a", late.files[:1])
     region.waiting = ("clinic-a", late.studies[0].info.study_uid)
     return region

@@ -35,9 +35,13 @@ class Workstation:
         if self._assoc is None or not self._assoc.is_established:
             ae = AE(ae_title=self.ae_title)
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-            for model in (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind,
-                          StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet,
-                          PatientRootQueryRetrieveInformationModelGet):
+            for model in (
+                PatientRootQueryRetrieveInformationModelFind,
+                StudyRootQueryRetrieveInformationModelFind,
+                StudyRootQueryRetrieveInformationModelMove,
+                StudyRootQueryRetrieveInformationModelGet,
+                PatientRootQueryRetrieveInformationModelGet,
+            ):
                 ae.add_requested_context(model)
             roles = []
             for cx in StoragePresentationContexts[:120]:
@@ -48,8 +52,9 @@ class Workstation:
                 self._received.append(event.encoded_dataset())
                 return 0x0000
 
-            self._assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, ext_neg=roles,
-                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
+            self._assoc = ae.associate(
+                self.host, self.port, ae_title=self.called_ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+            )
             assert self._assoc.is_established, f"{self.ae_title} could not associate with {self.called_ae}"
         return self._assoc
 
@@ -62,8 +67,11 @@ class Workstation:
         query.QueryRetrieveLevel = level
         for keyword, value in keys.items():
             setattr(query, keyword, value)
-        sop = PatientRootQueryRetrieveInformationModelFind if model == "patient" else \
-            StudyRootQueryRetrieveInformationModelFind
+        sop = (
+            PatientRootQueryRetrieveInformationModelFind
+            if model == "patient"
+            else StudyRootQueryRetrieveInformationModelFind
+        )
         out = []
         for status, identifier in self._association().send_c_find(query, sop):
             assert status is not None and "Status" in status, "C-FIND got no response"
@@ -78,12 +86,17 @@ class Workstation:
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_uid
         final = None
-        for status, _ in self._association().send_c_move(query, destination, StudyRootQueryRetrieveInformationModelMove):
+        for status, _ in self._association().send_c_move(
+            query, destination, StudyRootQueryRetrieveInformationModelMove
+        ):
             if status is not None and "Status" in status:
                 final = status
         assert final is not None, "C-MOVE got no response"
-        return Retrieval(int(final.Status), int(final.get("NumberOfCompletedSuboperations", 0) or 0),
-                         int(final.get("NumberOfFailedSuboperations", 0) or 0))
+        return Retrieval(
+            int(final.Status),
+            int(final.get("NumberOfCompletedSuboperations", 0) or 0),
+            int(final.get("NumberOfFailedSuboperations", 0) or 0),
+        )
 
     def get(self, study_uid: str) -> Retrieval:
         query = Dataset()
@@ -95,5 +108,9 @@ class Workstation:
             if status is not None and "Status" in status:
                 final = status
         assert final is not None, "C-GET got no response"
-        return Retrieval(int(final.Status), int(final.get("NumberOfCompletedSuboperations", 0) or 0),
-                         int(final.get("NumberOfFailedSuboperations", 0) or 0), list(self._received))
+        return Retrieval(
+            int(final.Status),
+            int(final.get("NumberOfCompletedSuboperations", 0) or 0),
+            int(final.get("NumberOfFailedSuboperations", 0) or 0),
+            list(self._received),
+        )

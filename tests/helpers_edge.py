@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import yaml
@@ -48,17 +48,28 @@ class Region:
         return load_config(self.path)
 
 
-def write_region(folder: Path, *, stable_age: float = 1.0, pacs_port: int | None = None,
-                 storescp_port: int | None = None, tls: dict | None = None,
-                 edge_port: int | None = None) -> Region:
+def write_region(
+    folder: Path,
+    *,
+    stable_age: float = 1.0,
+    pacs_port: int | None = None,
+    storescp_port: int | None = None,
+    tls: dict | None = None,
+    edge_port: int | None = None,
+) -> Region:
     """Write a region YAML under `folder`: a hub whose edge listens on a free port."""
     folder.mkdir(parents=True, exist_ok=True)
     edge_port = edge_port or peers.free_port()
     pacs_port = pacs_port or peers.free_port()
     storescp_port = storescp_port or peers.free_port()
     store_dir = folder / "edge-store"
-    edge = {"ae_title": "HUB_SVR", "host": "127.0.0.1", "port": edge_port,
-            "stable_age": stable_age, "store": str(store_dir)}
+    edge = {
+        "ae_title": "HUB_SVR",
+        "host": "127.0.0.1",
+        "port": edge_port,
+        "stable_age": stable_age,
+        "store": str(store_dir),
+    }
     if tls:
         edge["tls"] = tls
     workstations = []
@@ -69,11 +80,20 @@ def write_region(folder: Path, *, stable_age: float = 1.0, pacs_port: int | None
         "version": 1,
         "region": "test",
         "sites": [
-            {"id": "hub", "name": "Test hub", "role": "hub", "edge": edge,
-             "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port},
-             "workstations": workstations},
-            {"id": "clinic-a", "name": "Test clinic", "role": "clinic",
-             "edge": {"ae_title": "CLA_SVR", "host": "127.0.0.1", "port": peers.free_port()}},
+            {
+                "id": "hub",
+                "name": "Test hub",
+                "role": "hub",
+                "edge": edge,
+                "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port},
+                "workstations": workstations,
+            },
+            {
+                "id": "clinic-a",
+                "name": "Test clinic",
+                "role": "clinic",
+                "edge": {"ae_title": "CLA_SVR", "host": "127.0.0.1", "port": peers.free_port()},
+            },
         ],
     }
     path = folder / "region.yaml"
@@ -102,17 +122,43 @@ def make_instance(
     """Write one small image instance (explicit VR little endian) and return its path."""
     with warnings.catch_warnings():  # tests write invalid UIDs on purpose
         warnings.simplefilter("ignore")
-        return _make_instance(out, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
-                              patient_name=patient_name, patient_id=patient_id, charset=charset,
-                              modality=modality, study_date=study_date, study_time=study_time,
-                              instance_number=instance_number, size=size, seed=seed,
-                              accession=accession, description=description)
+        return _make_instance(
+            out,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_uid=sop_uid,
+            patient_name=patient_name,
+            patient_id=patient_id,
+            charset=charset,
+            modality=modality,
+            study_date=study_date,
+            study_time=study_time,
+            instance_number=instance_number,
+            size=size,
+            seed=seed,
+            accession=accession,
+            description=description,
+        )
 
 
-def _make_instance(out: Path, *, study_uid: str, series_uid: str, sop_uid: str | None, patient_name: str,
-                   patient_id: str, charset: str | list[str], modality: str, study_date: str,
-                   study_time: str, instance_number: int, size: int, seed: int, accession: str,
-                   description: str) -> Path:
+def _make_instance(
+    out: Path,
+    *,
+    study_uid: str,
+    series_uid: str,
+    sop_uid: str | None,
+    patient_name: str,
+    patient_id: str,
+    charset: str | list[str],
+    modality: str,
+    study_date: str,
+    study_time: str,
+    instance_number: int,
+    size: int,
+    seed: int,
+    accession: str,
+    description: str,
+) -> Path:
     sop_uid = sop_uid or generate_uid()
     ds = Dataset()
     ds.SpecificCharacterSet = charset
@@ -154,16 +200,24 @@ def _make_instance(out: Path, *, study_uid: str, series_uid: str, sop_uid: str |
     return out
 
 
-def make_study(folder: Path, count: int, *, study_uid: str | None = None, size: int = 16,
-               series: int = 1, **kwargs) -> tuple[str, list[Path]]:
+def make_study(
+    folder: Path, count: int, *, study_uid: str | None = None, size: int = 16, series: int = 1, **kwargs
+) -> tuple[str, list[Path]]:
     """`count` instances of one study (spread over `series` series); returns (study UID, files)."""
     study_uid = study_uid or generate_uid()
     series_uids = [generate_uid() for _ in range(series)]
     files = []
     for i in range(count):
-        files.append(make_instance(folder / f"{i:05d}.dcm", study_uid=study_uid,
-                                   series_uid=series_uids[i % series], instance_number=i + 1,
-                                   size=size, **kwargs))
+        files.append(
+            make_instance(
+                folder / f"{i:05d}.dcm",
+                study_uid=study_uid,
+                series_uid=series_uids[i % series],
+                instance_number=i + 1,
+                size=size,
+                **kwargs,
+            )
+        )
     return study_uid, files
 
 
@@ -188,10 +242,18 @@ def run(args: Sequence[str], timeout: float = 120, check: bool = True) -> subpro
     return peers.run_dcmtk([str(a) for a in args], timeout=timeout, check=check)
 
 
-def storescu(port: int, files: Iterable[Path], called: str = "HUB_SVR", calling: str = "STORESCU",
-             extra: Sequence[str] = (), check: bool = True) -> subprocess.CompletedProcess:
-    return run(["storescu", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port),
-                *[str(f) for f in files]], check=check)
+def storescu(
+    port: int,
+    files: Iterable[Path],
+    called: str = "HUB_SVR",
+    calling: str = "STORESCU",
+    extra: Sequence[str] = (),
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    return run(
+        ["storescu", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port), *[str(f) for f in files]],
+        check=check,
+    )
 
 
 def files_by_sop(folder: Path) -> dict[str, Path]:
@@ -216,10 +278,26 @@ def edge_subprocess(region: Region, data_dir: Path, log: Path) -> subprocess.Pop
     handle = open(log, "ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "renkei.cli.main", "edge", "serve", "--site", "hub",
-             "--config", str(region.path), "--data-dir", str(data_dir)],
-            cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "renkei.cli.main",
+                "edge",
+                "serve",
+                "--site",
+                "hub",
+                "--config",
+                str(region.path),
+                "--data-dir",
+                str(data_dir),
+            ],
+            cwd=REPO,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     finally:
         handle.close()
 

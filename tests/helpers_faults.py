@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from renkei.peers import LOOPBACK
 
@@ -139,8 +139,7 @@ class ReplyDroppingProxy:
                 method, path = request_line.split(" ")[:2]
                 if fields.get("expect", "").lower() == "100-continue":
                     # answer the interim reply ourselves; the upstream gets a request without Expect
-                    head = b"\r\n".join(line for line in head.split(b"\r\n")
-                                        if not line.lower().startswith(b"expect:"))
+                    head = b"\r\n".join(line for line in head.split(b"\r\n") if not line.lower().startswith(b"expect:"))
                     client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 body = _body(client, cbuf, fields, until_close=False)
                 drop = self._take(method, path)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pydicom
 import pydicom.filereader
@@ -16,8 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "nagasaki.yaml"
 
 
-def region_config(tmp_path: Path, stable_age: float = 1.0, center_url: str | None = None,
-                  name: str = "region.yaml", edit=None, pacs_at: tuple[str, ...] | None = None) -> Path:
+def region_config(
+    tmp_path: Path,
+    stable_age: float = 1.0,
+    center_url: str | None = None,
+    name: str = "region.yaml",
+    edit=None,
+    pacs_at: tuple[str, ...] | None = None,
+) -> Path:
     """The example region on free ports (every edge, PACS and workstation), short stable_age.
 
     With `pacs_at`, only those sites keep a PACS (tests that run no PACS elsewhere).

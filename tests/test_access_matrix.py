@@ -25,6 +25,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import require_program
+from helpers_dicom import Workstation
+from helpers_region import layout_of, put_into_edge, region_config
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -35,10 +38,6 @@ from edge.journal import Journal
 from edge.region import RegionalEdge
 from renkei import peers, synth
 from renkei.sharing import Sharing
-
-from conftest import require_program
-from helpers_dicom import Workstation
-from helpers_region import layout_of, put_into_edge, region_config
 
 NOT_AUTHORIZED = 0x0124
 MOVE_DESTINATION_UNKNOWN = 0xA801
@@ -51,30 +50,37 @@ class Region:
     def __init__(self, tmp: Path, prefect_api: str) -> None:
         from flows.sync_site import sync_site
 
-        self.config_path = region_config(tmp, stable_age=0.2)   # every site with its PACS
+        self.config_path = region_config(tmp, stable_age=0.2)  # every site with its PACS
         self.layout = layout_of(self.config_path, tmp / "renkei-data")
         self.config = self.layout.config
-        self.studies: dict[str, dict] = {}   # study_uid -> facts
-        self.files: dict[str, bytes] = {}    # sop_instance_uid -> dataset bytes as sent
-        self.study_of: dict[str, str] = {}   # sop_instance_uid -> study_uid
-        self.sample: dict[str, Path] = {}    # site -> one of its instance files
+        self.studies: dict[str, dict] = {}  # study_uid -> facts
+        self.files: dict[str, bytes] = {}  # sop_instance_uid -> dataset bytes as sent
+        self.study_of: dict[str, str] = {}  # sop_instance_uid -> study_uid
+        self.sample: dict[str, Path] = {}  # site -> one of its instance files
         # a listener for every workstation and PACS AE title of the region: whatever is sent to
         # any of them is received and seen (unique file names: a second arrival is a new file)
         self.listeners: dict[str, peers.Peer] = {}
         for s in self.config.sites:
             for node in (*s.workstations, *([s.pacs] if s.pacs else [])):
                 self.listeners[node.ae_title] = peers.start_storescp(
-                    tmp / "nodes" / node.ae_title / "out", ae_title=node.ae_title, port=node.port,
-                    extra_args=["+B", "+uf"])
+                    tmp / "nodes" / node.ae_title / "out",
+                    ae_title=node.ae_title,
+                    port=node.port,
+                    extra_args=["+B", "+uf"],
+                )
         counts = {"hub": 2, "clinic-a": 1, "clinic-b": 1, "clinic-c": 1}
         for site, n in counts.items():
-            result = synth.generate_site(self.config, site, n, 9, tmp / "synth" / site, ct_slices=2, size=32,
-                                         modalities=("CT",))
+            result = synth.generate_site(
+                self.config, site, n, 9, tmp / "synth" / site, ct_slices=2, size=32, modalities=("CT",)
+            )
             put_into_edge(self.layout, site, result.files)
             for study in result.studies:
                 self.studies[study.info.study_uid] = {
-                    "origin": site, "patient_id": study.info.patient_id, "instances": study.instance_count,
-                    "referring": self.config.site_for_name(study.info.requesting_service)}
+                    "origin": site,
+                    "patient_id": study.info.patient_id,
+                    "instances": study.instance_count,
+                    "referring": self.config.site_for_name(study.info.requesting_service),
+                }
             for f in result.files:
                 data, _, _, sop = split_part10(f.read_bytes())
                 self.files[sop] = data
@@ -133,8 +139,8 @@ class Region:
         if (study_uid, site) in self.unpublished or (origin, facts["patient_id"]) in self.withdrawn:
             return False
         if self.config.site(origin).role == "clinic":
-            return self.config.site(site).role == "hub"     # clinics -> hub, never clinic -> clinic
-        return facts["referring"] == site                   # hub exam -> the clinic that ordered it
+            return self.config.site(site).role == "hub"  # clinics -> hub, never clinic -> clinic
+        return facts["referring"] == site  # hub exam -> the clinic that ordered it
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +189,9 @@ def matrix_problems(region: Region, phase: str) -> list[str]:
             # PATIENT level: a patient is listed when any of their studies is visible
             want_patients = {f["patient_id"] for u, f in region.studies.items() if region.expected(site.id, u)}
             if patients != want_patients:
-                problems.append(f"{phase}: {site.id} C-FIND PATIENT lists {sorted(patients)}, "
-                                f"policy {sorted(want_patients)}")
+                problems.append(
+                    f"{phase}: {site.id} C-FIND PATIENT lists {sorted(patients)}, policy {sorted(want_patients)}"
+                )
         finally:
             ws.close()
     return problems
@@ -205,7 +212,7 @@ def destination_problems(region: Region, phase: str) -> list[str]:
     destinations = [*node_site, *(s.edge.ae_title for s in sites)]
     before = region.arrivals()
     audit_from = region.last_audit_event() + 1
-    results: dict[tuple[str, str, str], object] = {}   # (site, study_uid, destination) -> Retrieval or error
+    results: dict[tuple[str, str, str], object] = {}  # (site, study_uid, destination) -> Retrieval or error
 
     def call(site_id: str) -> None:
         ws = region.workstation(site_id)
@@ -227,8 +234,8 @@ def destination_problems(region: Region, phase: str) -> list[str]:
 
     problems: list[str] = []
     want_arrivals: Counter[tuple[str, str]] = Counter()
-    denied_wanted: Counter[tuple[str, str]] = Counter()          # (caller AE, study) -> refused moves
-    wrong_destinations: dict[tuple[str, str], set[str]] = {}     # (caller AE, study) -> 0xA801 destinations
+    denied_wanted: Counter[tuple[str, str]] = Counter()  # (caller AE, study) -> refused moves
+    wrong_destinations: dict[tuple[str, str], set[str]] = {}  # (caller AE, study) -> 0xA801 destinations
     for (site_id, uid, dest), moved in results.items():
         facts = region.studies[uid]
         caller_ae = region.config.site(site_id).workstations[0].ae_title
@@ -245,16 +252,17 @@ def destination_problems(region: Region, phase: str) -> list[str]:
             if status != 0 or moved.completed != facts["instances"]:
                 problems.append(f"{where}: should arrive, answered 0x{status:04X} with {moved.completed} sent")
             continue
-        if caller_may:           # only the destination is wrong
+        if caller_may:  # only the destination is wrong
             allowed_statuses = {MOVE_DESTINATION_UNKNOWN}
-        elif own_node:           # only the caller (its site may not see it; the destination is its own node)
+        elif own_node:  # only the caller (its site may not see it; the destination is its own node)
             allowed_statuses = {NOT_AUTHORIZED}
-        else:                    # both
+        else:  # both
             allowed_statuses = {NOT_AUTHORIZED, MOVE_DESTINATION_UNKNOWN}
         if status not in allowed_statuses or moved.completed:
             want = " or ".join(f"0x{x:04X}" for x in sorted(allowed_statuses))
-            problems.append(f"{where}: should be refused with {want}, answered 0x{status:04X} "
-                            f"with {moved.completed} sent")
+            problems.append(
+                f"{where}: should be refused with {want}, answered 0x{status:04X} with {moved.completed} sent"
+            )
         denied_wanted[(caller_ae, uid)] += 1
         if status == MOVE_DESTINATION_UNKNOWN or allowed_statuses == {MOVE_DESTINATION_UNKNOWN}:
             wrong_destinations.setdefault((caller_ae, uid), set()).add(dest)
@@ -274,8 +282,10 @@ def destination_problems(region: Region, phase: str) -> list[str]:
         if want_arrivals[key] != got_arrivals[key]:
             ae, uid = key
             origin = region.studies.get(uid, {}).get("origin", "?")
-            problems.append(f"{phase}: {ae} received {got_arrivals[key]} instance(s) of {origin} study "
-                            f"{uid[-8:]}, expected {want_arrivals[key]}")
+            problems.append(
+                f"{phase}: {ae} received {got_arrivals[key]} instance(s) of {origin} study "
+                f"{uid[-8:]}, expected {want_arrivals[key]}"
+            )
 
     # no edge files another site's study in its own store
     for s in sites:
@@ -289,8 +299,9 @@ def destination_problems(region: Region, phase: str) -> list[str]:
     while True:
         for edge in region.edges:
             edge.audit.flush()
-        events = [e for e in region.catalog.audit(event_from=audit_from)
-                  if e.action == "retrieve" and e.outcome == "denied"]
+        events = [
+            e for e in region.catalog.audit(event_from=audit_from) if e.action == "retrieve" and e.outcome == "denied"
+        ]
         denied = Counter((e.actor, e.study_uid) for e in events)
         audited_destinations: dict[tuple[str, str], set[str]] = {}
         for e in events:
@@ -302,11 +313,15 @@ def destination_problems(region: Region, phase: str) -> list[str]:
             break
         time.sleep(0.2)  # the edges' audit buffers write every 0.5 s; no event to wait on
     for caller_ae, uid in sorted(missing):
-        problems.append(f"{phase}: {denied_wanted[(caller_ae, uid)]} C-MOVE(s) of study {uid[-8:]} by {caller_ae} "
-                        f"refused, {denied[(caller_ae, uid)]} denied retrieve audit event(s)")
+        problems.append(
+            f"{phase}: {denied_wanted[(caller_ae, uid)]} C-MOVE(s) of study {uid[-8:]} by {caller_ae} "
+            f"refused, {denied[(caller_ae, uid)]} denied retrieve audit event(s)"
+        )
     for (caller_ae, uid), dests in sorted(unnamed.items()):
-        problems.append(f"{phase}: no denied retrieve audit event of study {uid[-8:]} by {caller_ae} names "
-                        f"destination {', '.join(sorted(dests))}")
+        problems.append(
+            f"{phase}: no denied retrieve audit event of study {uid[-8:]} by {caller_ae} names "
+            f"destination {', '.join(sorted(dests))}"
+        )
     return problems
 
 
@@ -344,8 +359,9 @@ def test_matrix_through_every_phase(region: Region) -> None:
         edge.audit.flush()
     events = region.catalog.audit()
     denied = [e for e in events if e.action == "retrieve" and e.outcome == "denied"]
-    assert denied and all(e.actor in {ws.ae_title for s in region.config.sites for ws in s.workstations}
-                          for e in denied)
+    assert denied and all(
+        e.actor in {ws.ae_title for s in region.config.sites for ws in s.workstations} for e in denied
+    )
     assert any(e.action == "find" and e.actor_site == "hub" and e.target_site == "clinic-c" for e in events)
     assert region.catalog.verify_audit().ok
 
@@ -355,7 +371,7 @@ def test_a_published_hub_study_held_only_in_the_center_arrives_byte_for_byte(reg
     hub_private = [u for u, f in region.studies.items() if f["origin"] == "hub" and not f["referring"]]
     study_uid = hub_private[-1]
     edge_a = next(e for e in region.edges if e.site_id == "clinic-a")
-    assert edge_a.cache.journal.instances(study_uid) == []      # nothing of it at clinic-a yet
+    assert edge_a.cache.journal.instances(study_uid) == []  # nothing of it at clinic-a yet
     region.sharing.publish(study_uid, ["clinic-a"], "dr-test", "second opinion")
     ws = region.workstation("clinic-a")
     out = region.scps["clinic-a"].workdir
@@ -371,7 +387,7 @@ def test_a_published_hub_study_held_only_in_the_center_arrives_byte_for_byte(reg
         data, _, _, sop = split_part10(path.read_bytes())
         assert data == region.files[sop], f"{sop} differs from what the hub's modality sent"
         assert pydicom.dcmread(path).StudyInstanceUID == study_uid
-    assert len(edge_a.cache.journal.instances(study_uid)) == moved.completed   # kept in the cache
+    assert len(edge_a.cache.journal.instances(study_uid)) == moved.completed  # kept in the cache
 
 
 def test_no_edge_accepts_another_sites_edge(region: Region) -> None:
@@ -381,8 +397,10 @@ def test_no_edge_accepts_another_sites_edge(region: Region) -> None:
     """
     problems: list[str] = []
     for site in region.config.sites:
-        for caller in [region.config.site(site.id).workstations[0].ae_title,
-                       *(o.edge.ae_title for o in region.config.sites if o.id != site.id)]:
+        for caller in [
+            region.config.site(site.id).workstations[0].ae_title,
+            *(o.edge.ae_title for o in region.config.sites if o.id != site.id),
+        ]:
             own = caller == site.workstations[0].ae_title
             ds = pydicom.dcmread(region.sample[region.config.site_of_ae(caller).id])
             ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()

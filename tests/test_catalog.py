@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers_catalog import BACKENDS, ROOT, backend_url, make_batch, total_size
 
 from catalog import Catalog, GrantRequest
 from catalog import fs as cfs
 from renkei.errors import InvalidUID, UsageError
-from helpers_catalog import BACKENDS, ROOT, backend_url, make_batch, total_size
 
 
 @pytest.fixture(params=BACKENDS)
@@ -88,16 +88,24 @@ def test_invalid_uids_are_refused(cat: Catalog) -> None:
 
 def test_visibility_follows_origin_and_grants(cat: Catalog) -> None:
     cat.register(make_batch(10, 2, site="clinic-a", patient_id="A1", issuer="CLA", study_date="20240110"))
-    cat.register(make_batch(11, 2, site="clinic-a", patient_id="A1", issuer="CLA", study_date="20240301",
-                            modality="MR"))
+    cat.register(
+        make_batch(11, 2, site="clinic-a", patient_id="A1", issuer="CLA", study_date="20240301", modality="MR")
+    )
     cat.register(make_batch(12, 2, site="hub", patient_id="H1", issuer="HUB", study_date="20240201"))
     cat.register(make_batch(13, 2, site="clinic-b", patient_id="B1", issuer="CLB"))
     uid = lambda n: f"{ROOT}.{n}"  # noqa: E731
 
     assert [s.study_uid for s in cat.visible_studies("clinic-a")] == [uid(10), uid(11)]
     assert cat.visible_studies("hub", [("A1", "CLA")]) == []
-    cat.grant(uid(10), "hub", "rule", "clinic-studies-to-hub", "clinic study", rule="clinic-studies-to-hub",
-              policy_version="1")
+    cat.grant(
+        uid(10),
+        "hub",
+        "rule",
+        "clinic-studies-to-hub",
+        "clinic study",
+        rule="clinic-studies-to-hub",
+        policy_version="1",
+    )
     cat.grant(uid(11), "hub", "rule", "clinic-studies-to-hub", "clinic study", rule="clinic-studies-to-hub")
     cat.grant(uid(12), "clinic-a", "person", "dr-tanaka", "referred by clinic A")
     assert [s.study_uid for s in cat.visible_studies("hub", [("A1", "CLA")])] == [uid(10), uid(11)]
@@ -168,8 +176,12 @@ def test_patient_links_and_candidates(cat: Catalog) -> None:
     found = cat.find_patients(name="山田^太郎", birth_date="19500101", sex="M")
     assert [(c.site, c.patient_id) for c in found] == [("clinic-a", "A7"), ("hub", "H7")]
     assert [c.patient_id for c in cat.find_patients(name="yamada^taro")] == ["A7", "H7"]
-    person = cat.link_patients([("clinic-a", "A7", "CLA"), ("hub", "H7", "HUB")], "auto-exact", "policy",
-                               {"matched": ["name", "birth_date", "sex"]})
+    person = cat.link_patients(
+        [("clinic-a", "A7", "CLA"), ("hub", "H7", "HUB")],
+        "auto-exact",
+        "policy",
+        {"matched": ["name", "birth_date", "sex"]},
+    )
     assert cat.person_of("hub", "H7", "HUB") == person == cat.person_of("clinic-a", "A7", "CLA")
     other = cat.link_patients([("clinic-b", "B7", "CLB"), ("clinic-c", "C7", "CLC")], "operator", "op-1")
     assert other != person
@@ -198,14 +210,24 @@ def test_compaction_keeps_answers_and_bounds_files(cat: Catalog) -> None:
         cat.register(make_batch(100 + n, 3, patient_id=f"P{n % 3}"))
         cat.grant(f"{ROOT}.{100 + n}", "hub", "rule", "r", "x")
     cat.set_location(f"{ROOT}.100", "center", "verified")
-    before = ([s.to_dict() for s in cat.visible_studies("hub")], cat.locations(f"{ROOT}.100"),
-              cat.totals(), cat.grants(f"{ROOT}.105"), len(cat.audit()))
+    before = (
+        [s.to_dict() for s in cat.visible_studies("hub")],
+        cat.locations(f"{ROOT}.100"),
+        cat.totals(),
+        cat.grants(f"{ROOT}.105"),
+        len(cat.audit()),
+    )
     assert cat.file_counts()["instances"] == 12
     result = cat.compact()  # fanout 8: 12 level-0 files fold into one level-1 file
     assert result.merged["instances"] == (12, 36)
     assert cat.file_counts()["instances"] == 1
-    after = ([s.to_dict() for s in cat.visible_studies("hub")], cat.locations(f"{ROOT}.100"),
-             cat.totals(), cat.grants(f"{ROOT}.105"), len(cat.audit()))
+    after = (
+        [s.to_dict() for s in cat.visible_studies("hub")],
+        cat.locations(f"{ROOT}.100"),
+        cat.totals(),
+        cat.grants(f"{ROOT}.105"),
+        len(cat.audit()),
+    )
     assert after == before
     assert cat.verify_audit().ok
     # a new reader starts from the checkpoint and sees the same

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLE_CONFIG
+from helpers_catalog import ROOT, make_batch
 
 from catalog import Catalog
 from catalog import fs as cfs
-from conftest import EXAMPLE_CONFIG
-from helpers_catalog import ROOT, make_batch
 from renkei.cli.main import main
 from renkei.config import Layout, load_config
 
@@ -42,8 +42,9 @@ def test_studies_where_grants_audit_totals(region: Path, capsys: pytest.CaptureF
     assert [s["study_uid"] for s in json.loads(out)] == [f"{ROOT}.2"]
     code, out = _run(capsys, region, "catalog", "studies", "--site", "clinic-b", "--json")
     assert json.loads(out) == []
-    code, out = _run(capsys, region, "catalog", "studies", "--site", "hub", "--patient-id", "A1",
-                     "--issuer", "OURA-CLINIC", "--json")
+    code, out = _run(
+        capsys, region, "catalog", "studies", "--site", "hub", "--patient-id", "A1", "--issuer", "OURA-CLINIC", "--json"
+    )
     assert [s["instance_count"] for s in json.loads(out)] == [3]
 
     code, out = _run(capsys, region, "catalog", "where", f"{ROOT}.1", "--json")
@@ -91,8 +92,9 @@ def test_audit_verify_and_show(region: Path, capsys: pytest.CaptureFixture[str])
     since_utc = first.replace(microsecond=0)
     local = (since_utc + dt.timedelta(hours=9)).strftime("%Y-%m-%dT%H:%M:%S")
     code, out = _run(capsys, region, "audit", "show", "--site", "hub", "--since", local, "--json")
-    assert [e["event_no"] for e in json.loads(out)] == [e["event_no"] for e in json.loads(as_json)
-                                                        if dt.datetime.fromisoformat(e["at"]) >= since_utc]
+    assert [e["event_no"] for e in json.loads(out)] == [
+        e["event_no"] for e in json.loads(as_json) if dt.datetime.fromisoformat(e["at"]) >= since_utc
+    ]
     code, out = _run(capsys, region, "audit", "show", "--until", "2000-01-01", "--json")
     assert json.loads(out) == []
 
@@ -108,8 +110,10 @@ def test_audit_verify_and_show(region: Path, capsys: pytest.CaptureFixture[str])
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    pq.write_table(table.set_column(table.schema.get_field_index("outcome"), "outcome",
-                                    pa.array(["denied"] * table.num_rows)), path)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("outcome"), "outcome", pa.array(["denied"] * table.num_rows)),
+        path,
+    )
     code, out = _run(capsys, region, "audit", "verify", "--json")
     report = json.loads(out)
     assert code == 1 and not report["ok"] and report["problems"]

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_catalog import ROOT, backend_url, concurrent_writer
 
 from catalog import Catalog
-from helpers_catalog import ROOT, backend_url, concurrent_writer
 
 WRITERS = 4
 PER_STUDY = 250
@@ -28,9 +28,10 @@ def _run(url: str, studies: int = STUDIES, batch_studies: int = BATCH_STUDIES) -
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     start = ctx.Event()
-    procs = [ctx.Process(target=concurrent_writer,
-                         args=(url, w, studies, PER_STUDY, batch_studies, start, queue))
-             for w in range(WRITERS)]
+    procs = [
+        ctx.Process(target=concurrent_writer, args=(url, w, studies, PER_STUDY, batch_studies, start, queue))
+        for w in range(WRITERS)
+    ]
     for p in procs:
         p.start()
     reader = Catalog(url, writer="reader")
@@ -41,7 +42,8 @@ def _run(url: str, studies: int = STUDIES, batch_studies: int = BATCH_STUDIES) -
             rows = reader._rows(
                 "SELECT s.study_uid, s.n, coalesce(i.n, 0) AS rows FROM "
                 "(SELECT study_uid, sum(instances_added) AS n FROM studies GROUP BY study_uid) s "
-                "LEFT JOIN (SELECT study_uid, count(*) AS n FROM instances GROUP BY study_uid) i USING (study_uid)")
+                "LEFT JOIN (SELECT study_uid, count(*) AS n FROM instances GROUP BY study_uid) i USING (study_uid)"
+            )
             assert all(r["n"] == r["rows"] for r in rows), "a reader saw a half-registered batch"
             assert all(r["n"] == PER_STUDY for r in rows), "a batch was seen partly"
             seen_totals.append(sum(r["rows"] for r in rows))
@@ -55,8 +57,7 @@ def _run(url: str, studies: int = STUDIES, batch_studies: int = BATCH_STUDIES) -
         assert seen_totals == sorted(seen_totals)  # readers never went back in time
 
         assert reader.instance_count() == WRITERS * studies * PER_STUDY
-        counts = reader._rows(
-            f"SELECT study_uid, {', '.join(['1'])} AS one FROM studies GROUP BY study_uid")
+        counts = reader._rows(f"SELECT study_uid, {', '.join(['1'])} AS one FROM studies GROUP BY study_uid")
         assert len(counts) == WRITERS * studies
         for w in range(WRITERS):
             for s in (1, studies // 2, studies):
@@ -65,7 +66,9 @@ def _run(url: str, studies: int = STUDIES, batch_studies: int = BATCH_STUDIES) -
                 assert (study.instance_count, study.series_count) == (PER_STUDY, 3)
         wrong = reader._rows(
             "SELECT study_uid FROM (SELECT study_uid, sum(instances_added) AS n, sum(series_added) AS s "
-            "FROM studies GROUP BY study_uid) WHERE n <> ? OR s <> 3", [PER_STUDY])
+            "FROM studies GROUP BY study_uid) WHERE n <> ? OR s <> 3",
+            [PER_STUDY],
+        )
         assert wrong == []
         totals = reader.totals()
         assert sum(t.instances for t in totals) == WRITERS * studies * PER_STUDY

@@ -18,18 +18,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pydicom
 import pytest
+from conftest import EXAMPLE_CONFIG
 
-from catalog import Catalog, GrantRequest
+from catalog import Catalog, GrantRequest, keys
 from catalog import fs as cfs
-from catalog import keys
 from catalog.log import entry_path
 from catalog.store import ObjectStore
-from conftest import EXAMPLE_CONFIG
 from renkei import synth
 from renkei.cli.main import main
 from renkei.config import Layout, load_config
@@ -49,8 +49,9 @@ def _cli_json(capsys: pytest.CaptureFixture[str], data_dir: Path, *argv: str) ->
 
 
 def _put_study(layout: Layout, store: ObjectStore, tmp: Path, site: str, seed: int) -> str:
-    study = synth.write_single_study(tmp / f"s{seed}", "CT", slices=3, size=32, seed=seed,
-                                     site=layout.config.site(site))
+    study = synth.write_single_study(
+        tmp / f"s{seed}", "CT", slices=3, size=32, seed=seed, site=layout.config.site(site)
+    )
     for path in study.files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         key = keys.object_key(site, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
@@ -62,18 +63,27 @@ def _put_study(layout: Layout, store: ObjectStore, tmp: Path, site: str, seed: i
 def region(data_dir: Path, tmp_path: Path) -> dict[str, Any]:
     layout = Layout(load_config(EXAMPLE_CONFIG), data_dir)
     store = ObjectStore(layout.center_url)
-    uids = {"a": _put_study(layout, store, tmp_path, "clinic-a", 1),
-            "b": _put_study(layout, store, tmp_path, "clinic-b", 2),
-            "hub": _put_study(layout, store, tmp_path, "hub", 3)}
+    uids = {
+        "a": _put_study(layout, store, tmp_path, "clinic-a", 1),
+        "b": _put_study(layout, store, tmp_path, "clinic-b", 2),
+        "hub": _put_study(layout, store, tmp_path, "hub", 3),
+    }
     result = rebuild(layout)  # registers the objects and applies the rules: the normal way in
     assert result.instances_registered == 9 and result.rule_grants >= 2
     with Catalog.from_layout(layout, writer="setup") as cat:
         a = cat.study(uids["a"])
         cat.grant_many([GrantRequest(uids["b"], "clinic-a", "person", "dr-sato", "second opinion")])
-        cat.set_consent("clinic-b", cat.study(uids["b"]).patient_id, cat.study(uids["b"]).issuer_of_patient_id,
-                        "withdrawn", "clerk", "asked")
-        cat.link_patients([("clinic-a", a.patient_id, a.issuer_of_patient_id), ("hub", "H-1", "NAGASAKI-HUB")],
-                          "operator", "op")
+        cat.set_consent(
+            "clinic-b",
+            cat.study(uids["b"]).patient_id,
+            cat.study(uids["b"]).issuer_of_patient_id,
+            "withdrawn",
+            "clerk",
+            "asked",
+        )
+        cat.link_patients(
+            [("clinic-a", a.patient_id, a.issuer_of_patient_id), ("hub", "H-1", "NAGASAKI-HUB")], "operator", "op"
+        )
         cat.append_audit("hub", "dr-sato", "view", uids["a"])
         cat.compact(force=True)  # big (level-1) files under a checkpoint, then small ones after it
         cat.append_audit("hub", "dr-sato", "view", uids["b"])
@@ -89,8 +99,10 @@ def snapshot(layout: Layout, uids: dict[str, str]) -> dict[str, Any]:
         b = cat.study(uids["b"])
         return {
             "totals": [t.to_dict() for t in cat.totals()],
-            "grants": {k: sorted((g.site, g.action, g.by_kind, g.by, g.current) for g in cat.grants(u))
-                       for k, u in uids.items()},
+            "grants": {
+                k: sorted((g.site, g.action, g.by_kind, g.by, g.current) for g in cat.grants(u))
+                for k, u in uids.items()
+            },
             "consent": cat.consent_of("clinic-b", b.patient_id, b.issuer_of_patient_id).state,
             "person": cat.person_of("hub", "H-1", "NAGASAKI-HUB"),
             "person_a": cat.person_of("clinic-a", a.patient_id, a.issuer_of_patient_id),
@@ -218,8 +230,11 @@ def test_whole_catalog_lost_is_rebuilt_from_backup_plus_objects(region, capsys, 
     after = snapshot(layout, region["uids"])
     before = region["before"]
     assert after["grants"] == before["grants"]
-    assert (after["consent"], after["person"], after["person_a"]) == (before["consent"], before["person"],
-                                                                      before["person_a"])
+    assert (after["consent"], after["person"], after["person_a"]) == (
+        before["consent"],
+        before["person"],
+        before["person_a"],
+    )
     assert late in after["hub_sees"] and set(before["hub_sees"]) <= set(after["hub_sees"])
     totals = {t["site"]: t for t in after["totals"]}
     assert totals["clinic-c"]["instances"] == 3
@@ -255,8 +270,10 @@ def test_what_killed_writers_left_is_swept(region) -> None:
 
     layout = region["layout"]
     root = _catalog_root(layout)
-    stale = [root / "_log" / "00000000" / f"{cfs.TEMP_PREFIX}dead-000000000099.json",
-             root / "data" / "grants" / "L0-deadbeef.parquet"]
+    stale = [
+        root / "_log" / "00000000" / f"{cfs.TEMP_PREFIX}dead-000000000099.json",
+        root / "data" / "grants" / "L0-deadbeef.parquet",
+    ]
     fresh = root / "_log" / "00000000" / f"{cfs.TEMP_PREFIX}live-000000000100.json"
     for path in [*stale, fresh]:
         path.write_bytes(b"left by a killed writer")

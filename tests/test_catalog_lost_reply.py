@@ -14,12 +14,11 @@ and the audit chain verifies.
 from __future__ import annotations
 
 import pytest
+from helpers_catalog import make_batch
+from helpers_faults import ReplyDroppingProxy
 
 from catalog import Catalog, GrantRequest
 from catalog.backup import check
-
-from helpers_catalog import make_batch
-from helpers_faults import ReplyDroppingProxy
 
 
 def _log_put(method: str, path: str) -> bool:
@@ -66,8 +65,9 @@ def test_each_kind_of_commit_survives_one_lost_reply(proxied) -> None:
 
     # grant (a person's)
     proxy.drop_next(_log_put)
-    cat.grant_many([GrantRequest(f"{make_batch(3, 1).study.study_uid}", "hospital", "person", "dr-sato",
-                                 "second opinion")])
+    cat.grant_many(
+        [GrantRequest(f"{make_batch(3, 1).study.study_uid}", "hospital", "person", "dr-sato", "second opinion")]
+    )
     assert len(proxy.dropped) == 2
     assert cat.may_see("hospital", make_batch(3, 1).study.study_uid)
     events = cat.state.audit_count

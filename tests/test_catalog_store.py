@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_catalog import BACKENDS, backend_url
 
 from catalog import Catalog, keys
 from catalog.store import ObjectConflict, ObjectStore
 from renkei.errors import IntegrityError, InvalidUID, StorageError, UsageError
-from helpers_catalog import BACKENDS, backend_url
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = keys.object_key("clinic-a", "1.2.3", "1.2.3.1", "1.2.3.1.7")
@@ -73,8 +73,7 @@ def test_different_bytes_under_a_key_are_a_conflict(store: ObjectStore) -> None:
         store.put_bytes(b"second", KEY)
     assert err.value.existing_sha256 == hashlib.sha256(b"first").hexdigest()
     assert store.read_verified(KEY, hashlib.sha256(b"first").hexdigest()) == b"first"
-    conflict_key = keys.object_key("clinic-a", "1.2.3", "1.2.3.1", "1.2.3.1.7",
-                                   conflict_sha256=err.value.new_sha256)
+    conflict_key = keys.object_key("clinic-a", "1.2.3", "1.2.3.1", "1.2.3.1.7", conflict_sha256=err.value.new_sha256)
     store.put_bytes(b"second", conflict_key)
     assert sorted(store.list()) == sorted([KEY, conflict_key])
 
@@ -115,8 +114,9 @@ print("finished", flush=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_writer_killed_mid_upload_leaves_nothing_visible(backend: str, request: pytest.FixtureRequest,
-                                                         tmp_path: Path) -> None:
+def test_writer_killed_mid_upload_leaves_nothing_visible(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     url = backend_url(request, backend, tmp_path)
     store = ObjectStore(url)
     fifo = tmp_path / "source.fifo"
@@ -126,8 +126,9 @@ def test_writer_killed_mid_upload_leaves_nothing_visible(backend: str, request: 
     digest = hashlib.sha256()
     for _ in range(total):
         digest.update(chunk)
-    code = _KILL_WRITER.format(repo=str(REPO), tests=str(REPO / "tests"), url=url, fifo=str(fifo),
-                               key=KEY, sha=digest.hexdigest())
+    code = _KILL_WRITER.format(
+        repo=str(REPO), tests=str(REPO / "tests"), url=url, fifo=str(fifo), key=KEY, sha=digest.hexdigest()
+    )
     child = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ), stdout=subprocess.PIPE)
     sent = threading.Event()
     holder: dict[str, int] = {}

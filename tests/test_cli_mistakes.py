@@ -13,15 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from renkei import peers
-
 from conftest import EXAMPLE_CONFIG
 from helpers_region import REPO, region_config
 
+from renkei import peers
 
-def _renkei(*argv: str, env: dict[str, str] | None = None, data_dir: Path | None = None,
-            config: Path = EXAMPLE_CONFIG) -> subprocess.CompletedProcess:
+
+def _renkei(
+    *argv: str, env: dict[str, str] | None = None, data_dir: Path | None = None, config: Path = EXAMPLE_CONFIG
+) -> subprocess.CompletedProcess:
     full = dict(os.environ)
     full.pop("PREFECT_API_URL", None)
     full.update(env or {})
@@ -44,9 +44,10 @@ def _one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str)
 @pytest.fixture
 def region(tmp_path: Path, data_dir: Path) -> tuple[Path, Path]:
     config = region_config(tmp_path, pacs_at=("hub",))
-    from catalog import Catalog
     from helpers_catalog import make_batch
     from helpers_region import layout_of
+
+    from catalog import Catalog
 
     with Catalog.from_layout(layout_of(config, data_dir)) as cat:  # a region with a catalog
         cat.register(make_batch(1, 2, site="clinic-a"))
@@ -78,8 +79,16 @@ def test_prefect_server_down_or_not_named(region) -> None:
     closed = f"http://127.0.0.1:{peers.free_port()}/api"
     proc = _renkei("deploy", config=config, data_dir=data_dir, env={"PREFECT_API_URL": closed})
     _one_line_error(proc, 1, "cannot reach", "renkei server")
-    proc = _renkei("fetch-priors", "--site", "hub", "--patient-id", "H1", config=config, data_dir=data_dir,
-                   env={"PREFECT_API_URL": closed})
+    proc = _renkei(
+        "fetch-priors",
+        "--site",
+        "hub",
+        "--patient-id",
+        "H1",
+        config=config,
+        data_dir=data_dir,
+        env={"PREFECT_API_URL": closed},
+    )
     _one_line_error(proc, 1, "cannot reach")
     proc = _renkei("worker", "--site", "hub", config=config, data_dir=data_dir)
     _one_line_error(proc, 2, "PREFECT_API_URL")

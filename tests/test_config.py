@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import EXAMPLE_CONFIG
 
 from renkei.cli.main import main
 from renkei.config import Layout, load_config
 from renkei.errors import ConfigError
-
-from conftest import EXAMPLE_CONFIG
 from renkei.regionrun import REPO
 
 
@@ -42,8 +41,10 @@ def test_example_region_has_the_documented_names() -> None:
         assert site.pacs is not None and (site.pacs.ae_title, site.pacs.port) == (pacs_ae, pacs_port)
         assert {w.ae_title: w.port for w in site.workstations} == ws
     assert config.hub.id == "hub"
-    assert config.site("clinic-c").link.bandwidth_mbps < config.hub.link.bandwidth_mbps or \
-        config.site("clinic-c").link.rtt_ms > config.hub.link.rtt_ms
+    assert (
+        config.site("clinic-c").link.bandwidth_mbps < config.hub.link.bandwidth_mbps
+        or config.site("clinic-c").link.rtt_ms > config.hub.link.rtt_ms
+    )
 
 
 def test_layout_puts_everything_under_the_data_dir(tmp_path: Path) -> None:
@@ -65,28 +66,44 @@ def test_config_check_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> No
 @pytest.mark.parametrize(
     "breakage, expected",
     [
-        (lambda raw: raw["sites"][1]["edge"].__setitem__("port", "eleven"),
-         ["sites[1].edge.port", "valid integer"]),
-        (lambda raw: raw["policy"]["rules"][0]["grant_to"].__setitem__("sites", ["clinic-z"]),
-         ["policy.rules[0].grant_to.sites", "unknown site 'clinic-z'"]),
-        (lambda raw: raw["sites"][2]["edge"].__setitem__("ae_title", "CLA_SVR"),
-         ["sites[2].edge.ae_title", "duplicate AE title 'CLA_SVR'"]),
-        (lambda raw: raw["sites"][3]["workstations"][0].__setitem__("port", 11120),
-         ["sites[3].workstations[0].port", "duplicate port 11120"]),
-        (lambda raw: raw["sites"][0].__setitem__("role", "hospital"),
-         ["sites[0].role", "'hub' or 'clinic'"]),
-        (lambda raw: raw["sites"][0]["edge"].__setitem__("stable_age", -1),
-         ["sites[0].edge.stable_age", "greater than 0"]),
-        (lambda raw: raw["sites"][0]["edge"].__setitem__("ae_title", "THIS_AE_IS_TOO_LONG"),
-         ["sites[0].edge.ae_title", "1-16"]),
-        (lambda raw: raw["sites"][0].__setitem__("edgee", {}),
-         ["sites[0].edgee", "unknown field"]),
+        (lambda raw: raw["sites"][1]["edge"].__setitem__("port", "eleven"), ["sites[1].edge.port", "valid integer"]),
+        (
+            lambda raw: raw["policy"]["rules"][0]["grant_to"].__setitem__("sites", ["clinic-z"]),
+            ["policy.rules[0].grant_to.sites", "unknown site 'clinic-z'"],
+        ),
+        (
+            lambda raw: raw["sites"][2]["edge"].__setitem__("ae_title", "CLA_SVR"),
+            ["sites[2].edge.ae_title", "duplicate AE title 'CLA_SVR'"],
+        ),
+        (
+            lambda raw: raw["sites"][3]["workstations"][0].__setitem__("port", 11120),
+            ["sites[3].workstations[0].port", "duplicate port 11120"],
+        ),
+        (lambda raw: raw["sites"][0].__setitem__("role", "hospital"), ["sites[0].role", "'hub' or 'clinic'"]),
+        (
+            lambda raw: raw["sites"][0]["edge"].__setitem__("stable_age", -1),
+            ["sites[0].edge.stable_age", "greater than 0"],
+        ),
+        (
+            lambda raw: raw["sites"][0]["edge"].__setitem__("ae_title", "THIS_AE_IS_TOO_LONG"),
+            ["sites[0].edge.ae_title", "1-16"],
+        ),
+        (lambda raw: raw["sites"][0].__setitem__("edgee", {}), ["sites[0].edgee", "unknown field"]),
     ],
-    ids=["wrong-type", "unknown-policy-site", "duplicate-ae", "duplicate-port", "bad-role",
-         "negative-stable-age", "long-ae", "misspelt-field"],
+    ids=[
+        "wrong-type",
+        "unknown-policy-site",
+        "duplicate-ae",
+        "duplicate-port",
+        "bad-role",
+        "negative-stable-age",
+        "long-ae",
+        "misspelt-field",
+    ],
 )
-def test_broken_config_names_file_and_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                            breakage, expected: list[str]) -> None:
+def test_broken_config_names_file_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], breakage, expected: list[str]
+) -> None:
     raw = _example()
     breakage(raw)
     path = _write(tmp_path, raw)
@@ -105,8 +122,9 @@ def test_broken_config_names_file_and_field(tmp_path: Path, capsys: pytest.Captu
 def test_broken_config_from_the_installed_command_exits_2_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("sites: [\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "renkei.cli.main", "config", "check", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "renkei.cli.main", "config", "check", str(path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert str(path) in proc.stderr and "not valid YAML" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -148,8 +166,9 @@ def test_config_check_finds_a_site_without_deployments(tmp_path: Path, capsys: p
     assert "verify-backups has no schedule" in err
 
 
-def test_config_check_refuses_an_alert_url_apprise_cannot_use(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_check_refuses_an_alert_url_apprise_cannot_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     raw = yaml.safe_load(EXAMPLE_CONFIG.read_text(encoding="utf-8"))
     raw["alerts"] = {"notify": ["nosuchscheme://secret@host/x"]}
     path = _write(tmp_path, raw)

@@ -21,18 +21,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, require_program
+from helpers_dashboard import DemoRegion, module_region
 
 from dashboards import data as d
 from dashboards import thumbnails
 from renkei import peers
 from renkei.runtime import open_catalog, open_journal
 
-from conftest import REPO, require_program
-from helpers_dashboard import DemoRegion, module_region
-
 PREFECT_UI = "http://127.0.0.1:4299"  # links only: the test never follows them
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +53,26 @@ def server(region: DemoRegion, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("dashboard-server") / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "renkei.cli.main", "dashboard", "--config", str(region.config_path),
-             "--data-dir", str(region.layout.data_dir), "--port", str(port), "--refresh", "0",
-             "--prefect-ui", PREFECT_UI], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "renkei.cli.main",
+                "dashboard",
+                "--config",
+                str(region.config_path),
+                "--data-dir",
+                str(region.layout.data_dir),
+                "--port",
+                str(port),
+                "--refresh",
+                "0",
+                "--prefect-ui",
+                PREFECT_UI,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     try:
         peers.wait_for_port("127.0.0.1", port, timeout=60, process=proc, what="renkei dashboard")
         yield f"http://127.0.0.1:{port}"
@@ -92,12 +115,19 @@ def test_overview_numbers_equal_the_catalog_and_journals(region: DemoRegion) -> 
         # per site: the catalog's totals and each journal's counts
         for s in view.sites:
             t = totals[s.site]
-            assert (s.center_studies, s.center_instances, s.center_bytes, s.center_backlog_studies) == \
-                (t.studies, t.instances, t.bytes, t.backlog_studies)
+            assert (s.center_studies, s.center_instances, s.center_bytes, s.center_backlog_studies) == (
+                t.studies,
+                t.instances,
+                t.bytes,
+                t.backlog_studies,
+            )
             with open_journal(lay, s.site) as journal:
                 summary = journal.summary()
-            assert (s.received_studies, s.received_instances, s.received_bytes) == \
-                (summary.studies, summary.instances, summary.bytes)
+            assert (s.received_studies, s.received_instances, s.received_bytes) == (
+                summary.studies,
+                summary.instances,
+                summary.bytes,
+            )
             assert s.verified_instances == summary.upload_states["verified"]
             assert s.uploaded_instances == summary.upload_states["uploaded"] + summary.upload_states["verified"]
         by_site = {s.site: s for s in view.sites}
@@ -113,8 +143,9 @@ def test_overview_numbers_equal_the_catalog_and_journals(region: DemoRegion) -> 
         # throughput: every byte registered today is in some bucket of its site
         for site in lay.config.site_ids:
             assert view.throughput.bytes[site] == totals[site].bytes
-            assert sum(view.throughput.mb_s[site]) * view.throughput.bucket_seconds * 1e6 == \
-                pytest.approx(totals[site].bytes, rel=1e-3)
+            assert sum(view.throughput.mb_s[site]) * view.throughput.bucket_seconds * 1e6 == pytest.approx(
+                totals[site].bytes, rel=1e-3
+            )
         # time to availability: one point per synced study, after its last instance reached the edge
         synced = {uid for uids in region.studies.values() for uid in uids}
         assert {a.study_uid for a in view.availability} == synced
@@ -122,8 +153,9 @@ def test_overview_numbers_equal_the_catalog_and_journals(region: DemoRegion) -> 
 
         # visibility matrix: every cell equals the decisions of the sharing policy
         for viewer, origin in itertools.product(lay.config.site_ids, repeat=2):
-            expected = sum(1 for r in studies
-                           if r.origin_site == origin and sharing.decide(viewer, r.study_uid).allowed)
+            expected = sum(
+                1 for r in studies if r.origin_site == origin and sharing.decide(viewer, r.study_uid).allowed
+            )
             assert view.matrix.count(viewer, origin) == expected, (viewer, origin)
         assert view.matrix.count("clinic-b", "hub") >= 1  # published by a person
         assert view.matrix.count("clinic-a", "clinic-b") == 0  # never clinic to clinic
@@ -136,13 +168,21 @@ def test_overview_numbers_equal_the_catalog_and_journals(region: DemoRegion) -> 
 
         # cross-site accesses: exactly the access events whose site is not the study's origin
         origin_of = {r.study_uid: r.origin_site for r in studies}
-        expected_events = [e.event_no for e in reversed(events) if e.action in d.ACCESS_ACTIONS and e.study_uid
-                           and (e.target_site or origin_of.get(e.study_uid)) != e.actor_site]
+        expected_events = [
+            e.event_no
+            for e in reversed(events)
+            if e.action in d.ACCESS_ACTIONS
+            and e.study_uid
+            and (e.target_site or origin_of.get(e.study_uid)) != e.actor_site
+        ]
         assert [a.event_no for a in view.accesses] == expected_events[: d.DEFAULT_LIMIT]
         hub_own = region.studies["hub"][0]
         assert not any(a.study_uid == hub_own and a.viewer_site == "hub" for a in view.accesses)
         assert {(a.viewer_site, a.actor, a.action) for a in view.accesses} >= {
-            ("hub", "HUB_WS1", "find"), ("hub", "HUB_WS2", "retrieve"), ("clinic-b", "CLB_WS", "retrieve")}
+            ("hub", "HUB_WS1", "find"),
+            ("hub", "HUB_WS2", "retrieve"),
+            ("clinic-b", "CLB_WS", "retrieve"),
+        }
 
 
 def test_study_browser_operator_and_viewer(region: DemoRegion) -> None:
@@ -184,17 +224,23 @@ def test_study_browser_operator_and_viewer(region: DemoRegion) -> None:
         others = {s.study_uid for s in page.studies if s.origin_site != "clinic-b"}
         assert others and page.recorded_accesses == len(others)
         views = catalog.audit(action="view")[before:]
-        assert {(e.actor_site, e.actor, e.study_uid, e.target_site) for e in views} == \
-            {("clinic-b", d.DASHBOARD_ACTOR, uid, next(r.origin_site for r in studies if r.study_uid == uid))
-             for uid in others}
+        assert {(e.actor_site, e.actor, e.study_uid, e.target_site) for e in views} == {
+            ("clinic-b", d.DASHBOARD_ACTOR, uid, next(r.origin_site for r in studies if r.study_uid == uid))
+            for uid in others
+        }
 
 
 def test_bad_filters_are_refused_with_a_message(region: DemoRegion) -> None:
     config = region.layout.config
-    for params, words in (({"site": "osaka"}, "unknown site"), ({"origin": "x"}, "unknown origin site"),
-                          ({"date_from": "2024-02-30"}, "not a date"), ({"date_to": "yesterday"}, "not a date"),
-                          ({"date_from": "2025-01-02", "date_to": "2025-01-01"}, "is after"),
-                          ({"modality": "C T"}, "modality"), ({"limit": "0"}, "limit")):
+    for params, words in (
+        ({"site": "osaka"}, "unknown site"),
+        ({"origin": "x"}, "unknown origin site"),
+        ({"date_from": "2024-02-30"}, "not a date"),
+        ({"date_to": "yesterday"}, "not a date"),
+        ({"date_from": "2025-01-02", "date_to": "2025-01-01"}, "is after"),
+        ({"modality": "C T"}, "modality"),
+        ({"limit": "0"}, "limit"),
+    ):
         with pytest.raises(d.BadRequest, match=words):
             d.parse_query(config, params)
     q = d.parse_query(config, {"date_from": "20240101", "date_to": "2024-12-31", "modality": "mr", "limit": "7"})
@@ -212,7 +258,7 @@ def test_empty_and_single_point_charts_have_sane_axes(region: DemoRegion) -> Non
     assert empty["layout"]["xaxis"]["visible"] is False and empty["layout"]["yaxis"]["visible"] is False
     assert "nothing registered" in empty["layout"]["annotations"][0]["text"]
     assert availability_figure([], config)["layout"]["xaxis"]["visible"] is False
-    at = dt.datetime(2026, 8, 13, 6, 34, 45, tzinfo=dt.timezone.utc)
+    at = dt.datetime(2026, 8, 13, 6, 34, 45, tzinfo=dt.UTC)
     one = availability_figure([d.Availability("1.2.3", "hub", at - dt.timedelta(seconds=12.5), at, 12.5)], config)
     low, high = one["layout"]["xaxis"]["range"]
     assert (low, high) == ("2026-08-13 15:29:45", "2026-08-13 15:39:45")  # +-5 min, in Asia/Tokyo
@@ -306,11 +352,16 @@ def test_page_in_headless_chromium(server: str, region: DemoRegion, tmp_path: Pa
             page.wait_for_selector("#availability-chart[data-drawn=true]", timeout=30_000)
 
             # what needs action comes first, each with its cause (this region's edges are not running)
-            assert page.evaluate("document.querySelector('#needs-action').compareDocumentPosition("
-                                 "document.querySelector('#sites')) & Node.DOCUMENT_POSITION_FOLLOWING")
+            assert page.evaluate(
+                "document.querySelector('#needs-action').compareDocumentPosition("
+                "document.querySelector('#sites')) & Node.DOCUMENT_POSITION_FOLLOWING"
+            )
             edges = page.locator("#needs-action li[data-what=edge]")
-            assert edges.count() >= 1 and "not running" in edges.first.inner_text() or \
-                "never run" in edges.first.inner_text()
+            assert (
+                edges.count() >= 1
+                and "not running" in edges.first.inner_text()
+                or "never run" in edges.first.inner_text()
+            )
 
             # per-site numbers equal the catalog's
             for site, t in totals.items():
@@ -324,8 +375,9 @@ def test_page_in_headless_chromium(server: str, region: DemoRegion, tmp_path: Pa
             # charts drawn, one trace per site on the throughput chart
             assert page.locator("#throughput-chart .main-svg").count() > 0
             assert page.locator("#throughput-chart .scatterlayer .trace").count() == len(lay.config.site_ids)
-            assert page.locator("#availability-chart .scatterlayer .trace .point").count() == \
-                sum(len(v) for v in region.studies.values())
+            assert page.locator("#availability-chart .scatterlayer .trace .point").count() == sum(
+                len(v) for v in region.studies.values()
+            )
 
             # visibility matrix, verification, accesses
             for viewer, origin in itertools.product(lay.config.site_ids, repeat=2):
@@ -340,7 +392,8 @@ def test_page_in_headless_chromium(server: str, region: DemoRegion, tmp_path: Pa
             assert page.inner_text("#studies [data-field=total]") == str(n_studies)
             assert page.locator("#studies tr[data-study-uid]").count() == n_studies
             images = page.eval_on_selector_all(
-                "#studies img.thumb", "els => els.map(e => [e.complete, e.naturalWidth, e.src])")
+                "#studies img.thumb", "els => els.map(e => [e.complete, e.naturalWidth, e.src])"
+            )
             assert len(images) >= n_studies and all(done and width > 0 for done, width, _ in images), images
             links = page.eval_on_selector_all("#studies a.run", "els => els.map(e => e.href)")
             for run in region.flow_runs.values():
@@ -356,10 +409,14 @@ def test_page_in_headless_chromium(server: str, region: DemoRegion, tmp_path: Pa
             assert page.locator("#studies .name").count() == page.locator("#studies tr[data-study-uid]").count() > 0
 
             # the browser is first after "needs action", in the first screen, dates as people write them
-            assert page.evaluate("document.querySelector('#needs-action').compareDocumentPosition("
-                                 "document.querySelector('#studies')) & Node.DOCUMENT_POSITION_FOLLOWING")
-            assert page.evaluate("document.querySelector('#studies').compareDocumentPosition("
-                                 "document.querySelector('#sites')) & Node.DOCUMENT_POSITION_FOLLOWING")
+            assert page.evaluate(
+                "document.querySelector('#needs-action').compareDocumentPosition("
+                "document.querySelector('#studies')) & Node.DOCUMENT_POSITION_FOLLOWING"
+            )
+            assert page.evaluate(
+                "document.querySelector('#studies').compareDocumentPosition("
+                "document.querySelector('#sites')) & Node.DOCUMENT_POSITION_FOLLOWING"
+            )
             assert page.locator("#studies").bounding_box()["y"] < 1000
             first_date = page.inner_text("#studies tr[data-study-uid] td >> nth=0")
             assert re.fullmatch(r"\d{4}-\d{2}-\d{2}( \d{2}:\d{2})?", first_date), first_date
@@ -367,8 +424,13 @@ def test_page_in_headless_chromium(server: str, region: DemoRegion, tmp_path: Pa
             # searched by the name's kana reading typed in hiragana: that patient's studies, and only those
             with open_catalog(lay) as catalog:
                 sharing = Sharing(lay.config, catalog)
-                target = next(r for r in _all_studies(catalog, lay.config) if r.patient_name.count("=") == 2
-                              and r.origin_site != "hub" and sharing.decide("hub", r.study_uid).allowed)
+                target = next(
+                    r
+                    for r in _all_studies(catalog, lay.config)
+                    if r.patient_name.count("=") == 2
+                    and r.origin_site != "hub"
+                    and sharing.decide("hub", r.study_uid).allowed
+                )
             family, reading = target.patient_name.split("=")[1].split("^")[0], target.patient_name.split("=")[2]
             hiragana = "".join(chr(ord(c) - 0x60) if "\u30a1" <= c <= "\u30f6" else c for c in reading)
             page.fill("#studies input[name=q]", hiragana.replace("^", " "))
@@ -383,8 +445,9 @@ def test_page_in_headless_chromium(server: str, region: DemoRegion, tmp_path: Pa
             page.fill("#studies input[name=q]", family + "*")
             page.click("#studies button[type=submit]")
             page.wait_for_load_state("networkidle")
-            assert target.study_uid in page.eval_on_selector_all("#studies tr[data-study-uid]",
-                                                                 "els => els.map(e => e.dataset.studyUid)")
+            assert target.study_uid in page.eval_on_selector_all(
+                "#studies tr[data-study-uid]", "els => els.map(e => e.dataset.studyUid)"
+            )
         finally:
             browser.close()
     assert problems == []

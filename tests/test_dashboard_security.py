@@ -18,25 +18,31 @@ import http.server
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from conftest import REPO, require_program
+from helpers_dashboard import DemoRegion, module_region
 
 from renkei import peers
 from renkei.runtime import open_catalog
-
-from conftest import REPO, require_program
-from helpers_dashboard import DemoRegion, module_region
 
 EXTRA_HOST = "dash.test"  # given with --allowed-host
 # Chromium's own Local Network Access check stops a public page's requests to loopback before they leave the
 # browser; it is turned off so that the test shows the dashboard holding on its own (Firefox, Safari and
 # older Chromium have no such check)
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-features=LocalNetworkAccessChecks",
-                 "--host-resolver-rules=MAP evil.example 127.0.0.1, MAP attacker.example 127.0.0.1"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-features=LocalNetworkAccessChecks",
+    "--host-resolver-rules=MAP evil.example 127.0.0.1, MAP attacker.example 127.0.0.1",
+]
 HEADERS = {"x-frame-options": "DENY", "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
 
 
@@ -52,9 +58,26 @@ def server(region: DemoRegion, tmp_path_factory: pytest.TempPathFactory) -> Iter
     log = tmp_path_factory.mktemp("dashboard-security-server") / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "renkei.cli.main", "dashboard", "--config", str(region.config_path),
-             "--data-dir", str(region.layout.data_dir), "--port", str(free), "--refresh", "0",
-             "--allowed-host", EXTRA_HOST], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "renkei.cli.main",
+                "dashboard",
+                "--config",
+                str(region.config_path),
+                "--data-dir",
+                str(region.layout.data_dir),
+                "--port",
+                str(free),
+                "--refresh",
+                "0",
+                "--allowed-host",
+                EXTRA_HOST,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     try:
         peers.wait_for_port("127.0.0.1", free, timeout=60, process=proc, what="renkei dashboard")
         yield free, log
@@ -73,8 +96,9 @@ def port(server: tuple[int, Path]) -> int:
     return server[0]
 
 
-def _request(port: int, path: str, headers: dict[str, str] | None = None,
-             method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+def _request(
+    port: int, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
     """(status, headers with lower-case names, body); a 'Host' in `headers` replaces the real one."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
@@ -95,8 +119,12 @@ def _targets(region: DemoRegion) -> dict[str, str]:
     study = region.studies["clinic-a"][0]  # hub may see it: a cross-site view, audited
     with open_catalog(region.layout) as catalog:
         series = catalog.series(study)[0]["series_uid"]
-    return {"site view": "/?site=hub", "study page": f"/studies/{study}?site=hub",
-            "thumbnail": f"/thumbnails/{study}/{series}.png?site=hub", "api": "/api/studies?site=hub"}
+    return {
+        "site view": "/?site=hub",
+        "study page": f"/studies/{study}?site=hub",
+        "thumbnail": f"/thumbnails/{study}/{series}.png?site=hub",
+        "api": "/api/studies?site=hub",
+    }
 
 
 # ------------------------------------------------------------------ (a) over HTTP
@@ -115,8 +143,15 @@ def test_the_counted_requests_do_write_audit_events(port: int, region: DemoRegio
 def test_a_foreign_host_is_refused_before_any_route(port: int, region: DemoRegion) -> None:
     before = _audit_count(region)
     for path in [*_targets(region).values(), "/", "/healthz", "/static/dashboard.css", "/vendor/plotly.min.js"]:
-        for host in (f"evil.example:{port}", "evil.example", f"localhost.evil.example:{port}",
-                     f"{EXTRA_HOST}.evil.example", f"127.0.0.1.nip.io:{port}", "", "bad host"):
+        for host in (
+            f"evil.example:{port}",
+            "evil.example",
+            f"localhost.evil.example:{port}",
+            f"{EXTRA_HOST}.evil.example",
+            f"127.0.0.1.nip.io:{port}",
+            "",
+            "bad host",
+        ):
             status, headers, body = _request(port, path, {"Host": host})
             assert status == 400, (path, host, status)
             text = body.decode()
@@ -127,19 +162,34 @@ def test_a_foreign_host_is_refused_before_any_route(port: int, region: DemoRegio
 
 
 def test_the_names_it_serves_are_accepted_with_or_without_port(port: int) -> None:
-    for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LocalHost", f"[::1]:{port}", "[::1]",
-                 f"{EXTRA_HOST}:{port}", EXTRA_HOST.upper(), "localhost:9090"):  # an SSH tunnel's other port
+    for host in (
+        f"127.0.0.1:{port}",
+        "127.0.0.1",
+        f"localhost:{port}",
+        "LocalHost",
+        f"[::1]:{port}",
+        "[::1]",
+        f"{EXTRA_HOST}:{port}",
+        EXTRA_HOST.upper(),
+        "localhost:9090",
+    ):  # an SSH tunnel's other port
         status, _, body = _request(port, "/healthz", {"Host": host})
         assert status == 200, (host, body)
 
 
 def test_cross_site_requests_for_patient_data_are_refused(port: int, region: DemoRegion) -> None:
     me = f"http://127.0.0.1:{port}"
-    refused = [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
-               {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"},
-               {"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": f"http://localhost:{port}"},
-               {"Origin": f"https://127.0.0.1:{port}"}, {"Origin": "http://127.0.0.1:1"},
-               {"Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example"}]
+    refused = [
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"},
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Origin": f"http://localhost:{port}"},
+        {"Origin": f"https://127.0.0.1:{port}"},
+        {"Origin": "http://127.0.0.1:1"},
+        {"Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example"},
+    ]
     before = _audit_count(region)
     for what, path in [*_targets(region).items(), ("operator view", "/"), ("api", "/api/overview")]:
         for headers in refused:
@@ -152,9 +202,14 @@ def test_cross_site_requests_for_patient_data_are_refused(port: int, region: Dem
 
     # the dashboard's own pages, an address typed in the browser, and clients without the headers
     study_page = _targets(region)["study page"]
-    for headers in ({}, {"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {"Origin": me},
-                    {"Sec-Fetch-Site": "same-origin", "Origin": me},
-                    {"Host": "localhost", "Origin": "http://localhost"}):
+    for headers in (
+        {},
+        {"Sec-Fetch-Site": "same-origin"},
+        {"Sec-Fetch-Site": "none"},
+        {"Origin": me},
+        {"Sec-Fetch-Site": "same-origin", "Origin": me},
+        {"Host": "localhost", "Origin": "http://localhost"},
+    ):
         before = _audit_count(region)
         status, _, body = _request(port, study_page, headers)
         assert status == 200, (headers, body[:300])
@@ -168,8 +223,13 @@ def test_cross_site_requests_for_patient_data_are_refused(port: int, region: Dem
 def test_other_methods_need_the_dashboards_own_pages(port: int, region: DemoRegion) -> None:
     me = f"http://127.0.0.1:{port}"
     before = _audit_count(region)
-    for headers in ({}, {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"},
-                    {"Sec-Fetch-Site": "same-site"}, {"Origin": "null"}, {"Sec-Fetch-Site": "none"}):
+    for headers in (
+        {},
+        {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "none"},
+    ):
         status, _, body = _request(port, "/?site=hub", headers, method="POST")
         assert status == 403 and b"refused POST" in body, (headers, status)
     # from its own page it reaches the app, which has no such route
@@ -181,9 +241,17 @@ def test_other_methods_need_the_dashboards_own_pages(port: int, region: DemoRegi
 def test_security_headers_on_every_answer(port: int, region: DemoRegion) -> None:
     study = region.studies["clinic-a"][0]
     patient_data = [*_targets(region).values(), "/", f"/studies/{study}", "/api/studies", "/api/overview"]
-    other = ["/healthz", "/static/dashboard.css", "/static/dashboard.js", "/vendor/plotly.min.js",
-             "/studies/1.2.3.4.5", "/studies/not-a-uid", "/?site=osaka", "/nothing-here",
-             f"/studies/{study}?site=clinic-c"]
+    other = [
+        "/healthz",
+        "/static/dashboard.css",
+        "/static/dashboard.js",
+        "/vendor/plotly.min.js",
+        "/studies/1.2.3.4.5",
+        "/studies/not-a-uid",
+        "/?site=osaka",
+        "/nothing-here",
+        f"/studies/{study}?site=clinic-c",
+    ]
     for path in patient_data + other:
         status, headers, _ = _request(port, path)
         assert status < 500, (path, status)
@@ -204,9 +272,25 @@ def test_security_headers_on_every_answer(port: int, region: DemoRegion) -> None
 def test_a_bad_allowed_host_is_refused_at_start(region: DemoRegion) -> None:
     for bad in ("dash.test:8080", "http://dash.test", "*.example.org"):
         done = subprocess.run(
-            [sys.executable, "-m", "renkei.cli.main", "dashboard", "--config", str(region.config_path),
-             "--data-dir", str(region.layout.data_dir), "--port", str(peers.free_port()), "--allowed-host", bad],
-            capture_output=True, text=True, cwd=REPO, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "renkei.cli.main",
+                "dashboard",
+                "--config",
+                str(region.config_path),
+                "--data-dir",
+                str(region.layout.data_dir),
+                "--port",
+                str(peers.free_port()),
+                "--allowed-host",
+                bad,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
         assert done.returncode == 2, (bad, done.stdout, done.stderr)
         assert "without scheme or port" in done.stdout + done.stderr
 
@@ -215,6 +299,7 @@ def test_a_bad_allowed_host_is_refused_at_start(region: DemoRegion) -> None:
 @pytest.fixture
 def hostile_site(tmp_path: Path) -> Iterator[tuple[Path, int]]:
     """A plain web server on loopback for the attacker's pages (reached as attacker.example); always stopped."""
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, format: str, *args: object) -> None:
             pass
@@ -232,8 +317,9 @@ def hostile_site(tmp_path: Path) -> Iterator[tuple[Path, int]]:
         thread.join(10)
 
 
-def test_hostile_pages_in_headless_chromium(server: tuple[int, Path], region: DemoRegion,
-                                            hostile_site: tuple[Path, int]) -> None:
+def test_hostile_pages_in_headless_chromium(
+    server: tuple[int, Path], region: DemoRegion, hostile_site: tuple[Path, int]
+) -> None:
     chromium = require_program("chromium", "chromium")
     from playwright.sync_api import sync_playwright
 
@@ -243,8 +329,8 @@ def test_hostile_pages_in_headless_chromium(server: tuple[int, Path], region: De
     root, attacker_port = hostile_site
     fetches = ", ".join(f"'{me}{p}'" for p in targets.values())
     (root / "cross.html").write_text(f"""<!doctype html><html><body>
-<img id="thumb" src="{me}{targets['thumbnail']}">
-<iframe id="frame" src="{me}{targets['study page']}"></iframe>
+<img id="thumb" src="{me}{targets["thumbnail"]}">
+<iframe id="frame" src="{me}{targets["study page"]}"></iframe>
 <script>
 window.done = Promise.all([{fetches}].map(u => fetch(u, {{mode: "no-cors", credentials: "include"}})
   .then(r => "answered " + r.type, e => "failed")));
@@ -262,8 +348,10 @@ window.done = Promise.all(["/?site=hub", "/api/studies?site=hub"].map(u => fetch
             # DNS rebinding: the attacker's page, served under its name and the dashboard's port, then the name
             # points to 127.0.0.1 and its same-origin fetches reach the dashboard with Host evil.example:PORT
             page = browser.new_page()
-            page.route(f"http://evil.example:{port}/rebind.html",
-                       lambda route: route.fulfill(status=200, content_type="text/html", body=rebind_page))
+            page.route(
+                f"http://evil.example:{port}/rebind.html",
+                lambda route: route.fulfill(status=200, content_type="text/html", body=rebind_page),
+            )
             page.goto(f"http://evil.example:{port}/rebind.html", timeout=60_000)
             answers = page.evaluate("window.done")
             assert [status for status, _ in answers] == [400, 400], answers
@@ -275,8 +363,7 @@ window.done = Promise.all(["/?site=hub", "/api/studies?site=hub"].map(u => fetch
 
             # a cross-site page embedding the site view's study page and thumbnail, and fetching the rest
             page = browser.new_page()
-            page.goto(f"http://attacker.example:{attacker_port}/cross.html", wait_until="networkidle",
-                      timeout=60_000)
+            page.goto(f"http://attacker.example:{attacker_port}/cross.html", wait_until="networkidle", timeout=60_000)
             page.evaluate("window.done")
             assert page.eval_on_selector("#thumb", "e => e.complete && e.naturalWidth") == 0
             assert page.frame_locator("#frame").locator("#study").count() == 0  # never rendered in the frame
@@ -286,5 +373,6 @@ window.done = Promise.all(["/?site=hub", "/api/studies?site=hub"].map(u => fetch
     # the dashboard itself refused each (the browser's Cross-Origin-Resource-Policy check comes after it)
     refusals = log.read_bytes()[log_start:].decode(errors="replace")
     for path in targets.values():
-        assert f"refused GET {path.split('?')[0]}: comes from another web site (Sec-Fetch-Site 'cross-site'" \
-            in refusals, (path, refusals)
+        assert (
+            f"refused GET {path.split('?')[0]}: comes from another web site (Sec-Fetch-Site 'cross-site'" in refusals
+        ), (path, refusals)

@@ -20,8 +20,8 @@ import struct
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -84,7 +84,8 @@ from tests.helpers_attack import (
     us,
     wait_closed,
 )
-from tests.helpers_catalog import ROOT as CATALOG_ROOT, make_batch
+from tests.helpers_catalog import ROOT as CATALOG_ROOT
+from tests.helpers_catalog import make_batch
 from tests.helpers_edge import make_instance
 
 MIB = 1024 * 1024
@@ -105,11 +106,18 @@ def _write_studies(folder: Path) -> list[Path]:
     files = []
     for i in range(STUDIES):
         long = i < LONG_STUDIES
-        files.append(make_instance(
-            folder / f"{i:04d}.dcm", study_uid=f"1.2.826.0.1.3680043.10.543.7.{i + 1}",
-            series_uid=f"1.2.826.0.1.3680043.10.543.7.{i + 1}.1", patient_id=f"ATK{i % 50:03d}",
-            patient_name=LONG_NAME if long else f"Patient^Number{i % 50}",
-            description=LONG_DESCRIPTION if long else f"study {i}", size=8, seed=i))
+        files.append(
+            make_instance(
+                folder / f"{i:04d}.dcm",
+                study_uid=f"1.2.826.0.1.3680043.10.543.7.{i + 1}",
+                series_uid=f"1.2.826.0.1.3680043.10.543.7.{i + 1}.1",
+                patient_id=f"ATK{i % 50:03d}",
+                patient_name=LONG_NAME if long else f"Patient^Number{i % 50}",
+                description=LONG_DESCRIPTION if long else f"study {i}",
+                size=8,
+                seed=i,
+            )
+        )
     return files
 
 
@@ -162,10 +170,18 @@ def _served_throughout(edge: EdgeProcess, monitor: EchoMonitor, attack: str) -> 
 # ------------------------------------------------------------------ 1. oversized headers
 @pytest.mark.slow
 def test_huge_pdu_headers_before_association_are_neither_allocated_nor_waited_for(
-        edge: EdgeProcess, region: AttackRegion) -> None:
+    edge: EdgeProcess, region: AttackRegion
+) -> None:
     setup = region.limits["setup_timeout"]
-    headers = [(0x01, 0xFFFFFFFF), (0x01, 0x80000000), (0x01, 64 * 1024 + 1), (0x04, 0xFFFFFFF0),
-               (0x02, 0xFFFFFFFF), (0x07, 0xFFFFFFFF), (0x05, 0x7FFFFFFF)]
+    headers = [
+        (0x01, 0xFFFFFFFF),
+        (0x01, 0x80000000),
+        (0x01, 64 * 1024 + 1),
+        (0x04, 0xFFFFFFF0),
+        (0x02, 0xFFFFFFFF),
+        (0x07, 0xFFFFFFFF),
+        (0x05, 0x7FFFFFFF),
+    ]
     socks: list[socket.socket] = []
     pushed: dict[int, int] = {}
     with EchoMonitor(edge.port) as monitor, MemoryWatch(edge) as memory:
@@ -194,14 +210,14 @@ def test_huge_pdu_headers_before_association_are_neither_allocated_nor_waited_fo
             thread.start()
         for thread in threads:
             thread.join(setup + 2 * MARGIN + 5)
-        replies = [read_until_closed(sock, max(0.1, setup + MARGIN - (time.monotonic() - started)))
-                   for sock in socks]
+        replies = [read_until_closed(sock, max(0.1, setup + MARGIN - (time.monotonic() - started))) for sock in socks]
         close_all(socks)
     problems = []
     for (pdu_type, length), (got, closed) in zip(headers, replies):
         if not closed:
-            problems.append(f"type 0x{pdu_type:02X} length {length}: still open {setup + MARGIN:.1f} s later "
-                            f"(replies: {got})")
+            problems.append(
+                f"type 0x{pdu_type:02X} length {length}: still open {setup + MARGIN:.1f} s later (replies: {got})"
+            )
         if got.types - {A_ASSOCIATE_RJ_TYPE, A_ABORT}:
             problems.append(f"type 0x{pdu_type:02X} length {length}: answered {got}")
     assert not problems, "; ".join(problems)
@@ -225,8 +241,9 @@ def test_associate_rq_over_the_limit_is_refused(edge: EdgeProcess, region: Attac
         sock.close()
     kinds = str(replies)
     assert A_ASSOCIATE_AC_TYPE not in replies.types, f"a {len(request)}-byte A-ASSOCIATE-RQ was accepted: {kinds}"
-    assert closed, f"the connection was still open {seconds:.1f} s after a {len(request)}-byte A-ASSOCIATE-RQ " \
-                   f"(replies: {kinds})"
+    assert closed, (
+        f"the connection was still open {seconds:.1f} s after a {len(request)}-byte A-ASSOCIATE-RQ (replies: {kinds})"
+    )
     _served_throughout(edge, monitor, "an oversized A-ASSOCIATE-RQ")
 
 
@@ -237,8 +254,9 @@ def test_p_data_over_the_advertised_maximum_is_aborted(edge: EdgeProcess, region
     assert assoc.is_established
     advertised = int(assoc.acceptor.maximum_length or 0)
     assoc.release()
-    assert 0 < advertised <= MAX_PDU, f"the edge advertises a maximum PDU length of {advertised} " \
-                                      f"(limits.max_pdu is {MAX_PDU}; 0 means unlimited)"
+    assert 0 < advertised <= MAX_PDU, (
+        f"the edge advertises a maximum PDU length of {advertised} (limits.max_pdu is {MAX_PDU}; 0 means unlimited)"
+    )
     pdu_timeout = region.limits["pdu_timeout"]
     with EchoMonitor(edge.port) as monitor, MemoryWatch(edge) as memory:
         over = raw_associate(edge.port)
@@ -257,16 +275,19 @@ def test_p_data_over_the_advertised_maximum_is_aborted(edge: EdgeProcess, region
         for _ in range(96):  # 24 MiB of body, if the edge reads it
             if not send_quietly(huge.sock, chunk):
                 break
-        huge_replies, huge_closed = read_until_closed(huge.sock, max(0.1, pdu_timeout + MARGIN
-                                                                     - (time.monotonic() - started)))
+        huge_replies, huge_closed = read_until_closed(
+            huge.sock, max(0.1, pdu_timeout + MARGIN - (time.monotonic() - started))
+        )
         huge.sock.close()
     kinds = str(over_replies)
-    assert over_closed and over_replies.types <= {A_ABORT}, \
-        f"a P-DATA-TF of {len(data) + 12} bytes (maximum {advertised}): replies {kinds}, " \
+    assert over_closed and over_replies.types <= {A_ABORT}, (
+        f"a P-DATA-TF of {len(data) + 12} bytes (maximum {advertised}): replies {kinds}, "
         f"closed {over_closed} after {over_seconds:.1f} s"
+    )
     kinds = str(huge_replies)
-    assert huge_closed and huge_replies.types <= {A_ABORT}, \
+    assert huge_closed and huge_replies.types <= {A_ABORT}, (
         f"a P-DATA-TF header announcing 4 GiB: replies {kinds}, closed {huge_closed}"
+    )
     assert memory.growth < 50 * MIB, memory.describe()
     _served_throughout(edge, monitor, "P-DATA over the maximum PDU length")
 
@@ -275,7 +296,8 @@ def test_p_data_over_the_advertised_maximum_is_aborted(edge: EdgeProcess, region
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["one byte each, 40 addresses", "nothing, one address"])
 def test_slowloris_connections_are_closed_and_do_not_delay_others(
-        edge: EdgeProcess, region: AttackRegion, variant: str) -> None:
+    edge: EdgeProcess, region: AttackRegion, variant: str
+) -> None:
     setup = region.limits["setup_timeout"]
     with EchoMonitor(edge.port) as monitor:
         socks = []
@@ -290,8 +312,10 @@ def test_slowloris_connections_are_closed_and_do_not_delay_others(
         close_all(socks)
     still_open = sum(1 for c in closed if c is None)
     slowest = max((c for c in closed if c is not None), default=0.0)
-    assert still_open == 0, f"{still_open} of 40 stalled connections still open {setup + MARGIN:.1f} s " \
-                            f"later (setup_timeout {setup} s); the others closed within {slowest:.2f} s"
+    assert still_open == 0, (
+        f"{still_open} of 40 stalled connections still open {setup + MARGIN:.1f} s "
+        f"later (setup_timeout {setup} s); the others closed within {slowest:.2f} s"
+    )
     _served_throughout(edge, monitor, f"slowloris ({variant})")
 
 
@@ -329,7 +353,8 @@ def _still_open(accepted: list[Accepted]) -> int:
 
 @pytest.mark.slow
 def test_idle_associations_filling_every_slot_do_not_lock_out_a_workstation(
-        edge: EdgeProcess, region: AttackRegion) -> None:
+    edge: EdgeProcess, region: AttackRegion
+) -> None:
     evict_after = region.limits["idle_evict_after"]
     attackers: list[Accepted] = []
     try:
@@ -351,8 +376,9 @@ def test_idle_associations_filling_every_slot_do_not_lock_out_a_workstation(
             filler.join(10)
     finally:
         close_all(a.sock for a in attackers)
-    assert open_now <= 16, f"{open_now} silent associations from one address held at once " \
-                           f"(max_per_address 16); {len(refused)} refused"
+    assert open_now <= 16, (
+        f"{open_now} silent associations from one address held at once (max_per_address 16); {len(refused)} refused"
+    )
     _served_throughout(edge, monitor, "70 idle associations from the workstation's own AE and address")
     after = EchoMonitor(edge.port, timeout=5).echo_once()
     assert after.ok and after.latency < 1.0, f"after the attackers left: {after}"
@@ -369,18 +395,25 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict:
     region_pki.create_ca(folder / "other-ca", "other")
 
     def issue(ca: str, site_id: str, ae_title: str | None = None, **kwargs) -> Pair:
-        return Pair(*region_pki.issue(folder / ca, folder / ca / site_id, site_id=site_id, ae_title=ae_title,
-                                      **kwargs))
+        return Pair(*region_pki.issue(folder / ca, folder / ca / site_id, site_id=site_id, ae_title=ae_title, **kwargs))
 
     edge = issue("ca", "hub", hosts=["127.0.0.1", "localhost"], name="edge")
-    return {"ca": ca_cert, "edge": edge, "ws1": issue("ca", "hub", "HUB_WS1", hosts=["127.0.0.1"]),
-            "cla_ws": issue("ca", "clinic-a", "CLA_WS"), "foreign": issue("other-ca", "hub", "HUB_WS1")}
+    return {
+        "ca": ca_cert,
+        "edge": edge,
+        "ws1": issue("ca", "hub", "HUB_WS1", hosts=["127.0.0.1"]),
+        "cla_ws": issue("ca", "clinic-a", "CLA_WS"),
+        "foreign": issue("other-ca", "hub", "HUB_WS1"),
+    }
 
 
 @pytest.fixture(scope="module")
 def tls_edge(tmp_path_factory: pytest.TempPathFactory, pki: dict) -> Iterator[EdgeProcess]:
-    region = attack_region(tmp_path_factory.mktemp("attack-tls"), limits=LIMITS,
-                           tls={"cert": str(pki["edge"].cert), "key": str(pki["edge"].key), "ca": str(pki["ca"])})
+    region = attack_region(
+        tmp_path_factory.mktemp("attack-tls"),
+        limits=LIMITS,
+        tls={"cert": str(pki["edge"].cert), "key": str(pki["edge"].key), "ca": str(pki["ca"])},
+    )
     process = EdgeProcess(region, "tls-edge").start()
     try:
         yield process
@@ -402,8 +435,10 @@ def test_tls_connections_that_never_handshake_do_not_delay_others(tls_edge: Edge
         closed = wait_closed(socks, setup + MARGIN)
         close_all(socks)
     still_open = sum(1 for c in closed if c is None)
-    assert still_open == 0, f"{still_open} of 40 connections without a TLS handshake still open " \
-                            f"{setup + MARGIN:.1f} s later (setup_timeout {setup} s includes the handshake)"
+    assert still_open == 0, (
+        f"{still_open} of 40 connections without a TLS handshake still open "
+        f"{setup + MARGIN:.1f} s later (setup_timeout {setup} s includes the handshake)"
+    )
     _served_throughout(tls_edge, monitor, "TCP connections that never start TLS")
 
 
@@ -419,8 +454,9 @@ def test_tls_certificate_of_another_ae_or_another_ca_is_refused(tls_edge: EdgePr
             try:
                 acc = raw_associate(tls_edge.port, calling="HUB_WS1", tls=context, timeout=5)
             except NotAccepted as exc:
-                if name.startswith("CLA_WS") and not (exc.reply.kind == "pdu"
-                                                      and exc.reply.pdu_type == A_ASSOCIATE_RJ_TYPE):
+                if name.startswith("CLA_WS") and not (
+                    exc.reply.kind == "pdu" and exc.reply.pdu_type == A_ASSOCIATE_RJ_TYPE
+                ):
                     problems.append(f"{name}: expected an A-ASSOCIATE-RJ after the handshake, got {exc.reply}")
                 continue
             except (ssl.SSLError, OSError):
@@ -438,10 +474,10 @@ def test_ae_titles_are_accepted_only_from_their_addresses_and_for_this_edge(edge
     cases = [  # (calling AE, called AE, source address, accepted?)
         ("HUB_WS1", "HUB_SVR", "127.0.0.1", True),
         ("HUB_WS1", "HUB_SVR", "127.0.0.2", False),
-        ("HUB_WS2", "HUB_SVR", "127.0.0.3", True),   # networks: [127.0.0.3/32]
+        ("HUB_WS2", "HUB_SVR", "127.0.0.3", True),  # networks: [127.0.0.3/32]
         ("HUB_WS2", "HUB_SVR", "127.0.0.4", False),
         ("CLA_SVR", "HUB_SVR", "127.0.0.1", False),  # another site's edge
-        ("CLA_WS", "HUB_SVR", "127.0.0.1", False),   # another site's workstation
+        ("CLA_WS", "HUB_SVR", "127.0.0.1", False),  # another site's workstation
         ("HUB_WS1", "NOT_HUB", "127.0.0.1", False),  # wrong called AE title
         ("HUB_WS1", "CLA_SVR", "127.0.0.1", False),
     ]
@@ -450,12 +486,13 @@ def test_ae_titles_are_accepted_only_from_their_addresses_and_for_this_edge(edge
         for calling, called, address, expected in cases:
             result = EchoMonitor(edge.port, calling_ae=calling, called_ae=called, bind=address).echo_once()
             if result.ok != expected:
-                problems.append(f"{calling} -> {called} from {address}: "
-                                f"{'accepted' if result.ok else result.detail}, expected "
-                                f"{'accepted' if expected else 'rejected'}")
+                problems.append(
+                    f"{calling} -> {called} from {address}: "
+                    f"{'accepted' if result.ok else result.detail}, expected "
+                    f"{'accepted' if expected else 'rejected'}"
+                )
             elif not expected and result.detail != "association rejected":
-                problems.append(f"{calling} -> {called} from {address}: {result.detail} "
-                                f"(expected an A-ASSOCIATE-RJ)")
+                problems.append(f"{calling} -> {called} from {address}: {result.detail} (expected an A-ASSOCIATE-RJ)")
     assert not problems, "; ".join(problems)
     _served_throughout(edge, monitor, "spoofed AE titles")
 
@@ -513,14 +550,14 @@ def test_wildcard_bomb_is_answered_quickly(edge: EdgeProcess, keyword: str) -> N
 
 @pytest.mark.parametrize("case", ["33+ wildcards", "1100 characters"])
 @pytest.mark.parametrize("keyword", ["StudyDescription", "PatientName"])
-def test_query_over_the_wildcard_and_length_limits_is_refused(edge: EdgeProcess, keyword: str,
-                                                              case: str) -> None:
+def test_query_over_the_wildcard_and_length_limits_is_refused(edge: EdgeProcess, keyword: str, case: str) -> None:
     value = "*?" * 17 + "X" if case.startswith("33") else "a" * 1100
     with EchoMonitor(edge.port) as monitor:
         status, pending, seconds = _find(edge.port, **{keyword: value})
     assert status is not None, f"{keyword} with {case}: no final C-FIND response within 5 s"
-    assert is_failure(status), f"{keyword} with {case}: status 0x{status:04X} after {pending} answers, " \
-                               f"expected a failure (A900 or Cxxx)"
+    assert is_failure(status), (
+        f"{keyword} with {case}: status 0x{status:04X} after {pending} answers, expected a failure (A900 or Cxxx)"
+    )
     assert pending == 0, f"{keyword} with {case}: {pending} answers before the refusal"
     _served_throughout(edge, monitor, f"a {case} query")
 
@@ -535,12 +572,14 @@ def test_c_cancel_during_a_long_query_is_honoured(edge: EdgeProcess) -> None:
     with EchoMonitor(edge.port) as monitor:
         assoc = ae.associate("127.0.0.1", edge.port, ae_title="HUB_SVR", bind_address=("127.0.0.1", 0))
         assert assoc.is_established
-        context_id = next(cx.context_id for cx in assoc.accepted_contexts
-                          if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelFind)
+        context_id = next(
+            cx.context_id
+            for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelFind
+        )
         final, pending, cancelled_at, seconds = None, 0, None, 0.0
         try:
-            for status, _identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind,
-                                                         msg_id=77):
+            for status, _identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind, msg_id=77):
                 code = int(status.Status) if status is not None and "Status" in status else None
                 if code in PENDING:
                     pending += 1
@@ -555,15 +594,16 @@ def test_c_cancel_during_a_long_query_is_honoured(edge: EdgeProcess) -> None:
                 assoc.release()
             ae.shutdown()
     assert cancelled_at is not None, f"the query had no answer to cancel after (final status {final})"
-    assert final == CANCEL, f"C-CANCEL after the first of {STUDIES} answers: final status " \
-                            f"{'none' if final is None else hex(final)} after {pending} answers"
+    assert final == CANCEL, (
+        f"C-CANCEL after the first of {STUDIES} answers: final status "
+        f"{'none' if final is None else hex(final)} after {pending} answers"
+    )
     assert pending < STUDIES and seconds < 1.0, f"cancelled after {pending} answers, {seconds:.2f} s"
     _served_throughout(edge, monitor, "a cancelled query")
 
 
 # ------------------------------------------------------------------ 7. a UID with a newline
-def test_c_store_with_a_newline_in_the_sop_instance_uid_is_refused(edge: EdgeProcess,
-                                                                   region: AttackRegion) -> None:
+def test_c_store_with_a_newline_in_the_sop_instance_uid_is_refused(edge: EdgeProcess, region: AttackRegion) -> None:
     study_uid, series_uid = "1.2.826.0.1.3680043.10.543.8.1", "1.2.826.0.1.3680043.10.543.8.1.1"
     bad_uid = b"1.2.3.4\n"
     good_uid = "1.2.826.0.1.3680043.10.543.8.1.1." + str(int(time.time() * 1000))
@@ -571,13 +611,15 @@ def test_c_store_with_a_newline_in_the_sop_instance_uid_is_refused(edge: EdgePro
         acc = raw_associate(edge.port, calling="HUB_WS1", contexts=[(1, CT_IMAGE_STORAGE, (EXPLICIT_LE,))])
         try:
             assert 1 in acc.contexts, f"CT Image Storage not accepted: {acc.contexts}"
-            assert send_message(acc, 1, c_store_rq(CT_IMAGE_STORAGE, bad_uid, 1),
-                                small_image(bad_uid, study_uid, series_uid)), "cut off while sending"
+            assert send_message(
+                acc, 1, c_store_rq(CT_IMAGE_STORAGE, bad_uid, 1), small_image(bad_uid, study_uid, series_uid)
+            ), "cut off while sending"
             bad = read_response(acc, 5)
             good = None
             if bad.status is not None:
-                assert send_message(acc, 1, c_store_rq(CT_IMAGE_STORAGE, good_uid, 2),
-                                    small_image(good_uid, study_uid, series_uid)), "cut off while sending"
+                assert send_message(
+                    acc, 1, c_store_rq(CT_IMAGE_STORAGE, good_uid, 2), small_image(good_uid, study_uid, series_uid)
+                ), "cut off while sending"
                 good = read_response(acc, 5)
         finally:
             release(acc)
@@ -604,9 +646,10 @@ def test_deflate_bomb_is_refused_without_inflating_it(edge: EdgeProcess, region:
         finally:
             release(acc)
         monitor_for(0.5)
-    assert response is not None and is_failure(response.status), \
-        f"a {len(bomb) // 1024} KiB dataset inflating to 300 MiB: {response or 'cut off while sending'}, " \
+    assert response is not None and is_failure(response.status), (
+        f"a {len(bomb) // 1024} KiB dataset inflating to 300 MiB: {response or 'cut off while sending'}, "
         f"expected a failure status; {memory.describe()}"
+    )
     assert memory.growth < 100 * MIB, memory.describe()
     assert not journaled(region.store_dir, sop_uid)
     _served_throughout(edge, monitor, "a deflate bomb")
@@ -616,10 +659,16 @@ def test_deflate_bomb_is_refused_without_inflating_it(edge: EdgeProcess, region:
 MALFORMED = {
     "PDV item length 0xFFFFFF00": p_data(struct.pack(">LBB", 0xFFFFFF00, 1, 0x03) + c_echo_rq()),
     "PDV item length 1": p_data(struct.pack(">LB", 1, 1) + b"\x03" + c_echo_rq()),
-    "PDV item longer than its PDU": pdu(P_DATA_TF, struct.pack(">LBB", len(c_echo_rq()) + 40, 1, 0x03)
-                                        + c_echo_rq()),
-    "command element length past the end": p_data(pdv(1, 0x03, command_set(
-        [(0x0002, ui(VERIFICATION)), (0x0100, us(0x0030))]) + struct.pack("<HHL", 0, 0x0110, 0xFFFFFFF0) + us(1))),
+    "PDV item longer than its PDU": pdu(P_DATA_TF, struct.pack(">LBB", len(c_echo_rq()) + 40, 1, 0x03) + c_echo_rq()),
+    "command element length past the end": p_data(
+        pdv(
+            1,
+            0x03,
+            command_set([(0x0002, ui(VERIFICATION)), (0x0100, us(0x0030))])
+            + struct.pack("<HHL", 0, 0x0110, 0xFFFFFFF0)
+            + us(1),
+        )
+    ),
     "command element cut inside its header": p_data(pdv(1, 0x03, c_echo_rq() + b"\x00\x00\x10")),
 }
 
@@ -653,8 +702,13 @@ def _c_get(port: int, study_uid: str) -> dict[str, int | None]:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="HUB_SVR", bind_address=("127.0.0.1", 0),
-                         ext_neg=[build_role(CTImageStorage, scp_role=True)])
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title="HUB_SVR",
+        bind_address=("127.0.0.1", 0),
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+    )
     assert assoc.is_established
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
@@ -669,20 +723,30 @@ def _c_get(port: int, study_uid: str) -> dict[str, int | None]:
             assoc.release()
         ae.shutdown()
     assert final is not None, f"C-GET {study_uid}: no final response"
-    return {"status": int(final.Status),
-            **{k: (int(final.get(k)) if final.get(k) is not None else None)
-               for k in ("NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations",
-                         "NumberOfFailedSuboperations", "NumberOfWarningSuboperations")}}
+    return {
+        "status": int(final.Status),
+        **{
+            k: (int(final.get(k)) if final.get(k) is not None else None)
+            for k in (
+                "NumberOfRemainingSuboperations",
+                "NumberOfCompletedSuboperations",
+                "NumberOfFailedSuboperations",
+                "NumberOfWarningSuboperations",
+            )
+        },
+    }
 
 
 def test_c_get_of_a_study_held_elsewhere_answers_as_for_one_that_does_not_exist(
-        edge: EdgeProcess, region: AttackRegion) -> None:
+    edge: EdgeProcess, region: AttackRegion
+) -> None:
     hidden = HIDDEN_STUDY_UID
     with EchoMonitor(edge.port) as monitor:
         elsewhere = _c_get(edge.port, hidden)
         nowhere = _c_get(edge.port, generate_uid())
-    assert elsewhere == nowhere, f"a clinic-a study the hub may not see: {elsewhere}; a UID that exists " \
-                                 f"nowhere: {nowhere}"
+    assert elsewhere == nowhere, (
+        f"a clinic-a study the hub may not see: {elsewhere}; a UID that exists nowhere: {nowhere}"
+    )
     _served_throughout(edge, monitor, "probing for other sites' studies")
 
 
@@ -704,7 +768,7 @@ def _stream(data: bytes):
     def recv(n: int) -> bytes:
         nonlocal pos
         asked.append(n)
-        chunk = data[pos: pos + n]
+        chunk = data[pos : pos + n]
         pos += len(chunk)
         return chunk
 
@@ -717,13 +781,18 @@ VALID_PDATA = p_data(pdv(1, 0x03, c_echo_rq()))
 
 def _mutated(base: bytes):
     return st.lists(st.tuples(st.integers(0, len(base) - 1), st.integers(0, 255)), max_size=6).map(
-        lambda edits: bytes(b if i not in dict(edits) else dict(edits)[i] for i, b in enumerate(base)))
+        lambda edits: bytes(b if i not in dict(edits) else dict(edits)[i] for i, b in enumerate(base))
+    )
 
 
 STREAMS = st.one_of(
     st.binary(max_size=300),
-    st.builds(lambda t, n, tail: struct.pack(">BBL", t, 0, n) + tail,
-              st.integers(0, 255), st.integers(0, 0xFFFFFFFF), st.binary(max_size=200)),
+    st.builds(
+        lambda t, n, tail: struct.pack(">BBL", t, 0, n) + tail,
+        st.integers(0, 255),
+        st.integers(0, 0xFFFFFFFF),
+        st.binary(max_size=200),
+    ),
     _mutated(VALID_RQ),
     _mutated(VALID_PDATA),
     st.builds(lambda cut: VALID_RQ[:cut], st.integers(0, len(VALID_RQ))),
@@ -744,14 +813,19 @@ def test_read_pdu_never_allocates_past_its_limits(data: bytes, associated: bool)
         pdu_type, header, body = result
         assert 1 <= pdu_type <= 7 and len(header) == 6
         assert struct.unpack(">L", bytes(header[2:6]))[0] == len(body)
-        assert bytes(header) + bytes(body) == data[:6 + len(body)]
+        assert bytes(header) + bytes(body) == data[: 6 + len(body)]
 
 
 @pytest.mark.slow
-@settings(max_examples=30, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.one_of(STREAMS, st.builds(lambda a, b: VALID_RQ + a + b, _mutated(VALID_PDATA),
-                                         st.binary(max_size=100))))
+@settings(
+    max_examples=30,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    data=st.one_of(STREAMS, st.builds(lambda a, b: VALID_RQ + a + b, _mutated(VALID_PDATA), st.binary(max_size=100)))
+)
 def test_random_streams_never_crash_the_edge(edge: EdgeProcess, region: AttackRegion, data: bytes) -> None:
     """Whatever arrives, the edge answers with well-formed PDUs and closes once the stream ends."""
     deadline = region.limits["setup_timeout"] + MARGIN

@@ -12,7 +12,6 @@ import pytest
 
 from edge.server import EdgeServer
 from renkei import peers
-
 from tests.helpers_edge import REPO, make_study, storescu, write_region
 
 pytestmark = pytest.mark.usefixtures("dcmtk")
@@ -20,9 +19,14 @@ pytestmark = pytest.mark.usefixtures("dcmtk")
 
 def _renkei(region_path: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "renkei.cli.main", *args, "--config", str(region_path),
-                           "--data-dir", str(data_dir)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "renkei.cli.main", *args, "--config", str(region_path), "--data-dir", str(data_dir)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_status_echo_and_send_to_pacs(tmp_path: Path) -> None:

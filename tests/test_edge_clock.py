@@ -13,8 +13,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -22,7 +22,6 @@ from edge import clock as edge_clock
 from edge.journal import SCHEMA_VERSION, Journal
 from edge.server import EdgeServer
 from renkei import peers, transfer
-
 from tests.conftest import require_program
 from tests.helpers_edge import Region, edge_subprocess, make_study, storescu, write_region
 
@@ -71,7 +70,8 @@ def cleanup() -> Iterator[list[subprocess.Popen]]:
 
 @pytest.mark.parametrize("offset", [-HOUR, HOUR], ids=["edge-an-hour-behind", "edge-an-hour-ahead"])
 def test_a_half_received_study_is_never_ready_whatever_the_edge_clock(
-        region: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cleanup: list, offset: float) -> None:
+    region: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cleanup: list, offset: float
+) -> None:
     require_program("storescu", "dcmtk")
     study_uid, files = make_study(tmp_path / "s", 6)
     edge = _start(region, tmp_path, offset, monkeypatch)
@@ -105,7 +105,8 @@ def test_a_half_received_study_is_never_ready_whatever_the_edge_clock(
 
 
 def test_a_stopped_edge_judges_its_studies_as_of_its_stop(
-        region: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cleanup: list) -> None:
+    region: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cleanup: list
+) -> None:
     require_program("storescu", "dcmtk")
     quiet_uid, quiet = make_study(tmp_path / "quiet", 2)
     recent_uid, recent = make_study(tmp_path / "recent", 2)
@@ -137,8 +138,9 @@ def test_a_stopped_edge_judges_its_studies_as_of_its_stop(
     _stop(edge)
 
 
-def test_a_step_of_the_edge_wall_clock_does_not_complete_a_study(region: Region, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_step_of_the_edge_wall_clock_does_not_complete_a_study(
+    region: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """NTP corrects a clock that was behind by ten minutes, mid-study: the quiet clock is monotonic."""
     require_program("storescu", "dcmtk")
     study_uid, files = make_study(tmp_path / "s", 4)
@@ -170,11 +172,15 @@ def test_an_older_journal_is_migrated_and_its_studies_adopted_by_the_edge(region
             assert time.monotonic() < deadline
             time.sleep(0.05)
     with Journal.open(region.store_dir) as journal:  # as a schema-4 journal was: no quiet clock at all
-        journal._write([("DROP INDEX studies_last_clock", ()),
-                        ("ALTER TABLE studies DROP COLUMN last_clock", ()),
-                        ("ALTER TABLE studies DROP COLUMN announced_clock", ()),
-                        ("DELETE FROM meta WHERE key IN ('edge_clock', 'edge_heartbeat')", ()),
-                        ("UPDATE meta SET value = '4' WHERE key = 'schema_version'", ())])
+        journal._write(
+            [
+                ("DROP INDEX studies_last_clock", ()),
+                ("ALTER TABLE studies DROP COLUMN last_clock", ()),
+                ("ALTER TABLE studies DROP COLUMN announced_clock", ()),
+                ("DELETE FROM meta WHERE key IN ('edge_clock', 'edge_heartbeat')", ()),
+                ("UPDATE meta SET value = '4' WHERE key = 'schema_version'", ()),
+            ]
+        )
     time.sleep(STABLE_AGE)
     with Journal.open(region.store_dir, readonly=True) as old:  # read as it is: by wall time, as before
         assert old.get_meta("schema_version") == "4"

@@ -13,10 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-
 from edge.journal import Journal
 from renkei import peers
-
 from tests.conftest import require_program
 from tests.helpers_edge import dataset_bytes, edge_subprocess, make_study, meta_of, storescu, write_region
 
@@ -41,9 +39,21 @@ def test_kill_9_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
         sender_log = tmp_path / "storescu.log"
         with open(sender_log, "wb") as out:
             sender = subprocess.Popen(
-                ["storescu", "-v", "-aet", "STORESCU", "-aec", "HUB_SVR", "127.0.0.1",
-                 str(region.edge_port), *map(str, files)],
-                stdout=out, stderr=subprocess.STDOUT, env=peers.dcmtk_env())
+                [
+                    "storescu",
+                    "-v",
+                    "-aet",
+                    "STORESCU",
+                    "-aec",
+                    "HUB_SVR",
+                    "127.0.0.1",
+                    str(region.edge_port),
+                    *map(str, files),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=peers.dcmtk_env(),
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if sender_log.read_bytes().count(b"Received Store Response (Success)") >= 100:
@@ -111,9 +121,21 @@ def test_sigterm_lets_the_association_in_progress_finish(tmp_path: Path) -> None
         sender_log = tmp_path / "storescu.log"
         with open(sender_log, "wb") as out:
             sender = subprocess.Popen(
-                ["storescu", "-v", "-aet", "STORESCU", "-aec", "HUB_SVR", "127.0.0.1",
-                 str(region.edge_port), *map(str, files)],
-                stdout=out, stderr=subprocess.STDOUT, env=peers.dcmtk_env())
+                [
+                    "storescu",
+                    "-v",
+                    "-aet",
+                    "STORESCU",
+                    "-aec",
+                    "HUB_SVR",
+                    "127.0.0.1",
+                    str(region.edge_port),
+                    *map(str, files),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=peers.dcmtk_env(),
+            )
         deadline = time.monotonic() + 60
         while sender_log.read_bytes().count(b"Received Store Response (Success)") < 20:
             assert time.monotonic() < deadline and sender.poll() is None

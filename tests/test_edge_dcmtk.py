@@ -16,10 +16,10 @@ import logging
 import subprocess
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -28,11 +28,11 @@ from pydicom.data import get_charset_files, get_testdata_files
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -52,7 +52,6 @@ from edge.server import EdgeServer
 from edge.tls import client_context
 from renkei import peers, pki
 from renkei.synth import write_single_study
-
 from tests.conftest import require_part, require_program
 from tests.helpers_edge import (
     CHARSET_JIS,
@@ -92,8 +91,9 @@ def edge(region: Region) -> Iterator[EdgeServer]:
 def storescp_bp(region: Region, tmp_path: Path) -> Iterator[peers.Peer]:
     """dcmtk's storescp in bit-preserving mode on the port the region names for STORESCP."""
     require_program("storescp", "dcmtk")
-    peer = peers.start_storescp(tmp_path / "storescp-out", ae_title="STORESCP",
-                                port=region.storescp_port, extra_args=["+B"])
+    peer = peers.start_storescp(
+        tmp_path / "storescp-out", ae_title="STORESCP", port=region.storescp_port, extra_args=["+B"]
+    )
     try:
         yield peer
     finally:
@@ -112,8 +112,14 @@ def _edge_copies(edge: EdgeServer, sop_uid: str) -> list[Path]:
 
 # storescu proposes uncompressed syntaxes unless told which compressed one a file needs
 _STORESCU_PROPOSE = {
-    JPEG2000Lossless: "-xv", JPEG2000: "-xw", JPEGLosslessSV1: "-xs", JPEGBaseline8Bit: "-xy",
-    JPEGExtended12Bit: "-xx", JPEGLSLossless: "-xt", JPEGLSNearLossless: "-xu", RLELossless: "-xr",
+    JPEG2000Lossless: "-xv",
+    JPEG2000: "-xw",
+    JPEGLosslessSV1: "-xs",
+    JPEGBaseline8Bit: "-xy",
+    JPEGExtended12Bit: "-xx",
+    JPEGLSLossless: "-xt",
+    JPEGLSNearLossless: "-xu",
+    RLELossless: "-xr",
     DeflatedExplicitVRLittleEndian: "-xd",
 }
 
@@ -139,12 +145,12 @@ def _sendable_testdata() -> list[Path]:
 
 
 # ------------------------------------------------------------------ association control
-def test_echo_works_and_unknown_ae_is_rejected(edge: EdgeServer, region: Region,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_echo_works_and_unknown_ae_is_rejected(
+    edge: EdgeServer, region: Region, caplog: pytest.LogCaptureFixture
+) -> None:
     run(["echoscu", "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port])
     with caplog.at_level(logging.WARNING, logger="renkei.edge"):
-        rejected = run(["echoscu", "-aet", "INTRUDER", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port],
-                       check=False)
+        rejected = run(["echoscu", "-aet", "INTRUDER", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port], check=False)
         assert rejected.returncode != 0
         assert b"Calling AE Title Not Recognized" in rejected.stderr + rejected.stdout
         deadline = time.monotonic() + 5
@@ -155,7 +161,8 @@ def test_echo_works_and_unknown_ae_is_rejected(edge: EdgeServer, region: Region,
 
 # ------------------------------------------------------------------ C-STORE, byte for byte
 def test_pydicom_test_files_are_stored_as_storescp_stores_them(
-        edge: EdgeServer, region: Region, storescp_bp: peers.Peer) -> None:
+    edge: EdgeServer, region: Region, storescp_bp: peers.Peer
+) -> None:
     # Files sharing a SOP Instance UID go in successive rounds (storescp names its
     # files by that UID); within a round every file is sent by its own storescu, in parallel.
     rounds: list[dict[str, Path]] = []
@@ -206,11 +213,21 @@ def test_pydicom_test_files_are_stored_as_storescp_stores_them(
 
 def _encapsulated_instance(folder: Path, transfer_syntax: str) -> Path:
     """A small instance in `transfer_syntax` (pixel data fragments are opaque to storage)."""
-    base = make_instance(folder / f"base-{transfer_syntax}.dcm", study_uid=generate_uid(),
-                         series_uid=generate_uid(), size=8)
+    base = make_instance(
+        folder / f"base-{transfer_syntax}.dcm", study_uid=generate_uid(), series_uid=generate_uid(), size=8
+    )
     ds = dcmread(base)
-    if transfer_syntax in (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-                           JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless):
+    if transfer_syntax in (
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        JPEGLossless,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEGLSNearLossless,
+        JPEG2000Lossless,
+        JPEG2000,
+        RLELossless,
+    ):
         ds.PixelData = encapsulate([b"\xff\xd8 opaque frame \xff\xd9"])
         ds["PixelData"].VR = "OB"
         ds["PixelData"].is_undefined_length = True
@@ -222,10 +239,21 @@ def _encapsulated_instance(folder: Path, transfer_syntax: str) -> Path:
     return out
 
 
-TRANSFER_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
-                     DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
-                     JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
-                     RLELossless]
+TRANSFER_SYNTAXES = [
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
 
 
 def _send_exactly(port: int, called: str, path: Path) -> int:
@@ -238,15 +266,21 @@ def _send_exactly(port: int, called: str, path: Path) -> int:
     try:
         with fastnet.paused(assoc):
             _m, offset = split_file_meta(path.read_bytes())
-            return fastnet.send_stored(assoc, meta["MediaStorageSOPClassUID"],
-                                       meta["MediaStorageSOPInstanceUID"], meta["TransferSyntaxUID"],
-                                       path=path, offset=offset)
+            return fastnet.send_stored(
+                assoc,
+                meta["MediaStorageSOPClassUID"],
+                meta["MediaStorageSOPInstanceUID"],
+                meta["TransferSyntaxUID"],
+                path=path,
+                offset=offset,
+            )
     finally:
         assoc.release()
 
 
 def test_every_required_transfer_syntax_is_accepted_and_kept(
-        edge: EdgeServer, region: Region, storescp_bp: peers.Peer, tmp_path: Path) -> None:
+    edge: EdgeServer, region: Region, storescp_bp: peers.Peer, tmp_path: Path
+) -> None:
     for syntax in TRANSFER_SYNTAXES:
         if syntax == ExplicitVRBigEndian:
             path = Path(get_testdata_files("MR_small_bigendian.dcm")[0])
@@ -264,15 +298,21 @@ def test_every_required_transfer_syntax_is_accepted_and_kept(
             assert dataset_bytes(scp_file) == dataset_bytes(stored.path), syntax
 
 
-def test_synthetic_japanese_studies_match_storescp(edge: EdgeServer, region: Region,
-                                                   storescp_bp: peers.Peer, tmp_path: Path) -> None:
-    _uid1, jis = make_study(tmp_path / "jis", 5, patient_name="Yamada^Taro=山田^太郎=やまだ^たろう",
-                            charset=CHARSET_JIS, series=2)
-    _uid2, utf8 = make_study(tmp_path / "utf8", 5, patient_name="Sato^Hanako=佐藤^花子=さとう^はなこ",
-                             charset=CHARSET_UTF8, modality="MR")
+def test_synthetic_japanese_studies_match_storescp(
+    edge: EdgeServer, region: Region, storescp_bp: peers.Peer, tmp_path: Path
+) -> None:
+    _uid1, jis = make_study(
+        tmp_path / "jis", 5, patient_name="Yamada^Taro=山田^太郎=やまだ^たろう", charset=CHARSET_JIS, series=2
+    )
+    _uid2, utf8 = make_study(
+        tmp_path / "utf8", 5, patient_name="Sato^Hanako=佐藤^花子=さとう^はなこ", charset=CHARSET_UTF8, modality="MR"
+    )
     # and the project's own synthetic studies (renkei.synth): CT, MR (two series), CR
-    synth = [f for modality in ("CT", "MR", "CR")
-             for f in write_single_study(tmp_path / "synth", modality, slices=3, size=64, seed=11).files]
+    synth = [
+        f
+        for modality in ("CT", "MR", "CR")
+        for f in write_single_study(tmp_path / "synth", modality, slices=3, size=64, seed=11).files
+    ]
     sent = jis + utf8 + synth
     storescu(region.storescp_port, sent, called="STORESCP")
     storescu(region.edge_port, sent)
@@ -285,8 +325,7 @@ def test_synthetic_japanese_studies_match_storescp(edge: EdgeServer, region: Reg
 
 
 # ------------------------------------------------------------------ bad input
-def _send_raw(port: int, dataset: bytes, sop_class: str, sop_uid: str,
-              syntax: str = ExplicitVRLittleEndian) -> int:
+def _send_raw(port: int, dataset: bytes, sop_class: str, sop_uid: str, syntax: str = ExplicitVRLittleEndian) -> int:
     ae = fastnet.FastAE(ae_title="STORESCU")
     ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate("127.0.0.1", port, ae_title="HUB_SVR")
@@ -298,14 +337,14 @@ def _send_raw(port: int, dataset: bytes, sop_class: str, sop_uid: str,
         assoc.release()
 
 
-def test_bad_input_is_refused_and_the_edge_keeps_serving(edge: EdgeServer, region: Region, tmp_path: Path,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_input_is_refused_and_the_edge_keeps_serving(
+    edge: EdgeServer, region: Region, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     ct = "1.2.840.10008.5.1.4.1.1.2"
     with caplog.at_level(logging.WARNING, logger="renkei.edge"):
         for bad_uid in ("1.2..3", "1.2.03", "1.2.x", "1." + "9" * 70, "../../etc"):
             path = make_instance(tmp_path / "bad.dcm", study_uid=bad_uid, series_uid=generate_uid())
-            status = _send_raw(region.edge_port, dataset_bytes(path), ct,
-                               meta_of(path)["MediaStorageSOPInstanceUID"])
+            status = _send_raw(region.edge_port, dataset_bytes(path), ct, meta_of(path)["MediaStorageSOPInstanceUID"])
             assert status == 0xA900, bad_uid
         no_series = make_instance(tmp_path / "noseries.dcm", study_uid=generate_uid(), series_uid="1.2")
         ds = dcmread(no_series)
@@ -325,11 +364,11 @@ def test_bad_input_is_refused_and_the_edge_keeps_serving(edge: EdgeServer, regio
 
 
 def test_resend_is_stored_once_and_a_different_instance_is_kept_as_conflict(
-        edge: EdgeServer, region: Region, tmp_path: Path) -> None:
+    edge: EdgeServer, region: Region, tmp_path: Path
+) -> None:
     study_uid, series_uid, sop_uid = generate_uid(), generate_uid(), generate_uid()
     first = make_instance(tmp_path / "a.dcm", study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
-    second = make_instance(tmp_path / "b.dcm", study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
-                           seed=7)
+    second = make_instance(tmp_path / "b.dcm", study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, seed=7)
     storescu(region.edge_port, [first, first])
     storescu(region.edge_port, [first])
     assert edge.journal.summary().instances == 1
@@ -343,8 +382,12 @@ def test_resend_is_stored_once_and_a_different_instance_is_kept_as_conflict(
 def test_full_disk_is_answered_out_of_resources(tmp_path: Path) -> None:
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True
+        ).returncode
+        == 0
+    )
     require_part(mounted, "a small tmpfs to fill", "run the tests as root (mount -t tmpfs)")
     try:
         region = write_region(tmp_path / "region")
@@ -371,8 +414,9 @@ def test_full_disk_is_answered_out_of_resources(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ study completion
-def test_completion_is_announced_and_again_after_a_late_instance(edge: EdgeServer, region: Region,
-                                                                 tmp_path: Path) -> None:
+def test_completion_is_announced_and_again_after_a_late_instance(
+    edge: EdgeServer, region: Region, tmp_path: Path
+) -> None:
     study_uid, files = make_study(tmp_path / "s", 4)
     storescu(region.edge_port, files[:3])
     deadline = time.monotonic() + 10
@@ -390,8 +434,9 @@ def test_completion_is_announced_and_again_after_a_late_instance(edge: EdgeServe
 
 
 # ------------------------------------------------------------------ C-FIND
-def _findscu(region: Region, tmp_path: Path, keys: list[str], root: str = "-S",
-             query_file: Path | None = None) -> list[Dataset]:
+def _findscu(
+    region: Region, tmp_path: Path, keys: list[str], root: str = "-S", query_file: Path | None = None
+) -> list[Dataset]:
     out = tmp_path / f"find-{time.monotonic_ns()}"
     out.mkdir()
     args = ["findscu", root, "-aet", "FINDSCU", "-aec", "HUB_SVR", "-X", "-od", out]
@@ -405,17 +450,29 @@ def _findscu(region: Region, tmp_path: Path, keys: list[str], root: str = "-S",
 
 
 def _store_japanese(region: Region, tmp_path: Path) -> dict[str, str]:
-    jis_uid, jis = make_study(tmp_path / "jis", 2, patient_name="Yamada^Taro=山田^太郎=やまだ^たろう",
-                              patient_id="J1", charset=CHARSET_JIS, study_date="20260110")
-    utf_uid, utf = make_study(tmp_path / "utf", 2, patient_name="Sato^Hanako=佐藤^花子=さとう^はなこ",
-                              patient_id="U1", charset=CHARSET_UTF8, study_date="20260220", modality="MR")
+    jis_uid, jis = make_study(
+        tmp_path / "jis",
+        2,
+        patient_name="Yamada^Taro=山田^太郎=やまだ^たろう",
+        patient_id="J1",
+        charset=CHARSET_JIS,
+        study_date="20260110",
+    )
+    utf_uid, utf = make_study(
+        tmp_path / "utf",
+        2,
+        patient_name="Sato^Hanako=佐藤^花子=さとう^はなこ",
+        patient_id="U1",
+        charset=CHARSET_UTF8,
+        study_date="20260220",
+        modality="MR",
+    )
     h31 = Path(get_charset_files("chrH31.dcm")[0])
     storescu(region.edge_port, [*jis, *utf, h31])
     return {"jis": jis_uid, "utf8": utf_uid, "h31": dcmread(h31).StudyInstanceUID}
 
 
-def test_findscu_finds_japanese_names_in_their_character_sets(edge: EdgeServer, region: Region,
-                                                              tmp_path: Path) -> None:
+def test_findscu_finds_japanese_names_in_their_character_sets(edge: EdgeServer, region: Region, tmp_path: Path) -> None:
     studies = _store_japanese(region, tmp_path)
     keys = ["QueryRetrieveLevel=STUDY", "StudyInstanceUID", "PatientID", "StudyDate", "ModalitiesInStudy"]
 
@@ -458,48 +515,123 @@ def test_findscu_finds_japanese_names_in_their_character_sets(edge: EdgeServer, 
 def test_findscu_levels_in_patient_and_study_root(edge: EdgeServer, region: Region, tmp_path: Path) -> None:
     study_uid, files = make_study(tmp_path / "s", 4, series=2, patient_id="LV1", patient_name="Level^Test")
     storescu(region.edge_port, files)
-    patients = _findscu(region, tmp_path, ["QueryRetrieveLevel=PATIENT", "PatientID=LV*", "PatientName",
-                                           "NumberOfPatientRelatedStudies"], root="-P")
-    assert [(p.PatientID, str(p.PatientName), int(p.NumberOfPatientRelatedStudies)) for p in patients] == \
-        [("LV1", "Level^Test", 1)]
-    studies = _findscu(region, tmp_path, ["QueryRetrieveLevel=STUDY", "PatientID=LV1", "StudyInstanceUID",
-                                          "NumberOfStudyRelatedInstances"], root="-P")
+    patients = _findscu(
+        region,
+        tmp_path,
+        ["QueryRetrieveLevel=PATIENT", "PatientID=LV*", "PatientName", "NumberOfPatientRelatedStudies"],
+        root="-P",
+    )
+    assert [(p.PatientID, str(p.PatientName), int(p.NumberOfPatientRelatedStudies)) for p in patients] == [
+        ("LV1", "Level^Test", 1)
+    ]
+    studies = _findscu(
+        region,
+        tmp_path,
+        ["QueryRetrieveLevel=STUDY", "PatientID=LV1", "StudyInstanceUID", "NumberOfStudyRelatedInstances"],
+        root="-P",
+    )
     assert [(s.StudyInstanceUID, int(s.NumberOfStudyRelatedInstances)) for s in studies] == [(study_uid, 4)]
-    series = _findscu(region, tmp_path, ["QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study_uid}",
-                                         "SeriesInstanceUID", "Modality", "NumberOfSeriesRelatedInstances"])
+    series = _findscu(
+        region,
+        tmp_path,
+        [
+            "QueryRetrieveLevel=SERIES",
+            f"StudyInstanceUID={study_uid}",
+            "SeriesInstanceUID",
+            "Modality",
+            "NumberOfSeriesRelatedInstances",
+        ],
+    )
     assert len(series) == 2 and all(int(s.NumberOfSeriesRelatedInstances) == 2 for s in series)
-    images = _findscu(region, tmp_path, ["QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study_uid}",
-                                         f"SeriesInstanceUID={series[0].SeriesInstanceUID}",
-                                         "SOPInstanceUID", "InstanceNumber"])
-    expected = {meta_of(f)["MediaStorageSOPInstanceUID"] for f in files
-                if dcmread(f, stop_before_pixels=True).SeriesInstanceUID == series[0].SeriesInstanceUID}
+    images = _findscu(
+        region,
+        tmp_path,
+        [
+            "QueryRetrieveLevel=IMAGE",
+            f"StudyInstanceUID={study_uid}",
+            f"SeriesInstanceUID={series[0].SeriesInstanceUID}",
+            "SOPInstanceUID",
+            "InstanceNumber",
+        ],
+    )
+    expected = {
+        meta_of(f)["MediaStorageSOPInstanceUID"]
+        for f in files
+        if dcmread(f, stop_before_pixels=True).SeriesInstanceUID == series[0].SeriesInstanceUID
+    }
     assert {i.SOPInstanceUID for i in images} == expected
-    refused = run(["findscu", "-v", "-S", "-aet", "FINDSCU", "-aec", "HUB_SVR", "-k",
-                   "QueryRetrieveLevel=PATIENT", "-k", "PatientID", "127.0.0.1", region.edge_port],
-                  check=False)
+    refused = run(
+        [
+            "findscu",
+            "-v",
+            "-S",
+            "-aet",
+            "FINDSCU",
+            "-aec",
+            "HUB_SVR",
+            "-k",
+            "QueryRetrieveLevel=PATIENT",
+            "-k",
+            "PatientID",
+            "127.0.0.1",
+            region.edge_port,
+        ],
+        check=False,
+    )
     assert b"DataSetDoesNotMatchSOPClass" in refused.stderr + refused.stdout  # 0xA900: no PATIENT level
 
 
 # ------------------------------------------------------------------ C-MOVE and C-GET
 def test_movescu_and_getscu_retrieve_every_instance_byte_for_byte(
-        edge: EdgeServer, region: Region, storescp_bp: peers.Peer, tmp_path: Path) -> None:
+    edge: EdgeServer, region: Region, storescp_bp: peers.Peer, tmp_path: Path
+) -> None:
     study_uid, files = make_study(tmp_path / "s", 12, series=2)
     big_endian = Path(get_testdata_files("MR_small_bigendian.dcm")[0])
     storescu(region.edge_port, files)
     assert _send_exactly(region.edge_port, "HUB_SVR", big_endian) == 0
     stored = {meta_of(f)["MediaStorageSOPInstanceUID"]: dataset_bytes(f) for f in files}
-    run(["movescu", "-S", "-aet", "MOVESCU", "-aec", "HUB_SVR", "-aem", "STORESCP",
-         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
-         "127.0.0.1", region.edge_port])
+    run(
+        [
+            "movescu",
+            "-S",
+            "-aet",
+            "MOVESCU",
+            "-aec",
+            "HUB_SVR",
+            "-aem",
+            "STORESCP",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study_uid}",
+            "127.0.0.1",
+            region.edge_port,
+        ]
+    )
     moved = files_by_sop(storescp_bp.workdir)
     assert set(moved) == set(stored)
     for sop_uid, path in moved.items():
         assert dataset_bytes(path) == stored[sop_uid]
     get_dir = tmp_path / "get"
     get_dir.mkdir()
-    run(["getscu", "-S", "-aet", "GETSCU", "-aec", "HUB_SVR", "-od", get_dir,
-         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
-         "127.0.0.1", region.edge_port])
+    run(
+        [
+            "getscu",
+            "-S",
+            "-aet",
+            "GETSCU",
+            "-aec",
+            "HUB_SVR",
+            "-od",
+            get_dir,
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study_uid}",
+            "127.0.0.1",
+            region.edge_port,
+        ]
+    )
     got = files_by_sop(get_dir)
     assert set(got) == set(stored)
     for sop_uid, path in got.items():
@@ -508,15 +640,48 @@ def test_movescu_and_getscu_retrieve_every_instance_byte_for_byte(
     mr = dcmread(big_endian, stop_before_pixels=True)
     for f in storescp_bp.workdir.iterdir():
         f.unlink()
-    run(["movescu", "-S", "-aet", "MOVESCU", "-aec", "HUB_SVR", "-aem", "STORESCP",
-         "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={mr.StudyInstanceUID}",
-         "-k", f"SeriesInstanceUID={mr.SeriesInstanceUID}", "127.0.0.1", region.edge_port])
+    run(
+        [
+            "movescu",
+            "-S",
+            "-aet",
+            "MOVESCU",
+            "-aec",
+            "HUB_SVR",
+            "-aem",
+            "STORESCP",
+            "-k",
+            "QueryRetrieveLevel=SERIES",
+            "-k",
+            f"StudyInstanceUID={mr.StudyInstanceUID}",
+            "-k",
+            f"SeriesInstanceUID={mr.SeriesInstanceUID}",
+            "127.0.0.1",
+            region.edge_port,
+        ]
+    )
     (path,) = files_by_sop(storescp_bp.workdir).values()
     assert meta_of(path)["TransferSyntaxUID"] == ExplicitVRBigEndian
     assert dataset_bytes(path) == dataset_bytes(big_endian)
-    unknown = run(["movescu", "-S", "-aet", "MOVESCU", "-aec", "HUB_SVR", "-aem", "NOWHERE",
-                   "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
-                   "127.0.0.1", region.edge_port], check=False)
+    unknown = run(
+        [
+            "movescu",
+            "-S",
+            "-aet",
+            "MOVESCU",
+            "-aec",
+            "HUB_SVR",
+            "-aem",
+            "NOWHERE",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study_uid}",
+            "127.0.0.1",
+            region.edge_port,
+        ],
+        check=False,
+    )
     assert b"MoveDestinationUnknown" in unknown.stderr + unknown.stdout
 
 
@@ -531,16 +696,18 @@ def _make_certs(folder: Path) -> dict[str, Path]:
         paths[f"{ae}.crt"], paths[f"{ae}.key"] = pki.issue(ca, folder, site_id="hub", ae_title=ae)
     stranger = folder / "stranger-ca"
     pki.create_ca(stranger, "test")
-    paths["stranger.crt"], paths["stranger.key"] = pki.issue(stranger, folder / "stranger", site_id="hub",
-                                                             ae_title="ECHOSCU")
+    paths["stranger.crt"], paths["stranger.key"] = pki.issue(
+        stranger, folder / "stranger", site_id="hub", ae_title="ECHOSCU"
+    )
     return paths
 
 
 def test_tls_with_dcmtk_and_plain_connections_fail(tmp_path: Path) -> None:
     certs = _make_certs(tmp_path / "certs")
-    region = write_region(tmp_path / "region", tls={"cert": str(certs["edge.crt"]),
-                                                    "key": str(certs["edge.key"]),
-                                                    "ca": str(certs["ca.crt"])})
+    region = write_region(
+        tmp_path / "region",
+        tls={"cert": str(certs["edge.crt"]), "key": str(certs["edge.key"]), "ca": str(certs["ca.crt"])},
+    )
 
     def tls(ae: str) -> list[object]:
         return ["+tls", certs[f"{ae}.key"], certs[f"{ae}.crt"], "+cf", certs["ca.crt"]]
@@ -548,19 +715,27 @@ def test_tls_with_dcmtk_and_plain_connections_fail(tmp_path: Path) -> None:
     with EdgeServer(region.config, "hub", region.store_dir) as server:
         run(["echoscu", *tls("ECHOSCU"), "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port])
         _uid, files = make_study(tmp_path / "s", 3)
-        run(["storescu", *tls("STORESCU"), "-aet", "STORESCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port,
-             *files])
+        run(
+            ["storescu", *tls("STORESCU"), "-aet", "STORESCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port, *files]
+        )
         assert server.journal.summary().instances == 3
-        plain = run(["echoscu", "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port],
-                    check=False, timeout=60)
+        plain = run(
+            ["echoscu", "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port], check=False, timeout=60
+        )
         assert plain.returncode != 0
         # a certificate of the region CA for another AE title cannot claim this one
-        other = run(["echoscu", *tls("MOVESCU"), "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1",
-                     region.edge_port], check=False, timeout=60)
+        other = run(
+            ["echoscu", *tls("MOVESCU"), "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port],
+            check=False,
+            timeout=60,
+        )
         assert other.returncode != 0 and b"Calling AE Title Not Recognized" in other.stderr + other.stdout
         stranger = ["+tls", certs["stranger.key"], certs["stranger.crt"], "+cf", certs["ca.crt"]]
-        untrusted = run(["echoscu", *stranger, "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1",
-                         region.edge_port], check=False, timeout=60)
+        untrusted = run(
+            ["echoscu", *stranger, "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port],
+            check=False,
+            timeout=60,
+        )
         assert untrusted.returncode != 0
         run(["echoscu", *tls("ECHOSCU"), "-aet", "ECHOSCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port])
 
@@ -568,9 +743,10 @@ def test_tls_with_dcmtk_and_plain_connections_fail(tmp_path: Path) -> None:
 def test_c_move_to_a_workstation_configured_for_tls_goes_over_tls(tmp_path: Path) -> None:
     """The edge calls a `tls: true` destination over TLS with its own certificate, never in plaintext."""
     certs = _make_certs(tmp_path / "certs")
-    region = write_region(tmp_path / "region", tls={"cert": str(certs["edge.crt"]),
-                                                    "key": str(certs["edge.key"]),
-                                                    "ca": str(certs["ca.crt"])})
+    region = write_region(
+        tmp_path / "region",
+        tls={"cert": str(certs["edge.crt"]), "key": str(certs["edge.key"]), "ca": str(certs["ca.crt"])},
+    )
     raw = yaml.safe_load(region.path.read_text())
     for ws in raw["sites"][0]["workstations"]:
         if ws["ae_title"] == "STORESCP":
@@ -585,24 +761,26 @@ def test_c_move_to_a_workstation_configured_for_tls_goes_over_tls(tmp_path: Path
         """C-MOVE over TLS from MOVESCU (pynetdicom: Debian's movescu has no TLS); the final status."""
         ae = AE(ae_title="MOVESCU")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        context = client_context(ca=str(certs["ca.crt"]), cert=str(certs["MOVESCU.crt"]),
-                                 key=str(certs["MOVESCU.key"]))
+        context = client_context(ca=str(certs["ca.crt"]), cert=str(certs["MOVESCU.crt"]), key=str(certs["MOVESCU.key"]))
         assoc = ae.associate("127.0.0.1", region.edge_port, ae_title="HUB_SVR", tls_args=(context, None))
         assert assoc.is_established
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_uid
         try:
-            statuses = [s.Status for s, _ in assoc.send_c_move(query, "STORESCP",
-                                                               StudyRootQueryRetrieveInformationModelMove)
-                        if s is not None and "Status" in s]
+            statuses = [
+                s.Status
+                for s, _ in assoc.send_c_move(query, "STORESCP", StudyRootQueryRetrieveInformationModelMove)
+                if s is not None and "Status" in s
+            ]
         finally:
             assoc.release()
         return int(statuses[-1])
 
     with EdgeServer(region.config, "hub", region.store_dir):
-        run(["storescu", *tls("STORESCU"), "-aet", "STORESCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port,
-             *files])
+        run(
+            ["storescu", *tls("STORESCU"), "-aet", "STORESCU", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port, *files]
+        )
         # a plaintext listener under that AE title gets nothing: the edge does not fall back to plaintext
         plain = peers.start_storescp(tmp_path / "plain", ae_title="STORESCP", port=region.storescp_port)
         try:
@@ -611,9 +789,12 @@ def test_c_move_to_a_workstation_configured_for_tls_goes_over_tls(tmp_path: Path
         finally:
             plain.stop()
         # a TLS listener that requires the region CA's client certificate receives the study as stored
-        secure = peers.start_storescp(tmp_path / "secure", ae_title="STORESCP", port=region.storescp_port,
-                                      extra_args=["+tls", str(certs["ECHOSCU.key"]), str(certs["ECHOSCU.crt"]),
-                                                  "+cf", str(certs["ca.crt"])])
+        secure = peers.start_storescp(
+            tmp_path / "secure",
+            ae_title="STORESCP",
+            port=region.storescp_port,
+            extra_args=["+tls", str(certs["ECHOSCU.key"]), str(certs["ECHOSCU.crt"]), "+cf", str(certs["ca.crt"])],
+        )
         try:
             assert move() == 0x0000
             received = files_by_sop(secure.workdir)
@@ -624,8 +805,9 @@ def test_c_move_to_a_workstation_configured_for_tls_goes_over_tls(tmp_path: Path
             secure.stop()
 
 
-def test_plain_pynetdicom_path_when_the_fast_path_is_off(region: Region, storescp_bp: peers.Peer,
-                                                         tmp_path: Path) -> None:
+def test_plain_pynetdicom_path_when_the_fast_path_is_off(
+    region: Region, storescp_bp: peers.Peer, tmp_path: Path
+) -> None:
     """With fastnet off (an unknown pynetdicom), the edge still stores and retrieves correctly."""
     with EdgeServer(region.config, "hub", region.store_dir, fast=False) as server:
         study_uid, files = make_study(tmp_path / "s", 3)
@@ -634,18 +816,35 @@ def test_plain_pynetdicom_path_when_the_fast_path_is_off(region: Region, storesc
         for path in files:
             entry = server.journal.entry(meta_of(path)["MediaStorageSOPInstanceUID"])
             assert entry is not None and dataset_bytes(entry.path) == dataset_bytes(path)
-        answers = _findscu(region, tmp_path, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid}",
-                                              "NumberOfStudyRelatedInstances"])
+        answers = _findscu(
+            region,
+            tmp_path,
+            ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid}", "NumberOfStudyRelatedInstances"],
+        )
         assert [int(a.NumberOfStudyRelatedInstances) for a in answers] == [3]
-        run(["movescu", "-S", "-aet", "MOVESCU", "-aec", "HUB_SVR", "-aem", "STORESCP",
-             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
-             "127.0.0.1", region.edge_port])
+        run(
+            [
+                "movescu",
+                "-S",
+                "-aet",
+                "MOVESCU",
+                "-aec",
+                "HUB_SVR",
+                "-aem",
+                "STORESCP",
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={study_uid}",
+                "127.0.0.1",
+                region.edge_port,
+            ]
+        )
         moved = files_by_sop(storescp_bp.workdir)
         assert {meta_of(f)["MediaStorageSOPInstanceUID"] for f in files} == set(moved)
 
 
-def test_a_transfer_broken_off_mid_dataset_leaves_nothing(edge: EdgeServer, region: Region,
-                                                          tmp_path: Path) -> None:
+def test_a_transfer_broken_off_mid_dataset_leaves_nothing(edge: EdgeServer, region: Region, tmp_path: Path) -> None:
     import struct
 
     path = make_instance(tmp_path / "a.dcm", study_uid=generate_uid(), series_uid=generate_uid(), size=64)
@@ -663,14 +862,24 @@ def test_a_transfer_broken_off_mid_dataset_leaves_nothing(edge: EdgeServer, regi
         raw = text.encode()
         return raw + b"\x00" if len(raw) % 2 else raw
 
-    body = b"".join((element(0x0002, uid(meta["MediaStorageSOPClassUID"])),
-                     element(0x0100, struct.pack("<H", 0x0001)), element(0x0110, struct.pack("<H", 1)),
-                     element(0x0700, struct.pack("<H", 0)), element(0x0800, struct.pack("<H", 0)),
-                     element(0x1000, uid(meta["MediaStorageSOPInstanceUID"]))))
+    body = b"".join(
+        (
+            element(0x0002, uid(meta["MediaStorageSOPClassUID"])),
+            element(0x0100, struct.pack("<H", 0x0001)),
+            element(0x0110, struct.pack("<H", 1)),
+            element(0x0700, struct.pack("<H", 0)),
+            element(0x0800, struct.pack("<H", 0)),
+            element(0x1000, uid(meta["MediaStorageSOPInstanceUID"])),
+        )
+    )
     command = element(0x0000, struct.pack("<L", len(body))) + body
     half = dataset_bytes(path)[:2000]
-    pdvs = (struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
-            + struct.pack(">LBB", len(half) + 2, context_id, 0x00) + half)  # not the last fragment
+    pdvs = (
+        struct.pack(">LBB", len(command) + 2, context_id, 0x03)
+        + command
+        + struct.pack(">LBB", len(half) + 2, context_id, 0x00)
+        + half
+    )  # not the last fragment
     assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0, len(pdvs)) + pdvs)
     deadline = time.monotonic() + 5
     while not list((region.store_dir / "tmp").iterdir()) and time.monotonic() < deadline:
@@ -686,8 +895,9 @@ def test_a_transfer_broken_off_mid_dataset_leaves_nothing(edge: EdgeServer, regi
     assert edge.journal.summary().instances == 1
 
 
-def test_large_instances_are_read_back_from_their_file(edge: EdgeServer, region: Region, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_instances_are_read_back_from_their_file(
+    edge: EdgeServer, region: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Above fastnet.KEEP_IN_MEMORY a dataset is only written, then checked from its file."""
     monkeypatch.setattr(fastnet, "KEEP_IN_MEMORY", 4096)
     study_uid, files = make_study(tmp_path / "s", 3, size=128)  # 32 KiB of pixels each
@@ -700,8 +910,12 @@ def test_large_instances_are_read_back_from_their_file(edge: EdgeServer, region:
         assert hashlib.sha256(entry.path.read_bytes()).hexdigest() == entry.instance.sha256
     other = make_instance(tmp_path / "t.dcm", study_uid=study_uid, series_uid=generate_uid(), size=128)
     meta = meta_of(other)
-    status = _send_raw(region.edge_port, dataset_bytes(other)[:-100], meta["MediaStorageSOPClassUID"],
-                       meta["MediaStorageSOPInstanceUID"])
+    status = _send_raw(
+        region.edge_port,
+        dataset_bytes(other)[:-100],
+        meta["MediaStorageSOPClassUID"],
+        meta["MediaStorageSOPInstanceUID"],
+    )
     assert status == 0xC000 and edge.stats.refused == 1  # truncated: refused after reading it back
     assert not list((region.store_dir / "tmp").iterdir())
     assert len(edge.journal.instances(study_uid)) == 3

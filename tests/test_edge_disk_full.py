@@ -15,8 +15,8 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -24,7 +24,6 @@ from pydicom import dcmread
 
 from edge.store import RESERVE_NAME
 from renkei import peers
-
 from tests.conftest import require_part, require_program
 from tests.helpers_edge import (
     Region,
@@ -45,12 +44,16 @@ MIN_FREE = 8 * MIB
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 48 MiB tmpfs, unmounted at the end whatever happens."""
-    require_part(os.geteuid() == 0, "mounting a small filesystem (root, CAP_SYS_ADMIN)",
-                 "run the tests as root: this test mounts a 48 MiB tmpfs and fills it")
+    require_part(
+        os.geteuid() == 0,
+        "mounting a small filesystem (root, CAP_SYS_ADMIN)",
+        "run the tests as root: this test mounts a 48 MiB tmpfs and fills it",
+    )
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     assert mounted.returncode == 0, f"mount -t tmpfs failed as root: {mounted.stderr}"
     try:
         yield mount_point
@@ -132,7 +135,8 @@ def _send(port: int, files: list[Path], log: Path) -> tuple[list[Path], list[str
             current = Path(sending.group(1).strip())
         elif response and current is not None:
             (acknowledged if response.group(1) == "Success" else others).append(
-                current if response.group(1) == "Success" else response.group(1))
+                current if response.group(1) == "Success" else response.group(1)
+            )
             current = None
     return acknowledged, others
 
@@ -164,9 +168,27 @@ def _find_studies(region: Region, tmp_path: Path) -> dict[str, int]:
     """C-FIND (findscu) at STUDY level: study UID -> NumberOfStudyRelatedInstances."""
     out = tmp_path / f"find-{time.monotonic_ns()}"
     out.mkdir()
-    run(["findscu", "-S", "-aet", "FINDSCU", "-aec", "HUB_SVR", "-X", "-od", out,
-         "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", "NumberOfStudyRelatedInstances",
-         "127.0.0.1", region.edge_port])
+    run(
+        [
+            "findscu",
+            "-S",
+            "-aet",
+            "FINDSCU",
+            "-aec",
+            "HUB_SVR",
+            "-X",
+            "-od",
+            out,
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID",
+            "-k",
+            "NumberOfStudyRelatedInstances",
+            "127.0.0.1",
+            region.edge_port,
+        ]
+    )
     answers = [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
     return {str(a.StudyInstanceUID): int(a.NumberOfStudyRelatedInstances) for a in answers}
 
@@ -184,27 +206,61 @@ def _check_reads(region: Region, tmp_path: Path, acknowledged: list[Path], store
     get_dir = tmp_path / f"get-{time.monotonic_ns()}"
     get_dir.mkdir()
     for study in by_study:
-        run(["getscu", "-S", "-aet", "GETSCU", "-aec", "HUB_SVR", "-od", get_dir,
-             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", region.edge_port])
+        run(
+            [
+                "getscu",
+                "-S",
+                "-aet",
+                "GETSCU",
+                "-aec",
+                "HUB_SVR",
+                "-od",
+                get_dir,
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={study}",
+                "127.0.0.1",
+                region.edge_port,
+            ]
+        )
     got = files_by_sop(get_dir)
     assert set(got) == set(sent)
     assert all(dataset_bytes(path) == sent[sop] for sop, path in got.items())
     for old in storescp.workdir.iterdir():
         old.unlink()
     for study in by_study:
-        run(["movescu", "-S", "-aet", "MOVESCU", "-aec", "HUB_SVR", "-aem", "STORESCP",
-             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", region.edge_port])
+        run(
+            [
+                "movescu",
+                "-S",
+                "-aet",
+                "MOVESCU",
+                "-aec",
+                "HUB_SVR",
+                "-aem",
+                "STORESCP",
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={study}",
+                "127.0.0.1",
+                region.edge_port,
+            ]
+        )
     moved = files_by_sop(storescp.workdir)
     assert set(moved) == set(sent)
     assert all(dataset_bytes(path) == sent[sop] for sop, path in moved.items())
 
 
 def test_an_edge_on_a_full_disk_restarts_serves_what_it_holds_and_takes_stores_when_space_is_back(
-        region: Region, edge: Edge, small_disk: Path, tmp_path: Path) -> None:
+    region: Region, edge: Edge, small_disk: Path, tmp_path: Path
+) -> None:
     for program in ("storescu", "findscu", "getscu", "movescu", "echoscu", "storescp"):
         require_program(program, "dcmtk")
-    storescp = peers.start_storescp(tmp_path / "moved", ae_title="STORESCP", port=region.storescp_port,
-                                    extra_args=["+B"])  # bit preserving: the dataset as received
+    storescp = peers.start_storescp(
+        tmp_path / "moved", ae_title="STORESCP", port=region.storescp_port, extra_args=["+B"]
+    )  # bit preserving: the dataset as received
     sender_log = tmp_path / "storescu.log"
     reserve = region.store_dir / RESERVE_NAME
     try:
@@ -289,26 +345,32 @@ def test_an_edge_on_a_full_disk_restarts_serves_what_it_holds_and_takes_stores_w
 
 # ---------------------------------------------------------------- without root: the rules themselves
 def test_disk_settings_are_sizes_with_sensible_defaults_and_clear_errors() -> None:
-    from renkei.config import EdgeDiskConfig
     from pydantic import ValidationError
 
-    assert EdgeDiskConfig().sizes_for(10**12) == (64 * MIB, 256 * MIB)   # defaults on a real disk
-    assert EdgeDiskConfig().sizes_for(48 * MIB) == (3 * MIB, 3 * MIB)     # at most 1/16 of a small one
+    from renkei.config import EdgeDiskConfig
+
+    assert EdgeDiskConfig().sizes_for(10**12) == (64 * MIB, 256 * MIB)  # defaults on a real disk
+    assert EdgeDiskConfig().sizes_for(48 * MIB) == (3 * MIB, 3 * MIB)  # at most 1/16 of a small one
     assert EdgeDiskConfig(journal_reserve="8 MiB", min_free="1.5 GiB").sizes_for(48 * MIB) == (
-        8 * MIB, 3 * 2**29)                                                  # set values as they are
+        8 * MIB,
+        3 * 2**29,
+    )  # set values as they are
     assert EdgeDiskConfig(journal_reserve=0, min_free="500 MB").sizes_for(10**12) == (0, 500 * 10**6)
-    for field, value, says in [("journal_reserve", "100 KiB", "at least 1 MiB"),
-                               ("journal_reserve", "-1 MiB", "negative"),
-                               ("min_free", "lots", "is not a size"),
-                               ("min_free", "12 parsecs", "is not a size"),
-                               ("min_free", "2 TiB", "more than 1 TiB"),
-                               ("min_free", 1.5, "whole number")]:
+    for field, value, says in [
+        ("journal_reserve", "100 KiB", "at least 1 MiB"),
+        ("journal_reserve", "-1 MiB", "negative"),
+        ("min_free", "lots", "is not a size"),
+        ("min_free", "12 parsecs", "is not a size"),
+        ("min_free", "2 TiB", "more than 1 TiB"),
+        ("min_free", 1.5, "whole number"),
+    ]:
         with pytest.raises(ValidationError, match=says):
             EdgeDiskConfig(**{field: value})
 
 
-def test_the_reserve_is_released_when_the_disk_is_nearly_full_and_made_again(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_reserve_is_released_when_the_disk_is_nearly_full_and_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from edge.store import DiskFull, FileStore
 
     store = FileStore(tmp_path / "store", min_free_bytes=2 * MIB, reserve_bytes=4 * MIB)

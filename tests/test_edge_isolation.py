@@ -14,15 +14,15 @@ import subprocess
 import sys
 import time
 
+from helpers_dicom import Workstation
+from helpers_region import layout_of, put_into_edge, region_config
+
 from edge.center import StudyOrigins
 from edge.region import RegionalEdge
 from renkei import synth, transfer
 from renkei.errors import CatalogError
 from renkei.runtime import open_catalog, open_journal, open_store
 from renkei.sharing import Sharing
-
-from helpers_dicom import Workstation
-from helpers_region import layout_of, put_into_edge, region_config
 
 NOT_AUTHORIZED = 0x0124
 
@@ -37,11 +37,11 @@ def test_study_origins_keep_the_last_answer_through_an_outage() -> None:
         return answers[uid]
 
     origins = StudyOrigins("clinic-a", origin_of, ttl=0)
-    assert not origins.is_own("1.2.3")        # registered as the hub's
-    assert origins.is_own("1.2.4")            # not registered: the site's own (not yet uploaded)
+    assert not origins.is_own("1.2.3")  # registered as the hub's
+    assert origins.is_own("1.2.4")  # not registered: the site's own (not yet uploaded)
     down = True
-    assert not origins.is_own("1.2.3")        # the last answer is kept
-    assert origins.is_own("1.2.5")            # never looked up: served as the site's own
+    assert not origins.is_own("1.2.3")  # the last answer is kept
+    assert origins.is_own("1.2.5")  # never looked up: served as the site's own
 
 
 def test_a_hub_study_stored_back_at_a_clinic_is_visible_only_while_granted(tmp_path, data_dir) -> None:
@@ -96,9 +96,29 @@ def test_patient_data_on_disk_is_owner_only(tmp_path, data_dir) -> None:
     assert {p.stat().st_mode & 0o777 for p in folders} == {0o700}
 
     out = tmp_path / "written-by-the-cli"
-    done = subprocess.run([sys.executable, "-m", "renkei.cli.main", "--config", str(config_path), "--data-dir",
-                           str(data_dir), "synth", "--site", "clinic-a", "--patients", "1", "--seed", "3",
-                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "renkei.cli.main",
+            "--config",
+            str(config_path),
+            "--data-dir",
+            str(data_dir),
+            "synth",
+            "--site",
+            "clinic-a",
+            "--patients",
+            "1",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     written = [p for p in out.rglob("*") if p.is_file()]
     assert written and {p.stat().st_mode & 0o077 for p in written} == {0}
@@ -109,8 +129,15 @@ def test_patient_level_counts_only_the_studies_the_caller_may_see(tmp_path, data
     config_path = region_config(tmp_path, stable_age=0.2, pacs_at=())
     layout = layout_of(config_path, data_dir)
     hub_study = synth.write_single_study(tmp_path / "hub", "CT", slices=2, size=32, seed=74)
-    own = synth.write_single_study(tmp_path / "own", "CT", slices=3, size=32, seed=75, patient=hub_study.patient,
-                                   study_date=synth.REFERENCE_DATE.replace(year=synth.REFERENCE_DATE.year - 1))
+    own = synth.write_single_study(
+        tmp_path / "own",
+        "CT",
+        slices=3,
+        size=32,
+        seed=75,
+        patient=hub_study.patient,
+        study_date=synth.REFERENCE_DATE.replace(year=synth.REFERENCE_DATE.year - 1),
+    )
     put_into_edge(layout, "hub", hub_study.files)
     time.sleep(0.3)
     with open_catalog(layout) as catalog:
@@ -118,13 +145,18 @@ def test_patient_level_counts_only_the_studies_the_caller_may_see(tmp_path, data
             assert transfer.upload_study(journal, open_store(layout), "hub", hub_study.info.study_uid).ok
             assert transfer.register_studies(journal, catalog, "hub", [hub_study.info.study_uid]).studies
         put_into_edge(layout, "clinic-a", hub_study.files, calling_ae="CLA_WS")  # not granted to clinic-a
-        put_into_edge(layout, "clinic-a", own.files, calling_ae="CLA_WS")        # clinic-a's own study
+        put_into_edge(layout, "clinic-a", own.files, calling_ae="CLA_WS")  # clinic-a's own study
         site = layout.config.site("clinic-a")
         edge = RegionalEdge(layout, "clinic-a").start()
         workstation = Workstation("CLA_WS", site.edge.host, edge.server.port, site.edge.ae_title)
         try:
-            (patient,) = workstation.find("PATIENT", model="patient", PatientID=own.info.patient_id,
-                                          NumberOfPatientRelatedStudies="", NumberOfPatientRelatedInstances="")
+            (patient,) = workstation.find(
+                "PATIENT",
+                model="patient",
+                PatientID=own.info.patient_id,
+                NumberOfPatientRelatedStudies="",
+                NumberOfPatientRelatedInstances="",
+            )
             assert int(patient.NumberOfPatientRelatedStudies) == 1
             assert int(patient.NumberOfPatientRelatedInstances) == own.instance_count
         finally:

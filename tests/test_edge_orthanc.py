@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from pydicom.uid import generate_uid
@@ -13,7 +13,6 @@ from pydicom.uid import generate_uid
 from edge import scu
 from edge.server import EdgeServer
 from renkei import peers
-
 from tests.conftest import require_program
 from tests.helpers_edge import CHARSET_UTF8, Region, dataset_bytes, make_study, meta_of, write_region
 
@@ -30,8 +29,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     require_program("Orthanc", "orthanc")
     folder = tmp_path_factory.mktemp("orthanc-site")
     region = write_region(folder / "region")
-    orthanc = peers.start_orthanc(folder / "orthanc", ae_title="ORTHANC", dicom_port=region.pacs_port,
-                                  modalities={"edge": ("HUB_SVR", "127.0.0.1", region.edge_port)})
+    orthanc = peers.start_orthanc(
+        folder / "orthanc",
+        ae_title="ORTHANC",
+        dicom_port=region.pacs_port,
+        modalities={"edge": ("HUB_SVR", "127.0.0.1", region.edge_port)},
+    )
     try:
         edge = EdgeServer(region.config, "hub", region.store_dir).start()
         try:
@@ -59,8 +62,9 @@ def _wait_instances(edge: EdgeServer, study_uid: str, count: int, timeout: float
 
 def test_orthanc_sends_a_study_to_the_edge(site: Site, tmp_path: Path) -> None:
     name = "Suzuki^Ichiro=鈴木^一郎=すずき^いちろう"
-    study_uid, files = make_study(tmp_path / "s", 6, series=2, patient_id="OR1", patient_name=name,
-                                  charset=CHARSET_UTF8)
+    study_uid, files = make_study(
+        tmp_path / "s", 6, series=2, patient_id="OR1", patient_name=name, charset=CHARSET_UTF8
+    )
     study_id = _upload(site.orthanc, files)
     site.orthanc.rest("POST", "/modalities/edge/store", {"Resources": [study_id], "Synchronous": True})
     _wait_instances(site.edge, study_uid, 6)
@@ -75,8 +79,9 @@ def test_orthanc_sends_a_study_to_the_edge(site: Site, tmp_path: Path) -> None:
 
 def test_the_edge_sends_a_study_to_orthanc(site: Site, tmp_path: Path) -> None:
     study_uid, files = make_study(tmp_path / "s", 5, patient_id="OR2")
-    peers.run_dcmtk(["storescu", "-aet", "STORESCU", "-aec", "HUB_SVR", "127.0.0.1",
-                     str(site.region.edge_port), *map(str, files)])
+    peers.run_dcmtk(
+        ["storescu", "-aet", "STORESCU", "-aec", "HUB_SVR", "127.0.0.1", str(site.region.edge_port), *map(str, files)]
+    )
     report = scu.send_study(site.region.config, "hub", site.region.store_dir, study_uid)
     assert (report.sent, report.failed, report.peer) == (5, 0, "ORTHANC")
     found = site.orthanc.rest("POST", "/tools/lookup", study_uid.encode())

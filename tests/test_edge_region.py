@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from edge.region import RegionalEdge
-from renkei import peers, synth
-
 from conftest import require_program
 from helpers_dicom import Workstation
 from helpers_region import layout_of, region_config
 
+from edge.region import RegionalEdge
+from renkei import peers, synth
+
 
 def test_center_unreachable_edge_still_stores_and_answers_its_own(tmp_path, data_dir, monkeypatch) -> None:
     require_program("storescu", "dcmtk")
-    dead = peers.free_port()   # nothing listens there: the center's S3 endpoint is down
+    dead = peers.free_port()  # nothing listens there: the center's S3 endpoint is down
     monkeypatch.setenv("RENKEI_S3_ENDPOINT_URL", f"http://127.0.0.1:{dead}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
@@ -22,8 +22,18 @@ def test_center_unreachable_edge_still_stores_and_answers_its_own(tmp_path, data
     study = synth.write_single_study(tmp_path / "s", "CT", slices=3, size=32, seed=5)
     edge = RegionalEdge(lay, "clinic-b").start()
     try:
-        peers.run_dcmtk(["storescu", "-aet", site.workstations[0].ae_title, "-aec", site.edge.ae_title,
-                         site.edge.host, str(site.edge.port), *map(str, study.files)])
+        peers.run_dcmtk(
+            [
+                "storescu",
+                "-aet",
+                site.workstations[0].ae_title,
+                "-aec",
+                site.edge.ae_title,
+                site.edge.host,
+                str(site.edge.port),
+                *map(str, study.files),
+            ]
+        )
         ws = Workstation(site.workstations[0].ae_title, site.edge.host, site.edge.port, site.edge.ae_title)
         try:
             found = ws.find("STUDY", StudyInstanceUID="")

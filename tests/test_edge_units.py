@@ -22,21 +22,35 @@ from edge.parsing import InvalidInstance, encode_file_meta, parse_dataset, split
 from edge.qr import LocalSource
 from edge.store import FileStore
 from renkei.errors import InvalidUID
-
 from tests.helpers_edge import CHARSET_JIS, dataset_bytes, make_instance, make_study, meta_of
 
 NAME = "Yamada^Tarou=山田^太郎=やまだ^たろう"
 
 
 # ------------------------------------------------------------------ matching
-@pytest.mark.parametrize("query,expected", [
-    ("", True), ("*", True),
-    ("Yamada^Tarou", True), ("YAMADA^TAROU", True), ("Yamada*", True), ("yamada^t?rou", True),
-    ("山田*", True), ("山田^太郎", True), ("山?^太郎", True), ("やまだ*", True),
-    ("Sato*", False), ("山田", False), ("山", False),
-    ("=山田^太郎", True), ("=やまだ*", False), ("==やまだ^たろう", True), ("Yamada*=山田*", True),
-    ("Yamada*=佐藤*", False),
-])
+@pytest.mark.parametrize(
+    "query,expected",
+    [
+        ("", True),
+        ("*", True),
+        ("Yamada^Tarou", True),
+        ("YAMADA^TAROU", True),
+        ("Yamada*", True),
+        ("yamada^t?rou", True),
+        ("山田*", True),
+        ("山田^太郎", True),
+        ("山?^太郎", True),
+        ("やまだ*", True),
+        ("Sato*", False),
+        ("山田", False),
+        ("山", False),
+        ("=山田^太郎", True),
+        ("=やまだ*", False),
+        ("==やまだ^たろう", True),
+        ("Yamada*=山田*", True),
+        ("Yamada*=佐藤*", False),
+    ],
+)
 def test_person_name_matches_each_component_group(query: str, expected: bool) -> None:
     assert match_attribute("PN", query, NAME) is expected
 
@@ -46,23 +60,32 @@ def test_person_name_trailing_separators_are_insignificant() -> None:
     assert match_person_name("Yamada^Tarou", "Yamada^Tarou^^^")
 
 
-@pytest.mark.parametrize("vr,query,value,expected", [
-    ("DA", "20260101-20260131", "20260115", True),
-    ("DA", "20260101-20260131", "20260201", False),
-    ("DA", "-20251231", "20260115", False),
-    ("DA", "20260115-", "20260115", True),
-    ("DA", "20260115", "20260115", True),
-    ("DA", "20260101-20260131", "", False),
-    ("TM", "0800-1200", "101500", True),
-    ("TM", "1100-", "101500", False),
-    ("TM", "-10", "101500", True),
-    ("TM", "1015", "101500", True),
-    ("DT", "2026-2026", "20260501120000", True),
-    ("CS", "CT", "CT", True), ("CS", "ct", "CT", False), ("CS", "CT\\MR", "MR", True),
-    ("CS", "MR", "CT\\MR", True), ("CS", "US", "CT\\MR", False),
-    ("LO", "abc*", "abcdef", True), ("LO", "ab?", "abcd", False), ("LO", "A*", "", False),
-    ("UI", "1.2.3\\1.2.4", "1.2.4", True), ("UI", "1.2.*", "1.2.3", False),
-])
+@pytest.mark.parametrize(
+    "vr,query,value,expected",
+    [
+        ("DA", "20260101-20260131", "20260115", True),
+        ("DA", "20260101-20260131", "20260201", False),
+        ("DA", "-20251231", "20260115", False),
+        ("DA", "20260115-", "20260115", True),
+        ("DA", "20260115", "20260115", True),
+        ("DA", "20260101-20260131", "", False),
+        ("TM", "0800-1200", "101500", True),
+        ("TM", "1100-", "101500", False),
+        ("TM", "-10", "101500", True),
+        ("TM", "1015", "101500", True),
+        ("DT", "2026-2026", "20260501120000", True),
+        ("CS", "CT", "CT", True),
+        ("CS", "ct", "CT", False),
+        ("CS", "CT\\MR", "MR", True),
+        ("CS", "MR", "CT\\MR", True),
+        ("CS", "US", "CT\\MR", False),
+        ("LO", "abc*", "abcdef", True),
+        ("LO", "ab?", "abcd", False),
+        ("LO", "A*", "", False),
+        ("UI", "1.2.3\\1.2.4", "1.2.4", True),
+        ("UI", "1.2.*", "1.2.3", False),
+    ],
+)
 def test_single_wildcard_list_and_range_matching(vr: str, query: str, value: str, expected: bool) -> None:
     assert match_attribute(vr, query, value) is expected
 
@@ -105,8 +128,7 @@ def test_file_meta_round_trips_through_pydicom(tmp_path: Path) -> None:
     from pydicom import dcmread
 
     header = encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1", "CALLER")
-    src = make_instance(tmp_path / "x.dcm", study_uid=generate_uid(), series_uid=generate_uid(),
-                        sop_uid="1.2.3.4")
+    src = make_instance(tmp_path / "x.dcm", study_uid=generate_uid(), series_uid=generate_uid(), sop_uid="1.2.3.4")
     ds = dcmread(BytesIO(header + dataset_bytes(src)))
     assert ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4"
     assert ds.file_meta.SourceApplicationEntityTitle == "CALLER"
@@ -116,9 +138,13 @@ def test_file_meta_round_trips_through_pydicom(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ store and journal
 def _ingest_file(ingestor: Ingestor, path: Path, calling_ae: str = "TEST"):
     meta = meta_of(path)
-    return ingestor.store_instance(dataset_bytes(path), meta["TransferSyntaxUID"],
-                                   meta["MediaStorageSOPClassUID"], meta["MediaStorageSOPInstanceUID"],
-                                   calling_ae)
+    return ingestor.store_instance(
+        dataset_bytes(path),
+        meta["TransferSyntaxUID"],
+        meta["MediaStorageSOPClassUID"],
+        meta["MediaStorageSOPInstanceUID"],
+        calling_ae,
+    )
 
 
 def test_store_is_byte_exact_idempotent_and_keeps_conflicts(tmp_path: Path) -> None:
@@ -126,8 +152,7 @@ def test_store_is_byte_exact_idempotent_and_keeps_conflicts(tmp_path: Path) -> N
     ingestor = Ingestor(FileStore(store_dir), Journal(store_dir))
     study_uid, series_uid, sop_uid = generate_uid(), generate_uid(), generate_uid()
     first = make_instance(tmp_path / "1.dcm", study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
-    other = make_instance(tmp_path / "2.dcm", study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
-                          seed=99)
+    other = make_instance(tmp_path / "2.dcm", study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, seed=99)
     assert _ingest_file(ingestor, first).kind == "stored"
     stored = store_dir / "instances" / study_uid / series_uid / f"{sop_uid}.dcm"
     assert dataset_bytes(stored) == dataset_bytes(first)
@@ -150,8 +175,9 @@ def test_bad_instances_get_failure_statuses_and_write_nothing(tmp_path: Path) ->
     bad_uid = make_instance(tmp_path / "b.dcm", study_uid="1.2.3..4", series_uid=generate_uid())
     outcome = _ingest_file(ingestor, bad_uid)
     assert outcome.status == DATASET_DOES_NOT_MATCH_SOP_CLASS
-    outcome = ingestor.store_instance(b"\x08\x00" + b"\xff" * 50, "1.2.840.10008.1.2.1",
-                                      "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "TEST")
+    outcome = ingestor.store_instance(
+        b"\x08\x00" + b"\xff" * 50, "1.2.840.10008.1.2.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "TEST"
+    )
     assert outcome.status in (CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS)
     assert not list((store_dir / "instances").rglob("*.dcm"))
     with pytest.raises(InvalidUID):
@@ -204,8 +230,9 @@ def test_remove_local_copy_refuses_until_every_instance_is_verified(tmp_path: Pa
 def _count_in_other_process(store_dir: str, queue: multiprocessing.Queue) -> None:
     with Journal.open(store_dir) as journal:
         queue.put(journal.summary().instances)
-        journal.set_upload_state([journal.instances(next(journal.iter_study_uids()))[0]
-                                  .instance.sop_instance_uid], "uploaded")
+        journal.set_upload_state(
+            [journal.instances(next(journal.iter_study_uids()))[0].instance.sop_instance_uid], "uploaded"
+        )
 
 
 def test_journal_opens_from_another_process_while_in_use(tmp_path: Path) -> None:
@@ -215,8 +242,7 @@ def test_journal_opens_from_another_process_while_in_use(tmp_path: Path) -> None
     for f in files:
         _ingest_file(ingestor, f)
     queue: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()
-    proc = multiprocessing.get_context("spawn").Process(target=_count_in_other_process,
-                                                         args=(str(store_dir), queue))
+    proc = multiprocessing.get_context("spawn").Process(target=_count_in_other_process, args=(str(store_dir), queue))
     proc.start()
     proc.join(60)
     assert proc.exitcode == 0

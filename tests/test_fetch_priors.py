@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import require_program
+from helpers_region import layout_of, put_into_edge, region_config
 
 from renkei import peers, synth
 from renkei.runtime import open_catalog
-
-from helpers_region import layout_of, put_into_edge, region_config
-from conftest import require_program
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +24,27 @@ def region_with_priors(tmp_path_factory, prefect_api):
     patients = {}
     for site in ("hub", "clinic-a", "clinic-b"):
         patients[site] = synth.site_patients(lay.config, site, 4, 5, include_homonyms=True)
-        result = synth.generate_site(lay.config, site, patients[site], 5, tmp_path / "synth" / site, ct_slices=2,
-                                     size=32, modalities=("CT", "CR"))
+        result = synth.generate_site(
+            lay.config,
+            site,
+            patients[site],
+            5,
+            tmp_path / "synth" / site,
+            ct_slices=2,
+            size=32,
+            modalities=("CT", "CR"),
+        )
         put_into_edge(lay, site, result.files)
     time.sleep(0.3)
     for site in ("hub", "clinic-a", "clinic-b"):
         sync_site(site, str(config_path), str(data_dir))
     hub = lay.config.site("hub")
-    orthanc = peers.start_orthanc(tmp_path / "hub-pacs", ae_title=hub.pacs.ae_title, dicom_port=hub.pacs.port,
-                                  modalities={"HUB_SVR": (hub.edge.ae_title, "127.0.0.1", hub.edge.port)})
+    orthanc = peers.start_orthanc(
+        tmp_path / "hub-pacs",
+        ae_title=hub.pacs.ae_title,
+        dicom_port=hub.pacs.port,
+        modalities={"HUB_SVR": (hub.edge.ae_title, "127.0.0.1", hub.edge.port)},
+    )
     try:
         yield config_path, lay, patients, orthanc
     finally:
@@ -46,8 +57,14 @@ def test_an_ambiguous_patient_fetches_nothing(region_with_priors) -> None:
     config_path, lay, patients, orthanc = region_with_priors
     first, second = synth.homonym_pair(5)
     homonym = next(p for p in patients["hub"] if p.person == first)
-    result = fetch_priors("hub", homonym.patient_id, homonym.issuer_of_patient_id, lookback_years=30,
-                          config=str(config_path), data_dir=str(lay.data_dir))
+    result = fetch_priors(
+        "hub",
+        homonym.patient_id,
+        homonym.issuer_of_patient_id,
+        lookback_years=30,
+        config=str(config_path),
+        data_dir=str(lay.data_dir),
+    )
     assert result["resolution"]["method"] == "ambiguous"
     assert len(result["resolution"]["candidates"]) >= 3 and result["studies"] == []
     assert orthanc.instances() == []
@@ -57,11 +74,17 @@ def test_priors_land_in_the_hub_pacs_under_the_hub_patient_id(region_with_priors
     from flows.fetch_priors import fetch_priors
 
     config_path, lay, patients, orthanc = region_with_priors
-    shared = patients["hub"][0]   # registered at every site under each site's own ID
+    shared = patients["hub"][0]  # registered at every site under each site's own ID
     clinic_ids = {p.patient_id for s in ("clinic-a", "clinic-b") for p in patients[s] if p.person == shared.person}
     assert len(clinic_ids) == 2 and shared.patient_id not in clinic_ids
-    result = fetch_priors("hub", shared.patient_id, shared.issuer_of_patient_id, lookback_years=30,
-                          config=str(config_path), data_dir=str(lay.data_dir))
+    result = fetch_priors(
+        "hub",
+        shared.patient_id,
+        shared.issuer_of_patient_id,
+        lookback_years=30,
+        config=str(config_path),
+        data_dir=str(lay.data_dir),
+    )
     assert result["resolution"]["method"] == "auto-exact"
     studies = result["studies"]
     assert studies and {s["from"] for s in studies} == {"clinic-a", "clinic-b"}
@@ -83,15 +106,22 @@ def test_priors_land_in_the_hub_pacs_under_the_hub_patient_id(region_with_priors
         for uid in expected:
             assert catalog.study(uid).patient_id in clinic_ids
     # a second admission finds everything already in the PACS and imports nothing again
-    again = fetch_priors("hub", shared.patient_id, shared.issuer_of_patient_id, lookback_years=30,
-                         config=str(config_path), data_dir=str(lay.data_dir))
+    again = fetch_priors(
+        "hub",
+        shared.patient_id,
+        shared.issuer_of_patient_id,
+        lookback_years=30,
+        config=str(config_path),
+        data_dir=str(lay.data_dir),
+    )
     assert all(s["result"] == "already in the PACS" for s in again["studies"])
     assert len(orthanc.instances()) == sum(expected.values())
 
 
 @pytest.mark.parametrize("convert", [False, True], ids=["as-archived", "utf-8"])
-def test_an_opt_in_utf8_copy_reads_right_in_orthanc_and_the_archive_is_unchanged(region_with_priors, tmp_path,
-                                                                                  convert: bool) -> None:
+def test_an_opt_in_utf8_copy_reads_right_in_orthanc_and_the_archive_is_unchanged(
+    region_with_priors, tmp_path, convert: bool
+) -> None:
     """Orthanc 1.10 does not decode ISO 2022 IR 87; with pacs.convert_to_utf8 its copy is UTF-8."""
     import dataclasses
     import hashlib
@@ -102,20 +132,27 @@ def test_an_opt_in_utf8_copy_reads_right_in_orthanc_and_the_archive_is_unchanged
     config_path, lay, patients, _ = region_with_priors
     hub = lay.config.site("hub")
     with open_catalog(lay) as catalog:
-        jis = [r for r in catalog.visible_studies("hub") if r.origin_site != "hub"
-               and "ISO 2022 IR 87" in r.specific_character_set and "=" in r.patient_name]
+        jis = [
+            r
+            for r in catalog.visible_studies("hub")
+            if r.origin_site != "hub" and "ISO 2022 IR 87" in r.specific_character_set and "=" in r.patient_name
+        ]
         assert jis, "no clinic study in ISO 2022 IR 87 granted to the hub"
         study = jis[0]
         rows = catalog.instances(study.study_uid)
-        orthanc = peers.start_orthanc(tmp_path / "pacs", ae_title=hub.pacs.ae_title,
-                                      modalities={"HUB_SVR": (hub.edge.ae_title, "127.0.0.1", hub.edge.port)})
+        orthanc = peers.start_orthanc(
+            tmp_path / "pacs",
+            ae_title=hub.pacs.ae_title,
+            modalities={"HUB_SVR": (hub.edge.ae_title, "127.0.0.1", hub.edge.port)},
+        )
         try:
             pacs = hub.pacs.model_copy(update={"port": orthanc.port, "convert_to_utf8": convert})
             sites = tuple(s.model_copy(update={"pacs": pacs}) if s.id == "hub" else s for s in lay.config.sites)
             layout = dataclasses.replace(lay, config=lay.config.model_copy(update={"sites": sites}))
             store = open_store(layout)
-            result = import_to_pacs(layout, catalog, store, "hub", study.study_uid, "H-UTF8", "NAGASAKI-HUB",
-                                    skip_if_complete=False)
+            result = import_to_pacs(
+                layout, catalog, store, "hub", study.study_uid, "H-UTF8", "NAGASAKI-HUB", skip_if_complete=False
+            )
             assert result.ok and result.sent == len(rows), result.failures
             ideographic = study.patient_name.split("=")[1]
             names = set()

@@ -18,15 +18,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from conftest import EXAMPLE_CONFIG, REPO
 
 from renkei import peers
-
-from conftest import EXAMPLE_CONFIG, REPO
 
 IDLE_TIMEOUT = 1.5
 MESSAGE_DEADLINE = 3.0
@@ -77,18 +76,27 @@ def _start(folder: Path, tls: dict | None = None) -> Listener:
     folder.mkdir(parents=True, exist_ok=True)
     port = peers.free_port()
     spec = {
-        "config": str(EXAMPLE_CONFIG), "port": port, "log": str(folder / "listener.log"),
-        "record": str(folder / "admissions.jsonl"), "message_deadline": MESSAGE_DEADLINE,
+        "config": str(EXAMPLE_CONFIG),
+        "port": port,
+        "log": str(folder / "listener.log"),
+        "record": str(folder / "admissions.jsonl"),
+        "message_deadline": MESSAGE_DEADLINE,
         "handshake_timeout": HANDSHAKE_TIMEOUT,
-        "hl7": {"allowed_senders": ["127.0.0.1/32"], "idle_timeout": IDLE_TIMEOUT,
-                "max_connections": MAX_CONNECTIONS, "max_message_bytes": MAX_MESSAGE_BYTES, "tls": tls},
+        "hl7": {
+            "allowed_senders": ["127.0.0.1/32"],
+            "idle_timeout": IDLE_TIMEOUT,
+            "max_connections": MAX_CONNECTIONS,
+            "max_message_bytes": MAX_MESSAGE_BYTES,
+            "tls": tls,
+        },
     }
     script = folder / "launch_listener.py"
     script.write_text(LAUNCHER, "utf-8")
     stderr = open(folder / "stderr.txt", "wb")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    process = subprocess.Popen([sys.executable, str(script), json.dumps(spec)], cwd=folder, env=env,
-                               stdout=stderr, stderr=stderr)
+    process = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(spec)], cwd=folder, env=env, stdout=stderr, stderr=stderr
+    )
     stderr.close()
     try:
         peers.wait_for_port("127.0.0.1", port, 30, process, "HL7 listener")
@@ -126,12 +134,17 @@ def alive(listener: Listener) -> Iterator[Listener]:
 
 # -- a client's side of MLLP -----------------------------------------------------
 
+
 def adt(control: str, event: str = "A01", pid5: str = "Yamada^Taro", msh18: str = "", extra: str = "") -> str:
     msh = f"MSH|^~\\&|HIS|NAGASAKI|RENKEI|HUB|20261129120000||ADT^{event}|{control}|P|2.5"
     if msh18:
         msh += "||||||" + msh18
-    segments = [msh, f"EVN|{event}|20261129120000", f"PID|1||H0001234^^^NAGASAKI-HUB||{pid5}||19500101|M",
-                "PV1|1|I|W3^301^1"]
+    segments = [
+        msh,
+        f"EVN|{event}|20261129120000",
+        f"PID|1||H0001234^^^NAGASAKI-HUB||{pid5}||19500101|M",
+        "PV1|1|I|W3^301^1",
+    ]
     if extra:
         segments.append(extra)
     return "\r".join(segments)
@@ -157,7 +170,7 @@ def read_blocks(sock: socket.socket, count: int, timeout: float = 10.0) -> list[
     while len(blocks) < count:
         while b"\x1c\x0d" in data:
             block, data = data.split(b"\x1c\x0d", 1)
-            blocks.append(block[block.find(b"\x0b") + 1:])
+            blocks.append(block[block.find(b"\x0b") + 1 :])
             if len(blocks) == count:
                 return blocks
         try:
@@ -252,6 +265,7 @@ def send_quietly(sock: socket.socket, data: bytes) -> None:
 
 # -- attacks ------------------------------------------------------------------
 
+
 def test_a_message_over_64_kib_is_acknowledged(alive: Listener) -> None:
     note = "NTE|1||" + "x" * (200 * 1024)
     big_admission = adt("BIG1", extra=note)
@@ -281,6 +295,7 @@ def test_ten_megabytes_are_read_to_the_end_block_and_refused(alive: Listener) ->
 
 def test_a_block_that_never_ends_is_refused_and_closed(alive: Listener) -> None:
     with connect(alive.port) as sock:
+
         def flood() -> None:
             send_quietly(sock, b"\x0b" + adt("ENDLESS").encode() + b"\rNTE|1||")
             chunk = b"z" * (1024 * 1024)
@@ -371,15 +386,23 @@ def test_a_sender_not_allowed_is_closed_without_reading(alive: Listener) -> None
     assert "WARNING" in log and "127.0.0.2" in log and "allowed_senders" in log
 
 
-@pytest.mark.parametrize("msh18, codec, pid5, expected", [
-    ("~ISO IR87", "iso2022_jp", "Yamada^Taro^^^^^L^A~山田^太郎^^^^^L^I~やまだ^たろう^^^^^L^P",
-     "Yamada^Taro=山田^太郎=やまだ^たろう"),
-    ("ISO 2022-1994", "iso2022_jp", "渡邊^宗太~ソウタ^ワタナベ", "=渡邊^宗太=ソウタ^ワタナベ"),
-    ("JIS X 0208", "iso2022_jp", "十河^能子", "=十河^能子"),
-    ("SJIS", "cp932", "髙橋^表一~タカハシ^ヒョウイチ", "=髙橋^表一=タカハシ^ヒョウイチ"),
-    ("Shift_JIS", "shift_jis", "渡邊^ソウタ", "=渡邊^ソウタ"),
-    ("UNICODE UTF-8", "utf-8", "﨑山^太郎", "=﨑山^太郎"),
-], ids=["iso-ir87", "iso-2022-1994", "jis-x-0208", "sjis", "shift_jis", "utf-8"])
+@pytest.mark.parametrize(
+    "msh18, codec, pid5, expected",
+    [
+        (
+            "~ISO IR87",
+            "iso2022_jp",
+            "Yamada^Taro^^^^^L^A~山田^太郎^^^^^L^I~やまだ^たろう^^^^^L^P",
+            "Yamada^Taro=山田^太郎=やまだ^たろう",
+        ),
+        ("ISO 2022-1994", "iso2022_jp", "渡邊^宗太~ソウタ^ワタナベ", "=渡邊^宗太=ソウタ^ワタナベ"),
+        ("JIS X 0208", "iso2022_jp", "十河^能子", "=十河^能子"),
+        ("SJIS", "cp932", "髙橋^表一~タカハシ^ヒョウイチ", "=髙橋^表一=タカハシ^ヒョウイチ"),
+        ("Shift_JIS", "shift_jis", "渡邊^ソウタ", "=渡邊^ソウタ"),
+        ("UNICODE UTF-8", "utf-8", "﨑山^太郎", "=﨑山^太郎"),
+    ],
+    ids=["iso-ir87", "iso-2022-1994", "jis-x-0208", "sjis", "shift_jis", "utf-8"],
+)
 def test_names_are_decoded_per_msh18(alive: Listener, msh18: str, codec: str, pid5: str, expected: str) -> None:
     control = "JP-" + msh18.replace(" ", "").replace("~", "")
     payload = adt(control, pid5=pid5, msh18=msh18).encode(codec)
@@ -425,6 +448,7 @@ def test_garbage_gets_refusals_and_the_listener_keeps_serving(alive: Listener) -
 
 # -- TLS ----------------------------------------------------------------------------
 
+
 def _certificates(folder: Path) -> dict[str, Path]:
     """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
     from cryptography import x509
@@ -432,35 +456,48 @@ def _certificates(folder: Path) -> dict[str, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
         (folder / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (folder / f"{stem}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (folder / f"{stem}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
 
     def builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1)))
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+        )
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "renkei test HL7 CA")])
-    ca = (builder(ca_name, ca_name, ca_key)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        builder(ca_name, ca_name, ca_key)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     write("ca", ca, ca_key)
     for stem, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"hl7 {stem}")]), ca_name, key)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        cert = (
+            builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"hl7 {stem}")]), ca_name, key)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
         write(stem, cert, key)
-    return {name: folder / name for name in
-            ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+    return {name: folder / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
 def _client_tls(files: dict[str, Path], with_certificate: bool) -> ssl.SSLContext:
@@ -475,8 +512,10 @@ def _client_tls(files: dict[str, Path], with_certificate: bool) -> ssl.SSLContex
 def tls_listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Listener, dict[str, Path]]]:
     folder = tmp_path_factory.mktemp("hl7-tls")
     files = _certificates(folder)
-    lst = _start(folder / "listener", tls={"cert": str(files["server.pem"]), "key": str(files["server.key"]),
-                                           "ca": str(files["ca.pem"])})
+    lst = _start(
+        folder / "listener",
+        tls={"cert": str(files["server.pem"]), "key": str(files["server.key"]), "ca": str(files["ca.pem"])},
+    )
     lst.client_tls = _client_tls(files, with_certificate=True)
     try:
         yield lst, files

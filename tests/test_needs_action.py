@@ -26,12 +26,11 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import require_program
+from helpers_region import layout_of, put_into_edge, region_config
 
 from renkei import peers, synth
 from renkei.regionrun import REPO, RegionRunner
-
-from conftest import require_program
-from helpers_region import layout_of, put_into_edge, region_config
 
 
 class Receiver:
@@ -63,8 +62,9 @@ class Receiver:
 
 
 @pytest.mark.slow
-def test_each_problem_is_shown_with_its_cause_and_notified_once(tmp_path: Path, data_dir: Path,
-                                                               prefect_api: str) -> None:
+def test_each_problem_is_shown_with_its_cause_and_notified_once(
+    tmp_path: Path, data_dir: Path, prefect_api: str
+) -> None:
     from prefect import get_client
 
     from flows.deliver import deliver
@@ -74,8 +74,11 @@ def test_each_problem_is_shown_with_its_cause_and_notified_once(tmp_path: Path, 
     receiver = Receiver()
 
     def alerts(raw: dict) -> None:
-        raw["alerts"] = {"notify": [f"json://127.0.0.1:{receiver.port}/renkei-hook"], "edge_silent_s": 6,
-                         "verification_max_age_h": 0.001}  # 3.6 s
+        raw["alerts"] = {
+            "notify": [f"json://127.0.0.1:{receiver.port}/renkei-hook"],
+            "edge_silent_s": 6,
+            "verification_max_age_h": 0.001,
+        }  # 3.6 s
 
     config_path = region_config(tmp_path, stable_age=0.3, pacs_at=("hub",), edit=alerts)
     layout = layout_of(config_path, data_dir)
@@ -84,8 +87,9 @@ def test_each_problem_is_shown_with_its_cause_and_notified_once(tmp_path: Path, 
     try:
         # a clinic-a study in the center, the way it gets there
         patients = synth.site_patients(layout.config, "clinic-a", 1, 11)
-        made = synth.generate_site(layout.config, "clinic-a", patients, 1, tmp_path / "synth", ct_slices=2, size=32,
-                                   modalities=("CT",))
+        made = synth.generate_site(
+            layout.config, "clinic-a", patients, 1, tmp_path / "synth", ct_slices=2, size=32, modalities=("CT",)
+        )
         put_into_edge(layout, "clinic-a", made.files)
         time.sleep(0.5)
         sync_site("clinic-a", str(config_path), str(data_dir))
@@ -95,8 +99,9 @@ def test_each_problem_is_shown_with_its_cause_and_notified_once(tmp_path: Path, 
         with Catalog.from_layout(layout) as cat:
             study_uid = made.study_infos[0].study_uid
             assert cat.study(study_uid) is not None
-            cat.append_audit("center", "verify_backups", "verify-backups", outcome="ok",
-                             detail={"instances": 0, "findings": 0})
+            cat.append_audit(
+                "center", "verify_backups", "verify-backups", outcome="ok", detail={"instances": 0, "findings": 0}
+            )
             backup(cat, cat.backup)
 
         runner.start_edges()
@@ -119,8 +124,9 @@ def test_each_problem_is_shown_with_its_cause_and_notified_once(tmp_path: Path, 
         anyio.run(pause_pool)
 
         # 3. a delivery fails: the hub's PACS does not answer
-        state = deliver("hub", [study_uid], to_pacs=True, config=str(config_path), data_dir=str(data_dir),
-                        return_state=True)
+        state = deliver(
+            "hub", [study_uid], to_pacs=True, config=str(config_path), data_dir=str(data_dir), return_state=True
+        )
         assert state.is_failed()
 
         # 4. the verification ages past its limit (3.6 s here), and the edge's heartbeat past 6 s
@@ -134,8 +140,7 @@ def test_each_problem_is_shown_with_its_cause_and_notified_once(tmp_path: Path, 
         assert problems[("pool", "clinic-a")]["cause"] == "work pool renkei-clinic-a is paused"
         delivery = problems[("delivery", "hub")]
         assert study_uid in delivery["cause"] and "not delivered to hub" in delivery["cause"]
-        runs = [p for p in report["problems"] if p["what"] == "run" and "deliver" in p["cause"]
-                and "hub" in p["cause"]]
+        runs = [p for p in report["problems"] if p["what"] == "run" and "deliver" in p["cause"] and "hub" in p["cause"]]
         assert runs and runs[0]["link"] and "/runs/flow-run/" in runs[0]["link"]
         assert "more than 0.001 h" in problems[("verification", None)]["cause"]
         keys = {p["key"] for p in report["problems"]}
@@ -157,7 +162,6 @@ def test_each_problem_is_shown_with_its_cause_and_notified_once(tmp_path: Path, 
         dashboard = runner.spawn("dashboard", runner.renkei("dashboard", "--port", str(port), "--refresh", "0"))
         peers.wait_for_port("127.0.0.1", port, 60, dashboard.process, "renkei dashboard")
         from playwright.sync_api import sync_playwright
-
         from test_dashboard import CHROMIUM_ARGS
 
         with sync_playwright() as pw:
@@ -166,8 +170,10 @@ def test_each_problem_is_shown_with_its_cause_and_notified_once(tmp_path: Path, 
             page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
             section = page.locator("#needs-action")
             assert "alert" in (section.get_attribute("class") or "")
-            items = [(li.get_attribute("data-what"), li.get_attribute("data-site") or None, li.inner_text())
-                     for li in section.locator("li").all()]
+            items = [
+                (li.get_attribute("data-what"), li.get_attribute("data-site") or None, li.inner_text())
+                for li in section.locator("li").all()
+            ]
             # several problems may share one (what, site): two runs at the hub, say; keep them all
             shown: dict[tuple, str] = {}
             for what, site, text in items:
@@ -201,15 +207,17 @@ def _fine(runner: RegionRunner, what: str) -> bool:
 
 
 def _status_json(runner: RegionRunner) -> dict:
-    proc = subprocess.run(runner.renkei("status", "--json"), cwd=REPO, env=runner.env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        runner.renkei("status", "--json"), cwd=REPO, env=runner.env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
 
 def _watch_once(runner: RegionRunner) -> subprocess.CompletedProcess:
-    proc = subprocess.run(runner.renkei("watch", "--once"), cwd=REPO, env=runner.env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        runner.renkei("watch", "--once"), cwd=REPO, env=runner.env(), capture_output=True, text=True, timeout=120
+    )
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc
 

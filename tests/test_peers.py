@@ -31,7 +31,9 @@ def test_storescp_receives_one_instance(dcmtk, storescp: peers.Peer) -> None:
 def test_orthanc_receives_one_instance(dcmtk, orthanc: peers.OrthancPeer) -> None:
     sample = _sample()
     assert orthanc.instances() == []
-    peers.run_dcmtk(["storescu", "-aet", "TESTSCU", "-aec", orthanc.ae_title, orthanc.host, str(orthanc.port), str(sample)])
+    peers.run_dcmtk(
+        ["storescu", "-aet", "TESTSCU", "-aec", orthanc.ae_title, orthanc.host, str(orthanc.port), str(sample)]
+    )
     ids = orthanc.instances()
     assert len(ids) == 1
     tags = orthanc.rest("GET", f"/instances/{ids[0]}/simplified-tags")
@@ -46,7 +48,7 @@ def test_orthanc_receives_one_instance(dcmtk, orthanc: peers.OrthancPeer) -> Non
 def test_s3_endpoint_stores_one_object(s3_bucket: str, s3_env: peers.S3Peer) -> None:
     fs = s3_env.filesystem()
     data = _sample().read_bytes()
-    key = s3_bucket[len("s3://"):] + "/one.dcm"
+    key = s3_bucket[len("s3://") :] + "/one.dcm"
     fs.pipe(key, data)
     assert hashlib.sha256(fs.cat(key)).hexdigest() == hashlib.sha256(data).hexdigest()
     assert s3_env.endpoint_url.startswith("http://127.0.0.1:")

@@ -55,7 +55,7 @@ def test_create_ca_writes_a_p256_ca_and_refuses_to_overwrite(tmp_path: Path) -> 
     assert cert.public_key().curve.name == "secp256r1"
     cert.verify_directly_issued_by(cert)
     assert "nagasaki" in cert.subject.rfc4514_string()
-    assert cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) <= dt.timedelta(days=30)
+    assert cert.not_valid_after_utc - dt.datetime.now(dt.UTC) <= dt.timedelta(days=30)
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     assert key.public_key() == cert.public_key()
 
@@ -75,16 +75,14 @@ def test_create_ca_writes_a_p256_ca_and_refuses_to_overwrite(tmp_path: Path) -> 
 
 # ------------------------------------------------------------------ issuing
 def test_issue_an_ae_certificate(ca_dir: Path, tmp_path: Path) -> None:
-    cert_path, key_path = pki.issue(ca_dir, tmp_path / "out", site_id="hub", ae_title="HUB_WS1",
-                                    hosts=["127.0.0.1"])
+    cert_path, key_path = pki.issue(ca_dir, tmp_path / "out", site_id="hub", ae_title="HUB_WS1", hosts=["127.0.0.1"])
     assert (cert_path, key_path) == (tmp_path / "out" / "HUB_WS1.pem", tmp_path / "out" / "HUB_WS1.key")
     assert _mode(key_path) == 0o600
     cert, ca = _cert(cert_path), _cert(ca_dir / "ca.pem")
     cert.verify_directly_issued_by(ca)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "HUB_WS1"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:renkei:ae:HUB_WS1",
-                                                                       "urn:renkei:site:hub"]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:renkei:ae:HUB_WS1", "urn:renkei:site:hub"]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
@@ -104,17 +102,20 @@ def test_issue_an_ae_certificate(ca_dir: Path, tmp_path: Path) -> None:
 
 
 def test_issue_a_site_certificate_with_its_hosts(ca_dir: Path, tmp_path: Path) -> None:
-    cert_path, key_path = pki.issue(ca_dir, tmp_path / "out", site_id="clinic-c",
-                                    hosts=["10.3.0.5", "edge.goto.example", "::1", "0.0.0.0", "10.3.0.5"],
-                                    name="edge")
+    cert_path, key_path = pki.issue(
+        ca_dir,
+        tmp_path / "out",
+        site_id="clinic-c",
+        hosts=["10.3.0.5", "edge.goto.example", "::1", "0.0.0.0", "10.3.0.5"],
+        name="edge",
+    )
     assert cert_path.name == "edge.pem" and _mode(key_path) == 0o600
     cert = _cert(cert_path)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "site:clinic-c"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:renkei:site:clinic-c"]
     assert san.get_values_for_type(x509.DNSName) == ["edge.goto.example"]
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.3.0.5"),
-                                                       ipaddress.ip_address("::1")]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.3.0.5"), ipaddress.ip_address("::1")]
     identity = pki.identities_of(cert)
     assert identity == pki.Identity(frozenset(), frozenset({"clinic-c"}))
     assert identity.is_site_certificate
@@ -140,11 +141,14 @@ def test_issue_refuses_what_cannot_work(ca_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("ae_title, uri", [
-    ("READ ROOM 1", "urn:renkei:ae:READ%20ROOM%201"),
-    ("A/B#%?C", "urn:renkei:ae:A/B%23%25%3FC"),
-    ("X:Y@Z+1", "urn:renkei:ae:X:Y@Z+1"),
-])
+@pytest.mark.parametrize(
+    "ae_title, uri",
+    [
+        ("READ ROOM 1", "urn:renkei:ae:READ%20ROOM%201"),
+        ("A/B#%?C", "urn:renkei:ae:A/B%23%25%3FC"),
+        ("X:Y@Z+1", "urn:renkei:ae:X:Y@Z+1"),
+    ],
+)
 def test_identities_round_trip(ca_dir: Path, tmp_path: Path, ae_title: str, uri: str) -> None:
     assert pki.ae_uri(ae_title) == uri
     cert_path, _key = pki.issue(ca_dir, tmp_path / "out", site_id="clinic-a", ae_title=ae_title)
@@ -161,12 +165,20 @@ def test_identities_round_trip(ca_dir: Path, tmp_path: Path, ae_title: str, uri:
 def _self_signed(common_name: str, uris: tuple[str, ...] = ()) -> x509.Certificate:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-               .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)))
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+    )
     if uris:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False)
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False
+        )
     return builder.sign(key, hashes.SHA256())
 
 
@@ -182,8 +194,9 @@ def test_identities_fall_back_to_the_common_name() -> None:
 
 
 # ------------------------------------------------------------------ real TLS handshakes
-def _handshake(server: ssl.SSLContext, client: ssl.SSLContext,
-               server_hostname: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _handshake(
+    server: ssl.SSLContext, client: ssl.SSLContext, server_hostname: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """One TLS connection on 127.0.0.1; what each side saw (identity of the other, data or error)."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(10)
@@ -247,12 +260,12 @@ def test_mutual_tls_handshake_and_the_peer_identity(ca_dir: Path, issued: dict[s
     assert isinstance(client_side.get("error"), ssl.SSLCertVerificationError)
 
 
-def test_a_certificate_of_another_ca_is_refused(ca_dir: Path, issued: dict[str, tuple[Path, Path]],
-                                                tmp_path: Path) -> None:
+def test_a_certificate_of_another_ca_is_refused(
+    ca_dir: Path, issued: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
     stranger_ca = tmp_path / "stranger-ca"
     pki.create_ca(stranger_ca, "nagasaki")  # same region name, different key: still a stranger
-    stranger_cert, stranger_key = pki.issue(stranger_ca, tmp_path / "stranger", site_id="hub",
-                                            ae_title="HUB WS 1")
+    stranger_cert, stranger_key = pki.issue(stranger_ca, tmp_path / "stranger", site_id="hub", ae_title="HUB WS 1")
     edge_cert, edge_key = issued["edge"]
     server = server_context(TLSConfig(cert=edge_cert, key=edge_key, ca=ca_dir / "ca.pem"))
     client = client_context(str(ca_dir / "ca.pem"), str(stranger_cert), str(stranger_key))
@@ -269,8 +282,7 @@ def test_a_certificate_of_another_ca_is_refused(ca_dir: Path, issued: dict[str, 
     stranger_edge = pki.issue(stranger_ca, tmp_path / "stranger", site_id="hub", name="edge")
     server = server_context(TLSConfig(cert=stranger_edge[0], key=stranger_edge[1], ca=ca_dir / "ca.pem"))
     ws_cert, ws_key = issued["ws"]
-    _server_side, client_side = _handshake(server, client_context(str(ca_dir / "ca.pem"), str(ws_cert),
-                                                                  str(ws_key)))
+    _server_side, client_side = _handshake(server, client_context(str(ca_dir / "ca.pem"), str(ws_cert), str(ws_key)))
     assert isinstance(client_side.get("error"), ssl.SSLCertVerificationError)
 
 
@@ -285,8 +297,13 @@ def test_peer_identity_without_a_certificate(issued: dict[str, tuple[Path, Path]
 
 # ------------------------------------------------------------------ the CLI
 def _renkei(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(RENKEI), "--config", str(EXAMPLE_CONFIG), "--data-dir", str(data_dir), "tls", *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    return subprocess.run(
+        [str(RENKEI), "--config", str(EXAMPLE_CONFIG), "--data-dir", str(data_dir), "tls", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess, words: str) -> None:
@@ -308,14 +325,14 @@ def test_cli_init_issue_show(data_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     edge_cert = pki_dir / "clinic-a" / "edge.pem"
     assert pki.identities_of(_cert(edge_cert)) == pki.Identity(frozenset(), frozenset({"clinic-a"}))
-    assert f"tls: {{cert: {edge_cert}, key: {pki_dir / 'clinic-a' / 'edge.key'}, ca: {pki_dir / 'ca.pem'}}}" \
-        in proc.stdout
+    assert (
+        f"tls: {{cert: {edge_cert}, key: {pki_dir / 'clinic-a' / 'edge.key'}, ca: {pki_dir / 'ca.pem'}}}" in proc.stdout
+    )
 
     out = data_dir / "elsewhere"
     proc = _renkei(data_dir, "issue", "--site", "clinic-a", "--ae", "CLA_WS", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert f"--enable-tls {out / 'CLA_WS.key'} {out / 'CLA_WS.pem'} --add-cert-file {pki_dir / 'ca.pem'}" \
-        in proc.stdout
+    assert f"--enable-tls {out / 'CLA_WS.key'} {out / 'CLA_WS.pem'} --add-cert-file {pki_dir / 'ca.pem'}" in proc.stdout
     assert _mode(out / "CLA_WS.key") == 0o600
     assert pki.identities_of(_cert(out / "CLA_WS.pem")).ae_titles == {"CLA_WS"}
 
@@ -331,10 +348,10 @@ def test_cli_refuses_unknown_sites_and_ae_titles_in_one_line(data_dir: Path) -> 
     _assert_one_line_error(_renkei(data_dir, "issue", "--site", "hub"), "no region CA")
     assert _renkei(data_dir, "init-ca").returncode == 0
     _assert_one_line_error(_renkei(data_dir, "issue", "--site", "nowhere"), "unknown site 'nowhere'")
-    _assert_one_line_error(_renkei(data_dir, "issue", "--site", "hub", "--ae", "NOBODY"),
-                           "unknown AE title 'NOBODY'")
-    _assert_one_line_error(_renkei(data_dir, "issue", "--site", "hub", "--ae", "CLB_PACS"),
-                           "belongs to site 'clinic-b'")
+    _assert_one_line_error(_renkei(data_dir, "issue", "--site", "hub", "--ae", "NOBODY"), "unknown AE title 'NOBODY'")
+    _assert_one_line_error(
+        _renkei(data_dir, "issue", "--site", "hub", "--ae", "CLB_PACS"), "belongs to site 'clinic-b'"
+    )
     not_a_cert = data_dir / "junk.pem"
     not_a_cert.write_text("hello")
     _assert_one_line_error(_renkei(data_dir, "show", str(not_a_cert)), "not a PEM or DER certificate")
@@ -385,19 +402,52 @@ def test_dcmtk_echoscu_over_tls_to_storescp_with_issued_certificates(ca_dir: Pat
     workdir = tmp_path / "storescp"
     workdir.mkdir()
     with open(workdir / "storescp.log", "wb") as log:
-        process = subprocess.Popen([str(DCMTK_STORESCP), "--aetitle", "HUB_PACS", "--output-directory", str(workdir),
-                                    "+tls", str(pacs_key), str(pacs_cert), "+cf", str(ca), str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=peers.dcmtk_env(), start_new_session=True)
+        process = subprocess.Popen(
+            [
+                str(DCMTK_STORESCP),
+                "--aetitle",
+                "HUB_PACS",
+                "--output-directory",
+                str(workdir),
+                "+tls",
+                str(pacs_key),
+                str(pacs_cert),
+                "+cf",
+                str(ca),
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=peers.dcmtk_env(),
+            start_new_session=True,
+        )
     storescp = peers.Peer("storescp", process, "127.0.0.1", port, workdir, workdir / "storescp.log")
     try:
         peers.wait_for_port("127.0.0.1", port, 15, process, "storescp")
 
         def echo(key: Path, cert: Path) -> subprocess.CompletedProcess:
-            return subprocess.run([str(DCMTK_ECHOSCU), "+tls", str(key), str(cert), "+cf", str(ca),
-                                   "-aet", "HUB_WS1", "-aec", "HUB_PACS", "127.0.0.1", str(port)],
-                                  capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-                                  env=peers.dcmtk_env())
+            return subprocess.run(
+                [
+                    str(DCMTK_ECHOSCU),
+                    "+tls",
+                    str(key),
+                    str(cert),
+                    "+cf",
+                    str(ca),
+                    "-aet",
+                    "HUB_WS1",
+                    "-aec",
+                    "HUB_PACS",
+                    "127.0.0.1",
+                    str(port),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+                env=peers.dcmtk_env(),
+            )
 
         good = echo(ws_key, ws_cert)
         assert good.returncode == 0, good.stderr + storescp.log()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import EXAMPLE_CONFIG
 
 from renkei.config import load_config, parse_config
 from renkei.policy import GrantFact, decide, referring_site, rule_grants
 from renkei.records import StudyInfo
-
-from conftest import EXAMPLE_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +36,7 @@ def test_hub_study_is_private_unless_a_clinic_referred_it(config) -> None:
 
 def test_referring_site_from_a_mapping_of_physician_names(config) -> None:
     raw = yaml.safe_load(EXAMPLE_CONFIG.read_text(encoding="utf-8"))
-    raw["policy"]["referring_site"] = {"attributes": ["ReferringPhysicianName"],
-                                      "mapping": {"tanaka^*": "clinic-b"}}
+    raw["policy"]["referring_site"] = {"attributes": ["ReferringPhysicianName"], "mapping": {"tanaka^*": "clinic-b"}}
     custom = parse_config(yaml.safe_dump(raw, allow_unicode=True))
     s = study("hub", referring_physician="Tanaka^Ichiro=田中^一郎=たなか^いちろう", requesting_service="Goto Clinic")
     assert referring_site(custom, s) == ("clinic-b", "ReferringPhysicianName")
@@ -49,8 +47,13 @@ def test_referring_site_from_a_mapping_of_physician_names(config) -> None:
 
 def test_rules_by_modality_and_named_sites() -> None:
     raw = yaml.safe_load(EXAMPLE_CONFIG.read_text(encoding="utf-8"))
-    raw["policy"]["rules"] = [{"name": "mr-to-a", "when": {"origin_sites": ["clinic-b"], "modalities": ["MR"]},
-                               "grant_to": {"sites": ["clinic-a"]}}]
+    raw["policy"]["rules"] = [
+        {
+            "name": "mr-to-a",
+            "when": {"origin_sites": ["clinic-b"], "modalities": ["MR"]},
+            "grant_to": {"sites": ["clinic-a"]},
+        }
+    ]
     custom = parse_config(yaml.safe_dump(raw))
     assert [g.site for g in rule_grants(custom, study("clinic-b", modalities=("MR", "SR")))] == ["clinic-a"]
     assert rule_grants(custom, study("clinic-b", modalities=("CT",))) == []
@@ -62,7 +65,9 @@ def test_decide_origin_grant_and_denial(config) -> None:
     assert decide(config, "clinic-c", s, []).basis == "origin"
     denied = decide(config, "hub", s, [])
     assert not denied.allowed and "would grant" in denied.explanation
-    granted = decide(config, "hub", s, [GrantFact("hub", "rule", "clinic-studies-to-hub", "every hub", "t", "clinic-studies-to-hub")])
+    granted = decide(
+        config, "hub", s, [GrantFact("hub", "rule", "clinic-studies-to-hub", "every hub", "t", "clinic-studies-to-hub")]
+    )
     assert granted.allowed and granted.basis == "grant"
     other = decide(config, "clinic-a", s, [GrantFact("hub", "rule", "r", "", "t", "r")])
     assert not other.allowed and "no rule grants" in other.explanation

@@ -6,6 +6,7 @@ import io
 
 import pydicom
 import pytest
+from conftest import EXAMPLE_CONFIG
 
 from catalog.catalog import Catalog
 from renkei import synth
@@ -13,8 +14,6 @@ from renkei.config import Layout, load_config
 from renkei.priors import Demographics, find_priors, name_groups, reconcile, resolve_person
 from renkei.records import StudyBatch
 from renkei.sharing import Sharing
-
-from conftest import EXAMPLE_CONFIG
 
 
 def _register_site(catalog: Catalog, config, site: str, patients) -> list:
@@ -42,8 +41,10 @@ def test_name_groups_fold_katakana_to_hiragana() -> None:
 def test_exact_match_links_and_finds_visible_priors(region) -> None:
     config, catalog = region
     hub_patients = synth.site_patients(config, "hub", 5, 11)
-    per_site = {s: _register_site(catalog, config, s, synth.site_patients(config, s, 5, 11))
-                for s in ("hub", "clinic-a", "clinic-b", "clinic-c")}
+    per_site = {
+        s: _register_site(catalog, config, s, synth.site_patients(config, s, 5, 11))
+        for s in ("hub", "clinic-a", "clinic-b", "clinic-c")
+    }
     Sharing(config, catalog).flag([p.info.study_uid for plans in per_site.values() for p in plans])
     shared = hub_patients[0]  # the first people of the pool are registered at every site
     res = resolve_person(config, catalog, "hub", shared.patient_id, shared.issuer_of_patient_id)
@@ -84,8 +85,14 @@ def test_demographics_from_the_admission_when_the_catalog_has_none(region) -> No
     clinic = synth.site_patients(config, "clinic-b", 2, 11)
     _register_site(catalog, config, "clinic-b", clinic)
     person = clinic[0].person
-    res = resolve_person(config, catalog, "hub", "NEW-1", "NAGASAKI-HUB",
-                         given=Demographics(person.patient_name, person.birth_date, person.sex))
+    res = resolve_person(
+        config,
+        catalog,
+        "hub",
+        "NEW-1",
+        "NAGASAKI-HUB",
+        given=Demographics(person.patient_name, person.birth_date, person.sex),
+    )
     assert res.method == "auto-exact" and ("clinic-b", clinic[0].patient_id, clinic[0].issuer_of_patient_id) in res.ids
 
 

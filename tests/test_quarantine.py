@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_region import layout_of, put_into_edge, region_config
 
 from catalog.store import ObjectStore
 from edge.journal import JOURNAL_NAME, Journal
 from renkei import synth, transfer
 from renkei.cli.main import main as renkei_main
 from renkei.runtime import open_catalog, open_journal, open_store
-
-from helpers_region import layout_of, put_into_edge, region_config
 
 SITE = "clinic-a"
 STABLE_AGE = 0.2
@@ -60,8 +59,11 @@ def _bad_uid(lay, study_uid: str, state: str = "pending", suffix: str = "\n") ->
     """Give the study's first instance a SOP Instance UID ending in a newline (the old check let it pass)."""
     with open_journal(lay, SITE) as journal:
         first = journal.instances(study_uid)[0].instance.sop_instance_uid
-    _sql(lay, "UPDATE instances SET sop_instance_uid = ?, upload_state = ? WHERE sop_instance_uid = ?",
-         (first + suffix, state, first))
+    _sql(
+        lay,
+        "UPDATE instances SET sop_instance_uid = ?, upload_state = ? WHERE sop_instance_uid = ?",
+        (first + suffix, state, first),
+    )
     return first
 
 
@@ -104,7 +106,7 @@ def test_a_study_the_catalog_refuses_is_quarantined_and_the_others_register(tmp_
             assert {l.holder: l.state for l in catalog.locations(study.info.study_uid, False)}["center"] == "verified"
             assert _states(journal, study.info.study_uid) == {"verified"}
         assert catalog.study(bad.info.study_uid) is None
-        assert _states(journal, bad.info.study_uid) == {"uploaded"}     # kept as it was, nothing lost
+        assert _states(journal, bad.info.study_uid) == {"uploaded"}  # kept as it was, nothing lost
 
         (held,) = journal.quarantined()
         assert held.study_uid == bad.info.study_uid and held.step == "register"
@@ -136,10 +138,14 @@ def test_a_study_the_catalog_refuses_is_quarantined_and_the_others_register(tmp_
     assert bad.info.study_uid not in json.loads(out)["complete_pending_studies"]
 
     # ... fixes the cause (the UID without its newline) and releases it: it flows again
-    _sql(lay, "UPDATE instances SET sop_instance_uid = rtrim(sop_instance_uid, char(10)) WHERE study_uid = ?",
-         (bad.info.study_uid,))
-    code, out = _cli(capsys, lay, config_path, "edge", "release", "--site", SITE, bad.info.study_uid,
-                     "--operator", "tester")
+    _sql(
+        lay,
+        "UPDATE instances SET sop_instance_uid = rtrim(sop_instance_uid, char(10)) WHERE study_uid = ?",
+        (bad.info.study_uid,),
+    )
+    code, out = _cli(
+        capsys, lay, config_path, "edge", "release", "--site", SITE, bad.info.study_uid, "--operator", "tester"
+    )
     assert code == 0 and "released study" in out, out
     code, out = _cli(capsys, lay, config_path, "edge", "release", "--site", SITE, bad.info.study_uid)
     assert code != 0 and "not in quarantine" in out
@@ -149,8 +155,7 @@ def test_a_study_the_catalog_refuses_is_quarantined_and_the_others_register(tmp_
         assert release.actor == "operator:tester"
         assert bad.info.study_uid in transfer.studies_to_sync(journal, STABLE_AGE)
         assert transfer.upload_study(journal, store, SITE, bad.info.study_uid).ok
-        assert transfer.register_studies(journal, catalog, SITE, [bad.info.study_uid]).studies == (
-            bad.info.study_uid,)
+        assert transfer.register_studies(journal, catalog, SITE, [bad.info.study_uid]).studies == (bad.info.study_uid,)
         assert catalog.study(bad.info.study_uid).instance_count == bad.instance_count
         assert _states(journal, bad.info.study_uid) == {"verified"}
         assert catalog.verify_audit().ok
@@ -166,7 +171,7 @@ def test_catalog_unreachable_is_not_quarantine(tmp_path, region) -> None:
         assert transfer.upload_study(journal, open_store(lay), SITE, study.info.study_uid).ok
         catalog.refresh()
         root = Path(lay.catalog_url)
-        shutil.move(root, tmp_path / "catalog-away")          # the catalog's storage is gone
+        shutil.move(root, tmp_path / "catalog-away")  # the catalog's storage is gone
         root.write_text("a file where the catalog's folder should be")
         with pytest.raises(CatalogError):
             transfer.register_studies(journal, catalog, SITE, [study.info.study_uid])
@@ -180,7 +185,7 @@ def test_a_study_held_as_another_sites_is_quarantined_not_the_batch(tmp_path, re
     theirs = synth.write_single_study(tmp_path / "synth" / "theirs", "CT", slices=2, size=32, seed=61)
     put_into_edge(lay, "clinic-b", theirs.files)
     ours = _studies(tmp_path, lay, (62,))[0]
-    put_into_edge(lay, SITE, theirs.files)             # the same study C-STOREd into this site's edge too
+    put_into_edge(lay, SITE, theirs.files)  # the same study C-STOREd into this site's edge too
     time.sleep(STABLE_AGE + 0.1)
     store = open_store(lay)
     with open_catalog(lay) as catalog:
@@ -207,29 +212,34 @@ def test_instances_refused_for_their_data_quarantine_their_study_not_the_others(
     _bad_uid(lay, newline.info.study_uid)
     with open_journal(lay, SITE) as journal:
         bad_file = journal.instances(damaged.info.study_uid)[1].path
-        bad_file.write_bytes(bad_file.read_bytes()[:-4] + b"XXXX")       # same size, other bytes
+        bad_file.write_bytes(bad_file.read_bytes()[:-4] + b"XXXX")  # same size, other bytes
         gone = journal.instances(missing.info.study_uid)[0].path
         gone.unlink()
         store = open_store(lay)
-        results = {s.info.study_uid: transfer.upload_study(journal, store, SITE, s.info.study_uid)
-                   for s in (newline, damaged, missing, good)}
+        results = {
+            s.info.study_uid: transfer.upload_study(journal, store, SITE, s.info.study_uid)
+            for s in (newline, damaged, missing, good)
+        }
 
         assert results[good.info.study_uid].ok and results[good.info.study_uid].uploaded == good.instance_count
-        expected = {newline.info.study_uid: "not a valid DICOM UID", damaged.info.study_uid: "damaged",
-                    missing.info.study_uid: "missing"}
+        expected = {
+            newline.info.study_uid: "not a valid DICOM UID",
+            damaged.info.study_uid: "damaged",
+            missing.info.study_uid: "missing",
+        }
         held = {q.study_uid: q for q in journal.quarantined()}
         assert set(held) == set(expected)
         for uid, words in expected.items():
             assert results[uid].quarantined == held[uid].reason and words in held[uid].reason
             assert held[uid].step == "upload" and len(held[uid].sop_instance_uids) == 1
-            assert results[uid].failures == ()          # nothing left for Prefect to retry
+            assert results[uid].failures == ()  # nothing left for Prefect to retry
             # the study's other instances are in the center (uploaded), the refused one stays pending
             assert _states(journal, uid) == {"pending", "uploaded"}
         assert transfer.studies_to_sync(journal, STABLE_AGE) == [good.info.study_uid]
         assert len(journal.quarantines_to_audit()) == 3
         with open_catalog(lay) as catalog:
             assert len(transfer.audit_quarantines(journal, catalog, SITE)) == 3
-            assert transfer.audit_quarantines(journal, catalog, SITE) == []       # once only
+            assert transfer.audit_quarantines(journal, catalog, SITE) == []  # once only
             assert {e.study_uid for e in catalog.audit(action="quarantine")} == set(expected)
 
 
@@ -239,7 +249,7 @@ def test_center_storage_down_is_a_transient_failure(tmp_path, region) -> None:
     center = tmp_path / "center"
     store = ObjectStore(str(center))
     shutil.rmtree(center)
-    center.write_text("the center's storage is not there")      # every write fails (OSError), reads too
+    center.write_text("the center's storage is not there")  # every write fails (OSError), reads too
     with open_journal(lay, SITE) as journal:
         result = transfer.upload_study(journal, store, SITE, study.info.study_uid)
         assert len(result.failures) == study.instance_count and not result.quarantined
@@ -251,19 +261,21 @@ def test_center_storage_down_is_a_transient_failure(tmp_path, region) -> None:
 def test_journal_quarantine_api_and_an_older_journal(tmp_path) -> None:
     root = tmp_path / "edge"
     with Journal.open(root) as journal:
-        journal._write([("DROP TABLE quarantine", ()), ("UPDATE meta SET value = '3' WHERE key = 'schema_version'", ())])
-    with Journal.open(root, readonly=True) as old:                 # a schema-3 journal, read-only: no table
+        journal._write(
+            [("DROP TABLE quarantine", ()), ("UPDATE meta SET value = '3' WHERE key = 'schema_version'", ())]
+        )
+    with Journal.open(root, readonly=True) as old:  # a schema-3 journal, read-only: no table
         assert old.quarantined() == [] and old.summary().quarantined == 0 and not old.is_quarantined("1.2")
-    with Journal.open(root) as journal:                            # a writable open adds it
+    with Journal.open(root) as journal:  # a writable open adds it
         assert int(journal.get_meta("schema_version")) >= 4  # 5 since the quiet clock (edge.clock)
         first = journal.quarantine("1.2.3", "  refused:\n bad   UID ", ["1.2.3.4\n"], step="register")
         assert first.reason == "refused: bad UID" and first.sop_instance_uids == ("1.2.3.4\n",)
-        assert journal.quarantine("1.2.3", "another reason").reason == "refused: bad UID"   # idempotent
+        assert journal.quarantine("1.2.3", "another reason").reason == "refused: bad UID"  # idempotent
         assert [q.study_uid for q in journal.quarantined()] == ["1.2.3"] and journal.summary().quarantined == 1
         released = journal.release_quarantine("1.2.3", by="operator:x")
         assert released is not None and released.released_by == "operator:x"
         assert journal.release_quarantine("1.2.3") is None and journal.quarantined() == []
-        again = journal.quarantine("1.2.3", "refused again")            # history is kept, a new quarantine
+        again = journal.quarantine("1.2.3", "refused again")  # history is kept, a new quarantine
         assert again.id != first.id and journal.is_quarantined("1.2.3")
         assert [q.id for q in journal.quarantines_to_audit()] == [first.id, again.id]
         journal.mark_quarantine_audited([first.id, again.id])
@@ -314,9 +326,12 @@ def test_sync_site_flow_quarantines_and_the_rest_flows(tmp_path, region, prefect
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
         async with get_client() as client:
-            (artifact,) = await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[f"sync-{SITE}"]),
-                flow_run_id=ArtifactFilterFlowRunId(any_=[run.state_details.flow_run_id])))
+            (artifact,) = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[f"sync-{SITE}"]),
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[run.state_details.flow_run_id]),
+                )
+            )
             return artifact.data
 
     text = anyio.run(markdown, state)
@@ -338,8 +353,7 @@ def test_sync_site_flow_quarantines_and_the_rest_flows(tmp_path, region, prefect
 
     # fixed and released, the third run registers it
     _sql(lay, "UPDATE instances SET sop_instance_uid = ? WHERE sop_instance_uid = ?", (bad_uid, bad_uid + "\x00"))
-    code, out = _cli(capsys, lay, config_path, "edge", "release", "--site", SITE,
-                     refused_at_register.info.study_uid)
+    code, out = _cli(capsys, lay, config_path, "edge", "release", "--site", SITE, refused_at_register.info.study_uid)
     assert code == 0, out
     third = sync_site(SITE, str(config_path), str(lay.data_dir))
     assert third["studies"] == 1 and third["held_in_quarantine"] == [refused_at_upload.info.study_uid]

@@ -15,6 +15,8 @@ from pathlib import Path
 import hl7
 import hl7.mllp
 import pytest
+from conftest import require_program
+from helpers_region import layout_of, region_config
 
 from catalog.catalog import Catalog
 from edge.center import split_part10
@@ -22,14 +24,12 @@ from renkei import peers, synth
 from renkei.regionrun import RegionRunner
 from renkei.uids import derive_uid
 
-from conftest import require_program
-from helpers_region import layout_of, region_config
-
 
 def storescu(site, files: list[Path]) -> None:
     sender = site.pacs.ae_title if site.pacs else site.workstations[0].ae_title  # both may send to the edge
-    peers.run_dcmtk(["storescu", "-aet", sender, "-aec",
-                     site.edge.ae_title, site.edge.host, str(site.edge.port), *map(str, files)])
+    peers.run_dcmtk(
+        ["storescu", "-aet", sender, "-aec", site.edge.ae_title, site.edge.host, str(site.edge.port), *map(str, files)]
+    )
 
 
 def findscu(site, ws_ae: str, **keys: str) -> list[str]:
@@ -48,12 +48,23 @@ class E2E:
         self.sent: dict[str, bytes] = {}
 
     def write(self, site_id: str, patients, seed: int = 21, **kw) -> list:
-        result = synth.generate_site(self.config, site_id, patients, seed, self.tmp / "synth" / site_id,
-                                     ct_slices=kw.pop("ct_slices", 3), size=kw.pop("size", 64),
-                                     modalities=kw.pop("modalities", ("CT", "CR")))
+        result = synth.generate_site(
+            self.config,
+            site_id,
+            patients,
+            seed,
+            self.tmp / "synth" / site_id,
+            ct_slices=kw.pop("ct_slices", 3),
+            size=kw.pop("size", 64),
+            modalities=kw.pop("modalities", ("CT", "CR")),
+        )
         for study in result.studies:
-            self.studies[study.info.study_uid] = {"site": site_id, "info": study.info,
-                                                  "instances": study.instance_count, "files": study.files}
+            self.studies[study.info.study_uid] = {
+                "site": site_id,
+                "info": study.info,
+                "instances": study.instance_count,
+                "files": study.files,
+            }
             for f in study.files:
                 data, _, _, sop = split_part10(f.read_bytes())
                 self.sent[sop] = data
@@ -64,8 +75,11 @@ class E2E:
 
     def flagged(self, uids) -> bool:
         with self.catalog() as cat:
-            return all(any(g.active and g.site == "hub" for g in cat.grants(uid))
-                       for uid in uids if self.studies[uid]["site"] != "hub")
+            return all(
+                any(g.active and g.site == "hub" for g in cat.grants(uid))
+                for uid in uids
+                if self.studies[uid]["site"] != "hub"
+            )
 
     def verified(self, uids) -> bool:
         with self.catalog() as cat:
@@ -136,15 +150,15 @@ def test_studies_sent_to_every_edge_end_up_verified_and_flagged(region: E2E) -> 
 
         async with get_client() as client:
             runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["sync_site"])))
-            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(like_="sync-")))
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="sync-")))
             return runs, arts
 
     def every_site_has_a_completed_run() -> bool:
         # the catalog shows a study verified at 'register'; the run goes on (flag, deliver, artifact)
         runs, _ = asyncio.run(runs_and_artifacts())
-        done = {r.parameters.get("site") for r in runs
-                if r.state and r.state.is_completed() and r.deployment_id is not None}
+        done = {
+            r.parameters.get("site") for r in runs if r.state and r.state.is_completed() and r.deployment_id is not None
+        }
         return done >= {"hub", "clinic-a", "clinic-b", "clinic-c"}
 
     region.runner.wait_until(every_site_has_a_completed_run, 120, "a completed sync_site run per site", every=1)
@@ -152,7 +166,11 @@ def test_studies_sent_to_every_edge_end_up_verified_and_flagged(region: E2E) -> 
     done = [r for r in runs if r.state and r.state.is_completed() and r.deployment_id is not None]
     # started by each site's edge (SyncTrigger tags its runs), not by a person or only by the schedule
     assert {t for r in done for t in r.tags if t.startswith("site:")} >= {
-        "site:hub", "site:clinic-a", "site:clinic-b", "site:clinic-c"}
+        "site:hub",
+        "site:clinic-a",
+        "site:clinic-b",
+        "site:clinic-c",
+    }
     keys = {a.key for a in arts}
     assert {"sync-hub", "sync-clinic-a", "sync-clinic-b", "sync-clinic-c"} <= keys
     assert any("studies" in str(a.data) and "MB/s" in str(a.data) for a in arts if a.key == "sync-clinic-a")
@@ -168,9 +186,24 @@ def test_remote_reading_of_a_goto_study_from_the_hub(region: E2E, tmp_path) -> N
     scp = peers.start_storescp(tmp_path / "ws1", ae_title=ws.ae_title, port=ws.port, extra_args=["+B"])
     try:
         started = time.monotonic()
-        peers.run_dcmtk(["movescu", "-S", "-aet", ws.ae_title, "-aec", hub.edge.ae_title, "-aem", ws.ae_title,
-                         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
-                         hub.edge.host, str(hub.edge.port)])
+        peers.run_dcmtk(
+            [
+                "movescu",
+                "-S",
+                "-aet",
+                ws.ae_title,
+                "-aec",
+                hub.edge.ae_title,
+                "-aem",
+                ws.ae_title,
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={study_uid}",
+                hub.edge.host,
+                str(hub.edge.port),
+            ]
+        )
         elapsed = time.monotonic() - started
     finally:
         scp.stop()
@@ -187,18 +220,35 @@ def test_instant_publish_of_a_hub_exam_to_its_referring_clinic(region: E2E) -> N
     hub = region.config.site("hub")
     clinic = region.config.site("clinic-c")
     patient = synth.site_patients(region.config, "hub", 3, 22)[2]
-    plan = synth.plan_study(hub, patient, study_uid=derive_uid("instant", 22), modality="CT",
-                            study_date=datetime.date(2026, 11, 29), study_time="101500", accession_number="ACC-INSTANT",
-                            study_id="9001", referring_physician="Goto^Doctor", requesting_service=clinic.institution_name,
-                            ct_slices=4, size=64)
+    plan = synth.plan_study(
+        hub,
+        patient,
+        study_uid=derive_uid("instant", 22),
+        modality="CT",
+        study_date=datetime.date(2026, 11, 29),
+        study_time="101500",
+        accession_number="ACC-INSTANT",
+        study_id="9001",
+        referring_physician="Goto^Doctor",
+        requesting_service=clinic.institution_name,
+        ct_slices=4,
+        size=64,
+    )
     study = synth.write_study(plan, region.tmp / "instant")
-    region.studies[plan.info.study_uid] = {"site": "hub", "info": plan.info, "instances": study.instance_count,
-                                          "files": study.files}
+    region.studies[plan.info.study_uid] = {
+        "site": "hub",
+        "info": plan.info,
+        "instances": study.instance_count,
+        "files": study.files,
+    }
     storescu(hub, study.files)
     sent_at = time.monotonic()
     ws = clinic.workstations[0]
-    visible = region.runner.wait_until(lambda: plan.info.study_uid in findscu(clinic, ws.ae_title), 180,
-                                       "the hub exam to appear at the Goto clinic's edge")
+    visible = region.runner.wait_until(
+        lambda: plan.info.study_uid in findscu(clinic, ws.ae_title),
+        180,
+        "the hub exam to appear at the Goto clinic's edge",
+    )
 
     def cached() -> bool:
         from edge.journal import Journal
@@ -211,8 +261,10 @@ def test_instant_publish_of_a_hub_exam_to_its_referring_clinic(region: E2E) -> N
 
     region.runner.wait_until(cached, 180, "the hub exam to be delivered into the Goto clinic's edge")
     pushed = time.monotonic() - sent_at
-    print(f"instant publish: visible at clinic-c after {visible:.1f} s, in its edge after {pushed:.1f} s "
-          f"(stable_age {hub.edge.stable_age:g} s)")
+    print(
+        f"instant publish: visible at clinic-c after {visible:.1f} s, in its edge after {pushed:.1f} s "
+        f"(stable_age {hub.edge.stable_age:g} s)"
+    )
 
 
 def test_hl7_admission_starts_fetch_priors_into_the_hub_pacs(region: E2E) -> None:
@@ -220,16 +272,19 @@ def test_hl7_admission_starts_fetch_priors_into_the_hub_pacs(region: E2E) -> Non
     from prefect import get_client
 
     port = peers.free_port()
-    listener = region.runner.spawn("hl7-hub", region.runner.renkei("hl7", "listen", "--site", "hub", "--port",
-                                                                    str(port), "--lookback-years", "30"))
+    listener = region.runner.spawn(
+        "hl7-hub", region.runner.renkei("hl7", "listen", "--site", "hub", "--port", str(port), "--lookback-years", "30")
+    )
     peers.wait_for_port("127.0.0.1", port, 60, listener.process, "renkei hl7 listen")
-    hub_patient = synth.site_patients(region.config, "hub", 2, 21)[0]   # shared with every clinic
-    message = "\r".join([
-        "MSH|^~\\&|HIS|NAGASAKI|RENKEI|HUB|20261129120000||ADT^A01|ADM0001|P|2.5",
-        "EVN|A01|20261129120000",
-        f"PID|1||{hub_patient.patient_id}^^^{hub_patient.issuer_of_patient_id}||Yamada^Taro||19500101|M",
-        "PV1|1|I|W3^301^1",
-    ])
+    hub_patient = synth.site_patients(region.config, "hub", 2, 21)[0]  # shared with every clinic
+    message = "\r".join(
+        [
+            "MSH|^~\\&|HIS|NAGASAKI|RENKEI|HUB|20261129120000||ADT^A01|ADM0001|P|2.5",
+            "EVN|A01|20261129120000",
+            f"PID|1||{hub_patient.patient_id}^^^{hub_patient.issuer_of_patient_id}||Yamada^Taro||19500101|M",
+            "PV1|1|I|W3^301^1",
+        ]
+    )
 
     async def send() -> hl7.Message:
         reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", port)
@@ -258,8 +313,11 @@ def test_hl7_admission_starts_fetch_priors_into_the_hub_pacs(region: E2E) -> Non
     assert any(r.state.is_completed() and r.parameters["patient_id"] == hub_patient.patient_id for r in runs)
     orthanc = region.runner.pacs["hub"]
     with region.catalog() as cat:
-        clinic_studies = [u for u, f in region.studies.items() if f["site"] != "hub"
-                          and f["info"].patient_name == hub_patient.person.patient_name]
+        clinic_studies = [
+            u
+            for u, f in region.studies.items()
+            if f["site"] != "hub" and f["info"].patient_name == hub_patient.person.patient_name
+        ]
         assert clinic_studies
         expected = sum(cat.study(u).instance_count for u in clinic_studies)
     patient_ids = set()

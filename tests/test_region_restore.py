@@ -21,16 +21,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers_region import layout_of, put_into_edge, region_config
 
 from renkei import peers, synth
 from renkei.regionrun import REPO, RegionRunner
 
-from helpers_region import layout_of, put_into_edge, region_config
-
 
 def _post(api: str, path: str, body: dict) -> list[dict]:
-    req = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{api}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
@@ -60,8 +60,12 @@ def _catalog_facts(layout) -> tuple:
 
 def _prefect_facts(api: str) -> tuple:
     deployments = sorted((d["name"], len(d.get("schedules") or [])) for d in _post(api, "/deployments/filter", {}))
-    runs = {r["id"]: r["state"]["type"] for r in _post(api, "/flow_runs/filter", {
-        "limit": 200, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})}
+    runs = {
+        r["id"]: r["state"]["type"]
+        for r in _post(
+            api, "/flow_runs/filter", {"limit": 200, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+        )
+    }
     pools = sorted(p["name"] for p in _post(api, "/work_pools/filter", {}))
     return deployments, runs, pools
 
@@ -80,14 +84,25 @@ def test_a_region_is_restored_from_its_backups(tmp_path: Path) -> None:
         runner.wait_until(lambda: _healthy(api), 120, "the Prefect server", every=1)
         runner.deploy()
         patients = synth.site_patients(layout.config, "clinic-a", 2, 21)
-        made = synth.generate_site(layout.config, "clinic-a", patients, 2, tmp_path / "synth", ct_slices=2,
-                                   size=32, modalities=("CT", "CR"))
+        made = synth.generate_site(
+            layout.config, "clinic-a", patients, 2, tmp_path / "synth", ct_slices=2, size=32, modalities=("CT", "CR")
+        )
         put_into_edge(layout, "clinic-a", made.files)
         time.sleep(0.5)
-        sync = subprocess.run([sys.executable, "-c", "import sys; from flows.sync_site import sync_site; "
-                               "sync_site('clinic-a', sys.argv[1], sys.argv[2])", str(config_path),
-                               str(layout.data_dir)], cwd=REPO, env=runner.env(), capture_output=True, text=True,
-                              timeout=300)
+        sync = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from flows.sync_site import sync_site; sync_site('clinic-a', sys.argv[1], sys.argv[2])",
+                str(config_path),
+                str(layout.data_dir),
+            ],
+            cwd=REPO,
+            env=runner.env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert sync.returncode == 0, sync.stderr[-3000:]
         catalog_before = _catalog_facts(layout)
         assert catalog_before[0] and catalog_before[1] and catalog_before[2] > 0

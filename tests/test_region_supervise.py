@@ -12,10 +12,10 @@ import os
 import signal
 import time
 
+from helpers_region import layout_of, region_config
+
 from renkei import peers
 from renkei.regionrun import RegionRunner
-
-from helpers_region import layout_of, region_config
 
 
 def test_a_killed_edge_is_named_and_started_again_while_the_rest_runs(tmp_path, data_dir) -> None:

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers_region import REPO, layout_of, put_into_edge, region_config
 
 from renkei import peers, synth
-
-from helpers_region import REPO, layout_of, put_into_edge, region_config
 
 LIMIT_S = 120.0
 
@@ -79,35 +78,58 @@ def test_killed_worker_and_run_free_the_sites_slot_within_two_minutes(tmp_path, 
     job_variables = entry["work_pool"]["job_variables"]
     assert job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
     pool = f"crash-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "RENKEI_CONFIG": str(config_path),
-           "RENKEI_DATA_DIR": str(data_dir), "RENKEI_HOME": str(REPO),
-           # the center refuses connections: the run's uploads retry for a while (it stays Running)
-           "RENKEI_S3_ENDPOINT_URL": f"http://127.0.0.1:{peers.free_port()}",
-           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "RENKEI_CONFIG": str(config_path),
+        "RENKEI_DATA_DIR": str(data_dir),
+        "RENKEI_HOME": str(REPO),
+        # the center refuses connections: the run's uploads retry for a while (it stays Running)
+        "RENKEI_S3_ENDPOINT_URL": f"http://127.0.0.1:{peers.free_port()}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+    }
     workers: list[subprocess.Popen] = []
     runs: list = []
 
     def start_worker(n: int) -> subprocess.Popen:
         log = open(tmp_path / f"worker-{n}.log", "ab")
-        proc = subprocess.Popen([_prefect(), "worker", "start", "--pool", pool, "--type", "process"], cwd=REPO,
-                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [_prefect(), "worker", "start", "--pool", pool, "--type", "process"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         workers.append(proc)
         return proc
 
     with get_client(sync_client=True) as client:
         automation_id = ensure_crash_detection()
         try:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
-                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template()
+                )
+            )
             deployment_id = client.create_deployment(
-                client.create_flow_from_name("sync_site"), f"{entry['name']}-{pool}", entrypoint=entry["entrypoint"],
-                work_pool_name=pool, parameters=entry["parameters"], tags=entry["tags"],
-                job_variables=job_variables, concurrency_limit=limit["limit"],
-                concurrency_options=ConcurrencyOptions(collision_strategy=limit["collision_strategy"],
-                                                       grace_period_seconds=limit["grace_period_seconds"]),
-                pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}])
+                client.create_flow_from_name("sync_site"),
+                f"{entry['name']}-{pool}",
+                entrypoint=entry["entrypoint"],
+                work_pool_name=pool,
+                parameters=entry["parameters"],
+                tags=entry["tags"],
+                job_variables=job_variables,
+                concurrency_limit=limit["limit"],
+                concurrency_options=ConcurrencyOptions(
+                    collision_strategy=limit["collision_strategy"], grace_period_seconds=limit["grace_period_seconds"]
+                ),
+                pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}],
+            )
 
             def state_of(run) -> StateType | None:
                 got = client.read_flow_run(run.id)
@@ -119,8 +141,9 @@ def test_killed_worker_and_run_free_the_sites_slot_within_two_minutes(tmp_path, 
                     if state_of(run) == wanted:
                         return time.monotonic()
                     time.sleep(0.5)
-                logs = "\n".join((tmp_path / f"worker-{n}.log").read_text(errors="replace")[-2000:]
-                                 for n in range(len(workers)))
+                logs = "\n".join(
+                    (tmp_path / f"worker-{n}.log").read_text(errors="replace")[-2000:] for n in range(len(workers))
+                )
                 raise AssertionError(f"{what}: not {wanted.value} after {timeout:.0f} s but {state_of(run)}\n{logs}")
 
             first_worker = start_worker(1)
@@ -140,8 +163,10 @@ def test_killed_worker_and_run_free_the_sites_slot_within_two_minutes(tmp_path, 
             assert crashed.state.type == StateType.CRASHED, crashed.state
             assert "no heartbeat" in (crashed.state.message or "")
             freed = crashed.state.timestamp.timestamp() - killed_wall
-            print(f"\nkilled run marked Crashed {freed:.1f} s after the kill; the waiting run Running after "
-                  f"{started - killed:.1f} s (automation window {CRASH_AFTER_S} s)")
+            print(
+                f"\nkilled run marked Crashed {freed:.1f} s after the kill; the waiting run Running after "
+                f"{started - killed:.1f} s (automation window {CRASH_AFTER_S} s)"
+            )
             assert freed <= LIMIT_S and started - killed <= LIMIT_S
         finally:
             for proc in workers:

@@ -16,12 +16,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers_region import layout_of, region_config
 
 from renkei import peers
 from renkei.errors import RenkeiError
 from renkei.regionrun import REPO, RegionRunner
-
-from helpers_region import layout_of, region_config
 
 WATCHED = ("sync-hub", "verify-backups", "compact-catalog", "backup-catalog")
 
@@ -67,15 +66,20 @@ def test_the_scheduler_creates_the_scheduled_runs_of_every_deployment(tmp_path: 
         runner.wait_until(lambda: _healthy(api), 120, "the Prefect server", every=1)
         import subprocess
 
-        proc = subprocess.run(runner.renkei("deploy"), cwd=REPO, env=runner.env(), capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            runner.renkei("deploy"), cwd=REPO, env=runner.env(), capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         # the project's own prefect.yaml, unchanged: the scheduler (not a test, not a trigger) must
         # create the coming runs of the catch-up syncs, the nightly verification, the compaction and
         # the catalog backup
         try:
-            runner.wait_until(lambda: {r["deployment_name"] for r in _runs(api) if r.get("auto_scheduled")}
-                              >= set(WATCHED), 150, "scheduled runs of " + ", ".join(WATCHED), every=2)
+            runner.wait_until(
+                lambda: {r["deployment_name"] for r in _runs(api) if r.get("auto_scheduled")} >= set(WATCHED),
+                150,
+                "scheduled runs of " + ", ".join(WATCHED),
+                every=2,
+            )
         except RenkeiError:
             log = runner.procs[0].tail(4000)
             raise AssertionError(f"the scheduler created no runs; the server's log:\n{log}") from None
@@ -130,8 +134,14 @@ def test_scheduled_runs_are_created_and_run_by_the_workers_on_postgresql(tmp_pat
         runner.wait_until(lambda: _healthy(api), 180, "the Prefect server on PostgreSQL", every=1)
         import subprocess
 
-        proc = subprocess.run(runner.renkei("deploy", "--prefect-file", str(_short_schedules(tmp_path))), cwd=REPO,
-                              env=runner.env(), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            runner.renkei("deploy", "--prefect-file", str(_short_schedules(tmp_path))),
+            cwd=REPO,
+            env=runner.env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         runner.start_workers(["hub"], center=True)
 
@@ -139,8 +149,12 @@ def test_scheduled_runs_are_created_and_run_by_the_workers_on_postgresql(tmp_pat
             return completed_at(api)
 
         try:
-            runner.wait_until(lambda: completed() >= set(SCHEDULED), 420,
-                              "scheduled runs of " + ", ".join(SCHEDULED) + " completed by the workers", every=3)
+            runner.wait_until(
+                lambda: completed() >= set(SCHEDULED),
+                420,
+                "scheduled runs of " + ", ".join(SCHEDULED) + " completed by the workers",
+                every=3,
+            )
         except RenkeiError:
             import datetime as dt
 
@@ -148,9 +162,16 @@ def test_scheduled_runs_are_created_and_run_by_the_workers_on_postgresql(tmp_pat
             states = sorted({(r["deployment_name"], (r.get("state") or {}).get("name")) for r in runs})
             first = {}
             for r in sorted(runs, key=lambda r: r["expected_start_time"]):
-                first.setdefault(r["deployment_name"], (r["expected_start_time"], r.get("work_queue_name"),
-                                                        r.get("work_pool_name"), (r.get("state") or {}).get("name")))
-            states = [states, dt.datetime.now(dt.timezone.utc).isoformat(), first]
+                first.setdefault(
+                    r["deployment_name"],
+                    (
+                        r["expected_start_time"],
+                        r.get("work_queue_name"),
+                        r.get("work_pool_name"),
+                        (r.get("state") or {}).get("name"),
+                    ),
+                )
+            states = [states, dt.datetime.now(dt.UTC).isoformat(), first]
             logs = "\n".join(p.name + ":\n" + p.tail(1500) for p in runner.procs)
             raise AssertionError(f"runs: {states}\n{logs}") from None
         # what they did is in the catalog: the verification and the backup ran for real
@@ -162,20 +183,49 @@ def test_scheduled_runs_are_created_and_run_by_the_workers_on_postgresql(tmp_pat
 
         # the PostgreSQL database is backed up while the server runs, and restored with it stopped
         dump = tmp_path / "prefect.dump"
-        backup = subprocess.run(runner.renkei("server-db", "backup", "--to", str(dump)), cwd=REPO,
-                                env=runner.env(db_env), capture_output=True, text=True, timeout=300)
+        backup = subprocess.run(
+            runner.renkei("server-db", "backup", "--to", str(dump)),
+            cwd=REPO,
+            env=runner.env(db_env),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert backup.returncode == 0 and dump.stat().st_size > 0, backup.stderr[-2000:]
         assert "postgresql://127.0.0.1" in backup.stdout and "postgres@" not in backup.stdout
         before = _deployments(api)
         runner.stop_one("worker-hub")
         runner.stop_one("worker-center")
         runner.stop_one(server.name)
-        wiped = subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-h", "127.0.0.1", "-p", str(pg.port),
-                                "-d", "prefect", "-c", "DROP SCHEMA public CASCADE; CREATE SCHEMA public"],
-                               capture_output=True, text=True, timeout=60)
+        wiped = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(pg.port),
+                "-d",
+                "prefect",
+                "-c",
+                "DROP SCHEMA public CASCADE; CREATE SCHEMA public",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert wiped.returncode == 0, wiped.stderr
-        restore = subprocess.run(runner.renkei("server-db", "restore", str(dump)), cwd=REPO,
-                                 env=runner.env(db_env), capture_output=True, text=True, timeout=300)
+        restore = subprocess.run(
+            runner.renkei("server-db", "restore", str(dump)),
+            cwd=REPO,
+            env=runner.env(db_env),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert restore.returncode == 0, restore.stderr[-2000:]
         port2 = peers.free_port()
         api2 = f"http://127.0.0.1:{port2}/api"
@@ -193,8 +243,10 @@ def _deployments(api: str) -> list[tuple[str, str]]:
 
     req = urllib.request.Request(f"{api}/deployments/filter", data=b"{}", headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
-        return sorted((d["name"], json.dumps(d.get("schedules") and [x["schedule"] for x in d["schedules"]],
-                                             sort_keys=True)) for d in json.loads(resp.read()))
+        return sorted(
+            (d["name"], json.dumps(d.get("schedules") and [x["schedule"] for x in d["schedules"]], sort_keys=True))
+            for d in json.loads(resp.read())
+        )
 
 
 def completed_at(api: str) -> set[str]:

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLE_CONFIG
 
 from catalog.catalog import Catalog
 from renkei.cli.main import main
@@ -15,17 +16,30 @@ from renkei.records import InstanceInfo, StudyBatch, StudyInfo
 from renkei.sharing import Sharing
 from renkei.uids import derive_uid
 
-from conftest import EXAMPLE_CONFIG
-
 
 def batch(origin: str, n: int, patient_id: str, **study_kw) -> StudyBatch:
     study_uid = derive_uid("study", origin, n)
     series_uid = derive_uid("series", origin, n)
-    info = StudyInfo(study_uid=study_uid, origin_site=origin, patient_id=patient_id,
-                     issuer_of_patient_id=f"{origin.upper()}-ISSUER", patient_name="Yamada^Taro=山田^太郎=やまだ^たろう",
-                     study_date="20261101", modalities=("CT",), **study_kw)
-    inst = InstanceInfo(study_uid, series_uid, derive_uid("sop", origin, n), "1.2.840.10008.5.1.4.1.1.2",
-                        "1.2.840.10008.1.2.1", 100, hashlib.sha256(f"{origin}{n}".encode()).hexdigest(), "CT")
+    info = StudyInfo(
+        study_uid=study_uid,
+        origin_site=origin,
+        patient_id=patient_id,
+        issuer_of_patient_id=f"{origin.upper()}-ISSUER",
+        patient_name="Yamada^Taro=山田^太郎=やまだ^たろう",
+        study_date="20261101",
+        modalities=("CT",),
+        **study_kw,
+    )
+    inst = InstanceInfo(
+        study_uid,
+        series_uid,
+        derive_uid("sop", origin, n),
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.1.2.1",
+        100,
+        hashlib.sha256(f"{origin}{n}".encode()).hexdigest(),
+        "CT",
+    )
     return StudyBatch(info, (inst,))
 
 
@@ -40,7 +54,7 @@ def region(data_dir):
         "hub-private": batch("hub", 1, "H-1"),
         "hub-for-c": batch("hub", 2, "H-2", requesting_service="Goto Clinic"),
     }
-    for key, b in studies.items():
+    for b in studies.values():
         catalog.register(b, b.study.origin_site)
     try:
         yield config, catalog, Sharing(config, catalog), {k: b.study.study_uid for k, b in studies.items()}
@@ -56,8 +70,11 @@ def test_flag_applies_the_source_rules_once(region) -> None:
     config, catalog, sharing, uids = region
     result = sharing.flag(list(uids.values()))
     assert sorted((s, r) for _, s, r in result.granted) == [
-        ("clinic-c", "hub-exam-to-referring-clinic"), ("hub", "clinic-studies-to-hub"), ("hub", "clinic-studies-to-hub")]
-    assert sharing.flag(list(uids.values())).granted == ()          # idempotent
+        ("clinic-c", "hub-exam-to-referring-clinic"),
+        ("hub", "clinic-studies-to-hub"),
+        ("hub", "clinic-studies-to-hub"),
+    ]
+    assert sharing.flag(list(uids.values())).granted == ()  # idempotent
     assert visible(sharing, "hub", uids) == {"clinic-a", "clinic-c", "hub-private", "hub-for-c"}
     assert visible(sharing, "clinic-a", uids) == {"clinic-a"}
     assert visible(sharing, "clinic-b", uids) == set()
@@ -77,7 +94,7 @@ def test_publish_unpublish_and_no_regrant_by_rule(region) -> None:
     assert sharing.decide("clinic-b", uids["hub-private"]).allowed
     assert sharing.unpublish(uids["hub-for-c"], ["clinic-c"], "dr-sato", "wrong patient") == ["clinic-c"]
     assert not sharing.decide("clinic-c", uids["hub-for-c"]).allowed
-    sharing.flag([uids["hub-for-c"]])                      # a later sync must not undo the person's act
+    sharing.flag([uids["hub-for-c"]])  # a later sync must not undo the person's act
     assert not sharing.decide("clinic-c", uids["hub-for-c"]).allowed
     with pytest.raises(Exception, match="own site"):
         sharing.publish(uids["clinic-a"], ["clinic-a"], "x")
@@ -118,8 +135,22 @@ def test_explain_names_the_rule_or_the_act(region) -> None:
 def test_cli_publish_explain_consent(region, data_dir, capsys) -> None:
     _, catalog, sharing, uids = region
     base = ["--config", str(EXAMPLE_CONFIG), "--data-dir", str(data_dir)]
-    assert main(["publish", uids["hub-private"], "--to", "clinic-a", "--reason", "second opinion",
-                 "--operator", "dr-kato", *base]) == 0
+    assert (
+        main(
+            [
+                "publish",
+                uids["hub-private"],
+                "--to",
+                "clinic-a",
+                "--reason",
+                "second opinion",
+                "--operator",
+                "dr-kato",
+                *base,
+            ]
+        )
+        == 0
+    )
     assert "published" in capsys.readouterr().out
     assert main(["explain", uids["hub-private"], "--site", "clinic-a", *base]) == 0
     out = capsys.readouterr().out
@@ -129,7 +160,10 @@ def test_cli_publish_explain_consent(region, data_dir, capsys) -> None:
     assert "may NOT see" in capsys.readouterr().out
     assert main(["publish", uids["hub-private"], "--to", "clinic-z", *base]) == 2
     assert "unknown site 'clinic-z'" in capsys.readouterr().err
-    assert main(["consent", "withdraw", "--site", "clinic-c", "--patient-id", "C-1", "--issuer", "CLINIC-C-ISSUER", *base]) == 0
+    assert (
+        main(["consent", "withdraw", "--site", "clinic-c", "--patient-id", "C-1", "--issuer", "CLINIC-C-ISSUER", *base])
+        == 0
+    )
     assert "consent withdrawn" in capsys.readouterr().out
 
 
@@ -146,13 +180,12 @@ def test_deliveries_ask_the_decision_too(region, data_dir) -> None:
 
 
 def test_a_study_without_issuer_is_registered_under_its_site_and_consent_reaches_it(tmp_path, data_dir) -> None:
+    import pydicom
+    from helpers_region import layout_of, put_into_edge, region_config
     from pydicom.data import get_testdata_file
 
-    from helpers_region import layout_of, put_into_edge, region_config
     from renkei import transfer
     from renkei.runtime import open_catalog, open_journal, open_store
-
-    import pydicom
 
     sample = Path(get_testdata_file("CT_small.dcm"))
     assert "IssuerOfPatientID" not in pydicom.dcmread(sample)

@@ -16,11 +16,10 @@ import sys
 import time
 
 import anyio
+from helpers_region import layout_of, region_config
 
 from renkei.regionrun import REPO, RegionRunner
 from renkei.status import EDGE_SILENT_S, region_status
-
-from helpers_region import layout_of, region_config
 
 
 def test_status_lists_what_needs_action_with_causes(tmp_path, data_dir, prefect_api) -> None:
@@ -62,21 +61,42 @@ def test_status_lists_what_needs_action_with_causes(tmp_path, data_dir, prefect_
         assert failed and "refused the association" in failed[0].cause and "/runs/flow-run/" in failed[0].link
 
         # the command line: the same list, exit 1, JSON for monitoring
-        proc = subprocess.run([sys.executable, "-m", "renkei.cli.main", "status", "--json", "--config",
-                               str(config_path), "--data-dir", str(data_dir)], cwd=REPO,
-                              env=runner.env(), capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "renkei.cli.main",
+                "status",
+                "--json",
+                "--config",
+                str(config_path),
+                "--data-dir",
+                str(data_dir),
+            ],
+            cwd=REPO,
+            env=runner.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 1, proc.stderr[-2000:]
         report = json.loads(proc.stdout)
         assert report["needs_action"] and {p["what"] for p in report["problems"]} >= {
-            "edge", "verification", "backup", "pool", "run"}
+            "edge",
+            "verification",
+            "backup",
+            "pool",
+            "run",
+        }
 
         # a verification and a backup later, those two are fine
         from catalog import Catalog
         from catalog.backup import backup
 
         with Catalog.from_layout(layout) as cat:
-            cat.append_audit("center", "verify_backups", "verify-backups", outcome="ok",
-                             detail={"instances": 0, "findings": 0})
+            cat.append_audit(
+                "center", "verify_backups", "verify-backups", outcome="ok", detail={"instances": 0, "findings": 0}
+            )
             backup(cat, cat.backup)
         status = region_status(layout, prefect_api)
         whats = {p.what for p in status.problems}

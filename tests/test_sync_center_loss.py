@@ -12,11 +12,10 @@ import shutil
 import time
 
 import pytest
+from helpers_region import layout_of, put_into_edge, region_config
 
 from renkei import center_check, synth
 from renkei.runtime import open_catalog, open_journal, open_store
-
-from helpers_region import layout_of, put_into_edge, region_config
 
 
 @pytest.fixture
@@ -26,8 +25,9 @@ def synced(tmp_path, data_dir, prefect_api):
 
     config_path = region_config(tmp_path, stable_age=0.2)
     lay = layout_of(config_path, data_dir)
-    written = synth.generate_site(lay.config, "clinic-c", 2, 5, tmp_path / "synth", ct_slices=3, size=64,
-                                  modalities=("CT", "CR"))
+    written = synth.generate_site(
+        lay.config, "clinic-c", 2, 5, tmp_path / "synth", ct_slices=3, size=64, modalities=("CT", "CR")
+    )
     put_into_edge(lay, "clinic-c", written.files)
     time.sleep(0.3)
     first = sync_site("clinic-c", str(config_path), str(data_dir))
@@ -129,8 +129,9 @@ def test_lost_with_no_edge_copy_fails_the_run_and_is_not_rescanned_every_run(syn
     assert len(_objects(lay)) == rest
     # the next sample finds only lost instances: the full check of an hour ago is reported, not redone
     with open_journal(lay, "clinic-c") as journal, open_catalog(lay) as catalog:
-        again = center_check.check_site(journal, open_store(lay), catalog, "clinic-c", n_random=200, n_recent=0,
-                                        rng=random.Random(7))
+        again = center_check.check_site(
+            journal, open_store(lay), catalog, "clinic-c", n_random=200, n_recent=0, rng=random.Random(7)
+        )
     assert again.sample_missing > 0
     assert again.repeated and not again.escalated and again.lost == dropped
 
@@ -147,8 +148,11 @@ def test_sample_is_bounded_whatever_the_journal_size(tmp_path) -> None:
     con.executemany(
         "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, transfer_syntax_uid, path, size, sha256, "
         "received_at, upload_state, object_key) VALUES (?, ?, ?, '1.2.840.10008.1.2.1', ?, 10, ?, 0, 'verified', ?)",
-        ((f"1.2.3.{i}", f"1.2.3.{i // 100}", f"1.2.3.{i // 10}", f"p{i}", "0" * 64, f"objects/x/{i}.dcm")
-         for i in range(200_000)))
+        (
+            (f"1.2.3.{i}", f"1.2.3.{i // 100}", f"1.2.3.{i // 10}", f"p{i}", "0" * 64, f"objects/x/{i}.dcm")
+            for i in range(200_000)
+        ),
+    )
     con.commit()
     con.close()
     with Journal.open(root) as journal:

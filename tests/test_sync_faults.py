@@ -11,11 +11,10 @@ import threading
 import time
 
 import anyio
+from helpers_region import REPO, layout_of, put_into_edge, region_config
 
 from renkei import peers, synth
 from renkei.runtime import open_catalog, open_journal, open_store
-
-from helpers_region import REPO, layout_of, put_into_edge, region_config
 
 
 def _wait_stable() -> None:
@@ -35,7 +34,7 @@ def test_s3_down_for_the_first_attempts_then_success(tmp_path, data_dir, prefect
     study = synth.write_single_study(tmp_path / "synth", "CT", slices=4, size=64, seed=3)
     put_into_edge(lay, "clinic-b", study.files)
     _wait_stable()
-    os.environ["RENKEI_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"   # nothing listens there yet
+    os.environ["RENKEI_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"  # nothing listens there yet
     started = {}
 
     def upload_retrying() -> bool:
@@ -43,8 +42,9 @@ def test_s3_down_for_the_first_attempts_then_success(tmp_path, data_dir, prefect
 
         async def runs():
             async with get_client() as client:
-                return await client.read_task_runs(task_run_filter=TaskRunFilter(
-                    name=TaskRunFilterName(like_=study.info.study_uid)))
+                return await client.read_task_runs(
+                    task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=study.info.study_uid))
+                )
 
         return any(t.state and t.state.name in ("AwaitingRetry", "Retrying") for t in anyio.run(runs))
 
@@ -69,8 +69,9 @@ def test_s3_down_for_the_first_attempts_then_success(tmp_path, data_dir, prefect
 
         async def task_runs():
             async with get_client() as client:
-                return await client.read_task_runs(flow_run_filter=FlowRunFilter(
-                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+                return await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+                )
 
         uploads = [t for t in anyio.run(task_runs) if t.name.startswith("upload")]
         assert uploads and max(t.run_count for t in uploads) > 1, "the upload was retried"
@@ -80,8 +81,9 @@ def test_s3_down_for_the_first_attempts_then_success(tmp_path, data_dir, prefect
             started["peer"].stop()
 
 
-def test_flow_killed_mid_upload_then_rerun_duplicates_nothing(tmp_path, data_dir, prefect_api, s3_bucket,
-                                                            s3_env) -> None:
+def test_flow_killed_mid_upload_then_rerun_duplicates_nothing(
+    tmp_path, data_dir, prefect_api, s3_bucket, s3_env
+) -> None:
     from flows.sync_site import sync_site
 
     config_path = region_config(tmp_path, stable_age=0.2, center_url=s3_bucket, pacs_at=())
@@ -93,10 +95,10 @@ def test_flow_killed_mid_upload_then_rerun_duplicates_nothing(tmp_path, data_dir
     _wait_stable()
     store = open_store(lay)
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    code = (f"from flows.sync_site import sync_site; "
-            f"sync_site('clinic-a', {str(config_path)!r}, {str(data_dir)!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = f"from flows.sync_site import sync_site; sync_site('clinic-a', {str(config_path)!r}, {str(data_dir)!r})"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     stored = 0
     while time.monotonic() < deadline and proc.poll() is None:
@@ -114,10 +116,10 @@ def test_flow_killed_mid_upload_then_rerun_duplicates_nothing(tmp_path, data_dir
     result = sync_site("clinic-a", str(config_path), str(data_dir))
     assert result["failures"] == {}
     keys = list(store.list("objects/"))
-    assert len(keys) == len(files) == len(set(keys))            # no duplicate object
+    assert len(keys) == len(files) == len(set(keys))  # no duplicate object
     with open_catalog(lay) as catalog:
         rows = [r for batch in catalog.iter_instances() for r in batch]
-        assert len(rows) == len(files) == len({r["sop_instance_uid"] for r in rows})   # no duplicate row
+        assert len(rows) == len(files) == len({r["sop_instance_uid"] for r in rows})  # no duplicate row
         assert catalog.conflicts() == []
     with open_journal(lay, "clinic-a") as journal:
         assert journal.summary().upload_states["verified"] == len(files)

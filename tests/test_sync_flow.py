@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers_region import layout_of, put_into_edge, region_config
 
 from renkei import synth
 from renkei.runtime import open_catalog, open_journal, open_store
-
-from helpers_region import layout_of, put_into_edge, region_config
 
 
 @pytest.fixture
@@ -18,8 +17,9 @@ def small_region(tmp_path, data_dir):
     lay = layout_of(config_path, data_dir)
     written = {}
     for site in ("hub", "clinic-c"):
-        result = synth.generate_site(lay.config, site, 2, 7, tmp_path / "synth" / site, ct_slices=3, size=64,
-                                     modalities=("CT", "CR"))
+        result = synth.generate_site(
+            lay.config, site, 2, 7, tmp_path / "synth" / site, ct_slices=3, size=64, modalities=("CT", "CR")
+        )
         put_into_edge(lay, site, result.files)
         written[site] = result
     time.sleep(0.3)  # let the studies reach stable_age (0.2 s)

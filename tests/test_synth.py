@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import EXAMPLE_CONFIG, REPO, require_program
 from pydicom.uid import ExplicitVRLittleEndian
 
 from renkei import synth
@@ -21,8 +22,6 @@ from renkei.config import RegionConfig, load_config
 from renkei.errors import UsageError
 from renkei.peers import dcmtk_env
 from renkei.uids import is_valid_uid
-
-from conftest import EXAMPLE_CONFIG, REPO, require_program
 
 SEED = 11
 SMALL = {"ct_slices": 4, "size": 64}
@@ -62,9 +61,7 @@ def _problems(proc: subprocess.CompletedProcess) -> list[str]:
 def _jis_pn_bytes(name: str) -> bytes:
     """PN bytes under ISO 2022 IR 6\\ISO 2022 IR 87, encoded here without pydicom: each
     component returns to ASCII before the next '^' or '='."""
-    return b"=".join(
-        b"^".join(part.encode("iso2022_jp") for part in group.split("^")) for group in name.split("=")
-    )
+    return b"=".join(b"^".join(part.encode("iso2022_jp") for part in group.split("^")) for group in name.split("="))
 
 
 # -- people ---------------------------------------------------------------------------------
@@ -103,9 +100,7 @@ def test_every_name_in_the_lists_is_jis_x_0208() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 12345])
-def test_any_two_sites_with_five_patients_share_a_person_under_different_ids(
-    config: RegionConfig, seed: int
-) -> None:
+def test_any_two_sites_with_five_patients_share_a_person_under_different_ids(config: RegionConfig, seed: int) -> None:
     patients = {site_id: synth.site_patients(config, site_id, 5, seed) for site_id in config.site_ids}
     for site_id, registered in patients.items():
         site = config.site(site_id)
@@ -219,8 +214,14 @@ def test_dcmdump_reads_every_file_without_error_or_warning(written: dict[str, sy
         ds = pydicom.dcmread(f)
         pixels = ds.pixel_array
         assert pixels.shape == (ds.Rows, ds.Columns) and pixels.max() <= 4095 and pixels.std() > 1
-        seen.add((ds.Modality, ds.SpecificCharacterSet if isinstance(ds.SpecificCharacterSet, str)
-                  else "\\".join(ds.SpecificCharacterSet)))
+        seen.add(
+            (
+                ds.Modality,
+                ds.SpecificCharacterSet
+                if isinstance(ds.SpecificCharacterSet, str)
+                else "\\".join(ds.SpecificCharacterSet),
+            )
+        )
     assert {m for m, _ in seen} == {"CT", "MR", "CR", "DX"}
     assert {c for _, c in seen} == {synth.CHARSET_JIS, synth.CHARSET_UTF8}
     for chunk in range(0, len(files), 100):
@@ -258,8 +259,11 @@ def test_japanese_names_round_trip_exactly_in_both_character_sets(
             path = study.files[0]
             data = path.read_bytes()
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            charset = "\\".join(ds.SpecificCharacterSet) if not isinstance(ds.SpecificCharacterSet, str) \
+            charset = (
+                "\\".join(ds.SpecificCharacterSet)
+                if not isinstance(ds.SpecificCharacterSet, str)
                 else ds.SpecificCharacterSet
+            )
             assert charset == study.patient.specific_character_set == study.info.specific_character_set
             name = study.patient.patient_name
             assert str(ds.PatientName) == name == study.info.patient_name
@@ -297,8 +301,9 @@ def test_jis_bytes_that_look_like_delimiters_are_not_delimiters(tmp_path: Path) 
 def test_dcmtk_decodes_the_same_names(written: dict[str, synth.SynthResult]) -> None:
     """dcmtk's view of the bytes: UTF-8 names via +U8, ISO 2022 names as raw escapes."""
     jis = next(s for r in written.values() for s in r.studies if s.patient.specific_character_set == synth.CHARSET_JIS)
-    utf8 = next(s for r in written.values() for s in r.studies
-                if s.patient.specific_character_set == synth.CHARSET_UTF8)
+    utf8 = next(
+        s for r in written.values() for s in r.studies if s.patient.specific_character_set == synth.CHARSET_UTF8
+    )
     proc = _dcmdump(["+U8", "+P", "PatientName", str(utf8.files[0])])
     assert proc.returncode == 0 and _problems(proc) == []
     assert f"[{utf8.patient.patient_name}]" in proc.stdout.decode("utf-8")
@@ -382,11 +387,21 @@ def test_study_datasets_can_be_sent_without_writing(config: RegionConfig) -> Non
 
 def test_institution_outside_jis_falls_back_to_utf8(config: RegionConfig) -> None:
     site = config.site("clinic-c").model_copy(update={"institution_name": "𠮷田クリニック"})
-    patient = next(p for p in synth.site_patients(config, "clinic-c", 5, SEED)
-                   if p.specific_character_set == synth.CHARSET_JIS)
+    patient = next(
+        p for p in synth.site_patients(config, "clinic-c", 5, SEED) if p.specific_character_set == synth.CHARSET_JIS
+    )
     plan = synth.plan_study(
-        site, patient, study_uid="2.25.1", modality="CR", study_date=dt.date(2025, 1, 6), study_time="093000",
-        accession_number="C1", study_id="1", referring_physician="", ct_slices=1, size=16,
+        site,
+        patient,
+        study_uid="2.25.1",
+        modality="CR",
+        study_date=dt.date(2025, 1, 6),
+        study_time="093000",
+        accession_number="C1",
+        study_id="1",
+        referring_physician="",
+        ct_slices=1,
+        size=16,
     )
     assert plan.info.specific_character_set == synth.CHARSET_UTF8
 
@@ -433,8 +448,23 @@ def _renkei(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_writes_a_site_and_prints_a_summary(tmp_path: Path, config: RegionConfig) -> None:
     out = tmp_path / "out"
-    proc = _renkei("synth", "--config", str(EXAMPLE_CONFIG), "--site", "clinic-a", "--patients", "2",
-                   "--seed", "3", "--out", str(out), "--ct-slices", "2", "--size", "32")
+    proc = _renkei(
+        "synth",
+        "--config",
+        str(EXAMPLE_CONFIG),
+        "--site",
+        "clinic-a",
+        "--patients",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        "--ct-slices",
+        "2",
+        "--size",
+        "32",
+    )
     assert proc.returncode == 0, proc.stderr
     patients = synth.site_patients(config, "clinic-a", 2, 3)
     files = list(out.rglob("*.dcm"))
@@ -447,13 +477,27 @@ def test_cli_writes_a_site_and_prints_a_summary(tmp_path: Path, config: RegionCo
 
 
 def test_cli_site_all_writes_one_folder_per_site(tmp_path: Path, config: RegionConfig) -> None:
-    proc = _renkei("synth", "--config", str(EXAMPLE_CONFIG), "--site", "all", "--patients", "1",
-                   "--out", str(tmp_path), "--ct-slices", "1", "--size", "16", "--modalities", "CR")
+    proc = _renkei(
+        "synth",
+        "--config",
+        str(EXAMPLE_CONFIG),
+        "--site",
+        "all",
+        "--patients",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--ct-slices",
+        "1",
+        "--size",
+        "16",
+        "--modalities",
+        "CR",
+    )
     assert proc.returncode == 0, proc.stderr
     for site_id in config.site_ids:
         files = list((tmp_path / site_id).rglob("*.dcm"))
-        assert files and all(pydicom.dcmread(f).InstitutionName == config.site(site_id).institution_name
-                             for f in files)
+        assert files and all(pydicom.dcmread(f).InstitutionName == config.site(site_id).institution_name for f in files)
 
 
 @pytest.mark.parametrize(
@@ -474,7 +518,18 @@ def test_cli_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) 
 def test_cli_unwritable_output_exits_2(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    proc = _renkei("synth", "--config", str(EXAMPLE_CONFIG), "--site", "hub", "--out", str(blocker / "sub"),
-                   "--ct-slices", "1", "--size", "16")
+    proc = _renkei(
+        "synth",
+        "--config",
+        str(EXAMPLE_CONFIG),
+        "--site",
+        "hub",
+        "--out",
+        str(blocker / "sub"),
+        "--ct-slices",
+        "1",
+        "--size",
+        "16",
+    )
     assert proc.returncode == 2
     assert "choose a folder you can write to" in proc.stderr and "Traceback" not in proc.stderr

@@ -13,18 +13,34 @@ import subprocess
 import sys
 from pathlib import Path
 
-from renkei import peers
-from renkei.regionrun import REPO
-
 from conftest import require_program
 from helpers_region import region_config
+
+from renkei import peers
+from renkei.regionrun import REPO
 
 
 def _units(tmp_path: Path, config_path: Path, data_dir: Path, *who: str) -> Path:
     out = tmp_path / "units"
-    proc = subprocess.run([sys.executable, "-m", "renkei.cli.main", "--config", str(config_path), "--data-dir",
-                           str(data_dir), "units", *who, "--out", str(out)], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "renkei.cli.main",
+            "--config",
+            str(config_path),
+            "--data-dir",
+            str(data_dir),
+            "units",
+            *who,
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -47,19 +63,29 @@ def test_units_are_valid_and_the_edge_unit_starts_the_edge(tmp_path: Path) -> No
     out = _units(tmp_path, config_path, data_dir, "--site", "clinic-c", "--hl7-port", str(peers.free_port()))
     _units(tmp_path, config_path, data_dir, "--center")
     names = sorted(p.name for p in out.glob("*.service"))
-    assert names == sorted(["renkei-edge-clinic-c.service", "renkei-worker-clinic-c.service",
-                            "renkei-hl7-clinic-c.service", "renkei-prefect-server.service",
-                            "renkei-worker-center.service", "renkei-dashboard.service", "renkei-watch.service"])
+    assert names == sorted(
+        [
+            "renkei-edge-clinic-c.service",
+            "renkei-worker-clinic-c.service",
+            "renkei-hl7-clinic-c.service",
+            "renkei-prefect-server.service",
+            "renkei-worker-center.service",
+            "renkei-dashboard.service",
+            "renkei-watch.service",
+        ]
+    )
     assert not data_dir.exists(), "writing units must not create the data folder"
-    check = subprocess.run([analyze, "verify", *map(str, sorted(out.glob("*.service")))], capture_output=True,
-                           text=True, timeout=120)
+    check = subprocess.run(
+        [analyze, "verify", *map(str, sorted(out.glob("*.service")))], capture_output=True, text=True, timeout=120
+    )
     assert check.returncode == 0, check.stderr
     for name in names:
         text = (out / name).read_text()
         assert "User=renkei" in text and f"ReadWritePaths={data_dir.resolve()}" in text
         assert "Restart=on-failure" in text and "EnvironmentFile=-/etc/renkei/renkei.env" in text
-        assert ("KillSignal=SIGINT" in text) == ("worker" in name or "server" in name or "dashboard" in name
-                                                 or "watch" in name)
+        assert ("KillSignal=SIGINT" in text) == (
+            "worker" in name or "server" in name or "dashboard" in name or "watch" in name
+        )
         env, cmd = _service(out / name)
         assert Path(cmd[0]).is_file(), cmd[0]
         helped = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
@@ -70,8 +96,9 @@ def test_units_are_valid_and_the_edge_unit_starts_the_edge(tmp_path: Path) -> No
     data_dir.mkdir()
     import os
 
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=env["RENKEI_HOME"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **env}, cwd=env["RENKEI_HOME"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         from renkei.config import load_config
 

@@ -14,11 +14,10 @@ import shutil
 import time
 
 import pytest
+from helpers_region import layout_of, put_into_edge, region_config
 
 from renkei import synth
 from renkei.runtime import open_catalog, open_store
-
-from helpers_region import layout_of, put_into_edge, region_config
 
 
 @pytest.fixture
@@ -27,8 +26,9 @@ def synced(tmp_path, data_dir, prefect_api):
 
     config_path = region_config(tmp_path, stable_age=0.2)
     lay = layout_of(config_path, data_dir)
-    written = synth.generate_site(lay.config, "clinic-c", 1, 3, tmp_path / "synth", ct_slices=3, size=64,
-                                  modalities=("CT",))
+    written = synth.generate_site(
+        lay.config, "clinic-c", 1, 3, tmp_path / "synth", ct_slices=3, size=64, modalities=("CT",)
+    )
     put_into_edge(lay, "clinic-c", written.files)
     time.sleep(0.3)
     assert sync_site("clinic-c", str(config_path), str(data_dir))["instances"] == written.instance_count

@@ -7,11 +7,10 @@ import os
 import time
 
 import pytest
+from helpers_region import layout_of, put_into_edge, region_config
 
 from renkei import synth
 from renkei.runtime import open_catalog, open_store
-
-from helpers_region import layout_of, put_into_edge, region_config
 
 
 @pytest.fixture
@@ -20,8 +19,9 @@ def synced(tmp_path, data_dir, prefect_api):
 
     config_path = region_config(tmp_path, stable_age=0.2)
     lay = layout_of(config_path, data_dir)
-    result = synth.generate_site(lay.config, "clinic-a", 1, 3, tmp_path / "synth", ct_slices=4, size=64,
-                                 modalities=("CT",))
+    result = synth.generate_site(
+        lay.config, "clinic-a", 1, 3, tmp_path / "synth", ct_slices=4, size=64, modalities=("CT",)
+    )
     put_into_edge(lay, "clinic-a", result.files)
     time.sleep(0.3)
     assert sync_site("clinic-a", str(config_path), str(data_dir))["instances"] == result.instance_count
@@ -51,8 +51,11 @@ def test_damage_is_found_and_repaired_from_the_edge(synced) -> None:
 
     report = verify_backups(full=True, config=str(config_path), data_dir=str(lay.data_dir))
     kinds = {f["sop_instance_uid"]: f["kind"] for f in report["findings"]}
-    assert kinds == {flipped["sop_instance_uid"]: "corrupt", deleted["sop_instance_uid"]: "missing",
-                     truncated["sop_instance_uid"]: "truncated"}
+    assert kinds == {
+        flipped["sop_instance_uid"]: "corrupt",
+        deleted["sop_instance_uid"]: "missing",
+        truncated["sop_instance_uid"]: "truncated",
+    }
     assert report["repaired"] == 3 and report["unrecoverable"] == 0
     assert all(f["repaired_from"] == "clinic-a" for f in report["findings"])
     for row in objs:

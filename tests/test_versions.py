@@ -17,12 +17,12 @@ import signal
 import time
 from pathlib import Path
 
+from helpers_edge import edge_subprocess, make_instance, storescu, write_region
+
 from catalog import keys
 from renkei import peers
 from renkei.config import Layout, load_config
 from renkei.runtime import open_catalog, open_journal, open_store
-
-from helpers_edge import edge_subprocess, make_instance, storescu, write_region
 
 
 def _wait(predicate, timeout: float = 60.0) -> None:
@@ -34,26 +34,39 @@ def _wait(predicate, timeout: float = 60.0) -> None:
     raise AssertionError("timed out")
 
 
-def test_resent_instance_with_other_bytes_becomes_the_current_version(tmp_path: Path, data_dir: Path,
-                                                                        prefect_api) -> None:
+def test_resent_instance_with_other_bytes_becomes_the_current_version(
+    tmp_path: Path, data_dir: Path, prefect_api
+) -> None:
     from flows.sync_site import sync_site
     from renkei.verification import verify_center
 
     region = write_region(tmp_path / "region", stable_age=0.3)
     layout = Layout(load_config(region.path), data_dir)
     study, series = "1.2.826.0.1.3680043.10.543.77", "1.2.826.0.1.3680043.10.543.77.1"
-    first = [make_instance(tmp_path / f"first-{n}.dcm", study_uid=study, series_uid=series, sop_uid=f"{series}.{n}",
-                           instance_number=n, seed=n) for n in (1, 2, 3)]
+    first = [
+        make_instance(
+            tmp_path / f"first-{n}.dcm",
+            study_uid=study,
+            series_uid=series,
+            sop_uid=f"{series}.{n}",
+            instance_number=n,
+            seed=n,
+        )
+        for n in (1, 2, 3)
+    ]
     sop = f"{series}.2"
-    corrected = make_instance(tmp_path / "corrected.dcm", study_uid=study, series_uid=series, sop_uid=sop,
-                              instance_number=2, seed=99)  # same SOP Instance UID, other pixels
+    corrected = make_instance(
+        tmp_path / "corrected.dcm", study_uid=study, series_uid=series, sop_uid=sop, instance_number=2, seed=99
+    )  # same SOP Instance UID, other pixels
     edge = edge_subprocess(region, data_dir, tmp_path / "edge.log")
     try:
         peers.wait_for_port("127.0.0.1", region.edge_port, 60, edge, "edge")
         storescu(region.edge_port, first)
         synced = []
-        _wait(lambda: synced.append(sync_site("hub", str(region.path), str(data_dir))["instances"])
-              or sum(synced) == 3, timeout=30)
+        _wait(
+            lambda: synced.append(sync_site("hub", str(region.path), str(data_dir))["instances"]) or sum(synced) == 3,
+            timeout=30,
+        )
         with open_catalog(layout) as cat:
             assert cat.study(study).instance_count == 3
             old = {r["sop_instance_uid"]: r for r in cat.instances(study)}[sop]
@@ -72,13 +85,15 @@ def test_resent_instance_with_other_bytes_becomes_the_current_version(tmp_path: 
         with open_catalog(layout) as cat:
             current = {r["sop_instance_uid"]: r for r in cat.instances(study)}
             assert current[sop]["sha256"] == version.received_sha256 and current[sop]["corrected"]
-            assert current[sop]["object_key"] == keys.object_key("hub", study, series, sop,
-                                                                 conflict_sha256=version.received_sha256)
+            assert current[sop]["object_key"] == keys.object_key(
+                "hub", study, series, sop, conflict_sha256=version.received_sha256
+            )
             # both versions in the center, never one over the other
             assert store.read_verified(old["object_key"], old["sha256"]) != new_bytes
             assert store.read_verified(current[sop]["object_key"], current[sop]["sha256"]) == new_bytes
-            assert {r["sop_instance_uid"]: r["sha256"] for r in cat.instances(study, version="first")}[sop] \
-                == old["sha256"]
+            assert {r["sop_instance_uid"]: r["sha256"] for r in cat.instances(study, version="first")}[sop] == old[
+                "sha256"
+            ]
             records = cat.conflicts(study)
             assert len(records) == 1 and "sent again" in records[0].why
             assert cat.study(study).instance_count == 3  # a version is not another instance

@@ -11,13 +11,21 @@ ORDER = 55
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = sub.add_parser("audit", parents=[common], help="verify and read the audit log",
-                            description="The audit log: every publication change and cross-site access.")
+    parser = sub.add_parser(
+        "audit",
+        parents=[common],
+        help="verify and read the audit log",
+        description="The audit log: every publication change and cross-site access.",
+    )
     cmds = parser.add_subparsers(title="audit commands", metavar="ACTION")
 
-    p = cmds.add_parser("verify", parents=[common], help="check that no audit event was edited, deleted or moved",
-                        description="Recompute the hash chain of every audit event. Exit code 0 when intact, "
-                                    "1 when not (the problems are listed).")
+    p = cmds.add_parser(
+        "verify",
+        parents=[common],
+        help="check that no audit event was edited, deleted or moved",
+        description="Recompute the hash chain of every audit event. Exit code 0 when intact, "
+        "1 when not (the problems are listed).",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_verify)
 
@@ -59,18 +67,27 @@ def _when(value: str | None, option: str, zone_name: str | None) -> str | None:
     try:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
-        raise UsageError(f"{option} {value!r} is not a date or time: write e.g. 2026-12-01 or "
-                         f"2026-12-01T08:30 (in {zone_name or 'UTC'}) or 2026-12-01T08:30+09:00") from None
+        raise UsageError(
+            f"{option} {value!r} is not a date or time: write e.g. 2026-12-01 or "
+            f"2026-12-01T08:30 (in {zone_name or 'UTC'}) or 2026-12-01T08:30+09:00"
+        ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=zone(zone_name))
-    return parsed.astimezone(dt.timezone.utc).isoformat()
+    return parsed.astimezone(dt.UTC).isoformat()
 
 
 def _show(args: argparse.Namespace) -> int:
     zone_name = config_of(args).timezone
     args.since, args.until = _when(args.since, "--since", zone_name), _when(args.until, "--until", zone_name)
     with open_catalog(args) as cat:
-        events = cat.audit(study_uid=args.study_uid, site=args.site, actor=args.actor, action=args.action,
-                           since=args.since, until=args.until, limit=args.limit)
+        events = cat.audit(
+            study_uid=args.study_uid,
+            site=args.site,
+            actor=args.actor,
+            action=args.action,
+            since=args.since,
+            until=args.until,
+            limit=args.limit,
+        )
     print_events(events, args.json)
     return 0

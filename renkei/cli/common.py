@@ -6,11 +6,11 @@ import argparse
 import datetime as dt
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from renkei.config import DATA_DIR_ENV, Layout, RegionConfig, load_config, resolve_data_dir
-
 from renkei.runtime import CONFIG_ENV, config_path
 
 
@@ -71,7 +71,9 @@ def print_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
-def print_table(rows: Sequence[dict[str, Any]] | Iterable[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
+def print_table(
+    rows: Sequence[dict[str, Any]] | Iterable[dict[str, Any]], columns: Sequence[str] | None = None
+) -> None:
     """A plain aligned text table, for operators reading a terminal."""
     rows = list(rows)
     if not rows:

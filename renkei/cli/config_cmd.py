@@ -22,19 +22,29 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     check.add_argument("file", nargs="?", help="the YAML file (default: --config)")
     check.add_argument("--json", action="store_true", help="print the validated config as JSON")
-    check.add_argument("--prefect-file", metavar="FILE", default=None,
-                       help="the deployments to check against the sites (default: prefect.yaml of the checkout)")
-    check.add_argument("--no-deployments", action="store_true",
-                       help="check the configuration alone, not the deployments")
+    check.add_argument(
+        "--prefect-file",
+        metavar="FILE",
+        default=None,
+        help="the deployments to check against the sites (default: prefect.yaml of the checkout)",
+    )
+    check.add_argument(
+        "--no-deployments", action="store_true", help="check the configuration alone, not the deployments"
+    )
     check.set_defaults(func=_check)
 
 
-SITE_DEPLOYMENTS = {"sync": "flows/sync_site.py:sync_site", "deliver": "flows/deliver.py:deliver",
-                    "fetch-priors": "flows/fetch_priors.py:fetch_priors"}
-CENTER_DEPLOYMENTS = {"publish": "flows/publish.py:publish",
-                      "verify-backups": "flows/verify_backups.py:verify_backups",
-                      "compact-catalog": "flows/maintenance.py:compact_catalog",
-                      "backup-catalog": "flows/maintenance.py:backup_catalog"}
+SITE_DEPLOYMENTS = {
+    "sync": "flows/sync_site.py:sync_site",
+    "deliver": "flows/deliver.py:deliver",
+    "fetch-priors": "flows/fetch_priors.py:fetch_priors",
+}
+CENTER_DEPLOYMENTS = {
+    "publish": "flows/publish.py:publish",
+    "verify-backups": "flows/verify_backups.py:verify_backups",
+    "compact-catalog": "flows/maintenance.py:compact_catalog",
+    "backup-catalog": "flows/maintenance.py:backup_catalog",
+}
 SCHEDULED = ("sync", "verify-backups", "compact-catalog", "backup-catalog")
 
 
@@ -55,18 +65,24 @@ def deployment_problems(config: RegionConfig, prefect_file: str) -> list[str]:
     def expect(name: str, entrypoint: str, pool: str, site: str | None, scheduled: bool) -> None:
         dep = deployments.get(name)
         if dep is None:
-            problems.append(f"deployment {name} is missing: copy the entries of another site"
-                            + (f" and set site: {site} and work_pool renkei-{site}" if site else ""))
+            problems.append(
+                f"deployment {name} is missing: copy the entries of another site"
+                + (f" and set site: {site} and work_pool renkei-{site}" if site else "")
+            )
             return
         if dep.get("entrypoint") != entrypoint:
             problems.append(f"deployment {name}: entrypoint {dep.get('entrypoint')!r}, expected {entrypoint!r}")
         got_pool = (dep.get("work_pool") or {}).get("name")
         if got_pool != pool:
-            problems.append(f"deployment {name}: work pool {got_pool!r}, expected {pool!r} "
-                            "(its steps must run on that site's own worker)")
+            problems.append(
+                f"deployment {name}: work pool {got_pool!r}, expected {pool!r} "
+                "(its steps must run on that site's own worker)"
+            )
         if site and (dep.get("parameters") or {}).get("site") != site:
-            problems.append(f"deployment {name}: parameters.site is {(dep.get('parameters') or {}).get('site')!r}, "
-                            f"expected {site!r}")
+            problems.append(
+                f"deployment {name}: parameters.site is {(dep.get('parameters') or {}).get('site')!r}, "
+                f"expected {site!r}"
+            )
         if scheduled and not dep.get("schedules"):
             problems.append(f"deployment {name} has no schedule: nothing would start it when nobody does")
 
@@ -76,12 +92,14 @@ def deployment_problems(config: RegionConfig, prefect_file: str) -> list[str]:
     for name, entrypoint in CENTER_DEPLOYMENTS.items():
         expect(name, entrypoint, "renkei-center", None, name in SCHEDULED)
     known = {f"{short}-{site}" for site in config.site_ids for short in SITE_DEPLOYMENTS} | set(CENTER_DEPLOYMENTS)
-    for name, dep in deployments.items():
-        site = (dep.get("parameters") or {}).get("site")
-        if name not in known and (site is None or site not in config.site_ids):
-            problems.append(f"deployment {name} is not for this region"
-                            + (f" (site {site!r} is not in the configuration)" if site else "")
-                            + ": remove it or add the site")
+    for dep_name, dep in deployments.items():
+        dep_site: str | None = (dep.get("parameters") or {}).get("site")
+        if dep_name not in known and (dep_site is None or dep_site not in config.site_ids):
+            problems.append(
+                f"deployment {dep_name} is not for this region"
+                + (f" (site {dep_site!r} is not in the configuration)" if dep_site else "")
+                + ": remove it or add the site"
+            )
     return problems
 
 
@@ -100,8 +118,11 @@ def _check(args: argparse.Namespace) -> int:
         prefect_file = args.prefect_file or str(REPO / "prefect.yaml")
         problems = deployment_problems(config, prefect_file)
         if problems:
-            raise UsageError(f"{path} is valid, but the deployments in {prefect_file} do not match its sites:\n  "
-                             + "\n  ".join(problems) + "\n(or check the configuration alone: --no-deployments)")
+            raise UsageError(
+                f"{path} is valid, but the deployments in {prefect_file} do not match its sites:\n  "
+                + "\n  ".join(problems)
+                + "\n(or check the configuration alone: --no-deployments)"
+            )
     if args.json:
         print_json(config.model_dump(mode="json"))
         return 0
@@ -112,26 +133,30 @@ def _check(args: argparse.Namespace) -> int:
 
 def summary(config: RegionConfig) -> str:
     """A readable description of the region, as `renkei config check` prints it."""
-    import io
     import contextlib
+    import io
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         print(f"\nRegion {config.region!r}: {config.name or '(no name)'}  (timezone {config.timezone})")
-        print(f"Center: objects at {config.center.storage_url}, catalog at "
-              f"{config.center.catalog_url or config.center.storage_url + '/catalog'}\n")
+        print(
+            f"Center: objects at {config.center.storage_url}, catalog at "
+            f"{config.center.catalog_url or config.center.storage_url + '/catalog'}\n"
+        )
         rows = []
         for site in config.sites:
-            rows.append({
-                "site": site.id,
-                "role": site.role,
-                "name": site.name,
-                "edge": f"{site.edge.ae_title}@{site.edge.host}:{site.edge.port}",
-                "pacs": f"{site.pacs.ae_title}@{site.pacs.host}:{site.pacs.port}" if site.pacs else "-",
-                "workstations": ", ".join(f"{w.ae_title}:{w.port}" for w in site.workstations) or "-",
-                "link": f"{site.link.bandwidth_mbps:g} Mbit/s, {site.link.rtt_ms:g} ms, "
-                        f"{site.link.upload_slots} uploads",
-            })
+            rows.append(
+                {
+                    "site": site.id,
+                    "role": site.role,
+                    "name": site.name,
+                    "edge": f"{site.edge.ae_title}@{site.edge.host}:{site.edge.port}",
+                    "pacs": f"{site.pacs.ae_title}@{site.pacs.host}:{site.pacs.port}" if site.pacs else "-",
+                    "workstations": ", ".join(f"{w.ae_title}:{w.port}" for w in site.workstations) or "-",
+                    "link": f"{site.link.bandwidth_mbps:g} Mbit/s, {site.link.rtt_ms:g} ms, "
+                    f"{site.link.upload_slots} uploads",
+                }
+            )
         print_table(rows)
         print(f"\nSharing policy version {config.policy.version}:")
         for rule in config.policy.rules:
@@ -145,7 +170,6 @@ def summary(config: RegionConfig) -> str:
             to = list(rule.grant_to.sites) + [f"every {r}" for r in rule.grant_to.roles]
             if rule.grant_to.referring_site:
                 to.append("the referring site")
-            print(f"  - {rule.name}: studies {' and '.join(when) or 'of every site'} "
-                  f"are visible to {', '.join(to)}")
+            print(f"  - {rule.name}: studies {' and '.join(when) or 'of every site'} are visible to {', '.join(to)}")
         print("  Anything else is visible only to its own site, or where a person publishes it.")
     return out.getvalue().rstrip()

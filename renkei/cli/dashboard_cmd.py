@@ -25,16 +25,30 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
-    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                        help="another host name or address the browser may reach the dashboard as (the Host "
-                        "header, any port), e.g. the name of an SSH tunnel's end in /etc/hosts; repeat for more. "
-                        "The bind address, localhost, 127.0.0.1 and [::1] are always allowed; any other Host "
-                        "is refused (DNS rebinding)")
-    parser.add_argument("--prefect-ui", metavar="URL", default=None,
-                        help="the Prefect UI that flow-run links point to (default $PREFECT_UI_URL, else "
-                        "$PREFECT_API_URL without /api, else http://127.0.0.1:4200)")
-    parser.add_argument("--refresh", type=int, default=60, metavar="SECONDS",
-                        help="reload the operator view every SECONDS (0: never; default 60)")
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another host name or address the browser may reach the dashboard as (the Host "
+        "header, any port), e.g. the name of an SSH tunnel's end in /etc/hosts; repeat for more. "
+        "The bind address, localhost, 127.0.0.1 and [::1] are always allowed; any other Host "
+        "is refused (DNS rebinding)",
+    )
+    parser.add_argument(
+        "--prefect-ui",
+        metavar="URL",
+        default=None,
+        help="the Prefect UI that flow-run links point to (default $PREFECT_UI_URL, else "
+        "$PREFECT_API_URL without /api, else http://127.0.0.1:4200)",
+    )
+    parser.add_argument(
+        "--refresh",
+        type=int,
+        default=60,
+        metavar="SECONDS",
+        help="reload the operator view every SECONDS (0: never; default 60)",
+    )
     parser.set_defaults(func=_dashboard)
 
 
@@ -59,8 +73,10 @@ def check_loopback(host: str) -> str:
             return host
     except ValueError:
         pass
-    raise UsageError(f"--host {host!r} is not a loopback address: the dashboard has no login and shows "
-                     "patient IDs, so it listens on 127.0.0.1 (or ::1) only; use an SSH tunnel to reach it")
+    raise UsageError(
+        f"--host {host!r} is not a loopback address: the dashboard has no login and shows "
+        "patient IDs, so it listens on 127.0.0.1 (or ::1) only; use an SSH tunnel to reach it"
+    )
 
 
 def _dashboard(args: argparse.Namespace) -> int:
@@ -74,10 +90,14 @@ def _dashboard(args: argparse.Namespace) -> int:
     if args.refresh < 0:
         raise UsageError("--refresh must be 0 (never) or a number of seconds")
     layout = layout_of(args)
-    app = create_app(layout, prefect_ui_url(args.prefect_ui), refresh_s=args.refresh,
-                     allowed_hosts=[host, *args.allowed_host])
+    app = create_app(
+        layout, prefect_ui_url(args.prefect_ui), refresh_s=args.refresh, allowed_hosts=[host, *args.allowed_host]
+    )
     shown = f"[{host}]" if ":" in host else host
-    print(f"renkei dashboard of region {layout.config.region!r} on http://{shown}:{args.port}/ "
-          f"(data folder {layout.data_dir}); Ctrl-C stops it", flush=True)
+    print(
+        f"renkei dashboard of region {layout.config.region!r} on http://{shown}:{args.port}/ "
+        f"(data folder {layout.data_dir}); Ctrl-C stops it",
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=args.port, log_level="warning")
     return 0

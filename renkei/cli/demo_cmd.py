@@ -31,8 +31,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default 1)")
     parser.add_argument("--ct-slices", type=int, default=100, metavar="N", help="slices per CT series (default 100)")
     parser.add_argument("--size", type=int, default=512, metavar="N", help="CT matrix size (default 512)")
-    parser.add_argument("--stable-age", type=float, default=5.0, metavar="S",
-                        help="seconds without a new instance before a study is complete (default 5 for the demo)")
+    parser.add_argument(
+        "--stable-age",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds without a new instance before a study is complete (default 5 for the demo)",
+    )
     parser.add_argument("--prefect-port", type=int, default=4200, metavar="PORT")
     parser.add_argument("--dashboard-port", type=int, default=8080, metavar="PORT")
     parser.add_argument("--hl7-port", type=int, default=2575, metavar="PORT")
@@ -45,9 +50,15 @@ def _demo(args: argparse.Namespace) -> int:
     options = DemoOptions(
         data_dir=resolve_data_dir(getattr(args, "data_dir", None)),
         config_path=Path(getattr(args, "config", None) or default_config_path()).resolve(),
-        patients=args.patients, seed=args.seed, ct_slices=args.ct_slices, size=args.size,
-        stable_age=args.stable_age, prefect_port=args.prefect_port, dashboard_port=args.dashboard_port,
-        hl7_port=args.hl7_port)
+        patients=args.patients,
+        seed=args.seed,
+        ct_slices=args.ct_slices,
+        size=args.size,
+        stable_age=args.stable_age,
+        prefect_port=args.prefect_port,
+        dashboard_port=args.dashboard_port,
+        hl7_port=args.hl7_port,
+    )
     demo = Demo(options, say=lambda text: print(text, flush=True))
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -62,10 +73,11 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"Dashboard:   {result.dashboard}")
         print(f"Logs:        {options.data_dir / 'logs'}")
         if not args.once:
-            print("\nThe region keeps running (edges, workers, Prefect, Orthanc, dashboard). Ctrl-C stops it.",
-                  flush=True)
+            print(
+                "\nThe region keeps running (edges, workers, Prefect, Orthanc, dashboard). Ctrl-C stops it.", flush=True
+            )
             try:
-                while not stop.wait(1):
+                while not stop.wait(1) and demo.runner is not None:
                     demo.runner.supervise(lambda text: print(text, flush=True))
             except KeyboardInterrupt:
                 pass

@@ -1,32 +1,35 @@
 """`renkei edge ...`: run a site's edge (DICOM node) and talk to its PACS.
 
-  renkei edge serve --site hub                      run the edge in the foreground
-  renkei edge status --site hub                     journal summary, studies in quarantine
-  renkei edge release --site hub STUDY_UID          end a study's quarantine (the next sync takes it)
-  renkei edge echo --site hub HUB_PACS              C-ECHO a peer
-  renkei edge send-to-pacs --site hub STUDY_UID     send a stored study to the site PACS
-  renkei edge pull --site hub --study-uid UID       have the PACS send studies to the edge
+renkei edge serve --site hub                      run the edge in the foreground
+renkei edge status --site hub                     journal summary, studies in quarantine
+renkei edge release --site hub STUDY_UID          end a study's quarantine (the next sync takes it)
+renkei edge echo --site hub HUB_PACS              C-ECHO a peer
+renkei edge send-to-pacs --site hub STUDY_UID     send a stored study to the site PACS
+renkei edge pull --site hub --study-uid UID       have the PACS send studies to the edge
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 import signal
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from renkei.cli.common import layout_of, print_json, print_table, when
 from renkei.display import size
+
+if TYPE_CHECKING:
+    from edge.region import RegionalEdge
+    from edge.server import EdgeServer
 
 ORDER = 20
 LOGGER = logging.getLogger("renkei.edge")
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = sub.add_parser("edge", help="run a site's edge node (DICOM) and talk to its PACS",
-                            parents=[common])
+    parser = sub.add_parser("edge", help="run a site's edge node (DICOM) and talk to its PACS", parents=[common])
     cmds = parser.add_subparsers(title="edge commands", metavar="ACTION")
 
     def site_parser(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -36,30 +39,43 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
     p = site_parser("serve", "run the edge in the foreground (Ctrl-C or SIGTERM stops it cleanly)")
     p.add_argument("--port", type=int, default=None, help="listen on this port instead of the configured one")
-    p.add_argument("--no-fsync", action="store_true",
-                   help="skip fsync (for benchmarks of the network path only: NOT durable)")
-    p.add_argument("--trigger", choices=("auto", "on", "off"), default="auto",
-                   help="start the site's sync_site deployment when a study is complete "
-                        "(auto: when PREFECT_API_URL is set)")
-    p.add_argument("--local-only", action="store_true",
-                   help="serve only this site's own store (no center-held studies, no sharing decision)")
+    p.add_argument(
+        "--no-fsync", action="store_true", help="skip fsync (for benchmarks of the network path only: NOT durable)"
+    )
+    p.add_argument(
+        "--trigger",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="start the site's sync_site deployment when a study is complete (auto: when PREFECT_API_URL is set)",
+    )
+    p.add_argument(
+        "--local-only",
+        action="store_true",
+        help="serve only this site's own store (no center-held studies, no sharing decision)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = site_parser("status", "journal summary: studies, instances, bytes, upload states, quarantine")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--stable-age", type=float, default=None,
-                   help="also list studies complete for this many seconds (default: the site's)")
+    p.add_argument(
+        "--stable-age",
+        type=float,
+        default=None,
+        help="also list studies complete for this many seconds (default: the site's)",
+    )
     p.set_defaults(func=cmd_status)
 
     p = site_parser("release", "end a study's quarantine after fixing its cause; the next sync run sends it again")
     p.add_argument("study_uid", metavar="STUDY_UID")
-    p.add_argument("--operator", default=None, metavar="NAME",
-                   help="who releases it, for the audit log (default: the login name)")
+    p.add_argument(
+        "--operator", default=None, metavar="NAME", help="who releases it, for the audit log (default: the login name)"
+    )
     p.set_defaults(func=cmd_release)
 
     p = site_parser("echo", "C-ECHO a DICOM peer from the edge's AE title")
-    p.add_argument("peer_ae", nargs="?", default=None, metavar="PEER_AE",
-                   help="AE title of the peer (default: the site's PACS)")
+    p.add_argument(
+        "peer_ae", nargs="?", default=None, metavar="PEER_AE", help="AE title of the peer (default: the site's PACS)"
+    )
     p.set_defaults(func=cmd_echo)
 
     p = site_parser("send-to-pacs", "send a study stored at the edge to the site's PACS")
@@ -92,22 +108,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         trigger = SyncTrigger(args.site).start()
         LOGGER.info("completed studies start the sync_site deployment of %s", args.site)
     on_complete = trigger.notify if trigger else None
+    server: EdgeServer | RegionalEdge
     if args.local_only:
-        server = EdgeServer(layout.config, args.site, store_dir, fsync=not args.no_fsync, port=args.port,
-                            on_study_complete=on_complete)
+        server = EdgeServer(
+            layout.config, args.site, store_dir, fsync=not args.no_fsync, port=args.port, on_study_complete=on_complete
+        )
         stop_all = server.stop
     else:
         from edge.region import RegionalEdge
 
-        regional = RegionalEdge(layout, args.site, on_study_complete=on_complete, fsync=not args.no_fsync,
-                                port=args.port)
+        regional = RegionalEdge(
+            layout, args.site, on_study_complete=on_complete, fsync=not args.no_fsync, port=args.port
+        )
         server, stop_all = regional, regional.stop
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         if not stop_requested.is_set():
-            LOGGER.info("signal %s: finishing associations in progress, then stopping",
-                        signal.Signals(signum).name)
+            LOGGER.info("signal %s: finishing associations in progress, then stopping", signal.Signals(signum).name)
             stop_requested.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -151,8 +169,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         "upload_states": summary.upload_states,
         "conflicts": summary.conflicts,
         "complete_pending_studies": complete,
-        "quarantined": [{"study_uid": q.study_uid, "since": _when(q.quarantined_at), "step": q.step,
-                         "reason": q.reason, "sop_instance_uids": list(q.sop_instance_uids)} for q in held],
+        "quarantined": [
+            {
+                "study_uid": q.study_uid,
+                "since": _when(q.quarantined_at),
+                "step": q.step,
+                "reason": q.reason,
+                "sop_instance_uids": list(q.sop_instance_uids),
+            }
+            for q in held
+        ],
         # the edge's last heartbeat, on the edge's own clock; completion is judged by its quiet clock
         "last_heartbeat": heartbeat,
         "stopped_cleanly": stopped_cleanly,
@@ -162,24 +188,50 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_json(data)
         return 0
     print(f"edge {site.edge.ae_title} (site {args.site}), store {store_dir}")
-    print_table([{
-        "studies": summary.studies, "instances": summary.instances,
-        "MB": round(summary.bytes / 1e6, 1), **summary.upload_states, "conflicts": summary.conflicts,
-        "quarantined": len(held),
-    }])
+    print_table(
+        [
+            {
+                "studies": summary.studies,
+                "instances": summary.instances,
+                "MB": round(summary.bytes / 1e6, 1),
+                **summary.upload_states,
+                "conflicts": summary.conflicts,
+                "quarantined": len(held),
+            }
+        ]
+    )
     print(f"\n{len(complete)} complete study(ies) with instances pending upload")
     if heartbeat is not None:
-        print(f"last heartbeat of the edge: {_when(heartbeat)} (its own clock)"
-              f"{'; stopped cleanly' if stopped_cleanly else ''}")
-    reserve = "none" if not disk["reserve_bytes"] else (
-        size(disk['reserve_bytes']) + " " + ("held" if disk["reserve_held"] else "RELEASED: the disk is full"))
-    print(f"disk: {size(disk['free_bytes'])} free, C-STORE refused below "
-          f"{size(disk['min_free_bytes'])}; journal reserve {reserve}")
+        print(
+            f"last heartbeat of the edge: {_when(heartbeat)} (its own clock)"
+            f"{'; stopped cleanly' if stopped_cleanly else ''}"
+        )
+    reserve = (
+        "none"
+        if not disk["reserve_bytes"]
+        else (size(disk["reserve_bytes"]) + " " + ("held" if disk["reserve_held"] else "RELEASED: the disk is full"))
+    )
+    print(
+        f"disk: {size(disk['free_bytes'])} free, C-STORE refused below "
+        f"{size(disk['min_free_bytes'])}; journal reserve {reserve}"
+    )
     if held:
-        print(f"\n{len(held)} study(ies) in quarantine: no sync sends them until released "
-              f"(fix the cause, then `renkei edge release --site {args.site} STUDY_UID`)")
-        print_table([{"study_uid": _one_line(q.study_uid), "since": _when(q.quarantined_at), "step": q.step,
-                      "bad_instances": len(q.sop_instance_uids), "reason": q.reason} for q in held])
+        print(
+            f"\n{len(held)} study(ies) in quarantine: no sync sends them until released "
+            f"(fix the cause, then `renkei edge release --site {args.site} STUDY_UID`)"
+        )
+        print_table(
+            [
+                {
+                    "study_uid": _one_line(q.study_uid),
+                    "since": _when(q.quarantined_at),
+                    "step": q.step,
+                    "bad_instances": len(q.sop_instance_uids),
+                    "reason": q.reason,
+                }
+                for q in held
+            ]
+        )
     return 0
 
 
@@ -190,8 +242,13 @@ def _disk(store_dir: Any, site: Any) -> dict[str, Any]:
     stat = os.statvfs(store_dir)
     total = stat.f_blocks * stat.f_frsize
     reserve, min_free = site.edge.disk.sizes_for(total)
-    return {"free_bytes": stat.f_bavail * stat.f_frsize, "total_bytes": total, "min_free_bytes": min_free,
-            "reserve_bytes": reserve, "reserve_held": (store_dir / RESERVE_NAME).exists()}
+    return {
+        "free_bytes": stat.f_bavail * stat.f_frsize,
+        "total_bytes": total,
+        "min_free_bytes": min_free,
+        "reserve_bytes": reserve,
+        "reserve_held": (store_dir / RESERVE_NAME).exists(),
+    }
 
 
 def cmd_release(args: argparse.Namespace) -> int:
@@ -208,10 +265,13 @@ def cmd_release(args: argparse.Namespace) -> int:
         released = journal.release_quarantine(args.study_uid, by=who)
         if released is None:
             held = ", ".join(_one_line(q.study_uid) for q in journal.quarantined()) or "none"
-            raise UsageError(f"study {_one_line(args.study_uid)} is not in quarantine at {args.site} "
-                             f"(in quarantine: {held})")
-        print(f"released study {_one_line(released.study_uid)} from quarantine at {args.site} "
-              f"(held since {_when(released.quarantined_at)}: {released.reason}); the next sync run sends it")
+            raise UsageError(
+                f"study {_one_line(args.study_uid)} is not in quarantine at {args.site} (in quarantine: {held})"
+            )
+        print(
+            f"released study {_one_line(released.study_uid)} from quarantine at {args.site} "
+            f"(held since {_when(released.quarantined_at)}: {released.reason}); the next sync run sends it"
+        )
         try:
             from renkei import transfer
             from renkei.runtime import open_catalog
@@ -255,8 +315,10 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     layout = layout_of(args)
     report = scu.send_study(layout.config, args.site, layout.edge_store(args.site), args.study_uid, args.peer)
-    print(f"sent study {report.study_uid} to {report.peer}: {report.sent} instance(s), "
-          f"{report.failed} failed, {report.seconds:.2f} s")
+    print(
+        f"sent study {report.study_uid} to {report.peer}: {report.sent} instance(s), "
+        f"{report.failed} failed, {report.seconds:.2f} s"
+    )
     return 0 if report.failed == 0 else 1
 
 
@@ -264,10 +326,18 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from edge import scu
 
     layout = layout_of(args)
-    report = scu.pull(layout.config, args.site, study_uid=args.study_uid, patient_id=args.patient_id,
-                      date_from=args.date_from, date_to=args.date_to)
-    print(f"pulled {len(report.studies)} study(ies) from {report.peer}: {report.completed} instance(s), "
-          f"{report.failed} failed, {report.seconds:.2f} s")
+    report = scu.pull(
+        layout.config,
+        args.site,
+        study_uid=args.study_uid,
+        patient_id=args.patient_id,
+        date_from=args.date_from,
+        date_to=args.date_to,
+    )
+    print(
+        f"pulled {len(report.studies)} study(ies) from {report.peer}: {report.completed} instance(s), "
+        f"{report.failed} failed, {report.seconds:.2f} s"
+    )
     for failure in report.failures:
         print(f"  {failure}")
     return 0 if not report.failures and report.failed == 0 else 1

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import os
+import pkgutil
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import renkei
 import renkei.cli
@@ -80,13 +80,22 @@ def describe_failure(exc: BaseException) -> str:
         current = current.__cause__ or current.__context__
     names = " ".join(type(e).__name__ for e in chain)
     text = " ".join(str(e) for e in chain)
-    if "ConnectError" in names or "ConnectionRefused" in names or "Connection refused" in text \
-            or "All connection attempts failed" in text:
+    if (
+        "ConnectError" in names
+        or "ConnectionRefused" in names
+        or "Connection refused" in text
+        or "All connection attempts failed" in text
+    ):
         api = os.environ.get("PREFECT_API_URL", "")
-        what = f"the Prefect API at {api}" if api and "prefect" in repr(type(exc)).lower() + text.lower() else \
-            "a server this command needs"
-        return (f"cannot reach {what}: connection refused; start it (e.g. `renkei server`) or check "
-                "PREFECT_API_URL and the addresses in the config (run with -v for details)")
+        what = (
+            f"the Prefect API at {api}"
+            if api and "prefect" in repr(type(exc)).lower() + text.lower()
+            else "a server this command needs"
+        )
+        return (
+            f"cannot reach {what}: connection refused; start it (e.g. `renkei server`) or check "
+            "PREFECT_API_URL and the addresses in the config (run with -v for details)"
+        )
     if "Timeout" in names:
         return f"a server did not answer in time ({type(exc).__name__}); check the network and retry (-v: details)"
     message = str(exc).splitlines()[0][:300] if str(exc) else ""

@@ -25,34 +25,49 @@ RUN_TAG = "renkei"  # the tag of renkei's deployments (prefect.yaml): the automa
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("server", parents=[common], help="run a local Prefect server (API and UI) on loopback",
-                       description="Run Prefect's server for this region on 127.0.0.1, its database under "
-                       "the data folder. For a region on several machines, run it on PostgreSQL "
-                       "(docs/operations.md).")
+    p = sub.add_parser(
+        "server",
+        parents=[common],
+        help="run a local Prefect server (API and UI) on loopback",
+        description="Run Prefect's server for this region on 127.0.0.1, its database under "
+        "the data folder. For a region on several machines, run it on PostgreSQL "
+        "(docs/operations.md).",
+    )
     p.add_argument("--port", type=int, default=4200, help="HTTP port of the API and UI (default 4200)")
     p.set_defaults(func=_server)
 
-    p = sub.add_parser("deploy", parents=[common], help="create the work pools and deployments (prefect.yaml)",
-                       description="Create a process work pool per site and one for the center, apply "
-                       "prefect.yaml (prefect deploy --all), and the automation that marks a run without "
-                       "heartbeats Crashed (so a killed run frees its site's slot). Needs PREFECT_API_URL.")
+    p = sub.add_parser(
+        "deploy",
+        parents=[common],
+        help="create the work pools and deployments (prefect.yaml)",
+        description="Create a process work pool per site and one for the center, apply "
+        "prefect.yaml (prefect deploy --all), and the automation that marks a run without "
+        "heartbeats Crashed (so a killed run frees its site's slot). Needs PREFECT_API_URL.",
+    )
     p.add_argument("--prefect-file", default=str(REPO / "prefect.yaml"), metavar="FILE")
     p.set_defaults(func=_deploy)
 
-    p = sub.add_parser("worker", parents=[common], help="run a site's (or the center's) Prefect worker",
-                       description="Run the Prefect worker of a site's work pool, so that its flows run at "
-                       "the site (next to its edge). Stop with Ctrl-C.")
+    p = sub.add_parser(
+        "worker",
+        parents=[common],
+        help="run a site's (or the center's) Prefect worker",
+        description="Run the Prefect worker of a site's work pool, so that its flows run at "
+        "the site (next to its edge). Stop with Ctrl-C.",
+    )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--site", metavar="ID", help="site id")
     who.add_argument("--center", action="store_true", help="the center's pool")
     p.add_argument("--limit", type=int, default=4, help="flow runs at once (default 4)")
     p.set_defaults(func=_worker)
 
-    parser = sub.add_parser("server-db", parents=[common], help="back up or restore the Prefect server's "
-                            "database (deployments, schedules, pools, run history)",
-                            description="Back up or restore the Prefect server's database: renkei server's "
-                            "SQLite file under the data folder, or the PostgreSQL database of "
-                            "PREFECT_API_DATABASE_CONNECTION_URL (pg_dump/pg_restore).")
+    parser = sub.add_parser(
+        "server-db",
+        parents=[common],
+        help="back up or restore the Prefect server's database (deployments, schedules, pools, run history)",
+        description="Back up or restore the Prefect server's database: renkei server's "
+        "SQLite file under the data folder, or the PostgreSQL database of "
+        "PREFECT_API_DATABASE_CONNECTION_URL (pg_dump/pg_restore).",
+    )
     cmds = parser.add_subparsers(title="server-db commands", metavar="ACTION")
     b = cmds.add_parser("backup", parents=[common], help="write a consistent copy (while the server runs)")
     b.add_argument("--to", required=True, metavar="FILE", help="the backup file to write")
@@ -63,8 +78,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _db_summary(held: dict[str, int]) -> str:
-    return ", ".join(f"{n} {table.replace('_', ' ')}{'s' if n != 1 else ''}" for table, n in held.items()) or \
-        "(PostgreSQL dump)"
+    return (
+        ", ".join(f"{n} {table.replace('_', ' ')}{'s' if n != 1 else ''}" for table, n in held.items())
+        or "(PostgreSQL dump)"
+    )
 
 
 def _db_backup(args: argparse.Namespace) -> int:
@@ -81,8 +98,10 @@ def _db_restore(args: argparse.Namespace) -> int:
 
     layout = layout_of(args)
     held = prefect_db.restore(layout, Path(args.file))
-    print(f"restored {prefect_db.database(layout).shown()} from {args.file}: {_db_summary(held)}; "
-          "start the server again (renkei server)")
+    print(
+        f"restored {prefect_db.database(layout).shown()} from {args.file}: {_db_summary(held)}; "
+        "start the server again (renkei server)"
+    )
     return 0
 
 
@@ -121,9 +140,14 @@ def _server(args: argparse.Namespace) -> int:
         # SQLite has one writer: a busy machine held the lock past Prefect's 10 s and the server answered
         # "database is locked" (lost heartbeats, an admission's run not created within a minute); wait instead
         env.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", str(SQLITE_BUSY_TIMEOUT_S))
-    env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": "127.0.0.1",
-                "PREFECT_SERVER_API_PORT": str(args.port),
-                "PREFECT_UI_API_URL": f"http://127.0.0.1:{args.port}/api"})
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(args.port),
+            "PREFECT_UI_API_URL": f"http://127.0.0.1:{args.port}/api",
+        }
+    )
     print(f"Prefect UI and API on http://127.0.0.1:{args.port} (database in {home})", flush=True)
     os.execve(_prefect(), [_prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(args.port)], env)
     return 0
@@ -166,8 +190,8 @@ def crash_automation(within_s: float = CRASH_AFTER_S, tag: str = RUN_TAG):  # ->
     return AutomationCore(
         name=CRASH_AUTOMATION,
         description=f"A flow run of a deployment tagged {tag!r} that sent no heartbeat for {within_s:.0f} s "
-                    "(its process was killed or its machine stopped) is marked Crashed, which frees its "
-                    "deployment's concurrency slot. Created by `renkei deploy`.",
+        "(its process was killed or its machine stopped) is marked Crashed, which frees its "
+        "deployment's concurrency slot. Created by `renkei deploy`.",
         enabled=True,
         trigger=EventTrigger(
             match={"prefect.resource.id": "prefect.flow-run.*"},
@@ -179,10 +203,13 @@ def crash_automation(within_s: float = CRASH_AFTER_S, tag: str = RUN_TAG):  # ->
             threshold=1,
             within=timedelta(seconds=within_s),
         ),
-        actions=[ChangeFlowRunState(
-            state=StateType.CRASHED,
-            message=f"no heartbeat for {within_s:.0f} s: the run's process is gone (marked by the automation "
-                    f"{CRASH_AUTOMATION!r}); the site's next run finishes its work")],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {within_s:.0f} s: the run's process is gone (marked by the automation "
+                f"{CRASH_AUTOMATION!r}); the site's next run finishes its work",
+            )
+        ],
     )
 
 
@@ -211,18 +238,27 @@ def _deploy(args: argparse.Namespace) -> int:
 
     problems = deployment_problems(layout.config, args.prefect_file)
     if problems:
-        raise UsageError(f"the deployments in {args.prefect_file} do not match the sites of the configuration:\n  "
-                         + "\n  ".join(problems))
+        raise UsageError(
+            f"the deployments in {args.prefect_file} do not match the sites of the configuration:\n  "
+            + "\n  ".join(problems)
+        )
     created = ensure_pools(list(layout.config.site_ids))
     print(f"work pools: {', '.join(created) or 'all present'}")
-    proc = subprocess.run([_prefect(), "--no-prompt", "deploy", "--all", "--prefect-file", args.prefect_file],
-                          cwd=REPO, env=prefect_env(args), capture_output=True, text=True)
+    proc = subprocess.run(
+        [_prefect(), "--no-prompt", "deploy", "--all", "--prefect-file", args.prefect_file],
+        cwd=REPO,
+        env=prefect_env(args),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise UsageError(f"prefect deploy failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     print("deployments applied from", args.prefect_file)
     ensure_crash_detection()
-    print(f"automation {CRASH_AUTOMATION!r}: a run silent for {CRASH_AFTER_S} s is marked Crashed "
-          "(its site's slot is freed)")
+    print(
+        f"automation {CRASH_AUTOMATION!r}: a run silent for {CRASH_AFTER_S} s is marked Crashed "
+        "(its site's slot is freed)"
+    )
     return 0
 
 
@@ -232,8 +268,10 @@ def worker_command(site: str | None, limit: int = 4) -> list[str]:
 
 def _worker(args: argparse.Namespace) -> int:
     if not os.environ.get("PREFECT_API_URL"):
-        raise UsageError("set PREFECT_API_URL to the Prefect server's API (e.g. http://127.0.0.1:4200/api): "
-                         "the worker takes its runs from there")
+        raise UsageError(
+            "set PREFECT_API_URL to the Prefect server's API (e.g. http://127.0.0.1:4200/api): "
+            "the worker takes its runs from there"
+        )
     layout = layout_of(args)
     if args.site:
         layout.config.site(args.site)

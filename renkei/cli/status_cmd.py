@@ -16,21 +16,36 @@ ORDER = 15
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("status", parents=[common], help="what needs action: stopped edges, failed or late runs, "
-                       "an old backup verification... (exit 1 when anything does)",
-                       description="Check the region and list what needs action, each with its cause and what "
-                       "to do. Exits 1 when something needs action (for monitoring), 0 when all is well.")
+    p = sub.add_parser(
+        "status",
+        parents=[common],
+        help="what needs action: stopped edges, failed or late runs, "
+        "an old backup verification... (exit 1 when anything does)",
+        description="Check the region and list what needs action, each with its cause and what "
+        "to do. Exits 1 when something needs action (for monitoring), 0 when all is well.",
+    )
     p.add_argument("--json", action="store_true")
-    p.add_argument("--notify", action="store_true", help="also notify the receivers of alerts.notify of each "
-                   "new problem (once per problem; see renkei watch)")
+    p.add_argument(
+        "--notify",
+        action="store_true",
+        help="also notify the receivers of alerts.notify of each new problem (once per problem; see renkei watch)",
+    )
     p.set_defaults(func=_status)
-    w = sub.add_parser("watch", parents=[common], help="check the region every few minutes and notify "
-                       "(webhook, e-mail...) when something needs action",
-                       description="Run `renkei status` every alerts.every_s seconds and notify the receivers "
-                       "of alerts.notify (Apprise URLs) once per new problem, and when it is resolved. Run it "
-                       "as a service at the center, apart from Prefect, so that a stopped Prefect is reported.")
-    w.add_argument("--every", type=float, default=None, metavar="SECONDS",
-                   help="seconds between checks (default: alerts.every_s of the configuration)")
+    w = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="check the region every few minutes and notify (webhook, e-mail...) when something needs action",
+        description="Run `renkei status` every alerts.every_s seconds and notify the receivers "
+        "of alerts.notify (Apprise URLs) once per new problem, and when it is resolved. Run it "
+        "as a service at the center, apart from Prefect, so that a stopped Prefect is reported.",
+    )
+    w.add_argument(
+        "--every",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between checks (default: alerts.every_s of the configuration)",
+    )
     w.add_argument("--once", action="store_true", help="one check, then exit (1 if something needs action)")
     w.set_defaults(func=_watch)
 
@@ -51,9 +66,13 @@ def _watch(args: argparse.Namespace) -> int:
 
     def report(result: Round) -> None:
         last["needs"] = result.status.needs_action
-        print(f"{when(dt.datetime.fromisoformat(result.status.checked_at))}: {len(result.status.problems)} need action; notified "
-              f"{len(result.notified)} new, {len(result.resolved)} resolved"
-              + (f", {len(result.failed)} could not be sent" if result.failed else ""), flush=True)
+        print(
+            f"{when(dt.datetime.fromisoformat(result.status.checked_at))}: "
+            f"{len(result.status.problems)} need action; notified "
+            f"{len(result.notified)} new, {len(result.resolved)} resolved"
+            + (f", {len(result.failed)} could not be sent" if result.failed else ""),
+            flush=True,
+        )
 
     try:
         watch(layout, args.every, rounds=1 if args.once else None, report=report)
@@ -74,8 +93,10 @@ def _status(args: argparse.Namespace) -> int:
 
         urls = alert_urls(layout)
         if not urls:
-            raise UsageError("--notify: nobody to notify: add Apprise URLs under alerts.notify in the region's "
-                             f"configuration, or in {layout.config.alerts.notify_env}")
+            raise UsageError(
+                "--notify: nobody to notify: add Apprise URLs under alerts.notify in the region's "
+                f"configuration, or in {layout.config.alerts.notify_env}"
+            )
         check_and_notify(layout, Sender(urls), status=status)
     if args.json:
         print_json(status.to_dict())

@@ -28,12 +28,22 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
     parser.add_argument("--ct-slices", type=int, default=100, metavar="N", help="slices per CT series (default 100)")
-    parser.add_argument("--mr-slices", type=int, default=None, metavar="N",
-                        help="slices per MR series (default: CT slices / 4, at least 3)")
-    parser.add_argument("--size", type=int, default=512, metavar="N",
-                        help="CT matrix N x N (default 512; MR N/2, radiographs up to 4N)")
-    parser.add_argument("--modalities", default="CT,MR,CR", metavar="LIST",
-                        help="comma-separated modalities among CT, MR, CR, DX (default CT,MR,CR)")
+    parser.add_argument(
+        "--mr-slices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="slices per MR series (default: CT slices / 4, at least 3)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=512, metavar="N", help="CT matrix N x N (default 512; MR N/2, radiographs up to 4N)"
+    )
+    parser.add_argument(
+        "--modalities",
+        default="CT,MR,CR",
+        metavar="LIST",
+        help="comma-separated modalities among CT, MR, CR, DX (default CT,MR,CR)",
+    )
     parser.add_argument("--json", action="store_true", help="print the studies written as JSON")
     parser.set_defaults(func=_synth)
 
@@ -65,25 +75,41 @@ def _synth(args: argparse.Namespace) -> int:
     results = []
     for site_id in site_ids:
         target = out / site_id if args.site == "all" else out
-        results.append(synth.generate_site(
-            config, site_id, args.patients, args.seed, target,
-            ct_slices=args.ct_slices, mr_slices=args.mr_slices, size=args.size, modalities=modalities,
-        ))
+        results.append(
+            synth.generate_site(
+                config,
+                site_id,
+                args.patients,
+                args.seed,
+                target,
+                ct_slices=args.ct_slices,
+                mr_slices=args.mr_slices,
+                size=args.size,
+                modalities=modalities,
+            )
+        )
     elapsed = time.monotonic() - started
 
     if args.json:
-        print_json([
-            {
-                "site": r.site_id,
-                "out_dir": str(r.out_dir),
-                "studies": [
-                    {**s.info.to_dict(), "series": s.series_count, "instances": s.instance_count,
-                     "bytes": s.bytes_written, "directory": str(s.directory)}
-                    for s in r.studies
-                ],
-            }
-            for r in results
-        ])
+        print_json(
+            [
+                {
+                    "site": r.site_id,
+                    "out_dir": str(r.out_dir),
+                    "studies": [
+                        {
+                            **s.info.to_dict(),
+                            "series": s.series_count,
+                            "instances": s.instance_count,
+                            "bytes": s.bytes_written,
+                            "directory": str(s.directory),
+                        }
+                        for s in r.studies
+                    ],
+                }
+                for r in results
+            ]
+        )
         return 0
     rows = [
         {

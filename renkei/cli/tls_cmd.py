@@ -1,10 +1,10 @@
 """`renkei tls ...`: the region CA and the certificates of its DICOM nodes (mutual TLS).
 
-  renkei tls init-ca                          create the region CA in <data>/pki
-  renkei tls issue --site hub                 the hub's edge certificate (its host in the SAN)
-  renkei tls issue --site hub --ae HUB_PACS   a certificate for one AE title of the site
-  renkei tls issue-all                        every edge, PACS and workstation of the region
-  renkei tls show FILE                        who a certificate speaks for, issuer, expiry
+renkei tls init-ca                          create the region CA in <data>/pki
+renkei tls issue --site hub                 the hub's edge certificate (its host in the SAN)
+renkei tls issue --site hub --ae HUB_PACS   a certificate for one AE title of the site
+renkei tls issue-all                        every edge, PACS and workstation of the region
+renkei tls show FILE                        who a certificate speaks for, issuer, expiry
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 from renkei.cli.common import config_of, print_json
 from renkei.config import RegionConfig, SiteConfig, resolve_data_dir
@@ -22,43 +23,69 @@ EDGE_NAME = "edge"
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = sub.add_parser("tls", help="region CA and certificates for DICOM TLS", parents=[common],
-                            description="Create the region's certificate authority and the certificates "
-                                        "of its edges, PACS and workstations, for mutual TLS.")
+    parser = sub.add_parser(
+        "tls",
+        help="region CA and certificates for DICOM TLS",
+        parents=[common],
+        description="Create the region's certificate authority and the certificates "
+        "of its edges, PACS and workstations, for mutual TLS.",
+    )
     cmds = parser.add_subparsers(title="tls commands", metavar="ACTION")
 
     def ca_dir_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--ca-dir", default=None, metavar="DIR",
-                       help="folder of ca.pem and ca.key (default: <data-dir>/pki)")
+        p.add_argument(
+            "--ca-dir", default=None, metavar="DIR", help="folder of ca.pem and ca.key (default: <data-dir>/pki)"
+        )
 
-    p = cmds.add_parser("init-ca", parents=[common], help="create the region CA (once per region)",
-                        description="Create the region CA: ca.pem (install it everywhere) and ca.key "
-                                    "(keep it on the operator's machine only).")
+    p = cmds.add_parser(
+        "init-ca",
+        parents=[common],
+        help="create the region CA (once per region)",
+        description="Create the region CA: ca.pem (install it everywhere) and ca.key "
+        "(keep it on the operator's machine only).",
+    )
     p.add_argument("--dir", default=None, metavar="DIR", help="where to write it (default: <data-dir>/pki)")
     p.add_argument("--days", type=int, default=3650, help="validity in days (default: 3650)")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing CA (every certificate it issued must then be re-issued)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing CA (every certificate it issued must then be re-issued)",
+    )
     p.set_defaults(func=cmd_init_ca)
 
-    p = cmds.add_parser("issue", parents=[common], help="issue the certificate of a site's edge or of one AE title",
-                        description="Without --ae: a site certificate (CN site:<id>) for the site's edge, "
-                                    "with the edge's host in its subjectAltName. With --ae: a certificate for "
-                                    "that AE title only (the site's edge, PACS or a workstation).")
+    p = cmds.add_parser(
+        "issue",
+        parents=[common],
+        help="issue the certificate of a site's edge or of one AE title",
+        description="Without --ae: a site certificate (CN site:<id>) for the site's edge, "
+        "with the edge's host in its subjectAltName. With --ae: a certificate for "
+        "that AE title only (the site's edge, PACS or a workstation).",
+    )
     p.add_argument("--site", required=True, metavar="SITE", help="site id from the configuration")
     p.add_argument("--ae", default=None, metavar="AE_TITLE", help="an AE title of that site")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <ca-dir>/<site>)")
-    p.add_argument("--host", action="append", default=[], metavar="HOST",
-                   help="another DNS name or IP address for the subjectAltName; repeat for several")
-    p.add_argument("--name", default=None, metavar="NAME",
-                   help="file name without extension (default: 'edge', or the AE title)")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="another DNS name or IP address for the subjectAltName; repeat for several",
+    )
+    p.add_argument(
+        "--name", default=None, metavar="NAME", help="file name without extension (default: 'edge', or the AE title)"
+    )
     p.add_argument("--days", type=int, default=825, help="validity in days (default: 825)")
     ca_dir_arg(p)
     p.set_defaults(func=cmd_issue)
 
-    p = cmds.add_parser("issue-all", parents=[common], help="issue every edge, PACS and workstation certificate",
-                        description="For every site: <dir>/<site>/edge.pem|.key (its site certificate) and "
-                                    "<dir>/<site>/<AE>.pem|.key for its PACS and each workstation. "
-                                    "Existing files are replaced (renewal).")
+    p = cmds.add_parser(
+        "issue-all",
+        parents=[common],
+        help="issue every edge, PACS and workstation certificate",
+        description="For every site: <dir>/<site>/edge.pem|.key (its site certificate) and "
+        "<dir>/<site>/<AE>.pem|.key for its PACS and each workstation. "
+        "Existing files are replaced (renewal).",
+    )
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <ca-dir>)")
     p.add_argument("--days", type=int, default=825, help="validity in days (default: 825)")
     ca_dir_arg(p)
@@ -96,8 +123,10 @@ def cmd_init_ca(args: argparse.Namespace) -> int:
 def _check_ae(config: RegionConfig, site: SiteConfig, ae_title: str) -> None:
     owner = config.site_of_ae(ae_title)
     if owner is None:
-        raise UsageError(f"unknown AE title {ae_title!r}: not the edge, PACS or a workstation of any site "
-                         f"in the configuration (site {site.id} has: {', '.join(_site_aes(site))})")
+        raise UsageError(
+            f"unknown AE title {ae_title!r}: not the edge, PACS or a workstation of any site "
+            f"in the configuration (site {site.id} has: {', '.join(_site_aes(site))})"
+        )
     if owner.id != site.id:
         raise UsageError(f"AE title {ae_title!r} belongs to site {owner.id!r}, not {site.id!r}")
 
@@ -117,11 +146,18 @@ def cmd_issue(args: argparse.Namespace) -> int:
         _check_ae(config, site, args.ae)
         peer = config.peer(args.ae)
         hosts = [peer.host] if peer else []
-        cert, key = pki.issue(ca_dir, out, site_id=site.id, ae_title=args.ae, hosts=[*hosts, *args.host],
-                              days=args.days, name=args.name)
+        cert, key = pki.issue(
+            ca_dir, out, site_id=site.id, ae_title=args.ae, hosts=[*hosts, *args.host], days=args.days, name=args.name
+        )
     else:
-        cert, key = pki.issue(ca_dir, out, site_id=site.id, hosts=[site.edge.host, *args.host],
-                              days=args.days, name=args.name or EDGE_NAME)
+        cert, key = pki.issue(
+            ca_dir,
+            out,
+            site_id=site.id,
+            hosts=[site.edge.host, *args.host],
+            days=args.days,
+            name=args.name or EDGE_NAME,
+        )
     _print_issued(cert, key)
     _next_steps(ca_dir, [(site, cert, key)] if args.ae is None else [], [(args.ae, cert, key)] if args.ae else [])
     return 0
@@ -140,8 +176,9 @@ def cmd_issue_all(args: argparse.Namespace) -> int:
         _print_issued(cert, key)
         edges.append((site, cert, key))
         for peer in ([site.pacs] if site.pacs else []) + list(site.workstations):
-            cert, key = pki.issue(ca_dir, out, site_id=site.id, ae_title=peer.ae_title, hosts=[peer.host],
-                                  days=args.days)
+            cert, key = pki.issue(
+                ca_dir, out, site_id=site.id, ae_title=peer.ae_title, hosts=[peer.host], days=args.days
+            )
             _print_issued(cert, key)
             aes.append((peer.ae_title, cert, key))
     _next_steps(ca_dir, edges, aes[:1])
@@ -152,8 +189,11 @@ def _print_issued(cert: Path, key: Path) -> None:
     from renkei import pki
 
     identity = pki.identities_of(pki.load_certificate(cert))
-    who = (f"AE {', '.join(sorted(identity.ae_titles))} of site {', '.join(sorted(identity.ae_sites))}"
-           if identity.ae_titles else f"site {', '.join(sorted(identity.sites))}")
+    who = (
+        f"AE {', '.join(sorted(identity.ae_titles))} of site {', '.join(sorted(identity.ae_sites))}"
+        if identity.ae_titles
+        else f"site {', '.join(sorted(identity.sites))}"
+    )
     print(f"{who}: {cert}  {key}")
 
 
@@ -192,11 +232,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         is_ca = False
-    now = dt.datetime.now(dt.timezone.utc)
-    data = {
+    now = dt.datetime.now(dt.UTC)
+    data: dict[str, Any] = {
         "file": str(args.file),
-        "kind": "CA" if is_ca else ("AE certificate" if identity.ae_titles else
-                                    "site certificate" if identity.sites else "unknown"),
+        "kind": "CA"
+        if is_ca
+        else ("AE certificate" if identity.ae_titles else "site certificate" if identity.sites else "unknown"),
         "ae_titles": sorted(identity.ae_titles),
         "sites": sorted(identity.sites),
         "ae_sites": sorted(identity.ae_sites),

@@ -11,11 +11,15 @@ ORDER = 40
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("units", parents=[common], help="write the systemd units of the center or of a site",
-                       description="Write the systemd units that run renkei on one machine: --center (Prefect "
-                       "server, center worker, dashboard, alert watcher) or --site ID (edge, worker, and with "
-                       "--hl7-port the HL7 listener). Then: cp the files to /etc/systemd/system, "
-                       "systemctl daemon-reload, systemctl enable --now renkei-....")
+    p = sub.add_parser(
+        "units",
+        parents=[common],
+        help="write the systemd units of the center or of a site",
+        description="Write the systemd units that run renkei on one machine: --center (Prefect "
+        "server, center worker, dashboard, alert watcher) or --site ID (edge, worker, and with "
+        "--hl7-port the HL7 listener). Then: cp the files to /etc/systemd/system, "
+        "systemctl daemon-reload, systemctl enable --now renkei-....",
+    )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--center", action="store_true", help="the center's machine")
     who.add_argument("--site", metavar="ID", help="a site's machine")
@@ -48,7 +52,9 @@ def _units(args: argparse.Namespace) -> int:
         (out / unit.name).write_text(unit.text, encoding="utf-8")
     (out / "renkei.env.example").write_text(units.env_file_example(install), encoding="utf-8")
     print(f"wrote {len(made)} units to {out}: {', '.join(u.name for u in made)} (and renkei.env.example)")
-    print(f"install: useradd --system {install.user}; chown -R {install.user} {install.data_dir}; "
-          f"cp {out}/*.service /etc/systemd/system/; systemctl daemon-reload; "
-          f"systemctl enable --now {' '.join(u.name for u in made)}")
+    print(
+        f"install: useradd --system {install.user}; chown -R {install.user} {install.data_dir}; "
+        f"cp {out}/*.service /etc/systemd/system/; systemctl daemon-reload; "
+        f"systemctl enable --now {' '.join(u.name for u in made)}"
+    )
     return 0
