@@ -40,7 +40,7 @@ def test_kill_9_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
         with open(sender_log, "wb") as out:
             sender = subprocess.Popen(
                 [
-                    "storescu",
+                    peers.require_program("storescu", "dcmtk"),  # dcmtk's, not a venv's pynetdicom one
                     "-v",
                     "-aet",
                     "STORESCU",
@@ -122,7 +122,7 @@ def test_sigterm_lets_the_association_in_progress_finish(tmp_path: Path) -> None
         with open(sender_log, "wb") as out:
             sender = subprocess.Popen(
                 [
-                    "storescu",
+                    peers.require_program("storescu", "dcmtk"),  # dcmtk's, not a venv's pynetdicom one
                     "-v",
                     "-aet",
                     "STORESCU",
