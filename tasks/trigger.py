@@ -19,13 +19,14 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
+from renkei.deployments import flow_deployment
+
 log = logging.getLogger("renkei.trigger")
 
 
 def deployment_name(flow_name: str, site: str | None = None) -> str:
-    """`flow/deployment` as prefect.yaml names them: sync_site/sync-hub, deliver/deliver-clinic-c..."""
-    short = {"sync_site": "sync", "fetch_priors": "fetch-priors", "deliver": "deliver"}.get(flow_name, flow_name)
-    return f"{flow_name}/{short}-{site}" if site else f"{flow_name}/{flow_name.replace('_', '-')}"
+    """`flow/deployment` as renkei.deployments names them: sync_site/sync-hub, deliver/deliver-clinic-c..."""
+    return flow_deployment(flow_name, site)
 
 
 def start_run(

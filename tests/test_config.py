@@ -144,7 +144,17 @@ def test_config_check_finds_a_site_without_deployments(tmp_path: Path, capsys: p
     extra.pop("pacs", None)
     raw["sites"].append(extra)
     path = _write(tmp_path, raw)
-    assert main(["config", "check", str(path)]) == 2
+    # the deployments renkei deploy applies are generated from the sites: the new one has its own
+    assert main(["config", "check", str(path)]) == 0
+    assert "the deployments match its sites" in capsys.readouterr().out
+    assert main(["deployments", "--config", str(path)]) == 0
+    generated = yaml.safe_load(capsys.readouterr().out)
+    mine = {d["name"]: d for d in generated["deployments"] if d.get("parameters", {}).get("site") == "clinic-d"}
+    assert set(mine) == {"sync-clinic-d", "deliver-clinic-d", "fetch-priors-clinic-d"}
+    assert {d["work_pool"]["name"] for d in mine.values()} == {"renkei-clinic-d"}
+    assert mine["sync-clinic-d"]["schedules"] and mine["sync-clinic-d"]["concurrency_limit"]["limit"] == 1
+    # a hand-made prefect.yaml (the example's) lacks it, and config check says so
+    assert main(["config", "check", "--prefect-file", str(REPO / "prefect.yaml"), str(path)]) == 2
     err = capsys.readouterr().err
     assert "deployment sync-clinic-d is missing" in err and "renkei-clinic-d" in err
     assert "Traceback" not in err
@@ -175,3 +185,10 @@ def test_config_check_refuses_an_alert_url_apprise_cannot_use(
     assert main(["config", "check", str(path)]) == 2
     err = capsys.readouterr().err
     assert "nosuchscheme://..." in err and "secret" not in err and "Traceback" not in err
+
+
+def test_the_checked_in_prefect_yaml_is_the_example_region_generated(capsys: pytest.CaptureFixture[str]) -> None:
+    """prefect.yaml is generated (renkei deployments --write prefect.yaml); nobody edits it by hand."""
+    code = main(["deployments", "--config", str(EXAMPLE_CONFIG), "--check", str(REPO / "prefect.yaml")])
+    out = capsys.readouterr()
+    assert code == 0, out.err + "\nregenerate: renkei deployments --config examples/nagasaki.yaml --write prefect.yaml"

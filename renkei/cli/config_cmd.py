@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from renkei.cli.common import default_config_path, print_json, print_table
 from renkei.config import RegionConfig, load_config
@@ -26,26 +27,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--prefect-file",
         metavar="FILE",
         default=None,
-        help="the deployments to check against the sites (default: prefect.yaml of the checkout)",
+        help="a prefect.yaml to check against the sites (default: the deployments generated from the "
+        "configuration, which `renkei deploy` applies)",
     )
     check.add_argument(
         "--no-deployments", action="store_true", help="check the configuration alone, not the deployments"
     )
     check.set_defaults(func=_check)
-
-
-SITE_DEPLOYMENTS = {
-    "sync": "flows/sync_site.py:sync_site",
-    "deliver": "flows/deliver.py:deliver",
-    "fetch-priors": "flows/fetch_priors.py:fetch_priors",
-}
-CENTER_DEPLOYMENTS = {
-    "publish": "flows/publish.py:publish",
-    "verify-backups": "flows/verify_backups.py:verify_backups",
-    "compact-catalog": "flows/maintenance.py:compact_catalog",
-    "backup-catalog": "flows/maintenance.py:backup_catalog",
-}
-SCHEDULED = ("sync", "verify-backups", "compact-catalog", "backup-catalog")
 
 
 def deployment_problems(config: RegionConfig, prefect_file: str) -> list[str]:
@@ -86,12 +74,12 @@ def deployment_problems(config: RegionConfig, prefect_file: str) -> list[str]:
         if scheduled and not dep.get("schedules"):
             problems.append(f"deployment {name} has no schedule: nothing would start it when nobody does")
 
-    for site in config.site_ids:
-        for short, entrypoint in SITE_DEPLOYMENTS.items():
-            expect(f"{short}-{site}", entrypoint, f"renkei-{site}", site, short in SCHEDULED)
-    for name, entrypoint in CENTER_DEPLOYMENTS.items():
-        expect(name, entrypoint, "renkei-center", None, name in SCHEDULED)
-    known = {f"{short}-{site}" for site in config.site_ids for short in SITE_DEPLOYMENTS} | set(CENTER_DEPLOYMENTS)
+    from renkei.deployments import expected
+
+    wanted = expected(config)
+    for e in wanted:
+        expect(e.name, e.kind.entrypoint, e.pool, e.site, e.kind.schedule is not None)
+    known = {e.name for e in wanted}
     for dep_name, dep in deployments.items():
         dep_site: str | None = (dep.get("parameters") or {}).get("site")
         if dep_name not in known and (dep_site is None or dep_site not in config.site_ids):
@@ -113,10 +101,18 @@ def _check(args: argparse.Namespace) -> int:
 
         Sender(list(config.alerts.notify))  # a URL Apprise cannot send to is a mistake to say now
     if not args.no_deployments:
-        from renkei.regionrun import REPO
+        import tempfile
 
-        prefect_file = args.prefect_file or str(REPO / "prefect.yaml")
-        problems = deployment_problems(config, prefect_file)
+        from renkei.deployments import render
+
+        with tempfile.TemporaryDirectory() as tmp:
+            prefect_file = args.prefect_file
+            if prefect_file is None:  # what `renkei deploy` would apply, checked like a hand-made file
+                prefect_file = str(Path(tmp) / "prefect.yaml")
+                Path(prefect_file).write_text(render(config, str(path)), encoding="utf-8")
+            problems = deployment_problems(config, prefect_file)
+            if args.prefect_file is None:
+                prefect_file = "the deployments generated from it"
         if problems:
             raise UsageError(
                 f"{path} is valid, but the deployments in {prefect_file} do not match its sites:\n  "

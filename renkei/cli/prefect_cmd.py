@@ -8,7 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from renkei.cli.common import default_config_path, layout_of
+from renkei.cli.common import config_of, default_config_path, layout_of
+from renkei.deployments import HEARTBEAT_S, RUN_TAG, pool_name
 from renkei.errors import UsageError
 
 ORDER = 30
@@ -17,11 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 # A run whose process died (kill -9 of the worker and the flow, a power cut) stops sending heartbeats; the
 # automation below marks it Crashed, which frees its deployment's concurrency slot (a site's sync: limit 1).
 # Without it Prefect keeps it "Running" and holds the slot until its lease expires (renewed for 300 s at a time).
-HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of renkei's flow runs (Prefect's minimum; prefect.yaml sets it)
 CRASH_AFTER_S = 60  # no heartbeat for this long: the run is dead (one lost heartbeat is tolerated)
 SLOT_WAIT_S = 10  # a run waiting for its site's slot asks again this often (`renkei server`; Prefect's default 30)
 CRASH_AUTOMATION = "renkei: a run without heartbeats is crashed"
-RUN_TAG = "renkei"  # the tag of renkei's deployments (prefect.yaml): the automation watches only their runs
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -39,13 +38,32 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = sub.add_parser(
         "deploy",
         parents=[common],
-        help="create the work pools and deployments (prefect.yaml)",
-        description="Create a process work pool per site and one for the center, apply "
-        "prefect.yaml (prefect deploy --all), and the automation that marks a run without "
-        "heartbeats Crashed (so a killed run frees its site's slot). Needs PREFECT_API_URL.",
+        help="create the work pools and deployments of the region's sites",
+        description="Create a process work pool per site and one for the center, apply the "
+        "deployments generated from the configuration (prefect deploy --all), and the automation "
+        "that marks a run without heartbeats Crashed (so a killed run frees its site's slot). "
+        "Needs PREFECT_API_URL.",
     )
-    p.add_argument("--prefect-file", default=str(REPO / "prefect.yaml"), metavar="FILE")
+    p.add_argument(
+        "--prefect-file",
+        default=None,
+        metavar="FILE",
+        help="apply this prefect.yaml instead of the one generated from the configuration "
+        "(checked against the sites first)",
+    )
     p.set_defaults(func=_deploy)
+
+    p = sub.add_parser(
+        "deployments",
+        parents=[common],
+        help="print (or write) the prefect.yaml generated from the configuration",
+        description="The region's Prefect deployments as prefect.yaml, generated from the sites of the "
+        "configuration: what `renkei deploy` applies. --check compares it with a file (exit 1 if they differ).",
+    )
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--write", metavar="FILE", help="write it to FILE")
+    what.add_argument("--check", metavar="FILE", help="exit 1 unless FILE is exactly what would be generated")
+    p.set_defaults(func=_deployments)
 
     p = sub.add_parser(
         "worker",
@@ -103,10 +121,6 @@ def _db_restore(args: argparse.Namespace) -> int:
         "start the server again (renkei server)"
     )
     return 0
-
-
-def pool_name(site: str | None) -> str:
-    return f"renkei-{site}" if site else "renkei-center"
 
 
 def prefect_env(args: argparse.Namespace) -> dict[str, str]:
@@ -228,6 +242,38 @@ def ensure_crash_detection(within_s: float = CRASH_AFTER_S, tag: str = RUN_TAG) 
         return str(client.create_automation(wanted))
 
 
+def _source_name(args: argparse.Namespace) -> str:
+    path = Path(getattr(args, "config", None) or default_config_path()).resolve()
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return path.name
+
+
+def _deployments(args: argparse.Namespace) -> int:
+    from renkei.deployments import render
+
+    text = render(config_of(args), _source_name(args))
+    if args.write:
+        Path(args.write).write_text(text, encoding="utf-8")
+        print(f"wrote {args.write}")
+    elif args.check:
+        try:
+            current = Path(args.check).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"{args.check}: cannot be read ({exc.strerror})") from None
+        if current != text:
+            print(
+                f"{args.check} is not what the configuration generates: renkei deployments --write {args.check}",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{args.check} matches the configuration")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _deploy(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -235,7 +281,13 @@ def _deploy(args: argparse.Namespace) -> int:
         raise UsageError("set PREFECT_API_URL to the Prefect server's API (e.g. http://127.0.0.1:4200/api)")
     layout = layout_of(args)
     from renkei.cli.config_cmd import deployment_problems
+    from renkei.deployments import render
 
+    if args.prefect_file is None:  # generated from the configuration: matches its sites by construction
+        folder = layout.data_dir / "prefect"
+        folder.mkdir(parents=True, exist_ok=True)
+        args.prefect_file = str(folder / "prefect.yaml")
+        Path(args.prefect_file).write_text(render(layout.config, _source_name(args)), encoding="utf-8")
     problems = deployment_problems(layout.config, args.prefect_file)
     if problems:
         raise UsageError(
