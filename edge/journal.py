@@ -146,6 +146,25 @@ CREATE UNIQUE INDEX IF NOT EXISTS quarantine_active ON quarantine (study_uid) WH
 """
 
 
+# The statements of `record_instance`, written once (sqlite3 then finds each prepared in its cache).
+_INSERT_INSTANCE = (
+    f"INSERT INTO instances ({', '.join(INSTANCE_COLUMNS.values())}, study_uid, series_uid, "
+    "transfer_syntax_uid, specific_character_set, path, size, sha256, "
+    f"calling_ae, received_at) VALUES ({', '.join('?' * (len(INSTANCE_COLUMNS) + 9))})"
+)
+_INSERT_SERIES = (
+    f"INSERT INTO series ({', '.join(SERIES_COLUMNS.values())}, study_uid, specific_character_set) "
+    f"VALUES ({', '.join('?' * (len(SERIES_COLUMNS) + 2))}) ON CONFLICT (series_uid) DO NOTHING"
+)
+_UPSERT_STUDY = (
+    f"INSERT INTO studies ({', '.join(STUDY_COLUMNS.values())}, specific_character_set, "
+    f"first_received, last_received, last_clock) VALUES ({', '.join('?' * (len(STUDY_COLUMNS) + 4))}) "
+    "ON CONFLICT (study_uid) DO UPDATE SET last_received = "
+    "max(studies.last_received, excluded.last_received), last_clock = "
+    "coalesce(max(studies.last_clock, excluded.last_clock), excluded.last_clock, studies.last_clock)"
+)
+
+
 class JournalError(StorageError):
     """The edge's journal could not be read or written."""
 
@@ -505,35 +524,14 @@ class Journal:
         if clock is None and self.quiet_clock is not None:
             clock = self.quiet_clock.now()
         attrs = parsed.attributes
+        get = attrs.get
         charset = parsed.specific_character_set
-        study_cols = [c for c in STUDY_COLUMNS.values()]
-        study_vals = [attrs.get(k, "") for k in STUDY_COLUMNS]
-        series_cols = list(SERIES_COLUMNS.values())
-        series_vals = [attrs.get(k, "") for k in SERIES_COLUMNS]
-        inst_cols = list(INSTANCE_COLUMNS.values())
-        inst_vals = [attrs.get(k, "") for k in INSTANCE_COLUMNS]
-        self._write([
-            (
-                f"INSERT INTO instances ({', '.join(inst_cols)}, study_uid, series_uid, "
-                "transfer_syntax_uid, specific_character_set, path, size, sha256, "
-                f"calling_ae, received_at) VALUES ({', '.join('?' * (len(inst_cols) + 9))})",
-                [*inst_vals, parsed.study_uid, parsed.series_uid, transfer_syntax_uid, charset,
-                 path, size, sha256, calling_ae, now],
-            ),
-            (
-                f"INSERT INTO series ({', '.join(series_cols)}, study_uid, specific_character_set) "
-                f"VALUES ({', '.join('?' * (len(series_cols) + 2))}) ON CONFLICT (series_uid) DO NOTHING",
-                [*series_vals, parsed.study_uid, charset],
-            ),
-            (
-                f"INSERT INTO studies ({', '.join(study_cols)}, specific_character_set, "
-                f"first_received, last_received, last_clock) VALUES ({', '.join('?' * (len(study_cols) + 4))}) "
-                "ON CONFLICT (study_uid) DO UPDATE SET last_received = "
-                "max(studies.last_received, excluded.last_received), last_clock = "
-                "coalesce(max(studies.last_clock, excluded.last_clock), excluded.last_clock, studies.last_clock)",
-                [*study_vals, charset, now, now, clock],
-            ),
-        ])
+        self._write((
+            (_INSERT_INSTANCE, [*[get(k, "") for k in INSTANCE_COLUMNS], parsed.study_uid, parsed.series_uid,
+                                transfer_syntax_uid, charset, path, size, sha256, calling_ae, now]),
+            (_INSERT_SERIES, [*[get(k, "") for k in SERIES_COLUMNS], parsed.study_uid, charset]),
+            (_UPSERT_STUDY, [*[get(k, "") for k in STUDY_COLUMNS], charset, now, now, clock]),
+        ))
 
     def has_study(self, study_uid: str) -> bool:
         return bool(self._query("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)))

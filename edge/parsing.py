@@ -11,6 +11,7 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from io import BytesIO
 from typing import Any, Callable
 
@@ -87,6 +88,17 @@ def inflate_bounded(raw: bytes | memoryview, limit: int | None = None) -> bytes:
     return out
 
 
+@lru_cache(maxsize=64)
+def _syntax(transfer_syntax_uid: str) -> tuple[bool, bool, bool]:
+    """(deflated, implicit VR, little endian) of a transfer syntax, worked out once per syntax.
+
+    pydicom's UID validates and classifies the string on every use; an edge sees
+    a handful of syntaxes, so they are remembered (bounded: a file's meta may say anything).
+    """
+    ts = UID(transfer_syntax_uid)
+    return bool(ts.is_deflated), bool(ts.is_implicit_VR), bool(ts.is_little_endian)  # ValueError if not one
+
+
 def _stop_after_header(tag: Any, vr: Any, length: Any) -> bool:
     return int(tag) > 0x0032FFFF
 
@@ -107,12 +119,11 @@ def parse_dataset(
     undecoded), so a truncated or garbled dataset is refused. Raises
     InvalidInstance naming what is wrong.
     """
-    ts = UID(transfer_syntax_uid)
+    deflated, declared_implicit, is_little = _syntax(str(transfer_syntax_uid))
     raw: bytes | memoryview = memoryview(data).cast("B") if not isinstance(data, bytes) else data
-    if ts.is_deflated:
+    if deflated:
         raw = inflate_bounded(raw)
-    is_implicit = ts.is_implicit_VR if ts.is_transfer_syntax else False
-    is_little = ts.is_little_endian if ts.is_transfer_syntax else True
+    is_implicit = declared_implicit
     header_end = len(raw)
     found: dict[int, tuple[int, int]] = {}
     if full:
@@ -129,7 +140,7 @@ def parse_dataset(
             except InvalidInstance:
                 raise first from None
             is_implicit = True
-    relabelled = is_implicit and not (ts.is_implicit_VR if ts.is_transfer_syntax else False)
+    relabelled = is_implicit and not declared_implicit
     if full and known is not None:
         quick = _quick_instance(raw, found, known)
         if quick is not None:
