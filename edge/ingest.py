@@ -75,10 +75,28 @@ class Ingestor:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-io")
         self._known_studies: set[str] = set()
         self._known_series: set[str] = set()
+        self._making_spares = False
 
     def close(self) -> None:
         """Stop the worker threads (after the last instance)."""
         self._pool.shutdown(wait=True)
+        self.store.drop_spares()
+
+    def _keep_spares(self) -> None:
+        """Have a worker make files ahead for tmp/ when few are left (see FileStore.open_temp)."""
+        if self._making_spares or not self.store.spares_wanted():
+            return
+        self._making_spares = True
+        try:
+            self._pool.submit(self._make_spares)
+        except RuntimeError:  # shutting down
+            self._making_spares = False
+
+    def _make_spares(self) -> None:
+        try:
+            self.store.make_spares()
+        finally:
+            self._making_spares = False
 
     def store_instance(
         self,
@@ -97,7 +115,9 @@ class Ingestor:
     def begin(self, transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str,
               calling_ae: str, peer: str = "") -> "Incoming":
         """Start receiving one instance: its bytes go to a temporary file as they arrive."""
-        return Incoming(self, transfer_syntax_uid, sop_class_uid, sop_instance_uid, calling_ae, peer)
+        incoming = Incoming(self, transfer_syntax_uid, sop_class_uid, sop_instance_uid, calling_ae, peer)
+        self._keep_spares()
+        return incoming
 
     def _known(self, study_uid: str, series_uid: str) -> tuple[bool, bool]:
         """Whether the journal already holds this study and this series (cached once true)."""
