@@ -145,10 +145,14 @@ class Ingestor:
         with self._decision_lock:
             existing = self.journal.lookup(sop)
             if existing is None:
-                final = self.store.instance_path(parsed.study_uid, parsed.series_uid, sop)
+                final, relative = self.store.instance_location(parsed.study_uid, parsed.series_uid, sop)
+                # the order is the guarantee: the file and its folder entry are durable (commit
+                # fsyncs the folder) before the journal says the instance is stored, and both
+                # before the C-STORE is answered; a journal record never points at a file a
+                # power loss could take back
                 self.store.commit(temp, final)
                 try:
-                    self.journal.record_instance(parsed, transfer_syntax_uid, self.store.relative(final),
+                    self.journal.record_instance(parsed, transfer_syntax_uid, relative,
                                                  temp.size, temp.sha256, calling_ae, wall_time())
                 except sqlite3.IntegrityError:  # another process journaled it meanwhile
                     existing = self.journal.lookup(sop)
@@ -234,8 +238,8 @@ class Incoming:
     """One instance being received, written to tmp/ fragment by fragment.
 
     `write` is called for each fragment as it arrives (the sender goes on
-    sending meanwhile); `finish` then fsyncs the file and hashes it in
-    worker threads while this thread parses the dataset (fsync and hashing
+    sending meanwhile); `finish` then fsyncs the file in the receiving
+    thread while a worker hashes and parses the dataset (fsync and hashing
     release the GIL), and puts the file in its place. Nothing is answered
     before the file and its journal record are durable.
     """
@@ -305,11 +309,23 @@ class Incoming:
             return self.outcome or StoreOutcome(PROCESSING_FAILURE, "failed", self.sop_instance_uid)
         if data is None:
             return self._finish_from_file()
-        ingestor = self.ingestor
         writer, self.writer = self.writer, None
-        syncing = ingestor._pool.submit(writer.sync)
-        hashing = ingestor._pool.submit(_sha256_of, self.header, data)
-        return self._conclude(writer, data, syncing.result, hashing.result)
+        # A worker hashes and checks the dataset (hashlib releases the GIL, the checks hold it)
+        # while this thread fsyncs the file (without the GIL): the fsync, the longest step, starts
+        # at once and its end is seen without a hand-off; the worker is done long before it.
+        checking = self.ingestor._pool.submit(self._check, data)
+        return self._conclude(writer, data, writer.sync, checking.result)
+
+    def _check(self, data: bytes | bytearray | memoryview) -> tuple[ParsedInstance, str]:
+        """The dataset's UIDs and attributes (checked against the request) and the file's SHA-256."""
+        digest = hashlib.sha256(self.header)
+        digest.update(data)
+        parsed = parse_dataset(data, self.transfer_syntax_uid, known=self.ingestor._known)
+        if parsed.sop_instance_uid != self.sop_instance_uid:
+            raise InvalidInstance(
+                f"the dataset's SOP Instance UID {parsed.sop_instance_uid} differs from the "
+                f"request's {self.sop_instance_uid}")
+        return parsed, digest.hexdigest()
 
     def _finish_from_file(self) -> StoreOutcome:
         writer, self.writer = self.writer, None
@@ -325,8 +341,7 @@ class Incoming:
             view = memoryview(mapped)
             data = view[len(self.header):]
             try:
-                digest = hashlib.sha256(view).hexdigest()
-                return self._conclude(writer, data, lambda: written, lambda: digest)
+                return self._conclude(writer, data, lambda: written, lambda: self._check(data))
             finally:
                 data.release()
                 view.release()
@@ -343,25 +358,30 @@ class Incoming:
         return StoreOutcome(PROCESSING_FAILURE, "failed", self.sop_instance_uid, "", str(exc))
 
     def _conclude(self, writer: TempWriter, data: bytes | bytearray | memoryview,
-                  synced: Callable[[], TempFile], hashed: Callable[[], str]) -> StoreOutcome:
-        """Parse `data` while the file is synced and hashed, then place it; never raises."""
+                  synced: Callable[[], TempFile],
+                  checked: Callable[[], tuple[ParsedInstance, str]]) -> StoreOutcome:
+        """Fsync the file and check the dataset, then place it; never raises.
+
+        `synced()` fsyncs and closes the file; `checked()` returns the parsed
+        dataset and the SHA-256 of the whole file (File Meta and dataset),
+        possibly from a worker that ran meanwhile.
+        """
         ingestor = self.ingestor
         temp: TempFile | None = None
+        placed = False
         try:
             problem: BaseException | None = None
+            written: TempFile | None = None
             try:
-                parsed = parse_dataset(data, self.transfer_syntax_uid, known=ingestor._known)
-                if parsed.sop_instance_uid != self.sop_instance_uid:
-                    raise InvalidInstance(
-                        f"the dataset's SOP Instance UID {parsed.sop_instance_uid} differs from the "
-                        f"request's {self.sop_instance_uid}")
+                written = synced()
             except Exception as exc:
                 problem = exc
             try:
-                written = synced()
-                temp = TempFile(written.path, written.size, hashed())
+                parsed, sha256 = checked()
             except Exception as exc:
-                problem = problem or exc
+                problem = exc  # what is wrong with the data is said first
+            if written is not None:
+                temp = TempFile(written.path, written.size, sha256 if problem is None else "")
             if problem is not None:
                 try:
                     raise problem
@@ -379,7 +399,11 @@ class Incoming:
                 relabelled = ingestor.store.write_temp([header, data])
                 ingestor.store.discard(temp)
                 temp = relabelled
-            return ingestor._place(parsed, temp, data, transfer_syntax_uid, self.calling_ae, self.who)
+            outcome = ingestor._place(parsed, temp, data, transfer_syntax_uid, self.calling_ae, self.who)
+            if outcome.kind == "stored":
+                temp = None  # renamed into place: nothing left in tmp/ (no need to look)
+                placed = True
+            return outcome
         except InvalidInstance as exc:
             status = DATASET_DOES_NOT_MATCH_SOP_CLASS if "UID" in str(exc) else CANNOT_UNDERSTAND
             LOGGER.warning("refused instance %s from %s: %s (status 0x%04X)",
@@ -396,9 +420,9 @@ class Incoming:
             LOGGER.exception("unexpected failure storing %s from %s", self.sop_instance_uid, self.who)
             return StoreOutcome(PROCESSING_FAILURE, "failed", self.sop_instance_uid, "", str(exc))
         finally:
-            if temp is not None and temp.path.exists():
+            if temp is not None:  # refused, failed, or a resend: whatever is still in tmp/ goes
                 ingestor.store.discard(temp)
-            elif temp is None:
+            elif not placed:
                 writer.abort()
 
 
@@ -407,13 +431,6 @@ def _write_quietly(writer: TempWriter, fragment: bytes | bytearray | memoryview)
         writer.write(fragment)
     except EdgeStoreError:
         pass  # remembered by the writer; raised by sync()
-
-
-def _sha256_of(*parts: bytes | bytearray | memoryview) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part)
-    return digest.hexdigest()
 
 
 def _short(uid: object) -> str:
