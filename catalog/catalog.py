@@ -113,6 +113,39 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _visible_sql(studies: str, one_site: bool) -> str:
+    """CTEs ending in `visible(site, study_uid, origin_site, why)`: the one visibility rule, as SQL.
+
+    `studies` names a relation with one row per study (study_uid, origin_site,
+    patient_id, issuer_of_patient_id). A site sees a study taken there
+    ('origin'), and another site's through a grant in force ('grant'); while
+    the patient's consent is withdrawn at the origin, only a person's grant
+    counts. renkei.policy.decide is the same rule for one study, with its
+    explanation; tests check that the two never disagree. With `one_site`, the
+    grants are those of one site (a `?` parameter, in this position).
+    """
+    grants_of = "WHERE site = ? " if one_site else ""
+    return f"""
+    vg AS (SELECT study_uid, site, arg_max(action, _seq) AS action, arg_max(by_kind, _seq) AS by_kind
+           FROM grants {grants_of}GROUP BY study_uid, site),
+    vc AS (SELECT site, patient_id, issuer, arg_max(state, _seq) AS state FROM consents
+           GROUP BY site, patient_id, issuer),
+    visible AS (
+        SELECT s.origin_site AS site, s.study_uid, s.origin_site, 'origin' AS why FROM {studies} s
+        UNION ALL
+        SELECT g.site, s.study_uid, s.origin_site, 'grant' AS why FROM vg g JOIN {studies} s USING (study_uid)
+        LEFT JOIN vc c ON c.site = s.origin_site AND c.patient_id = s.patient_id
+                      AND c.issuer = s.issuer_of_patient_id
+        WHERE g.action = '{tables.GRANT}' AND g.site <> s.origin_site
+          AND (c.state IS DISTINCT FROM 'withdrawn' OR g.by_kind = 'person'))"""
+
+
+_STUDY_KEYS = (
+    "study_uid, arg_max(origin_site, _seq) AS origin_site, arg_max(patient_id, _seq) AS patient_id, "
+    "arg_max(issuer_of_patient_id, _seq) AS issuer_of_patient_id"
+)
+
+
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -1134,7 +1167,7 @@ class Catalog:
         date_to: str | None = None,
         modalities: Sequence[str] | None = None,
     ) -> list[StudyRow]:
-        """Studies `site` may see: its own (origin) or with an active grant to it.
+        """Studies `site` may see by the one visibility rule (_visible_sql): its own, or granted (and consented).
 
         Optionally only those of the given (patient_id, issuer) pairs (issuer
         None matches any), with study_date within [date_from, date_to]
@@ -1175,39 +1208,34 @@ class Catalog:
             if not candidates:
                 return []
             others = [r["study_uid"] for r in candidates if r["origin_site"] != site]
-            granted: set[str] = set()
-            if others:
-                if patient_ids is not None and len(others) <= 500:
-                    listing = ", ".join(_sql_str(u) for u in others)
-                    cond = f"study_uid IN ({listing})"
-                else:
-                    self.con.register("_candidates", pa.table({"study_uid": others}))
-                    cond = "study_uid IN (SELECT study_uid FROM _candidates)"
-                try:
-                    granted = {
-                        r["study_uid"]
-                        for r in self._rows(
-                            f"SELECT study_uid, arg_max(action, _seq) AS action FROM grants "
-                            f"WHERE site = ? AND {cond} GROUP BY study_uid",
-                            [site],
-                        )
-                        if r["action"] == tables.GRANT
-                    }
-                finally:
-                    if "_candidates" in cond:
-                        self.con.unregister("_candidates")
+            granted = self._visible_among(site, others) if others else set()
         rows = [_study_row(r) for r in candidates if r["origin_site"] == site or r["study_uid"] in granted]
         rows.sort(key=lambda r: (r.study_date, r.study_time, r.study_uid))
         return rows
 
     def may_see(self, site: str, study_uid: str) -> bool:
-        """True when `site` is the study's origin or holds an active grant for it."""
-        study = self.study(study_uid)
-        if study is None:
-            return False
-        if study.origin_site == site:
-            return True
-        return any(g.active for g in self.grants(study_uid) if g.site == site)
+        """Whether `site` may see the study, by the one visibility rule (renkei.policy.decide explains it)."""
+        with self._lock:
+            return study_uid in self._visible_among(site, [study_uid])
+
+    def _visible_among(self, site: str, study_uids: Sequence[str]) -> set[str]:
+        """Those of `study_uids` that `site` may see (the caller holds the lock)."""
+        if len(study_uids) <= 500:
+            cond = "study_uid IN (" + ", ".join(_sql_str(u) for u in study_uids) + ")" if study_uids else "FALSE"
+        else:
+            self.con.register("_candidates", pa.table({"study_uid": list(study_uids)}))
+            cond = "study_uid IN (SELECT study_uid FROM _candidates)"
+        try:
+            rows = self._rows(
+                f"WITH vs AS (SELECT {_STUDY_KEYS} FROM studies WHERE {cond} GROUP BY study_uid), "
+                + _visible_sql("vs", one_site=True)
+                + " SELECT DISTINCT study_uid FROM visible WHERE site = ?",
+                [site, site],
+            )
+        finally:
+            if "_candidates" in cond:
+                self.con.unregister("_candidates")
+        return {r["study_uid"] for r in rows}
 
     # ---------------------------------------------------------- locations
     def locations(self, study_uid: str, include_instances: bool = True) -> list[LocationRecord]:
@@ -1756,9 +1784,8 @@ class Catalog:
     ) -> tuple[int, list[StudyRow]]:
         """(how many studies match, one page of them newest first) for a study browser.
 
-        `visible_to` keeps what that site may see by the catalog's grants (as
-        visible_studies does; an exit still asks the policy for each study
-        shown); the other filters are those of visible_studies, with
+        `visible_to` keeps what that site may see by the one visibility rule
+        (as visible_studies does); the other filters are those of visible_studies, with
         `origin_sites` added, and `search` (catalog.search: Patient ID,
         accession number, and with `search_names` the patient's name in any
         form, DICOM wildcards allowed). Newest first: study date, time, then UID,
@@ -1794,12 +1821,9 @@ class Catalog:
             p_outer.extend(p_search)
         visible = ""
         if visible_to is not None:
-            visible = (
-                ", g AS (SELECT study_uid FROM grants WHERE site = ? GROUP BY study_uid "
-                "HAVING arg_max(action, _seq) = 'grant')"
-            )
+            visible = ", " + _visible_sql("a", one_site=True)
             p_cte.append(visible_to)
-            outer.append("(origin_site = ? OR study_uid IN (SELECT study_uid FROM g))")
+            outer.append("study_uid IN (SELECT study_uid FROM visible WHERE site = ?)")
             p_outer.append(visible_to)
         sql = (
             f"WITH a AS (SELECT study_uid, {_STUDY_AGG} FROM studies "
@@ -1876,27 +1900,13 @@ class Catalog:
         return out
 
     def visibility_counts(self) -> dict[tuple[str, str], int]:
-        """{(viewer site, origin site): how many studies of the origin the viewer may see}.
-
-        The same rule as renkei.policy.decide: a site sees its own studies, and
-        another site's through an active grant; while the patient's consent is
-        withdrawn at the origin, only a person's grant counts.
-        """
-        rows = self._rows("""
-            WITH s AS (SELECT study_uid, arg_max(origin_site, _seq) AS origin_site,
-                              arg_max(patient_id, _seq) AS patient_id,
-                              arg_max(issuer_of_patient_id, _seq) AS issuer FROM studies GROUP BY study_uid),
-            g AS (SELECT study_uid, site, arg_max(action, _seq) AS action, arg_max(by_kind, _seq) AS by_kind
-                  FROM grants GROUP BY study_uid, site),
-            c AS (SELECT site, patient_id, issuer, arg_max(state, _seq) AS state FROM consents
-                  GROUP BY site, patient_id, issuer)
-            SELECT g.site AS viewer, s.origin_site AS origin, count(*) AS n FROM g JOIN s USING (study_uid)
-            LEFT JOIN c ON c.site = s.origin_site AND c.patient_id = s.patient_id AND c.issuer = s.issuer
-            WHERE g.action = 'grant' AND g.site <> s.origin_site
-              AND (c.state IS DISTINCT FROM 'withdrawn' OR g.by_kind = 'person')
-            GROUP BY g.site, s.origin_site
-            UNION ALL
-            SELECT origin_site AS viewer, origin_site AS origin, count(*) AS n FROM s GROUP BY origin_site""")
+        """{(viewer site, origin site): how many studies of the origin the viewer may see} (_visible_sql)."""
+        rows = self._rows(
+            f"WITH vs AS (SELECT {_STUDY_KEYS} FROM studies GROUP BY study_uid), "
+            + _visible_sql("vs", one_site=False)
+            + " SELECT site AS viewer, origin_site AS origin, count(DISTINCT study_uid) AS n FROM visible "
+            "GROUP BY site, origin_site"
+        )
         return {(r["viewer"], r["origin"]): int(r["n"]) for r in rows}
 
     def recent_audit(

@@ -648,11 +648,10 @@ def study_views(catalog: Catalog, rows: Sequence[StudyRow], show_name: bool) -> 
 def browse_studies(layout: Layout, catalog: Catalog, q: StudyQuery, record: bool = True) -> StudyPage:
     """The studies matching the filters, newest first; with a viewer site, only what it may see.
 
-    With a viewer, the catalog's grants select the page and every study on it
-    is asked of Sharing.decide (one the policy refuses -- a grant racing a
-    consent withdrawal -- is left out, and out of `total`); names are shown,
-    and (with `record`) the names shown of other sites' studies are audited
-    as cross-site 'view' accesses by the dashboard.
+    With a viewer, the catalog's one visibility rule selects the page (the
+    same rule as Sharing.decide, in SQL: tests check they agree); names are
+    shown, and (with `record`) the names shown of other sites' studies are
+    audited as cross-site 'view' accesses by the dashboard.
     """
     from renkei.sharing import Sharing
 
@@ -669,11 +668,6 @@ def browse_studies(layout: Layout, catalog: Catalog, q: StudyQuery, record: bool
     )
     recorded = 0
     shown = rows
-    if q.viewer:
-        # the catalog's grants chose the page; each study shown is also decided by the policy
-        sharing = Sharing(layout.config, catalog)
-        shown = [r for r in rows if sharing.decide(q.viewer, r.study_uid).allowed]
-        total -= len(rows) - len(shown)
     views = tuple(study_views(catalog, shown, show_name=q.viewer is not None))
     if q.viewer and record:
         others = [r.study_uid for r in shown if r.origin_site != q.viewer]

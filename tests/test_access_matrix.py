@@ -161,6 +161,8 @@ def matrix_problems(region: Region, phase: str) -> list[str]:
         dest = site.workstations[0].ae_title
         try:
             catalog_view = {r.study_uid for r in region.catalog.visible_studies(site.id)}
+            page = {r.study_uid for r in region.catalog.studies_page(visible_to=site.id, limit=10_000)[1]}
+            sharing = Sharing(region.config, region.catalog)
             found_studies = {d.StudyInstanceUID for d in ws.find("STUDY", StudyInstanceUID="")}
             patients = {d.PatientID for d in ws.find("PATIENT", model="patient", PatientID="")}
             for uid, facts in region.studies.items():
@@ -168,6 +170,13 @@ def matrix_problems(region: Region, phase: str) -> list[str]:
                 where = f"{phase}: {site.id} x {facts['origin']} study {uid[-8:]}"
                 if (uid in catalog_view) != want:
                     problems.append(f"{where}: catalog API says {uid in catalog_view}, policy {want}")
+                # the one rule's two renderings: the SQL relation (lists, pages, may_see) and the decision
+                decided = sharing.decide(site.id, uid).allowed
+                if not (decided == (uid in page) == region.catalog.may_see(site.id, uid) == want):
+                    problems.append(
+                        f"{where}: decide {decided}, page {uid in page}, may_see "
+                        f"{region.catalog.may_see(site.id, uid)}, policy {want}"
+                    )
                 if (uid in found_studies) != want:
                     problems.append(f"{where}: C-FIND STUDY says {uid in found_studies}, policy {want}")
                 series = ws.find("SERIES", StudyInstanceUID=uid, SeriesInstanceUID="")

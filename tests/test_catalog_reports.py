@@ -74,6 +74,14 @@ def test_visibility_counts_agree_with_every_decision(cat: Catalog) -> None:
     cat.grant(uids[0], "clinic-c", "rule", "late-rule")  # a rule grant racing the withdrawal: not in force
 
     counts = cat.visibility_counts()
+    # the SQL relation and the decision are one rule: every list, page and single check agrees with decide
+    for viewer in config.site_ids:
+        listed = {r.study_uid for r in cat.visible_studies(viewer)}
+        paged = {r.study_uid for r in cat.studies_page(visible_to=viewer, limit=100)[1]}
+        for b in batches:
+            uid = b.study.study_uid
+            decided = sharing.decide(viewer, uid).allowed
+            assert decided == (uid in listed) == (uid in paged) == cat.may_see(viewer, uid), (viewer, uid)
     for viewer, origin in itertools.product(config.site_ids, repeat=2):
         expected = sum(
             1 for b in batches if b.study.origin_site == origin and sharing.decide(viewer, b.study.study_uid).allowed
