@@ -4,7 +4,7 @@ Times, best of --repeat runs, each against `Catalog.totals()` measured in the
 same run (the reference: one aggregate over the studies and locations):
   overview          every section but the browser (sites, charts, matrix, verification, accesses)
   browse operator   the newest 50 studies of every site, with series and flow runs
-  browse viewer     the newest 50 studies the hub may see, each decided by the policy
+  browse viewer     the newest 50 studies the hub may see (the one visibility rule, in SQL)
 Ends with one JSON line.
 
     python bench/dashboard.py --studies 20000
