@@ -376,6 +376,7 @@ class Catalog:
         cache: bool = True,
         backup_url: str | None = None,
         backup_s3_options: Any = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.url = url
         self.fs, self.root = cfs.open_filesystem(url, s3_options)
@@ -393,9 +394,20 @@ class Catalog:
         self._compact_con: duckdb.DuckDBPyConnection | None = None
         self._tmpdir = tempfile.mkdtemp(prefix="renkei-catalog-")
         weakref.finalize(self, shutil.rmtree, self._tmpdir, True)  # also when close() is never called
-        # On S3, immutable data files are read from a local copy (see read_path).
-        self._cache_dir = os.path.join(self._tmpdir, "files") if cache and not self.local else None
+        # On S3, immutable data files are read from a local copy (see read_path). With `cache_dir` the
+        # copies outlive this object and are shared by every process of the machine (a task's catalog
+        # no longer downloads every live file again); a copy found there is checked against its log
+        # entry once per process before it is used.
+        self._shared_cache = cache_dir is not None and cache and not self.local
+        if not cache or self.local:
+            self._cache_dir: str | None = None
+        elif cache_dir is not None:
+            self._cache_dir = os.fspath(cache_dir)
+            os.makedirs(self._cache_dir, exist_ok=True)
+        else:
+            self._cache_dir = os.path.join(self._tmpdir, "files")
         self._cached: set[str] = set()
+        self._pruned_at = 0.0
         # the second location: the witness after every commit, backups (catalog/backup.py)
         self.backup: BackupLocation | None = (
             BackupLocation(backup_url, backup_s3_options if backup_s3_options is not None else s3_options)
@@ -420,9 +432,17 @@ class Catalog:
 
     @classmethod
     def from_layout(cls, layout: Any, **kwargs: Any) -> Catalog:
-        """The catalog of a region: Layout(config, data_dir).catalog_url with the config's S3 options."""
+        """The catalog of a region: Layout(config, data_dir).catalog_url with the config's S3 options.
+
+        On S3 its data files are cached under the data folder (cache/catalog/<url hash>), shared by
+        every catalog the machine's processes open.
+        """
         kwargs.setdefault("backup_url", layout.catalog_backup_url)
-        return cls(layout.catalog_url, layout.config.center.s3, **kwargs)
+        url = layout.catalog_url
+        if "://" in url and not url.startswith("file://") and kwargs.get("cache", True):
+            key = hashlib.sha256(url.encode()).hexdigest()[:16]
+            kwargs.setdefault("cache_dir", os.path.join(os.fspath(layout.data_dir), "cache", "catalog", key))
+        return cls(url, layout.config.center.s3, **kwargs)
 
     def close(self) -> None:
         self.wait_for_compaction()
@@ -462,7 +482,19 @@ class Catalog:
     def _fetch(self, rels: Iterable[str], entries: Mapping[str, tuple[str, FileEntry]] | None = None) -> None:
         """Copy data files into the local cache; those in `entries` are checked before they are used."""
         assert self._cache_dir is not None
-        missing = [r for r in rels if not os.path.exists(os.path.join(self._cache_dir, r))]
+        missing = []
+        for rel in rels:
+            local = os.path.join(self._cache_dir, rel)
+            if not os.path.exists(local):
+                missing.append(rel)
+            elif self._shared_cache and entries is not None and rel in entries:
+                table, entry = entries[rel]
+                try:  # left by another process (or an earlier run): its bytes, once per process
+                    check_data_file(local, entry, table)
+                except CatalogDamaged:
+                    _log.warning("a cached copy of catalog file %s did not match its log entry: fetched again", rel)
+                    os.unlink(local)
+                    missing.append(rel)
         if not missing:
             return
         temps = []
@@ -495,6 +527,9 @@ class Catalog:
         if self._cache_dir is None:
             return
         keep = {p for files in state.files.values() for p in files} | {p for p, _ in state.removed}
+        if self._shared_cache:
+            self._prune_shared(keep)
+            return
         for rel in list(self._cached):
             if rel not in keep:
                 try:
@@ -502,6 +537,29 @@ class Catalog:
                 except FileNotFoundError:
                     pass
                 self._cached.discard(rel)
+
+    SHARED_PRUNE_EVERY_S = 300.0
+
+    def _prune_shared(self, keep: set[str]) -> None:
+        """Copies in the shared cache no state of ours needs, and untouched for the vacuum grace (another
+        process on a newer state may have just fetched them), are removed; at most every 5 minutes."""
+        now = time.time()
+        if now - self._pruned_at < self.SHARED_PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        assert self._cache_dir is not None
+        for folder, _dirs, files in os.walk(self._cache_dir):
+            for name in files:
+                path = os.path.join(folder, name)
+                rel = os.path.relpath(path, self._cache_dir).replace(os.sep, "/")
+                if rel in keep:
+                    continue
+                try:
+                    if now - os.stat(path).st_mtime > self.vacuum_grace_s:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        self._cached &= keep
 
     def refresh(self) -> State:
         """Catch up with every commit made so far (by any process); returns the state."""
@@ -623,8 +681,12 @@ class Catalog:
             if self._cache_dir is not None:  # what we wrote needs no download
                 local = os.path.join(self._cache_dir, rel)
                 os.makedirs(os.path.dirname(local), exist_ok=True)
-                with open(local, "wb") as handle:
+                tmp = cfs.temp_sibling(local)
+                with open(tmp, "wb") as handle:
                     handle.write(payload)
+                os.replace(tmp, local)  # whole or not at all: the cache may be shared
+                with _VERIFIED_LOCK:
+                    _VERIFIED[local] = (payload.size, os.stat(local).st_mtime_ns, digest)
         return {"path": rel, "rows": data.num_rows, "level": level, "sha256": digest, "size": payload.size}
 
     def _pool(self) -> ThreadPoolExecutor:

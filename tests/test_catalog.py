@@ -327,3 +327,40 @@ def test_s3_without_local_cache_reads_through_fsspec(request: pytest.FixtureRequ
         assert cat.verify_audit().ok
     finally:
         cat.close()
+
+
+def test_on_s3_a_shared_cache_outlives_the_catalog_and_is_checked(s3_bucket: str, tmp_path: Path) -> None:
+    """Tasks open a catalog per call: the second one reads the copies the first one fetched, once checked."""
+    cache = tmp_path / "cache"
+    first = Catalog(s3_bucket + "/cat", cache_dir=cache)
+    try:
+        first.register_many([make_batch(n, 3) for n in range(1, 6)])
+        first.compact(force=True)
+        assert first.totals()
+    finally:
+        first.close()
+    copies = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.rglob("*.parquet")}
+    assert copies, "nothing was cached"
+
+    second = Catalog(s3_bucket + "/cat", cache_dir=cache)
+    try:
+        assert sum(t.studies for t in second.totals()) == 5
+        live = {p for p in cache.rglob("*.parquet")}
+        kept = {p for p in live if p in copies}
+        assert kept and all((p.stat().st_ino, p.stat().st_mtime_ns) == copies[p] for p in kept), "downloaded again"
+        in_use = sorted(cache / rel for files in second.state.files.values() for rel in files)
+    finally:
+        second.close()
+
+    # a copy altered on the local disk is not trusted: a new process fetches it again from S3
+    victim = next(p for p in in_use if p in kept)
+    victim.write_bytes(b"\0" * victim.stat().st_size)
+    import catalog.catalog as catalog_module
+
+    catalog_module._VERIFIED.clear()  # as in a new process
+    third = Catalog(s3_bucket + "/cat", cache_dir=cache)
+    try:
+        assert sum(t.studies for t in third.totals()) == 5
+        assert victim.read_bytes() != b"\0" * victim.stat().st_size
+    finally:
+        third.close()
