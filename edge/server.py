@@ -629,7 +629,7 @@ def edge_file_store(config: RegionConfig, site_id: str, store_dir: Path, *, fsyn
         raise EdgeStoreError(
             f"edge.disk of site {site_id}: journal_reserve ({reserve} bytes) and min_free ({min_free} bytes) "
             f"take more than half of the filesystem of {store_dir} ({total} bytes): lower them")
-    store = FileStore(Path(store_dir), fsync=fsync, min_free_bytes=min_free, reserve_bytes=reserve)
+    store = FileStore(Path(store_dir), fsync=fsync, min_free_bytes=min_free, reserve_bytes=reserve, spares=True)
     store.maintain_space()
     return store
 

@@ -66,8 +66,12 @@ class FileStore:
     """Durable files under one folder; see the module docstring for the layout."""
 
     def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0, reserve_bytes: int = 0,
-                 space: "FileStore | None" = None) -> None:
-        """`space`: another store on the same filesystem whose space rules this one obeys (the edge cache)."""
+                 space: "FileStore | None" = None, spares: bool = False) -> None:
+        """`space`: another store on the same filesystem whose space rules this one obeys (the edge cache).
+
+        `spares`: keep empty temporary files made ahead (`make_spares`), for a
+        store that receives C-STOREs and is cleaned at its start (`clean_temp`).
+        """
         self.root = Path(root)
         self.space = space
         self.fsync = fsync
@@ -77,6 +81,7 @@ class FileStore:
         self.instances_dir = self.root / "instances"
         self.conflicts_dir = self.root / "conflicts"
         self._known_dirs: set[Path] = set()
+        self.spares = spares
         self._spares: list[tuple[Path, int]] = []  # (path in spare/, open descriptor)
         self._spare_lock = threading.Lock()
         for folder in (self.root, self.tmp_dir, self.instances_dir, self.conflicts_dir):
@@ -271,7 +276,7 @@ class FileStore:
 
     def spares_wanted(self, low: int = 4) -> bool:
         """Whether fewer than `low` files made ahead are left (time to `make_spares`)."""
-        return len(self._spares) < low
+        return self.spares and len(self._spares) < low
 
     def make_spares(self, count: int = 8) -> int:
         """Make empty files in spare/ until `count` wait for `open_temp`; returns how many were made.
