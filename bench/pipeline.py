@@ -21,7 +21,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -30,7 +29,7 @@ SITE = "clinic-a"
 
 
 def prepare(root: Path, files: list[Path], slots: int | None = None) -> tuple[Path, Path]:
-    from helpers_region import layout_of, put_into_edge, region_config
+    from renkei.testing import layout_of, put_into_edge, region_config
 
     def edit(raw: dict) -> None:
         if slots:

@@ -24,15 +24,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def build_center(data_dir: Path, patients: int, seed: int) -> None:
-    from helpers_region import put_into_edge
-
     from renkei import synth, transfer
     from renkei.config import Layout, load_config
     from renkei.runtime import open_catalog, open_journal, open_store
+    from renkei.testing import put_into_edge
 
     lay = Layout(load_config(REPO / "examples" / "nagasaki.yaml"), data_dir)
     store = open_store(lay)
