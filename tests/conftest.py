@@ -22,31 +22,9 @@ if _worker.startswith("gw") and _worker[2:].isdigit():
     _n = int(_worker[2:]) % 4
     os.environ.setdefault("RENKEI_PORT_RANGE", f"{20000 + _n * 3000}-{20000 + _n * 3000 + 2999}")
 
+from helpers_parts import EXAMPLE_CONFIG, REPO, require_part, require_program  # noqa: E402, F401
+
 from renkei import peers  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_CONFIG = REPO / "examples" / "nagasaki.yaml"
-
-
-def require_part(available: bool, part: str, how: str) -> None:
-    """Skip (or, with RENKEI_REQUIRE_ALL=1, fail) when a real part is missing."""
-    if available:
-        return
-    reason = f"{part} is not available here: {how}"
-    if os.environ.get("RENKEI_REQUIRE_ALL") == "1":
-        pytest.fail(f"RENKEI_REQUIRE_ALL=1 and {reason}")
-    pytest.skip(reason)
-
-
-def require_program(name: str, package: str) -> str:
-    """The program from Debian's `package` (by its --version, never whatever PATH offers first)."""
-    try:
-        path: str | None = peers.require_program(name, package)
-    except peers.PeerError:
-        path = None
-    require_part(path is not None, f"{name} ({package})", f"apt-get install -y {package}")
-    return path  # type: ignore[return-value]
-
 
 # ------------------------------------------------------------------ test tiers
 # `external`: the test uses a real part (a program, an S3 endpoint, a Prefect API, a browser). Set here

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import require_program
 from helpers_dicom import Workstation
+from helpers_parts import require_program
 from helpers_region import layout_of, put_into_edge, region_config
 from pydicom.uid import generate_uid
 from pynetdicom import AE

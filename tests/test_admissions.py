@@ -7,7 +7,7 @@ import asyncio
 import hl7
 import hl7.mllp
 import pytest
-from conftest import EXAMPLE_CONFIG
+from helpers_parts import EXAMPLE_CONFIG
 
 from renkei.admissions import Admission, AdmissionListener
 from renkei.config import load_config

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE_CONFIG
 from helpers_catalog import ROOT, make_batch
+from helpers_parts import EXAMPLE_CONFIG
 
 from catalog import Catalog
 from catalog import fs as cfs

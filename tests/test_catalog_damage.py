@@ -24,7 +24,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from conftest import EXAMPLE_CONFIG
+from helpers_parts import EXAMPLE_CONFIG
 
 from catalog import Catalog, GrantRequest, keys
 from catalog import fs as cfs

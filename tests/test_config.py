@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EXAMPLE_CONFIG
+from helpers_parts import EXAMPLE_CONFIG
 
 from renkei.cli.main import main
 from renkei.config import Layout, load_config

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, require_program
 from helpers_dashboard import DemoRegion, module_region
+from helpers_parts import REPO, require_program
 
 from dashboards import data as d
 from dashboards import thumbnails

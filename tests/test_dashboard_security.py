@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, require_program
 from helpers_dashboard import DemoRegion, module_region
+from helpers_parts import REPO, require_program
 
 from renkei import peers
 from renkei.runtime import open_catalog

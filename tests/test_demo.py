@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import require_program
+from helpers_parts import require_program
 from helpers_region import REPO, region_config
 
 from catalog.catalog import Catalog

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from conftest import require_program
 from helpers_dicom import Workstation
+from helpers_parts import require_program
 from helpers_region import layout_of, region_config
 
 from edge.region import RegionalEdge

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import require_program
+from helpers_parts import require_program
 from helpers_region import layout_of, put_into_edge, region_config
 
 from renkei import peers, synth

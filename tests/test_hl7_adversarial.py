@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE_CONFIG, REPO
+from helpers_parts import EXAMPLE_CONFIG, REPO
 
 from renkei import peers
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import require_program
+from helpers_parts import require_program
 from helpers_region import layout_of, put_into_edge, region_config
 
 from renkei import peers, synth

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import EXAMPLE_CONFIG
+from helpers_parts import EXAMPLE_CONFIG
 
 from renkei.config import load_config, parse_config
 from renkei.policy import GrantFact, decide, referring_site, rule_grants

@@ -15,7 +15,7 @@ from pathlib import Path
 import hl7
 import hl7.mllp
 import pytest
-from conftest import require_program
+from helpers_parts import require_program
 from helpers_region import layout_of, region_config
 
 from catalog.catalog import Catalog

@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE_CONFIG
+from helpers_parts import EXAMPLE_CONFIG
 
 from catalog.catalog import Catalog
 from renkei.cli.main import main

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import EXAMPLE_CONFIG, REPO, require_program
+from helpers_parts import EXAMPLE_CONFIG, REPO, require_program
 from pydicom.uid import ExplicitVRLittleEndian
 
 from renkei import synth

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import require_program
+from helpers_parts import require_program
 from helpers_region import region_config
 
 from renkei import peers
