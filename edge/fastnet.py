@@ -241,9 +241,10 @@ class StoreSink(Protocol):
 
     def write(self, fragment: memoryview) -> None: ...
 
-    def finish(self, data: bytes | memoryview | None) -> int:
-        """Store the dataset (None: too large to keep, read it back from what was
-        written); return the C-STORE status, only once it is durable."""
+    def finish(self, data: bytes | memoryview | list[memoryview] | None) -> int:
+        """Store the dataset, whole or as the list of its fragments in order (None: too
+        large to keep, read it back from what was written); return the C-STORE
+        status, only once it is durable."""
         ...
 
     def abort(self) -> None:
@@ -505,7 +506,9 @@ class FastDUL(DULServiceProvider):
     def _serve_store(self, store: dict[str, Any]) -> None:
         frags = store["frags"]
         request: StoreRequest = store["request"]
-        data = None if frags is None else frags[0] if len(frags) == 1 else b"".join(frags)
+        # the fragments as they are: joining them (a copy of the dataset) is the sink's affair, in
+        # a worker while this thread fsyncs (ingest.Incoming.finish)
+        data = None if frags is None else frags[0] if len(frags) == 1 else frags
         try:
             status = store["sink"].finish(data)
         except Exception:

@@ -38,6 +38,9 @@ from edge.store import DiskFull, EdgeStoreError, FileStore, TempFile, TempWriter
 
 LOGGER = logging.getLogger("renkei.edge.store")
 
+Buffer = bytes | bytearray | memoryview
+Received = Buffer | list[memoryview]  # a dataset whole, or its fragments in order
+
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -296,12 +299,14 @@ class Incoming:
             self.writer.abort()
             self.writer = None
 
-    def finish(self, data: bytes | bytearray | memoryview | None) -> StoreOutcome:
+    def finish(self, data: Received | None) -> StoreOutcome:
         """Check, fsync, place and journal the instance; never raises.
 
-        `data` is the whole dataset as received, or None when the receiver kept
-        only the file (large instances): the dataset is then read back from it
-        (memory-mapped, so a big multi-frame object is never held twice).
+        `data` is the whole dataset as received (one buffer, or the list of its
+        fragments in order, joined by the worker that checks it), or None when
+        the receiver kept only the file (large instances): the dataset is then
+        read back from it (memory-mapped, so a big multi-frame object is never
+        held twice).
         """
         if self.outcome is not None or self.writer is None:
             if self.writer is not None:
@@ -314,18 +319,24 @@ class Incoming:
         # while this thread fsyncs the file (without the GIL): the fsync, the longest step, starts
         # at once and its end is seen without a hand-off; the worker is done long before it.
         checking = self.ingestor._pool.submit(self._check, data)
-        return self._conclude(writer, data, writer.sync, checking.result)
+        return self._conclude(writer, writer.sync, checking.result)
 
-    def _check(self, data: bytes | bytearray | memoryview) -> tuple[ParsedInstance, str]:
-        """The dataset's UIDs and attributes (checked against the request) and the file's SHA-256."""
+    def _check(self, data: Received) -> tuple[ParsedInstance, str, Buffer]:
+        """The dataset's UIDs and attributes (checked against the request), the file's SHA-256,
+        and the dataset as one buffer."""
         digest = hashlib.sha256(self.header)
-        digest.update(data)
+        if isinstance(data, list):
+            for fragment in data:
+                digest.update(fragment)
+            data = b"".join(data)
+        else:
+            digest.update(data)
         parsed = parse_dataset(data, self.transfer_syntax_uid, known=self.ingestor._known)
         if parsed.sop_instance_uid != self.sop_instance_uid:
             raise InvalidInstance(
                 f"the dataset's SOP Instance UID {parsed.sop_instance_uid} differs from the "
                 f"request's {self.sop_instance_uid}")
-        return parsed, digest.hexdigest()
+        return parsed, digest.hexdigest(), data
 
     def _finish_from_file(self) -> StoreOutcome:
         writer, self.writer = self.writer, None
@@ -341,7 +352,7 @@ class Incoming:
             view = memoryview(mapped)
             data = view[len(self.header):]
             try:
-                return self._conclude(writer, data, lambda: written, lambda: self._check(data))
+                return self._conclude(writer, lambda: written, lambda: self._check(data))
             finally:
                 data.release()
                 view.release()
@@ -357,14 +368,13 @@ class Incoming:
         LOGGER.error("unexpected failure storing %s from %s: %s", self.sop_instance_uid, self.who, exc)
         return StoreOutcome(PROCESSING_FAILURE, "failed", self.sop_instance_uid, "", str(exc))
 
-    def _conclude(self, writer: TempWriter, data: bytes | bytearray | memoryview,
-                  synced: Callable[[], TempFile],
-                  checked: Callable[[], tuple[ParsedInstance, str]]) -> StoreOutcome:
+    def _conclude(self, writer: TempWriter, synced: Callable[[], TempFile],
+                  checked: Callable[[], tuple[ParsedInstance, str, Buffer]]) -> StoreOutcome:
         """Fsync the file and check the dataset, then place it; never raises.
 
         `synced()` fsyncs and closes the file; `checked()` returns the parsed
-        dataset and the SHA-256 of the whole file (File Meta and dataset),
-        possibly from a worker that ran meanwhile.
+        dataset, the SHA-256 of the whole file (File Meta and dataset) and the
+        dataset, possibly from a worker that ran meanwhile.
         """
         ingestor = self.ingestor
         temp: TempFile | None = None
@@ -377,7 +387,7 @@ class Incoming:
             except Exception as exc:
                 problem = exc
             try:
-                parsed, sha256 = checked()
+                parsed, sha256, data = checked()
             except Exception as exc:
                 problem = exc  # what is wrong with the data is said first
             if written is not None:

@@ -966,7 +966,7 @@ class _CountingSink:
     def write(self, fragment: memoryview) -> None:
         self.incoming.write(fragment)
 
-    def finish(self, data: bytes | memoryview | None) -> int:
+    def finish(self, data: bytes | memoryview | list[memoryview] | None) -> int:
         outcome = self.incoming.finish(data)
         self.count(outcome)
         return outcome.status
