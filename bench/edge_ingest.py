@@ -10,6 +10,9 @@ Sending: the edge sends the study by C-MOVE to a `storescp` (timed around
 `movescu`), alternating with `storescu` sending the same files to that storescp.
 
 dcmtk and Orthanc run with TCP_NODELAY=1 (else ~40 ms stall per C-STORE).
+Before each timed transfer the page cache is written back (`os.sync()`, not
+timed), so that no receiver is timed while the disk writes back what another
+one left dirty (`--no-settle` times as before 2026-12-03).
 Over TLS: a second edge with mutual TLS (renkei.pki certificates) receives
 the same study from `storescu +tls`, in the same rounds.
 
@@ -132,7 +135,21 @@ class Edge:
         self.proc = None
 
 
+SETTLE = True  # --no-settle: time each transfer without writing back first (as before 2026-12-03)
+
+
 def timed(args: list[str]) -> float:
+    """Seconds for one dcmtk command, after the page cache's dirty data is written back (os.sync()).
+
+    storescp and Orthanc leave their files dirty in the page cache; the kernel
+    writes them back ~30 s later (dirty_expire_centisecs), i.e. during a later
+    step of the round, where the edge's fsyncs queue behind that write-back on
+    the device. Syncing before each timed transfer (not timed) starts every
+    receiver from the same state; each still pays for its own writes as it
+    makes them (the edge its fsyncs, the others nothing).
+    """
+    if SETTLE:
+        os.sync()
     start = time.perf_counter()
     peers.run_dcmtk(args, timeout=600)
     return time.perf_counter() - start
@@ -145,7 +162,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-fsync", action="store_true", help="edge without durability (diagnosis only)")
     ap.add_argument("--dir", help="work folder (default: a temporary folder, removed)")
+    ap.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="do not os.sync() before each timed transfer (how rounds were timed before 2026-12-03)",
+    )
     args = ap.parse_args()
+    global SETTLE
+    SETTLE = not args.no_settle
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="renkei-bench-edge-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -277,6 +301,7 @@ def main() -> int:
                 "megabytes": round(megabytes, 1),
                 "rounds": args.rounds,
                 "durable": not args.no_fsync,
+                "settled": SETTLE,
             }
         )
     )
