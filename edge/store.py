@@ -342,6 +342,12 @@ class FileStore:
                 self._known_dirs.discard(final.parent)
                 self._make_dir(final.parent)
                 os.rename(temp.path, final)
+            # Both fsyncs stay, once per instance: the file's (TempWriter.sync, before this
+            # rename) makes its data durable, and only a fsync of the folder makes a new name
+            # durable (POSIX; ext4 and XFS alike, journaled or not). Renaming before the data's
+            # fsync would let a power loss leave the final name on incomplete data, which
+            # recovery would journal as the instance; skipping the folder's would let the
+            # journal, committed next, name a file that is not there after a power loss.
             if self.fsync:
                 _fsync_dir(final.parent)
         except OSError as exc:
