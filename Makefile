@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PYVER := $(shell $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 LOCK := $(if $(filter 3.11,$(PYVER)),requirements.lock,requirements-$(or $(PYVER),unknown).lock)
 
-.PHONY: demo test test-fast venv system-deps clean-data bench lock
+.PHONY: demo test test-fast lint venv system-deps clean-data bench lock
 
 # $(LOCK): the exact versions the suite passed with on that Python (`make lock` writes it from the venv);
 # a fresh install gets those, then renkei itself without resolving anything again.
@@ -58,6 +58,15 @@ demo: venv system-deps
 TEST_WORKERS ?= 2
 test: venv system-deps
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# lint and format (ruff), types (mypy: strict on the kernel, the catalog and the sharing decision),
+# the import contracts (import-linter); .ci/run runs this before the suite
+LINTED := renkei edge catalog tasks flows dashboards tests bench
+lint: venv
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy renkei edge catalog tasks flows dashboards
+	$(VENV)/bin/lint-imports
 
 # the tests that need no real part (no program, S3 endpoint, Prefect API or browser) and are not slow:
 # tests/conftest.py marks the others `external` from what they use, and fails one that runs a program here

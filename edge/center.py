@@ -20,9 +20,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import pydicom.filereader
 
@@ -31,8 +32,18 @@ from catalog.store import ObjectStore
 from edge.ingest import Ingestor
 from edge.journal import Journal
 from edge.matching import match_attribute
-from edge.qr import (IMAGE, PATIENT, SERIES, STUDY, AccessEvent, LocalSource, QueryError, RetrieveItem,
-                     retrieve_values, single_values)
+from edge.qr import (
+    IMAGE,
+    PATIENT,
+    SERIES,
+    STUDY,
+    AccessEvent,
+    LocalSource,
+    QueryError,
+    RetrieveItem,
+    retrieve_values,
+    single_values,
+)
 from edge.store import FileStore
 from renkei.config import RegionConfig
 from renkei.errors import RenkeiError
@@ -51,8 +62,12 @@ def split_part10(data: bytes) -> tuple[bytes, str, str, str]:
     handle = io.BytesIO(data)
     pydicom.filereader.read_preamble(handle, False)
     meta = pydicom.filereader._read_file_meta_info(handle)
-    return (data[handle.tell():], str(meta.TransferSyntaxUID), str(meta.MediaStorageSOPClassUID),
-            str(meta.MediaStorageSOPInstanceUID))
+    return (
+        data[handle.tell() :],
+        str(meta.TransferSyntaxUID),
+        str(meta.MediaStorageSOPClassUID),
+        str(meta.MediaStorageSOPInstanceUID),
+    )
 
 
 class EdgeCache:
@@ -85,7 +100,7 @@ class EdgeCache:
     def has_study(self, study_uid: str, instances: int) -> bool:
         return len(self.journal.instances(study_uid)) >= instances
 
-    def source(self) -> "CacheSource":
+    def source(self) -> CacheSource:
         return CacheSource(self.journal)
 
 
@@ -131,8 +146,16 @@ class CenterSource:
 
     name = "center"
 
-    def __init__(self, site_id: str, catalog: Catalog, store: ObjectStore, cache: EdgeCache,
-                 prefetch: int = 4, site_issuer: str = "", issuer_sites: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        site_id: str,
+        catalog: Catalog,
+        store: ObjectStore,
+        cache: EdgeCache,
+        prefetch: int = 4,
+        site_issuer: str = "",
+        issuer_sites: Mapping[str, str] | None = None,
+    ) -> None:
         self.site_id = site_id
         self.site_issuer = site_issuer
         self.issuer_sites = dict(issuer_sites or {})
@@ -186,8 +209,9 @@ class CenterSource:
             LOGGER.warning("C-FIND: the center's studies are left out (catalog unreachable: %s)", exc)
             return
         for record in records:
-            if all(match_attribute(vr, text, _text(record.get(kw))) for kw, (vr, text) in query.items()
-                   if kw in record):
+            if all(
+                match_attribute(vr, text, _text(record.get(kw))) for kw, (vr, text) in query.items() if kw in record
+            ):
                 yield record
 
     def _patients(self, query: Mapping[str, tuple[str, str]]) -> list[dict[str, Any]]:
@@ -197,9 +221,19 @@ class CenterSource:
         out = []
         for rows in groups.values():
             latest = max(rows, key=lambda r: (r.study_date, r.study_time))
-            rec = {k: v for k, v in _study_record(latest).items()
-                   if k in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-                            "SpecificCharacterSet")}
+            rec = {
+                k: v
+                for k, v in _study_record(latest).items()
+                if k
+                in (
+                    "PatientName",
+                    "PatientID",
+                    "IssuerOfPatientID",
+                    "PatientBirthDate",
+                    "PatientSex",
+                    "SpecificCharacterSet",
+                )
+            }
             rec["NumberOfPatientRelatedStudies"] = str(len(rows))
             rec["NumberOfPatientRelatedSeries"] = str(sum(r.series_count for r in rows))
             rec["NumberOfPatientRelatedInstances"] = str(sum(r.instance_count for r in rows))
@@ -218,15 +252,17 @@ class CenterSource:
         out = []
         for study_uid, series in self.catalog.series_summaries(list(studies)).items():
             for s in series:
-                out.append({
-                    "StudyInstanceUID": study_uid,
-                    "SeriesInstanceUID": s.get("series_uid", ""),
-                    "Modality": s.get("modality", ""),
-                    "SeriesNumber": _text(s.get("series_number")),
-                    "SeriesDescription": s.get("series_description", ""),
-                    "SpecificCharacterSet": studies[study_uid].specific_character_set,
-                    "NumberOfSeriesRelatedInstances": str(s.get("instances", 0)),
-                })
+                out.append(
+                    {
+                        "StudyInstanceUID": study_uid,
+                        "SeriesInstanceUID": s.get("series_uid", ""),
+                        "Modality": s.get("modality", ""),
+                        "SeriesNumber": _text(s.get("series_number")),
+                        "SeriesDescription": s.get("series_description", ""),
+                        "SpecificCharacterSet": studies[study_uid].specific_character_set,
+                        "NumberOfSeriesRelatedInstances": str(s.get("instances", 0)),
+                    }
+                )
         return out
 
     def _images(self, query: Mapping[str, tuple[str, str]]) -> list[dict[str, Any]]:
@@ -236,14 +272,16 @@ class CenterSource:
             for inst in self.catalog.instances(study.study_uid):
                 if series and inst["series_uid"] not in series:
                     continue
-                out.append({
-                    "StudyInstanceUID": study.study_uid,
-                    "SeriesInstanceUID": inst["series_uid"],
-                    "SOPInstanceUID": inst["sop_instance_uid"],
-                    "SOPClassUID": inst["sop_class_uid"],
-                    "InstanceNumber": _text(inst.get("instance_number")),
-                    "SpecificCharacterSet": study.specific_character_set,
-                })
+                out.append(
+                    {
+                        "StudyInstanceUID": study.study_uid,
+                        "SeriesInstanceUID": inst["series_uid"],
+                        "SOPInstanceUID": inst["sop_instance_uid"],
+                        "SOPClassUID": inst["sop_class_uid"],
+                        "InstanceNumber": _text(inst.get("instance_number")),
+                        "SpecificCharacterSet": study.specific_character_set,
+                    }
+                )
         return out
 
     # -- C-MOVE / C-GET ------------------------------------------------------
@@ -278,19 +316,29 @@ class CenterSource:
                 rows.append(inst)
         return rows
 
-    def instance_paths(self, study_uid: str, series_uid: str | None = None,
-                       sop_uids: Sequence[str] | None = None) -> Iterator[RetrieveItem]:
-        rows = [r for r in self.catalog.instances(study_uid)
-                if (series_uid is None or r["series_uid"] == series_uid)
-                and (not sop_uids or r["sop_instance_uid"] in set(sop_uids))]
+    def instance_paths(
+        self, study_uid: str, series_uid: str | None = None, sop_uids: Sequence[str] | None = None
+    ) -> Iterator[RetrieveItem]:
+        rows = [
+            r
+            for r in self.catalog.instances(study_uid)
+            if (series_uid is None or r["series_uid"] == series_uid)
+            and (not sop_uids or r["sop_instance_uid"] in set(sop_uids))
+        ]
         yield from self._items(rows)
 
     def _items(self, rows: list[dict[str, Any]]) -> Iterator[RetrieveItem]:
         fetcher = _Prefetcher(self, rows, self.prefetch)
         for row in rows:
-            yield RetrieveItem(row["study_uid"], row["series_uid"], row["sop_instance_uid"], row["sop_class_uid"],
-                               row["transfer_syntax_uid"], source=self.name,
-                               fetch=fetcher.getter(row["sop_instance_uid"]))
+            yield RetrieveItem(
+                row["study_uid"],
+                row["series_uid"],
+                row["sop_instance_uid"],
+                row["sop_class_uid"],
+                row["transfer_syntax_uid"],
+                source=self.name,
+                fetch=fetcher.getter(row["sop_instance_uid"]),
+            )
 
     def fetch(self, row: Mapping[str, Any]) -> Path:
         """The instance's file in the edge cache, fetched from the center (verified) when needed."""
@@ -327,7 +375,7 @@ class _Prefetcher:
             study = self.rows[sop_uid]["study_uid"]
             # ahead only within the same study: access is decided per study, and a refused study's
             # instances are never asked for, so they are never fetched either
-            for uid in self.order[index:index + self.ahead + 1]:
+            for uid in self.order[index : index + self.ahead + 1]:
                 if self.rows[uid]["study_uid"] == study:
                     self._submit(uid)
             future = self.futures[sop_uid]
@@ -351,8 +399,9 @@ class StudyOrigins:
     through a center outage).
     """
 
-    def __init__(self, site_id: str, origin_of: Callable[[str], str | None], ttl: float = 30.0,
-                 size: int = 100_000) -> None:
+    def __init__(
+        self, site_id: str, origin_of: Callable[[str], str | None], ttl: float = 30.0, size: int = 100_000
+    ) -> None:
         self.site_id = site_id
         self._origin_of = origin_of
         self.ttl = ttl
@@ -399,9 +448,14 @@ class SharingAccess:
     always visible to its own nodes; anything else asks `decide(site, study)`.
     """
 
-    def __init__(self, config: RegionConfig, site_id: str, decide: Callable[[str, str], bool],
-                 record: Callable[[Sequence[AccessEvent], str], None] | None = None,
-                 own_studies: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        config: RegionConfig,
+        site_id: str,
+        decide: Callable[[str, str], bool],
+        record: Callable[[Sequence[AccessEvent], str], None] | None = None,
+        own_studies: Callable[[str], bool] | None = None,
+    ) -> None:
         self.config = config
         self.site_id = site_id
         self._decide = decide
@@ -442,8 +496,7 @@ class SharingAccess:
         try:
             self._record([event], caller)
         except Exception as exc:  # auditing must never break the association (AuditBuffer keeps and retries)
-            LOGGER.error("could not audit a %s of %s by %s: %s", event.action, event.study_uid,
-                         event.calling_ae, exc)
+            LOGGER.error("could not audit a %s of %s by %s: %s", event.action, event.study_uid, event.calling_ae, exc)
 
 
 def catalog_recorder(catalog: Catalog) -> Callable[[Sequence[AccessEvent], str], None]:
@@ -457,9 +510,17 @@ def catalog_recorder(catalog: Catalog) -> Callable[[Sequence[AccessEvent], str],
             details = {"source": e.source, "level": e.detail}
             if e.destination:
                 details["destination"] = e.destination
-            drafts.append(AuditDraft(caller_site, e.calling_ae, e.action, e.study_uid,
-                                     row.origin_site if row else None, "ok" if e.allowed else "denied",
-                                     details))
+            drafts.append(
+                AuditDraft(
+                    caller_site,
+                    e.calling_ae,
+                    e.action,
+                    e.study_uid,
+                    row.origin_site if row else None,
+                    "ok" if e.allowed else "denied",
+                    details,
+                )
+            )
         catalog.append_audits(drafts)
 
     return record
@@ -503,8 +564,10 @@ class AuditBuffer:
             with self._lock:
                 self._events[:0] = failed
                 if len(self._events) > self.MAX_KEPT:
-                    LOGGER.critical("%d access audit events dropped: the catalog has been unwritable too long",
-                                    len(self._events) - self.MAX_KEPT)
+                    LOGGER.critical(
+                        "%d access audit events dropped: the catalog has been unwritable too long",
+                        len(self._events) - self.MAX_KEPT,
+                    )
                     del self._events[: len(self._events) - self.MAX_KEPT]
         return not failed
 

@@ -36,13 +36,15 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from copy import copy
 from dataclasses import dataclass
-from functools import lru_cache
 from datetime import datetime
-from typing import Any, Callable, Protocol, cast
+from functools import lru_cache
+from typing import Any, Protocol, cast
 
 from pynetdicom import AE, evt
+from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -53,7 +55,6 @@ from pynetdicom.transport import (
     RequestHandler,
     ThreadedAssociationServer,
 )
-from pynetdicom._globals import MODE_ACCEPTOR
 
 LOGGER = logging.getLogger("renkei.edge.net")
 
@@ -65,8 +66,10 @@ IDLE_WAIT = 0.05
 def check_compatible() -> bool:
     """True when pynetdicom has the internals these classes rely on."""
     needed = [
-        (DULServiceProvider, ("_process_recv_primitive", "_is_transport_event", "send_pdu",
-                              "_run_loop_delay", "kill_dul")),
+        (
+            DULServiceProvider,
+            ("_process_recv_primitive", "_is_transport_event", "send_pdu", "_run_loop_delay", "kill_dul"),
+        ),
         (Association, ("_serve_request", "_reactor_checkpoint", "dimse", "acse", "_run_reactor")),
         (AssociationSocket, ("recv", "ready", "_create_socket")),
         (RequestHandler, ("_create_association",)),
@@ -76,8 +79,7 @@ def check_compatible() -> bool:
         probe_assoc = Association(AE(), MODE_ACCEPTOR)
         for cls, names in needed:
             for name in names:
-                holder = probe_assoc if cls is Association else (
-                    probe_assoc.dul if cls is DULServiceProvider else cls)
+                holder = probe_assoc if cls is Association else (probe_assoc.dul if cls is DULServiceProvider else cls)
                 if not hasattr(holder, name):
                     return False
         return hasattr(probe_assoc.dimse, "msg_queue")
@@ -145,8 +147,13 @@ class PDUError(ValueError):
     """A PDU the peer may not send here: unknown type, or a length over the limits."""
 
 
-def check_pdu_header(header: bytes | bytearray, *, associated: bool, max_pdu: int = DEFAULT_MAX_PDU,
-                     max_associate: int = DEFAULT_MAX_ASSOCIATE) -> tuple[int, int]:
+def check_pdu_header(
+    header: bytes | bytearray,
+    *,
+    associated: bool,
+    max_pdu: int = DEFAULT_MAX_PDU,
+    max_associate: int = DEFAULT_MAX_ASSOCIATE,
+) -> tuple[int, int]:
     """(PDU type, body length) of a 6-byte PDU header, checked before any body is read.
 
     Before an association exists only association PDUs (at most `max_associate`
@@ -171,8 +178,13 @@ def check_pdu_header(header: bytes | bytearray, *, associated: bool, max_pdu: in
     return pdu_type, length
 
 
-def read_pdu(recv: Callable[[int], bytes | bytearray], *, associated: bool, max_pdu: int = DEFAULT_MAX_PDU,
-             max_associate: int = DEFAULT_MAX_ASSOCIATE) -> tuple[int, bytes | bytearray, bytes | bytearray] | None:
+def read_pdu(
+    recv: Callable[[int], bytes | bytearray],
+    *,
+    associated: bool,
+    max_pdu: int = DEFAULT_MAX_PDU,
+    max_associate: int = DEFAULT_MAX_ASSOCIATE,
+) -> tuple[int, bytes | bytearray, bytes | bytearray] | None:
     """One PDU from `recv(n)` (which returns at most n bytes, fewer at the end of the stream).
 
     Returns (type, header, body), or None when the stream ended cleanly before
@@ -184,8 +196,7 @@ def read_pdu(recv: Callable[[int], bytes | bytearray], *, associated: bool, max_
         return None
     if len(header) < 6:
         raise EOFError(f"the connection ended inside a PDU header ({len(header)} of 6 bytes)")
-    pdu_type, length = check_pdu_header(header, associated=associated, max_pdu=max_pdu,
-                                        max_associate=max_associate)
+    pdu_type, length = check_pdu_header(header, associated=associated, max_pdu=max_pdu, max_associate=max_associate)
     body = recv(length) if length else b""
     if len(body) != length:
         raise EOFError(f"the connection ended inside a PDU ({len(body)} of {length} bytes)")
@@ -206,7 +217,7 @@ class _PDataView:
             if item_length < 2 or offset + 4 + item_length > end:
                 raise ValueError(f"presentation data value item of {item_length} bytes does not fit")
             context_id = view[offset + 4]
-            items.append((context_id, view[offset + 5: offset + 4 + item_length]))
+            items.append((context_id, view[offset + 5 : offset + 4 + item_length]))
             offset += 4 + item_length
         self.items = items
 
@@ -265,7 +276,7 @@ def parse_command(raw: bytes | memoryview) -> dict[int, bytes]:
         pos += 8
         if group != 0x0000 or pos + length > end:
             raise ValueError("malformed command set")
-        out[elem] = bytes(view[pos:pos + length])
+        out[elem] = bytes(view[pos : pos + length])
         pos += length
     if pos != end:
         raise ValueError("malformed command set")
@@ -289,17 +300,20 @@ def _ui_bytes(uid: str) -> bytes:
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
-def encode_store_response(context_id: int, message_id: int, sop_class_uid: str,
-                          sop_instance_uid: str, status: int) -> bytes:
+def encode_store_response(
+    context_id: int, message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int
+) -> bytes:
     """A whole P-DATA-TF PDU carrying a C-STORE-RSP command set."""
-    body = b"".join((
-        _command_element(0x0002, _ui_bytes(sop_class_uid)),
-        _command_element(0x0100, struct.pack("<H", C_STORE_RSP)),
-        _command_element(0x0120, struct.pack("<H", message_id)),
-        _command_element(0x0800, struct.pack("<H", NO_DATASET)),
-        _command_element(0x0900, struct.pack("<H", status)),
-        _command_element(0x1000, _ui_bytes(sop_instance_uid)),
-    ))
+    body = b"".join(
+        (
+            _command_element(0x0002, _ui_bytes(sop_class_uid)),
+            _command_element(0x0100, struct.pack("<H", C_STORE_RSP)),
+            _command_element(0x0120, struct.pack("<H", message_id)),
+            _command_element(0x0800, struct.pack("<H", NO_DATASET)),
+            _command_element(0x0900, struct.pack("<H", status)),
+            _command_element(0x1000, _ui_bytes(sop_instance_uid)),
+        )
+    )
     command = _command_element(0x0000, struct.pack("<L", len(body))) + body
     pdv = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
     return struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv
@@ -347,7 +361,7 @@ class FastDUL(DULServiceProvider):
         if not self.to_provider_queue.empty() or not self.event_queue.empty():
             return
         try:
-            watched = [self._wake_r, raw] if connected else [self._wake_r]
+            watched: list[Any] = [self._wake_r, raw] if connected else [self._wake_r]
             ready, _, _ = select.select(watched, [], [], IDLE_WAIT if connected else 0.001)
         except (OSError, ValueError):
             time.sleep(0.001)
@@ -371,8 +385,10 @@ class FastDUL(DULServiceProvider):
         if time.monotonic() < sock.setup_deadline:
             return
         sock.setup_deadline = None
-        LOGGER.info("connection from %s sent no association request within the set-up deadline: closed",
-                    peer_address(self.assoc))
+        LOGGER.info(
+            "connection from %s sent no association request within the set-up deadline: closed",
+            peer_address(self.assoc),
+        )
         self._close_transport(abort=False)
 
     def _send_abort(self) -> None:
@@ -489,11 +505,20 @@ class FastDUL(DULServiceProvider):
                 field, data_type = _us(command.get(0x0100)), _us(command.get(0x0800))
                 context = self.assoc._accepted_cx.get(context_id)
                 if field == C_STORE_RQ and data_type != NO_DATASET and context is not None:
-                    request = StoreRequest(self.assoc, context_id, str(context.transfer_syntax[0]),
-                                           _us(command.get(0x0110)) or 0, _ui(command.get(0x0002)),
-                                           _ui(command.get(0x1000)))
-                    self._store = {"request": request, "frags": [], "size": 0,
-                                   "sink": cast(StoreHandler, self.store_handler)(request)}
+                    request = StoreRequest(
+                        self.assoc,
+                        context_id,
+                        str(context.transfer_syntax[0]),
+                        _us(command.get(0x0110)) or 0,
+                        _ui(command.get(0x0002)),
+                        _ui(command.get(0x1000)),
+                    )
+                    self._store = {
+                        "request": request,
+                        "frags": [],
+                        "size": 0,
+                        "sink": cast(StoreHandler, self.store_handler)(request),
+                    }
                     continue
                 passthrough.extend(frags)
                 self._pass_dataset = data_type is not None and data_type != NO_DATASET
@@ -516,8 +541,9 @@ class FastDUL(DULServiceProvider):
             status = 0xC211
         finally:
             store["frags"] = []
-        response = encode_store_response(request.context_id, request.message_id, request.sop_class_uid,
-                                         request.sop_instance_uid, status)
+        response = encode_store_response(
+            request.context_id, request.message_id, request.sop_class_uid, request.sop_instance_uid, status
+        )
         cast(AssociationSocket, self.socket).send(response)
 
     def run_reactor(self) -> None:
@@ -531,7 +557,7 @@ class FastDUL(DULServiceProvider):
                     sleep = True
                 if sleep:
                     self._idle_wait()
-                if self._kill_thread:
+                if self._kill_thread:  # type: ignore[has-type]  # pynetdicom's attribute (its types are skipped)
                     break
                 if self.artim_timer.expired:
                     self.event_queue.put("Evt18")
@@ -578,8 +604,7 @@ class FastAssociation(Association):
         super().__init__(ae, mode)
         self.dul = FastDUL(self)
         # Set by EdgeAE: a callable serving C-MOVE/C-GET requests itself (see edge.server).
-        self.retrieve_server: Callable[[Association, Any, Any], bool] | None = getattr(
-            ae, "retrieve_server", None)
+        self.retrieve_server: Callable[[Association, Any, Any], bool] | None = getattr(ae, "retrieve_server", None)
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         server = self.retrieve_server
@@ -609,7 +634,7 @@ class FastAssociation(Association):
             if msg:
                 self._serve_request(msg, cast(int, context_id))
 
-            if self.is_established and self.acse.is_release_requested():
+            if self.is_established and self.acse.is_release_requested():  # type: ignore[has-type]
                 self.acse.send_release(is_response=True)
                 LOGGER.debug("association released by %s", self.requestor.ae_title)
                 self.is_released = True
@@ -741,8 +766,15 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     # legitimate peer, which retries only after a second
     request_queue_size = 1024
 
-    def __init__(self, *args: Any, setup_timeout: float = 10.0, pdu_timeout: float = 30.0,
-                 max_per_address: int = 16, max_pending: int = 256, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        setup_timeout: float = 10.0,
+        pdu_timeout: float = 30.0,
+        max_per_address: int = 16,
+        max_pending: int = 256,
+        **kwargs: Any,
+    ) -> None:
         self.setup_timeout = setup_timeout
         self.pdu_timeout = pdu_timeout
         self.guard = ConnectionGuard(max_per_address, max_pending)
@@ -802,7 +834,7 @@ class GuardedRequestHandler(RequestHandler):
 
 def _attach_pending(assoc: Association, server: Any) -> None:
     conn = server.current_connection() if isinstance(server, GuardedAssociationServer) else None
-    assoc.renkei_pending = conn  # type: ignore[attr-defined]
+    assoc.renkei_pending = conn
     if conn is not None and isinstance(assoc.dul.socket, FastSocket):
         assoc.dul.socket.setup_deadline = conn.opened_at + server.setup_timeout
 
@@ -857,8 +889,7 @@ class FastAE(AE):
     retrieve_server: Callable[[Association, Any, Any], bool] | None = None
     store_handler: StoreHandler | None = None  # serves C-STORE requests in the DUL thread
 
-    def _create_socket(self, assoc: Association, address: AddressInformation,
-                       tls_args: Any) -> AssociationSocket:
+    def _create_socket(self, assoc: Association, address: AddressInformation, tls_args: Any) -> AssociationSocket:
         # Called by AE.associate() before the DUL thread starts: swap in the fast DUL.
         if not isinstance(assoc.dul, FastDUL) and assoc.dul.socket is None:
             assoc.dul = FastDUL(assoc)
@@ -915,8 +946,7 @@ def send_stored(
 
     from pynetdicom.dimse_primitives import C_STORE
 
-    context = assoc._get_valid_context(sop_class_uid, transfer_syntax_uid, "scu",
-                                       allow_conversion=False)
+    context = assoc._get_valid_context(sop_class_uid, transfer_syntax_uid, "scu", allow_conversion=False)
     req = C_STORE()
     req.MessageID = msg_id
     req.Priority = 2

@@ -21,20 +21,19 @@ import logging
 import mmap
 import sqlite3
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.uid import ImplicitVRLittleEndian
 
-from renkei.errors import RenkeiError
-from renkei.uids import is_valid_uid
-
 from edge.clock import wall_time
 from edge.journal import Journal, JournalError
 from edge.parsing import InvalidInstance, ParsedInstance, encode_file_meta, parse_dataset, split_file_meta
 from edge.store import DiskFull, EdgeStoreError, FileStore, TempFile, TempWriter
+from renkei.errors import RenkeiError
+from renkei.uids import is_valid_uid
 
 LOGGER = logging.getLogger("renkei.edge.store")
 
@@ -115,8 +114,9 @@ class Ingestor:
         incoming.write(data)
         return incoming.finish(data)
 
-    def begin(self, transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str,
-              calling_ae: str, peer: str = "") -> "Incoming":
+    def begin(
+        self, transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str, calling_ae: str, peer: str = ""
+    ) -> Incoming:
         """Start receiving one instance: its bytes go to a temporary file as they arrive."""
         incoming = Incoming(self, transfer_syntax_uid, sop_class_uid, sop_instance_uid, calling_ae, peer)
         self._keep_spares()
@@ -135,8 +135,15 @@ class Ingestor:
             self._known_series.add(series_uid)
         return study, series
 
-    def _place(self, parsed: ParsedInstance, temp: TempFile, data: bytes | bytearray | memoryview,
-               transfer_syntax_uid: str, calling_ae: str, who: str) -> StoreOutcome:
+    def _place(
+        self,
+        parsed: ParsedInstance,
+        temp: TempFile,
+        data: bytes | bytearray | memoryview,
+        transfer_syntax_uid: str,
+        calling_ae: str,
+        who: str,
+    ) -> StoreOutcome:
         """Put a written temporary file in its place (or recognise a resend or a conflict).
 
         The File Meta the edge writes depends only on the SOP Class and Instance
@@ -155,8 +162,9 @@ class Ingestor:
                 # power loss could take back
                 self.store.commit(temp, final)
                 try:
-                    self.journal.record_instance(parsed, transfer_syntax_uid, relative,
-                                                 temp.size, temp.sha256, calling_ae, wall_time())
+                    self.journal.record_instance(
+                        parsed, transfer_syntax_uid, relative, temp.size, temp.sha256, calling_ae, wall_time()
+                    )
                 except sqlite3.IntegrityError:  # another process journaled it meanwhile
                     existing = self.journal.lookup(sop)
                     if existing is None:
@@ -173,12 +181,18 @@ class Ingestor:
                 return StoreOutcome(SUCCESS, "duplicate", sop, parsed.study_uid)
             target = self.store.conflict_path(sop, temp.sha256)
             self.store.commit(temp, target)
-            new = self.journal.record_conflict(parsed, existing.sha256, temp.sha256,
-                                               self.store.relative(target), temp.size, calling_ae)
+            new = self.journal.record_conflict(
+                parsed, existing.sha256, temp.sha256, self.store.relative(target), temp.size, calling_ae
+            )
             LOGGER.warning(
                 "conflict: %s sent a different instance under SOP Instance UID %s (study %s); "
-                "both kept, the new one at %s%s", who, sop, parsed.study_uid, target,
-                "" if new else " (seen before)")
+                "both kept, the new one at %s%s",
+                who,
+                sop,
+                parsed.study_uid,
+                target,
+                "" if new else " (seen before)",
+            )
             return StoreOutcome(SUCCESS, "conflict", sop, parsed.study_uid, "conflict recorded")
 
     def _same_dataset(self, relative: str, data: bytes | bytearray | memoryview) -> bool:
@@ -204,8 +218,7 @@ class Ingestor:
                 continue
             try:
                 parsed, ts, temp = self._read_back(path)
-                self.journal.record_instance(parsed, ts, rel, temp.size, temp.sha256, "",
-                                             path.stat().st_mtime)
+                self.journal.record_instance(parsed, ts, rel, temp.size, temp.sha256, "", path.stat().st_mtime)
                 journaled += 1
             except (RenkeiError, OSError, sqlite3.Error) as exc:
                 LOGGER.warning("cannot recover %s: %s", path, exc)
@@ -217,8 +230,9 @@ class Ingestor:
             try:
                 parsed, ts, temp = self._read_back(path)
                 existing = self.journal.lookup(parsed.sop_instance_uid)
-                self.journal.record_conflict(parsed, existing.sha256 if existing else "",
-                                             temp.sha256, rel, temp.size, "", path.stat().st_mtime)
+                self.journal.record_conflict(
+                    parsed, existing.sha256 if existing else "", temp.sha256, rel, temp.size, "", path.stat().st_mtime
+                )
                 conflicts += 1
             except (RenkeiError, OSError, sqlite3.Error) as exc:
                 LOGGER.warning("cannot recover %s: %s", path, exc)
@@ -247,8 +261,15 @@ class Incoming:
     before the file and its journal record are durable.
     """
 
-    def __init__(self, ingestor: Ingestor, transfer_syntax_uid: str, sop_class_uid: str,
-                 sop_instance_uid: str, calling_ae: str, peer: str) -> None:
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        transfer_syntax_uid: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        calling_ae: str,
+        peer: str,
+    ) -> None:
         self.ingestor = ingestor
         self.transfer_syntax_uid = transfer_syntax_uid
         self.calling_ae = calling_ae
@@ -259,11 +280,12 @@ class Incoming:
         self.writer: TempWriter | None = None
         self.header = b""
         if not (is_valid_uid(self.sop_instance_uid) and is_valid_uid(self.sop_class_uid)):
-            msg = (f"the request's SOP Class/Instance UID {_short(self.sop_class_uid)}/"
-                   f"{_short(self.sop_instance_uid)} is not valid")
+            msg = (
+                f"the request's SOP Class/Instance UID {_short(self.sop_class_uid)}/"
+                f"{_short(self.sop_instance_uid)} is not valid"
+            )
             LOGGER.warning("refused instance from %s: %s (status 0xA900)", self.who, msg)
-            self.outcome = StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, "refused",
-                                        self.sop_instance_uid, "", msg)
+            self.outcome = StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, "refused", self.sop_instance_uid, "", msg)
             return
         # no Source AE Title: the same dataset must make the same file (the journal
         # keeps who sent it)
@@ -294,8 +316,11 @@ class Incoming:
     def abort(self) -> None:
         """The transfer broke off: remove the partial temporary file (nothing was acknowledged)."""
         if self.writer is not None:
-            LOGGER.warning("instance %s from %s: the association ended during its transfer; discarded",
-                           _short(self.sop_instance_uid), self.who)
+            LOGGER.warning(
+                "instance %s from %s: the association ended during its transfer; discarded",
+                _short(self.sop_instance_uid),
+                self.who,
+            )
             self.writer.abort()
             self.writer = None
 
@@ -335,7 +360,8 @@ class Incoming:
         if parsed.sop_instance_uid != self.sop_instance_uid:
             raise InvalidInstance(
                 f"the dataset's SOP Instance UID {parsed.sop_instance_uid} differs from the "
-                f"request's {self.sop_instance_uid}")
+                f"request's {self.sop_instance_uid}"
+            )
         return parsed, digest.hexdigest(), data
 
     def _finish_from_file(self) -> StoreOutcome:
@@ -350,7 +376,7 @@ class Incoming:
         with handle:
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             view = memoryview(mapped)
-            data = view[len(self.header):]
+            data = view[len(self.header) :]
             try:
                 return self._conclude(writer, lambda: written, lambda: self._check(data))
             finally:
@@ -368,8 +394,12 @@ class Incoming:
         LOGGER.error("unexpected failure storing %s from %s: %s", self.sop_instance_uid, self.who, exc)
         return StoreOutcome(PROCESSING_FAILURE, "failed", self.sop_instance_uid, "", str(exc))
 
-    def _conclude(self, writer: TempWriter, synced: Callable[[], TempFile],
-                  checked: Callable[[], tuple[ParsedInstance, str, Buffer]]) -> StoreOutcome:
+    def _conclude(
+        self,
+        writer: TempWriter,
+        synced: Callable[[], TempFile],
+        checked: Callable[[], tuple[ParsedInstance, str, Buffer]],
+    ) -> StoreOutcome:
         """Fsync the file and check the dataset, then place it; never raises.
 
         `synced()` fsyncs and closes the file; `checked()` returns the parsed
@@ -403,8 +433,12 @@ class Incoming:
                 # implicit VR data sent under an explicit syntax: the bytes are kept as received,
                 # the file is labelled with what they are, so that every reader decodes them
                 transfer_syntax_uid = ImplicitVRLittleEndian
-                LOGGER.info("instance %s from %s is implicit VR sent as %s: stored labelled implicit VR",
-                            _short(self.sop_instance_uid), self.who, self.transfer_syntax_uid)
+                LOGGER.info(
+                    "instance %s from %s is implicit VR sent as %s: stored labelled implicit VR",
+                    _short(self.sop_instance_uid),
+                    self.who,
+                    self.transfer_syntax_uid,
+                )
                 header = encode_file_meta(self.sop_class_uid, self.sop_instance_uid, transfer_syntax_uid)
                 relabelled = ingestor.store.write_temp([header, data])
                 ingestor.store.discard(temp)
@@ -416,8 +450,9 @@ class Incoming:
             return outcome
         except InvalidInstance as exc:
             status = DATASET_DOES_NOT_MATCH_SOP_CLASS if "UID" in str(exc) else CANNOT_UNDERSTAND
-            LOGGER.warning("refused instance %s from %s: %s (status 0x%04X)",
-                           _short(self.sop_instance_uid), self.who, exc, status)
+            LOGGER.warning(
+                "refused instance %s from %s: %s (status 0x%04X)", _short(self.sop_instance_uid), self.who, exc, status
+            )
             return StoreOutcome(status, "refused", self.sop_instance_uid, "", str(exc))
         except DiskFull as exc:
             LOGGER.warning("refused an instance from %s: %s (status 0xA700)", self.who, exc)

@@ -22,15 +22,15 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
-
-from renkei.errors import RenkeiError, StorageError
-from renkei.records import InstanceInfo, StudyInfo
+from typing import Any
 
 from edge.clock import QuietClock, wall_time
 from edge.parsing import ParsedInstance
+from renkei.errors import RenkeiError, StorageError
+from renkei.records import InstanceInfo, StudyInfo
 
 JOURNAL_NAME = "journal.sqlite"
 UPLOAD_STATES: tuple[str, ...] = ("pending", "uploaded", "verified")
@@ -97,8 +97,7 @@ CREATE TABLE IF NOT EXISTS series (
 );
 CREATE INDEX IF NOT EXISTS series_study ON series (study_uid);
 CREATE TABLE IF NOT EXISTS instances (
-    {", ".join(f"{c} TEXT NOT NULL DEFAULT ''" for c in INSTANCE_COLUMNS.values()
-               if c != "sop_instance_uid")},
+    {", ".join(f"{c} TEXT NOT NULL DEFAULT ''" for c in INSTANCE_COLUMNS.values() if c != "sop_instance_uid")},
     sop_instance_uid TEXT PRIMARY KEY,
     study_uid TEXT NOT NULL,
     series_uid TEXT NOT NULL,
@@ -253,8 +252,13 @@ def _int_or_none(value: str) -> int | None:
 class Journal:
     """The journal of one edge store. Safe to open from several processes at once."""
 
-    def __init__(self, store_dir: Path, readonly: bool = False, synchronous: str = "FULL",
-                 on_full: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        readonly: bool = False,
+        synchronous: str = "FULL",
+        on_full: Callable[[], bool] | None = None,
+    ) -> None:
         """Open the journal of the store at `store_dir`.
 
         `on_full` is called when SQLite finds the disk full (while opening,
@@ -289,11 +293,9 @@ class Journal:
         readonly = self.readonly
         if readonly:
             uri = f"file:{self.path}?mode=ro"
-            self._conn = sqlite3.connect(uri, uri=True, isolation_level=None,
-                                         check_same_thread=False, timeout=30)
+            self._conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
         else:
-            self._conn = sqlite3.connect(self.path, isolation_level=None,
-                                         check_same_thread=False, timeout=30)
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA busy_timeout = 30000")
         self._refuse_newer_schema()
@@ -334,19 +336,20 @@ class Journal:
     def _refuse_newer_schema(self) -> None:
         """A journal written by a newer renkei is refused, not misread (after a downgrade)."""
         assert self._conn is not None
-        has_meta = self._conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        has_meta = self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
         if not has_meta:
             return
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is not None and str(row[0]).isdigit() and int(row[0]) > int(SCHEMA_VERSION):
             self._conn.close()
-            raise JournalError(f"{self.path}: this journal was written by a newer renkei (schema {row[0]}; this "
-                               f"one knows {SCHEMA_VERSION}): install that version again (git checkout, make venv)")
+            raise JournalError(
+                f"{self.path}: this journal was written by a newer renkei (schema {row[0]}; this "
+                f"one knows {SCHEMA_VERSION}): install that version again (git checkout, make venv)"
+            )
 
     # -- opening -------------------------------------------------------------
     @classmethod
-    def open(cls, store_dir: Path | str, readonly: bool = False) -> "Journal":
+    def open(cls, store_dir: Path | str, readonly: bool = False) -> Journal:
         """Open (creating if needed) the journal of the edge store at `store_dir`."""
         return cls(Path(store_dir), readonly=readonly)
 
@@ -354,7 +357,7 @@ class Journal:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -424,8 +427,15 @@ class Journal:
 
     def set_meta(self, key: str, value: str, durable: bool = True) -> None:
         """Set a bookkeeping value; `durable` checkpoints the WAL into the fsynced database."""
-        self._write([("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
-                      "DO UPDATE SET value = excluded.value", (key, value))])
+        self._write(
+            [
+                (
+                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                    "DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+            ]
+        )
         if durable:
             self.checkpoint()
 
@@ -484,17 +494,22 @@ class Journal:
         """
         with self._lock:
             before = self._conn.total_changes
-            self._write([(
-                "UPDATE studies SET last_clock = ?, announced_clock = CASE WHEN completed_at IS NOT NULL "
-                "AND completed_at >= last_received THEN ? ELSE NULL END WHERE last_clock IS NULL",
-                (clock, clock))])
+            self._write(
+                [
+                    (
+                        "UPDATE studies SET last_clock = ?, announced_clock = CASE WHEN completed_at IS NOT NULL "
+                        "AND completed_at >= last_received THEN ? ELSE NULL END WHERE last_clock IS NULL",
+                        (clock, clock),
+                    )
+                ]
+            )
             return self._conn.total_changes - before
 
     # -- ingest (the edge's own writes) ----------------------------------------
     def lookup(self, sop_instance_uid: str) -> StoredInstance | None:
         rows = self._query(
-            "SELECT sop_instance_uid, sha256, path, local FROM instances "
-            "WHERE sop_instance_uid = ?", (sop_instance_uid,),
+            "SELECT sop_instance_uid, sha256, path, local FROM instances WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
         )
         if not rows:
             return None
@@ -526,12 +541,27 @@ class Journal:
         attrs = parsed.attributes
         get = attrs.get
         charset = parsed.specific_character_set
-        self._write((
-            (_INSERT_INSTANCE, [*[get(k, "") for k in INSTANCE_COLUMNS], parsed.study_uid, parsed.series_uid,
-                                transfer_syntax_uid, charset, path, size, sha256, calling_ae, now]),
-            (_INSERT_SERIES, [*[get(k, "") for k in SERIES_COLUMNS], parsed.study_uid, charset]),
-            (_UPSERT_STUDY, [*[get(k, "") for k in STUDY_COLUMNS], charset, now, now, clock]),
-        ))
+        self._write(
+            (
+                (
+                    _INSERT_INSTANCE,
+                    [
+                        *[get(k, "") for k in INSTANCE_COLUMNS],
+                        parsed.study_uid,
+                        parsed.series_uid,
+                        transfer_syntax_uid,
+                        charset,
+                        path,
+                        size,
+                        sha256,
+                        calling_ae,
+                        now,
+                    ],
+                ),
+                (_INSERT_SERIES, [*[get(k, "") for k in SERIES_COLUMNS], parsed.study_uid, charset]),
+                (_UPSERT_STUDY, [*[get(k, "") for k in STUDY_COLUMNS], charset, now, now, clock]),
+            )
+        )
 
     def has_study(self, study_uid: str) -> bool:
         return bool(self._query("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)))
@@ -541,10 +571,14 @@ class Journal:
 
     def restore_local(self, sop_instance_uid: str, path: str) -> None:
         """An identical instance came back after its local copy was removed: keep it again."""
-        self._write([(
-            "UPDATE instances SET local = 1, path = ? WHERE sop_instance_uid = ?",
-            (path, sop_instance_uid),
-        )])
+        self._write(
+            [
+                (
+                    "UPDATE instances SET local = 1, path = ? WHERE sop_instance_uid = ?",
+                    (path, sop_instance_uid),
+                )
+            ]
+        )
 
     def record_conflict(
         self,
@@ -559,12 +593,25 @@ class Journal:
         """Record a conflicting instance; False when that exact conflict was recorded before."""
         now = wall_time() if received_at is None else received_at
         try:
-            self._write([(
-                "INSERT INTO conflicts (sop_instance_uid, study_uid, series_uid, existing_sha256, "
-                "received_sha256, path, size, calling_ae, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (parsed.sop_instance_uid, parsed.study_uid, parsed.series_uid, existing_sha256,
-                 received_sha256, path, size, calling_ae, now),
-            )])
+            self._write(
+                [
+                    (
+                        "INSERT INTO conflicts (sop_instance_uid, study_uid, series_uid, existing_sha256, "
+                        "received_sha256, path, size, calling_ae, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                        (
+                            parsed.sop_instance_uid,
+                            parsed.study_uid,
+                            parsed.series_uid,
+                            existing_sha256,
+                            received_sha256,
+                            path,
+                            size,
+                            calling_ae,
+                            now,
+                        ),
+                    )
+                ]
+            )
         except sqlite3.IntegrityError:
             return False
         return True
@@ -618,9 +665,11 @@ class Journal:
             return f"{alias}.last_received <= ?", (wall - stable_age,)
         clock = self.clock_now()
         clock_cutoff = clock - stable_age if clock is not None else float("-inf")
-        return (f"(({alias}.last_clock IS NOT NULL AND {alias}.last_clock <= ?) OR "
-                f"({alias}.last_clock IS NULL AND {alias}.last_received <= ?))",
-                (clock_cutoff, wall_time() - stable_age))
+        return (
+            f"(({alias}.last_clock IS NOT NULL AND {alias}.last_clock <= ?) OR "
+            f"({alias}.last_clock IS NULL AND {alias}.last_received <= ?))",
+            (clock_cutoff, wall_time() - stable_age),
+        )
 
     def newly_completed(self, stable_age: float, clock: float | None = None) -> list[str]:
         """Studies complete since their last instance and not yet announced (see mark_announced).
@@ -652,13 +701,26 @@ class Journal:
         with self._lock:
             before = self._conn.total_changes
             if cutoff is None or not self._clock_columns:
-                self._write([("UPDATE studies SET completed_at = ?, announced_clock = last_clock "
-                              "WHERE study_uid = ?" if self._clock_columns else
-                              "UPDATE studies SET completed_at = ? WHERE study_uid = ?", (when, study_uid))])
+                self._write(
+                    [
+                        (
+                            "UPDATE studies SET completed_at = ?, announced_clock = last_clock WHERE study_uid = ?"
+                            if self._clock_columns
+                            else "UPDATE studies SET completed_at = ? WHERE study_uid = ?",
+                            (when, study_uid),
+                        )
+                    ]
+                )
             else:
-                self._write([("UPDATE studies SET completed_at = ?, announced_clock = last_clock "
-                              "WHERE study_uid = ? AND (last_clock <= ? OR last_clock IS NULL)",
-                              (when, study_uid, cutoff))])
+                self._write(
+                    [
+                        (
+                            "UPDATE studies SET completed_at = ?, announced_clock = last_clock "
+                            "WHERE study_uid = ? AND (last_clock <= ? OR last_clock IS NULL)",
+                            (when, study_uid, cutoff),
+                        )
+                    ]
+                )
             return self._conn.total_changes > before
 
     def study_info(self, study_uid: str, origin_site: str) -> StudyInfo:
@@ -668,9 +730,11 @@ class Journal:
             raise JournalError(f"study {study_uid} is not in the journal of {self.store_dir}")
         r = rows[0]
         modalities = tuple(
-            m["modality"] for m in self._query(
-                "SELECT DISTINCT modality FROM series WHERE study_uid = ? AND modality != '' "
-                "ORDER BY modality", (study_uid,))
+            m["modality"]
+            for m in self._query(
+                "SELECT DISTINCT modality FROM series WHERE study_uid = ? AND modality != '' ORDER BY modality",
+                (study_uid,),
+            )
         )
         return StudyInfo(
             study_uid=study_uid,
@@ -706,12 +770,14 @@ class Journal:
             params.append(upload_state)
         rows = self._query(sql, params)
         entries = [self._entry(r) for r in rows]
-        entries.sort(key=lambda e: (
-            e.instance.series_number if e.instance.series_number is not None else 1 << 30,
-            e.instance.series_uid,
-            e.instance.instance_number if e.instance.instance_number is not None else 1 << 30,
-            e.instance.sop_instance_uid,
-        ))
+        entries.sort(
+            key=lambda e: (
+                e.instance.series_number if e.instance.series_number is not None else 1 << 30,
+                e.instance.series_uid,
+                e.instance.instance_number if e.instance.instance_number is not None else 1 << 30,
+                e.instance.sop_instance_uid,
+            )
+        )
         return entries
 
     def entry(self, sop_instance_uid: str) -> JournalEntry | None:
@@ -746,9 +812,7 @@ class Journal:
             local=bool(r["local"]),
         )
 
-    def set_upload_state(
-        self, sop_instance_uids: Iterable[str], state: str, object_key: str | None = None
-    ) -> int:
+    def set_upload_state(self, sop_instance_uids: Iterable[str], state: str, object_key: str | None = None) -> int:
         """Set the upload state (and the object key, when given) of instances; returns how many."""
         _check_state(state)
         uids = list(sop_instance_uids)
@@ -760,11 +824,15 @@ class Journal:
             for uid in uids:
                 if object_key is None:
                     statements.append(
-                        ("UPDATE instances SET upload_state = ? WHERE sop_instance_uid = ?", (state, uid)))
+                        ("UPDATE instances SET upload_state = ? WHERE sop_instance_uid = ?", (state, uid))
+                    )
                 else:
-                    statements.append((
-                        "UPDATE instances SET upload_state = ?, object_key = ? WHERE sop_instance_uid = ?",
-                        (state, object_key, uid)))
+                    statements.append(
+                        (
+                            "UPDATE instances SET upload_state = ?, object_key = ? WHERE sop_instance_uid = ?",
+                            (state, object_key, uid),
+                        )
+                    )
             self._write(statements)
             return self._conn.total_changes - before
 
@@ -781,8 +849,9 @@ class Journal:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     rows = self._conn.execute(
-                        "SELECT upload_state, count(*) AS n FROM instances WHERE study_uid = ? "
-                        "GROUP BY upload_state", (study_uid,)).fetchall()
+                        "SELECT upload_state, count(*) AS n FROM instances WHERE study_uid = ? GROUP BY upload_state",
+                        (study_uid,),
+                    ).fetchall()
                     if not rows:
                         raise JournalError(f"study {study_uid} is not in the journal of {self.store_dir}")
                     pending = {r[0]: r[1] for r in rows if r[0] != "verified"}
@@ -794,10 +863,13 @@ class Journal:
                         )
                     chosen = self._conn.execute(
                         "SELECT sop_instance_uid, path FROM instances WHERE study_uid = ? AND local = 1 "
-                        "AND upload_state = 'verified'", (study_uid,)).fetchall()
+                        "AND upload_state = 'verified'",
+                        (study_uid,),
+                    ).fetchall()
                     self._conn.executemany(
                         "UPDATE instances SET local = 0 WHERE sop_instance_uid = ? AND upload_state = 'verified'",
-                        [(r[0],) for r in chosen])
+                        [(r[0],) for r in chosen],
+                    )
                 except BaseException:
                     self._conn.execute("ROLLBACK")
                     raise
@@ -845,8 +917,14 @@ class Journal:
         # a journal from before schema 4 opened read-only has no such table (a writable open adds it)
         return bool(self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'quarantine'"))
 
-    def quarantine(self, study_uid: str, reason: str, sop_instance_uids: Iterable[str] | None = None,
-                   step: str = "", when: float | None = None) -> Quarantine:
+    def quarantine(
+        self,
+        study_uid: str,
+        reason: str,
+        sop_instance_uids: Iterable[str] | None = None,
+        step: str = "",
+        when: float | None = None,
+    ) -> Quarantine:
         """Hold a study out of the sync until `release_quarantine`; returns its quarantine.
 
         Idempotent: a study already quarantined keeps its first reason. The
@@ -855,9 +933,15 @@ class Journal:
         reason = " ".join(str(reason).split())[:QUARANTINE_REASON_MAX] or "no reason given"
         uids = json.dumps(list(dict.fromkeys(sop_instance_uids or ())))
         now = time.time() if when is None else when
-        self._write([(
-            "INSERT OR IGNORE INTO quarantine (study_uid, reason, step, sop_instance_uids, quarantined_at) "
-            "VALUES (?, ?, ?, ?, ?)", (study_uid, reason, step, uids, now))])
+        self._write(
+            [
+                (
+                    "INSERT OR IGNORE INTO quarantine (study_uid, reason, step, sop_instance_uids, quarantined_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (study_uid, reason, step, uids, now),
+                )
+            ]
+        )
         active = self._quarantines("study_uid = ? AND released_at IS NULL", (study_uid,))
         if not active:  # cannot happen: the row was inserted or an active one existed
             raise JournalError(f"{self.path}: the quarantine of study {study_uid} was not recorded")
@@ -873,8 +957,10 @@ class Journal:
         return {r["study_uid"] for r in self._query("SELECT study_uid FROM quarantine WHERE released_at IS NULL")}
 
     def is_quarantined(self, study_uid: str) -> bool:
-        return bool(self._has_quarantine_table() and self._query(
-            "SELECT 1 FROM quarantine WHERE study_uid = ? AND released_at IS NULL", (study_uid,)))
+        return bool(
+            self._has_quarantine_table()
+            and self._query("SELECT 1 FROM quarantine WHERE study_uid = ? AND released_at IS NULL", (study_uid,))
+        )
 
     def release_quarantine(self, study_uid: str, by: str = "", when: float | None = None) -> Quarantine | None:
         """End a study's quarantine (the next sync run takes it again); returns it, None if it had none."""
@@ -882,8 +968,14 @@ class Journal:
         if not active:
             return None
         now = time.time() if when is None else when
-        self._write([("UPDATE quarantine SET released_at = ?, released_by = ? WHERE id = ? AND released_at IS NULL",
-                      (now, by, active[0].id))])
+        self._write(
+            [
+                (
+                    "UPDATE quarantine SET released_at = ?, released_by = ? WHERE id = ? AND released_at IS NULL",
+                    (now, by, active[0].id),
+                )
+            ]
+        )
         return self._quarantines("id = ?", (active[0].id,))[0]
 
     def quarantines_to_audit(self) -> list[Quarantine]:
@@ -896,8 +988,13 @@ class Journal:
         statements: list[tuple[str, Sequence[Any]]] = []
         for qid in quarantine_ids:
             statements.append(("UPDATE quarantine SET audited_at = coalesce(audited_at, ?) WHERE id = ?", (now, qid)))
-            statements.append(("UPDATE quarantine SET release_audited_at = coalesce(release_audited_at, ?) "
-                               "WHERE id = ? AND released_at IS NOT NULL", (now, qid)))
+            statements.append(
+                (
+                    "UPDATE quarantine SET release_audited_at = coalesce(release_audited_at, ?) "
+                    "WHERE id = ? AND released_at IS NOT NULL",
+                    (now, qid),
+                )
+            )
         if statements:
             self._write(statements)
 
@@ -906,10 +1003,15 @@ class Journal:
             return []
         return [
             Quarantine(
-                id=int(r["id"]), study_uid=r["study_uid"], reason=r["reason"], step=r["step"],
+                id=int(r["id"]),
+                study_uid=r["study_uid"],
+                reason=r["reason"],
+                step=r["step"],
                 sop_instance_uids=tuple(json.loads(r["sop_instance_uids"] or "[]")),
-                quarantined_at=float(r["quarantined_at"]), audited_at=r["audited_at"],
-                released_at=r["released_at"], released_by=r["released_by"] or "",
+                quarantined_at=float(r["quarantined_at"]),
+                audited_at=r["audited_at"],
+                released_at=r["released_at"],
+                released_by=r["released_by"] or "",
                 release_audited_at=r["release_audited_at"],
             )
             for r in self._query(f"SELECT * FROM quarantine WHERE {where} ORDER BY quarantined_at, id", params)
@@ -935,7 +1037,8 @@ class Journal:
         self, study_uids: Sequence[str] | None = None, patient_id: str | None = None
     ) -> list[dict[str, Any]]:
         """Study-level records (keyword -> text) with the computed Q/R attributes."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if study_uids:
             where.append(f"s.study_uid IN ({', '.join('?' * len(study_uids))})")
             params.extend(study_uids)
@@ -965,7 +1068,8 @@ class Journal:
     def series_rows(
         self, study_uids: Sequence[str] | None = None, series_uids: Sequence[str] | None = None
     ) -> list[dict[str, Any]]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if study_uids:
             where.append(f"x.study_uid IN ({', '.join('?' * len(study_uids))})")
             params.extend(study_uids)
@@ -994,11 +1098,15 @@ class Journal:
         sop_instance_uids: Sequence[str] | None = None,
         local_only: bool = True,
     ) -> list[dict[str, Any]]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if local_only:
             where.append("i.local = 1")
-        for column, values in (("study_uid", study_uids), ("series_uid", series_uids),
-                               ("sop_instance_uid", sop_instance_uids)):
+        for column, values in (
+            ("study_uid", study_uids),
+            ("series_uid", series_uids),
+            ("sop_instance_uid", sop_instance_uids),
+        ):
             if values:
                 where.append(f"i.{column} IN ({', '.join('?' * len(values))})")
                 params.extend(values)
@@ -1025,13 +1133,20 @@ class Journal:
         out = []
         for (_pid, _issuer), group in by_patient.items():
             latest = max(group, key=lambda s: s["_last_received"])
-            record = {k: latest[k] for k in ("PatientName", "PatientID", "IssuerOfPatientID",
-                                               "PatientBirthDate", "PatientSex", "SpecificCharacterSet")}
+            record = {
+                k: latest[k]
+                for k in (
+                    "PatientName",
+                    "PatientID",
+                    "IssuerOfPatientID",
+                    "PatientBirthDate",
+                    "PatientSex",
+                    "SpecificCharacterSet",
+                )
+            }
             record["NumberOfPatientRelatedStudies"] = str(len(group))
-            record["NumberOfPatientRelatedSeries"] = str(
-                sum(int(s["NumberOfStudyRelatedSeries"]) for s in group))
-            record["NumberOfPatientRelatedInstances"] = str(
-                sum(int(s["NumberOfStudyRelatedInstances"]) for s in group))
+            record["NumberOfPatientRelatedSeries"] = str(sum(int(s["NumberOfStudyRelatedSeries"]) for s in group))
+            record["NumberOfPatientRelatedInstances"] = str(sum(int(s["NumberOfStudyRelatedInstances"]) for s in group))
             record["_study_uids"] = [s["StudyInstanceUID"] for s in group]
             out.append(record)
         return out

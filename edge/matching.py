@@ -20,10 +20,10 @@ Rules:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import groupby
-from typing import Mapping
 
 from renkei.errors import RenkeiError
 
@@ -64,22 +64,25 @@ def _complexity_problem(vr: str, text: str) -> str | None:
     """What makes `text` too costly to match, or None (cached: `match_attribute` asks it per record)."""
     values = text.split("\\")
     if len(values) > MAX_LIST_VALUES:
-        return (f"has {len(values)} values separated by '\\' (at most {MAX_LIST_VALUES}); "
-                "send several smaller queries")
+        return f"has {len(values)} values separated by '\\' (at most {MAX_LIST_VALUES}); send several smaller queries"
     longest = max(map(len, values))
     if longest > MAX_QUERY_VALUE_CHARS:
         index = next(i for i, v in enumerate(values) if len(v) == longest)
         which = f"value {index + 1} " if len(values) > 1 else "value "
-        return (f"{which}is {longest} characters long (at most {MAX_QUERY_VALUE_CHARS}); "
-                "shorten it, e.g. keep a prefix and end it with '*'")
+        return (
+            f"{which}is {longest} characters long (at most {MAX_QUERY_VALUE_CHARS}); "
+            "shorten it, e.g. keep a prefix and end it with '*'"
+        )
     if vr in _NO_WILDCARD_VRS:
         return None  # '*' and '?' are plain characters there: nothing to expand
     if text.count("*") + text.count("?") <= MAX_WILDCARDS:
         return None
     wildcards = (collapsed := _collapse_stars(text)).count("*") + collapsed.count("?")
     if wildcards > MAX_WILDCARDS:
-        return (f"has {wildcards} wildcards ('*' and '?' together, runs of '*' counted once; "
-                f"at most {MAX_WILDCARDS}); use fewer, e.g. one '*' for a run like '?*?*?'")
+        return (
+            f"has {wildcards} wildcards ('*' and '?' together, runs of '*' counted once; "
+            f"at most {MAX_WILDCARDS}); use fewer, e.g. one '*' for a run like '?*?*?'"
+        )
     return None
 
 
@@ -113,7 +116,7 @@ class _Segment:
     pieces: tuple[tuple[int, str], ...]  # (offset, literal characters), '?' between them
 
     @classmethod
-    def of(cls, text: str) -> "_Segment":
+    def of(cls, text: str) -> _Segment:
         pieces = []
         offset = 0
         for literal in text.split("?"):
@@ -128,7 +131,8 @@ class _Segment:
 
     def matches_at(self, value: str, start: int) -> bool:
         return start + self.width <= len(value) and all(
-            value.startswith(literal, start + offset) for offset, literal in self.pieces)
+            value.startswith(literal, start + offset) for offset, literal in self.pieces
+        )
 
     def find(self, value: str, start: int, limit: int) -> int:
         """The leftmost position p >= start where the segment matches within value[:limit], or -1."""
@@ -142,11 +146,13 @@ class _Segment:
             return found - offset if found >= 0 else -1
         # The rarest literal leads the search (found by a fast literal scan), the rest is checked
         # around it: scanning for a common first literal would check the rest almost everywhere.
-        anchor = min(range(len(self.pieces)), key=lambda i: (
-            value.count(self.pieces[i][1], start, limit), -len(self.pieces[i][1]), i))
+        anchor = min(
+            range(len(self.pieces)),
+            key=lambda i: (value.count(self.pieces[i][1], start, limit), -len(self.pieces[i][1]), i),
+        )
         offset = self.pieces[anchor][0]
-        found = _anchored_regex(self.text, anchor).search(value, start + offset, limit)
-        return found.start() - offset if found is not None else -1
+        hit = _anchored_regex(self.text, anchor).search(value, start + offset, limit)
+        return hit.start() - offset if hit is not None else -1
 
 
 def _fixed_regex(text: str) -> str:
@@ -178,7 +184,7 @@ def _anchored_regex(text: str, anchor: int) -> re.Pattern[str]:
         masked = ["?"] * len(text)
         for i, (start, other) in enumerate(pieces):
             if i != anchor:
-                masked[start:start + min(stage, len(other))] = other[:stage]
+                masked[start : start + min(stage, len(other))] = other[:stage]
         before, after = "".join(masked[:end]), "".join(masked[end:])
         if before.strip("?"):
             checks.append(f"(?<={_fixed_regex(before)})")
@@ -229,10 +235,10 @@ def _norm_time(text: str, upper: bool = False) -> str:
     whole, _, frac = text.strip().replace(":", "").partition(".")
     whole = whole[:6]
     if upper:
-        whole += "235959"[len(whole):]
+        whole += "235959"[len(whole) :]
         frac = frac[:6] if len(frac) >= 6 else (frac + "999999")[:6]
     else:
-        whole += "000000"[len(whole):]
+        whole += "000000"[len(whole) :]
         frac = (frac + "000000")[:6]
     return f"{whole}.{frac}"
 
@@ -244,7 +250,7 @@ def _norm_datetime(text: str, upper: bool = False) -> str:
         if sign in text[4:]:
             text = text[: 4 + text[4:].index(sign)]
     date, time_part = text[:8], text[8:]
-    date += ("12311231" if upper else "01010101")[len(date) - 4:] if len(date) >= 4 else ""
+    date += ("12311231" if upper else "01010101")[len(date) - 4 :] if len(date) >= 4 else ""
     return date + _norm_time(time_part, upper)
 
 

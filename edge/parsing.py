@@ -10,10 +10,11 @@ from __future__ import annotations
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from io import BytesIO
-from typing import Any, Callable
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -27,18 +28,38 @@ IMPLEMENTATION_VERSION_NAME = "RENKEI_EDGE_01"
 
 # The attributes the journal keeps, per query/retrieve level.
 PATIENT_KEYS: tuple[str, ...] = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
 )
 STUDY_KEYS: tuple[str, ...] = (
-    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-    "StudyDescription", "ReferringPhysicianName", "RequestingService", "InstitutionName",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "RequestingService",
+    "InstitutionName",
 )
 SERIES_KEYS: tuple[str, ...] = (
-    "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate",
-    "SeriesTime", "BodyPartExamined",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "SeriesTime",
+    "BodyPartExamined",
 )
 IMAGE_KEYS: tuple[str, ...] = (
-    "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "ContentDate", "ContentTime",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "ContentDate",
+    "ContentTime",
 )
 ALL_KEYS = PATIENT_KEYS + STUDY_KEYS + SERIES_KEYS + IMAGE_KEYS
 
@@ -83,8 +104,9 @@ def inflate_bounded(raw: bytes | memoryview, limit: int | None = None) -> bytes:
     except zlib.error as exc:
         raise InvalidInstance(f"deflated dataset cannot be inflated: {exc}") from None
     if len(out) > limit or inflater.unconsumed_tail:
-        raise InvalidInstance(f"deflated dataset inflates beyond {limit} bytes "
-                              f"({len(raw)} bytes deflated): refused as a deflate bomb")
+        raise InvalidInstance(
+            f"deflated dataset inflates beyond {limit} bytes ({len(raw)} bytes deflated): refused as a deflate bomb"
+        )
     return out
 
 
@@ -104,7 +126,7 @@ def _stop_after_header(tag: Any, vr: Any, length: Any) -> bool:
 
 
 def parse_dataset(
-    data: bytes | memoryview,
+    data: bytes | bytearray | memoryview,
     transfer_syntax_uid: str,
     full: bool = True,
     known: Callable[[str, str], tuple[bool, bool]] | None = None,
@@ -149,8 +171,7 @@ def parse_dataset(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # only the header is read by pydicom: a small copy, never the pixel data
-            ds = read_dataset(BytesIO(bytes(raw[:header_end])), is_implicit, is_little,
-                              stop_when=_stop_after_header)
+            ds = read_dataset(BytesIO(bytes(raw[:header_end])), is_implicit, is_little, stop_when=_stop_after_header)
     except Exception as exc:  # pydicom raises many kinds on garbage
         raise InvalidInstance(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
     parsed = describe_dataset(ds, known)
@@ -171,12 +192,13 @@ ASCII_TAGS: dict[int, str] = {
 }
 
 
-def _quick_instance(raw: bytes | memoryview, found: dict[int, tuple[int, int]],
-                    known: Callable[[str, str], tuple[bool, bool]]) -> ParsedInstance | None:
+def _quick_instance(
+    raw: bytes | memoryview, found: dict[int, tuple[int, int]], known: Callable[[str, str], tuple[bool, bool]]
+) -> ParsedInstance | None:
     """An instance of a study and series the journal holds, read without pydicom; else None."""
     values: dict[str, str] = {}
     for tag, (offset, length) in found.items():
-        text = bytes(raw[offset:offset + length]).decode("ascii", "replace")
+        text = bytes(raw[offset : offset + length]).decode("ascii", "replace")
         values[ASCII_TAGS[tag]] = "\\".join(part.strip("\x00 ") for part in text.split("\\"))
     study_uid, series_uid = values.get("StudyInstanceUID", ""), values.get("SeriesInstanceUID", "")
     if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
@@ -208,8 +230,9 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
-def check_framing(raw: bytes | memoryview, is_implicit: bool, is_little: bool,
-                  found: dict[int, tuple[int, int]] | None = None) -> int:
+def check_framing(
+    raw: bytes | memoryview, is_implicit: bool, is_little: bool, found: dict[int, tuple[int, int]] | None = None
+) -> int:
     """Walk every element's tag and length to the end of `raw` without decoding values.
 
     Raises InvalidInstance when an element runs past the end, a delimiter is
@@ -226,9 +249,17 @@ def check_framing(raw: bytes | memoryview, is_implicit: bool, is_little: bool,
     return marks[0] if marks else len(raw)
 
 
-def _walk(view: memoryview, pos: int, end: int, implicit: bool, little: bool,
-          until: int | None, depth: int, marks: list[int] | None = None,
-          found: dict[int, tuple[int, int]] | None = None) -> int:
+def _walk(
+    view: memoryview,
+    pos: int,
+    end: int,
+    implicit: bool,
+    little: bool,
+    until: int | None,
+    depth: int,
+    marks: list[int] | None = None,
+    found: dict[int, tuple[int, int]] | None = None,
+) -> int:
     if depth > 32:
         raise InvalidInstance("dataset nests sequences deeper than 32 levels")
     order = "<" if little else ">"
@@ -254,7 +285,7 @@ def _walk(view: memoryview, pos: int, end: int, implicit: bool, little: bool,
             length = struct.unpack_from(order + "I", view, pos + 4)[0]
             pos += 8
         else:
-            vr = bytes(view[pos + 4:pos + 6])
+            vr = bytes(view[pos + 4 : pos + 6])
             if vr in _LONG_VRS:
                 if pos + 12 > end:
                     raise InvalidInstance(f"dataset truncated inside an element header at byte {pos}")
@@ -284,8 +315,9 @@ def _walk(view: memoryview, pos: int, end: int, implicit: bool, little: bool,
     return pos
 
 
-def _walk_items(view: memoryview, pos: int, end: int, implicit: bool, little: bool, depth: int,
-                defined: bool = False) -> int:
+def _walk_items(
+    view: memoryview, pos: int, end: int, implicit: bool, little: bool, depth: int, defined: bool = False
+) -> int:
     order = "<" if little else ">"
     while pos < end:
         if pos + 8 > end:
@@ -318,8 +350,7 @@ def _is_sequence_tag(tag: int) -> bool:
         return False
 
 
-def describe_dataset(ds: Dataset, known: Callable[[str, str], tuple[bool, bool]] | None = None
-                     ) -> ParsedInstance:
+def describe_dataset(ds: Dataset, known: Callable[[str, str], tuple[bool, bool]] | None = None) -> ParsedInstance:
     """UIDs (validated) and decoded query attributes of a pydicom Dataset."""
     with warnings.catch_warnings():  # pydicom warns on the invalid values refused below
         warnings.simplefilter("ignore")
@@ -351,8 +382,9 @@ def _describe(ds: Dataset, known: Callable[[str, str], tuple[bool, bool]] | None
         keys: tuple[str, ...] = ALL_KEYS
         if known is not None:
             study_known, series_known = known(uids["StudyInstanceUID"], uids["SeriesInstanceUID"])
-            keys = IMAGE_KEYS + (() if series_known else SERIES_KEYS) + (
-                () if study_known else PATIENT_KEYS + STUDY_KEYS)
+            keys = (
+                IMAGE_KEYS + (() if series_known else SERIES_KEYS) + (() if study_known else PATIENT_KEYS + STUDY_KEYS)
+            )
         for keyword in keys:
             try:
                 attributes[keyword] = text_of(ds.get(keyword))
@@ -405,19 +437,19 @@ def _pad(text: str, pad: bytes) -> bytes:
     return raw + pad if len(raw) % 2 else raw
 
 
-def encode_file_meta(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str = ""
-) -> bytes:
+def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str = "") -> bytes:
     """Preamble, 'DICM' and a File Meta Information group (explicit VR little endian)."""
-    body = b"".join((
-        _element(0x00020001, b"OB", b"\x00\x01"),
-        _element(0x00020002, b"UI", _pad(sop_class_uid, b"\x00")),
-        _element(0x00020003, b"UI", _pad(sop_instance_uid, b"\x00")),
-        _element(0x00020010, b"UI", _pad(transfer_syntax_uid, b"\x00")),
-        _element(0x00020012, b"UI", _pad(IMPLEMENTATION_CLASS_UID, b"\x00")),
-        _element(0x00020013, b"SH", _pad(IMPLEMENTATION_VERSION_NAME, b" ")),
-        _element(0x00020016, b"AE", _pad(source_ae.strip(), b" ")) if source_ae.strip() else b"",
-    ))
+    body = b"".join(
+        (
+            _element(0x00020001, b"OB", b"\x00\x01"),
+            _element(0x00020002, b"UI", _pad(sop_class_uid, b"\x00")),
+            _element(0x00020003, b"UI", _pad(sop_instance_uid, b"\x00")),
+            _element(0x00020010, b"UI", _pad(transfer_syntax_uid, b"\x00")),
+            _element(0x00020012, b"UI", _pad(IMPLEMENTATION_CLASS_UID, b"\x00")),
+            _element(0x00020013, b"SH", _pad(IMPLEMENTATION_VERSION_NAME, b" ")),
+            _element(0x00020016, b"AE", _pad(source_ae.strip(), b" ")) if source_ae.strip() else b"",
+        )
+    )
     group_length = _element(0x00020000, b"UL", struct.pack("<I", len(body)))
     return b"\x00" * 128 + b"DICM" + group_length + body
 
@@ -429,14 +461,18 @@ def split_file_meta(data: bytes | memoryview) -> tuple[dict[str, str], int]:
         raise InvalidInstance("not a DICOM Part 10 file (no 'DICM' prefix)")
     offset = 132
     values: dict[str, str] = {}
-    names = {0x0002: "MediaStorageSOPClassUID", 0x0003: "MediaStorageSOPInstanceUID",
-             0x0010: "TransferSyntaxUID", 0x0016: "SourceApplicationEntityTitle",
-             0x0012: "ImplementationClassUID"}
+    names = {
+        0x0002: "MediaStorageSOPClassUID",
+        0x0003: "MediaStorageSOPInstanceUID",
+        0x0010: "TransferSyntaxUID",
+        0x0016: "SourceApplicationEntityTitle",
+        0x0012: "ImplementationClassUID",
+    }
     while offset + 8 <= len(view):
         group, elem = struct.unpack_from("<HH", view, offset)
         if group != 0x0002:
             break
-        vr = bytes(view[offset + 4:offset + 6])
+        vr = bytes(view[offset + 4 : offset + 6])
         if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
             length = struct.unpack_from("<I", view, offset + 8)[0]
             start = offset + 12
@@ -444,6 +480,6 @@ def split_file_meta(data: bytes | memoryview) -> tuple[dict[str, str], int]:
             length = struct.unpack_from("<H", view, offset + 6)[0]
             start = offset + 8
         if elem in names:
-            values[names[elem]] = bytes(view[start:start + length]).decode("ascii", "replace").rstrip("\x00 ")
+            values[names[elem]] = bytes(view[start : start + length]).decode("ascii", "replace").rstrip("\x00 ")
         offset = start + length
     return values, offset

@@ -13,19 +13,19 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from renkei.errors import RenkeiError
-
 from edge.journal import Journal
 from edge.matching import QueryTooComplex, check_query_value, match_attribute
 from edge.parsing import text_of
+from renkei.errors import RenkeiError
 
 LOGGER = logging.getLogger("renkei.edge.qr")
 
@@ -42,8 +42,7 @@ PATIENT_ROOT_MODELS = frozenset({PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_R
 STUDY_ROOT_MODELS = frozenset({STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET})
 
 # The unique key of each level, and the levels' own attributes (for the answers).
-UNIQUE_KEYS = {PATIENT: "PatientID", STUDY: "StudyInstanceUID", SERIES: "SeriesInstanceUID",
-               IMAGE: "SOPInstanceUID"}
+UNIQUE_KEYS = {PATIENT: "PatientID", STUDY: "StudyInstanceUID", SERIES: "SeriesInstanceUID", IMAGE: "SOPInstanceUID"}
 _IGNORED_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
 
 
@@ -65,7 +64,7 @@ class RetrieveItem:
     source: str = "local"
     fetch: Callable[[], Path] | None = None  # fetches the file when needed (remote sources)
 
-    def materialised(self) -> "RetrieveItem":
+    def materialised(self) -> RetrieveItem:
         """This item with a local path or bytes (fetching it when it has neither yet)."""
         if self.path is None and self.data is None and self.fetch is not None:
             return replace(self, path=self.fetch(), fetch=None)
@@ -98,9 +97,9 @@ class QRSource(Protocol):
         """The instances a C-MOVE/C-GET identifier at `level` designates."""
         ...
 
-    def instance_paths(self, study_uid: str, series_uid: str | None = None,
-                       sop_uids: Sequence[str] | None = None) -> Iterable[RetrieveItem]:
-        ...
+    def instance_paths(
+        self, study_uid: str, series_uid: str | None = None, sop_uids: Sequence[str] | None = None
+    ) -> Iterable[RetrieveItem]: ...
 
 
 class Access(Protocol):
@@ -168,47 +167,55 @@ class LocalSource:
         elif level == STUDY:
             study_uids = single_values(query, "StudyInstanceUID")
             ids = single_values(query, "PatientID")
-            rows = self.journal.study_rows(
-                study_uids=study_uids, patient_id=ids[0] if ids and len(ids) == 1 else None)
+            rows = self.journal.study_rows(study_uids=study_uids, patient_id=ids[0] if ids and len(ids) == 1 else None)
         elif level == SERIES:
             rows = self.journal.series_rows(
                 study_uids=single_values(query, "StudyInstanceUID"),
-                series_uids=single_values(query, "SeriesInstanceUID"))
+                series_uids=single_values(query, "SeriesInstanceUID"),
+            )
         elif level == IMAGE:
             rows = self.journal.instance_rows(
                 study_uids=single_values(query, "StudyInstanceUID"),
                 series_uids=single_values(query, "SeriesInstanceUID"),
-                sop_instance_uids=single_values(query, "SOPInstanceUID"))
+                sop_instance_uids=single_values(query, "SOPInstanceUID"),
+            )
         else:
             raise QueryError(f"unknown Query/Retrieve Level {level!r}")
         for row in rows:
-            if all(match_attribute(vr, text, _as_text(row.get(kw))) for kw, (vr, text) in query.items()
-                   if kw in row):
+            if all(match_attribute(vr, text, _as_text(row.get(kw))) for kw, (vr, text) in query.items() if kw in row):
                 yield row
 
     def retrieve(self, level: str, query: Mapping[str, tuple[str, str]]) -> Iterator[RetrieveItem]:
         values = retrieve_values(level, query)
         if level == PATIENT:
-            study_uids = [uid for pid in values for row in self.journal.study_rows(patient_id=pid)
-                          for uid in [row["StudyInstanceUID"]]]
+            study_uids = [
+                uid
+                for pid in values
+                for row in self.journal.study_rows(patient_id=pid)
+                for uid in [row["StudyInstanceUID"]]
+            ]
             rows = self.journal.instance_rows(study_uids=study_uids) if study_uids else []
         elif level == STUDY:
             rows = self.journal.instance_rows(study_uids=values)
         elif level == SERIES:
-            rows = self.journal.instance_rows(
-                study_uids=single_values(query, "StudyInstanceUID"), series_uids=values)
+            rows = self.journal.instance_rows(study_uids=single_values(query, "StudyInstanceUID"), series_uids=values)
         else:
             rows = self.journal.instance_rows(
                 study_uids=single_values(query, "StudyInstanceUID"),
-                series_uids=single_values(query, "SeriesInstanceUID"), sop_instance_uids=values)
+                series_uids=single_values(query, "SeriesInstanceUID"),
+                sop_instance_uids=values,
+            )
         for row in rows:
             yield self._item(row)
 
-    def instance_paths(self, study_uid: str, series_uid: str | None = None,
-                       sop_uids: Sequence[str] | None = None) -> Iterator[RetrieveItem]:
+    def instance_paths(
+        self, study_uid: str, series_uid: str | None = None, sop_uids: Sequence[str] | None = None
+    ) -> Iterator[RetrieveItem]:
         rows = self.journal.instance_rows(
-            study_uids=[study_uid], series_uids=[series_uid] if series_uid else None,
-            sop_instance_uids=list(sop_uids) if sop_uids else None)
+            study_uids=[study_uid],
+            series_uids=[series_uid] if series_uid else None,
+            sop_instance_uids=list(sop_uids) if sop_uids else None,
+        )
         for row in rows:
             yield self._item(row)
 
@@ -269,7 +276,10 @@ def check_level(model: str, level: str) -> None:
 
 
 def response_identifier(
-    record: Mapping[str, Any], level: str, requested: Sequence[str], model: str,
+    record: Mapping[str, Any],
+    level: str,
+    requested: Sequence[str],
+    model: str,
     retrieve_ae: str | None = None,
 ) -> Dataset:
     """A C-FIND answer: the requested keys with the record's values, in its character set."""
@@ -324,15 +334,15 @@ class QueryTimeout(QueryError):
 class QRService:
     """C-FIND and retrieve planning over several sources, with access decisions."""
 
-    def __init__(self, sources: Sequence[QRSource], access: Access, ae_title: str,
-                 time_budget: float = 10.0) -> None:
+    def __init__(self, sources: Sequence[QRSource], access: Access, ae_title: str, time_budget: float = 10.0) -> None:
         self.sources = list(sources)
         self.access = access
         self.ae_title = ae_title
         self.time_budget = time_budget
 
-    def find(self, calling_ae: str, model: str, identifier: Dataset,
-             cancelled: Callable[[], bool] = lambda: False) -> Iterator[Dataset]:
+    def find(
+        self, calling_ae: str, model: str, identifier: Dataset, cancelled: Callable[[], bool] = lambda: False
+    ) -> Iterator[Dataset]:
         """Yield one answer identifier per matching record the caller may see.
 
         Stops when the caller cancels; raises QueryTimeout past `time_budget`.
@@ -348,8 +358,10 @@ class QRService:
                 if cancelled():
                     return
                 if time.monotonic() > deadline:
-                    raise QueryTimeout(f"the query ran over the edge's budget of {self.time_budget:g} s; "
-                                       "narrow it (a Patient ID, a date range, fewer wildcards)")
+                    raise QueryTimeout(
+                        f"the query ran over the edge's budget of {self.time_budget:g} s; "
+                        "narrow it (a Patient ID, a date range, fewer wildcards)"
+                    )
                 key = _as_text(record.get(UNIQUE_KEYS[level]))
                 if level != PATIENT and key in seen:
                     continue
@@ -367,8 +379,7 @@ class QRService:
                     self.access.audit(AccessEvent("find", calling_ae, study_uid, source.name, True, level))
                 yield response_identifier(record, level, requested, model, self.ae_title)
 
-    def plan_retrieve(self, calling_ae: str, model: str,
-                      identifier: Dataset) -> tuple[list[RetrieveItem], int]:
+    def plan_retrieve(self, calling_ae: str, model: str, identifier: Dataset) -> tuple[list[RetrieveItem], int]:
         """The instances to send for a C-MOVE/C-GET, and how many were refused by access."""
         level, query, _requested = query_of(identifier)
         check_level(model, level)
@@ -384,8 +395,7 @@ class QRService:
                 if key not in decisions:
                     allowed = self.access.may_retrieve(calling_ae, item.study_uid, source.name)
                     decisions[key] = allowed
-                    self.access.audit(AccessEvent("retrieve", calling_ae, item.study_uid,
-                                                  source.name, allowed, level))
+                    self.access.audit(AccessEvent("retrieve", calling_ae, item.study_uid, source.name, allowed, level))
                 if not decisions[key]:
                     refused += 1
                     continue
@@ -393,8 +403,9 @@ class QRService:
                 items.append(item)
         return items, refused
 
-    def for_destination(self, calling_ae: str, destination_ae: str,
-                        items: Sequence[RetrieveItem]) -> tuple[list[RetrieveItem], int]:
+    def for_destination(
+        self, calling_ae: str, destination_ae: str, items: Sequence[RetrieveItem]
+    ) -> tuple[list[RetrieveItem], int]:
         """The items the C-MOVE destination may hold (decided for the destination's site).
 
         The party that ends up holding the data is the destination, not the
@@ -409,8 +420,17 @@ class QRService:
                 allowed = self.access.may_retrieve(destination_ae, item.study_uid, item.source)
                 decisions[key] = allowed
                 if not allowed:
-                    self.access.audit(AccessEvent("retrieve", calling_ae, item.study_uid, item.source, False,
-                                                  "destination may not see the study", destination_ae))
+                    self.access.audit(
+                        AccessEvent(
+                            "retrieve",
+                            calling_ae,
+                            item.study_uid,
+                            item.source,
+                            False,
+                            "destination may not see the study",
+                            destination_ae,
+                        )
+                    )
             if decisions[key]:
                 kept.append(item)
             else:
@@ -420,33 +440,51 @@ class QRService:
     def refuse_destination(self, calling_ae: str, destination_ae: str, items: Sequence[RetrieveItem]) -> None:
         """Audit a C-MOVE refused because its destination is not a node of this site."""
         for study_uid, source in dict.fromkeys((i.study_uid, i.source) for i in items):
-            self.access.audit(AccessEvent("retrieve", calling_ae, study_uid, source, False,
-                                          "destination is not a node of this site", destination_ae))
+            self.access.audit(
+                AccessEvent(
+                    "retrieve",
+                    calling_ae,
+                    study_uid,
+                    source,
+                    False,
+                    "destination is not a node of this site",
+                    destination_ae,
+                )
+            )
 
 
 def _matches(query: Mapping[str, tuple[str, str]], record: Mapping[str, Any]) -> bool:
-    return all(match_attribute(vr, text, _as_text(record.get(kw))) for kw, (vr, text) in query.items()
-               if kw in record)
+    return all(match_attribute(vr, text, _as_text(record.get(kw))) for kw, (vr, text) in query.items() if kw in record)
 
 
-def _patient_record_of(source: QRSource, record: Mapping[str, Any],
-                       visible: Sequence[str]) -> dict[str, Any] | None:
+def _patient_record_of(source: QRSource, record: Mapping[str, Any], visible: Sequence[str]) -> dict[str, Any] | None:
     """A PATIENT-level record rebuilt from the visible studies only (counts, latest attributes)."""
-    rows = [r for r in source.find(STUDY, {"StudyInstanceUID": ("UI", "\\".join(visible))})
-            if r.get("StudyInstanceUID") in set(visible)]
+    rows = [
+        r
+        for r in source.find(STUDY, {"StudyInstanceUID": ("UI", "\\".join(visible))})
+        if r.get("StudyInstanceUID") in set(visible)
+    ]
     if not rows:
         return None
     latest = max(rows, key=lambda r: (_as_text(r.get("StudyDate")), _as_text(r.get("StudyTime"))))
     out = dict(record)
-    for keyword in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-                    "SpecificCharacterSet"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "SpecificCharacterSet",
+    ):
         if keyword in latest:
             out[keyword] = latest[keyword]
     out["NumberOfPatientRelatedStudies"] = str(len(rows))
-    out["NumberOfPatientRelatedSeries"] = str(sum(int(_as_text(r.get("NumberOfStudyRelatedSeries")) or 0)
-                                                  for r in rows))
-    out["NumberOfPatientRelatedInstances"] = str(sum(int(_as_text(r.get("NumberOfStudyRelatedInstances")) or 0)
-                                                     for r in rows))
+    out["NumberOfPatientRelatedSeries"] = str(
+        sum(int(_as_text(r.get("NumberOfStudyRelatedSeries")) or 0) for r in rows)
+    )
+    out["NumberOfPatientRelatedInstances"] = str(
+        sum(int(_as_text(r.get("NumberOfStudyRelatedInstances")) or 0) for r in rows)
+    )
     out["_study_uids"] = [r["StudyInstanceUID"] for r in rows]
     return out
 

@@ -9,12 +9,20 @@ audits every cross-site answer and retrieval in the catalog.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from catalog.catalog import Catalog
 from catalog.store import ObjectStore
-from edge.center import (AuditBuffer, CenterSource, EdgeCache, SharingAccess, StudyOrigins, catalog_origin,
-                         catalog_recorder)
+from edge.center import (
+    AuditBuffer,
+    CenterSource,
+    EdgeCache,
+    SharingAccess,
+    StudyOrigins,
+    catalog_origin,
+    catalog_recorder,
+)
 from edge.server import EdgeServer, edge_file_store
 from renkei.config import Layout
 from renkei.sharing import Sharing
@@ -25,33 +33,54 @@ LOGGER = logging.getLogger("renkei.edge.region")
 class RegionalEdge:
     """The edge of `site_id` with the region's sources and access decision; start() / stop()."""
 
-    def __init__(self, layout: Layout, site_id: str, on_study_complete: Callable[[str], None] | None = None,
-                 **server_kwargs: Any) -> None:
+    def __init__(
+        self, layout: Layout, site_id: str, on_study_complete: Callable[[str], None] | None = None, **server_kwargs: Any
+    ) -> None:
         self.layout = layout
         self.site_id = site_id
         store_dir = layout.edge_store(site_id)
         # first: on a full disk the journal reserve is released before the journals open
-        files = edge_file_store(layout.config, site_id, store_dir, fsync=server_kwargs.get("fsync", True),
-                                reserve_bytes=server_kwargs.pop("reserve_bytes", None),
-                                min_free_bytes=server_kwargs.pop("min_free_bytes", None))
+        files = edge_file_store(
+            layout.config,
+            site_id,
+            store_dir,
+            fsync=server_kwargs.get("fsync", True),
+            reserve_bytes=server_kwargs.pop("reserve_bytes", None),
+            min_free_bytes=server_kwargs.pop("min_free_bytes", None),
+        )
         self.catalog = Catalog.from_layout(layout)
         self.store = ObjectStore(layout.center_url, layout.config.center.s3)
         self.cache = EdgeCache(store_dir, space=files)
         self.sharing = Sharing(layout.config, self.catalog)
         self.audit = AuditBuffer(catalog_recorder(self.catalog))
         self.origins = StudyOrigins(site_id, catalog_origin(self.catalog))
-        self.access = SharingAccess(layout.config, site_id,
-                                    decide=lambda site, uid: self.sharing.decide(site, uid).allowed,
-                                    record=self.audit, own_studies=self.origins.is_own)
-        self.center_source = CenterSource(site_id, self.catalog, self.store, self.cache,
-                                          site_issuer=layout.config.site(site_id).issuer,
-                                          issuer_sites={s.issuer: s.id for s in layout.config.sites})
-        self.server = EdgeServer(layout.config, site_id, store_dir,
-                                 sources=["local", self.cache.source(), self.center_source],
-                                 access=self.access, on_study_complete=on_study_complete, store=files,
-                                 **server_kwargs)
+        self.access = SharingAccess(
+            layout.config,
+            site_id,
+            decide=lambda site, uid: self.sharing.decide(site, uid).allowed,
+            record=self.audit,
+            own_studies=self.origins.is_own,
+        )
+        self.center_source = CenterSource(
+            site_id,
+            self.catalog,
+            self.store,
+            self.cache,
+            site_issuer=layout.config.site(site_id).issuer,
+            issuer_sites={s.issuer: s.id for s in layout.config.sites},
+        )
+        self.server = EdgeServer(
+            layout.config,
+            site_id,
+            store_dir,
+            sources=["local", self.cache.source(), self.center_source],
+            access=self.access,
+            on_study_complete=on_study_complete,
+            store=files,
+            **server_kwargs,
+        )
 
-    def start(self) -> "RegionalEdge":
+    def start(self) -> RegionalEdge:
         self.server.start()
         return self
 
@@ -63,7 +92,7 @@ class RegionalEdge:
             self.cache.close()
             self.catalog.close()
 
-    def __enter__(self) -> "RegionalEdge":
+    def __enter__(self) -> RegionalEdge:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

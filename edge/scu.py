@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -23,15 +24,14 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from edge import fastnet
+from edge.journal import Journal
+from edge.qr import LocalSource, RetrieveItem
+from edge.server import SUCCESS, _contexts_for, send_item, sender_ae
+from edge.tls import client_tls_args
 from renkei.config import DicomPeer, RegionConfig, SiteConfig
 from renkei.errors import PeerError, UsageError
 from renkei.uids import validate_uid
-
-from edge import fastnet
-from edge.journal import Journal
-from edge.tls import client_tls_args
-from edge.qr import LocalSource, RetrieveItem
-from edge.server import SUCCESS, _contexts_for, send_item, sender_ae
 
 LOGGER = logging.getLogger("renkei.edge.scu")
 
@@ -78,25 +78,31 @@ def _associate(ae: AE, peer: DicomPeer, site: SiteConfig | None = None) -> Any:
     """An association to `peer`, over TLS when the configuration says the peer speaks it."""
     tls_args = client_tls_args(site.edge.tls if site else None, peer)
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, max_pdu=fastnet.DEFAULT_MAX_PDU,
-                             tls_args=tls_args)
+        assoc = ae.associate(
+            peer.host, peer.port, ae_title=peer.ae_title, max_pdu=fastnet.DEFAULT_MAX_PDU, tls_args=tls_args
+        )
     except Exception as exc:
         raise PeerError(f"cannot connect to {peer.ae_title} at {peer.host}:{peer.port}: {exc}") from None
     if not assoc.is_established:
         if assoc.is_rejected:
             raise PeerError(
                 f"{peer.ae_title} at {peer.host}:{peer.port} rejected the association from "
-                f"{ae.ae_title}: check that it knows this AE title (and its own, {peer.ae_title})")
+                f"{ae.ae_title}: check that it knows this AE title (and its own, {peer.ae_title})"
+            )
         import socket
 
         try:
             socket.create_connection((peer.host, peer.port), timeout=5).close()
         except OSError as exc:
-            raise PeerError(f"nothing answers at {peer.host}:{peer.port} ({peer.ae_title}): "
-                            f"{exc.strerror or exc}; is it running, and are its host and port in the "
-                            "configuration right?") from None
-        raise PeerError(f"{peer.ae_title} at {peer.host}:{peer.port} accepted the connection but no association "
-                        f"({'TLS handshake or ' if tls_args else ''}the peer aborted it): check its log")
+            raise PeerError(
+                f"nothing answers at {peer.host}:{peer.port} ({peer.ae_title}): "
+                f"{exc.strerror or exc}; is it running, and are its host and port in the "
+                "configuration right?"
+            ) from None
+        raise PeerError(
+            f"{peer.ae_title} at {peer.host}:{peer.port} accepted the connection but no association "
+            f"({'TLS handshake or ' if tls_args else ''}the peer aborted it): check its log"
+        )
     return assoc
 
 
@@ -117,8 +123,9 @@ def echo(config: RegionConfig, site_id: str, peer_ae: str | None = None) -> floa
     return time.perf_counter() - start
 
 
-def send_items(ae_title: str, peer: DicomPeer, items: Sequence[RetrieveItem],
-               site: SiteConfig | None = None) -> tuple[int, list[str]]:
+def send_items(
+    ae_title: str, peer: DicomPeer, items: Sequence[RetrieveItem], site: SiteConfig | None = None
+) -> tuple[int, list[str]]:
     """C-STORE `items` to `peer` over one association (bytes as stored); (sent, failed UIDs).
 
     `site` is the sending edge's site (its TLS certificate, for a peer configured with TLS)."""
@@ -147,8 +154,9 @@ def send_items(ae_title: str, peer: DicomPeer, items: Sequence[RetrieveItem],
     return sent, failed
 
 
-def send_study(config: RegionConfig, site_id: str, store_dir: Path, study_uid: str,
-               peer_ae: str | None = None) -> SendReport:
+def send_study(
+    config: RegionConfig, site_id: str, store_dir: Path, study_uid: str, peer_ae: str | None = None
+) -> SendReport:
     """Send a study of the edge's store to the site PACS (or `peer_ae`)."""
     validate_uid(study_uid, "Study Instance UID")
     site = config.site(site_id)
@@ -160,14 +168,22 @@ def send_study(config: RegionConfig, site_id: str, store_dir: Path, study_uid: s
     start = time.perf_counter()
     sent, failed = send_items(site.edge.ae_title, peer, items, site)
     seconds = time.perf_counter() - start
-    LOGGER.info("sent study %s to %s: %d instance(s), %d failed, %.2f s",
-                study_uid, peer.ae_title, sent, len(failed), seconds)
+    LOGGER.info(
+        "sent study %s to %s: %d instance(s), %d failed, %.2f s", study_uid, peer.ae_title, sent, len(failed), seconds
+    )
     return SendReport(study_uid, peer.ae_title, sent, len(failed), seconds, tuple(failed))
 
 
-def find_studies(config: RegionConfig, site_id: str, *, study_uid: str | None = None,
-                 patient_id: str | None = None, date_from: str | None = None,
-                 date_to: str | None = None, peer_ae: str | None = None) -> list[str]:
+def find_studies(
+    config: RegionConfig,
+    site_id: str,
+    *,
+    study_uid: str | None = None,
+    patient_id: str | None = None,
+    date_from: str | None = None,
+    date_to: str | None = None,
+    peer_ae: str | None = None,
+) -> list[str]:
     """Study Instance UIDs the PACS holds for a study UID, a patient ID or a date range."""
     if not (study_uid or patient_id or date_from or date_to):
         raise UsageError("pull needs --study-uid, --patient-id or a date range (--date-from/--date-to)")
@@ -222,15 +238,29 @@ def study_instance_count(config: RegionConfig, site_id: str, study_uid: str, pee
     return count
 
 
-def pull(config: RegionConfig, site_id: str, *, study_uid: str | None = None,
-         patient_id: str | None = None, date_from: str | None = None, date_to: str | None = None,
-         peer_ae: str | None = None) -> PullReport:
+def pull(
+    config: RegionConfig,
+    site_id: str,
+    *,
+    study_uid: str | None = None,
+    patient_id: str | None = None,
+    date_from: str | None = None,
+    date_to: str | None = None,
+    peer_ae: str | None = None,
+) -> PullReport:
     """C-FIND the PACS, then C-MOVE each study found to this edge (which must be serving)."""
     site = config.site(site_id)
     peer = resolve_peer(config, site_id, peer_ae)
     start = time.perf_counter()
-    studies = find_studies(config, site_id, study_uid=study_uid, patient_id=patient_id,
-                           date_from=date_from, date_to=date_to, peer_ae=peer_ae)
+    studies = find_studies(
+        config,
+        site_id,
+        study_uid=study_uid,
+        patient_id=patient_id,
+        date_from=date_from,
+        date_to=date_to,
+        peer_ae=peer_ae,
+    )
     completed = failed = warning = 0
     failures: list[str] = []
     if studies:
@@ -244,7 +274,8 @@ def pull(config: RegionConfig, site_id: str, *, study_uid: str | None = None,
                 query.StudyInstanceUID = uid
                 final = None
                 for status, _identifier in assoc.send_c_move(
-                        query, site.edge.ae_title, StudyRootQueryRetrieveInformationModelMove):
+                    query, site.edge.ae_title, StudyRootQueryRetrieveInformationModelMove
+                ):
                     if status is not None and "Status" in status:
                         final = status
                 code = getattr(final, "Status", None)
@@ -253,12 +284,17 @@ def pull(config: RegionConfig, site_id: str, *, study_uid: str | None = None,
                 w = int(getattr(final, "NumberOfWarningSuboperations", 0) or 0)
                 completed, failed, warning = completed + c, failed + f, warning + w
                 if code != SUCCESS:
-                    failures.append(f"{uid}: status 0x{code:04X}" if code is not None
-                                    else f"{uid}: no response")
+                    failures.append(f"{uid}: status 0x{code:04X}" if code is not None else f"{uid}: no response")
         finally:
             if assoc.is_established:
                 assoc.release()
     seconds = time.perf_counter() - start
-    LOGGER.info("pulled %d study(ies) from %s: %d instance(s), %d failed, %.2f s",
-                len(studies), peer.ae_title, completed, failed, seconds)
+    LOGGER.info(
+        "pulled %d study(ies) from %s: %d instance(s), %d failed, %.2f s",
+        len(studies),
+        peer.ae_title,
+        completed,
+        failed,
+        seconds,
+    )
     return PullReport(peer.ae_title, tuple(studies), completed, failed, warning, seconds, tuple(failures))

@@ -16,20 +16,21 @@ import ssl
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -43,9 +44,6 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import Verification
-
-from renkei.config import DicomPeer, RegionConfig, SiteConfig, address_in
-from renkei.errors import PeerError
 
 from edge import fastnet
 from edge.clock import QuietClock, heartbeat_interval
@@ -70,6 +68,8 @@ from edge.qr import (
 )
 from edge.store import EdgeStoreError, FileStore
 from edge.tls import client_tls_args, server_context
+from renkei.config import DicomPeer, RegionConfig, SiteConfig, address_in
+from renkei.errors import PeerError
 from renkei.pki import identities_of
 
 LOGGER = logging.getLogger("renkei.edge")
@@ -89,19 +89,36 @@ NOT_AUTHORIZED = 0x0124
 # order of dcmtk's `storescp +xa` (compressed first, then deflated, explicit little,
 # explicit big, implicit), so both choose the same syntax from the same proposal
 # and store the same bytes; then every other syntax pynetdicom knows.
-STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(dict.fromkeys([
-    JPEG2000, JPEG2000Lossless, JPEGExtended12Bit, JPEGBaseline8Bit, JPEGLosslessSV1,
-    JPEGLSNearLossless, JPEGLSLossless, RLELossless, DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEGLossless,
-    *ALL_TRANSFER_SYNTAXES,
-]))
-QR_TRANSFER_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                                         ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
+STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        [
+            JPEG2000,
+            JPEG2000Lossless,
+            JPEGExtended12Bit,
+            JPEGBaseline8Bit,
+            JPEGLosslessSV1,
+            JPEGLSNearLossless,
+            JPEGLSLossless,
+            RLELossless,
+            DeflatedExplicitVRLittleEndian,
+            ExplicitVRLittleEndian,
+            ExplicitVRBigEndian,
+            ImplicitVRLittleEndian,
+            JPEGLossless,
+            *ALL_TRANSFER_SYNTAXES,
+        ]
+    )
+)
+QR_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # what uncompressed data may be re-encoded to when the peer accepted none of its own syntax
 CONVERTIBLE = (*UNCOMPRESSED, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
-QR_MODELS = (PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET,
-             STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET)
+QR_MODELS = (PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET, STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET)
 PENDING_EVERY = 0.5  # seconds between C-MOVE/C-GET pending responses
 CLEAN_SHUTDOWN = "clean_shutdown"  # journal meta key: "1" after a clean stop
 
@@ -165,36 +182,43 @@ class Gatekeeper:
     Every refusal is logged with the AE titles and the address.
     """
 
-    def __init__(self, site: SiteConfig, *, mutual_tls: bool = False,
-                 active: Callable[[], list[Any]] = list) -> None:
+    def __init__(self, site: SiteConfig, *, mutual_tls: bool = False, active: Callable[[], list[Any]] = list) -> None:
         self.site = site
         self.limits = site.edge.limits
         self.mutual_tls = mutual_tls
         self.active = active
-        itself = DicomPeer(ae_title=site.edge.ae_title, host=site.edge.host, port=site.edge.port,
-                           networks=("127.0.0.0/8", "::1/128"))
+        itself = DicomPeer(
+            ae_title=site.edge.ae_title, host=site.edge.host, port=site.edge.port, networks=("127.0.0.0/8", "::1/128")
+        )
         self.nodes = {p.ae_title: p for p in [itself, *([site.pacs] if site.pacs else []), *site.workstations]}
-        self.networks = {ae: _resolve(p.host) + [ipaddress.ip_network(n, strict=False) for n in p.networks]
-                         for ae, p in self.nodes.items()}
+        self.networks = {
+            ae: _resolve(p.host) + [ipaddress.ip_network(n, strict=False) for n in p.networks]
+            for ae, p in self.nodes.items()
+        }
         self._lock = threading.Lock()
         self._evicted: weakref.WeakSet[Any] = weakref.WeakSet()
 
-    def refusal(self, calling_ae: str, called_ae: str, address: str, identity: Any, contexts: int
-                ) -> tuple[tuple[int, int, int], str] | None:
+    def refusal(
+        self, calling_ae: str, called_ae: str, address: str, identity: Any, contexts: int
+    ) -> tuple[tuple[int, int, int], str] | None:
         """Why this association must be rejected (the A-ASSOCIATE-RJ reason and a text), or None."""
         if called_ae != self.site.edge.ae_title:
             return REJECT_CALLED_AE, f"called AE title {called_ae!r} is not this edge's"
         if calling_ae not in self.nodes:
             return REJECT_CALLING_AE, f"calling AE title {calling_ae!r} is not a node of site {self.site.id}"
         if not address_in(address, self.networks[calling_ae]):
-            return REJECT_CALLING_AE, (f"calling AE title {calling_ae!r} is not accepted from {address} "
-                                       f"(configured host {self.nodes[calling_ae].host})")
+            return REJECT_CALLING_AE, (
+                f"calling AE title {calling_ae!r} is not accepted from {address} "
+                f"(configured host {self.nodes[calling_ae].host})"
+            )
         if self.mutual_tls:
             if identity is None:
                 return REJECT_CALLING_AE, "no client certificate"
             if not identity.allows(calling_ae, self.site.id):
-                return REJECT_CALLING_AE, (f"the client certificate names {sorted(identity.ae_titles)} / sites "
-                                           f"{sorted(identity.sites)}, not {calling_ae!r}")
+                return REJECT_CALLING_AE, (
+                    f"the client certificate names {sorted(identity.ae_titles)} / sites "
+                    f"{sorted(identity.sites)}, not {calling_ae!r}"
+                )
         if contexts == 0:
             return REJECT_NO_REASON, "no presentation context proposed"
         return None
@@ -202,8 +226,11 @@ class Gatekeeper:
     def make_room(self, assoc: Any, address: str) -> bool:
         """Within the association limits for this peer, closing the longest-idle one if needed."""
         with self._lock:
-            others = [a for a in self.active() if a is not assoc and a.is_established and not a.is_released
-                      and a not in self._evicted]
+            others = [
+                a
+                for a in self.active()
+                if a is not assoc and a.is_established and not a.is_released and a not in self._evicted
+            ]
             mine = [a for a in others if fastnet.peer_host(a) == address]
             for group, limit in ((mine, self.limits.max_per_address), (others, self.limits.max_associations)):
                 if len(group) < limit:
@@ -214,8 +241,12 @@ class Gatekeeper:
                 if not idle:
                     return False
                 seconds, victim = max(idle, key=lambda pair: pair[0])
-                LOGGER.warning("association limit reached: closing the association of %s@%s idle for %.0f s",
-                               str(victim.requestor.ae_title).strip(), fastnet.peer_host(victim), seconds)
+                LOGGER.warning(
+                    "association limit reached: closing the association of %s@%s idle for %.0f s",
+                    str(victim.requestor.ae_title).strip(),
+                    fastnet.peer_host(victim),
+                    seconds,
+                )
                 self._evicted.add(victim)  # no longer counted while its abort completes
                 group.remove(victim)
                 threading.Thread(target=victim.abort, daemon=True).start()
@@ -274,8 +305,7 @@ def _peer_of(event: Any) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------ handlers
-def handle_store(event: Any, ingestor: Ingestor,
-                 on_stored: Callable[[StoreOutcome, Any], None] | None) -> int:
+def handle_store(event: Any, ingestor: Ingestor, on_stored: Callable[[StoreOutcome, Any], None] | None) -> int:
     """EVT_C_STORE: store the dataset exactly as received; the status says whether it is durable."""
     calling_ae, address = _peer_of(event)
     req = event.request
@@ -283,8 +313,13 @@ def handle_store(event: Any, ingestor: Ingestor,
     view = stream.getbuffer() if isinstance(stream, BytesIO) else memoryview(bytes(stream or b""))
     try:
         outcome = ingestor.store_instance(
-            view, str(event.context.transfer_syntax), str(req.AffectedSOPClassUID),
-            str(req.AffectedSOPInstanceUID), calling_ae, address)
+            view,
+            str(event.context.transfer_syntax),
+            str(req.AffectedSOPClassUID),
+            str(req.AffectedSOPInstanceUID),
+            calling_ae,
+            address,
+        )
     finally:
         view.release()
     if on_stored is not None:
@@ -335,8 +370,12 @@ def log_association(event: Any, stored_by: Callable[[Any], dict[str, int]]) -> N
     calling_ae, address = _peer_of(event)
     name = event.event.name
     if name == "EVT_REJECTED":
-        LOGGER.warning("association from %s@%s rejected (calling AE not listed in the configuration, "
-                       "or nothing acceptable proposed)", calling_ae, address)
+        LOGGER.warning(
+            "association from %s@%s rejected (calling AE not listed in the configuration, "
+            "or nothing acceptable proposed)",
+            calling_ae,
+            address,
+        )
     elif name == "EVT_ESTABLISHED":
         LOGGER.info("association from %s@%s established", calling_ae, address)
     elif name in ("EVT_RELEASED", "EVT_ABORTED"):
@@ -344,8 +383,7 @@ def log_association(event: Any, stored_by: Callable[[Any], dict[str, int]]) -> N
         summary = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
         how = "released" if name == "EVT_RELEASED" else "aborted"
         log = LOGGER.info if how == "released" else LOGGER.warning
-        log("association from %s@%s %s%s", calling_ae, address, how,
-            f" (instances: {summary})" if summary else "")
+        log("association from %s@%s %s%s", calling_ae, address, how, f" (instances: {summary})" if summary else "")
 
 
 # ------------------------------------------------------------------ retrieve
@@ -356,8 +394,14 @@ class RetrieveServer:
     for anything else so pynetdicom serves it.
     """
 
-    def __init__(self, qr: QRService, ae_title: str, destinations: dict[str, DicomPeer],
-                 max_pdu: int = 0, tls_args: Callable[[DicomPeer], Any] | None = None) -> None:
+    def __init__(
+        self,
+        qr: QRService,
+        ae_title: str,
+        destinations: dict[str, DicomPeer],
+        max_pdu: int = 0,
+        tls_args: Callable[[DicomPeer], Any] | None = None,
+    ) -> None:
         self.qr = qr
         self.ae_title = ae_title
         self.destinations = destinations
@@ -374,8 +418,16 @@ class RetrieveServer:
         return False
 
     # responses
-    def _respond(self, assoc: Any, req: Any, context: Any, kind: str, status: int,
-                 tally: RetrieveTally | None, failed_uids: Sequence[str] = ()) -> None:
+    def _respond(
+        self,
+        assoc: Any,
+        req: Any,
+        context: Any,
+        kind: str,
+        status: int,
+        tally: RetrieveTally | None,
+        failed_uids: Sequence[str] = (),
+    ) -> None:
         rsp = C_MOVE() if kind == "move" else C_GET()
         rsp.MessageIDBeingRespondedTo = req.MessageID
         rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
@@ -411,8 +463,9 @@ class RetrieveServer:
         if not items:
             # the same answer whether the study exists at another site or nowhere: a caller
             # learns nothing about studies it may not see (the refusal itself is audited)
-            LOGGER.warning("%s from %s: nothing it may retrieve (%d instance(s) not permitted)",
-                           what, calling_ae, refused)
+            LOGGER.warning(
+                "%s from %s: nothing it may retrieve (%d instance(s) not permitted)", what, calling_ae, refused
+            )
             self._respond(assoc, req, context, kind, NOT_AUTHORIZED, None)
             return
         if kind == "move":
@@ -425,13 +478,15 @@ class RetrieveServer:
                 return
             items, refused = self.qr.for_destination(calling_ae, destination_ae, items)
             if not items:
-                LOGGER.warning("C-MOVE from %s: %d instance(s) not permitted at %s", calling_ae, refused,
-                               destination_ae)
+                LOGGER.warning(
+                    "C-MOVE from %s: %d instance(s) not permitted at %s", calling_ae, refused, destination_ae
+                )
                 self._respond(assoc, req, context, kind, NOT_AUTHORIZED, None)
                 return
         tally = RetrieveTally(remaining=len(items))
         if kind == "move":
             if items:
+                assert destination is not None  # a C-MOVE without a known destination was refused above
                 self._move(assoc, req, context, items, tally, destination, calling_ae)
         elif items:
             self._get(assoc, req, context, items, tally, calling_ae)
@@ -441,19 +496,36 @@ class RetrieveServer:
             status = SUBOPERATIONS_WARNING if tally.completed else OUT_OF_RESOURCES_SUBOPS
         else:
             status = SUCCESS
-        unsent = [i.sop_instance_uid for i in items[len(items) - tally.remaining:]] if tally.remaining else []
+        unsent = [i.sop_instance_uid for i in items[len(items) - tally.remaining :]] if tally.remaining else []
         failed_uids = [] if status == SUCCESS else tally.failed_uids + unsent
         self._respond(assoc, req, context, kind, status, tally, failed_uids)
-        LOGGER.info("%s from %s%s: %d sent, %d failed, %d warning, %d not sent (status 0x%04X)",
-                    what, calling_ae, f" to {req.MoveDestination}" if kind == "move" else "",
-                    tally.completed, tally.failed, tally.warning, tally.remaining, status)
+        LOGGER.info(
+            "%s from %s%s: %d sent, %d failed, %d warning, %d not sent (status 0x%04X)",
+            what,
+            calling_ae,
+            f" to {req.MoveDestination}" if kind == "move" else "",
+            tally.completed,
+            tally.failed,
+            tally.warning,
+            tally.remaining,
+            status,
+        )
 
     @staticmethod
     def _cancelled(assoc: Any, req: Any) -> bool:
         return req.MessageID in getattr(assoc.dimse, "cancel_req", {})
 
-    def _send_items(self, store_assoc: Any, move_assoc: Any, req: Any, context: Any, kind: str,
-                    items: Sequence[RetrieveItem], tally: RetrieveTally, originator: str | None) -> None:
+    def _send_items(
+        self,
+        store_assoc: Any,
+        move_assoc: Any,
+        req: Any,
+        context: Any,
+        kind: str,
+        items: Sequence[RetrieveItem],
+        tally: RetrieveTally,
+        originator: str | None,
+    ) -> None:
         last_pending = time.monotonic()
         msg_id = (int(req.MessageID) % 60000) + 1
         for item in items:
@@ -474,8 +546,16 @@ class RetrieveServer:
                 self._respond(move_assoc, req, context, kind, PENDING, tally)
                 last_pending = now
 
-    def _move(self, assoc: Any, req: Any, context: Any, items: list[RetrieveItem], tally: RetrieveTally,
-              destination: DicomPeer, calling_ae: str) -> None:
+    def _move(
+        self,
+        assoc: Any,
+        req: Any,
+        context: Any,
+        items: list[RetrieveItem],
+        tally: RetrieveTally,
+        destination: DicomPeer,
+        calling_ae: str,
+    ) -> None:
         for batch in _batches_by_context(items):
             if self._cancelled(assoc, req):
                 return
@@ -483,15 +563,24 @@ class RetrieveServer:
             for sop_class, syntaxes in _contexts_for(batch):
                 store_ae.add_requested_context(sop_class, syntaxes)
             try:
-                store_assoc = store_ae.associate(destination.host, destination.port,
-                                                 ae_title=destination.ae_title, max_pdu=self.max_pdu,
-                                                 tls_args=self.tls_args(destination))
+                store_assoc = store_ae.associate(
+                    destination.host,
+                    destination.port,
+                    ae_title=destination.ae_title,
+                    max_pdu=self.max_pdu,
+                    tls_args=self.tls_args(destination),
+                )
             except Exception as exc:
                 LOGGER.error("C-MOVE to %s: cannot connect: %s", destination.ae_title, exc)
                 store_assoc = None
             if store_assoc is None or not store_assoc.is_established:
-                LOGGER.error("C-MOVE from %s: destination %s@%s:%s refused the association",
-                             calling_ae, destination.ae_title, destination.host, destination.port)
+                LOGGER.error(
+                    "C-MOVE from %s: destination %s@%s:%s refused the association",
+                    calling_ae,
+                    destination.ae_title,
+                    destination.host,
+                    destination.port,
+                )
                 return
             try:
                 with fastnet.paused(store_assoc):
@@ -500,8 +589,9 @@ class RetrieveServer:
                 if store_assoc.is_established:
                     store_assoc.release()
 
-    def _get(self, assoc: Any, req: Any, context: Any, items: list[RetrieveItem], tally: RetrieveTally,
-             calling_ae: str) -> None:
+    def _get(
+        self, assoc: Any, req: Any, context: Any, items: list[RetrieveItem], tally: RetrieveTally, calling_ae: str
+    ) -> None:
         with fastnet.paused(assoc):
             self._send_items(assoc, assoc, req, context, "get", items, tally, None)
 
@@ -544,8 +634,9 @@ def _batches_by_context(items: list[RetrieveItem], limit: int = 120) -> Iterator
         yield batch
 
 
-def send_item(assoc: Any, item: RetrieveItem, msg_id: int = 1, originator: str | None = None,
-              originator_id: int | None = None) -> int | None:
+def send_item(
+    assoc: Any, item: RetrieveItem, msg_id: int = 1, originator: str | None = None, originator_id: int | None = None
+) -> int | None:
     """Send one stored instance over `assoc` (reactor held paused); returns the C-STORE status.
 
     The bytes go out as stored when the peer accepted the stored transfer
@@ -566,18 +657,39 @@ def send_item(assoc: Any, item: RetrieveItem, msg_id: int = 1, originator: str |
                     # PDV fragments must have an even length (a deflated stream is
                     # padded with one null byte, PS3.5 A.5): pad as the standard says
                     fh.seek(offset)
-                    return fastnet.send_stored(assoc, item.sop_class_uid, item.sop_instance_uid,
-                                               item.transfer_syntax_uid, data=fh.read() + b"\x00",
-                                               msg_id=msg_id, originator_aet=originator,
-                                               originator_id=originator_id)
-            return fastnet.send_stored(assoc, item.sop_class_uid, item.sop_instance_uid,
-                                       item.transfer_syntax_uid, path=item.path, offset=offset,
-                                       msg_id=msg_id, originator_aet=originator, originator_id=originator_id)
+                    return fastnet.send_stored(
+                        assoc,
+                        item.sop_class_uid,
+                        item.sop_instance_uid,
+                        item.transfer_syntax_uid,
+                        data=fh.read() + b"\x00",
+                        msg_id=msg_id,
+                        originator_aet=originator,
+                        originator_id=originator_id,
+                    )
+            return fastnet.send_stored(
+                assoc,
+                item.sop_class_uid,
+                item.sop_instance_uid,
+                item.transfer_syntax_uid,
+                path=item.path,
+                offset=offset,
+                msg_id=msg_id,
+                originator_aet=originator,
+                originator_id=originator_id,
+            )
         assert item.data is not None
         _meta, offset = split_file_meta(item.data)
-        return fastnet.send_stored(assoc, item.sop_class_uid, item.sop_instance_uid,
-                                   item.transfer_syntax_uid, data=item.data[offset:], msg_id=msg_id,
-                                   originator_aet=originator, originator_id=originator_id)
+        return fastnet.send_stored(
+            assoc,
+            item.sop_class_uid,
+            item.sop_instance_uid,
+            item.transfer_syntax_uid,
+            data=item.data[offset:],
+            msg_id=msg_id,
+            originator_aet=originator,
+            originator_id=originator_id,
+        )
     except ValueError:
         pass  # no context with the stored transfer syntax: convert below
     except Exception as exc:
@@ -598,20 +710,35 @@ def send_item(assoc: Any, item: RetrieveItem, msg_id: int = 1, originator: str |
             if raw is None:
                 continue
             del context
-            return fastnet.send_stored(assoc, item.sop_class_uid, item.sop_instance_uid, syntax,
-                                       data=raw, msg_id=msg_id, originator_aet=originator,
-                                       originator_id=originator_id)
+            return fastnet.send_stored(
+                assoc,
+                item.sop_class_uid,
+                item.sop_instance_uid,
+                syntax,
+                data=raw,
+                msg_id=msg_id,
+                originator_aet=originator,
+                originator_id=originator_id,
+            )
     except Exception as exc:
         LOGGER.error("sending %s (converted) failed: %s", item.sop_instance_uid, exc)
         return None
-    LOGGER.warning("peer accepted no transfer syntax for %s (%s)", item.sop_instance_uid,
-                   UID(item.transfer_syntax_uid).name)
+    LOGGER.warning(
+        "peer accepted no transfer syntax for %s (%s)", item.sop_instance_uid, UID(item.transfer_syntax_uid).name
+    )
     return None
 
 
 # ------------------------------------------------------------------ the server
-def edge_file_store(config: RegionConfig, site_id: str, store_dir: Path, *, fsync: bool = True,
-                    reserve_bytes: int | None = None, min_free_bytes: int | None = None) -> FileStore:
+def edge_file_store(
+    config: RegionConfig,
+    site_id: str,
+    store_dir: Path,
+    *,
+    fsync: bool = True,
+    reserve_bytes: int | None = None,
+    min_free_bytes: int | None = None,
+) -> FileStore:
     """The edge's FileStore with its space rules (the arguments, else the site's `edge.disk`), checked once.
 
     Made before any journal of the store is opened: on a full disk the journal
@@ -628,7 +755,8 @@ def edge_file_store(config: RegionConfig, site_id: str, store_dir: Path, *, fsyn
     if reserve + min_free > total // 2:
         raise EdgeStoreError(
             f"edge.disk of site {site_id}: journal_reserve ({reserve} bytes) and min_free ({min_free} bytes) "
-            f"take more than half of the filesystem of {store_dir} ({total} bytes): lower them")
+            f"take more than half of the filesystem of {store_dir} ({total} bytes): lower them"
+        )
     store = FileStore(Path(store_dir), fsync=fsync, min_free_bytes=min_free, reserve_bytes=reserve, spares=True)
     store.maintain_space()
     return store
@@ -686,17 +814,20 @@ class EdgeServer:
         self.max_pdu = max_pdu or self.site.edge.limits.max_pdu
         self.heartbeat_interval = heartbeat_interval(self.stable_age)
         # before the journal opens: on a full disk the reserve is released, so that it opens and migrates
-        self.store = store or edge_file_store(config, site_id, self.store_dir, fsync=fsync,
-                                              reserve_bytes=reserve_bytes, min_free_bytes=min_free_bytes)
+        self.store = store or edge_file_store(
+            config, site_id, self.store_dir, fsync=fsync, reserve_bytes=reserve_bytes, min_free_bytes=min_free_bytes
+        )
         self.journal = Journal(self.store_dir, synchronous="NORMAL", on_full=self.store.release_reserve)
         self.ingestor = Ingestor(self.store, self.journal)
         self.local_source = LocalSource(self.journal)
         self.sources: list[QRSource] = [self._source(s) for s in (sources or ["local"])]
         self.access: Access = access or AllowLocal()
-        self.qr = QRService(self.sources, self.access, self.site.edge.ae_title,
-                            time_budget=self.site.edge.limits.query_time_budget)
-        self.gatekeeper = Gatekeeper(self.site, mutual_tls=bool(self.site.edge.tls and self.site.edge.tls.ca),
-                                     active=self.active_associations)
+        self.qr = QRService(
+            self.sources, self.access, self.site.edge.ae_title, time_budget=self.site.edge.limits.query_time_budget
+        )
+        self.gatekeeper = Gatekeeper(
+            self.site, mutual_tls=bool(self.site.edge.tls and self.site.edge.tls.ca), active=self.active_associations
+        )
         self.fast = fastnet.check_compatible() if fast is None else fast
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
@@ -722,7 +853,7 @@ class EdgeServer:
         return self._client_tls
 
     def _source(self, source: QRSource | str | Callable[[Journal], QRSource]) -> QRSource:
-        """"local" is this edge's own store; a callable gets the edge's journal."""
+        """ "local" is this edge's own store; a callable gets the edge's journal."""
         if source == "local":
             return self.local_source
         if isinstance(source, str):
@@ -747,16 +878,19 @@ class EdgeServer:
         ae.require_calling_aet = allowed_calling_aes(self.config, self.site)
         ae.require_called_aet = True
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES),
-                                     scu_role=True, scp_role=True)
+            ae.add_supported_context(cx.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
         ae.add_supported_context(Verification, list(QR_TRANSFER_SYNTAXES))
         for model in QR_MODELS:
             ae.add_supported_context(model, list(QR_TRANSFER_SYNTAXES))
         if self.fast:
             ae.store_handler = self._store_request
-            ae.retrieve_server = RetrieveServer(self.qr, self.site.edge.ae_title,
-                                                move_destinations(self.config, self.site), self.max_pdu,
-                                                tls_args=self.tls_args)
+            ae.retrieve_server = RetrieveServer(
+                self.qr,
+                self.site.edge.ae_title,
+                move_destinations(self.config, self.site),
+                self.max_pdu,
+                tls_args=self.tls_args,
+            )
         return ae
 
     def _handlers(self) -> list[Any]:
@@ -772,11 +906,15 @@ class EdgeServer:
             (evt.EVT_ABORTED, log_association, [self._stored_by]),
         ]
 
-    def _store_request(self, request: fastnet.StoreRequest) -> "_CountingSink":
+    def _store_request(self, request: fastnet.StoreRequest) -> _CountingSink:
         """A C-STORE served in the DUL thread (see fastnet): its dataset streams to tmp/."""
-        incoming = self.ingestor.begin(request.transfer_syntax_uid, request.sop_class_uid,
-                                       request.sop_instance_uid, str(request.assoc.requestor.ae_title).strip(),
-                                       fastnet.peer_address(request.assoc))
+        incoming = self.ingestor.begin(
+            request.transfer_syntax_uid,
+            request.sop_class_uid,
+            request.sop_instance_uid,
+            str(request.assoc.requestor.ae_title).strip(),
+            fastnet.peer_address(request.assoc),
+        )
         return _CountingSink(incoming, lambda outcome: self._count(outcome, request.assoc))
 
     def _count(self, outcome: StoreOutcome, assoc: Any = None) -> None:
@@ -797,7 +935,7 @@ class EdgeServer:
         return ServerStats(c["stored"], c["duplicate"], c["conflict"], c["refused"], c["failed"])
 
     # -- life cycle ---------------------------------------------------------------
-    def start(self) -> "EdgeServer":
+    def start(self) -> EdgeServer:
         """Recover the store, then listen (non-blocking). Returns self."""
         clean = self.journal.get_meta(CLEAN_SHUTDOWN) == "1"
         self.journal.set_meta(CLEAN_SHUTDOWN, "0")
@@ -806,47 +944,73 @@ class EdgeServer:
         self.journal.quiet_clock = QuietClock(self.journal.resume_clock())
         adopted = self.journal.adopt_unclocked(self.journal.quiet_clock.now())
         if adopted:
-            LOGGER.info("edge %s: %d study(ies) journaled before the quiet clock now count as received at "
-                        "this start", self.site.edge.ae_title, adopted)
+            LOGGER.info(
+                "edge %s: %d study(ies) journaled before the quiet clock now count as received at this start",
+                self.site.edge.ae_title,
+                adopted,
+            )
         report = self.ingestor.recover(scan=not clean)
         self._beat()
         if not clean:
-            LOGGER.info("edge %s: store checked after an unclean stop: %d file(s) journaled again, "
-                        "%d conflict file(s), %d unreadable, %d temporary file(s) removed",
-                        self.site.edge.ae_title, report.files_journaled, report.conflicts_journaled,
-                        report.files_unreadable, report.temp_files_removed)
+            LOGGER.info(
+                "edge %s: store checked after an unclean stop: %d file(s) journaled again, "
+                "%d conflict file(s), %d unreadable, %d temporary file(s) removed",
+                self.site.edge.ae_title,
+                report.files_journaled,
+                report.conflicts_journaled,
+                report.files_unreadable,
+                report.temp_files_removed,
+            )
         ae = self._build_ae()
         ssl_context = server_context(self.site.edge.tls) if self.site.edge.tls else None
         limits = self.site.edge.limits
         kwargs: dict[str, Any] = {
             "server_class": fastnet.EdgeAssociationServer if self.fast else fastnet.GuardedAssociationServer,
-            "setup_timeout": limits.setup_timeout, "pdu_timeout": limits.pdu_timeout,
-            "max_per_address": limits.max_per_address, "max_pending": 4 * limits.max_associations,
+            "setup_timeout": limits.setup_timeout,
+            "pdu_timeout": limits.pdu_timeout,
+            "max_per_address": limits.max_per_address,
+            "max_pending": 4 * limits.max_associations,
         }
         try:
-            self._server = ae.make_server((self.host, self.port), ssl_context=ssl_context,
-                                          evt_handlers=self._handlers(), **kwargs)
+            self._server = ae.make_server(
+                (self.host, self.port), ssl_context=ssl_context, evt_handlers=self._handlers(), **kwargs
+            )
         except OSError as exc:
-            raise PeerError(f"edge {self.site.edge.ae_title} cannot listen on {self.host}:{self.port}: "
-                            f"{exc.strerror or exc}; is another edge running there?") from None
+            raise PeerError(
+                f"edge {self.site.edge.ae_title} cannot listen on {self.host}:{self.port}: "
+                f"{exc.strerror or exc}; is another edge running there?"
+            ) from None
         ae._servers.append(self._server)  # as AE.start_server does; shutdown() removes it
         self.port = int(self._server.server_address[1])
         self._ae = ae
-        self._server_thread = threading.Thread(target=self._server.serve_forever,
-                                               name=f"edge-{self.site_id}", daemon=True)
+        self._server_thread = threading.Thread(
+            target=self._server.serve_forever, name=f"edge-{self.site_id}", daemon=True
+        )
         self._server_thread.start()
-        self._watcher = threading.Thread(target=self._watch_completion,
-                                         name=f"edge-{self.site_id}-completion", daemon=True)
+        self._watcher = threading.Thread(
+            target=self._watch_completion, name=f"edge-{self.site_id}-completion", daemon=True
+        )
         self._watcher.start()
-        LOGGER.info("edge %s (site %s) listening on %s:%s%s, store %s, stable_age %gs",
-                    self.site.edge.ae_title, self.site_id, self.host, self.port,
-                    " with TLS" if ssl_context else "", self.store_dir, self.stable_age)
+        LOGGER.info(
+            "edge %s (site %s) listening on %s:%s%s, store %s, stable_age %gs",
+            self.site.edge.ae_title,
+            self.site_id,
+            self.host,
+            self.port,
+            " with TLS" if ssl_context else "",
+            self.store_dir,
+            self.stable_age,
+        )
         reserve = self.store.reserve
-        LOGGER.info("edge %s: %.1f MiB free for the store; C-STORE refused below %.1f MiB free; journal "
-                    "reserve %s", self.site.edge.ae_title, self.store.free_bytes() / 2**20,
-                    self.store.min_free_bytes / 2**20,
-                    "none" if reserve is None else
-                    f"{reserve.size / 2**20:.1f} MiB ({'held' if reserve.held() else 'released: disk nearly full'})")
+        LOGGER.info(
+            "edge %s: %.1f MiB free for the store; C-STORE refused below %.1f MiB free; journal reserve %s",
+            self.site.edge.ae_title,
+            self.store.free_bytes() / 2**20,
+            self.store.min_free_bytes / 2**20,
+            "none"
+            if reserve is None
+            else f"{reserve.size / 2**20:.1f} MiB ({'held' if reserve.held() else 'released: disk nearly full'})",
+        )
         return self
 
     def active_associations(self) -> list[Any]:
@@ -875,8 +1039,9 @@ class EdgeServer:
                 time.sleep(0.05)
             for assoc in self.active_associations():
                 if assoc.is_established:
-                    LOGGER.warning("aborting association with %s still open after %.0f s",
-                                   assoc.requestor.ae_title, timeout)
+                    LOGGER.warning(
+                        "aborting association with %s still open after %.0f s", assoc.requestor.ae_title, timeout
+                    )
                     assoc.abort()
                 else:  # a connection that never asked for an association (e.g. a port probe)
                     assoc.dul.kill_dul()
@@ -888,8 +1053,11 @@ class EdgeServer:
             try:
                 self.journal.set_meta(CLEAN_SHUTDOWN, "1")
             except JournalError as exc:  # nothing is lost: the next start checks the store as after a crash
-                LOGGER.warning("edge %s: the journal could not be marked cleanly closed (%s); the next start "
-                               "checks the store", self.site.edge.ae_title, exc)
+                LOGGER.warning(
+                    "edge %s: the journal could not be marked cleanly closed (%s); the next start checks the store",
+                    self.site.edge.ae_title,
+                    exc,
+                )
         self.ingestor.close()
         self.journal.close()
         self._stopped.set()
@@ -900,7 +1068,7 @@ class EdgeServer:
         while not self._stopped.wait(0.5):
             pass
 
-    def __enter__(self) -> "EdgeServer":
+    def __enter__(self) -> EdgeServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -934,8 +1102,11 @@ class EdgeServer:
             self._beat_failed = False
         except JournalError as exc:
             if not self._beat_failed:
-                LOGGER.warning("edge %s: cannot write its heartbeat to the journal (%s); completions wait",
-                               self.site.edge.ae_title, exc)
+                LOGGER.warning(
+                    "edge %s: cannot write its heartbeat to the journal (%s); completions wait",
+                    self.site.edge.ae_title,
+                    exc,
+                )
             self._beat_failed = True
 
     def check_completion(self, now: float | None = None) -> list[str]:

@@ -32,9 +32,10 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, cast
+from typing import cast
 
 from renkei.errors import StorageError
 from renkei.uids import validate_uid
@@ -65,8 +66,15 @@ class TempFile:
 class FileStore:
     """Durable files under one folder; see the module docstring for the layout."""
 
-    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0, reserve_bytes: int = 0,
-                 space: "FileStore | None" = None, spares: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        fsync: bool = True,
+        min_free_bytes: int = 0,
+        reserve_bytes: int = 0,
+        space: FileStore | None = None,
+        spares: bool = False,
+    ) -> None:
         """`space`: another store on the same filesystem whose space rules this one obeys (the edge cache).
 
         `spares`: keep empty temporary files made ahead (`make_spares`), for a
@@ -104,9 +112,11 @@ class FileStore:
 
     def instance_location(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> tuple[Path, str]:
         """`instance_path` and its form in the journal (`relative`), built once per instance."""
-        relative = (f"instances/{validate_uid(study_uid, 'Study Instance UID')}/"
-                    f"{validate_uid(series_uid, 'Series Instance UID')}/"
-                    f"{validate_uid(sop_instance_uid, 'SOP Instance UID')}.dcm")
+        relative = (
+            f"instances/{validate_uid(study_uid, 'Study Instance UID')}/"
+            f"{validate_uid(series_uid, 'Series Instance UID')}/"
+            f"{validate_uid(sop_instance_uid, 'SOP Instance UID')}.dcm"
+        )
         return self.root / relative, relative
 
     def conflict_path(self, sop_instance_uid: str, sha256: str) -> Path:
@@ -149,8 +159,10 @@ class FileStore:
         with self._space_lock:
             self._refused += 1
         self._now_full(free)
-        raise DiskFull(f"only {_mib(free)} free in {self.root}, {_mib(self.min_free_bytes)} kept free"
-                       f"{self._reserve_note()}: free disk space")
+        raise DiskFull(
+            f"only {_mib(free)} free in {self.root}, {_mib(self.min_free_bytes)} kept free"
+            f"{self._reserve_note()}: free disk space"
+        )
 
     def _now_full(self, free: int) -> None:
         """Log (once, until space is back) that C-STORE is refused for want of space."""
@@ -158,10 +170,15 @@ class FileStore:
             first = not self._refusing
             self._refusing = True
         if first:
-            LOGGER.warning("disk nearly full: %s free on the filesystem of %s, %s kept free%s; C-STORE is "
-                           "refused (0xA700) until space is freed (verified studies are dropped by retention; "
-                           "queries and retrievals go on)", _mib(free), self.root, _mib(self.min_free_bytes),
-                           self._reserve_note())
+            LOGGER.warning(
+                "disk nearly full: %s free on the filesystem of %s, %s kept free%s; C-STORE is "
+                "refused (0xA700) until space is freed (verified studies are dropped by retention; "
+                "queries and retrievals go on)",
+                _mib(free),
+                self.root,
+                _mib(self.min_free_bytes),
+                self._reserve_note(),
+            )
 
     def _reserve_note(self) -> str:
         if self.reserve is None:
@@ -178,9 +195,12 @@ class FileStore:
             freed = self.reserve.release()
             self._released = self._released or bool(freed)
         if freed:
-            LOGGER.warning("disk full: released the journal's reserve of %s in %s so that the journal can "
-                           "still write; C-STORE is refused (0xA700) until space is freed",
-                           _mib(freed), self.root)
+            LOGGER.warning(
+                "disk full: released the journal's reserve of %s in %s so that the journal can "
+                "still write; C-STORE is refused (0xA700) until space is freed",
+                _mib(freed),
+                self.root,
+            )
         return bool(freed)
 
     def maintain_space(self) -> None:
@@ -199,8 +219,12 @@ class FileStore:
                     with self._space_lock:
                         made = self.reserve.make()
                     if made and self._released:
-                        LOGGER.warning("space is back: %s free in %s; the journal's reserve of %s is held "
-                                       "again", _mib(free), self.root, _mib(self.reserve.size))
+                        LOGGER.warning(
+                            "space is back: %s free in %s; the journal's reserve of %s is held again",
+                            _mib(free),
+                            self.root,
+                            _mib(self.reserve.size),
+                        )
                     elif made:
                         LOGGER.info("made the journal's reserve of %s in %s", _mib(self.reserve.size), self.root)
                     free = self.free_bytes()
@@ -214,8 +238,12 @@ class FileStore:
                 if back:
                     self._refusing, self._refused = False, 0
             if back:
-                LOGGER.warning("space is back: %s free in %s; C-STORE is accepted again (%d instance(s) "
-                               "refused meanwhile)", _mib(free), self.root, refused)
+                LOGGER.warning(
+                    "space is back: %s free in %s; C-STORE is accepted again (%d instance(s) refused meanwhile)",
+                    _mib(free),
+                    self.root,
+                    refused,
+                )
         except OSError as exc:
             LOGGER.error("cannot check the free space of %s: %s", self.root, exc.strerror or exc)
 
@@ -249,7 +277,7 @@ class FileStore:
         os.close(fd)
         return TempFile(path, size, digest.hexdigest() if digest is not None else "")
 
-    def open_temp(self) -> "TempWriter":
+    def open_temp(self) -> TempWriter:
         """A new temporary file to write in parts as they arrive (see TempWriter).
 
         A file made ahead (`make_spares`) is moved into tmp/ when there is one:

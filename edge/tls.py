@@ -52,8 +52,10 @@ def client_tls_args(tls: TLSConfig | None, peer: DicomPeer) -> tuple[ssl.SSLCont
     if not peer.tls:
         return None
     if tls is None:
-        raise ConfigError(f"{peer.ae_title} is configured with tls: true, but this edge has no edge.tls "
-                          "certificate to call it with; add edge.tls (see `renkei tls issue`)")
+        raise ConfigError(
+            f"{peer.ae_title} is configured with tls: true, but this edge has no edge.tls "
+            "certificate to call it with; add edge.tls (see `renkei tls issue`)"
+        )
     try:
         context = client_context(ca=str(tls.ca) if tls.ca else None, cert=str(tls.cert), key=str(tls.key))
     except (OSError, ssl.SSLError) as exc:
