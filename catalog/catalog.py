@@ -1311,19 +1311,7 @@ class Catalog:
             "ORDER BY holder, sop_instance_uid",
             [study_uid],
         )
-        return [
-            LocationRecord(
-                r["study_uid"],
-                r["sop_instance_uid"] or None,
-                r["holder"],
-                r["state"],
-                r["verified_at"],
-                r["detail"] or "",
-                r["by"] or "",
-                r["at"],
-            )
-            for r in rows
-        ]
+        return [_location(r) for r in rows]
 
     def set_location(
         self,
@@ -1947,18 +1935,7 @@ class Catalog:
         )
         out: dict[str, list[LocationRecord]] = {uid: [] for uid in study_uids}
         for r in rows:
-            out.setdefault(r["study_uid"], []).append(
-                LocationRecord(
-                    r["study_uid"],
-                    None,
-                    r["holder"],
-                    r["state"],
-                    r["verified_at"],
-                    r["detail"] or "",
-                    r["by"] or "",
-                    r["at"],
-                )
-            )
+            out.setdefault(r["study_uid"], []).append(_location(r))
         return out
 
     def visibility_counts(self) -> dict[tuple[str, str], int]:
@@ -2020,19 +1997,7 @@ class Catalog:
             + (f" LIMIT {int(limit)}" if limit else ""),
             params,
         )
-        return [
-            LocationRecord(
-                r["study_uid"],
-                r["sop_instance_uid"] or None,
-                r["holder"],
-                r["state"],
-                r["verified_at"],
-                r["detail"] or "",
-                r["by"] or "",
-                r["at"],
-            )
-            for r in rows
-        ]
+        return [_location(r) for r in rows]
 
     # ---------------------------------------------------------- audit
     def append_audit(
@@ -2219,6 +2184,20 @@ def _study_row(r: dict[str, Any]) -> StudyRow:
     for f in ("series_count", "instance_count", "bytes"):
         data[f] = int(data[f] or 0)
     return StudyRow(**data)
+
+
+def _location(r: dict[str, Any]) -> LocationRecord:
+    """A locations row as a record (a study-level row has no SOP Instance UID)."""
+    return LocationRecord(
+        r["study_uid"],
+        r.get("sop_instance_uid") or None,
+        r["holder"],
+        r["state"],
+        r["verified_at"],
+        r["detail"] or "",
+        r["by"] or "",
+        r["at"],
+    )
 
 
 def _grant(r: dict[str, Any]) -> GrantRecord:

@@ -196,7 +196,7 @@ def start_deliveries(
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    from tasks.trigger import deployment_name
+    from renkei.deployments import flow_deployment
 
     started: dict[str, str] = {}
     for site, entry in plan.items():
@@ -209,7 +209,7 @@ def start_deliveries(
         }
         try:
             run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here, whatever the stubs say
-                deployment_name("deliver", site),
+                flow_deployment("deliver", site),
                 parameters=params,
                 timeout=0,
                 as_subflow=False,

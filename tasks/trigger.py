@@ -24,11 +24,6 @@ from renkei.deployments import flow_deployment
 log = logging.getLogger("renkei.trigger")
 
 
-def deployment_name(flow_name: str, site: str | None = None) -> str:
-    """`flow/deployment` as renkei.deployments names them: sync_site/sync-hub, deliver/deliver-clinic-c..."""
-    return flow_deployment(flow_name, site)
-
-
 def start_run(
     flow_name: str, site: str | None, parameters: dict[str, Any], tag: str = "", idempotency_key: str | None = None
 ) -> str:
@@ -36,7 +31,7 @@ def start_run(
 
     With `idempotency_key`, the same key gives the same run (a retransmitted message starts nothing new).
     """
-    name = deployment_name(flow_name, site)
+    name = flow_deployment(flow_name, site)
     run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here: prefect's stubs say "or a coroutine"
         name,
         parameters=parameters,
@@ -113,13 +108,13 @@ class SyncTrigger:
             time.sleep(self.interval)  # let studies completing together share one run
             self._pending.clear()
             try:
-                if has_waiting_run(deployment_name("sync_site", self.site)):
+                if has_waiting_run(flow_deployment("sync_site", self.site)):
                     continue
                 self.runs_started.append(self._start())
             except ObjectNotFound:
                 log.error(
                     "no deployment %s: run `renkei deploy` (the catch-up schedule will not run either)",
-                    deployment_name("sync_site", self.site),
+                    flow_deployment("sync_site", self.site),
                 )
             except Exception as exc:  # Prefect unreachable: try again shortly
                 log.warning("could not start a sync of %s: %s; retrying", self.site, exc)

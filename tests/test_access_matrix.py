@@ -156,13 +156,13 @@ def region(tmp_path_factory, prefect_api):
 def matrix_problems(region: Region, phase: str) -> list[str]:
     """Every site x every study x C-FIND (4 levels), C-MOVE to its workstation, C-GET, the catalog API."""
     problems: list[str] = []
+    sharing = Sharing(region.config, region.catalog)
     for site in region.config.sites:
         ws = region.workstation(site.id)
         dest = site.workstations[0].ae_title
         try:
             catalog_view = {r.study_uid for r in region.catalog.visible_studies(site.id)}
             page = {r.study_uid for r in region.catalog.studies_page(visible_to=site.id, limit=10_000)[1]}
-            sharing = Sharing(region.config, region.catalog)
             found_studies = {d.StudyInstanceUID for d in ws.find("STUDY", StudyInstanceUID="")}
             patients = {d.PatientID for d in ws.find("PATIENT", model="patient", PatientID="")}
             for uid, facts in region.studies.items():
@@ -172,11 +172,9 @@ def matrix_problems(region: Region, phase: str) -> list[str]:
                     problems.append(f"{where}: catalog API says {uid in catalog_view}, policy {want}")
                 # the one rule's two renderings: the SQL relation (lists, pages, may_see) and the decision
                 decided = sharing.decide(site.id, uid).allowed
-                if not (decided == (uid in page) == region.catalog.may_see(site.id, uid) == want):
-                    problems.append(
-                        f"{where}: decide {decided}, page {uid in page}, may_see "
-                        f"{region.catalog.may_see(site.id, uid)}, policy {want}"
-                    )
+                may_see = region.catalog.may_see(site.id, uid)
+                if not (decided == (uid in page) == may_see == want):
+                    problems.append(f"{where}: decide {decided}, page {uid in page}, may_see {may_see}, policy {want}")
                 if (uid in found_studies) != want:
                     problems.append(f"{where}: C-FIND STUDY says {uid in found_studies}, policy {want}")
                 series = ws.find("SERIES", StudyInstanceUID=uid, SeriesInstanceUID="")

@@ -172,7 +172,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "quarantined": [
             {
                 "study_uid": q.study_uid,
-                "since": _when(q.quarantined_at),
+                "since": when(q.quarantined_at),
                 "step": q.step,
                 "reason": q.reason,
                 "sop_instance_uids": list(q.sop_instance_uids),
@@ -203,7 +203,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"\n{len(complete)} complete study(ies) with instances pending upload")
     if heartbeat is not None:
         print(
-            f"last heartbeat of the edge: {_when(heartbeat)} (its own clock)"
+            f"last heartbeat of the edge: {when(heartbeat)} (its own clock)"
             f"{'; stopped cleanly' if stopped_cleanly else ''}"
         )
     reserve = (
@@ -224,7 +224,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             [
                 {
                     "study_uid": _one_line(q.study_uid),
-                    "since": _when(q.quarantined_at),
+                    "since": when(q.quarantined_at),
                     "step": q.step,
                     "bad_instances": len(q.sop_instance_uids),
                     "reason": q.reason,
@@ -270,7 +270,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             )
         print(
             f"released study {_one_line(released.study_uid)} from quarantine at {args.site} "
-            f"(held since {_when(released.quarantined_at)}: {released.reason}); the next sync run sends it"
+            f"(held since {when(released.quarantined_at)}: {released.reason}); the next sync run sends it"
         )
         try:
             from renkei import transfer
@@ -290,10 +290,6 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:
         return "operator"
-
-
-def _when(timestamp: float) -> str:
-    return when(timestamp)
 
 
 def _one_line(text: str) -> str:
