@@ -7,6 +7,7 @@ ends them all (SIGINT for Prefect workers, which ignore SIGTERM for a while).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,6 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prefect import get_client
+from prefect.client.schemas.sorting import FlowRunSort
 
 from renkei import peers
 from renkei.config import Layout
@@ -198,7 +202,25 @@ class RegionRunner:
                 return time.monotonic() - started
             self.check()
             time.sleep(every)
-        raise RenkeiError(f"timed out after {timeout:.0f} s waiting for {what}")
+        raise RenkeiError(f"timed out after {timeout:.0f} s waiting for {what}; flow runs: {self.runs_summary()}")
+
+    def runs_summary(self, limit: int = 30) -> str:
+        """The latest flow runs as `name state (message)`, for a timeout's message: names and states only."""
+
+        async def read() -> list[str]:
+            async with get_client() as client:
+                runs = await client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
+                return [
+                    f"{r.name} {r.state.name if r.state else '?'}"
+                    + (f" ({r.state.message[:120]})" if r.state and r.state.message else "")
+                    for r in runs
+                ]
+
+        os.environ.setdefault("PREFECT_API_URL", self.api_url)
+        try:
+            return "; ".join(asyncio.run(read())) or "(none)"
+        except Exception as exc:  # the summary must not hide the timeout it explains
+            return f"(not readable: {type(exc).__name__}: {exc})"
 
     def stop_one(self, name: str, timeout: float = 20) -> None:
         """Stop one part (an edge, a worker...) as an operator or a crash would; the others go on."""

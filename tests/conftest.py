@@ -16,6 +16,12 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# the test server is SQLite, as `renkei server` (renkei.cli.prefect_cmd.SQLITE_BUSY_TIMEOUT_S): a writer waits
+# for the lock instead of failing after Prefect's default 10 s (lost events and states under load)
+os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "60")
+# and its logs are rendered without rich, each record capped (renkei/prefect_logging.yaml says why)
+_PREFECT_LOGGING = Path(__file__).resolve().parents[1] / "renkei" / "prefect_logging.yaml"
+os.environ.setdefault("PREFECT_LOGGING_SETTINGS_PATH", str(_PREFECT_LOGGING))
 # pytest-xdist workers (gw0, gw1, ...) pick free ports in ranges of their own (renkei.peers.free_port)
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _worker.startswith("gw") and _worker[2:].isdigit():
