@@ -21,6 +21,7 @@ from prefect import get_client
 from prefect.client.schemas.sorting import FlowRunSort
 
 from renkei import peers
+from renkei.cli.prefect_cmd import WORKER_POLL_S
 from renkei.config import Layout
 from renkei.errors import PeerError, RenkeiError
 
@@ -72,7 +73,7 @@ class RegionRunner:
                 "RENKEI_DATA_DIR": str(self.layout.data_dir),
                 "RENKEI_HOME": str(REPO),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_WORKER_QUERY_SECONDS": "2",
+                "PREFECT_WORKER_QUERY_SECONDS": str(WORKER_POLL_S),
                 "PREFECT_WORKER_PREFETCH_SECONDS": "1",
                 "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
                 "TCP_NODELAY": "1",

@@ -146,6 +146,7 @@ def _prefect() -> str:
 
 
 SQLITE_BUSY_TIMEOUT_S = 60
+WORKER_POLL_S = 5  # PREFECT_WORKER_QUERY_SECONDS of `renkei worker` (Prefect's default: 10)
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -333,7 +334,10 @@ def _worker(args: argparse.Namespace) -> int:
     if args.site:
         layout.config.site(args.site)
     env = prefect_env(args)
-    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
+    # every poll writes to the server's database (the pool's and its queues' readiness): with one worker per
+    # site on a SQLite server, 2 s polls held its write lock for a minute on a busy machine; a run starts
+    # within WORKER_POLL_S of being created
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", str(WORKER_POLL_S))
     env.setdefault("PREFECT_WORKER_PREFETCH_SECONDS", "2")
     # heartbeats of the flow runs it starts (prefect.yaml sets it too): a dead run is found within CRASH_AFTER_S
     env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))
