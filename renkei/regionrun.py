@@ -7,7 +7,6 @@ ends them all (SIGINT for Prefect workers, which ignore SIGTERM for a while).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -19,9 +18,9 @@ from pathlib import Path
 
 from prefect import get_client
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from renkei import peers
-from renkei.cli.prefect_cmd import WORKER_POLL_S
 from renkei.config import Layout
 from renkei.errors import PeerError, RenkeiError
 
@@ -73,7 +72,6 @@ class RegionRunner:
                 "RENKEI_DATA_DIR": str(self.layout.data_dir),
                 "RENKEI_HOME": str(REPO),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_WORKER_QUERY_SECONDS": str(WORKER_POLL_S),
                 "PREFECT_WORKER_PREFETCH_SECONDS": "1",
                 "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
                 "TCP_NODELAY": "1",
@@ -207,21 +205,19 @@ class RegionRunner:
 
     def runs_summary(self, limit: int = 30) -> str:
         """The latest flow runs as `name state (message)`, for a timeout's message: names and states only."""
-
-        async def read() -> list[str]:
-            async with get_client() as client:
-                runs = await client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
-                return [
-                    f"{r.name} {r.state.name if r.state else '?'}"
-                    + (f" ({r.state.message[:120]})" if r.state and r.state.message else "")
-                    for r in runs
-                ]
-
-        os.environ.setdefault("PREFECT_API_URL", self.api_url)
         try:
-            return "; ".join(asyncio.run(read())) or "(none)"
+            with temporary_settings(updates={PREFECT_API_URL: self.api_url}), get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
         except Exception as exc:  # the summary must not hide the timeout it explains
             return f"(not readable: {type(exc).__name__}: {exc})"
+        return (
+            "; ".join(
+                f"{r.name} {r.state.name if r.state else '?'}"
+                + (f" ({r.state.message[:120]})" if r.state and r.state.message else "")
+                for r in runs
+            )
+            or "(none)"
+        )
 
     def stop_one(self, name: str, timeout: float = 20) -> None:
         """Stop one part (an edge, a worker...) as an operator or a crash would; the others go on."""

@@ -16,12 +16,6 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-# the test server is SQLite, as `renkei server` (renkei.cli.prefect_cmd.SQLITE_BUSY_TIMEOUT_S): a writer waits
-# for the lock instead of failing after Prefect's default 10 s (lost events and states under load)
-os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "60")
-# and its logs are rendered without rich, each record capped (renkei/prefect_logging.yaml says why)
-_PREFECT_LOGGING = Path(__file__).resolve().parents[1] / "renkei" / "prefect_logging.yaml"
-os.environ.setdefault("PREFECT_LOGGING_SETTINGS_PATH", str(_PREFECT_LOGGING))
 # pytest-xdist workers (gw0, gw1, ...) pick free ports in ranges of their own (renkei.peers.free_port)
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _worker.startswith("gw") and _worker[2:].isdigit():
@@ -30,7 +24,14 @@ if _worker.startswith("gw") and _worker[2:].isdigit():
 
 from helpers_parts import EXAMPLE_CONFIG, REPO, require_part, require_program  # noqa: E402, F401
 
-from renkei import peers  # noqa: E402
+from renkei import peers, prefect_logging  # noqa: E402
+from renkei.cli.prefect_cmd import SQLITE_BUSY_TIMEOUT_S  # noqa: E402
+
+# the test server is SQLite, as `renkei server`: a writer waits for the lock instead of failing after
+# Prefect's default 10 s (lost events and states under load), and its logs are not rendered by rich
+os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", str(SQLITE_BUSY_TIMEOUT_S))
+for _key, _value in prefect_logging.ENV.items():
+    os.environ.setdefault(_key, _value)
 
 # ------------------------------------------------------------------ test tiers
 # `external`: the test uses a real part (a program, an S3 endpoint, a Prefect API, a browser). Set here

@@ -1,4 +1,4 @@
-"""Prefect's processes log through renkei's configuration: plain, capped records (renkei/prefect_logging.yaml).
+"""Prefect's processes log through renkei's console handler: plain, capped records (renkei/prefect_logging.py).
 
 Prefect's own console handler renders each record with rich on the server's event loop; one "database
 is locked" error carrying a batch's SQL parameters held a test server's loop for about a minute, every
@@ -14,15 +14,15 @@ import sys
 
 from helpers_parts import EXAMPLE_CONFIG
 
-from renkei.cli.prefect_cmd import PREFECT_LOGGING_CONFIG, prefect_env
-from renkei.prefect_logging import MAX_CHARS
+from renkei.cli.prefect_cmd import prefect_env
+from renkei.prefect_logging import ENV, MAX_CHARS
 
 PROBE = """
 import logging
 from prefect.logging.configuration import setup_logging
 setup_logging()
-handlers = logging.getLogger().handlers
-print(",".join(type(h).__name__ for h in handlers))
+print(",".join(type(h).__name__ for h in logging.getLogger().handlers))
+print(",".join(type(h).__name__ for h in logging.getLogger("prefect.flow_runs").handlers))
 logging.getLogger("prefect.server.events").error("locked: " + "p" * 1_000_000)
 try:
     raise RuntimeError("q" * 1_000_000)
@@ -31,18 +31,19 @@ except RuntimeError:
 """
 
 
-def test_every_prefect_process_renkei_starts_uses_the_config(tmp_path) -> None:
+def test_every_prefect_process_renkei_starts_uses_the_handler(tmp_path) -> None:
     args = argparse.Namespace(config=str(EXAMPLE_CONFIG), data_dir=str(tmp_path))
     env = prefect_env(args)
-    assert env["PREFECT_LOGGING_SETTINGS_PATH"] == str(PREFECT_LOGGING_CONFIG)
-    assert PREFECT_LOGGING_CONFIG.is_file()
+    assert ENV and all(env[key] == value for key, value in ENV.items())
 
 
 def test_a_huge_record_is_written_plain_and_cut() -> None:
-    env = {**os.environ, "PREFECT_LOGGING_SETTINGS_PATH": str(PREFECT_LOGGING_CONFIG)}
+    env = {**os.environ, **ENV}
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "StreamHandler", proc.stdout  # not PrefectConsoleHandler (rich)
+    root, flow_runs = proc.stdout.split()
+    assert root == "PlainConsoleHandler", proc.stdout  # not PrefectConsoleHandler (rich)
+    assert flow_runs == "APILogHandler", proc.stdout  # the rest of Prefect's configuration is Prefect's
     records = [line for line in proc.stderr.splitlines() if " | ERROR " in line]
     assert len(records) == 2, proc.stderr[:2000]
     assert len(proc.stderr) < 2 * (MAX_CHARS + 200)

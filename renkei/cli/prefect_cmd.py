@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from renkei import prefect_logging
 from renkei.cli.common import config_of, default_config_path, layout_of
 from renkei.deployments import HEARTBEAT_S, RUN_TAG, pool_name
 from renkei.errors import UsageError
@@ -123,9 +124,6 @@ def _db_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-PREFECT_LOGGING_CONFIG = Path(__file__).resolve().parents[1] / "prefect_logging.yaml"
-
-
 def prefect_env(args: argparse.Namespace) -> dict[str, str]:
     """Environment of Prefect processes: the region's config and data folder, no analytics."""
     layout = layout_of(args)
@@ -135,8 +133,8 @@ def prefect_env(args: argparse.Namespace) -> dict[str, str]:
     env["RENKEI_HOME"] = str(REPO)
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    # Prefect's logging without rich rendering on the server's event loop (the file says why)
-    env.setdefault("PREFECT_LOGGING_SETTINGS_PATH", str(PREFECT_LOGGING_CONFIG))
+    for key, value in prefect_logging.ENV.items():  # no rich rendering on the server's event loop
+        env.setdefault(key, value)
     return env
 
 
