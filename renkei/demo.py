@@ -25,7 +25,7 @@ import yaml
 
 from renkei import peers, synth
 from renkei.config import Layout, load_config
-from renkei.errors import RenkeiError, UsageError
+from renkei.errors import PeerError, RenkeiError, UsageError
 from renkei.regionrun import RegionRunner
 from renkei.uids import derive_uid
 
@@ -63,6 +63,7 @@ class Demo:
         self._say = say
         self.result = DemoResult()
         self.runner: RegionRunner | None = None
+        self.postgres: peers.PostgresPeer | None = None
 
     def say(self, text: str) -> None:
         self._say(f"[{time.monotonic() - self.started:6.1f} s] {text}")
@@ -95,8 +96,20 @@ class Demo:
         self.runner = runner
         if peers.port_open("127.0.0.1", self.o.prefect_port):
             raise UsageError(f"port {self.o.prefect_port} is in use: stop what listens there, or pass --prefect-port")
-        self.say(f"starting the Prefect server on 127.0.0.1:{self.o.prefect_port} ...")
-        server = runner.spawn("prefect-server", runner.renkei("server", "--port", str(self.o.prefect_port)))
+        # PostgreSQL, as docs/operations.md runs the region's server: on SQLite, Prefect 3.9's services wait
+        # on its one write lock for 60 s at a time on a busy machine (a sync requested, its run created
+        # three minutes later); a throwaway cluster, gone when the demo stops
+        db_env: dict[str, str] = {}
+        try:
+            self.postgres = peers.start_postgres()
+            db_env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.postgres.url
+            database = f"PostgreSQL on 127.0.0.1:{self.postgres.port}"
+        except PeerError as exc:
+            database = f"SQLite ({exc}; it is slow when the machine is busy)"
+        self.say(f"starting the Prefect server on 127.0.0.1:{self.o.prefect_port}, its database {database} ...")
+        server = runner.spawn(
+            "prefect-server", runner.renkei("server", "--port", str(self.o.prefect_port)), extra_env=db_env
+        )
         runner.wait_until(lambda: _healthy(api), 180, "the Prefect server's API", every=1)
         self.say("Prefect server up; creating work pools and deployments (prefect.yaml) ...")
         runner.deploy()
@@ -395,15 +408,18 @@ class Demo:
     def run(self) -> DemoResult:
         layout = self.prepare()
         runner = self.start(layout)
-        import os
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        os.environ["PREFECT_API_URL"] = runner.api_url
-        studies = self.send_all(layout, runner)
-        self.wait_pipeline(layout, runner, studies)
-        self.remote_reading(layout, runner)
-        self.admission(layout, runner)
-        self.instant_publish(layout, runner)
-        self.verification(layout, runner)
+        # this process's Prefect calls go to the region's server: Prefect reads PREFECT_API_URL from the
+        # environment when it is imported, so setting it now would leave them on a temporary server of its own
+        # (a run_deployment there: ObjectNotFound; fetch_priors "done" there before the real one ran)
+        with temporary_settings(updates={PREFECT_API_URL: runner.api_url}):
+            studies = self.send_all(layout, runner)
+            self.wait_pipeline(layout, runner, studies)
+            self.remote_reading(layout, runner)
+            self.admission(layout, runner)
+            self.instant_publish(layout, runner)
+            self.verification(layout, runner)
         # the summary is read back from the catalog (after the scenarios added their studies)
         from catalog.catalog import Catalog
 
@@ -418,6 +434,9 @@ class Demo:
     def stop(self) -> None:
         if self.runner is not None:
             self.runner.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+            self.postgres = None
 
 
 def _received(layout: Layout, site_id: str, studies: list[tuple[str, int]]) -> int:

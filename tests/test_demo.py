@@ -15,6 +15,9 @@ from catalog.catalog import Catalog
 from renkei import peers
 from renkei.config import Layout, load_config
 
+DEADLINE_S = 480  # pytest's timeout is 600 s
+STOP_S = 90
+
 
 def test_demo_once_completes_and_its_summary_matches_the_catalog(tmp_path) -> None:
     for program, package in (("storescu", "dcmtk"), ("Orthanc", "orthanc")):
@@ -25,6 +28,7 @@ def test_demo_once_completes_and_its_summary_matches_the_catalog(tmp_path) -> No
         sys.executable,
         "-m",
         "renkei.cli.main",
+        "-v",  # an unexpected error with its traceback
         "demo",
         "--once",
         "--config",
@@ -55,9 +59,22 @@ def test_demo_once_completes_and_its_summary_matches_the_catalog(tmp_path) -> No
         "VIRTUAL_ENV": str(venv_bin.parent),
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    out = proc.stdout
+    # its own deadline, under pytest's: past it the demo gets SIGTERM and stops its region (Prefect server,
+    # workers, edges, Orthanc run in their own sessions: a killed demo would leave them to slow every later test)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise AssertionError(f"the demo did not finish in {DEADLINE_S} s:\n{out[-4000:]}{err[-4000:]}") from None
+    assert proc.returncode == 0, out[-4000:] + err[-6000:]
     for text in (
         "remote reading",
         "priors for an admitted patient",
@@ -68,6 +85,9 @@ def test_demo_once_completes_and_its_summary_matches_the_catalog(tmp_path) -> No
         "0 findings",
     ):
         assert text in out, text
+    # the admitted patient's clinic studies reached the hub's PACS (counted after the real run ended)
+    imported = re.search(r"fetch_priors put (\d+) instances into HUB_PACS", out)
+    assert imported and int(imported.group(1)) > 0, out
     rows = {
         m.group(1): (int(m.group(2)), int(m.group(3)), float(m.group(4)))
         for m in re.finditer(r"^(hub|clinic-[abc])\s+(\d+)\s+(\d+)\s+([\d.]+)\s+[\d.]+\s*$", out, re.M)

@@ -61,7 +61,14 @@ def _demo(args: argparse.Namespace) -> int:
     )
     demo = Demo(options, say=lambda text: print(text, flush=True))
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    staying = threading.Event()  # the scenarios are done, the region stays up
+
+    def on_term(signum: int, _frame: object) -> None:
+        stop.set()
+        if not staying.is_set():  # during the scenarios: leave them at once; `finally` stops the region
+            raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         result = demo.run()
         print("\nSites (read back from the catalog; seconds: first C-STORE to every study verified in the center)")
@@ -76,6 +83,7 @@ def _demo(args: argparse.Namespace) -> int:
             print(
                 "\nThe region keeps running (edges, workers, Prefect, Orthanc, dashboard). Ctrl-C stops it.", flush=True
             )
+            staying.set()
             try:
                 while not stop.wait(1) and demo.runner is not None:
                     demo.runner.supervise(lambda text: print(text, flush=True))
