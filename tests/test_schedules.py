@@ -89,6 +89,18 @@ def test_the_scheduler_creates_the_scheduled_runs_of_every_deployment(tmp_path: 
         for r in runs:
             by_name.setdefault(r["deployment_name"], []).append(r["expected_start_time"])
         assert len(by_name["sync-hub"]) >= 3  # every 5 minutes, several ahead
+        # `renkei deploy` reads every deployment back: one gone from the server is named
+        assert "read back" in proc.stdout
+        from prefect import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from renkei.cli.prefect_cmd import absent_deployments
+
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            assert absent_deployments(layout.config) == []
+            with get_client(sync_client=True) as client:
+                client.delete_deployment(client.read_deployment_by_name("verify_backups/verify-backups").id)
+            assert absent_deployments(layout.config) == ["verify_backups/verify-backups"]
     finally:
         runner.stop()
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from renkei import prefect_logging
 from renkei.cli.common import config_of, default_config_path, layout_of
-from renkei.deployments import HEARTBEAT_S, RUN_TAG, pool_name
+from renkei.config import RegionConfig
+from renkei.deployments import HEARTBEAT_S, RUN_TAG, expected, pool_name
 from renkei.errors import UsageError
 
 ORDER = 30
@@ -190,6 +191,25 @@ def ensure_pools(site_ids: list[str]) -> list[str]:
     return created
 
 
+def absent_deployments(config: RegionConfig) -> list[str]:
+    """The region's deployments the server does not have on their work pool, as `flow/deployment`."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    absent = []
+    with get_client(sync_client=True) as client:
+        for e in expected(config):
+            name = f"{e.kind.flow}/{e.name}"
+            try:
+                found = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                absent.append(name)
+                continue
+            if found.work_pool_name != e.pool:
+                absent.append(f"{name} (on pool {found.work_pool_name}, not {e.pool})")
+    return absent
+
+
 def crash_automation(within_s: float = CRASH_AFTER_S, tag: str = RUN_TAG):  # -> prefect AutomationCore
     """Prefect's zombie-run detection: a flow run of a renkei deployment silent for `within_s` is Crashed.
 
@@ -309,7 +329,14 @@ def _deploy(args: argparse.Namespace) -> int:
     )
     if proc.returncode != 0:
         raise UsageError(f"prefect deploy failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    print("deployments applied from", args.prefect_file)
+    # read back: `prefect deploy` has exited 0 with a deployment missing (a run of it then failed with a 404)
+    absent = absent_deployments(layout.config)
+    if absent:
+        raise UsageError(
+            f"prefect deploy exited 0 but the server lacks {len(absent)} deployment(s): {', '.join(absent)}; "
+            f"run `renkei deploy` again.\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
+    print("deployments applied from", args.prefect_file, "and read back from the server")
     ensure_crash_detection()
     print(
         f"automation {CRASH_AUTOMATION!r}: a run silent for {CRASH_AFTER_S} s is marked Crashed "
