@@ -57,7 +57,7 @@ demo: venv system-deps
 
 TEST_WORKERS ?= 2
 test: venv system-deps
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40 $(PYTEST_ARGS)
 
 # lint and format (ruff), types (mypy: strict on the kernel, the catalog and the sharing decision),
 # the import contracts (import-linter); .ci/run runs this before the suite
