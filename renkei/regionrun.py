@@ -279,14 +279,15 @@ class RegionRunner:
                     pass
             deadline = time.monotonic() + grace
             while left and time.monotonic() < deadline:
-                left = [pid for pid in left if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+                left = [pid for pid in left if running(pid)]
                 time.sleep(0.1)
             if not left:
                 return
 
 
-def _zombie(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for its reaper (Linux's /proc)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+        return not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
     except (OSError, IndexError):
         return False

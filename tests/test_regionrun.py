@@ -9,7 +9,7 @@ from pathlib import Path
 
 from helpers_region import layout_of, region_config
 
-from renkei.regionrun import RegionRunner, _zombie
+from renkei.regionrun import RegionRunner, running
 
 # a part that starts a child in a session of its own, as a Prefect worker starts a flow run
 PARENT = """
@@ -18,10 +18,6 @@ child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
 open(sys.argv[1], "w").write(str(child.pid))
 time.sleep(600)
 """
-
-
-def _running(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists() and not _zombie(pid)
 
 
 def test_stop_ends_what_a_part_started_in_a_session_of_its_own(tmp_path: Path) -> None:
@@ -38,9 +34,9 @@ def test_stop_ends_what_a_part_started_in_a_session_of_its_own(tmp_path: Path) -
             assert time.monotonic() < deadline, "the part did not start its child"
             time.sleep(0.05)
         child = int(pidfile.read_text())
-        assert _running(child)
+        assert running(child)
         runner.stop()
-        assert not _running(child), "the child started in its own session outlived the region's stop"
+        assert not running(child), "the child started in its own session outlived the region's stop"
         assert bystander.poll() is None, "a process of no region was stopped"
     finally:
         bystander.kill()

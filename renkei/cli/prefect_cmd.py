@@ -11,7 +11,7 @@ from pathlib import Path
 from renkei import prefect_logging
 from renkei.cli.common import config_of, default_config_path, layout_of
 from renkei.config import RegionConfig
-from renkei.deployments import HEARTBEAT_S, RUN_TAG, expected, pool_name
+from renkei.deployments import HEARTBEAT_S, RUN_TAG, expected, flow_deployment, pool_name
 from renkei.errors import UsageError
 
 ORDER = 30
@@ -199,7 +199,7 @@ def absent_deployments(config: RegionConfig) -> list[str]:
     absent = []
     with get_client(sync_client=True) as client:
         for e in expected(config):
-            name = f"{e.kind.flow}/{e.name}"
+            name = flow_deployment(e.kind.flow, e.site)
             try:
                 found = client.read_deployment_by_name(name)
             except ObjectNotFound:
