@@ -85,6 +85,8 @@ def test_demo_once_completes_and_its_summary_matches_the_catalog(tmp_path) -> No
         "0 findings",
     ):
         assert text in out, text
+    # its Prefect server ran on PostgreSQL (SQLite is only the fallback where PostgreSQL is not installed)
+    assert "its database PostgreSQL on" in out, out[:2000]
     # the admitted patient's clinic studies reached the hub's PACS (counted after the real run ended)
     imported = re.search(r"fetch_priors put (\d+) instances into HUB_PACS", out)
     assert imported and int(imported.group(1)) > 0, out
