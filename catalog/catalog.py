@@ -46,6 +46,7 @@ _log = logging.getLogger("renkei.catalog")
 
 DEFAULT_AUTO_COMPACT = 16  # level-0 files per table before a writer compacts
 MAX_COMMIT_ATTEMPTS = 200
+MEMO_ROWS = 100_000  # rows of kept per-study answers (~1 KiB each), all dropped when more
 _UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 
 STUDY_ROW_FIELDS = tables.STUDY_INFO_FIELDS + (
@@ -388,6 +389,10 @@ class Catalog:
         self._lock = threading.RLock()
         self._state: State | None = None
         self._views_seq = -1
+        # answers of the small per-study queries every C-FIND, C-MOVE and decision asks, kept while the
+        # tables they read are unchanged: (sql, params) -> (tables' version, rows)
+        self._memo: dict[tuple[str, tuple[Any, ...]], tuple[tuple[tuple[int, int], ...], list[dict[str, Any]]]] = {}
+        self._memo_rows = 0
         self._executor: ThreadPoolExecutor | None = None
         self.background_compaction = background_compaction
         self._compactor: threading.Thread | None = None
@@ -642,15 +647,45 @@ class Catalog:
                     self._state = None  # re-read from the latest checkpoint
             raise AssertionError("unreachable")
 
-    def _rows(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
-        """Rows as dicts (the fast path for small answers)."""
+    def _tables_version(self, names: Sequence[str]) -> tuple[tuple[int, int], ...]:
+        """Changes whenever a commit adds or removes a data file of one of the tables (by any process).
+
+        A commit that adds a file raises its table's highest file seq; one that only removes files
+        lowers the count: the pair never comes back to an earlier value.
+        """
+        state = self.refresh()
+        out = []
+        for name in names:
+            files = state.files.get(name, {})
+            out.append((len(files), max((f.seq for f in files.values()), default=0)))
+        return tuple(out)
+
+    def _rows(self, sql: str, params: Sequence[Any] | None = None, memo: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Rows as dicts (the fast path for small answers).
+
+        With `memo` (the tables the query reads), the answer is kept and given again, as copies, until
+        a commit changes one of those tables: the questions a C-MOVE asks cost a DuckDB query each.
+        """
         with self._lock:
+            key = (sql, tuple(params or ()))
+            if memo:
+                version = self._tables_version(memo)
+                hit = self._memo.get(key)
+                if hit is not None and hit[0] == version:
+                    return [dict(r) for r in hit[1]]
             for attempt in range(3):
                 self._ensure_views()
                 try:
                     cur = self.con.execute(sql, list(params or []))
                     names = [d[0] for d in cur.description]
-                    return [dict(zip(names, row)) for row in cur.fetchall()]
+                    rows = [dict(zip(names, row)) for row in cur.fetchall()]
+                    if memo and len(rows) <= MEMO_ROWS // 10:
+                        self._memo_rows += len(rows) + 1
+                        if self._memo_rows > MEMO_ROWS:
+                            self._memo.clear()
+                            self._memo_rows = len(rows) + 1
+                        self._memo[key] = (version, [dict(r) for r in rows])
+                    return rows
                 except (duckdb.IOException, duckdb.HTTPException, FileNotFoundError) as exc:
                     if attempt == 2:
                         raise CatalogError(f"catalog at {self.url} could not be read: {exc}") from None
@@ -1161,6 +1196,7 @@ class Catalog:
                 "SELECT * EXCLUDE (_seq) FROM instances WHERE study_uid = ? ORDER BY series_uid, instance_number, "
                 "sop_instance_uid",
                 [study_uid],
+                memo=("instances",),
             )
         if version != "current":
             raise UsageError(f"version {version!r}: use 'current' or 'first'")
@@ -1172,6 +1208,7 @@ class Catalog:
             "FROM instances i LEFT JOIN v USING (sop_instance_uid) WHERE i.study_uid = ? "
             "ORDER BY i.series_uid, i.instance_number, i.sop_instance_uid",
             [study_uid, study_uid],
+            memo=("instances", "conflicts"),
         )
 
     def iter_instances(self, part: int = 0, parts: int = 1, batch_size: int = 10_000) -> Iterator[list[dict[str, Any]]]:
@@ -1217,7 +1254,9 @@ class Catalog:
     # ---------------------------------------------------------- studies
     def study(self, study_uid: str) -> StudyRow | None:
         rows = self._rows(
-            f"SELECT study_uid, {_STUDY_AGG} FROM studies WHERE study_uid = ? GROUP BY study_uid", [study_uid]
+            f"SELECT study_uid, {_STUDY_AGG} FROM studies WHERE study_uid = ? GROUP BY study_uid",
+            [study_uid],
+            memo=("studies",),
         )
         return _study_row(rows[0]) if rows else None
 
@@ -1513,6 +1552,7 @@ class Catalog:
             "SELECT *, _seq = max(_seq) OVER (PARTITION BY site) AS current FROM grants WHERE study_uid = ? "
             "ORDER BY _seq, site",
             [study_uid],
+            memo=("grants",),
         )
         return [_grant(r) for r in rows]
 
@@ -1568,6 +1608,7 @@ class Catalog:
         rows = self._rows(
             "SELECT * FROM consents WHERE site = ? AND patient_id = ? AND issuer = ? ORDER BY _seq DESC LIMIT 1",
             [site, patient_id, issuer],
+            memo=("consents",),
         )
         return ConsentRecord(**{k: v for k, v in rows[0].items() if k != "_seq"}) if rows else None
 

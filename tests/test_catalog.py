@@ -194,6 +194,44 @@ def test_patient_links_and_candidates(cat: Catalog) -> None:
     assert cat.person_of("clinic-c", "NOPE", "CLC") is None
 
 
+def test_kept_answers_follow_every_writer_and_compaction(cat: Catalog) -> None:
+    """The per-study answers a C-MOVE asks are kept, and never outlive a commit that changes them.
+
+    The writer here is another Catalog object on the same store (as another process would be); the
+    reader `cat` has already asked each question once, so every answer after a change is a kept one
+    unless the change is seen.
+    """
+    uid = f"{ROOT}.70"
+    cat.register(make_batch(70, 2, site="clinic-a", patient_id="A7", issuer="CLA"))
+    other = Catalog(cat.url, writer="other")
+    try:
+        asked = lambda: (  # noqa: E731
+            cat.study(uid).instance_count,
+            len(cat.instances(uid)),
+            [(g.site, g.action) for g in cat.grants(uid)],
+            getattr(cat.consent_of("clinic-a", "A7", "CLA"), "state", None),
+        )
+        assert asked() == asked() == (2, 2, [], None)
+        other.grant(uid, "hub", "rule", "clinic-studies-to-hub", "clinic study")
+        assert asked() == (2, 2, [("hub", "grant")], None)
+        other.set_consent("clinic-a", "A7", "CLA", "withdrawn", "reception")
+        other.revoke(uid, "hub", "consent", "consent-withdrawn", "patient withdrew consent")
+        assert asked() == (2, 2, [("hub", "grant"), ("hub", "revoke")], "withdrawn")
+        other.register(make_batch(70, 3, site="clinic-a", patient_id="A7", issuer="CLA"))  # a late instance
+        assert asked()[:2] == (3, 3)
+        edited = other.register(make_batch(70, 3, site="clinic-a", patient_id="A7", issuer="CLA", salt="edited"))
+        assert edited.conflicts and all(r["corrected"] for r in cat.instances(uid))
+        before = asked()
+        other.auto_compact = None
+        other.compact(force=True)
+        assert asked() == before
+        # an answer given is a copy: changing it changes nothing kept
+        cat.instances(uid)[0]["object_key"] = "changed by a caller"
+        assert "changed by a caller" not in {r["object_key"] for r in cat.instances(uid)}
+    finally:
+        other.close()
+
+
 def test_consents_are_events(cat: Catalog) -> None:
     cat.set_consent("clinic-a", "A1", "CLA", "withdrawn", "reception", "paper form")
     assert cat.consent_of("clinic-a", "A1", "CLA").state == "withdrawn"
