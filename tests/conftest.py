@@ -205,3 +205,33 @@ def prefect_api() -> Iterator[str]:
             yield url
         finally:
             os.environ.pop("PREFECT_API_URL", None)
+
+
+# ------------------------------------------------------------------ CPU per test (the suite's time limit)
+# RENKEI_CPU_REPORT=<folder>: each pytest process appends, per test, the CPU seconds it and its reaped
+# child processes used (setup and teardown included: a module fixture counts with its first test) and
+# the wall time. The suite is bound by CPU on 2 cores; `bench/suite_cpu.py <folder>` ranks the files.
+CPU_REPORT_ENV = "RENKEI_CPU_REPORT"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    folder = os.environ.get(CPU_REPORT_ENV)
+    if not folder:
+        yield
+        return
+    import resource
+    import time
+
+    def cpu() -> tuple[float, float]:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+    self0, kids0, wall0 = *cpu(), time.monotonic()
+    yield
+    self1, kids1 = cpu()
+    line = f"{item.nodeid}\t{self1 - self0:.2f}\t{kids1 - kids0:.2f}\t{time.monotonic() - wall0:.2f}\n"
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / f"cpu-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.tsv", "a") as out:
+        out.write(line)

@@ -54,58 +54,7 @@ def _read_runs(api: str, state_types: list[str] | None = None) -> list[dict]:
     return runs
 
 
-@pytest.mark.slow
-def test_the_scheduler_creates_the_scheduled_runs_of_every_deployment(tmp_path: Path) -> None:
-    config_path = region_config(tmp_path, stable_age=0.5, pacs_at=())
-    layout = layout_of(config_path, tmp_path / "renkei-data")
-    port = peers.free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    runner = RegionRunner(config_path, layout, api)
-    try:
-        runner.spawn("prefect-server", runner.renkei("server", "--port", str(port)))
-        runner.wait_until(lambda: _healthy(api), 120, "the Prefect server", every=1)
-        import subprocess
-
-        proc = subprocess.run(
-            runner.renkei("deploy"), cwd=REPO, env=runner.env(), capture_output=True, text=True, timeout=300
-        )
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        # the project's own prefect.yaml, unchanged: the scheduler (not a test, not a trigger) must
-        # create the coming runs of the catch-up syncs, the nightly verification, the compaction and
-        # the catalog backup
-        try:
-            runner.wait_until(
-                lambda: {r["deployment_name"] for r in _runs(api) if r.get("auto_scheduled")} >= set(WATCHED),
-                150,
-                "scheduled runs of " + ", ".join(WATCHED),
-                every=2,
-            )
-        except RenkeiError:
-            log = runner.procs[0].tail(4000)
-            raise AssertionError(f"the scheduler created no runs; the server's log:\n{log}") from None
-        runs = [r for r in _runs(api) if r.get("auto_scheduled")]
-        assert all((r.get("state") or {}).get("type") == "SCHEDULED" for r in runs)
-        by_name = {}
-        for r in runs:
-            by_name.setdefault(r["deployment_name"], []).append(r["expected_start_time"])
-        assert len(by_name["sync-hub"]) >= 3  # every 5 minutes, several ahead
-        # `renkei deploy` reads every deployment back: one gone from the server is named
-        assert "read back" in proc.stdout
-        from prefect import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        from renkei.cli.prefect_cmd import absent_deployments
-
-        with temporary_settings(updates={PREFECT_API_URL: api}):
-            assert absent_deployments(layout.config) == []
-            with get_client(sync_client=True) as client:
-                client.delete_deployment(client.read_deployment_by_name("verify_backups/verify-backups").id)
-            assert absent_deployments(layout.config) == ["verify_backups/verify-backups"]
-    finally:
-        runner.stop()
-
-
-SCHEDULED = ("sync-hub", "verify-backups", "compact-catalog", "backup-catalog")
+SCHEDULED = WATCHED  # every minute in the second part
 
 
 def _short_schedules(tmp_path: Path) -> Path:
@@ -127,8 +76,11 @@ def test_scheduled_runs_are_created_and_run_by_the_workers_on_postgresql(tmp_pat
     """Nobody starts a run: the scheduler creates them, the hub's and the center's workers run them.
 
     The region's Prefect server as docs/operations.md runs it, on PostgreSQL
-    (SQLite under this many scheduled runs answers "database is locked");
-    its database is then backed up and restored with pg_dump/pg_restore.
+    (SQLite under this many scheduled runs answers "database is locked").
+    First the project's prefect.yaml as it is: the scheduler creates the coming
+    runs of every watched deployment, and `renkei deploy` names one gone from
+    the server. Then the same deployments every minute: the workers run them.
+    Last, the database is backed up and restored with pg_dump/pg_restore.
     """
     config_path = region_config(tmp_path, stable_age=0.5, pacs_at=())
     layout = layout_of(config_path, tmp_path / "renkei-data")
@@ -145,6 +97,12 @@ def test_scheduled_runs_are_created_and_run_by_the_workers_on_postgresql(tmp_pat
         server = runner.spawn("prefect-server", runner.renkei("server", "--port", str(port)), extra_env=db_env)
         runner.wait_until(lambda: _healthy(api), 180, "the Prefect server on PostgreSQL", every=1)
         import subprocess
+
+        proc = subprocess.run(
+            runner.renkei("deploy"), cwd=REPO, env=runner.env(), capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        _the_scheduler_creates_the_coming_runs(runner, api, layout.config, proc.stdout)
 
         proc = subprocess.run(
             runner.renkei("deploy", "--prefect-file", str(_short_schedules(tmp_path))),
@@ -248,6 +206,39 @@ def test_scheduled_runs_are_created_and_run_by_the_workers_on_postgresql(tmp_pat
     finally:
         runner.stop()
         pg.stop()
+
+
+def _the_scheduler_creates_the_coming_runs(runner: RegionRunner, api: str, config, deploy_stdout: str) -> None:
+    """The project's own prefect.yaml, unchanged: the scheduler (not a test, not a trigger) creates the
+    coming runs of the catch-up syncs, the nightly verification, the compaction and the catalog backup."""
+    try:
+        runner.wait_until(
+            lambda: {r["deployment_name"] for r in _runs(api) if r.get("auto_scheduled")} >= set(WATCHED),
+            150,
+            "scheduled runs of " + ", ".join(WATCHED),
+            every=2,
+        )
+    except RenkeiError:
+        log = runner.procs[0].tail(4000)
+        raise AssertionError(f"the scheduler created no runs; the server's log:\n{log}") from None
+    runs = [r for r in _runs(api) if r.get("auto_scheduled")]
+    assert all((r.get("state") or {}).get("type") == "SCHEDULED" for r in runs)
+    by_name: dict[str, list[str]] = {}
+    for r in runs:
+        by_name.setdefault(r["deployment_name"], []).append(r["expected_start_time"])
+    assert len(by_name["sync-hub"]) >= 3  # every 5 minutes, several ahead
+    # `renkei deploy` reads every deployment back: one gone from the server is named
+    assert "read back" in deploy_stdout
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from renkei.cli.prefect_cmd import absent_deployments
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        assert absent_deployments(config) == []
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(client.read_deployment_by_name("verify_backups/verify-backups").id)
+        assert absent_deployments(config) == ["verify_backups/verify-backups"]
 
 
 def _deployments(api: str) -> list[tuple[str, str]]:
