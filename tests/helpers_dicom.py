@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -62,6 +63,20 @@ class Workstation:
             self._assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self._assoc
 
+    def _ready(self):
+        """The association, once its reactor thread has woken from the previous request's pause.
+
+        pynetdicom 3.0's send_c_*() pause the reactor by waiting for `_is_paused`; right after one
+        request ends, that flag is still True from its pause while the thread has not run yet, so the
+        next request goes out with the reactor live, and a fast answer is taken by the reactor
+        ("Received unexpected C-MOVE service message") and lost: the request waits its DIMSE timeout.
+        """
+        assoc = self._association()
+        deadline = time.monotonic() + 5
+        while assoc._is_paused and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        return assoc
+
     def close(self) -> None:
         if self._assoc is not None and self._assoc.is_established:
             self._assoc.release()
@@ -77,7 +92,7 @@ class Workstation:
             else StudyRootQueryRetrieveInformationModelFind
         )
         out = []
-        for status, identifier in self._association().send_c_find(query, sop):
+        for status, identifier in self._ready().send_c_find(query, sop):
             assert status is not None and "Status" in status, "C-FIND got no response"
             if status.Status in (0xFF00, 0xFF01):
                 out.append(identifier)
@@ -90,9 +105,7 @@ class Workstation:
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_uid
         final = None
-        for status, _ in self._association().send_c_move(
-            query, destination, StudyRootQueryRetrieveInformationModelMove
-        ):
+        for status, _ in self._ready().send_c_move(query, destination, StudyRootQueryRetrieveInformationModelMove):
             if status is not None and "Status" in status:
                 final = status
         assert final is not None, "C-MOVE got no response"
@@ -108,7 +121,7 @@ class Workstation:
         query.StudyInstanceUID = study_uid
         self._received = []
         final = None
-        for status, _ in self._association().send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+        for status, _ in self._ready().send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
             if status is not None and "Status" in status:
                 final = status
         assert final is not None, "C-GET got no response"
