@@ -70,9 +70,10 @@ class RecoveryReport:
 class Ingestor:
     """Stores received instances in a FileStore and records them in the Journal."""
 
-    def __init__(self, store: FileStore, journal: Journal) -> None:
+    def __init__(self, store: FileStore, journal: Journal, clock: Callable[[], float] = wall_time) -> None:
         self.store = store
         self.journal = journal
+        self.clock = clock  # the edge's wall clock, as journaled (a tool may journal what arrived earlier)
         self._decision_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-io")
         self._known_studies: set[str] = set()
@@ -163,7 +164,7 @@ class Ingestor:
                 self.store.commit(temp, final)
                 try:
                     self.journal.record_instance(
-                        parsed, transfer_syntax_uid, relative, temp.size, temp.sha256, calling_ae, wall_time()
+                        parsed, transfer_syntax_uid, relative, temp.size, temp.sha256, calling_ae, self.clock()
                     )
                 except sqlite3.IntegrityError:  # another process journaled it meanwhile
                     existing = self.journal.lookup(sop)

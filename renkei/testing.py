@@ -75,8 +75,18 @@ def dataset_bytes(path: Path) -> tuple[bytes, str, str, str]:
     )
 
 
-def put_into_edge(layout: Layout, site_id: str, files: Iterable[Path], calling_ae: str | None = None) -> int:
-    """Store files in a site's edge exactly as its C-STORE handler would (no network)."""
+LONG_AGO = 3600.0  # put_into_edge(received_ago=LONG_AGO): past any test's stable_age, no sleep
+
+
+def put_into_edge(
+    layout: Layout, site_id: str, files: Iterable[Path], calling_ae: str | None = None, received_ago: float = 0.0
+) -> int:
+    """Store files in a site's edge exactly as its C-STORE handler would (no network).
+
+    `received_ago`: journal them as received that many seconds ago (on the edge's wall clock), so
+    that a study is already past a short `stable_age` without the test sleeping for it.
+    """
+    from edge.clock import wall_time
     from edge.ingest import Ingestor
     from edge.journal import Journal
     from edge.store import FileStore
@@ -86,7 +96,7 @@ def put_into_edge(layout: Layout, site_id: str, files: Iterable[Path], calling_a
     root = layout.edge_store(site_id)
     journal = Journal.open(root)
     try:
-        ingestor = Ingestor(FileStore(root), journal)
+        ingestor = Ingestor(FileStore(root), journal, clock=lambda: wall_time() - received_ago)
         n = 0
         for f in files:
             data, ts, sop_class, sop_uid = dataset_bytes(f)

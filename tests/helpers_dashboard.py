@@ -10,11 +10,10 @@ with no decoder here exercises the thumbnail placeholder.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers_region import layout_of, put_into_edge, region_config
+from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
 
 from renkei import synth
 from renkei.config import Layout
@@ -63,17 +62,16 @@ def build_region(tmp_path: Path, data_dir: Path, patients: int = 2) -> DemoRegio
         result = synth.generate_site(
             lay.config, site, patients, 11 + n, tmp_path / "synth" / site, ct_slices=5, size=64, modalities=("CT", "CR")
         )
-        put_into_edge(lay, site, result.files)
+        put_into_edge(lay, site, result.files, received_ago=LONG_AGO)
         region.studies[site] = [s.info.study_uid for s in result.studies]
     odd = undecodable_file()
     if odd is not None:
         import pydicom
 
         header = pydicom.dcmread(odd, stop_before_pixels=True)
-        put_into_edge(lay, "hub", [odd])
+        put_into_edge(lay, "hub", [odd], received_ago=LONG_AGO)
         region.studies["hub"].append(str(header.StudyInstanceUID))
         region.undecodable = (str(header.StudyInstanceUID), str(header.SeriesInstanceUID))
-    time.sleep(0.3)  # every study reaches stable_age (0.2 s)
     for site in lay.config.site_ids:
         state = sync_site(site, str(config_path), str(data_dir), return_state=True)
         assert state.is_completed(), f"sync_site {site}: {state.message}"

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from renkei.testing import EXAMPLE, REPO, dataset_bytes, layout_of, put_into_edge, region_config
+from renkei.testing import EXAMPLE, LONG_AGO, REPO, dataset_bytes, layout_of, put_into_edge, region_config
 
-__all__ = ["EXAMPLE", "REPO", "dataset_bytes", "layout_of", "put_into_edge", "region_config"]
+__all__ = ["EXAMPLE", "LONG_AGO", "REPO", "dataset_bytes", "layout_of", "put_into_edge", "region_config"]

@@ -27,7 +27,7 @@ import pydicom
 import pytest
 from helpers_dicom import Workstation
 from helpers_parts import require_program
-from helpers_region import layout_of, put_into_edge, region_config
+from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -73,7 +73,7 @@ class Region:
             result = synth.generate_site(
                 self.config, site, n, 9, tmp / "synth" / site, ct_slices=2, size=32, modalities=("CT",)
             )
-            put_into_edge(self.layout, site, result.files)
+            put_into_edge(self.layout, site, result.files, received_ago=LONG_AGO)
             for study in result.studies:
                 self.studies[study.info.study_uid] = {
                     "origin": site,
@@ -86,7 +86,6 @@ class Region:
                 self.files[sop] = data
                 self.study_of[sop] = str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
             self.sample[site] = result.files[0]
-        time.sleep(0.3)
         for site in counts:
             sync_site(site, str(self.config_path), str(self.layout.data_dir))
         self.edges = [RegionalEdge(self.layout, s.id).start() for s in self.config.sites]

@@ -15,7 +15,7 @@ import sys
 import time
 
 from helpers_dicom import Workstation
-from helpers_region import layout_of, put_into_edge, region_config
+from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
 
 from edge.center import StudyOrigins
 from edge.region import RegionalEdge
@@ -49,8 +49,7 @@ def test_a_hub_study_stored_back_at_a_clinic_is_visible_only_while_granted(tmp_p
     layout = layout_of(config_path, data_dir)
     study = synth.write_single_study(tmp_path / "synth", "CT", slices=2, size=32, seed=71)
     uid = study.info.study_uid
-    put_into_edge(layout, "hub", study.files)
-    time.sleep(0.3)
+    put_into_edge(layout, "hub", study.files, received_ago=LONG_AGO)
     store = open_store(layout)
     with open_catalog(layout) as catalog:
         with open_journal(layout, "hub") as journal:
@@ -138,8 +137,7 @@ def test_patient_level_counts_only_the_studies_the_caller_may_see(tmp_path, data
         patient=hub_study.patient,
         study_date=synth.REFERENCE_DATE.replace(year=synth.REFERENCE_DATE.year - 1),
     )
-    put_into_edge(layout, "hub", hub_study.files)
-    time.sleep(0.3)
+    put_into_edge(layout, "hub", hub_study.files, received_ago=LONG_AGO)
     with open_catalog(layout) as catalog:
         with open_journal(layout, "hub") as journal:
             assert transfer.upload_study(journal, open_store(layout), "hub", hub_study.info.study_uid).ok

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from helpers_parts import require_program
-from helpers_region import layout_of, put_into_edge, region_config
+from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
 
 from renkei import peers, synth
 from renkei.runtime import open_catalog
@@ -34,8 +32,7 @@ def region_with_priors(tmp_path_factory, prefect_api):
             size=32,
             modalities=("CT", "CR"),
         )
-        put_into_edge(lay, site, result.files)
-    time.sleep(0.3)
+        put_into_edge(lay, site, result.files, received_ago=LONG_AGO)
     for site in ("hub", "clinic-a", "clinic-b"):
         sync_site(site, str(config_path), str(data_dir))
     hub = lay.config.site("hub")

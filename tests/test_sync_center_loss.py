@@ -12,7 +12,7 @@ import shutil
 import time
 
 import pytest
-from helpers_region import layout_of, put_into_edge, region_config
+from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
 
 from renkei import center_check, synth
 from renkei.runtime import open_catalog, open_journal, open_store
@@ -28,8 +28,7 @@ def synced(tmp_path, data_dir, prefect_api):
     written = synth.generate_site(
         lay.config, "clinic-c", 2, 5, tmp_path / "synth", ct_slices=3, size=64, modalities=("CT", "CR")
     )
-    put_into_edge(lay, "clinic-c", written.files)
-    time.sleep(0.3)
+    put_into_edge(lay, "clinic-c", written.files, received_ago=LONG_AGO)
     first = sync_site("clinic-c", str(config_path), str(data_dir))
     assert first["instances"] == written.instance_count
     with open_catalog(lay) as catalog:

@@ -11,14 +11,10 @@ import threading
 import time
 
 import anyio
-from helpers_region import REPO, layout_of, put_into_edge, region_config
+from helpers_region import LONG_AGO, REPO, layout_of, put_into_edge, region_config
 
 from renkei import peers, synth
 from renkei.runtime import open_catalog, open_journal, open_store
-
-
-def _wait_stable() -> None:
-    time.sleep(0.3)  # the studies pass stable_age (0.2 s)
 
 
 def test_s3_down_for_the_first_attempts_then_success(tmp_path, data_dir, prefect_api, s3_env) -> None:
@@ -32,8 +28,7 @@ def test_s3_down_for_the_first_attempts_then_success(tmp_path, data_dir, prefect
     config_path = region_config(tmp_path, stable_age=0.2, center_url=f"s3://{bucket}/renkei", pacs_at=())
     lay = layout_of(config_path, data_dir)
     study = synth.write_single_study(tmp_path / "synth", "CT", slices=4, size=64, seed=3)
-    put_into_edge(lay, "clinic-b", study.files)
-    _wait_stable()
+    put_into_edge(lay, "clinic-b", study.files, received_ago=LONG_AGO)
     os.environ["RENKEI_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"  # nothing listens there yet
     started = {}
 
@@ -91,8 +86,7 @@ def test_flow_killed_mid_upload_then_rerun_duplicates_nothing(
     files = []
     for seed in (1, 2, 3):
         files += synth.write_single_study(tmp_path / "synth", "CT", slices=60, size=512, seed=seed).files
-    put_into_edge(lay, "clinic-a", files)
-    _wait_stable()
+    put_into_edge(lay, "clinic-a", files, received_ago=LONG_AGO)
     store = open_store(lay)
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     code = f"from flows.sync_site import sync_site; sync_site('clinic-a', {str(config_path)!r}, {str(data_dir)!r})"
@@ -132,13 +126,11 @@ def test_an_instance_after_its_study_was_synced_follows_it(tmp_path, data_dir, p
     lay = layout_of(config_path, data_dir)
     study = synth.write_single_study(tmp_path / "synth", "CT", slices=5, size=64, seed=8)
     early, late = study.files[:-1], study.files[-1:]
-    put_into_edge(lay, "clinic-c", early)
-    _wait_stable()
+    put_into_edge(lay, "clinic-c", early, received_ago=LONG_AGO)
     assert sync_site("clinic-c", str(config_path), str(data_dir))["instances"] == len(early)
     with open_catalog(lay) as catalog:
         assert catalog.study(study.info.study_uid).instance_count == len(early)
-    put_into_edge(lay, "clinic-c", late)
-    _wait_stable()
+    put_into_edge(lay, "clinic-c", late, received_ago=LONG_AGO)
     second = sync_site("clinic-c", str(config_path), str(data_dir))
     assert second["studies"] == 1 and second["instances"] == 1
     with open_catalog(lay) as catalog:

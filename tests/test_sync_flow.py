@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from helpers_region import layout_of, put_into_edge, region_config
+from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
 
 from renkei import synth
 from renkei.runtime import open_catalog, open_journal, open_store
@@ -20,9 +18,8 @@ def small_region(tmp_path, data_dir):
         result = synth.generate_site(
             lay.config, site, 2, 7, tmp_path / "synth" / site, ct_slices=3, size=64, modalities=("CT", "CR")
         )
-        put_into_edge(lay, site, result.files)
+        put_into_edge(lay, site, result.files, received_ago=LONG_AGO)
         written[site] = result
-    time.sleep(0.3)  # let the studies reach stable_age (0.2 s)
     return config_path, lay, written
 
 

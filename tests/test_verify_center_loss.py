@@ -14,7 +14,7 @@ import shutil
 import time
 
 import pytest
-from helpers_region import layout_of, put_into_edge, region_config
+from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
 
 from renkei import synth
 from renkei.runtime import open_catalog, open_store
@@ -29,8 +29,7 @@ def synced(tmp_path, data_dir, prefect_api):
     written = synth.generate_site(
         lay.config, "clinic-c", 1, 3, tmp_path / "synth", ct_slices=3, size=64, modalities=("CT",)
     )
-    put_into_edge(lay, "clinic-c", written.files)
-    time.sleep(0.3)
+    put_into_edge(lay, "clinic-c", written.files, received_ago=LONG_AGO)
     assert sync_site("clinic-c", str(config_path), str(data_dir))["instances"] == written.instance_count
     with open_catalog(lay) as catalog:
         hub_sees = {s.info.study_uid for s in written.studies if catalog.may_see("hub", s.info.study_uid)}

@@ -4,10 +4,9 @@ from the edge's copy; with no copy left the run fails."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
-from helpers_region import layout_of, put_into_edge, region_config
+from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
 
 from renkei import synth
 from renkei.runtime import open_catalog, open_store
@@ -22,8 +21,7 @@ def synced(tmp_path, data_dir, prefect_api):
     result = synth.generate_site(
         lay.config, "clinic-a", 1, 3, tmp_path / "synth", ct_slices=4, size=64, modalities=("CT",)
     )
-    put_into_edge(lay, "clinic-a", result.files)
-    time.sleep(0.3)
+    put_into_edge(lay, "clinic-a", result.files, received_ago=LONG_AGO)
     assert sync_site("clinic-a", str(config_path), str(data_dir))["instances"] == result.instance_count
     return config_path, lay
 
