@@ -55,9 +55,11 @@ system-deps:
 demo: venv system-deps
 	$(VENV)/bin/renkei demo $(DEMO_ARGS)
 
-TEST_WORKERS ?= 2
+# 3 workers on CI's 2 cores: many tests wait on a server or a peer. Files in collection order
+# (--no-loadscope-reorder): tests/conftest.py puts the longest first.
+TEST_WORKERS ?= 3
 test: venv system-deps
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40 $(PYTEST_ARGS)
 
 # lint and format (ruff), types (mypy: strict on the kernel, the catalog and the sharing decision),
 # the import contracts (import-linter); .ci/run runs this before the suite

@@ -102,10 +102,31 @@ def _external(item: pytest.Item) -> bool:
     return any(_names(fn, module, 2, seen) & wanted for fn in fns if fn is not None)
 
 
+# The files that take longest (wall time: a whole region, a Prefect server, minutes of waiting) run
+# first: under `--dist loadfile` each worker takes the next file in collection order, and one of these
+# started last would run alone at the end (`make test` prints the slowest; bench/suite_cpu.py ranks CPU).
+LONGEST_FIRST = (
+    "test_demo.py",
+    "test_schedules.py",
+    "test_run_crash.py",
+    "test_access_matrix.py",
+    "test_region_e2e.py",
+    "test_catalog_concurrency.py",
+    "test_prefect_auth.py",
+    "test_sync_faults.py",
+    "test_region_restore.py",
+    "test_needs_action.py",
+    "test_edge_region.py",
+    "test_dashboard_security.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _external(item):
             item.add_marker(pytest.mark.external)
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)
