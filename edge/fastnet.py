@@ -23,12 +23,15 @@ events untouched and change how threads wait, and where C-STORE is served:
 
 Everything relies on pynetdicom 3.0's internal names; `check_compatible()`
 says whether they are there, and the edge falls back to plain pynetdicom when
-they are not.
+they are not, or when RENKEI_EDGE_FAST=0 (`enabled()`): the way out for an
+operator if the fast path misbehaves, and how the edge's tests run both paths.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import queue
 import select
 import socket
@@ -63,6 +66,7 @@ IDLE_WAIT = 0.05
 
 
 @lru_cache(maxsize=1)
+@functools.cache
 def check_compatible() -> bool:
     """True when pynetdicom has the internals these classes rely on."""
     needed = [
@@ -85,6 +89,14 @@ def check_compatible() -> bool:
         return hasattr(probe_assoc.dimse, "msg_queue")
     except Exception:
         return False
+
+
+FAST_ENV = "RENKEI_EDGE_FAST"
+
+
+def enabled() -> bool:
+    """The fast path is used: pynetdicom has what it needs and RENKEI_EDGE_FAST is not 0."""
+    return os.environ.get(FAST_ENV, "1").strip().lower() not in ("0", "false", "no", "off") and check_compatible()
 
 
 def set_nodelay(sock: socket.socket | None) -> None:

@@ -22,6 +22,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import pynetdicom
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -596,9 +597,35 @@ class RetrieveServer:
             self._send_items(assoc, assoc, req, context, "get", items, tally, None)
 
 
+def _fast_path(site_id: str) -> bool:
+    """Whether an edge serves on the fast path: always, unless RENKEI_EDGE_FAST=0 says otherwise.
+
+    The defences against hostile peers that work on PDUs (size caps before the association, the
+    advertised maximum, A-ABORT on malformed P-DATA, strict UIDs on the C-STORE path, read deadlines)
+    live on the fast path: plain pynetdicom fails nine of tests/test_edge_adversarial.py's attacks.
+    So an edge does not fall back to it silently: without the pynetdicom internals it needs, it does
+    not start; with RENKEI_EDGE_FAST=0 it runs plain pynetdicom and says that it is unprotected.
+    """
+    if os.environ.get(fastnet.FAST_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        LOGGER.warning(
+            "edge of %s on plain pynetdicom (%s=0): the defences against malformed, oversized and slow "
+            "PDUs are off; use this only to diagnose the fast path",
+            site_id,
+            fastnet.FAST_ENV,
+        )
+        return False
+    if not fastnet.check_compatible():
+        raise PeerError(
+            f"this pynetdicom {pynetdicom.__version__} lacks the internals the edge's network path needs "
+            f"(edge/fastnet.py); install the pinned version (requirements.lock), or set {fastnet.FAST_ENV}=0 "
+            "to run unprotected plain pynetdicom"
+        )
+    return True
+
+
 def sender_ae(ae_title: str, timeout: float = 60) -> AE:
     """An AE for the edge as a client (C-STORE sender, queries): the fast path when pynetdicom allows it."""
-    ae = fastnet.FastAE(ae_title=ae_title) if fastnet.check_compatible() else AE(ae_title=ae_title)
+    ae = fastnet.FastAE(ae_title=ae_title) if fastnet.enabled() else AE(ae_title=ae_title)
     ae.acse_timeout = 30
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
@@ -804,6 +831,7 @@ class EdgeServer:
         self.config = config
         self.site = config.site(site_id)
         self.site_id = site_id
+        self.fast = fast if fast is not None else _fast_path(site_id)  # before anything opens
         self.store_dir = Path(store_dir)
         self.host = host or self.site.edge.host
         self.port = port if port is not None else self.site.edge.port
@@ -828,7 +856,6 @@ class EdgeServer:
         self.gatekeeper = Gatekeeper(
             self.site, mutual_tls=bool(self.site.edge.tls and self.site.edge.tls.ca), active=self.active_associations
         )
-        self.fast = fastnet.check_compatible() if fast is None else fast
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
         self._watcher: threading.Thread | None = None

@@ -51,6 +51,7 @@ from edge.parsing import InvalidInstance, parse_dataset, split_file_meta
 from edge.server import EdgeServer
 from edge.tls import client_context
 from renkei import peers, pki
+from renkei.errors import PeerError
 from renkei.synth import write_single_study
 from tests.conftest import require_part, require_program
 from tests.helpers_edge import (
@@ -75,10 +76,13 @@ def region(tmp_path: Path) -> Region:
     return write_region(tmp_path / "region")
 
 
-@pytest.fixture
-def edge(region: Region) -> Iterator[EdgeServer]:
+@pytest.fixture(params=["fast", "plain"])
+def edge(region: Region, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[EdgeServer]:
+    """The hub's edge, on its fast path and again with it off (RENKEI_EDGE_FAST=0: plain pynetdicom)."""
+    monkeypatch.setenv(fastnet.FAST_ENV, "1" if request.param == "fast" else "0")
     completed: list[str] = []
     server = EdgeServer(region.config, "hub", region.store_dir, on_study_complete=completed.append)
+    assert server.fast == (request.param == "fast" and fastnet.check_compatible())
     server.completed = completed  # type: ignore[attr-defined]
     server.start()
     try:
@@ -805,6 +809,22 @@ def test_c_move_to_a_workstation_configured_for_tls_goes_over_tls(tmp_path: Path
             secure.stop()
 
 
+def test_an_edge_without_its_fast_path_does_not_start_unless_told(
+    region: Region, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The PDU-level defences live on the fast path: no silent fallback to plain pynetdicom."""
+    monkeypatch.setattr(fastnet, "check_compatible", lambda: False)  # as with another pynetdicom
+    monkeypatch.delenv(fastnet.FAST_ENV, raising=False)
+    with pytest.raises(PeerError, match=r"install the pinned version .*RENKEI_EDGE_FAST=0"):
+        EdgeServer(region.config, "hub", region.store_dir)
+    monkeypatch.setenv(fastnet.FAST_ENV, "0")
+    with caplog.at_level(logging.WARNING, logger="renkei.edge"):
+        server = EdgeServer(region.config, "hub", region.store_dir)
+    assert not server.fast
+    server.journal.close()
+    assert any("defences against malformed" in r.getMessage() for r in caplog.records)
+
+
 def test_plain_pynetdicom_path_when_the_fast_path_is_off(
     region: Region, storescp_bp: peers.Peer, tmp_path: Path
 ) -> None:
@@ -881,10 +901,13 @@ def test_a_transfer_broken_off_mid_dataset_leaves_nothing(edge: EdgeServer, regi
         + half
     )  # not the last fragment
     assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0, len(pdvs)) + pdvs)
-    deadline = time.monotonic() + 5
-    while not list((region.store_dir / "tmp").iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert list((region.store_dir / "tmp").iterdir()), "the partial dataset should be in tmp/ meanwhile"
+    if edge.fast:  # the fast path streams a dataset to tmp/ as it arrives (plain pynetdicom holds it in memory)
+        deadline = time.monotonic() + 5
+        while not list((region.store_dir / "tmp").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list((region.store_dir / "tmp").iterdir()), "the partial dataset should be in tmp/ meanwhile"
+    else:
+        time.sleep(0.5)  # nothing to observe meanwhile: give the edge the time to (wrongly) store something
     assoc.abort()
     deadline = time.monotonic() + 5
     while list((region.store_dir / "tmp").iterdir()) and time.monotonic() < deadline:
