@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from helpers_catalog import BACKENDS, backend_url
+from helpers_wait import eventually
 
 from catalog import Catalog, keys
 from catalog.store import ObjectConflict, ObjectStore
@@ -148,13 +148,7 @@ def test_writer_killed_mid_upload_leaves_nothing_visible(
     try:
         assert sent.wait(60), "the writer did not read its input"
         # wait until the upload is really under way (bytes stored somewhere), then kill it
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if _upload_in_progress(store):
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the writer never started storing bytes")
+        eventually(lambda: _upload_in_progress(store), 60, "the writer storing bytes")
         child.send_signal(signal.SIGKILL)
         child.wait(30)
     finally:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers_wait import eventually
 
 from edge import clock as edge_clock
 from edge.journal import SCHEMA_VERSION, Journal
@@ -113,10 +114,7 @@ def test_a_stopped_edge_judges_its_studies_as_of_its_stop(
     edge = _start(region, tmp_path, -HOUR, monkeypatch)
     cleanup.append(edge)
     storescu(region.edge_port, quiet)
-    deadline = time.monotonic() + STABLE_AGE + 10
-    while _ready(region) != [quiet_uid]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    eventually(lambda: _ready(region) == [quiet_uid], STABLE_AGE + 10, "the first study quiet", 0.1)
     storescu(region.edge_port, recent)  # then the edge stops before this study is quiet
     _stop(edge)
     time.sleep(STABLE_AGE + 1)  # longer than stable_age by this machine's clock: the edge's stood still
@@ -128,9 +126,7 @@ def test_a_stopped_edge_judges_its_studies_as_of_its_stop(
     edge = _start(region, tmp_path, -HOUR, monkeypatch)  # its clock goes on from the stop
     cleanup.append(edge)
     restarted = time.monotonic()
-    while recent_uid not in _ready(region):
-        assert time.monotonic() - restarted < STABLE_AGE + 10
-        time.sleep(0.1)
+    eventually(lambda: recent_uid in _ready(region), STABLE_AGE + 10, "the second study quiet after the restart", 0.1)
     assert time.monotonic() - restarted < STABLE_AGE + 3
     assert _ready(region) == [quiet_uid, recent_uid]
     with Journal.open(region.store_dir, readonly=True) as journal:
@@ -152,10 +148,7 @@ def test_a_step_of_the_edge_wall_clock_does_not_complete_a_study(
         assert edge.journal.completed_studies(STABLE_AGE) == [] and completed == []
         assert edge.check_completion() == []
         storescu(region.edge_port, files[2:])
-        deadline = time.monotonic() + STABLE_AGE + 10
-        while not completed:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        eventually(lambda: completed, STABLE_AGE + 10, "the study announced")
         assert completed == [study_uid]
         assert edge.journal.completed_studies(STABLE_AGE) == [study_uid]
         assert len(edge.journal.instances(study_uid)) == 4
@@ -167,10 +160,7 @@ def test_an_older_journal_is_migrated_and_its_studies_adopted_by_the_edge(region
     announced: list[str] = []
     with EdgeServer(region.config, "hub", region.store_dir, on_study_complete=announced.append):
         storescu(region.edge_port, files)
-        deadline = time.monotonic() + STABLE_AGE + 10
-        while not announced:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        eventually(lambda: announced, STABLE_AGE + 10, "the study announced")
     with Journal.open(region.store_dir) as journal:  # as a schema-4 journal was: no quiet clock at all
         journal._write(
             [
@@ -192,10 +182,9 @@ def test_an_older_journal_is_migrated_and_its_studies_adopted_by_the_edge(region
     with EdgeServer(region.config, "hub", region.store_dir, on_study_complete=completed.append) as edge:
         # adopted at the start: received "now" on the quiet clock, and it was announced before
         assert edge.journal.completed_studies(STABLE_AGE) == []
-        deadline = time.monotonic() + STABLE_AGE + 10
-        while edge.journal.completed_studies(STABLE_AGE) != [study_uid]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        eventually(
+            lambda: edge.journal.completed_studies(STABLE_AGE) == [study_uid], STABLE_AGE + 10, "the study complete"
+        )
         time.sleep(0.5)
         assert completed == []  # announced once, before the upgrade: not again
 

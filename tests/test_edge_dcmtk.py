@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers_wait import eventually
 from pydicom import dcmread
 from pydicom.data import get_charset_files, get_testdata_files
 from pydicom.dataset import Dataset
@@ -157,9 +158,7 @@ def test_echo_works_and_unknown_ae_is_rejected(
         rejected = run(["echoscu", "-aet", "INTRUDER", "-aec", "HUB_SVR", "127.0.0.1", region.edge_port], check=False)
         assert rejected.returncode != 0
         assert b"Calling AE Title Not Recognized" in rejected.stderr + rejected.stdout
-        deadline = time.monotonic() + 5
-        while "INTRUDER" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: "INTRUDER" in caplog.text, 5, "the rejection logged")
     assert "INTRUDER" in caplog.text and "rejected" in caplog.text
 
 
@@ -423,16 +422,12 @@ def test_completion_is_announced_and_again_after_a_late_instance(
 ) -> None:
     study_uid, files = make_study(tmp_path / "s", 4)
     storescu(region.edge_port, files[:3])
-    deadline = time.monotonic() + 10
-    while study_uid not in edge.completed and time.monotonic() < deadline:  # type: ignore[attr-defined]
-        time.sleep(0.05)
+    eventually(lambda: study_uid in edge.completed, 10, "the study announced")  # type: ignore[attr-defined]
     assert edge.completed == [study_uid]  # type: ignore[attr-defined]
     assert edge.journal.completed_studies(region.config.site("hub").edge.stable_age) == [study_uid]
     storescu(region.edge_port, files[3:])
     assert edge.journal.completed_studies(1.0) == []  # reopened
-    deadline = time.monotonic() + 10
-    while len(edge.completed) < 2 and time.monotonic() < deadline:  # type: ignore[attr-defined]
-        time.sleep(0.05)
+    eventually(lambda: len(edge.completed) >= 2, 10, "the study announced again")  # type: ignore[attr-defined]
     assert edge.completed == [study_uid, study_uid]  # type: ignore[attr-defined]
     assert len(edge.journal.instances(study_uid, "pending")) == 4
 
@@ -902,17 +897,11 @@ def test_a_transfer_broken_off_mid_dataset_leaves_nothing(edge: EdgeServer, regi
     )  # not the last fragment
     assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0, len(pdvs)) + pdvs)
     if edge.fast:  # the fast path streams a dataset to tmp/ as it arrives (plain pynetdicom holds it in memory)
-        deadline = time.monotonic() + 5
-        while not list((region.store_dir / "tmp").iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert list((region.store_dir / "tmp").iterdir()), "the partial dataset should be in tmp/ meanwhile"
+        eventually(lambda: list((region.store_dir / "tmp").iterdir()), 5, "the partial dataset in tmp/", 0.01)
     else:
         time.sleep(0.5)  # nothing to observe meanwhile: give the edge the time to (wrongly) store something
     assoc.abort()
-    deadline = time.monotonic() + 5
-    while list((region.store_dir / "tmp").iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not list((region.store_dir / "tmp").iterdir())
+    eventually(lambda: not list((region.store_dir / "tmp").iterdir()), 5, "tmp/ emptied after the abort", 0.01)
     assert edge.journal.summary().instances == 0
     storescu(region.edge_port, [path])
     assert edge.journal.summary().instances == 1

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers_wait import eventually
 from pydicom import dcmread
 
 from edge.store import RESERVE_NAME
@@ -105,10 +106,8 @@ class Edge:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def wait_log(self, needle: str, since: int, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while needle not in self.text()[since:]:
-            assert time.monotonic() < deadline, f"{needle!r} not logged:\n{self.text()[since:][-3000:]}"
-            time.sleep(0.1)
+        tail = lambda: self.text()[since:][-3000:]  # noqa: E731
+        eventually(lambda: needle in self.text()[since:], timeout, f"{needle!r} logged", 0.1, tail)
 
 
 @pytest.fixture

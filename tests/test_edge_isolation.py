@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 from helpers_dicom import Workstation
 from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
+from helpers_wait import eventually
 
 from edge.center import StudyOrigins
 from edge.region import RegionalEdge
@@ -69,10 +69,8 @@ def test_a_hub_study_stored_back_at_a_clinic_is_visible_only_while_granted(tmp_p
             assert workstation.get(uid).completed == study.instance_count
 
             sharing.unpublish(uid, ["clinic-a"], "tester", "consultation over")
-            deadline = time.monotonic() + 10
-            while workstation.find("STUDY", StudyInstanceUID=uid) and time.monotonic() < deadline:
-                time.sleep(0.2)  # the edge's catalog refreshes on its own schedule
-            assert workstation.find("STUDY", StudyInstanceUID=uid) == []
+            # the edge's catalog refreshes on its own schedule
+            eventually(lambda: workstation.find("STUDY", StudyInstanceUID=uid) == [], 10, "the study hidden", 0.2)
             assert workstation.find("PATIENT", model="patient", PatientID=study.info.patient_id) == []
             refused = workstation.get(uid)
             assert refused.status == NOT_AUTHORIZED and refused.completed == 0

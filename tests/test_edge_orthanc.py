@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers_wait import eventually
 from pydicom.uid import generate_uid
 
 from edge import scu
@@ -55,9 +55,7 @@ def _upload(orthanc: peers.OrthancPeer, files: list[Path]) -> str:
 
 
 def _wait_instances(edge: EdgeServer, study_uid: str, count: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while len(edge.journal.instances(study_uid)) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: len(edge.journal.instances(study_uid)) >= count, timeout, f"{count} instances at the edge")
 
 
 def test_orthanc_sends_a_study_to_the_edge(site: Site, tmp_path: Path) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from helpers_region import layout_of, region_config
+from helpers_wait import eventually
 
 from renkei.regionrun import RegionRunner, running
 
@@ -29,10 +29,7 @@ def test_stop_ends_what_a_part_started_in_a_session_of_its_own(tmp_path: Path) -
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
     try:
         runner.spawn("parent", [sys.executable, "-c", PARENT, str(pidfile)])
-        deadline = time.monotonic() + 30
-        while not (pidfile.exists() and pidfile.read_text()):
-            assert time.monotonic() < deadline, "the part did not start its child"
-            time.sleep(0.05)
+        eventually(lambda: pidfile.exists() and pidfile.read_text(), 30, "the part starting its child")
         child = int(pidfile.read_text())
         assert running(child)
         runner.stop()

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 from helpers_edge import edge_subprocess, make_instance, storescu, write_region
+from helpers_wait import eventually
 
 from catalog import keys
 from renkei import peers
@@ -26,12 +26,7 @@ from renkei.runtime import open_catalog, open_journal, open_store
 
 
 def _wait(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("timed out")
+    eventually(predicate, timeout, "the edge and the center", every=0.2)
 
 
 def test_resent_instance_with_other_bytes_becomes_the_current_version(
