@@ -370,10 +370,36 @@ class S3Peer(Peer):
         )
 
 
+# moto's server as `python -m moto.server` starts it, but with one write request at a time. S3 creates an
+# object under If-None-Match: * atomically (the catalog's commit log relies on it); moto checks that the
+# key is absent, then stores, in each request's own thread, so two writers creating one log entry at
+# the same moment could both be told yes (the catalog then reports a fork in its log: two entries 31).
+_MOTO_SERVER = """
+import os, signal, sys, threading
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+
+host, port = sys.argv[1], int(sys.argv[2])
+os.environ.setdefault("MOTO_PORT", str(port))
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+app = DomainDispatcherApplication(create_backend_app)
+app.debug = True
+writes = threading.Lock()
+
+def one_write_at_a_time(environ, start_response):
+    if environ.get("REQUEST_METHOD") in ("PUT", "POST", "DELETE"):
+        with writes:
+            return list(app(environ, start_response))
+    return app(environ, start_response)
+
+run_simple(host, port, one_write_at_a_time, threaded=True, request_handler=MotoRequestHandler)
+"""
+
+
 def start_moto(workdir: Path, port: int | None = None) -> S3Peer:
-    """moto's S3 server over HTTP on loopback (objects kept in memory)."""
+    """moto's S3 server over HTTP on loopback (objects kept in memory; writes atomic, as S3's)."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)]
+    cmd = [sys.executable, "-c", _MOTO_SERVER, LOOPBACK, str(port)]
     env = dict(os.environ)
     env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     proc, log = _spawn(cmd, Path(workdir), f"moto-{port}.log", env)
