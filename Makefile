@@ -68,7 +68,7 @@ LINTED := renkei edge catalog tasks flows dashboards tests bench
 lint: venv
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
-	$(VENV)/bin/mypy renkei edge catalog tasks flows dashboards
+	$(VENV)/bin/mypy renkei
 	$(VENV)/bin/lint-imports
 
 # the tests that need no real part (no program, S3 endpoint, Prefect API or browser) and are not slow:

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catalog import (
+from renkei.catalog import (
     Catalog,  # noqa: E402
     tables,  # noqa: E402
 )
@@ -231,8 +231,8 @@ def main() -> int:
         assert total == total_instances, (total, total_instances)
 
         # ------------------------------------------- the cost of the integrity checks
-        from catalog import backup as cbackup
-        from catalog import catalog as catalog_mod
+        from renkei.catalog import backup as cbackup
+        from renkei.catalog import catalog as catalog_mod
 
         catalog_mb_live = sum(f.size for files in cat.state.files.values() for f in files.values()) / 2**20
         catalog_mod._VERIFIED.clear()  # as a new process: every live file is hashed before the first query

@@ -24,9 +24,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catalog import Catalog  # noqa: E402
-from dashboards import data as d  # noqa: E402
+from renkei.catalog import Catalog  # noqa: E402
 from renkei.config import Layout, load_config  # noqa: E402
+from renkei.dashboards import data as d  # noqa: E402
 
 ROOT = "1.2.826.0.1.3680043.10.543.77"
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nagasaki.yaml"

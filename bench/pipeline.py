@@ -101,7 +101,7 @@ def main() -> int:
         time.sleep(0.1)  # both edges' studies are past stable_age
         direct_s, n_direct = direct(*a)
         with prefect_test_harness(server_startup_timeout=120):
-            from flows.sync_site import sync_site
+            from renkei.flows.sync_site import sync_site
 
             started = time.monotonic()
             result = sync_site(SITE, str(b[0]), str(b[1]))

@@ -5,8 +5,8 @@ who may see it; `ObjectStore` (catalog.store) holds the bytes; `open_filesystem`
 (catalog.fs) is the one way both reach a local folder or S3.
 """
 
-from catalog.audit import AuditDraft, AuditEvent, AuditVerification
-from catalog.catalog import (
+from renkei.catalog.audit import AuditDraft, AuditEvent, AuditVerification
+from renkei.catalog.catalog import (
     Catalog,
     ConflictRecord,
     ConsentRecord,
@@ -18,10 +18,10 @@ from catalog.catalog import (
     SiteTotals,
     StudyRow,
 )
-from catalog.compaction import CompactionResult, compact
-from catalog.fs import open_filesystem
-from catalog.keys import object_key
-from catalog.store import ObjectConflict, ObjectInfo, ObjectStore
+from renkei.catalog.compaction import CompactionResult, compact
+from renkei.catalog.fs import open_filesystem
+from renkei.catalog.keys import object_key
+from renkei.catalog.store import ObjectConflict, ObjectInfo, ObjectStore
 
 __all__ = [
     "AuditDraft",

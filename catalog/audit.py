@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from catalog import tables
+from renkei.catalog import tables
 
 GENESIS = "0" * 64
 ANCHOR = "_audit/head.json"

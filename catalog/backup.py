@@ -37,15 +37,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from catalog import audit as audit_mod
-from catalog import fs as cfs
-from catalog.log import BUCKET, REPAIR_HINT, CommitLog, State, checkpoint_path, entry_path
+from renkei.catalog import audit as audit_mod
+from renkei.catalog import fs as cfs
+from renkei.catalog.log import BUCKET, REPAIR_HINT, CommitLog, State, checkpoint_path, entry_path
 from renkei.errors import CatalogDamaged, CatalogError
 
 if TYPE_CHECKING:
-    from catalog.catalog import Catalog
+    from renkei.catalog.catalog import Catalog
 
-_log = logging.getLogger("renkei.catalog")
+_log = logging.getLogger(__name__)
 
 WITNESS = "witness.json"
 MIRROR = "catalog"

@@ -32,17 +32,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from catalog import audit as audit_mod
-from catalog import fs as cfs
-from catalog import keys, tables
-from catalog.audit import AuditDraft, AuditEvent, AuditVerification
-from catalog.backup import BackupLocation, witness_problems
-from catalog.backup import check as check_catalog
-from catalog.log import REPAIR_HINT, CommitLog, FileEntry, State, new_commit_id
+from renkei.catalog import audit as audit_mod
+from renkei.catalog import fs as cfs
+from renkei.catalog import keys, tables
+from renkei.catalog.audit import AuditDraft, AuditEvent, AuditVerification
+from renkei.catalog.backup import BackupLocation, witness_problems
+from renkei.catalog.backup import check as check_catalog
+from renkei.catalog.log import REPAIR_HINT, CommitLog, FileEntry, State, new_commit_id
 from renkei.errors import CatalogDamaged, CatalogError, InvalidUID, RenkeiError, StudyOfAnotherSite, UsageError
 from renkei.records import StudyBatch, StudyInfo
 
-_log = logging.getLogger("renkei.catalog")
+_log = logging.getLogger(__name__)
 
 DEFAULT_AUTO_COMPACT = 16  # level-0 files per table before a writer compacts
 MAX_COMMIT_ATTEMPTS = 200
@@ -875,7 +875,7 @@ class Catalog:
             sum(1 for f in files.values() if f.level == 0) > self.auto_compact for files in state.files.values()
         ):
             return
-        from catalog.compaction import compact
+        from renkei.catalog.compaction import compact
 
         fanout = self.auto_compact // 2 or 2
         if not self.background_compaction:
@@ -1882,7 +1882,7 @@ class Catalog:
         form, DICOM wildcards allowed). Newest first: study date, time, then UID,
         descending.
         """
-        from catalog.search import Search
+        from renkei.catalog.search import Search
 
         where: list[str] = []
         having: list[str] = []
@@ -2187,7 +2187,7 @@ class Catalog:
 
     def compact(self, force: bool = False) -> Any:
         """Merge small files (see catalog.compaction.compact)."""
-        from catalog.compaction import compact
+        from renkei.catalog.compaction import compact
 
         return compact(self, force=force)
 

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog import fs as cfs
-from catalog import tables
-from catalog.log import State
+from renkei.catalog import fs as cfs
+from renkei.catalog import tables
+from renkei.catalog.log import State
 
 if TYPE_CHECKING:
-    from catalog.catalog import Catalog
+    from renkei.catalog.catalog import Catalog
 
 DEFAULT_FANOUT = 8
 
@@ -185,7 +185,7 @@ def compact(
 
     Callable by a flow at any time, from any process, while others write.
     """
-    from catalog.catalog import CommitPlan
+    from renkei.catalog.catalog import CommitPlan
 
     grace = catalog.vacuum_grace_s if vacuum_grace_s is None else vacuum_grace_s
     merged: dict[str, tuple[int, int]] = {}
@@ -229,7 +229,7 @@ def compact(
 
 def _vacuum(catalog: Catalog, grace: float) -> int:
     """Delete files that compaction removed more than `grace` seconds ago, and record it."""
-    from catalog.catalog import CommitPlan
+    from renkei.catalog.catalog import CommitPlan
 
     state = catalog.refresh()
     cutoff = time.time() - grace

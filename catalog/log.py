@@ -34,10 +34,10 @@ from typing import Any
 
 import fsspec
 
-from catalog import fs as cfs
+from renkei.catalog import fs as cfs
 from renkei.errors import CatalogDamaged, CatalogError, CommitOutcomeUnknown
 
-_log = logging.getLogger("renkei.catalog")
+_log = logging.getLogger(__name__)
 
 BUCKET = 1000  # entries per log folder, to keep listings short
 REPAIR_HINT = (

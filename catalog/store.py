@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import fsspec
 
-from catalog import fs as cfs
+from renkei.catalog import fs as cfs
 from renkei.errors import IntegrityError, StorageError
 
 READ_BUFFER = 8 * 1024 * 1024  # large reads: the nightly verification must run near disk speed

@@ -44,14 +44,14 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dashboards import data as d
-from dashboards.thumbnails import PLACEHOLDER, ThumbnailCache, middle_instance, placeholder
 from renkei.config import Layout
+from renkei.dashboards import data as d
+from renkei.dashboards.thumbnails import PLACEHOLDER, ThumbnailCache, middle_instance, placeholder
 from renkei.display import dicom_date
 from renkei.errors import CatalogError, IntegrityError, RenkeiError, StorageError, UsageError
 from renkei.uids import is_valid_uid
 
-log = logging.getLogger("renkei.dashboard")
+log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PREFECT_UI = "http://127.0.0.1:4200"
@@ -96,7 +96,7 @@ class Dashboard:
     def catalog(self) -> Any:
         with self._lock:
             if self._catalog is None:
-                from catalog.catalog import Catalog
+                from renkei.catalog.catalog import Catalog
 
                 # a reader: never compacts in the background of a web request
                 self._catalog = Catalog.from_layout(self.layout, writer="dashboard", auto_compact=None)

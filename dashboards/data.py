@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from catalog.audit import AuditEvent
-from catalog.catalog import Catalog, LocationRecord, StudyRow
+from renkei.catalog.audit import AuditEvent
+from renkei.catalog.catalog import Catalog, LocationRecord, StudyRow
 from renkei.config import Layout, RegionConfig
 from renkei.errors import RenkeiError, UsageError
 
@@ -95,14 +95,14 @@ class SiteStatus:
 
 
 def _journal_exists(layout: Layout, site_id: str) -> bool:
-    from edge.journal import JOURNAL_NAME
+    from renkei.edge.journal import JOURNAL_NAME
 
     return (layout.edge_store(site_id) / JOURNAL_NAME).exists()
 
 
 def site_statuses(layout: Layout, catalog: Catalog, now: float | None = None) -> list[SiteStatus]:
     """Every site of the region: its edge journal's counts beside the catalog's totals."""
-    from edge.journal import Journal
+    from renkei.edge.journal import Journal
 
     now = time.time() if now is None else now
     totals = {t.site: t for t in catalog.totals()}
@@ -251,7 +251,7 @@ def availability(
     origin site; the end is the catalog's registration of its last instance
     (sync registers only after the upload is read back and verified).
     """
-    from edge.journal import Journal
+    from renkei.edge.journal import Journal
 
     now = now or utcnow()
     recent = catalog.study_registrations(since=now - dt.timedelta(seconds=window_s), limit=limit)
@@ -493,7 +493,7 @@ def parse_query(config: RegionConfig, params: Mapping[str, str]) -> StudyQuery:
     modality, patient_id, limit = get("modality"), get("patient_id"), get("limit")
     search = get("q")
     if search:
-        from catalog.search import Search
+        from renkei.catalog.search import Search
 
         try:
             Search.parse(search)

@@ -22,7 +22,7 @@ import numpy as np
 
 from renkei.errors import RenkeiError
 
-log = logging.getLogger("renkei.dashboard")
+log = logging.getLogger(__name__)
 
 THUMBNAIL_SIZE = 128  # pixels, the longer side
 PLACEHOLDER = "placeholder"

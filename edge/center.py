@@ -27,12 +27,13 @@ from typing import Any
 
 import pydicom.filereader
 
-from catalog.catalog import Catalog, StudyRow
-from catalog.store import ObjectStore
-from edge.ingest import Ingestor
-from edge.journal import Journal
-from edge.matching import match_attribute
-from edge.qr import (
+from renkei.catalog.catalog import Catalog, StudyRow
+from renkei.catalog.store import ObjectStore
+from renkei.config import RegionConfig
+from renkei.edge.ingest import Ingestor
+from renkei.edge.journal import Journal
+from renkei.edge.matching import match_attribute
+from renkei.edge.qr import (
     IMAGE,
     PATIENT,
     SERIES,
@@ -44,11 +45,10 @@ from edge.qr import (
     retrieve_values,
     single_values,
 )
-from edge.store import FileStore
-from renkei.config import RegionConfig
+from renkei.edge.store import FileStore
 from renkei.errors import RenkeiError
 
-LOGGER = logging.getLogger("renkei.edge.center")
+LOGGER = logging.getLogger(__name__)
 CACHE_DIR = "cache"
 CACHE_AE = "RENKEI_CENTER"  # the calling AE recorded for copies that came from the center
 
@@ -501,7 +501,7 @@ class SharingAccess:
 
 def catalog_recorder(catalog: Catalog) -> Callable[[Sequence[AccessEvent], str], None]:
     """Writes access events to the catalog's audit chain (who: caller's site and AE; what; outcome)."""
-    from catalog.audit import AuditDraft
+    from renkei.catalog.audit import AuditDraft
 
     def record(events: Sequence[AccessEvent], caller_site: str) -> None:
         drafts = []

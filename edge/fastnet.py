@@ -59,7 +59,7 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
-LOGGER = logging.getLogger("renkei.edge.net")
+LOGGER = logging.getLogger(__name__)
 
 # How long an idle thread waits before re-checking timers and flags (seconds).
 IDLE_WAIT = 0.05

@@ -28,14 +28,14 @@ from pathlib import Path
 
 from pydicom.uid import ImplicitVRLittleEndian
 
-from edge.clock import wall_time
-from edge.journal import Journal, JournalError
-from edge.parsing import InvalidInstance, ParsedInstance, encode_file_meta, parse_dataset, split_file_meta
-from edge.store import DiskFull, EdgeStoreError, FileStore, TempFile, TempWriter
+from renkei.edge.clock import wall_time
+from renkei.edge.journal import Journal, JournalError
+from renkei.edge.parsing import InvalidInstance, ParsedInstance, encode_file_meta, parse_dataset, split_file_meta
+from renkei.edge.store import DiskFull, EdgeStoreError, FileStore, TempFile, TempWriter
 from renkei.errors import RenkeiError
 from renkei.uids import is_valid_uid
 
-LOGGER = logging.getLogger("renkei.edge.store")
+LOGGER = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
 Received = Buffer | list[memoryview]  # a dataset whole, or its fragments in order

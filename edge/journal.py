@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.clock import QuietClock, wall_time
-from edge.parsing import ParsedInstance
+from renkei.edge.clock import QuietClock, wall_time
+from renkei.edge.parsing import ParsedInstance
 from renkei.errors import RenkeiError, StorageError
 from renkei.records import InstanceInfo, StudyInfo
 

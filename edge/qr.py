@@ -22,12 +22,12 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from edge.journal import Journal
-from edge.matching import QueryTooComplex, check_query_value, match_attribute
-from edge.parsing import text_of
+from renkei.edge.journal import Journal
+from renkei.edge.matching import QueryTooComplex, check_query_value, match_attribute
+from renkei.edge.parsing import text_of
 from renkei.errors import RenkeiError
 
-LOGGER = logging.getLogger("renkei.edge.qr")
+LOGGER = logging.getLogger(__name__)
 
 PATIENT, STUDY, SERIES, IMAGE = "PATIENT", "STUDY", "SERIES", "IMAGE"
 LEVELS: tuple[str, ...] = (PATIENT, STUDY, SERIES, IMAGE)

@@ -12,9 +12,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from catalog.catalog import Catalog
-from catalog.store import ObjectStore
-from edge.center import (
+from renkei.catalog.catalog import Catalog
+from renkei.catalog.store import ObjectStore
+from renkei.config import Layout
+from renkei.edge.center import (
     AuditBuffer,
     CenterSource,
     EdgeCache,
@@ -23,11 +24,10 @@ from edge.center import (
     catalog_origin,
     catalog_recorder,
 )
-from edge.server import EdgeServer, edge_file_store
-from renkei.config import Layout
+from renkei.edge.server import EdgeServer, edge_file_store
 from renkei.sharing import Sharing
 
-LOGGER = logging.getLogger("renkei.edge.region")
+LOGGER = logging.getLogger(__name__)
 
 
 class RegionalEdge:

@@ -24,16 +24,16 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from edge import fastnet
-from edge.journal import Journal
-from edge.qr import LocalSource, RetrieveItem
-from edge.server import SUCCESS, _contexts_for, send_item, sender_ae
-from edge.tls import client_tls_args
 from renkei.config import DicomPeer, RegionConfig, SiteConfig
+from renkei.edge import fastnet
+from renkei.edge.journal import Journal
+from renkei.edge.qr import LocalSource, RetrieveItem
+from renkei.edge.server import SUCCESS, _contexts_for, send_item, sender_ae
+from renkei.edge.tls import client_tls_args
 from renkei.errors import PeerError, UsageError
 from renkei.uids import validate_uid
 
-LOGGER = logging.getLogger("renkei.edge.scu")
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

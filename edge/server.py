@@ -46,12 +46,13 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import Verification
 
-from edge import fastnet
-from edge.clock import QuietClock, heartbeat_interval
-from edge.ingest import Ingestor, StoreOutcome
-from edge.journal import Journal, JournalError
-from edge.parsing import split_file_meta
-from edge.qr import (
+from renkei.config import DicomPeer, RegionConfig, SiteConfig, address_in
+from renkei.edge import fastnet
+from renkei.edge.clock import QuietClock, heartbeat_interval
+from renkei.edge.ingest import Ingestor, StoreOutcome
+from renkei.edge.journal import Journal, JournalError
+from renkei.edge.parsing import split_file_meta
+from renkei.edge.qr import (
     PATIENT_ROOT_FIND,
     PATIENT_ROOT_GET,
     PATIENT_ROOT_MOVE,
@@ -67,13 +68,12 @@ from edge.qr import (
     RetrieveItem,
     RetrieveTally,
 )
-from edge.store import EdgeStoreError, FileStore
-from edge.tls import client_tls_args, server_context
-from renkei.config import DicomPeer, RegionConfig, SiteConfig, address_in
+from renkei.edge.store import EdgeStoreError, FileStore
+from renkei.edge.tls import client_tls_args, server_context
 from renkei.errors import PeerError
 from renkei.pki import identities_of
 
-LOGGER = logging.getLogger("renkei.edge")
+LOGGER = logging.getLogger(__name__)
 
 # Statuses (PS3.4 C.4, PS3.7 C)
 SUCCESS = 0x0000

@@ -43,7 +43,7 @@ from renkei.uids import validate_uid
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 RESERVE_NAME = "space-reserve"
 _ROOM_FOR_ONE = 64 * 1024  # below this much room for stores the edge counts as full (maintain_space)
-LOGGER = logging.getLogger("renkei.edge.store")
+LOGGER = logging.getLogger(__name__)
 
 
 class EdgeStoreError(StorageError):

@@ -12,16 +12,16 @@ from typing import Any
 
 from prefect import flow
 
-from flows import run_names
 from renkei import runtime
-from tasks.clinical import (
+from renkei.flows import run_names
+from renkei.tasks.clinical import (
     cache_study,
     import_study,
     patient_id_at_site,
     record_deliveries,
     start_deliveries,
 )
-from tasks.common import publish_artifacts
+from renkei.tasks.common import publish_artifacts
 
 
 @flow(name="deliver", flow_run_name=run_names.deliver)

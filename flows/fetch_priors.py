@@ -7,13 +7,13 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.clinical import (
+from renkei.tasks.clinical import (
     cache_study,
     find_prior_studies,
     import_study,
     resolve_patient,
 )
-from tasks.common import publish_artifacts
+from renkei.tasks.common import publish_artifacts
 
 
 @flow(name="fetch_priors", flow_run_name="priors-into-{site}")

@@ -6,9 +6,9 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.center import backup_catalog as backup_task
-from tasks.center import compact
-from tasks.common import publish_artifacts
+from renkei.tasks.center import backup_catalog as backup_task
+from renkei.tasks.center import compact
+from renkei.tasks.common import publish_artifacts
 
 
 @flow(name="compact_catalog", flow_run_name="compact-catalog")

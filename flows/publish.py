@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows import run_names
-from tasks.center import publish_study
-from tasks.common import publish_artifacts
+from renkei.flows import run_names
+from renkei.tasks.center import publish_study
+from renkei.tasks.common import publish_artifacts
 
 
 @flow(name="publish", flow_run_name=run_names.publish)
@@ -31,7 +31,7 @@ def publish(
         f"Reason: {reason or '(none given)'}",
     ]
     if changed and deliver and not unpublish:
-        from flows.deliver import distribute
+        from renkei.flows.deliver import distribute
 
         result = distribute({site: {"study_uids": [study_uid], "to_pacs": False} for site in changed}, config, data_dir)
         lines += [f"- delivery to {site}: {info}" for site, info in result.items()]

@@ -11,8 +11,8 @@ from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from renkei import runtime
-from tasks.common import logger, publish_artifacts
-from tasks.sync import (
+from renkei.tasks.common import logger, publish_artifacts
+from renkei.tasks.sync import (
     audit_quarantines,
     check_center,
     flag,
@@ -88,7 +88,7 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
         mark_verified(site, list(registered["studies"]), config, data_dir)
         plan = plan_deliveries(flagged["granted"], config, data_dir)
         if plan:
-            from flows.deliver import distribute
+            from renkei.flows.deliver import distribute
 
             deliveries = distribute(plan, config, data_dir)
     # every run: instances received again with other bytes (corrected images) become new versions

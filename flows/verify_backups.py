@@ -6,10 +6,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows import run_names
-from tasks.center import backup_catalog, check_catalog
-from tasks.common import publish_artifacts
-from tasks.verify import verify_center
+from renkei.flows import run_names
+from renkei.tasks.center import backup_catalog, check_catalog
+from renkei.tasks.common import publish_artifacts
+from renkei.tasks.verify import verify_center
 
 
 def _recent(report: dict[str, Any]) -> str:

@@ -34,7 +34,7 @@ import hl7
 from renkei.config import HL7Config, RegionConfig, address_in
 from renkei.errors import ConfigError, UsageError
 
-log = logging.getLogger("renkei.hl7")
+log = logging.getLogger(__name__)
 
 ACCEPTED_EVENTS = ("A01", "A04", "A08")
 
@@ -455,7 +455,7 @@ class AdmissionListener:
         self.discard_limit = discard_limit if discard_limit is not None else 16 * self.max_message_bytes
         self.ssl_context: ssl.SSLContext | None = None
         if self.settings.tls is not None:
-            from edge.tls import server_context
+            from renkei.edge.tls import server_context
 
             try:
                 self.ssl_context = server_context(self.settings.tls)

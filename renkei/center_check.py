@@ -38,12 +38,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from catalog import keys
-from catalog.store import ObjectMissing, ObjectStore
-from edge.journal import Journal, JournalEntry
+from renkei.catalog import keys
+from renkei.catalog.store import ObjectMissing, ObjectStore
+from renkei.edge.journal import Journal, JournalEntry
 from renkei.errors import CatalogError, RenkeiError
 
-log = logging.getLogger("renkei.center_check")
+log = logging.getLogger(__name__)
 
 SAMPLE_RANDOM = 24  # verified instances drawn at random from the whole journal
 SAMPLE_RECENT = 8  # plus the most recently received verified ones

@@ -192,7 +192,7 @@ class Demo:
         return out
 
     def wait_pipeline(self, layout: Layout, runner: RegionRunner, studies: dict[str, list[str]]) -> None:
-        from catalog.catalog import Catalog
+        from renkei.catalog.catalog import Catalog
 
         self.say("waiting: edges complete the studies, start sync_site on their workers; upload, register, flag ...")
         done: dict[str, float] = {}
@@ -225,7 +225,7 @@ class Demo:
 
     # ------------------------------------------------------------------ scenarios
     def remote_reading(self, layout: Layout, runner: RegionRunner) -> None:
-        from catalog.catalog import Catalog
+        from renkei.catalog.catalog import Catalog
 
         hub = layout.config.site("hub")
         with Catalog.from_layout(layout) as catalog:
@@ -385,7 +385,7 @@ class Demo:
             "verify_backups/verify-backups", parameters={"full": True}, timeout=600, as_subflow=False
         )
         ok = run.state is not None and run.state.is_completed()
-        from catalog.catalog import Catalog
+        from renkei.catalog.catalog import Catalog
 
         with Catalog.from_layout(layout) as catalog:  # the run's result, as it audited it
             events = catalog.audit(action="verify-backups")
@@ -421,7 +421,7 @@ class Demo:
             self.instant_publish(layout, runner)
             self.verification(layout, runner)
         # the summary is read back from the catalog (after the scenarios added their studies)
-        from catalog.catalog import Catalog
+        from renkei.catalog.catalog import Catalog
 
         with Catalog.from_layout(layout) as catalog:
             totals = {t.site: t for t in catalog.totals()}
@@ -441,7 +441,7 @@ class Demo:
 
 def _received(layout: Layout, site_id: str, studies: list[tuple[str, int]]) -> int:
     """Instances of these studies the site's edge holds (journaled before each C-STORE is answered)."""
-    from edge.journal import JOURNAL_NAME, Journal
+    from renkei.edge.journal import JOURNAL_NAME, Journal
 
     root = layout.edge_store(site_id)
     if not (root / JOURNAL_NAME).exists():
@@ -482,7 +482,7 @@ def _findscu(site: Any, ws_ae: str) -> list[str]:
 
 
 def _cached(layout: Layout, site_id: str, study_uid: str, instances: int) -> bool:
-    from edge.journal import JOURNAL_NAME, Journal
+    from renkei.edge.journal import JOURNAL_NAME, Journal
 
     root = layout.edge_store(site_id) / "cache"
     if not (root / JOURNAL_NAME).exists():

@@ -12,15 +12,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from catalog.catalog import Catalog
-from catalog.store import ObjectStore
-from edge.qr import RetrieveItem
-from edge.scu import send_items, study_instance_count
+from renkei.catalog.catalog import Catalog
+from renkei.catalog.store import ObjectStore
 from renkei.config import Layout
+from renkei.edge.qr import RetrieveItem
+from renkei.edge.scu import send_items, study_instance_count
 from renkei.errors import PolicyError
 from renkei.priors import reconcile
 
-log = logging.getLogger("renkei.imports")
+log = logging.getLogger(__name__)
 
 BATCH = 64  # instances held in memory at once while importing
 
@@ -118,7 +118,7 @@ class CacheResult:
 
 def cache_at_edge(layout: Layout, catalog: Catalog, store: ObjectStore, site_id: str, study_uid: str) -> CacheResult:
     """Keep a copy of a center study in the site edge's cache (so its workstations read it locally)."""
-    from edge.center import EdgeCache
+    from renkei.edge.center import EdgeCache
 
     check_allowed(layout, catalog, site_id, study_uid)
     started = time.monotonic()

@@ -22,7 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from catalog.catalog import Catalog, PatientCandidate, StudyRow
+from renkei.catalog.catalog import Catalog, PatientCandidate, StudyRow
 from renkei.config import RegionConfig
 from renkei.errors import UsageError
 

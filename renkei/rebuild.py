@@ -27,12 +27,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from catalog import backup as cbackup
-from catalog import fs as cfs
-from catalog import keys
-from catalog.catalog import Catalog
-from catalog.log import CommitLog
-from catalog.store import ObjectStore
+from renkei.catalog import backup as cbackup
+from renkei.catalog import fs as cfs
+from renkei.catalog import keys
+from renkei.catalog.catalog import Catalog
+from renkei.catalog.log import CommitLog
+from renkei.catalog.store import ObjectStore
 from renkei.config import Layout
 from renkei.errors import CatalogDamaged, CatalogError, RenkeiError
 from renkei.records import InstanceInfo, StudyBatch, StudyInfo
@@ -209,7 +209,7 @@ def _register(
 def _describe(store: ObjectStore, key: str, site: str) -> tuple[StudyInfo, InstanceInfo]:
     import pydicom
 
-    from edge.parsing import describe_dataset
+    from renkei.edge.parsing import describe_dataset
 
     path = cfs.join(store.root, key)
     handle = open(path, "rb") if store.local else store.fs.open(path, "rb")

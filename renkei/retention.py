@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from catalog.catalog import Catalog
-from catalog.store import ObjectMissing, ObjectStore
-from edge.journal import Journal, JournalError
+from renkei.catalog.catalog import Catalog
+from renkei.catalog.store import ObjectMissing, ObjectStore
 from renkei.config import Layout
+from renkei.edge.journal import Journal, JournalError
 
-log = logging.getLogger("renkei.retention")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

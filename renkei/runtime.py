@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 from renkei.config import DATA_DIR_ENV, Layout, load_config, resolve_data_dir
 
 if TYPE_CHECKING:  # the catalog and the edge import renkei: opened here at call time (issue 14 untangles it)
-    from catalog.catalog import Catalog
-    from catalog.store import ObjectStore
-    from edge.journal import Journal
+    from renkei.catalog.catalog import Catalog
+    from renkei.catalog.store import ObjectStore
+    from renkei.edge.journal import Journal
 
 CONFIG_ENV = "RENKEI_CONFIG"
 _REPO_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nagasaki.yaml"
@@ -35,14 +35,14 @@ def layout(config: str | None = None, data_dir: str | None = None) -> Layout:
 
 
 def open_store(lay: Layout) -> ObjectStore:
-    from catalog.store import ObjectStore
+    from renkei.catalog.store import ObjectStore
 
     return ObjectStore(lay.center_url, lay.config.center.s3)
 
 
 @contextmanager
 def open_catalog(lay: Layout, **kwargs: Any) -> Iterator[Catalog]:
-    from catalog.catalog import Catalog
+    from renkei.catalog.catalog import Catalog
 
     cat = Catalog.from_layout(lay, **kwargs)
     try:
@@ -53,7 +53,7 @@ def open_catalog(lay: Layout, **kwargs: Any) -> Iterator[Catalog]:
 
 @contextmanager
 def open_journal(lay: Layout, site_id: str) -> Iterator[Journal]:
-    from edge.journal import Journal
+    from renkei.edge.journal import Journal
 
     journal = Journal.open(lay.edge_store(site_id))
     try:

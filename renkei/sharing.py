@@ -13,13 +13,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from catalog import tables
-from catalog.catalog import Catalog, GrantRecord, GrantRequest, StudyRow
+from renkei.catalog import tables
+from renkei.catalog.catalog import Catalog, GrantRecord, GrantRequest, StudyRow
 from renkei.config import RegionConfig
 from renkei.errors import PolicyError, UsageError
 from renkei.policy import Decision, GrantFact, RuleGrant, decide, rule_grants
 
-log = logging.getLogger("renkei.sharing")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ class Sharing:
         detail: dict[str, Any] | None = None,
     ) -> None:
         """Audit a cross-site access: a query answer or a retrieval by `actor` (an AE title) of `site`."""
-        from catalog.audit import AuditDraft
+        from renkei.catalog.audit import AuditDraft
 
         drafts = []
         for uid in study_uids:

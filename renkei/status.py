@@ -123,7 +123,7 @@ def _stuck(layout: Layout, status: Status, stuck: dict[str, tuple[int, float]], 
 
 def _edges(layout: Layout, status: Status, now: float) -> dict[str, tuple[int, float]]:
     """Liveness and quarantine of each edge; returns {site: (studies waiting too long, oldest age s)}."""
-    from edge.journal import JOURNAL_NAME, Journal
+    from renkei.edge.journal import JOURNAL_NAME, Journal
 
     stuck_s = layout.config.alerts.stuck_after_min * 60
     stuck: dict[str, tuple[int, float]] = {}
@@ -179,8 +179,8 @@ def _edges(layout: Layout, status: Status, now: float) -> dict[str, tuple[int, f
 
 
 def _catalog(layout: Layout, status: Status, now: float, open_catalog: Any = None) -> None:
-    from catalog.backup import BackupLocation
-    from catalog.catalog import Catalog
+    from renkei.catalog.backup import BackupLocation
+    from renkei.catalog.catalog import Catalog
     from renkei.errors import RenkeiError
 
     url = layout.catalog_url

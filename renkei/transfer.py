@@ -27,16 +27,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from catalog import keys
-from catalog.audit import AuditDraft
-from catalog.catalog import Catalog
-from catalog.store import ObjectConflict, ObjectStore
-from edge.journal import Journal, JournalEntry, Quarantine
+from renkei.catalog import keys
+from renkei.catalog.audit import AuditDraft
+from renkei.catalog.catalog import Catalog
+from renkei.catalog.store import ObjectConflict, ObjectStore
+from renkei.edge.journal import Journal, JournalEntry, Quarantine
 from renkei.errors import IntegrityError, InvalidUID, RejectedData, RenkeiError, UsageError
 from renkei.records import InstanceInfo, StudyBatch, StudyInfo
 from renkei.uids import is_valid_uid
 
-log = logging.getLogger("renkei.transfer")
+log = logging.getLogger(__name__)
 
 # What the catalog raises for rows it refuses (a bad UID, SHA-256 or column; RejectedData, e.g. a study
 # held as another site's): the data's fault, so retrying changes nothing. Any other CatalogError (storage

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catalog import keys
-from catalog.catalog import Catalog
-from catalog.store import ObjectMissing, ObjectStore
+from renkei.catalog import keys
+from renkei.catalog.catalog import Catalog
+from renkei.catalog.store import ObjectMissing, ObjectStore
 from renkei.config import Layout
 from renkei.errors import RenkeiError
 
-log = logging.getLogger("renkei.verify")
+log = logging.getLogger(__name__)
 
 MISSING = "missing"
 CORRUPT = "corrupt"
@@ -114,7 +114,7 @@ def _file_sha256(path: Path) -> str:
 
 def find_edge_copy(layout: Layout, sop_instance_uid: str, sha256: str) -> tuple[str, Path] | None:
     """A site whose edge still holds these exact bytes, and the file's path."""
-    from edge.journal import JOURNAL_NAME, Journal
+    from renkei.edge.journal import JOURNAL_NAME, Journal
 
     for site in layout.config.sites:
         root = layout.edge_store(site.id)
@@ -247,8 +247,8 @@ def check_edges(
     catalog: Catalog, store: ObjectStore, layout: Layout, report: VerificationReport, repair: bool = True
 ) -> VerificationReport:
     """Every instance an edge journaled as uploaded or verified is registered and stored in the center."""
-    from edge.journal import JOURNAL_NAME, Journal
     from renkei import transfer
+    from renkei.edge.journal import JOURNAL_NAME, Journal
 
     for site in layout.config.sites:
         root = layout.edge_store(site.id)

@@ -22,10 +22,10 @@ import logging
 import warnings
 from dataclasses import dataclass, field, replace
 
-from catalog import keys
-from catalog.catalog import Catalog
-from catalog.store import ObjectStore
-from edge.journal import Journal
+from renkei.catalog import keys
+from renkei.catalog.catalog import Catalog
+from renkei.catalog.store import ObjectStore
+from renkei.edge.journal import Journal
 from renkei.errors import IntegrityError, RenkeiError
 from renkei.records import StudyBatch
 

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 
 from renkei import runtime
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only
+from renkei.tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only
 
 
 @task(name="publish-study", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
@@ -46,7 +46,7 @@ def compact(config: str | None = None, data_dir: str | None = None) -> dict[str,
 @task(name="check-catalog", retries=1, retry_delay_seconds=[30], retry_condition_fn=retry_io_only)
 def check_catalog(config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Read the whole catalog: log continuity, every data file's checksum, the witness (catalog.backup.check)."""
-    from catalog.backup import check
+    from renkei.catalog.backup import check
 
     lay = runtime.layout(config, data_dir)
     with runtime.open_catalog(lay) as catalog:
@@ -64,7 +64,7 @@ def check_catalog(config: str | None = None, data_dir: str | None = None) -> dic
 @task(name="backup-catalog", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
 def backup_catalog(config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Copy what is new in the catalog to its second location (incremental; catalog.backup.backup)."""
-    from catalog.backup import backup
+    from renkei.catalog.backup import backup
 
     lay = runtime.layout(config, data_dir)
     with runtime.open_catalog(lay) as catalog:

@@ -9,7 +9,7 @@ from prefect import task
 from prefect.client.schemas.objects import FlowRun
 
 from renkei import runtime
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only
+from renkei.tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only
 
 
 @task(name="resolve-patient", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=retry_io_only)
@@ -153,7 +153,7 @@ def record_deliveries(
 ) -> int:
     """One `deliver` audit event per study and its outcome (ok, edge-failed, pacs-failed, patient-unknown,
     no-pacs), in one commit; `renkei status` reports the studies whose latest delivery failed."""
-    from catalog.audit import AuditDraft
+    from renkei.catalog.audit import AuditDraft
 
     lay = runtime.layout(config, data_dir)
     with runtime.open_catalog(lay) as catalog:

@@ -39,7 +39,7 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         return get_run_logger()
     except MissingContextError:
-        return logging.getLogger("renkei.tasks")
+        return logging.getLogger(__name__)
 
 
 def artifact_key(text: str) -> str:

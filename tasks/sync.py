@@ -9,7 +9,7 @@ from typing import Any
 from prefect import task
 
 from renkei import runtime, transfer
-from tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only, run_marker
+from renkei.tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only, run_marker
 
 
 class UploadFailed(Exception):

@@ -21,7 +21,7 @@ from prefect.exceptions import ObjectNotFound
 
 from renkei.deployments import flow_deployment
 
-log = logging.getLogger("renkei.trigger")
+log = logging.getLogger(__name__)
 
 
 def start_run(

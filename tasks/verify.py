@@ -9,7 +9,7 @@ from typing import Any
 from prefect import task
 
 from renkei import runtime, verification
-from tasks.common import logger
+from renkei.tasks.common import logger
 
 
 @task(name="verify-center", retries=1, retry_delay_seconds=[30])

@@ -843,9 +843,9 @@ def release(acc: Accepted, timeout: float = 2.0) -> None:
 def fill_store(store_dir: Path, files: Iterable[Path], calling_ae: str = "HUB_PACS") -> int:
     """Put files into an edge store before the edge starts, as its C-STORE handler would
     (no fsync: only the test reads them back)."""
-    from edge.ingest import Ingestor
-    from edge.journal import Journal
-    from edge.store import FileStore
+    from renkei.edge.ingest import Ingestor
+    from renkei.edge.journal import Journal
+    from renkei.edge.store import FileStore
     from tests.helpers_region import dataset_bytes
 
     journal = Journal.open(store_dir)
@@ -864,7 +864,7 @@ def fill_store(store_dir: Path, files: Iterable[Path], calling_ae: str = "HUB_PA
 
 
 def journaled(store_dir: Path, sop_instance_uid: str) -> bool:
-    from edge.journal import Journal
+    from renkei.edge.journal import Journal
 
     with Journal.open(store_dir, readonly=True) as journal:
         return journal.entry(sop_instance_uid) is not None

@@ -95,7 +95,7 @@ def concurrent_writer(
     Studies are numbered per worker; every other batch also re-registers the
     previous one (idempotent: nothing new). Puts (worker, new, repeated_new) on `queue`.
     """
-    from catalog import Catalog
+    from renkei.catalog import Catalog
 
     cat = Catalog(url, writer=f"writer-{worker}")
     start_event.wait(60)

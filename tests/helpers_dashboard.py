@@ -51,8 +51,8 @@ def undecodable_file() -> Path | None:
 
 def build_region(tmp_path: Path, data_dir: Path, patients: int = 2) -> DemoRegion:
     """Synthesize, sync every site through real flow runs, verify once (repairing one object), audit accesses."""
-    from flows.sync_site import sync_site
-    from flows.verify_backups import verify_backups
+    from renkei.flows.sync_site import sync_site
+    from renkei.flows.verify_backups import verify_backups
     from renkei.sharing import Sharing
 
     config_path = region_config(tmp_path, stable_age=0.2)

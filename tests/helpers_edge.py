@@ -223,7 +223,7 @@ def make_study(
 
 def dataset_bytes(path: Path) -> bytes:
     """The dataset part of a Part 10 file (everything after the File Meta group)."""
-    from edge.parsing import split_file_meta
+    from renkei.edge.parsing import split_file_meta
 
     data = Path(path).read_bytes()
     _meta, offset = split_file_meta(data)
@@ -231,7 +231,7 @@ def dataset_bytes(path: Path) -> bytes:
 
 
 def meta_of(path: Path) -> dict[str, str]:
-    from edge.parsing import split_file_meta
+    from renkei.edge.parsing import split_file_meta
 
     meta, _offset = split_file_meta(Path(path).read_bytes()[:65536])
     return meta

@@ -32,11 +32,11 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from catalog.catalog import Catalog
-from edge.center import split_part10
-from edge.journal import Journal
-from edge.region import RegionalEdge
 from renkei import peers, synth
+from renkei.catalog.catalog import Catalog
+from renkei.edge.center import split_part10
+from renkei.edge.journal import Journal
+from renkei.edge.region import RegionalEdge
 from renkei.sharing import Sharing
 
 NOT_AUTHORIZED = 0x0124
@@ -48,7 +48,7 @@ class Region:
     """Four edges wired into the region, a storescp per site's workstation, the facts of each study."""
 
     def __init__(self, tmp: Path, prefect_api: str) -> None:
-        from flows.sync_site import sync_site
+        from renkei.flows.sync_site import sync_site
 
         self.config_path = region_config(tmp, stable_age=0.2)  # every site with its PACS
         self.layout = layout_of(self.config_path, tmp / "renkei-data")

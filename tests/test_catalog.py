@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers_catalog import BACKENDS, ROOT, backend_url, make_batch, total_size
 
-from catalog import Catalog, GrantRequest
-from catalog import fs as cfs
+from renkei.catalog import Catalog, GrantRequest
+from renkei.catalog import fs as cfs
 from renkei.errors import InvalidUID, UsageError
 
 
@@ -278,7 +278,7 @@ def test_compaction_keeps_answers_and_bounds_files(cat: Catalog) -> None:
     removed = [p for p, _ in cat.state.removed]
     assert removed and all(cfs.exists(cat.fs, cfs.join(cat.root, p)) for p in removed)
     cat.compact(force=True)
-    from catalog.compaction import compact
+    from renkei.catalog.compaction import compact
 
     done = compact(cat, vacuum_grace_s=0)
     assert done.vacuumed >= len(removed)
@@ -393,7 +393,7 @@ def test_on_s3_a_shared_cache_outlives_the_catalog_and_is_checked(s3_bucket: str
     # a copy altered on the local disk is not trusted: a new process fetches it again from S3
     victim = next(p for p in in_use if p in kept)
     victim.write_bytes(b"\0" * victim.stat().st_size)
-    import catalog.catalog as catalog_module
+    import renkei.catalog.catalog as catalog_module
 
     catalog_module._VERIFIED.clear()  # as in a new process
     third = Catalog(s3_bucket + "/cat", cache_dir=cache)

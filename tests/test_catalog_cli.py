@@ -10,8 +10,8 @@ import pytest
 from helpers_catalog import ROOT, make_batch
 from helpers_parts import EXAMPLE_CONFIG
 
-from catalog import Catalog
-from catalog import fs as cfs
+from renkei.catalog import Catalog
+from renkei.catalog import fs as cfs
 from renkei.cli.main import main
 from renkei.config import Layout, load_config
 

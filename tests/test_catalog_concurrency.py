@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers_catalog import ROOT, backend_url, concurrent_writer
 
-from catalog import Catalog
+from renkei.catalog import Catalog
 
 WRITERS = 4
 PER_STUDY = 250

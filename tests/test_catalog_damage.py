@@ -26,11 +26,11 @@ import pydicom
 import pytest
 from helpers_parts import EXAMPLE_CONFIG
 
-from catalog import Catalog, GrantRequest, keys
-from catalog import fs as cfs
-from catalog.log import entry_path
-from catalog.store import ObjectStore
 from renkei import synth
+from renkei.catalog import Catalog, GrantRequest, keys
+from renkei.catalog import fs as cfs
+from renkei.catalog.log import entry_path
+from renkei.catalog.store import ObjectStore
 from renkei.cli.main import main
 from renkei.config import Layout, load_config
 from renkei.rebuild import rebuild
@@ -266,7 +266,7 @@ def test_what_killed_writers_left_is_swept(region) -> None:
     """Temporary files in the log folder and data files no commit refers to are removed after a grace period."""
     import time as _time
 
-    from catalog.compaction import compact
+    from renkei.catalog.compaction import compact
 
     layout = region["layout"]
     root = _catalog_root(layout)
@@ -289,7 +289,7 @@ def test_what_killed_writers_left_is_swept(region) -> None:
 
 def test_nightly_verification_detects_a_damaged_catalog(region, prefect_api) -> None:
     """The verification flow reads the whole catalog first, fails red with what to do, then backs it up when whole."""
-    from flows.verify_backups import CatalogDamagedRun, verify_backups
+    from renkei.flows.verify_backups import CatalogDamagedRun, verify_backups
 
     layout, data_dir = region["layout"], region["data_dir"]
     config = str(EXAMPLE_CONFIG)

@@ -17,8 +17,8 @@ import pytest
 from helpers_catalog import make_batch
 from helpers_faults import ReplyDroppingProxy
 
-from catalog import Catalog, GrantRequest
-from catalog.backup import check
+from renkei.catalog import Catalog, GrantRequest
+from renkei.catalog.backup import check
 
 
 def _log_put(method: str, path: str) -> bool:
@@ -125,8 +125,8 @@ def test_a_lost_reply_to_a_losing_commit_still_lets_the_other_writer_win(proxied
 
 def test_on_s3_a_deleted_catalog_is_detected_and_restored_from_its_backup(s3_bucket, s3_env) -> None:
     """The same witness, backup and restore on S3: the catalog and its backup both in buckets."""
-    from catalog import fs as cfs
-    from catalog.backup import BackupLocation, backup, restore
+    from renkei.catalog import fs as cfs
+    from renkei.catalog.backup import BackupLocation, backup, restore
 
     url, backup_url = s3_bucket + "/catalog", s3_bucket + "-backup-prefix/b"
     with Catalog(url, auto_compact=None, backup_url=backup_url) as cat:

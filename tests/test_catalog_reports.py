@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers_catalog import ROOT, make_batch, total_size
 
-from catalog import Catalog, GrantRequest
+from renkei.catalog import Catalog, GrantRequest
 from renkei.config import load_config
 from renkei.sharing import Sharing
 

@@ -14,8 +14,8 @@ import pytest
 from helpers_catalog import BACKENDS, backend_url
 from helpers_wait import eventually
 
-from catalog import Catalog, keys
-from catalog.store import ObjectConflict, ObjectStore
+from renkei.catalog import Catalog, keys
+from renkei.catalog.store import ObjectConflict, ObjectStore
 from renkei.errors import IntegrityError, InvalidUID, StorageError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,8 +101,8 @@ _KILL_WRITER = """
 import sys
 sys.path.insert(0, {repo!r})
 sys.path.insert(0, {tests!r})
-from catalog.catalog import Catalog
-from catalog.store import ObjectStore
+from renkei.catalog.catalog import Catalog
+from renkei.catalog.store import ObjectStore
 from helpers_catalog import make_batch
 store = ObjectStore({url!r})
 info = store.put_file({fifo!r}, {key!r}, {sha!r})

@@ -47,7 +47,7 @@ def region(tmp_path: Path, data_dir: Path) -> tuple[Path, Path]:
     from helpers_catalog import make_batch
     from helpers_region import layout_of
 
-    from catalog import Catalog
+    from renkei.catalog import Catalog
 
     with Catalog.from_layout(layout_of(config, data_dir)) as cat:  # a region with a catalog
         cat.register(make_batch(1, 2, site="clinic-a"))

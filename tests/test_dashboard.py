@@ -24,9 +24,9 @@ import pytest
 from helpers_dashboard import DemoRegion, module_region
 from helpers_parts import REPO, require_program
 
-from dashboards import data as d
-from dashboards import thumbnails
 from renkei import peers
+from renkei.dashboards import data as d
+from renkei.dashboards import thumbnails
 from renkei.runtime import open_catalog, open_journal
 
 PREFECT_UI = "http://127.0.0.1:4299"  # links only: the test never follows them
@@ -251,7 +251,7 @@ def test_bad_filters_are_refused_with_a_message(region: DemoRegion) -> None:
 def test_empty_and_single_point_charts_have_sane_axes(region: DemoRegion) -> None:
     import datetime as dt
 
-    from dashboards.app import availability_figure, throughput_figure
+    from renkei.dashboards.app import availability_figure, throughput_figure
 
     config = region.layout.config
     empty = throughput_figure(d.Throughput(0, (), {}, {}), config)

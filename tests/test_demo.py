@@ -11,8 +11,8 @@ from pathlib import Path
 from helpers_parts import require_program
 from helpers_region import REPO, region_config
 
-from catalog.catalog import Catalog
 from renkei import peers
+from renkei.catalog.catalog import Catalog
 from renkei.config import Layout, load_config
 
 DEADLINE_S = 480  # pytest's timeout is 600 s

@@ -122,7 +122,7 @@ def _write_studies(folder: Path) -> list[Path]:
 
 
 def _register_hidden_study(region: AttackRegion) -> str:
-    from catalog.catalog import Catalog
+    from renkei.catalog.catalog import Catalog
     from renkei.config import Layout, load_config
 
     catalog = Catalog.from_layout(Layout(load_config(region.config), region.data_dir))
@@ -754,7 +754,7 @@ def test_c_get_of_a_study_held_elsewhere_answers_as_for_one_that_does_not_exist(
 
 # ------------------------------------------------------------------ properties of the PDU reader
 def _fastnet_reader():
-    from edge import fastnet
+    from renkei.edge import fastnet
 
     reader = getattr(fastnet, "read_pdu", None)
     if reader is None:

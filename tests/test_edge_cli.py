@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.server import EdgeServer
 from renkei import peers
+from renkei.edge.server import EdgeServer
 from tests.helpers_edge import REPO, make_study, storescu, write_region
 
 pytestmark = pytest.mark.usefixtures("dcmtk")

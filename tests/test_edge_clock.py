@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from helpers_wait import eventually
 
-from edge import clock as edge_clock
-from edge.journal import SCHEMA_VERSION, Journal
-from edge.server import EdgeServer
 from renkei import peers, transfer
+from renkei.edge import clock as edge_clock
+from renkei.edge.journal import SCHEMA_VERSION, Journal
+from renkei.edge.server import EdgeServer
 from tests.conftest import require_program
 from tests.helpers_edge import Region, edge_subprocess, make_study, storescu, write_region
 
@@ -191,7 +191,7 @@ def test_an_older_journal_is_migrated_and_its_studies_adopted_by_the_edge(region
 
 def test_a_journal_of_a_newer_renkei_is_refused_not_misread(tmp_path: Path) -> None:
     """After a downgrade, an edge must not run on a journal whose meaning it does not know."""
-    from edge.journal import JournalError
+    from renkei.edge.journal import JournalError
 
     with Journal.open(tmp_path) as journal:
         journal._write([("UPDATE meta SET value = '99' WHERE key = 'schema_version'", ())])

@@ -13,8 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from edge.journal import Journal
 from renkei import peers
+from renkei.edge.journal import Journal
 from tests.conftest import require_program
 from tests.helpers_edge import dataset_bytes, edge_subprocess, make_study, meta_of, storescu, write_region
 

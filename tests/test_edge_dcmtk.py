@@ -47,11 +47,11 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
-from edge import fastnet
-from edge.parsing import InvalidInstance, parse_dataset, split_file_meta
-from edge.server import EdgeServer
-from edge.tls import client_context
 from renkei import peers, pki
+from renkei.edge import fastnet
+from renkei.edge.parsing import InvalidInstance, parse_dataset, split_file_meta
+from renkei.edge.server import EdgeServer
+from renkei.edge.tls import client_context
 from renkei.errors import PeerError
 from renkei.synth import write_single_study
 from tests.conftest import require_part, require_program

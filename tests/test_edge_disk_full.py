@@ -23,8 +23,8 @@ import yaml
 from helpers_wait import eventually
 from pydicom import dcmread
 
-from edge.store import RESERVE_NAME
 from renkei import peers
+from renkei.edge.store import RESERVE_NAME
 from tests.conftest import require_part, require_program
 from tests.helpers_edge import (
     Region,
@@ -370,7 +370,7 @@ def test_disk_settings_are_sizes_with_sensible_defaults_and_clear_errors() -> No
 def test_the_reserve_is_released_when_the_disk_is_nearly_full_and_made_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edge.store import DiskFull, FileStore
+    from renkei.edge.store import DiskFull, FileStore
 
     store = FileStore(tmp_path / "store", min_free_bytes=2 * MIB, reserve_bytes=4 * MIB)
     free = {"now": 100 * MIB}

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from edge import fastnet
-from edge.ingest import Ingestor
-from edge.journal import Journal
-from edge.parsing import split_file_meta
-from edge.server import EdgeServer
-from edge.store import FileStore
+from renkei.edge import fastnet
+from renkei.edge.ingest import Ingestor
+from renkei.edge.journal import Journal
+from renkei.edge.parsing import split_file_meta
+from renkei.edge.server import EdgeServer
+from renkei.edge.store import FileStore
 from tests.helpers_edge import Region, make_study, meta_of, storescu, write_region
 
 

@@ -17,9 +17,9 @@ from helpers_dicom import Workstation
 from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
 from helpers_wait import eventually
 
-from edge.center import StudyOrigins
-from edge.region import RegionalEdge
 from renkei import synth, transfer
+from renkei.edge.center import StudyOrigins
+from renkei.edge.region import RegionalEdge
 from renkei.errors import CatalogError
 from renkei.runtime import open_catalog, open_journal, open_store
 from renkei.sharing import Sharing

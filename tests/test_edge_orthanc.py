@@ -10,9 +10,9 @@ import pytest
 from helpers_wait import eventually
 from pydicom.uid import generate_uid
 
-from edge import scu
-from edge.server import EdgeServer
 from renkei import peers
+from renkei.edge import scu
+from renkei.edge.server import EdgeServer
 from tests.conftest import require_program
 from tests.helpers_edge import CHARSET_UTF8, Region, dataset_bytes, make_study, meta_of, write_region
 

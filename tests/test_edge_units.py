@@ -10,17 +10,17 @@ import pytest
 from pydicom.data import get_charset_files
 from pydicom.uid import generate_uid
 
-from edge.ingest import (
+from renkei.edge.ingest import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     SUCCESS,
     Ingestor,
 )
-from edge.journal import Journal, JournalError
-from edge.matching import match_attribute, match_person_name, match_record
-from edge.parsing import InvalidInstance, encode_file_meta, parse_dataset, split_file_meta
-from edge.qr import LocalSource
-from edge.store import FileStore
+from renkei.edge.journal import Journal, JournalError
+from renkei.edge.matching import match_attribute, match_person_name, match_record
+from renkei.edge.parsing import InvalidInstance, encode_file_meta, parse_dataset, split_file_meta
+from renkei.edge.qr import LocalSource
+from renkei.edge.store import FileStore
 from renkei.errors import InvalidUID
 from tests.helpers_edge import CHARSET_JIS, dataset_bytes, make_instance, make_study, meta_of
 

@@ -12,7 +12,7 @@ from renkei.runtime import open_catalog
 
 @pytest.fixture(scope="module")
 def region_with_priors(tmp_path_factory, prefect_api):
-    from flows.sync_site import sync_site
+    from renkei.flows.sync_site import sync_site
 
     require_program("Orthanc", "orthanc")
     tmp_path = tmp_path_factory.mktemp("priors")
@@ -49,7 +49,7 @@ def region_with_priors(tmp_path_factory, prefect_api):
 
 
 def test_an_ambiguous_patient_fetches_nothing(region_with_priors) -> None:
-    from flows.fetch_priors import fetch_priors
+    from renkei.flows.fetch_priors import fetch_priors
 
     config_path, lay, patients, orthanc = region_with_priors
     first, second = synth.homonym_pair(5)
@@ -68,7 +68,7 @@ def test_an_ambiguous_patient_fetches_nothing(region_with_priors) -> None:
 
 
 def test_priors_land_in_the_hub_pacs_under_the_hub_patient_id(region_with_priors) -> None:
-    from flows.fetch_priors import fetch_priors
+    from renkei.flows.fetch_priors import fetch_priors
 
     config_path, lay, patients, orthanc = region_with_priors
     shared = patients["hub"][0]  # registered at every site under each site's own ID

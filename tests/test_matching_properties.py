@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.matching import (
+from renkei.edge.matching import (
     MAX_LIST_VALUES,
     MAX_QUERY_VALUE_CHARS,
     MAX_WILDCARDS,

@@ -67,8 +67,8 @@ def test_each_problem_is_shown_with_its_cause_and_notified_once(
 ) -> None:
     from prefect import get_client
 
-    from flows.deliver import deliver
-    from flows.sync_site import sync_site
+    from renkei.flows.deliver import deliver
+    from renkei.flows.sync_site import sync_site
 
     chromium = require_program("chromium", "chromium")
     receiver = Receiver()
@@ -93,8 +93,8 @@ def test_each_problem_is_shown_with_its_cause_and_notified_once(
         put_into_edge(layout, "clinic-a", made.files)
         time.sleep(0.5)
         sync_site("clinic-a", str(config_path), str(data_dir))
-        from catalog import Catalog
-        from catalog.backup import backup
+        from renkei.catalog import Catalog
+        from renkei.catalog.backup import backup
 
         with Catalog.from_layout(layout) as cat:
             study_uid = made.study_infos[0].study_uid

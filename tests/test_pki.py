@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge.tls import client_context, server_context
 from renkei import peers, pki
 from renkei.config import TLSConfig
+from renkei.edge.tls import client_context, server_context
 from renkei.errors import UsageError
 from tests.conftest import EXAMPLE_CONFIG, REPO, require_part
 

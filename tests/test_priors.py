@@ -8,8 +8,8 @@ import pydicom
 import pytest
 from helpers_parts import EXAMPLE_CONFIG
 
-from catalog.catalog import Catalog
 from renkei import synth
+from renkei.catalog.catalog import Catalog
 from renkei.config import Layout, load_config
 from renkei.priors import Demographics, find_priors, name_groups, reconcile, resolve_person
 from renkei.records import StudyBatch

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from helpers_region import layout_of, put_into_edge, region_config
 
-from catalog.store import ObjectStore
-from edge.journal import JOURNAL_NAME, Journal
 from renkei import synth, transfer
+from renkei.catalog.store import ObjectStore
 from renkei.cli.main import main as renkei_main
+from renkei.edge.journal import JOURNAL_NAME, Journal
 from renkei.runtime import open_catalog, open_journal, open_store
 
 SITE = "clinic-a"
@@ -296,7 +296,7 @@ def test_sync_site_flow_quarantines_and_the_rest_flows(tmp_path, region, prefect
     import anyio
     from prefect import get_client
 
-    from flows.sync_site import QUARANTINE_STATE, sync_site
+    from renkei.flows.sync_site import QUARANTINE_STATE, sync_site
 
     config_path, lay = region
     good1, refused_at_upload, refused_at_register, good2 = _studies(tmp_path, lay, (51, 52, 53, 54))

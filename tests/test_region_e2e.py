@@ -18,9 +18,9 @@ import pytest
 from helpers_parts import require_program
 from helpers_region import layout_of, region_config
 
-from catalog.catalog import Catalog
-from edge.center import split_part10
 from renkei import peers, synth
+from renkei.catalog.catalog import Catalog
+from renkei.edge.center import split_part10
 from renkei.regionrun import RegionRunner
 from renkei.uids import derive_uid
 
@@ -252,7 +252,7 @@ def test_instant_publish_of_a_hub_exam_to_its_referring_clinic(region: E2E) -> N
     )
 
     def cached() -> bool:
-        from edge.journal import Journal
+        from renkei.edge.journal import Journal
 
         root = region.layout.edge_store("clinic-c") / "cache"
         if not (root / "journal.sqlite").exists():

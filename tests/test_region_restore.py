@@ -49,7 +49,7 @@ def _cli(runner: RegionRunner, *args: str, api: str | None = None) -> subprocess
 
 
 def _catalog_facts(layout) -> tuple:
-    from catalog import Catalog
+    from renkei.catalog import Catalog
 
     with Catalog.from_layout(layout, auto_compact=None) as cat:
         totals = sorted((t.site, t.studies, t.instances, t.bytes) for t in cat.totals())
@@ -93,7 +93,8 @@ def test_a_region_is_restored_from_its_backups(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-c",
-                "import sys; from flows.sync_site import sync_site; sync_site('clinic-a', sys.argv[1], sys.argv[2])",
+                "import sys; from renkei.flows.sync_site import sync_site; "
+                "sync_site('clinic-a', sys.argv[1], sys.argv[2])",
                 str(config_path),
                 str(layout.data_dir),
             ],

@@ -145,7 +145,7 @@ def test_scheduled_runs_are_created_and_run_by_the_workers_on_postgresql(tmp_pat
             logs = "\n".join(p.name + ":\n" + p.tail(1500) for p in runner.procs)
             raise AssertionError(f"runs: {states}\n{logs}") from None
         # what they did is in the catalog: the verification and the backup ran for real
-        from catalog import Catalog
+        from renkei.catalog import Catalog
 
         with Catalog.from_layout(layout, auto_compact=None) as cat:
             assert cat.recent_audit(["verify-backups"], limit=1)

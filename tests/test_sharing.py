@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers_parts import EXAMPLE_CONFIG
 
-from catalog.catalog import Catalog
+from renkei.catalog.catalog import Catalog
 from renkei.cli.main import main
 from renkei.config import Layout, load_config
 from renkei.errors import PolicyError

@@ -90,8 +90,8 @@ def test_status_lists_what_needs_action_with_causes(tmp_path, data_dir, prefect_
         }
 
         # a verification and a backup later, those two are fine
-        from catalog import Catalog
-        from catalog.backup import backup
+        from renkei.catalog import Catalog
+        from renkei.catalog.backup import backup
 
         with Catalog.from_layout(layout) as cat:
             cat.append_audit(

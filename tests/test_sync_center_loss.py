@@ -21,7 +21,7 @@ from renkei.runtime import open_catalog, open_journal, open_store
 @pytest.fixture
 def synced(tmp_path, data_dir, prefect_api):
     """clinic-c's studies synced: in the center, registered, granted to the hub by the rules."""
-    from flows.sync_site import sync_site
+    from renkei.flows.sync_site import sync_site
 
     config_path = region_config(tmp_path, stable_age=0.2)
     lay = layout_of(config_path, data_dir)
@@ -42,7 +42,7 @@ def _objects(lay) -> list[str]:
 
 
 def _flow_state(config_path, lay):
-    from flows.sync_site import sync_site
+    from renkei.flows.sync_site import sync_site
 
     return sync_site("clinic-c", str(config_path), str(lay.data_dir), return_state=True)
 
@@ -110,7 +110,7 @@ def test_only_the_catalog_lost_registers_and_flags_again(synced) -> None:
 
 
 def test_lost_with_no_edge_copy_fails_the_run_and_is_not_rescanned_every_run(synced) -> None:
-    from flows.sync_site import LostFromCenter
+    from renkei.flows.sync_site import LostFromCenter
 
     config_path, lay, written, _ = synced
     victim = written.studies[0].info.study_uid
@@ -139,7 +139,7 @@ def test_sample_is_bounded_whatever_the_journal_size(tmp_path) -> None:
     """Sampling a journal of 200,000 verified instances costs index probes, not a scan."""
     import sqlite3
 
-    from edge.journal import Journal
+    from renkei.edge.journal import Journal
 
     root = tmp_path / "edge"
     Journal.open(root).close()

@@ -21,7 +21,7 @@ def test_s3_down_for_the_first_attempts_then_success(tmp_path, data_dir, prefect
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.sync_site import sync_site
+    from renkei.flows.sync_site import sync_site
 
     port = peers.free_port()
     bucket = "late-bucket"
@@ -79,7 +79,7 @@ def test_s3_down_for_the_first_attempts_then_success(tmp_path, data_dir, prefect
 def test_flow_killed_mid_upload_then_rerun_duplicates_nothing(
     tmp_path, data_dir, prefect_api, s3_bucket, s3_env
 ) -> None:
-    from flows.sync_site import sync_site
+    from renkei.flows.sync_site import sync_site
 
     config_path = region_config(tmp_path, stable_age=0.2, center_url=s3_bucket, pacs_at=())
     lay = layout_of(config_path, data_dir)
@@ -89,7 +89,9 @@ def test_flow_killed_mid_upload_then_rerun_duplicates_nothing(
     put_into_edge(lay, "clinic-a", files, received_ago=LONG_AGO)
     store = open_store(lay)
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    code = f"from flows.sync_site import sync_site; sync_site('clinic-a', {str(config_path)!r}, {str(data_dir)!r})"
+    code = (
+        f"from renkei.flows.sync_site import sync_site; sync_site('clinic-a', {str(config_path)!r}, {str(data_dir)!r})"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -120,7 +122,7 @@ def test_flow_killed_mid_upload_then_rerun_duplicates_nothing(
 
 
 def test_an_instance_after_its_study_was_synced_follows_it(tmp_path, data_dir, prefect_api) -> None:
-    from flows.sync_site import sync_site
+    from renkei.flows.sync_site import sync_site
 
     config_path = region_config(tmp_path, stable_age=0.2, pacs_at=())
     lay = layout_of(config_path, data_dir)

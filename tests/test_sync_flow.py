@@ -24,7 +24,7 @@ def small_region(tmp_path, data_dir):
 
 
 def test_sync_site_uploads_registers_and_flags(prefect_api, small_region) -> None:
-    from flows.sync_site import sync_site
+    from renkei.flows.sync_site import sync_site
 
     config_path, lay, written = small_region
     result = sync_site("clinic-c", str(config_path), str(lay.data_dir))

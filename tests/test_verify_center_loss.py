@@ -22,7 +22,7 @@ from renkei.runtime import open_catalog, open_store
 
 @pytest.fixture
 def synced(tmp_path, data_dir, prefect_api):
-    from flows.sync_site import sync_site
+    from renkei.flows.sync_site import sync_site
 
     config_path = region_config(tmp_path, stable_age=0.2)
     lay = layout_of(config_path, data_dir)
@@ -38,7 +38,7 @@ def synced(tmp_path, data_dir, prefect_api):
 
 
 def test_center_and_catalog_lost_come_back_with_the_rule_grants(synced) -> None:
-    from flows.verify_backups import verify_backups
+    from renkei.flows.verify_backups import verify_backups
 
     config_path, lay, written, hub_sees = synced
     shutil.rmtree(lay.data_dir / "center")
@@ -57,7 +57,7 @@ def test_center_and_catalog_lost_come_back_with_the_rule_grants(synced) -> None:
 
 
 def test_unreferenced_objects_are_reported_and_stray_temp_files_swept(synced) -> None:
-    from flows.verify_backups import verify_backups
+    from renkei.flows.verify_backups import verify_backups
 
     config_path, lay, written, _ = synced
     store = open_store(lay)

@@ -14,7 +14,7 @@ from renkei.runtime import open_catalog, open_store
 
 @pytest.fixture
 def synced(tmp_path, data_dir, prefect_api):
-    from flows.sync_site import sync_site
+    from renkei.flows.sync_site import sync_site
 
     config_path = region_config(tmp_path, stable_age=0.2)
     lay = layout_of(config_path, data_dir)
@@ -32,7 +32,7 @@ def _objects(lay) -> list[dict]:
 
 
 def test_damage_is_found_and_repaired_from_the_edge(synced) -> None:
-    from flows.verify_backups import verify_backups
+    from renkei.flows.verify_backups import verify_backups
 
     config_path, lay = synced
     store = open_store(lay)
@@ -63,7 +63,7 @@ def test_damage_is_found_and_repaired_from_the_edge(synced) -> None:
 
 
 def test_damage_without_an_edge_copy_fails_the_run(synced) -> None:
-    from flows.verify_backups import UnrecoverableBackup, verify_backups
+    from renkei.flows.verify_backups import UnrecoverableBackup, verify_backups
 
     config_path, lay = synced
     store = open_store(lay)

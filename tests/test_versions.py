@@ -19,8 +19,8 @@ from pathlib import Path
 from helpers_edge import edge_subprocess, make_instance, storescu, write_region
 from helpers_wait import eventually
 
-from catalog import keys
 from renkei import peers
+from renkei.catalog import keys
 from renkei.config import Layout, load_config
 from renkei.runtime import open_catalog, open_journal, open_store
 
@@ -32,7 +32,7 @@ def _wait(predicate, timeout: float = 60.0) -> None:
 def test_resent_instance_with_other_bytes_becomes_the_current_version(
     tmp_path: Path, data_dir: Path, prefect_api
 ) -> None:
-    from flows.sync_site import sync_site
+    from renkei.flows.sync_site import sync_site
     from renkei.verification import verify_center
 
     region = write_region(tmp_path / "region", stable_age=0.3)

@@ -100,7 +100,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 @contextmanager
 def open_catalog(args: argparse.Namespace, create: bool = False) -> Iterator[Any]:
     """The region's catalog; unless `create`, a local catalog that does not exist is an error, not made."""
-    from catalog.catalog import Catalog
+    from renkei.catalog.catalog import Catalog
 
     layout = layout_of(args)
     url = layout.catalog_url
@@ -281,14 +281,14 @@ def _compact(args: argparse.Namespace) -> int:
 
 
 def _backup_location(args: argparse.Namespace) -> Any:
-    from catalog.backup import BackupLocation
+    from renkei.catalog.backup import BackupLocation
 
     layout = layout_of(args)
     return BackupLocation(layout.catalog_backup_url, layout.config.center.s3)
 
 
 def _check(args: argparse.Namespace) -> int:
-    from catalog.backup import check
+    from renkei.catalog.backup import check
 
     with open_catalog(args) as cat:
         result = check(cat, cat.backup)
@@ -311,7 +311,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _backup(args: argparse.Namespace) -> int:
-    from catalog.backup import backup
+    from renkei.catalog.backup import backup
 
     with open_catalog(args) as cat:
         assert cat.backup is not None

@@ -111,7 +111,7 @@ def _fetch_priors(args: argparse.Namespace) -> int:
         "modalities": args.modalities,
     }
     if args.here or not os.environ.get("PREFECT_API_URL"):
-        from flows.fetch_priors import fetch_priors
+        from renkei.flows.fetch_priors import fetch_priors
 
         result = fetch_priors(**params, config=str(getattr(args, "config", None) or ""), data_dir=str(layout.data_dir))
         print_json(
@@ -122,7 +122,7 @@ def _fetch_priors(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    from tasks.trigger import start_run
+    from renkei.tasks.trigger import start_run
 
     run_id = start_run("fetch_priors", args.site, params, tag=f"site:{args.site}")
     print(f"fetch_priors started on the worker of {args.site}: flow run {run_id}")
@@ -131,7 +131,7 @@ def _fetch_priors(args: argparse.Namespace) -> int:
 
 def _hl7_listen(args: argparse.Namespace) -> int:
     from renkei.admissions import Admission, AdmissionListener
-    from tasks.trigger import start_run
+    from renkei.tasks.trigger import start_run
 
     layout = layout_of(args)
     layout.config.site(args.site)

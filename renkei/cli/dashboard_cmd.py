@@ -82,7 +82,7 @@ def check_loopback(host: str) -> str:
 def _dashboard(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from dashboards.app import create_app
+    from renkei.dashboards.app import create_app
 
     host = check_loopback(args.host)
     if not 1 <= args.port <= 65535:

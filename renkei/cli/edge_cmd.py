@@ -21,11 +21,11 @@ from renkei.cli.common import layout_of, print_json, print_table, when
 from renkei.display import size
 
 if TYPE_CHECKING:
-    from edge.region import RegionalEdge
-    from edge.server import EdgeServer
+    from renkei.edge.region import RegionalEdge
+    from renkei.edge.server import EdgeServer
 
 ORDER = 20
-LOGGER = logging.getLogger("renkei.edge")
+LOGGER = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -94,7 +94,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from edge.server import EdgeServer
+    from renkei.edge.server import EdgeServer
 
     layout = layout_of(args)
     store_dir = layout.edge_store(args.site)
@@ -103,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # EdgeServer logs "study complete: <uid>" itself; the trigger starts the site's sync_site run.
     trigger = None
     if args.trigger == "on" or (args.trigger == "auto" and os.environ.get("PREFECT_API_URL")):
-        from tasks.trigger import SyncTrigger
+        from renkei.tasks.trigger import SyncTrigger
 
         trigger = SyncTrigger(args.site).start()
         LOGGER.info("completed studies start the sync_site deployment of %s", args.site)
@@ -115,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         stop_all = server.stop
     else:
-        from edge.region import RegionalEdge
+        from renkei.edge.region import RegionalEdge
 
         regional = RegionalEdge(
             layout, args.site, on_study_complete=on_complete, fsync=not args.no_fsync, port=args.port
@@ -142,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from edge.journal import Journal
+    from renkei.edge.journal import Journal
 
     layout = layout_of(args)
     site = layout.config.site(args.site)
@@ -237,7 +237,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _disk(store_dir: Any, site: Any) -> dict[str, Any]:
     """Free bytes on the store's filesystem, and the journal reserve: configured size and whether it is held."""
-    from edge.store import RESERVE_NAME
+    from renkei.edge.store import RESERVE_NAME
 
     stat = os.statvfs(store_dir)
     total = stat.f_blocks * stat.f_frsize
@@ -252,7 +252,7 @@ def _disk(store_dir: Any, site: Any) -> dict[str, Any]:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from edge.journal import JOURNAL_NAME, Journal
+    from renkei.edge.journal import JOURNAL_NAME, Journal
     from renkei.errors import RenkeiError, UsageError
 
     layout = layout_of(args)
@@ -297,7 +297,7 @@ def _one_line(text: str) -> str:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from edge import scu
+    from renkei.edge import scu
 
     layout = layout_of(args)
     seconds = scu.echo(layout.config, args.site, args.peer_ae)
@@ -307,7 +307,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from edge import scu
+    from renkei.edge import scu
 
     layout = layout_of(args)
     report = scu.send_study(layout.config, args.site, layout.edge_store(args.site), args.study_uid, args.peer)
@@ -319,7 +319,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from edge import scu
+    from renkei.edge import scu
 
     layout = layout_of(args)
     report = scu.pull(

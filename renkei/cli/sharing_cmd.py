@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 @contextmanager
 def _sharing(args: argparse.Namespace) -> Iterator[Sharing]:
-    from catalog.catalog import Catalog
+    from renkei.catalog.catalog import Catalog
     from renkei.sharing import Sharing
 
     layout = layout_of(args)
