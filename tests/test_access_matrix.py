@@ -36,7 +36,7 @@ from renkei import peers, synth
 from renkei.catalog.catalog import Catalog
 from renkei.edge.center import split_part10
 from renkei.edge.journal import Journal
-from renkei.edge.region import RegionalEdge
+from renkei.regional_edge import RegionalEdge
 from renkei.sharing import Sharing
 
 NOT_AUTHORIZED = 0x0124

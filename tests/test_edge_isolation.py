@@ -19,8 +19,8 @@ from helpers_wait import eventually
 
 from renkei import synth, transfer
 from renkei.edge.center import StudyOrigins
-from renkei.edge.region import RegionalEdge
 from renkei.errors import CatalogError
+from renkei.regional_edge import RegionalEdge
 from renkei.runtime import open_catalog, open_journal, open_store
 from renkei.sharing import Sharing
 

@@ -7,7 +7,7 @@ from helpers_parts import require_program
 from helpers_region import layout_of, region_config
 
 from renkei import peers, synth
-from renkei.edge.region import RegionalEdge
+from renkei.regional_edge import RegionalEdge
 
 
 def test_center_unreachable_edge_still_stores_and_answers_its_own(tmp_path, data_dir, monkeypatch) -> None:

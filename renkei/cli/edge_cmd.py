@@ -21,8 +21,8 @@ from renkei.cli.common import layout_of, print_json, print_table, when
 from renkei.display import size
 
 if TYPE_CHECKING:
-    from renkei.edge.region import RegionalEdge
     from renkei.edge.server import EdgeServer
+    from renkei.regional_edge import RegionalEdge
 
 ORDER = 20
 LOGGER = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         stop_all = server.stop
     else:
-        from renkei.edge.region import RegionalEdge
+        from renkei.regional_edge import RegionalEdge
 
         regional = RegionalEdge(
             layout, args.site, on_study_complete=on_complete, fsync=not args.no_fsync, port=args.port
