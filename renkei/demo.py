@@ -1,7 +1,7 @@
 """`renkei demo`: the source deployment at work on one machine, on embedded defaults.
 
 A local Prefect server, the deployments of prefect.yaml, a worker per site and
-the center's, the four edges, Orthanc as the hub's PACS; synthetic studies
+the center's, the four edges, Orthanc as each site's PACS; synthetic studies
 sent by C-STORE from each site; the pipeline; then the three clinical
 scenarios (remote reading of a Goto study, priors for an admitted clinic
 patient, instant publish of a hub exam to its referring clinic) and one
@@ -113,8 +113,9 @@ class Demo:
         runner.wait_until(lambda: _healthy(api), 180, "the Prefect server's API", every=1)
         self.say("Prefect server up; creating work pools and deployments (prefect.yaml) ...")
         runner.deploy()
-        self.say("starting Orthanc as the hub's PACS, a worker per site and the center's, the four edges ...")
-        runner.start_pacs(["hub"])
+        # every site's PACS: a hub exam is delivered into the referring clinic's PACS too (deliver: pacs)
+        self.say("starting Orthanc as each site's PACS, a worker per site and the center's, the four edges ...")
+        runner.start_pacs()
         runner.start_workers()
         runner.start_edges()
         hl7 = runner.spawn(
