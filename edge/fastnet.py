@@ -94,9 +94,14 @@ def check_compatible() -> bool:
 FAST_ENV = "RENKEI_EDGE_FAST"
 
 
+def turned_off() -> bool:
+    """RENKEI_EDGE_FAST says 0 (or false, no, off)."""
+    return os.environ.get(FAST_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
     """The fast path is used: pynetdicom has what it needs and RENKEI_EDGE_FAST is not 0."""
-    return os.environ.get(FAST_ENV, "1").strip().lower() not in ("0", "false", "no", "off") and check_compatible()
+    return not turned_off() and check_compatible()
 
 
 def set_nodelay(sock: socket.socket | None) -> None:

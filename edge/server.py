@@ -606,7 +606,7 @@ def _fast_path(site_id: str) -> bool:
     So an edge does not fall back to it silently: without the pynetdicom internals it needs, it does
     not start; with RENKEI_EDGE_FAST=0 it runs plain pynetdicom and says that it is unprotected.
     """
-    if os.environ.get(fastnet.FAST_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if fastnet.turned_off():
         LOGGER.warning(
             "edge of %s on plain pynetdicom (%s=0): the defences against malformed, oversized and slow "
             "PDUs are off; use this only to diagnose the fast path",
