@@ -12,8 +12,8 @@ from typing import Any
 
 from prefect import flow
 
-from renkei import runtime
 from renkei.flows import run_names
+from renkei.runtime import Region
 from renkei.tasks.clinical import (
     cache_study,
     import_study,
@@ -22,6 +22,7 @@ from renkei.tasks.clinical import (
     start_deliveries,
 )
 from renkei.tasks.common import publish_artifacts
+from renkei.tasks.sync import Delivery
 
 
 @flow(name="deliver", flow_run_name=run_names.deliver)
@@ -31,10 +32,11 @@ def deliver(
     """Copy the studies from the center into the site's edge cache; with `to_pacs`, also import them
     into its PACS under the site's own Patient ID (when the patient is known there)."""
     started = time.monotonic()
-    has_pacs = runtime.layout(config, data_dir).config.site(site).pacs is not None
+    region = Region(config, data_dir)
+    has_pacs = region.layout.config.site(site).pacs is not None
     rows = []
     for study_uid in study_uids:
-        cached = cache_study(site, study_uid, config, data_dir, return_state=True)
+        cached = cache_study(region, site, study_uid, return_state=True)
         row = {
             "study_uid": study_uid,
             "edge": "cached" if cached.is_completed() else f"FAILED: {cached.result(raise_on_failure=False)}",
@@ -45,14 +47,12 @@ def deliver(
             row["pacs"] = f"not imported: {site} has no PACS in the configuration"
             row["outcome"] = "no-pacs"
         elif to_pacs and cached.is_completed():
-            ident = patient_id_at_site(site, study_uid, config, data_dir)
-            if not ident["found"]:
-                row["pacs"] = f"not imported: {ident['detail']}"
+            ident = patient_id_at_site(region, site, study_uid)
+            if not ident.found:
+                row["pacs"] = f"not imported: {ident.detail}"
                 row["outcome"] = "patient-unknown"
             else:
-                state = import_study(
-                    site, study_uid, ident["patient_id"], ident["issuer"], config, data_dir, return_state=True
-                )
+                state = import_study(region, site, study_uid, ident.patient_id, ident.issuer, return_state=True)
                 row["pacs"] = "imported" if state.is_completed() else f"FAILED: {state.result(raise_on_failure=False)}"
                 row["outcome"] = "ok" if state.is_completed() else "pacs-failed"
         rows.append(row)
@@ -80,7 +80,7 @@ def deliver(
             "flow again.",
         ]
     # each study's outcome in the audit chain: `renkei status` lists what was not delivered until it is
-    record_deliveries(site, [(r["study_uid"], r["outcome"]) for r in rows], config, data_dir)
+    record_deliveries(region, site, [(r["study_uid"], r["outcome"]) for r in rows])
     publish_artifacts(f"deliver-{site}", f"deliver to {site}", lines, rows, "Studies pushed ahead of time")
     if failed or partial:
         what = ([f"{len(failed)} of {len(rows)} studies could not be delivered to {site}"] if failed else []) + (
@@ -90,14 +90,13 @@ def deliver(
     return {"site": site, "studies": rows, "seconds": elapsed}
 
 
-def distribute(
-    plan: dict[str, dict[str, Any]], config: str | None = None, data_dir: str | None = None
-) -> dict[str, str]:
+def distribute(plan: dict[str, Delivery], config: str | None = None, data_dir: str | None = None) -> dict[str, str]:
     """Start `deliver` at each destination site (its own pool); inline when no deployment exists."""
-    started = start_deliveries(plan, config, data_dir)
+    started = start_deliveries(Region(config, data_dir), plan)
     for site, how in list(started.items()):
         if how == "no deployment":
-            state = deliver(site, plan[site]["study_uids"], plan[site]["to_pacs"], config, data_dir, return_state=True)
+            entry = plan[site]
+            state = deliver(site, entry.study_uids, entry.to_pacs, config, data_dir, return_state=True)
             started[site] = (
                 f"delivered here (no deployment deliver-{site}): "
                 f"{'ok' if state.is_completed() else state.message or 'failed'}"

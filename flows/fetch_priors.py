@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow
 
+from renkei.imports import ImportResult
+from renkei.runtime import Region
 from renkei.tasks.clinical import (
     cache_study,
     find_prior_studies,
@@ -36,12 +39,12 @@ def fetch_priors(
     operator to confirm with `renkei link`.
     """
     started = time.monotonic()
-    res = resolve_patient(site, patient_id, issuer, patient_name, birth_date, sex, config, data_dir)
-    lines = [f"Patient of **{site}** resolved by **{res['method']}**: {res['detail']}", ""]
-    studies: list[dict[str, Any]] = []
+    region = Region(config, data_dir)
+    res = resolve_patient(region, site, patient_id, issuer, patient_name, birth_date, sex)
+    lines = [f"Patient of **{site}** resolved by **{res.method}**: {res.detail}", ""]
     imported: list[dict[str, Any]] = []
-    if not res["resolved"]:
-        if res["candidates"]:
+    if not res.resolved:
+        if res.candidates:
             lines += [
                 "Nothing was fetched. Candidates (confirm with "
                 "`renkei link --site SITE --patient-id ID --with SITE2:ID2`):",
@@ -50,16 +53,16 @@ def fetch_priors(
                 "|---|---|---|---|---|---|---|",
             ]
             lines += [
-                f"| {c['site']} | {c['patient_id']} | {c['issuer']} | {c['patient_name']} | "
-                f"{c['patient_birth_date']} | {c['patient_sex']} | {c['studies']} |"
-                for c in res["candidates"]
+                f"| {c.site} | {c.patient_id} | {c.issuer} | {c.patient_name} | "
+                f"{c.patient_birth_date} | {c.patient_sex} | {c.studies} |"
+                for c in res.candidates
             ]
     else:
-        studies = find_prior_studies(res, lookback_years, modalities, config, data_dir)
-        caches = [cache_study.submit(site, s["study_uid"], config, data_dir) for s in studies]
+        studies = find_prior_studies(region, res, lookback_years, modalities)
+        caches = [cache_study.submit(region, site, s.study_uid) for s in studies]
         imports = [
             import_study.submit(  # type: ignore[call-overload]  # prefect's overloads miss wait_for with these args
-                site, s["study_uid"], res["patient_id"], res["issuer"], config, data_dir, wait_for=[c]
+                region, site, s.study_uid, res.patient_id, res.issuer, wait_for=[c]
             )
             for s, c in zip(studies, caches)
         ]
@@ -67,19 +70,19 @@ def fetch_priors(
             future.wait()
             cache.wait()
             if future.state.is_completed():
-                outcome = future.result()
-                result = "already in the PACS" if outcome.get("skipped") else f"imported {outcome.get('sent', 0)}"
+                outcome: ImportResult = future.result()
+                result = "already in the PACS" if outcome.skipped else f"imported {outcome.sent}"
             elif not cache.state.is_completed():
                 result = f"FAILED: not brought to the edge: {_error(cache.state)}"
             else:
                 result = f"FAILED: {_error(future.state)}"
             imported.append(
                 {
-                    "study_uid": study["study_uid"],
-                    "from": study["origin_site"],
-                    "date": study["study_date"],
-                    "modalities": ",".join(study["modalities"]),
-                    "instances": study["instances"],
+                    "study_uid": study.study_uid,
+                    "from": study.origin_site,
+                    "date": study.study_date,
+                    "modalities": ",".join(study.modalities),
+                    "instances": study.instances,
                     "result": result,
                 }
             )
@@ -96,7 +99,8 @@ def fetch_priors(
     failed = [i for i in imported if i["result"].startswith("FAILED")]
     if failed:
         raise RuntimeError(f"{len(failed)} prior studies could not be imported; see the artifact")
-    return {"resolution": res, "studies": imported, "seconds": elapsed}
+    resolution = asdict(res) | {"resolved": res.resolved}
+    return {"resolution": resolution, "studies": imported, "seconds": elapsed}
 
 
 def _error(state: Any) -> str:

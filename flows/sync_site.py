@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow
@@ -10,7 +11,11 @@ from prefect.futures import as_completed
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from renkei import runtime
+from renkei.center_check import CenterCheck, summary_lines
+from renkei.edge.journal import Quarantine
+from renkei.flows.deliver import distribute
+from renkei.runtime import Region
+from renkei.sharing import FlagResult
 from renkei.tasks.common import logger, publish_artifacts
 from renkei.tasks.sync import (
     audit_quarantines,
@@ -24,6 +29,7 @@ from renkei.tasks.sync import (
     upload_study,
     upload_versions,
 )
+from renkei.transfer import RegisterResult, UploadResult
 
 
 @flow(
@@ -50,13 +56,14 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
     copy left fail the run.
     """
     started = time.monotonic()
-    lay = runtime.layout(config, data_dir)
+    region = Region(config, data_dir)
+    lay = region.layout
     lay.config.site(site)
     # the center still holds what the journal calls verified (a sample); what it lost is set back in the
     # journal, so that the steps below upload, register and flag it again in this run
-    center = _check_center(site, config, data_dir)
-    studies = ingest(site, config, data_dir)
-    uploads: dict[str, dict[str, Any]] = {}
+    center = _check_center(region, site)
+    studies = ingest(region, site)
+    uploads: dict[str, UploadResult] = {}
     failures: dict[str, str] = {}
     quarantined: dict[str, str] = {}  # by this run: study_uid -> reason
     slots = lay.config.site(site).link.upload_slots
@@ -67,43 +74,42 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
         # concurrency limit of 1 keeps two runs of a site from overlapping
         while pending and len(running) < slots:
             uid = pending.pop(0)
-            running[uid] = upload_study.submit(site, uid, config, data_dir)
+            running[uid] = upload_study.submit(region, site, uid)
         done = next(as_completed(list(running.values())))
         uid = next(u for u, f in running.items() if f is done)
         del running[uid]
         done.wait()
         if not done.state.is_completed():
             failures[uid] = _message(done.state)
-        elif done.result()["quarantined"]:
-            quarantined[uid] = done.result()["quarantined"]
         else:
-            uploads[uid] = done.result()
-    registered: dict[str, Any] = {"studies": [], "new_instances": 0, "quarantined": []}
-    flagged: dict[str, Any] = {"granted": []}
+            upload: UploadResult = done.result()
+            if upload.quarantined:
+                quarantined[uid] = upload.quarantined
+            else:
+                uploads[uid] = upload
+    registered = RegisterResult((), 0, 0, 0)
+    flagged = FlagResult(0, ())
     deliveries: dict[str, Any] = {}
     if uploads:
-        registered = register(site, list(uploads), config, data_dir)
-        quarantined.update(dict(registered["quarantined"]))
-        flagged = flag(list(registered["studies"]), config, data_dir)
-        mark_verified(site, list(registered["studies"]), config, data_dir)
-        plan = plan_deliveries(flagged["granted"], config, data_dir)
+        registered = register(region, site, list(uploads))
+        quarantined.update(dict(registered.quarantined))
+        flagged = flag(region, list(registered.studies))
+        mark_verified(region, site, list(registered.studies))
+        plan = plan_deliveries(region, flagged.granted)
         if plan:
-            from renkei.flows.deliver import distribute
-
             deliveries = distribute(plan, config, data_dir)
     # every run: instances received again with other bytes (corrected images) become new versions
-    versions = upload_versions(site, config, data_dir)
-    if versions["registered"]:
-        deliveries["corrected"] = f"{versions['registered']} corrected instance(s) registered as new versions"
-    if versions["failed"]:
-        failures["corrected instances"] = "; ".join(versions["failed"][:3])
+    versions = upload_versions(region, site)
+    if versions.registered:
+        deliveries["corrected"] = f"{versions.registered} corrected instance(s) registered as new versions"
+    if versions.failed:
+        failures["corrected instances"] = "; ".join(versions.failed[:3])
     # every run: what this or an earlier run quarantined (or an operator released) goes into the audit chain
-    held = audit_quarantines(site, config, data_dir)
-    retained = retain(site, config, data_dir)
-    if retained["removed"]:
+    held = audit_quarantines(region, site)
+    retained = retain(region, site)
+    if retained.removed:
         deliveries["retention"] = (
-            f"{len(retained['removed'])} verified studies dropped from the edge "
-            f"(disk {retained['disk_usage']:.0%} full)"
+            f"{len(retained.removed)} verified studies dropped from the edge (disk {retained.disk_usage:.0%} full)"
         )
     elapsed = time.monotonic() - started
     summary = _report(
@@ -114,15 +120,14 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
             f"{len(failures)} of {len(studies)} studies of {site} could not be uploaded; "
             "see the run's artifact; the next run retries them"
         )
-    if center.get("lost"):
+    if center.lost:
         raise LostFromCenter(
-            f"{center['lost']} instance(s) the edge of {site} journaled as verified are missing "
+            f"{center.lost} instance(s) the edge of {site} journaled as verified are missing "
             "from the center and the edge no longer holds them; see the run's artifact"
         )
-    if center.get("error"):
+    if center.error:
         raise RuntimeError(
-            f"the check of the center failed ({center['error']}); the rest of the run went "
-            "through; see the run's artifact"
+            f"the check of the center failed ({center.error}); the rest of the run went through; see the run's artifact"
         )
     repaired = center_line(center)
     if quarantined:
@@ -136,19 +141,18 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
 QUARANTINE_STATE = "Completed with quarantine"
 
 
-def center_line(center: dict[str, Any]) -> str:
+def center_line(center: CenterCheck) -> str:
     """The run state's message when the center check found something ('' when it found nothing)."""
-    if not _center_problems(center) or center.get("error"):
+    if not center.needs_attention or center.error:
         return ""
-    if not center.get("escalated"):
+    if not center.escalated:
         return (
-            f"center check: {center['sample_damaged']} of {center['sampled']} sampled objects have another "
+            f"center check: {center.sample_damaged} of {center.sampled} sampled objects have another "
             "size (the nightly verification repairs them)"
         )
     return (
-        f"center check: {center['missing']} of {center['checked']} verified instances were missing from the "
-        f"center ({center['reupload']} uploaded again), {center['unregistered']} not registered "
-        f"(registered again)"
+        f"center check: {center.missing} of {center.checked} verified instances were missing from the "
+        f"center ({center.reupload} uploaded again), {center.unregistered} not registered (registered again)"
     )
 
 
@@ -156,12 +160,13 @@ class LostFromCenter(Exception):
     """Instances journaled as verified are gone from the center, and the edge has no copy left."""
 
 
-def _check_center(site: str, config: str | None, data_dir: str | None) -> dict[str, Any]:
+def _check_center(region: Region, site: str) -> CenterCheck:
     """The center check's counts; a check that failed (after its retries) does not stop the rest of the run."""
-    state = check_center(site, config, data_dir, return_state=True)
+    state = check_center(region, site, return_state=True)
     if state.is_completed():
-        return state.result()
-    return {"error": _message(state)[:300]}
+        result: CenterCheck = state.result()
+        return result
+    return CenterCheck(site, error=_message(state)[:300])
 
 
 def quarantine_line(site: str, n: int) -> str:
@@ -179,34 +184,29 @@ def _message(state: Any) -> str:
 def _report(
     site: str,
     studies: list[str],
-    uploads: dict[str, dict[str, Any]],
+    uploads: dict[str, UploadResult],
     failures: dict[str, str],
-    registered: dict[str, Any],
-    flagged: dict[str, Any],
+    registered: RegisterResult,
+    flagged: FlagResult,
     deliveries: dict[str, Any],
     elapsed: float,
-    quarantined: dict[str, str] | None = None,
-    held: list[dict[str, Any]] | None = None,
-    center: dict[str, Any] | None = None,
+    quarantined: dict[str, str],
+    held: list[Quarantine],
+    center: CenterCheck,
 ) -> dict[str, Any]:
-    from renkei.center_check import summary_lines
-
-    quarantined = quarantined or {}
-    held = held or []
-    center = center or {}
     moved = [uid for uid in uploads if uid not in quarantined]
-    instances = sum(uploads[uid]["instances"] for uid in moved)
-    size = sum(uploads[uid]["bytes"] for uid in moved)
+    instances = sum(uploads[uid].instances for uid in moved)
+    size = sum(uploads[uid].bytes for uid in moved)
     mb_s = size / 1e6 / elapsed if elapsed > 0 else 0.0
     rows = [
         {
             "study_uid": uid,
-            "instances": u["instances"],
-            "new_objects": u["uploaded"],
-            "already_in_center": u["already_present"],
-            "conflicts": u["conflicts"],
-            "MB": round(u["bytes"] / 1e6, 2),
-            "seconds": round(u["seconds"], 2),
+            "instances": u.instances,
+            "new_objects": u.uploaded,
+            "already_in_center": u.already_present,
+            "conflicts": u.conflicts,
+            "MB": round(u.bytes / 1e6, 2),
+            "seconds": round(u.seconds, 2),
             "result": "verified",
         }
         for uid, u in uploads.items()
@@ -245,16 +245,16 @@ def _report(
         "| studies | instances | MB | seconds | MB/s | grants | failures | quarantined |",
         "|---|---|---|---|---|---|---|---|",
         f"| {len(moved)} of {len(studies)} | {instances} | {size / 1e6:.1f} | {elapsed:.1f} | {mb_s:.1f} "
-        f"| {len(flagged.get('granted', []))} | {len(failures)} | {len(quarantined)} |",
+        f"| {len(flagged.granted)} | {len(failures)} | {len(quarantined)} |",
         "",
     ]
     if quarantined:
         lines += [f"**{quarantine_line(site, len(quarantined))}**", ""]
-    if not studies and not _center_problems(center):
+    if not studies and not center.needs_attention:
         lines.append("Nothing to do: no completed study is waiting at this site's edge.")
     lines += summary_lines(center)
-    if center.get("error"):
-        lines += ["## Center check", f"The check of the center failed: {center['error']}. The next run checks again."]
+    if center.error:
+        lines += ["## Center check", f"The check of the center failed: {center.error}. The next run checks again."]
     for uid, study_grants in _grants_by_study(flagged).items():
         lines.append(f"- {uid}: granted to {', '.join(study_grants)}")
     for site_id, info in deliveries.items():
@@ -269,7 +269,7 @@ def _report(
         ]
         lines += [f"- {uid}: {msg}" for uid, msg in failures.items()]
     if held:
-        earlier = [q for q in held if q["study_uid"] not in quarantined]
+        earlier = [q for q in held if q.study_uid not in quarantined]
         lines += [
             "",
             "## Quarantine",
@@ -278,9 +278,9 @@ def _report(
             f"`renkei edge release --site {site} STUDY_UID`. The other studies are not held up by it.",
         ]
         lines += [
-            f"- {_line_safe(q['study_uid'])} "
-            f"({'this run' if q['study_uid'] in quarantined else 'held since an earlier run'}"
-            f", {q['step'] or 'sync'}): {q['reason']}"
+            f"- {_line_safe(q.study_uid)} "
+            f"({'this run' if q.study_uid in quarantined else 'held since an earlier run'}"
+            f", {q.step or 'sync'}): {q.reason}"
             for q in held
         ]
         if earlier and not quarantined:
@@ -309,23 +309,13 @@ def _report(
         "bytes": size,
         "seconds": round(elapsed, 3),
         "failures": failures,
-        "registered": registered["studies"],
-        "granted": flagged.get("granted", []),
+        "registered": list(registered.studies),
+        "granted": [list(g) for g in flagged.granted],
         "deliveries": deliveries,
         "quarantined": quarantined,
-        "held_in_quarantine": [q["study_uid"] for q in held],
-        "center_check": center,
+        "held_in_quarantine": [q.study_uid for q in held],
+        "center_check": asdict(center),
     }
-
-
-def _center_problems(center: dict[str, Any]) -> bool:
-    return bool(
-        center.get("error")
-        or center.get("sample_missing")
-        or center.get("sample_unregistered")
-        or center.get("sample_damaged")
-        or center.get("lost")
-    )
 
 
 def _line_safe(text: str) -> str:
@@ -333,8 +323,8 @@ def _line_safe(text: str) -> str:
     return text if text.isprintable() and text.strip() == text else repr(text)
 
 
-def _grants_by_study(flagged: dict[str, Any]) -> dict[str, list[str]]:
+def _grants_by_study(flagged: FlagResult) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for study_uid, site, rule in flagged.get("granted", []):
+    for study_uid, site, rule in flagged.granted:
         out.setdefault(study_uid, []).append(f"{site} ({rule})")
     return out

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow
 
 from renkei.flows import run_names
+from renkei.runtime import Region
 from renkei.tasks.center import backup_catalog, check_catalog
 from renkei.tasks.common import publish_artifacts
 from renkei.tasks.verify import verify_center
@@ -35,8 +37,9 @@ def verify_backups(
     again); reports the objects no catalog row points to; removes temporary files of killed writers.
     Fails (red in the Prefect UI) when something cannot be repaired.
     """
-    catalog = check_catalog(config, data_dir)
-    if not catalog["ok"]:
+    region = Region(config, data_dir)
+    catalog = check_catalog(region)
+    if not catalog.ok:
         lines = [
             "## The catalog is damaged",
             "The objects were not verified: the catalog that lists them is damaged. "
@@ -45,12 +48,18 @@ def verify_backups(
             "registers every object again. Then start this flow again.",
             "",
         ]
-        lines += [f"- {p}" for p in catalog["problems"][:50]]
+        lines += [f"- {p}" for p in catalog.problems[:50]]
         publish_artifacts("verify-backups", "verify_backups", lines, [], "Nightly backup verification")
-        raise CatalogDamagedRun(f"the catalog is damaged ({len(catalog['problems'])} problems); see the run's artifact")
-    report = verify_center(full, repair, config, data_dir)
-    report["catalog_check"] = {k: catalog[k] for k in ("entries", "files", "bytes", "seconds")}
-    report["catalog_backup"] = backup_catalog(config, data_dir)
+        raise CatalogDamagedRun(f"the catalog is damaged ({len(catalog.problems)} problems); see the run's artifact")
+    verified = verify_center(region, full, repair)
+    # the run's summary (its result, and what the report below reads): plain values
+    report: dict[str, Any] = asdict(verified) | {
+        "mb_s": verified.mb_s,
+        "repaired": len(verified.repaired),
+        "unrecoverable": len(verified.unrecoverable),
+        "catalog_check": {k: getattr(catalog, k) for k in ("entries", "files", "bytes", "seconds")},
+        "catalog_backup": backup_catalog(region).to_dict(),
+    }
     findings = report["findings"]
     lines = [
         "| part | instances | MB | seconds | MB/s | edge instances | grants | findings | repaired | unrecoverable |",

@@ -71,6 +71,12 @@ class CenterCheck:
     studies: int = 0  # studies set back for repair
     catalog_unreadable: str = ""  # the catalog could not be asked (only objects were compared)
     seconds: float = 0.0
+    error: str = ""  # the check itself failed (after its retries): nothing was compared
+
+    @property
+    def needs_attention(self) -> bool:
+        """Something the run's report and state must show: a sampled loss or damage, a loss, or a failed check."""
+        return bool(self.error or self.sample_missing or self.sample_unregistered or self.sample_damaged or self.lost)
 
     @property
     def found_problems(self) -> bool:
@@ -277,43 +283,43 @@ def _full_check(
         result.studies += bool(again or unregistered)
 
 
-def summary_lines(check: dict[str, Any]) -> list[str]:
+def summary_lines(result: CenterCheck) -> list[str]:
     """What the check found, for the run's artifact (counts only)."""
-    if not check or not check.get("sampled"):
+    if not result.sampled:
         return []
-    sampled = check["sampled"]
-    if not (check["sample_missing"] or check["sample_unregistered"] or check["sample_damaged"] or check["lost"]):
+    sampled = result.sampled
+    if not (result.sample_missing or result.sample_unregistered or result.sample_damaged or result.lost):
         return [f"Center check: {sampled} verified instances sampled; the center holds each one, registered."]
     lines = [
         "## Center check",
-        f"Of {sampled} verified instances sampled, {check['sample_missing']} are missing from the center's "
-        f"object store, {check['sample_unregistered']} are not in the catalog and {check['sample_damaged']} "
+        f"Of {sampled} verified instances sampled, {result.sample_missing} are missing from the center's "
+        f"object store, {result.sample_unregistered} are not in the catalog and {result.sample_damaged} "
         "have another size.",
     ]
-    if check.get("repeated"):
+    if result.repeated:
         lines.append(
             f"The full check of this site (less than {FULL_RECHECK_S / 3600:.0f} h ago) found "
-            f"{check['lost']} of {check['checked']} verified instances lost; it is not repeated until then."
+            f"{result.lost} of {result.checked} verified instances lost; it is not repeated until then."
         )
-    elif check.get("escalated"):
+    elif result.escalated:
         lines.append(
-            f"Full check of the site's {check['checked']} verified instances: {check['missing']} missing "
-            f"from the center ({check['reupload']} uploaded again by this run from the edge's copy, "
-            f"{check['lost']} lost: the edge no longer holds them), {check['unregistered']} not registered "
+            f"Full check of the site's {result.checked} verified instances: {result.missing} missing "
+            f"from the center ({result.reupload} uploaded again by this run from the edge's copy, "
+            f"{result.lost} lost: the edge no longer holds them), {result.unregistered} not registered "
             f"(registered again by this run); the sharing rules were applied again to the "
-            f"{check['studies']} studies repaired."
+            f"{result.studies} studies repaired."
         )
-    if check.get("catalog_unreadable"):
+    if result.catalog_unreadable:
         lines.append(
-            f"The catalog could not be read ({check['catalog_unreadable']}); only the objects were "
+            f"The catalog could not be read ({result.catalog_unreadable}); only the objects were "
             "compared. See `renkei catalog check`."
         )
-    if check["sample_damaged"]:
+    if result.sample_damaged:
         lines.append(
             "Objects of another size are repaired from the edge by the nightly verification "
             "(`verify_backups`); run it now from the Prefect UI to repair them at once."
         )
-    if check["lost"]:
+    if result.lost:
         lines.append(
             "**Lost instances**: the edge has dropped its copy (retention) and the center no longer holds "
             "them. Restore the center's object store from its backup, or have the origin site send the "

@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from prefect import task
 
 from renkei import runtime
+from renkei.catalog.backup import BackupResult, CheckResult, backup, check
+from renkei.runtime import Region
+from renkei.sharing import Sharing
 from renkei.tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only
+
+
+@dataclass(frozen=True)
+class FileCounts:
+    """The catalog's data files per table, before and after a compaction."""
+
+    before: dict[str, int]
+    after: dict[str, int]
 
 
 @task(name="publish-study", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
 def publish_study(
-    study_uid: str,
-    sites: list[str],
-    operator: str,
-    reason: str,
-    unpublish: bool,
-    config: str | None = None,
-    data_dir: str | None = None,
+    region: Region, study_uid: str, sites: list[str], operator: str, reason: str, unpublish: bool
 ) -> list[str]:
     """Grant (or revoke) the study to the sites in the name of `operator`; returns sites changed."""
-    from renkei.sharing import Sharing
-
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_catalog(lay) as catalog:
         sharing = Sharing(lay.config, catalog)
         if unpublish:
@@ -32,23 +35,21 @@ def publish_study(
 
 
 @task(name="compact-catalog", retries=2, retry_delay_seconds=[10, 60])
-def compact(config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def compact(region: Region) -> FileCounts:
     """Merge the catalog's small Parquet files so queries stay fast."""
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_catalog(lay) as catalog:
         before = catalog.file_counts()
         catalog.compact(force=True)
         after = catalog.file_counts()
     logger().info("catalog files before %s, after %s", before, after)
-    return {"before": before, "after": after}
+    return FileCounts(before, after)
 
 
 @task(name="check-catalog", retries=1, retry_delay_seconds=[30], retry_condition_fn=retry_io_only)
-def check_catalog(config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def check_catalog(region: Region) -> CheckResult:
     """Read the whole catalog: log continuity, every data file's checksum, the witness (catalog.backup.check)."""
-    from renkei.catalog.backup import check
-
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_catalog(lay) as catalog:
         result = check(catalog, catalog.backup)
     logger().info(
@@ -58,15 +59,13 @@ def check_catalog(config: str | None = None, data_dir: str | None = None) -> dic
         len(result.problems),
         result.seconds,
     )
-    return result.to_dict()
+    return result
 
 
 @task(name="backup-catalog", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
-def backup_catalog(config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def backup_catalog(region: Region) -> BackupResult:
     """Copy what is new in the catalog to its second location (incremental; catalog.backup.backup)."""
-    from renkei.catalog.backup import backup
-
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_catalog(lay) as catalog:
         assert catalog.backup is not None
         result = backup(catalog, catalog.backup)
@@ -78,4 +77,4 @@ def backup_catalog(config: str | None = None, data_dir: str | None = None) -> di
         result.bytes_copied / 1e6,
         result.seconds,
     )
-    return result.to_dict()
+    return result

@@ -1,32 +1,63 @@
-"""Tasks of the clinical flows: resolve a patient across sites, find priors, import reconciled copies."""
+"""Tasks of the clinical flows: resolve a patient across sites, find priors, import reconciled copies.
+
+Each takes the `Region` it works on and returns a typed result.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Any
+from dataclasses import dataclass
 
 from prefect import task
 from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 
 from renkei import runtime
+from renkei.catalog.audit import AuditDraft
+from renkei.deployments import flow_deployment
+from renkei.imports import CacheResult, ImportResult, cache_at_edge, import_to_pacs
+from renkei.priors import Demographics, Resolution, find_priors, resolve_person
+from renkei.runtime import Region
 from renkei.tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only
+from renkei.tasks.sync import Delivery
+
+
+@dataclass(frozen=True)
+class PriorStudy:
+    """A prior study at another site, as the flow reports it (no patient name)."""
+
+    study_uid: str
+    origin_site: str
+    study_date: str
+    modalities: tuple[str, ...]
+    instances: int
+    bytes: int
+    description: str
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """The destination site's own Patient ID for the patient of a study, or why it is not known."""
+
+    found: bool
+    patient_id: str = ""
+    issuer: str = ""
+    method: str = ""
+    detail: str = ""
 
 
 @task(name="resolve-patient", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=retry_io_only)
 def resolve_patient(
+    region: Region,
     site: str,
     patient_id: str,
     issuer: str,
     patient_name: str = "",
     birth_date: str = "",
     sex: str = "",
-    config: str | None = None,
-    data_dir: str | None = None,
-) -> dict[str, Any]:
+) -> Resolution:
     """The person's IDs at every site (links, else an unambiguous exact demographic match)."""
-    from renkei.priors import Demographics, resolve_person
-
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     given = Demographics(patient_name, birth_date, sex) if (patient_name or birth_date) else None
     with runtime.open_catalog(lay) as catalog:
         res = resolve_person(lay.config, catalog, site, patient_id, issuer, given)
@@ -37,50 +68,26 @@ def resolve_patient(
         len(res.ids),
         len(res.candidates),
     )
-    return {
-        "site": res.site,
-        "patient_id": res.patient_id,
-        "issuer": res.issuer,
-        "method": res.method,
-        "resolved": res.resolved,
-        "person_id": res.person_id,
-        "detail": res.detail,
-        "ids": [list(x) for x in res.ids],
-        "candidates": [asdict(c) for c in res.candidates],
-    }
+    return res
 
 
 @task(name="find-priors", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=retry_io_only)
 def find_prior_studies(
-    resolution: dict[str, Any],
-    lookback_years: float,
-    modalities: list[str] | None,
-    config: str | None = None,
-    data_dir: str | None = None,
-) -> list[dict[str, Any]]:
+    region: Region, resolution: Resolution, lookback_years: float, modalities: list[str] | None
+) -> list[PriorStudy]:
     """The person's studies at other sites visible to the requesting site (newest first)."""
-    from renkei.priors import Resolution, find_priors
-
-    lay = runtime.layout(config, data_dir)
-    res = Resolution(
-        resolution["site"],
-        resolution["patient_id"],
-        resolution["issuer"],
-        tuple(tuple(x) for x in resolution["ids"]),
-        resolution["method"],
-    )
-    with runtime.open_catalog(lay) as catalog:
-        rows = find_priors(catalog, res, lookback_years, modalities)
+    with runtime.open_catalog(region.layout) as catalog:
+        rows = find_priors(catalog, resolution, lookback_years, modalities)
     return [
-        {
-            "study_uid": r.study_uid,
-            "origin_site": r.origin_site,
-            "study_date": r.study_date,
-            "modalities": list(r.modalities),
-            "instances": r.instance_count,
-            "bytes": r.bytes,
-            "description": r.study_description,
-        }
+        PriorStudy(
+            r.study_uid,
+            r.origin_site,
+            r.study_date,
+            tuple(r.modalities),
+            r.instance_count,
+            r.bytes,
+            r.study_description,
+        )
         for r in rows
     ]
 
@@ -92,11 +99,9 @@ def find_prior_studies(
     retry_delay_seconds=IO_RETRY_DELAYS,
     retry_condition_fn=retry_io_only,
 )
-def cache_study(site: str, study_uid: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def cache_study(region: Region, site: str, study_uid: str) -> CacheResult:
     """Keep a verified copy of a center study in the site edge's cache (its workstations read it there)."""
-    from renkei.imports import cache_at_edge
-
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_catalog(lay) as catalog:
         result = cache_at_edge(lay, catalog, runtime.open_store(lay), site, study_uid)
         row = catalog.study(study_uid)
@@ -108,7 +113,7 @@ def cache_study(site: str, study_uid: str, config: str | None = None, data_dir: 
             target_site=row.origin_site if row else None,
             detail={"instances": result.instances, "fetched": result.fetched},
         )
-    return asdict(result)
+    return result
 
 
 @task(
@@ -118,13 +123,9 @@ def cache_study(site: str, study_uid: str, config: str | None = None, data_dir: 
     retry_delay_seconds=[5, 20],
     retry_condition_fn=retry_io_only,
 )
-def import_study(
-    site: str, study_uid: str, patient_id: str, issuer: str, config: str | None = None, data_dir: str | None = None
-) -> dict[str, Any]:
+def import_study(region: Region, site: str, study_uid: str, patient_id: str, issuer: str) -> ImportResult:
     """Import a reconciled copy (the site's Patient ID) of a center study into the site's PACS."""
-    from renkei.imports import import_to_pacs
-
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_catalog(lay) as catalog:
         result = import_to_pacs(lay, catalog, runtime.open_store(lay), site, study_uid, patient_id, issuer)
         row = catalog.study(study_uid)
@@ -142,20 +143,16 @@ def import_study(
             f"{len(result.failures)} instance(s) of {study_uid} not imported into the PACS of "
             f"{site}: {result.failures[0]}"
         )
-    return asdict(result)
+    return result
 
 
 @task(
     name="record-deliveries", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only
 )
-def record_deliveries(
-    site: str, outcomes: list[tuple[str, str]], config: str | None = None, data_dir: str | None = None
-) -> int:
+def record_deliveries(region: Region, site: str, outcomes: list[tuple[str, str]]) -> int:
     """One `deliver` audit event per study and its outcome (ok, edge-failed, pacs-failed, patient-unknown,
     no-pacs), in one commit; `renkei status` reports the studies whose latest delivery failed."""
-    from renkei.catalog.audit import AuditDraft
-
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_catalog(lay) as catalog:
         drafts = []
         for study_uid, outcome in outcomes:
@@ -168,44 +165,33 @@ def record_deliveries(
 
 
 @task(name="patient-id-at-site", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=retry_io_only)
-def patient_id_at_site(
-    site: str, study_uid: str, config: str | None = None, data_dir: str | None = None
-) -> dict[str, Any]:
+def patient_id_at_site(region: Region, site: str, study_uid: str) -> SiteIdentity:
     """The destination's own (patient_id, issuer) for the patient of a study from another site."""
-    from renkei.priors import resolve_person
-
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_catalog(lay) as catalog:
         row = catalog.study(study_uid)
         if row is None:
-            return {"found": False, "detail": f"study {study_uid} is not in the catalog"}
+            return SiteIdentity(False, detail=f"study {study_uid} is not in the catalog")
         res = resolve_person(
             lay.config, catalog, row.origin_site, row.patient_id, row.issuer_of_patient_id, operator="deliver"
         )
     mine = [x for x in res.ids if x[0] == site]
     if not res.resolved or len(mine) != 1:
-        return {"found": False, "detail": f"the patient's ID at {site} is not known ({res.method}: {res.detail})"}
-    return {"found": True, "patient_id": mine[0][1], "issuer": mine[0][2], "method": res.method}
+        return SiteIdentity(False, detail=f"the patient's ID at {site} is not known ({res.method}: {res.detail})")
+    return SiteIdentity(True, mine[0][1], mine[0][2], res.method)
 
 
 @task(name="start-deliveries")
-def start_deliveries(
-    plan: dict[str, dict[str, Any]], config: str | None = None, data_dir: str | None = None
-) -> dict[str, str]:
+def start_deliveries(region: Region, plan: dict[str, Delivery]) -> dict[str, str]:
     """Start a `deliver` run on each destination site's own work pool; {site: flow run id or reason}."""
-    from prefect.deployments import run_deployment
-    from prefect.exceptions import ObjectNotFound
-
-    from renkei.deployments import flow_deployment
-
     started: dict[str, str] = {}
     for site, entry in plan.items():
         params = {
             "site": site,
-            "study_uids": entry["study_uids"],
-            "to_pacs": entry["to_pacs"],
-            "config": config,
-            "data_dir": data_dir,
+            "study_uids": entry.study_uids,
+            "to_pacs": entry.to_pacs,
+            "config": region.config,
+            "data_dir": region.data_dir,
         }
         try:
             run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here, whatever the stubs say

@@ -1,15 +1,35 @@
-"""Tasks of `sync_site`: ingest, upload, register, flag, distribute."""
+"""Tasks of `sync_site`: ingest, upload, register, flag, distribute.
+
+Each takes the `Region` it works on and returns a typed result (the dataclasses of the
+modules that do the work); the flow reads fields, not dictionary keys.
+"""
 
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import asdict
-from typing import Any
+from dataclasses import dataclass, field
 
 from prefect import task
 
-from renkei import runtime, transfer
+from renkei import center_check, runtime, transfer
+from renkei.center_check import CenterCheck
+from renkei.edge.journal import Quarantine
+from renkei.policy import deliveries
+from renkei.retention import RetentionResult, apply_retention
+from renkei.runtime import Region
+from renkei.sharing import FlagResult, Sharing
 from renkei.tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only, run_marker
+from renkei.transfer import RegisterResult, UploadResult
+from renkei.versions import VersionResult
+from renkei.versions import upload_versions as upload_new_versions
+
+
+@dataclass
+class Delivery:
+    """Studies the policy pushes ahead of time to one site: into its edge's cache, and its PACS with `to_pacs`."""
+
+    study_uids: list[str] = field(default_factory=list)
+    to_pacs: bool = False
 
 
 class UploadFailed(Exception):
@@ -17,9 +37,9 @@ class UploadFailed(Exception):
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[1, 4])
-def ingest(site: str, config: str | None = None, data_dir: str | None = None) -> list[str]:
+def ingest(region: Region, site: str) -> list[str]:
     """The completed studies in the site's edge journal not yet verified in the center."""
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_journal(lay, site) as journal:
         studies = transfer.studies_to_sync(journal, lay.config.site(site).edge.stable_age)
     logger().info("ingest %s: %d completed studies to sync", site, len(studies))
@@ -27,16 +47,14 @@ def ingest(site: str, config: str | None = None, data_dir: str | None = None) ->
 
 
 @task(name="check-center", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
-def check_center(site: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def check_center(region: Region, site: str) -> CenterCheck:
     """Does the center still hold what the edge's journal calls verified? (a sample; see renkei.center_check)
 
     Instances found missing are set back in the journal (to 'pending', or to
     'uploaded' when only the catalog lost them), so that this run's ingest,
-    upload, register and flag steps repair them. Returns counts only.
+    upload, register and flag steps repair them. Counts only.
     """
-    from renkei import center_check
-
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with ExitStack() as stack:
         journal = stack.enter_context(runtime.open_journal(lay, site))
         # the catalog is opened only when the journal holds something verified to compare
@@ -55,7 +73,7 @@ def check_center(site: str, config: str | None = None, data_dir: str | None = No
         result.reregister,
         result.lost,
     )
-    return result.to_dict()
+    return result
 
 
 @task(
@@ -65,7 +83,7 @@ def check_center(site: str, config: str | None = None, data_dir: str | None = No
     retry_delay_seconds=IO_RETRY_DELAYS,
     retry_condition_fn=retry_io_only,
 )
-def upload_study(site: str, study_uid: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def upload_study(region: Region, site: str, study_uid: str) -> UploadResult:
     """Upload one study's pending instances to the center, each verified by SHA-256.
 
     The flow runs at most the site's upload slots of these at once. Raises when
@@ -73,7 +91,7 @@ def upload_study(site: str, study_uid: str, config: str | None = None, data_dir:
     backoff; a study quarantined for its data returns (its `quarantined` says
     why): retrying could not help.
     """
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     slots = lay.config.site(site).link.upload_slots
     with runtime.open_journal(lay, site) as journal:
         result = transfer.upload_study(journal, runtime.open_store(lay), site, study_uid, parallel=max(2, 8 // slots))
@@ -81,15 +99,13 @@ def upload_study(site: str, study_uid: str, config: str | None = None, data_dir:
         logger().warning("upload %s: quarantined: %s", study_uid, result.quarantined)
     elif result.failures:
         raise UploadFailed(f"{len(result.failures)} instance(s) of {study_uid} failed: {result.failures[0]}")
-    return asdict(result)
+    return result
 
 
 @task(name="register", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
-def register(
-    site: str, study_uids: list[str], config: str | None = None, data_dir: str | None = None
-) -> dict[str, Any]:
+def register(region: Region, site: str, study_uids: list[str]) -> RegisterResult:
     """Register the uploaded studies in the catalog (one commit); the edge marks them verified after flag."""
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_journal(lay, site) as journal, runtime.open_catalog(lay) as catalog:
         result = transfer.register_studies(
             journal,
@@ -107,70 +123,57 @@ def register(
         result.new_instances,
         len(result.quarantined),
     )
-    return asdict(result)
+    return result
 
 
 @task(
     name="audit-quarantines", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only
 )
-def audit_quarantines(site: str, config: str | None = None, data_dir: str | None = None) -> list[dict[str, Any]]:
+def audit_quarantines(region: Region, site: str) -> list[Quarantine]:
     """Audit the site's new quarantines and releases in the catalog; returns the studies held now.
 
     The catalog is opened only when there is something to audit.
     """
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_journal(lay, site) as journal:
         if journal.quarantines_to_audit():
             with runtime.open_catalog(lay) as catalog:
                 audited = transfer.audit_quarantines(journal, catalog, site, by=run_marker())
             logger().info("audit-quarantines %s: %d quarantine event(s) recorded", site, len(audited))
-        return [q.to_dict() for q in journal.quarantined()]
+        return journal.quarantined()
 
 
 @task(name="mark-verified", retries=2, retry_delay_seconds=[1, 4])
-def mark_verified(site: str, study_uids: list[str], config: str | None = None, data_dir: str | None = None) -> int:
+def mark_verified(region: Region, site: str, study_uids: list[str]) -> int:
     """The studies are registered and flagged: their instances become 'verified' at the edge."""
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_journal(lay, site) as journal:
         return transfer.mark_verified(journal, study_uids)
 
 
 @task(name="versions", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
-def upload_versions(site: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def upload_versions(region: Region, site: str) -> VersionResult:
     """Instances the edge received again with other bytes go to the center as new versions (counts only)."""
-    from renkei.versions import upload_versions as upload
-
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_journal(lay, site) as journal, runtime.open_catalog(lay) as catalog:
-        result = upload(journal, runtime.open_store(lay), catalog, site)
-    return result.to_dict()
+        return upload_new_versions(journal, runtime.open_store(lay), catalog, site)
 
 
 @task(name="flag", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
-def flag(study_uids: list[str], config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def flag(region: Region, study_uids: list[str]) -> FlagResult:
     """Apply the sharing policy's rules to the registered studies; returns the grants written."""
-    from renkei.sharing import Sharing
-
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_catalog(lay) as catalog:
         result = Sharing(lay.config, catalog).flag(study_uids)
     logger().info("flag: %d grants written", len(result.granted))
-    return {
-        "granted": [list(g) for g in result.granted],
-        "skipped_consent": list(result.skipped_consent),
-        "skipped_history": [list(x) for x in result.skipped_history],
-    }
+    return result
 
 
 @task(name="plan-deliveries")
-def plan_deliveries(
-    granted: list[list[str]], config: str | None = None, data_dir: str | None = None
-) -> dict[str, dict[str, Any]]:
-    """Which of the new grants the policy pushes ahead of time: {site: {study_uids, to_pacs}}."""
-    from renkei.policy import deliveries
-
-    lay = runtime.layout(config, data_dir)
-    plan: dict[str, dict[str, Any]] = {}
+def plan_deliveries(region: Region, granted: tuple[tuple[str, str, str], ...]) -> dict[str, Delivery]:
+    """Which of the new grants (study_uid, site, rule) the policy pushes ahead of time, by site."""
+    lay = region.layout
+    plan: dict[str, Delivery] = {}
     if not granted:
         return plan
     with runtime.open_catalog(lay) as catalog:
@@ -182,18 +185,15 @@ def plan_deliveries(
             if row is None:
                 continue
             for site, how in deliveries(lay.config, row.study_info(), sites).items():
-                entry = plan.setdefault(site, {"study_uids": [], "to_pacs": False})
-                entry["study_uids"].append(study_uid)
-                entry["to_pacs"] = entry["to_pacs"] or how == "pacs"
+                entry = plan.setdefault(site, Delivery())
+                entry.study_uids.append(study_uid)
+                entry.to_pacs = entry.to_pacs or how == "pacs"
     return plan
 
 
 @task(name="retention", retries=1, retry_delay_seconds=[10])
-def retain(site: str, config: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def retain(region: Region, site: str) -> RetentionResult:
     """Drop the oldest local copies the center holds verified while the edge's disk is too full."""
-    from renkei.retention import apply_retention
-
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     with runtime.open_catalog(lay) as catalog:
-        result = apply_retention(lay, catalog, site)
-    return asdict(result)
+        return apply_retention(lay, catalog, site)

@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
-from typing import Any
 
 from prefect import task
 
 from renkei import runtime, verification
+from renkei.runtime import Region
 from renkei.tasks.common import logger
+from renkei.verification import VerificationReport
 
 
 @task(name="verify-center", retries=1, retry_delay_seconds=[30])
-def verify_center(
-    full: bool = False, repair: bool = True, config: str | None = None, data_dir: str | None = None
-) -> dict[str, Any]:
+def verify_center(region: Region, full: bool = False, repair: bool = True) -> VerificationReport:
     """Read back tonight's share of the center's objects (all with `full`) and repair from edges.
 
     Also: the sharing rules again for what was uploaded or registered again,
     the objects no catalog row points to (counted, the first few named in the
     report), and the temporary files killed writers left (removed after an hour).
     """
-    lay = runtime.layout(config, data_dir)
+    lay = region.layout
     parts = 1 if full else max(1, math.ceil(1 / lay.config.center.verify_fraction))
     part = verification.night_part(parts)
     store = runtime.open_store(lay)
@@ -62,6 +60,4 @@ def verify_center(
         report.temp_removed,
         report.rule_grants_reapplied,
     )
-    data = asdict(report)
-    data.update(mb_s=report.mb_s, repaired=len(report.repaired), unrecoverable=len(report.unrecoverable))
-    return data
+    return report
