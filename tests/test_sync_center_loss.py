@@ -12,29 +12,19 @@ import shutil
 import time
 
 import pytest
-from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
+from helpers_region import synced_region
 
-from renkei import center_check, synth
+from renkei import center_check
 from renkei.runtime import open_catalog, open_journal, open_store
 
 
 @pytest.fixture
 def synced(tmp_path, data_dir, prefect_api):
     """clinic-c's studies synced: in the center, registered, granted to the hub by the rules."""
-    from renkei.flows.sync_site import sync_site
-
-    config_path = region_config(tmp_path, stable_age=0.2)
-    lay = layout_of(config_path, data_dir)
-    written = synth.generate_site(
-        lay.config, "clinic-c", 2, 5, tmp_path / "synth", ct_slices=3, size=64, modalities=("CT", "CR")
-    )
-    put_into_edge(lay, "clinic-c", written.files, received_ago=LONG_AGO)
-    first = sync_site("clinic-c", str(config_path), str(data_dir))
-    assert first["instances"] == written.instance_count
-    with open_catalog(lay) as catalog:
-        hub_sees = {s.info.study_uid for s in written.studies if catalog.may_see("hub", s.info.study_uid)}
+    region = synced_region(tmp_path, data_dir, {"clinic-c": (2, 5)}, modalities=("CT", "CR"))
+    hub_sees = region.visible_to("hub", "clinic-c")
     assert hub_sees, "the example region's rules grant clinic-c's studies to the hub"
-    return config_path, lay, written, hub_sees
+    return region.config_path, region.layout, region.written["clinic-c"], hub_sees
 
 
 def _objects(lay) -> list[str]:

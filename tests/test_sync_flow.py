@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
+from helpers_region import synced_region
 
-from renkei import synth
 from renkei.runtime import open_catalog, open_journal, open_store
 
 
 @pytest.fixture
 def small_region(tmp_path, data_dir):
-    config_path = region_config(tmp_path, stable_age=0.2)
-    lay = layout_of(config_path, data_dir)
-    written = {}
-    for site in ("hub", "clinic-c"):
-        result = synth.generate_site(
-            lay.config, site, 2, 7, tmp_path / "synth" / site, ct_slices=3, size=64, modalities=("CT", "CR")
-        )
-        put_into_edge(lay, site, result.files, received_ago=LONG_AGO)
-        written[site] = result
-    return config_path, lay, written
+    region = synced_region(tmp_path, data_dir, {"hub": (2, 7), "clinic-c": (2, 7)}, sync=False, modalities=("CT", "CR"))
+    return region.config_path, region.layout, region.written
 
 
 def test_sync_site_uploads_registers_and_flags(prefect_api, small_region) -> None:

@@ -14,27 +14,17 @@ import shutil
 import time
 
 import pytest
-from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
+from helpers_region import synced_region
 
-from renkei import synth
 from renkei.runtime import open_catalog, open_store
 
 
 @pytest.fixture
 def synced(tmp_path, data_dir, prefect_api):
-    from renkei.flows.sync_site import sync_site
-
-    config_path = region_config(tmp_path, stable_age=0.2)
-    lay = layout_of(config_path, data_dir)
-    written = synth.generate_site(
-        lay.config, "clinic-c", 1, 3, tmp_path / "synth", ct_slices=3, size=64, modalities=("CT",)
-    )
-    put_into_edge(lay, "clinic-c", written.files, received_ago=LONG_AGO)
-    assert sync_site("clinic-c", str(config_path), str(data_dir))["instances"] == written.instance_count
-    with open_catalog(lay) as catalog:
-        hub_sees = {s.info.study_uid for s in written.studies if catalog.may_see("hub", s.info.study_uid)}
+    region = synced_region(tmp_path, data_dir, {"clinic-c": (1, 3)})
+    hub_sees = region.visible_to("hub", "clinic-c")
     assert hub_sees
-    return config_path, lay, written, hub_sees
+    return region.config_path, region.layout, region.written["clinic-c"], hub_sees
 
 
 def test_center_and_catalog_lost_come_back_with_the_rule_grants(synced) -> None:

@@ -6,24 +6,15 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers_region import LONG_AGO, layout_of, put_into_edge, region_config
+from helpers_region import synced_region
 
-from renkei import synth
 from renkei.runtime import open_catalog, open_store
 
 
 @pytest.fixture
 def synced(tmp_path, data_dir, prefect_api):
-    from renkei.flows.sync_site import sync_site
-
-    config_path = region_config(tmp_path, stable_age=0.2)
-    lay = layout_of(config_path, data_dir)
-    result = synth.generate_site(
-        lay.config, "clinic-a", 1, 3, tmp_path / "synth", ct_slices=4, size=64, modalities=("CT",)
-    )
-    put_into_edge(lay, "clinic-a", result.files, received_ago=LONG_AGO)
-    assert sync_site("clinic-a", str(config_path), str(data_dir))["instances"] == result.instance_count
-    return config_path, lay
+    region = synced_region(tmp_path, data_dir, {"clinic-a": (1, 3)}, ct_slices=4)
+    return region.config_path, region.layout
 
 
 def _objects(lay) -> list[dict]:
