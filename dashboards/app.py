@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import datetime as dt
 import functools
 import hashlib
 import ipaddress
@@ -36,19 +37,26 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import plotly
+import plotly.graph_objects as go
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from plotly.utils import PlotlyJSONEncoder
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from renkei.catalog.catalog import Catalog
 from renkei.config import Layout
 from renkei.dashboards import data as d
 from renkei.dashboards.thumbnails import PLACEHOLDER, ThumbnailCache, middle_instance, placeholder
 from renkei.display import dicom_date
 from renkei.errors import CatalogError, IntegrityError, RenkeiError, StorageError, UsageError
+from renkei.runtime import open_store
+from renkei.sharing import Sharing
+from renkei.status import region_status
 from renkei.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -60,8 +68,6 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 def plotly_js_path() -> Path:
     """plotly.min.js as shipped inside the plotly Python package (served locally, never from a CDN)."""
-    import plotly
-
     return Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
 
 
@@ -82,8 +88,6 @@ class Dashboard:
 
     def needs_action(self) -> Any:
         """`renkei status`'s checks, at most once per STATUS_TTL_S (edges, catalog, Prefect API calls)."""
-        from renkei.status import region_status
-
         cached = self._status
         if cached is not None and time.monotonic() - cached[0] < self.STATUS_TTL_S:
             return cached[1]
@@ -96,8 +100,6 @@ class Dashboard:
     def catalog(self) -> Any:
         with self._lock:
             if self._catalog is None:
-                from renkei.catalog.catalog import Catalog
-
                 # a reader: never compacts in the background of a web request
                 self._catalog = Catalog.from_layout(self.layout, writer="dashboard", auto_compact=None)
             return self._catalog
@@ -106,8 +108,6 @@ class Dashboard:
     def store(self) -> Any:
         with self._lock:
             if self._store is None:
-                from renkei.runtime import open_store
-
                 self._store = open_store(self.layout)
             return self._store
 
@@ -339,8 +339,6 @@ def _color(config: Any, site: str) -> str:
 
 def throughput_figure(t: d.Throughput, config: Any) -> dict[str, Any]:
     """The throughput chart (MB/s per site over time) as a Plotly figure."""
-    import plotly.graph_objects as go
-
     x = [d.local_time(s, config, "%Y-%m-%d %H:%M:%S") for s in t.starts]
     fig = go.Figure()
     for site, values in t.mb_s.items():
@@ -366,8 +364,6 @@ def throughput_figure(t: d.Throughput, config: Any) -> dict[str, Any]:
 
 def availability_figure(points: list[d.Availability], config: Any) -> dict[str, Any]:
     """Time to availability (edge's last instance -> verified in the center) per study, per site."""
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     by_site: dict[str, list[d.Availability]] = {}
     for p in points:
@@ -414,8 +410,6 @@ def _layout(x_title: str, y_title: str, title: str) -> dict[str, Any]:
 
 def _pad_x(fig: Any, times: Sequence[Any], config: Any, pad_s: float) -> None:
     """All points at one instant: a time axis of a few minutes around it, not of a few microseconds."""
-    import datetime as dt
-
     if times and max(times) - min(times) < dt.timedelta(seconds=pad_s):
         mid = min(times) + (max(times) - min(times)) / 2
         pad = dt.timedelta(seconds=pad_s)
@@ -433,8 +427,6 @@ def _empty(fig: Any, text: str) -> None:
 
 def _json_for_script(value: Any) -> str:
     """JSON safe inside <script type="application/json">."""
-    from plotly.utils import PlotlyJSONEncoder
-
     text = json.dumps(value, cls=PlotlyJSONEncoder, ensure_ascii=False)
     return text.replace("</", "<\\/").replace("<!--", "<\\!--")
 
@@ -555,7 +547,6 @@ def create_app(
         cat = board.catalog
         if site:
             d.check_site(layout.config, site)
-            from renkei.sharing import Sharing
 
             verdict = Sharing(layout.config, cat).decide(site, study_uid)
             if not verdict.allowed and cat.study(study_uid) is not None:

@@ -24,8 +24,12 @@ from typing import Any
 
 from renkei.catalog.audit import AuditEvent
 from renkei.catalog.catalog import Catalog, LocationRecord, StudyRow
+from renkei.catalog.search import Search
 from renkei.config import Layout, RegionConfig
+from renkei.display import local_time as in_zone
+from renkei.edge.journal import JOURNAL_NAME, Journal
 from renkei.errors import RenkeiError, UsageError
+from renkei.sharing import Sharing
 
 # Audit actions that are one site's access to another site's study.
 ACCESS_ACTIONS = ("find", "retrieve", "view", "import")
@@ -95,15 +99,11 @@ class SiteStatus:
 
 
 def _journal_exists(layout: Layout, site_id: str) -> bool:
-    from renkei.edge.journal import JOURNAL_NAME
-
     return (layout.edge_store(site_id) / JOURNAL_NAME).exists()
 
 
 def site_statuses(layout: Layout, catalog: Catalog, now: float | None = None) -> list[SiteStatus]:
     """Every site of the region: its edge journal's counts beside the catalog's totals."""
-    from renkei.edge.journal import Journal
-
     now = time.time() if now is None else now
     totals = {t.site: t for t in catalog.totals()}
     out = []
@@ -251,8 +251,6 @@ def availability(
     origin site; the end is the catalog's registration of its last instance
     (sync registers only after the upload is read back and verified).
     """
-    from renkei.edge.journal import Journal
-
     now = now or utcnow()
     recent = catalog.study_registrations(since=now - dt.timedelta(seconds=window_s), limit=limit)
     by_site: dict[str, list[Any]] = {}
@@ -493,8 +491,6 @@ def parse_query(config: RegionConfig, params: Mapping[str, str]) -> StudyQuery:
     modality, patient_id, limit = get("modality"), get("patient_id"), get("limit")
     search = get("q")
     if search:
-        from renkei.catalog.search import Search
-
         try:
             Search.parse(search)
         except RenkeiError as exc:
@@ -653,8 +649,6 @@ def browse_studies(layout: Layout, catalog: Catalog, q: StudyQuery, record: bool
     shown, and (with `record`) the names shown of other sites' studies are
     audited as cross-site 'view' accesses by the dashboard.
     """
-    from renkei.sharing import Sharing
-
     total, rows = catalog.studies_page(
         visible_to=q.viewer,
         origin_sites=[q.origin] if q.origin else None,
@@ -698,8 +692,6 @@ def study_detail(
     layout: Layout, catalog: Catalog, study_uid: str, viewer: str | None = None, record: bool = True
 ) -> StudyDetail:
     """A study's detail page; NotFound for an unknown study, Forbidden when the viewer may not see it."""
-    from renkei.sharing import Sharing
-
     row = catalog.study(study_uid)
     if row is None:
         raise NotFound(f"study {study_uid} is not in the catalog")
@@ -778,8 +770,6 @@ def overview(
 
 def local_time(value: dt.datetime | None, config: RegionConfig, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
     """A UTC time in the region's time zone, for display (as the command line shows it)."""
-    from renkei.display import local_time as in_zone
-
     return in_zone(value, config.timezone, fmt)
 
 

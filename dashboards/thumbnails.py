@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from PIL import Image, ImageDraw
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut
 
 from renkei.errors import RenkeiError
 
@@ -54,9 +59,6 @@ def middle_instance(instances: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _dataset(data: bytes, transfer_syntax_uid: str | None):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
@@ -72,8 +74,6 @@ def _dataset(data: bytes, transfer_syntax_uid: str | None):
 
 
 def _first_number(value: Any) -> float | None:
-    from pydicom.multival import MultiValue
-
     if isinstance(value, (MultiValue, list, tuple)):
         value = value[0] if len(value) else None
     if value is None:
@@ -103,8 +103,6 @@ def window_of(ds: Any, values: np.ndarray) -> tuple[float, float]:
 
 def to_png(image: Any, size: int = THUMBNAIL_SIZE) -> bytes:
     """A Pillow image scaled to fit `size` (aspect kept), as PNG bytes."""
-    from PIL import Image
-
     image = image.copy()
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
@@ -132,9 +130,6 @@ def render(data: bytes, transfer_syntax_uid: str | None = None, size: int = THUM
 
 
 def _to_thumbnail(ds: Any, pixels: np.ndarray, size: int) -> bytes:
-    from PIL import Image
-    from pydicom.pixels import apply_modality_lut
-
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if frames > 1:
@@ -155,8 +150,6 @@ def _to_thumbnail(ds: Any, pixels: np.ndarray, size: int) -> bytes:
 
 def placeholder(reason: str, size: int = THUMBNAIL_SIZE) -> bytes:
     """A grey tile saying 'no preview' (and a short reason), as PNG bytes."""
-    from PIL import Image, ImageDraw
-
     image = Image.new("RGB", (size, size), (72, 76, 84))
     draw = ImageDraw.Draw(image)
     draw.rectangle((0, 0, size - 1, size - 1), outline=(140, 144, 152))

@@ -27,6 +27,7 @@ from typing import Any
 
 import pydicom.filereader
 
+from renkei.catalog.audit import AuditDraft
 from renkei.catalog.catalog import Catalog, StudyRow
 from renkei.catalog.store import ObjectStore
 from renkei.config import RegionConfig
@@ -501,7 +502,6 @@ class SharingAccess:
 
 def catalog_recorder(catalog: Catalog) -> Callable[[Sequence[AccessEvent], str], None]:
     """Writes access events to the catalog's audit chain (who: caller's site and AE; what; outcome)."""
-    from renkei.catalog.audit import AuditDraft
 
     def record(events: Sequence[AccessEvent], caller_site: str) -> None:
         drafts = []

@@ -44,11 +44,14 @@ from copy import copy
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from io import BytesIO
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 from pynetdicom import AE, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
@@ -958,11 +961,6 @@ def send_stored(
     exactly `transfer_syntax_uid`; raises ValueError when there is none. The
     caller holds the reactor `paused`. Returns -1 when no response came.
     """
-    from io import BytesIO
-    from pathlib import Path as _Path
-
-    from pynetdicom.dimse_primitives import C_STORE
-
     context = assoc._get_valid_context(sop_class_uid, transfer_syntax_uid, "scu", allow_conversion=False)
     req = C_STORE()
     req.MessageID = msg_id
@@ -975,7 +973,7 @@ def send_stored(
     if data is not None:
         req.DataSet = BytesIO(data)
     else:
-        req._dataset_path = (_Path(path), offset)
+        req._dataset_path = (Path(path), offset)
     assoc.dimse.send_msg(req, cast(int, context.context_id))
     _cx, rsp = assoc.dimse.get_msg(block=True)
     if rsp is None:

@@ -16,6 +16,7 @@ from functools import lru_cache
 from io import BytesIO
 from typing import Any
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
@@ -342,8 +343,6 @@ def _walk_items(
 
 
 def _is_sequence_tag(tag: int) -> bool:
-    from pydicom.datadict import dictionary_VR
-
     try:
         return dictionary_VR(tag) == "SQ"
     except KeyError:

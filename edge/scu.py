@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,7 +90,6 @@ def _associate(ae: AE, peer: DicomPeer, site: SiteConfig | None = None) -> Any:
                 f"{peer.ae_title} at {peer.host}:{peer.port} rejected the association from "
                 f"{ae.ae_title}: check that it knows this AE title (and its own, {peer.ae_title})"
             )
-        import socket
 
         try:
             socket.create_connection((peer.host, peer.port), timeout=5).close()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from prefect.runtime import flow_run
+
 
 def _parameters() -> dict:
-    from prefect.runtime import flow_run
-
     return dict(flow_run.parameters or {})
 
 

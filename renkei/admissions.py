@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import hl7
 
 from renkei.config import HL7Config, RegionConfig, address_in
+from renkei.edge.tls import server_context
 from renkei.errors import ConfigError, UsageError
 
 log = logging.getLogger(__name__)
@@ -455,8 +456,6 @@ class AdmissionListener:
         self.discard_limit = discard_limit if discard_limit is not None else 16 * self.max_message_bytes
         self.ssl_context: ssl.SSLContext | None = None
         if self.settings.tls is not None:
-            from renkei.edge.tls import server_context
-
             try:
                 self.ssl_context = server_context(self.settings.tls)
             except ConfigError as exc:

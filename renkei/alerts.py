@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import apprise
+
 from renkei.config import Layout
 from renkei.errors import UsageError
 from renkei.status import Problem, Status, region_status
@@ -48,8 +50,6 @@ class Sender:
     """Sends one message to every receiver; raises UsageError for a URL Apprise does not understand."""
 
     def __init__(self, urls: list[str]) -> None:
-        import apprise
-
         self.urls = urls
         self._apprise = apprise.Apprise()
         quiet = logging.getLogger("apprise")
@@ -68,8 +68,6 @@ class Sender:
                 )
 
     def __call__(self, title: str, body: str, problem: bool) -> bool:
-        import apprise
-
         kind = apprise.NotifyType.FAILURE if problem else apprise.NotifyType.SUCCESS
         return bool(self._apprise.notify(title=title, body=body, notify_type=kind))
 

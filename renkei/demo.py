@@ -21,10 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hl7
+import hl7.mllp
 import yaml
+from prefect import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from renkei import peers, synth
+from renkei.catalog.catalog import Catalog
 from renkei.config import Layout, load_config
+from renkei.edge.journal import JOURNAL_NAME, Journal
 from renkei.errors import PeerError, RenkeiError, UsageError
 from renkei.regionrun import RegionRunner
 from renkei.uids import derive_uid
@@ -174,8 +183,6 @@ class Demo:
             # what was asked is what arrived: an exit code 0 alone has meant "sent nothing" before
             got = _received(layout, site.id, [(st.info.study_uid, len(st.files)) for st in result.studies])
             if got != result.instance_count:
-                from renkei.errors import RenkeiError
-
                 raise RenkeiError(
                     f"{site.id}: storescu exited 0 but the edge received {got} of {result.instance_count} "
                     f"instances (storescu's last words: "
@@ -193,8 +200,6 @@ class Demo:
         return out
 
     def wait_pipeline(self, layout: Layout, runner: RegionRunner, studies: dict[str, list[str]]) -> None:
-        from renkei.catalog.catalog import Catalog
-
         self.say("waiting: edges complete the studies, start sync_site on their workers; upload, register, flag ...")
         done: dict[str, float] = {}
 
@@ -226,8 +231,6 @@ class Demo:
 
     # ------------------------------------------------------------------ scenarios
     def remote_reading(self, layout: Layout, runner: RegionRunner) -> None:
-        from renkei.catalog.catalog import Catalog
-
         hub = layout.config.site("hub")
         with Catalog.from_layout(layout) as catalog:
             goto = max(
@@ -278,9 +281,6 @@ class Demo:
         )
 
     def admission(self, layout: Layout, runner: RegionRunner) -> None:
-        import hl7
-        import hl7.mllp
-
         hub = layout.config.site("hub")
         patient = synth.site_patients(layout.config, "hub", self.o.patients, self.o.seed)[0]  # also at every clinic
         message = "\r".join(
@@ -378,15 +378,11 @@ class Demo:
         )
 
     def verification(self, layout: Layout, runner: RegionRunner) -> None:
-        from prefect.client.schemas.objects import FlowRun
-        from prefect.deployments import run_deployment
-
         t0 = time.monotonic()
         run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here, whatever the stubs say
             "verify_backups/verify-backups", parameters={"full": True}, timeout=600, as_subflow=False
         )
         ok = run.state is not None and run.state.is_completed()
-        from renkei.catalog.catalog import Catalog
 
         with Catalog.from_layout(layout) as catalog:  # the run's result, as it audited it
             events = catalog.audit(action="verify-backups")
@@ -409,7 +405,6 @@ class Demo:
     def run(self) -> DemoResult:
         layout = self.prepare()
         runner = self.start(layout)
-        from prefect.settings import PREFECT_API_URL, temporary_settings
 
         # this process's Prefect calls go to the region's server: Prefect reads PREFECT_API_URL from the
         # environment when it is imported, so setting it now would leave them on a temporary server of its own
@@ -422,8 +417,6 @@ class Demo:
             self.instant_publish(layout, runner)
             self.verification(layout, runner)
         # the summary is read back from the catalog (after the scenarios added their studies)
-        from renkei.catalog.catalog import Catalog
-
         with Catalog.from_layout(layout) as catalog:
             totals = {t.site: t for t in catalog.totals()}
         for row in self.result.sites:
@@ -442,8 +435,6 @@ class Demo:
 
 def _received(layout: Layout, site_id: str, studies: list[tuple[str, int]]) -> int:
     """Instances of these studies the site's edge holds (journaled before each C-STORE is answered)."""
-    from renkei.edge.journal import JOURNAL_NAME, Journal
-
     root = layout.edge_store(site_id)
     if not (root / JOURNAL_NAME).exists():
         return 0
@@ -465,9 +456,6 @@ def _verified(catalog: Any, study_uid: str) -> bool:
 
 
 def _flow_done(flow_name: str) -> bool:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-
     async def runs():
         async with get_client() as client:
             return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
@@ -483,8 +471,6 @@ def _findscu(site: Any, ws_ae: str) -> list[str]:
 
 
 def _cached(layout: Layout, site_id: str, study_uid: str, instances: int) -> bool:
-    from renkei.edge.journal import JOURNAL_NAME, Journal
-
     root = layout.edge_store(site_id) / "cache"
     if not (root / JOURNAL_NAME).exists():
         return False

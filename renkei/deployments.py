@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from renkei.config import RegionConfig
 
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of renkei's runs (Prefect's minimum; its default is 180)
@@ -144,6 +146,7 @@ def document(config: RegionConfig) -> dict[str, Any]:
             dep["concurrency_limit"] = dict(concurrency) if isinstance(concurrency, dict) else concurrency
         dep["tags"] = [RUN_TAG]
         deployments.append(dep)
+    # lazy: every CLI command imports this module at start-up (prefect takes ~1 s to import)
     import prefect
 
     return {
@@ -170,7 +173,5 @@ HEADER = """\
 
 def render(config: RegionConfig, source: str) -> str:
     """prefect.yaml's text for the region (`source` names the configuration in the header)."""
-    import yaml
-
     body = yaml.safe_dump(document(config), sort_keys=False, allow_unicode=True, width=110)
     return HEADER.format(region=config.region, source=source, heartbeat=HEARTBEAT_S) + body

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from renkei.catalog.catalog import Catalog
 from renkei.catalog.store import ObjectStore
 from renkei.config import Layout
+from renkei.edge.center import EdgeCache
 from renkei.edge.qr import RetrieveItem
 from renkei.edge.scu import send_items, study_instance_count
 from renkei.errors import PolicyError
 from renkei.priors import reconcile
+from renkei.sharing import Sharing
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,6 @@ class ImportResult:
 
 def check_allowed(layout: Layout, catalog: Catalog, site_id: str, study_uid: str) -> None:
     """Refuse (PolicyError) to bring a study to a site that may not see it: this exit asks the decision too."""
-    from renkei.sharing import Sharing
-
     decision = Sharing(layout.config, catalog).decide(site_id, study_uid)
     if not decision.allowed:
         raise PolicyError(f"{site_id} may not receive study {study_uid}: {decision.explanation}")
@@ -118,8 +118,6 @@ class CacheResult:
 
 def cache_at_edge(layout: Layout, catalog: Catalog, store: ObjectStore, site_id: str, study_uid: str) -> CacheResult:
     """Keep a copy of a center study in the site edge's cache (so its workstations read it locally)."""
-    from renkei.edge.center import EdgeCache
-
     check_allowed(layout, catalog, site_id, study_uid)
     started = time.monotonic()
     rows = catalog.instances(study_uid)

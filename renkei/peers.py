@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -360,6 +361,7 @@ class S3Peer(Peer):
         }
 
     def filesystem(self):  # -> s3fs.S3FileSystem
+        # lazy: s3fs (botocore) takes ~0.35 s to import; every test session imports this module, few use S3
         import s3fs
 
         return s3fs.S3FileSystem(
@@ -504,8 +506,6 @@ def postgres_bin() -> Path:
 
 def start_postgres(port: int | None = None, database: str = "prefect") -> PostgresPeer:
     """initdb + postgres as the `postgres` user in a fresh folder under /tmp, listening on loopback only."""
-    import tempfile
-
     bindir = postgres_bin()
     port = port or free_port()
     workdir = Path(tempfile.mkdtemp(prefix="renkei-pg-"))

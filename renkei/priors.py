@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -230,8 +231,6 @@ def convert_to_utf8(ds: Dataset) -> None:
     inherit the dataset's). A value that cannot be decoded is an error, never
     a silent replacement character.
     """
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # pydicom warns, and replaces, on undecodable bytes: refuse instead
         try:

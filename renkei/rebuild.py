@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+import pydicom
 
 from renkei.catalog import backup as cbackup
 from renkei.catalog import fs as cfs
@@ -34,8 +37,10 @@ from renkei.catalog.catalog import Catalog
 from renkei.catalog.log import CommitLog
 from renkei.catalog.store import ObjectStore
 from renkei.config import Layout
+from renkei.edge.parsing import describe_dataset
 from renkei.errors import CatalogDamaged, CatalogError, RenkeiError
 from renkei.records import InstanceInfo, StudyBatch, StudyInfo
+from renkei.sharing import Sharing
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +111,6 @@ def _set_aside(layout: Layout) -> None:
 
 
 def _walk_local(base: str) -> list[str]:
-    import os
-
     found: list[str] = []
     for folder, _dirs, files in os.walk(base):
         found.extend(os.path.join(folder, n) for n in files)
@@ -174,8 +177,6 @@ def rebuild(layout: Layout, reapply_rules: bool = True) -> RebuildResult:
                     pending, count = {}, 0
             new_studies += _register(cat, pending, result)
         if reapply_rules and new_studies:
-            from renkei.sharing import Sharing
-
             flagged = Sharing(layout.config, cat).flag(list(dict.fromkeys(new_studies)))
             result.rule_grants = len(flagged.granted)
         if result.instances_registered or result.rule_grants:
@@ -207,10 +208,6 @@ def _register(
 
 
 def _describe(store: ObjectStore, key: str, site: str) -> tuple[StudyInfo, InstanceInfo]:
-    import pydicom
-
-    from renkei.edge.parsing import describe_dataset
-
     path = cfs.join(store.root, key)
     handle = open(path, "rb") if store.local else store.fs.open(path, "rb")
     with handle:

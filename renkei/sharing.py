@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from renkei.catalog import tables
+from renkei.catalog.audit import AuditDraft
 from renkei.catalog.catalog import Catalog, GrantRecord, GrantRequest, StudyRow
 from renkei.config import RegionConfig
 from renkei.errors import PolicyError, UsageError
@@ -258,8 +259,6 @@ class Sharing:
         detail: dict[str, Any] | None = None,
     ) -> None:
         """Audit a cross-site access: a query answer or a retrieval by `actor` (an AE title) of `site`."""
-        from renkei.catalog.audit import AuditDraft
-
         drafts = []
         for uid in study_uids:
             row = self.catalog.study(uid)

@@ -24,14 +24,18 @@ Counts, sites and run names only: no patient data.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from renkei.config import Layout
+from renkei.display import local_time
+from renkei.errors import RenkeiError
 
 VERIFY_MAX_AGE_H = 26  # defaults of alerts.verification_max_age_h and alerts.backup_max_age_min
 BACKUP_MAX_AGE_S = 3600
@@ -123,6 +127,7 @@ def _stuck(layout: Layout, status: Status, stuck: dict[str, tuple[int, float]], 
 
 def _edges(layout: Layout, status: Status, now: float) -> dict[str, tuple[int, float]]:
     """Liveness and quarantine of each edge; returns {site: (studies waiting too long, oldest age s)}."""
+    # lazy: `renkei config check` imports this module (through alerts) and needs no pydicom (~0.3 s)
     from renkei.edge.journal import JOURNAL_NAME, Journal
 
     stuck_s = layout.config.alerts.stuck_after_min * 60
@@ -179,9 +184,9 @@ def _edges(layout: Layout, status: Status, now: float) -> dict[str, tuple[int, f
 
 
 def _catalog(layout: Layout, status: Status, now: float, open_catalog: Any = None) -> None:
+    # lazy: `renkei config check` imports this module (through alerts) and needs no duckdb (~0.3 s)
     from renkei.catalog.backup import BackupLocation
     from renkei.catalog.catalog import Catalog
-    from renkei.errors import RenkeiError
 
     url = layout.catalog_url
     if "://" not in url and not os.path.isdir(url):
@@ -324,14 +329,10 @@ def _deliveries(events: list[Any], status: Status) -> None:
 
 
 def _get(url: str, body: dict | None = None, timeout: float = 15.0) -> Any:
-    import urllib.request
-
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Content-Type": "application/json"}
     auth = os.environ.get("PREFECT_API_AUTH_STRING")  # a Prefect server with basic authentication
     if auth:
-        import base64
-
         headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
     req = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -434,8 +435,6 @@ def _prefect(api: str, status: Status, now: float, timeout: float = 15.0, zone_n
 
 def _local(iso: str | None, zone_name: str | None) -> str:
     """An ISO time from Prefect's API in the region's zone, to the minute and zone named."""
-    from renkei.display import local_time
-
     try:
         return local_time(dt.datetime.fromisoformat(iso or ""), zone_name, "%Y-%m-%d %H:%M", with_zone=True)
     except ValueError:

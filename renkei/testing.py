@@ -15,6 +15,11 @@ import yaml
 
 from renkei import peers
 from renkei.config import Layout, load_config
+from renkei.edge.clock import wall_time
+from renkei.edge.ingest import Ingestor
+from renkei.edge.journal import Journal
+from renkei.edge.parsing import split_file_meta
+from renkei.edge.store import FileStore
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "nagasaki.yaml"
@@ -63,8 +68,6 @@ def region_config(
 
 def dataset_bytes(path: Path) -> tuple[bytes, str, str, str]:
     """(dataset bytes as they would arrive, transfer syntax, SOP class, SOP instance) of a DICOM file."""
-    from renkei.edge.parsing import split_file_meta
-
     data = Path(path).read_bytes()
     meta, offset = split_file_meta(data)
     return (
@@ -86,11 +89,6 @@ def put_into_edge(
     `received_ago`: journal them as received that many seconds ago (on the edge's wall clock), so
     that a study is already past a short `stable_age` without the test sleeping for it.
     """
-    from renkei.edge.clock import wall_time
-    from renkei.edge.ingest import Ingestor
-    from renkei.edge.journal import Journal
-    from renkei.edge.store import FileStore
-
     site = layout.config.site(site_id)
     ae = calling_ae or (site.pacs.ae_title if site.pacs else "MODALITY")
     root = layout.edge_store(site_id)

@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from renkei import transfer
 from renkei.catalog import keys
 from renkei.catalog.catalog import Catalog
 from renkei.catalog.store import ObjectMissing, ObjectStore
 from renkei.config import Layout
+from renkei.edge.journal import JOURNAL_NAME, Journal
 from renkei.errors import RenkeiError
+from renkei.sharing import Sharing
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +117,6 @@ def _file_sha256(path: Path) -> str:
 
 def find_edge_copy(layout: Layout, sop_instance_uid: str, sha256: str) -> tuple[str, Path] | None:
     """A site whose edge still holds these exact bytes, and the file's path."""
-    from renkei.edge.journal import JOURNAL_NAME, Journal
-
     for site in layout.config.sites:
         root = layout.edge_store(site.id)
         if not (root / JOURNAL_NAME).exists():
@@ -247,9 +248,6 @@ def check_edges(
     catalog: Catalog, store: ObjectStore, layout: Layout, report: VerificationReport, repair: bool = True
 ) -> VerificationReport:
     """Every instance an edge journaled as uploaded or verified is registered and stored in the center."""
-    from renkei import transfer
-    from renkei.edge.journal import JOURNAL_NAME, Journal
-
     for site in layout.config.sites:
         root = layout.edge_store(site.id)
         if not (root / JOURNAL_NAME).exists():
@@ -319,8 +317,6 @@ def reapply_rules(catalog: Catalog, layout: Layout, study_uids: Iterable[str]) -
     after a catalog loss the studies come back with their rule grants, and a
     (study, site) pair with a history (unpublished, consent) is left alone.
     """
-    from renkei.sharing import Sharing
-
     uids = list(dict.fromkeys(study_uids))
     if not uids:
         return 0

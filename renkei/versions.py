@@ -22,6 +22,8 @@ import logging
 import warnings
 from dataclasses import dataclass, field, replace
 
+import pydicom
+
 from renkei.catalog import keys
 from renkei.catalog.catalog import Catalog
 from renkei.catalog.store import ObjectStore
@@ -48,8 +50,6 @@ class VersionResult:
 
 
 def _transfer_syntax(path: str, default: str) -> str:
-    import pydicom
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -9,6 +9,9 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import MissingContextError
+from prefect.runtime import flow_run
+
+from renkei.errors import ConfigError, InvalidUID, PolicyError, UsageError
 
 IO_RETRIES = 4
 IO_RETRY_DELAYS: list[float] = [2, 4, 8, 16]  # seconds: exponential backoff for I/O tasks
@@ -16,8 +19,6 @@ IO_RETRY_DELAYS: list[float] = [2, 4, 8, 16]  # seconds: exponential backoff for
 
 def retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
     """Retry failures of I/O; not a refusal of the policy or a wrong argument (retrying changes nothing)."""
-    from renkei.errors import ConfigError, InvalidUID, PolicyError, UsageError
-
     try:
         state.result()
     except (PolicyError, UsageError, ConfigError, InvalidUID):
@@ -29,8 +30,6 @@ def retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
 
 def run_marker() -> str:
     """'flow-run:<id>' of the current flow run (recorded as who moved a study), '' outside one."""
-    from prefect.runtime import flow_run
-
     run_id = flow_run.get_id()
     return f"flow-run:{run_id}" if run_id else ""
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from prefect import get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterName,
@@ -46,8 +47,6 @@ def start_run(
 
 def has_waiting_run(deployment: str) -> bool:
     """Whether the deployment already has a run that has not started (it will see new work)."""
-    from prefect import get_client
-
     flow_name, dep_name = deployment.split("/", 1)
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 
 from renkei.cli.catalog_cmd import open_catalog, print_events
 from renkei.cli.common import config_of, print_json
+from renkei.display import zone
+from renkei.errors import UsageError
 
 ORDER = 55
 
@@ -57,11 +60,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _when(value: str | None, option: str, zone_name: str | None) -> str | None:
     """An ISO date or time as UTC; one without an offset is the region's local time."""
-    import datetime as dt
-
-    from renkei.display import zone
-    from renkei.errors import UsageError
-
     if value is None:
         return None
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -100,6 +101,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 @contextmanager
 def open_catalog(args: argparse.Namespace, create: bool = False) -> Iterator[Any]:
     """The region's catalog; unless `create`, a local catalog that does not exist is an error, not made."""
+    # lazy: keeps `renkei --help` fast (the catalog imports duckdb and pyarrow, ~0.3 s)
     from renkei.catalog.catalog import Catalog
 
     layout = layout_of(args)
@@ -120,8 +122,6 @@ def open_catalog(args: argparse.Namespace, create: bool = False) -> Iterator[Any
 
 
 def _user() -> str:
-    import getpass
-
     try:
         return getpass.getuser()
     except Exception:
@@ -281,6 +281,7 @@ def _compact(args: argparse.Namespace) -> int:
 
 
 def _backup_location(args: argparse.Namespace) -> Any:
+    # lazy: keeps `renkei --help` fast (the catalog imports duckdb and pyarrow, ~0.3 s)
     from renkei.catalog.backup import BackupLocation
 
     layout = layout_of(args)
@@ -288,6 +289,7 @@ def _backup_location(args: argparse.Namespace) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (the catalog imports duckdb and pyarrow, ~0.3 s)
     from renkei.catalog.backup import check
 
     with open_catalog(args) as cat:
@@ -311,6 +313,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _backup(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (the catalog imports duckdb and pyarrow, ~0.3 s)
     from renkei.catalog.backup import backup
 
     with open_catalog(args) as cat:
@@ -329,6 +332,7 @@ def _backup(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (the catalog imports duckdb and pyarrow, ~0.3 s)
     from renkei.rebuild import restore
 
     result = restore(layout_of(args))
@@ -352,6 +356,7 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _rebuild(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (the catalog imports duckdb and pyarrow, ~0.3 s)
     from renkei.rebuild import rebuild
 
     if not layout_of(args).data_dir.is_dir():

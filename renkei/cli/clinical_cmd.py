@@ -9,6 +9,7 @@ import os
 
 from renkei.cli.common import layout_of, print_json
 from renkei.errors import UsageError
+from renkei.runtime import open_catalog
 
 ORDER = 45
 
@@ -82,8 +83,6 @@ def _parse_other(text: str, layout) -> tuple[str, str, str]:
 
 
 def _link(args: argparse.Namespace) -> int:
-    from renkei.runtime import open_catalog
-
     layout = layout_of(args)
     site = layout.config.site(args.site)
     entries = [(site.id, args.patient_id, args.issuer or site.issuer)]
@@ -111,6 +110,7 @@ def _fetch_priors(args: argparse.Namespace) -> int:
         "modalities": args.modalities,
     }
     if args.here or not os.environ.get("PREFECT_API_URL"):
+        # lazy: keeps `renkei --help` fast (prefect takes ~1 s to import)
         from renkei.flows.fetch_priors import fetch_priors
 
         result = fetch_priors(**params, config=str(getattr(args, "config", None) or ""), data_dir=str(layout.data_dir))
@@ -122,6 +122,7 @@ def _fetch_priors(args: argparse.Namespace) -> int:
             }
         )
         return 0
+    # lazy: keeps `renkei --help` fast (prefect takes ~1 s to import)
     from renkei.tasks.trigger import start_run
 
     run_id = start_run("fetch_priors", args.site, params, tag=f"site:{args.site}")
@@ -130,6 +131,7 @@ def _fetch_priors(args: argparse.Namespace) -> int:
 
 
 def _hl7_listen(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (prefect takes ~1 s to import)
     from renkei.admissions import Admission, AdmissionListener
     from renkei.tasks.trigger import start_run
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from renkei.config import DATA_DIR_ENV, Layout, RegionConfig, load_config, resolve_data_dir
+from renkei.display import local_time
 from renkei.runtime import CONFIG_ENV, config_path
 
 
@@ -57,8 +58,6 @@ def config_of(args: argparse.Namespace) -> RegionConfig:
 
 def when(value: Any) -> str:
     """A time (datetime or POSIX timestamp) for a terminal: the region's zone, to the second, zone named."""
-    from renkei.display import local_time
-
     return local_time(value, _display_zone, with_zone=True)
 
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import tempfile
 from pathlib import Path
+
+import yaml
 
 from renkei.cli.common import default_config_path, print_json, print_table
 from renkei.config import RegionConfig, load_config
+from renkei.deployments import expected, render
+from renkei.errors import UsageError
 
 ORDER = 10
 
@@ -38,8 +45,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def deployment_problems(config: RegionConfig, prefect_file: str) -> list[str]:
     """What prefect.yaml lacks or gets wrong for this region's sites (one line each, saying what to fix)."""
-    import yaml
-
     try:
         with open(prefect_file, encoding="utf-8") as fh:
             doc = yaml.safe_load(fh) or {}
@@ -74,8 +79,6 @@ def deployment_problems(config: RegionConfig, prefect_file: str) -> list[str]:
         if scheduled and not dep.get("schedules"):
             problems.append(f"deployment {name} has no schedule: nothing would start it when nobody does")
 
-    from renkei.deployments import expected
-
     wanted = expected(config)
     for e in wanted:
         expect(e.name, e.kind.entrypoint, e.pool, e.site, e.kind.schedule is not None)
@@ -92,19 +95,14 @@ def deployment_problems(config: RegionConfig, prefect_file: str) -> list[str]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from renkei.errors import UsageError
-
     path = args.file or getattr(args, "config", None) or default_config_path()
     config = load_config(path)
     if config.alerts.notify:
+        # lazy: apprise takes ~40 ms to import; only a command that sends an alert needs it
         from renkei.alerts import Sender
 
         Sender(list(config.alerts.notify))  # a URL Apprise cannot send to is a mistake to say now
     if not args.no_deployments:
-        import tempfile
-
-        from renkei.deployments import render
-
         with tempfile.TemporaryDirectory() as tmp:
             prefect_file = args.prefect_file
             if prefect_file is None:  # what `renkei deploy` would apply, checked like a hand-made file
@@ -129,9 +127,6 @@ def _check(args: argparse.Namespace) -> int:
 
 def summary(config: RegionConfig) -> str:
     """A readable description of the region, as `renkei config check` prints it."""
-    import contextlib
-    import io
-
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         print(f"\nRegion {config.region!r}: {config.name or '(no name)'}  (timezone {config.timezone})")

@@ -80,8 +80,10 @@ def check_loopback(host: str) -> str:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (uvicorn takes ~20 ms to import)
     import uvicorn
 
+    # lazy: keeps `renkei --help` fast (the dashboard imports fastapi, plotly and the catalog, ~0.4 s)
     from renkei.dashboards.app import create_app
 
     host = check_loopback(args.host)

@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _demo(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (prefect takes ~1 s to import)
     from renkei.demo import Demo, DemoOptions
 
     options = DemoOptions(

@@ -11,6 +11,7 @@ renkei edge pull --site hub --study-uid UID       have the PACS send studies to 
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import signal
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from renkei.cli.common import layout_of, print_json, print_table, when
 from renkei.display import size
+from renkei.errors import RenkeiError, UsageError
+from renkei.runtime import open_catalog
 
 if TYPE_CHECKING:
     from renkei.edge.server import EdgeServer
@@ -94,6 +97,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (the edge imports pydicom and pynetdicom, ~0.3 s)
     from renkei.edge.server import EdgeServer
 
     layout = layout_of(args)
@@ -103,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # EdgeServer logs "study complete: <uid>" itself; the trigger starts the site's sync_site run.
     trigger = None
     if args.trigger == "on" or (args.trigger == "auto" and os.environ.get("PREFECT_API_URL")):
+        # lazy: keeps `renkei --help` fast (prefect takes ~1 s to import)
         from renkei.tasks.trigger import SyncTrigger
 
         trigger = SyncTrigger(args.site).start()
@@ -115,6 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         stop_all = server.stop
     else:
+        # lazy: keeps `renkei --help` fast (the edge and the catalog: pydicom, pynetdicom, duckdb, ~0.5 s)
         from renkei.regional_edge import RegionalEdge
 
         regional = RegionalEdge(
@@ -142,6 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (the journal imports pydicom, ~0.3 s)
     from renkei.edge.journal import Journal
 
     layout = layout_of(args)
@@ -237,6 +244,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _disk(store_dir: Any, site: Any) -> dict[str, Any]:
     """Free bytes on the store's filesystem, and the journal reserve: configured size and whether it is held."""
+    # lazy: keeps `renkei --help` fast (~5 ms for one constant, and every command would pay it)
     from renkei.edge.store import RESERVE_NAME
 
     stat = os.statvfs(store_dir)
@@ -252,8 +260,8 @@ def _disk(store_dir: Any, site: Any) -> dict[str, Any]:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (the journal imports pydicom, ~0.3 s)
     from renkei.edge.journal import JOURNAL_NAME, Journal
-    from renkei.errors import RenkeiError, UsageError
 
     layout = layout_of(args)
     layout.config.site(args.site)
@@ -273,8 +281,8 @@ def cmd_release(args: argparse.Namespace) -> int:
             f"(held since {when(released.quarantined_at)}: {released.reason}); the next sync run sends it"
         )
         try:
+            # lazy: keeps `renkei --help` fast (transfer imports the catalog and the edge, ~0.4 s)
             from renkei import transfer
-            from renkei.runtime import open_catalog
 
             with open_catalog(layout) as catalog:
                 transfer.audit_quarantines(journal, catalog, args.site, by=who)
@@ -284,8 +292,6 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def _user() -> str:
-    import getpass
-
     try:
         return getpass.getuser()
     except Exception:
@@ -297,6 +303,7 @@ def _one_line(text: str) -> str:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (the edge imports pydicom and pynetdicom, ~0.3 s)
     from renkei.edge import scu
 
     layout = layout_of(args)
@@ -307,6 +314,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (the edge imports pydicom and pynetdicom, ~0.3 s)
     from renkei.edge import scu
 
     layout = layout_of(args)
@@ -319,6 +327,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (the edge imports pydicom and pynetdicom, ~0.3 s)
     from renkei.edge import scu
 
     layout = layout_of(args)

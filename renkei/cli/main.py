@@ -7,6 +7,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import traceback
 from collections.abc import Sequence
 
 import renkei
@@ -64,8 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # an unreachable part, or a bug: one line (the traceback with -v)
         if getattr(args, "verbose", 0):
-            import traceback
-
             traceback.print_exc()
         print(f"renkei: error: {describe_failure(exc)}", file=sys.stderr)
         return 1

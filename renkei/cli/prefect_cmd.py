@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
-from renkei import prefect_logging
+from renkei import prefect_db, prefect_logging
 from renkei.cli.common import config_of, default_config_path, layout_of
+from renkei.cli.config_cmd import deployment_problems
 from renkei.config import RegionConfig
-from renkei.deployments import HEARTBEAT_S, RUN_TAG, expected, flow_deployment, pool_name
+from renkei.deployments import HEARTBEAT_S, RUN_TAG, expected, flow_deployment, pool_name, render
 from renkei.errors import UsageError
 
 ORDER = 30
@@ -105,8 +108,6 @@ def _db_summary(held: dict[str, int]) -> str:
 
 
 def _db_backup(args: argparse.Namespace) -> int:
-    from renkei import prefect_db
-
     layout = layout_of(args)
     held = prefect_db.backup(layout, Path(args.to))
     print(f"backed up {prefect_db.database(layout).shown()} to {args.to}: {_db_summary(held)}")
@@ -114,8 +115,6 @@ def _db_backup(args: argparse.Namespace) -> int:
 
 
 def _db_restore(args: argparse.Namespace) -> int:
-    from renkei import prefect_db
-
     layout = layout_of(args)
     held = prefect_db.restore(layout, Path(args.file))
     print(
@@ -174,6 +173,7 @@ def _server(args: argparse.Namespace) -> int:
 
 def ensure_pools(site_ids: list[str]) -> list[str]:
     """Create the process work pools that do not exist yet; returns the names created."""
+    # lazy: keeps `renkei --help` fast (prefect takes ~1 s to import)
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -193,6 +193,7 @@ def ensure_pools(site_ids: list[str]) -> list[str]:
 
 def absent_deployments(config: RegionConfig) -> list[str]:
     """The region's deployments the server does not have on their work pool, as `flow/deployment`."""
+    # lazy: keeps `renkei --help` fast (prefect takes ~1 s to import)
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -219,8 +220,7 @@ def crash_automation(within_s: float = CRASH_AFTER_S, tag: str = RUN_TAG):  # ->
     Crashed state releases the deployment's concurrency slot at once, so the
     site's next sync starts.
     """
-    from datetime import timedelta
-
+    # lazy: keeps `renkei --help` fast (prefect takes ~1 s to import)
     from prefect.automations import AutomationCore, EventTrigger, Posture
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
@@ -253,6 +253,7 @@ def crash_automation(within_s: float = CRASH_AFTER_S, tag: str = RUN_TAG):  # ->
 
 def ensure_crash_detection(within_s: float = CRASH_AFTER_S, tag: str = RUN_TAG) -> str:
     """Create (or bring up to date) the crash-detection automation; returns its id."""
+    # lazy: keeps `renkei --help` fast (prefect takes ~1 s to import)
     from prefect import get_client
 
     wanted = crash_automation(within_s, tag)
@@ -275,8 +276,6 @@ def _source_name(args: argparse.Namespace) -> str:
 
 
 def _deployments(args: argparse.Namespace) -> int:
-    from renkei.deployments import render
-
     text = render(config_of(args), _source_name(args))
     if args.write:
         Path(args.write).write_text(text, encoding="utf-8")
@@ -299,13 +298,9 @@ def _deployments(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    import subprocess
-
     if not os.environ.get("PREFECT_API_URL"):
         raise UsageError("set PREFECT_API_URL to the Prefect server's API (e.g. http://127.0.0.1:4200/api)")
     layout = layout_of(args)
-    from renkei.cli.config_cmd import deployment_problems
-    from renkei.deployments import render
 
     if args.prefect_file is None:  # generated from the configuration: matches its sites by construction
         folder = layout.data_dir / "prefect"

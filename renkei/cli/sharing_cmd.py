@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from renkei.cli.common import layout_of, print_json
+from renkei.errors import UsageError
 
 if TYPE_CHECKING:
     from renkei.sharing import Sharing
@@ -75,6 +76,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 @contextmanager
 def _sharing(args: argparse.Namespace) -> Iterator[Sharing]:
+    # lazy: keeps `renkei --help` fast (the catalog imports duckdb and pyarrow, ~0.3 s)
     from renkei.catalog.catalog import Catalog
     from renkei.sharing import Sharing
 
@@ -91,8 +93,6 @@ def _who(args: argparse.Namespace) -> str:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from renkei.errors import UsageError
-
     if args.despite_withdrawn_consent and not args.reason.strip():
         raise UsageError("--despite-withdrawn-consent needs a --reason (it goes into the audit log)")
     with _sharing(args) as sharing:

@@ -7,6 +7,7 @@ import datetime as dt
 from typing import TYPE_CHECKING
 
 from renkei.cli.common import layout_of, print_json, when
+from renkei.errors import UsageError
 
 if TYPE_CHECKING:
     from renkei.alerts import Round
@@ -52,12 +53,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def _check_folder(layout: Layout) -> None:
     if not layout.data_dir.is_dir():
-        from renkei.errors import UsageError
-
         raise UsageError(f"the data folder {layout.data_dir} does not exist: check --data-dir or RENKEI_DATA_DIR")
 
 
 def _watch(args: argparse.Namespace) -> int:
+    # lazy: apprise takes ~40 ms to import; only a command that sends an alert needs it
     from renkei.alerts import watch
 
     layout = layout_of(args)
@@ -82,14 +82,15 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (status and its urllib.request take ~7 ms, every command would pay it)
     from renkei.status import region_status
 
     layout = layout_of(args)
     _check_folder(layout)
     status = region_status(layout)
     if args.notify:
+        # lazy: apprise takes ~40 ms to import; only a command that sends an alert needs it
         from renkei.alerts import Sender, alert_urls, check_and_notify
-        from renkei.errors import UsageError
 
         urls = alert_urls(layout)
         if not urls:

@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _synth(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (synth imports pydicom, numpy and Pillow, ~0.25 s)
     from renkei import synth
 
     if args.patients < 1:

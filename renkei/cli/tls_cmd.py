@@ -108,6 +108,7 @@ def _ca_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_init_ca(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (cryptography takes ~30 ms to import)
     from renkei import pki
 
     config = config_of(args)
@@ -136,6 +137,7 @@ def _site_aes(site: SiteConfig) -> list[str]:
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (cryptography takes ~30 ms to import)
     from renkei import pki
 
     config = config_of(args)
@@ -164,6 +166,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_issue_all(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (cryptography takes ~30 ms to import)
     from renkei import pki
 
     config = config_of(args)
@@ -186,6 +189,7 @@ def cmd_issue_all(args: argparse.Namespace) -> int:
 
 
 def _print_issued(cert: Path, key: Path) -> None:
+    # lazy: keeps `renkei --help` fast (cryptography takes ~30 ms to import)
     from renkei import pki
 
     identity = pki.identities_of(pki.load_certificate(cert))
@@ -217,8 +221,10 @@ def _next_steps(ca_dir: Path, edges: list[tuple[SiteConfig, Path, Path]], aes: l
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (cryptography takes ~30 ms to import)
     from cryptography import x509
 
+    # lazy: keeps `renkei --help` fast (pki imports cryptography too)
     from renkei import pki
 
     cert = pki.load_certificate(Path(args.file))

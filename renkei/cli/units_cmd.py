@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
+from renkei import units
 from renkei.cli.common import default_config_path, layout_of
 
 ORDER = 40
@@ -33,9 +35,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _units(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from renkei import units
+    # lazy: keeps `renkei --help` fast (prefect takes ~1 s to import)
     from renkei.regionrun import REPO
 
     layout = layout_of(args)
