@@ -24,7 +24,6 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
@@ -39,23 +38,61 @@ from renkei.catalog.audit import AuditDraft, AuditEvent, AuditVerification
 from renkei.catalog.backup import BackupLocation, witness_problems
 from renkei.catalog.backup import check as check_catalog
 from renkei.catalog.log import REPAIR_HINT, CommitLog, FileEntry, State, new_commit_id
-from renkei.errors import CatalogDamaged, CatalogError, InvalidUID, RenkeiError, StudyOfAnotherSite, UsageError
-from renkei.records import StudyBatch, StudyInfo
+from renkei.catalog.normalise import (
+    as_ts,
+    const_column,
+    normalise_grants,
+    normalise_instances,
+    normalise_studies,
+    origin_sites_text,
+    validate_grant,
+)
+from renkei.catalog.records import (
+    CommitPlan,
+    ConflictRecord,
+    ConsentRecord,
+    GrantRecord,
+    GrantRequest,
+    LocationRecord,
+    PatientCandidate,
+    RegisterResult,
+    RegistrationBatch,
+    SiteTotals,
+    StudyRegistration,
+    StudyRow,
+    conflict_record,
+    consent_record,
+    grant_record,
+    location_record,
+    study_row,
+)
+from renkei.errors import CatalogDamaged, CatalogError, RenkeiError, StudyOfAnotherSite, UsageError
+from renkei.records import StudyBatch
+
+__all__ = [
+    "Catalog",
+    "CommitPlan",
+    "ConflictRecord",
+    "ConsentRecord",
+    "GrantRecord",
+    "GrantRequest",
+    "LocationRecord",
+    "PatientCandidate",
+    "RegisterResult",
+    "RegistrationBatch",
+    "SiteTotals",
+    "StudyRegistration",
+    "StudyRow",
+    "check_data_file",
+    "origin_sites_text",
+    "validate_grant",
+]
 
 _log = logging.getLogger(__name__)
 
 DEFAULT_AUTO_COMPACT = 16  # level-0 files per table before a writer compacts
 MAX_COMMIT_ATTEMPTS = 200
 MEMO_ROWS = 100_000  # rows of kept per-study answers (~1 KiB each), all dropped when more
-_UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
-
-STUDY_ROW_FIELDS = tables.STUDY_INFO_FIELDS + (
-    "modalities",
-    "series_count",
-    "instance_count",
-    "bytes",
-    "registered_at",
-)
 
 _STUDY_AGG = ",\n".join(
     [f"arg_max({c}, _seq) AS {c}" for c in tables.STUDY_INFO_FIELDS if c != "study_uid"]
@@ -103,13 +140,6 @@ def check_data_file(path: str, entry: FileEntry, table: str) -> None:
         _VERIFIED[path] = (st.st_size, st.st_mtime_ns, entry.sha256)
 
 
-def _const(value: Any, n: int, type_: pa.DataType | None = None) -> pa.Array:
-    """A column of `n` copies of `value` (without building a Python list)."""
-    if value is None:
-        return pa.nulls(n, type_ or pa.string())
-    return pa.repeat(pa.scalar(value, type_ or (pa.string() if isinstance(value, str) else None)), n)
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -149,209 +179,6 @@ _STUDY_KEYS = (
 
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
-
-
-# ------------------------------------------------------------------ records
-@dataclass(frozen=True)
-class StudyRow:
-    """A study as the catalog knows it: its StudyInfo plus counts derived from its instances."""
-
-    study_uid: str
-    origin_site: str
-    patient_id: str
-    issuer_of_patient_id: str
-    patient_name: str
-    patient_birth_date: str
-    patient_sex: str
-    study_date: str
-    study_time: str
-    accession_number: str
-    study_description: str
-    referring_physician: str
-    requesting_service: str
-    institution_name: str
-    study_id: str
-    specific_character_set: str
-    modalities: tuple[str, ...]
-    series_count: int
-    instance_count: int
-    bytes: int
-    registered_at: dt.datetime | None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        data["modalities"] = list(self.modalities)
-        return data
-
-    def study_info(self) -> StudyInfo:
-        return StudyInfo.from_dict(self.to_dict())
-
-
-@dataclass(frozen=True)
-class ConflictRecord:
-    """Different bytes registered under an instance's key; the new bytes belong under conflict_key."""
-
-    study_uid: str
-    sop_instance_uid: str
-    object_key: str
-    existing_sha256: str
-    new_sha256: str
-    conflict_key: str
-    origin_site: str
-    holder: str
-    at: dt.datetime | None = None
-    new_size: int | None = None
-
-    @property
-    def why(self) -> str:
-        by = self.holder.replace("edge:", "the edge of ") if self.holder.startswith("edge:") else self.holder
-        when = self.at.strftime("%Y-%m-%d %H:%M:%S UTC") if self.at else "an unknown time"
-        return (
-            f"sent again by {by} with other bytes at {when}; kept beside the first version, and current "
-            "as the latest received"
-        )
-
-
-@dataclass(frozen=True)
-class RegisterResult:
-    """What a registration changed: new instances, those already present, and conflicts."""
-
-    new_instances: int
-    already_present: int
-    conflicts: tuple[ConflictRecord, ...] = ()
-    new_series: int = 0
-    studies: tuple[str, ...] = ()
-    seq: int | None = None  # the commit, None when nothing changed
-
-
-@dataclass(frozen=True)
-class LocationRecord:
-    """One copy of a study (sop_instance_uid None) or of one instance, at a holder."""
-
-    study_uid: str
-    sop_instance_uid: str | None
-    holder: str  # 'center', 'edge:<site>', 'pacs:<site>'
-    state: str
-    verified_at: dt.datetime | None
-    detail: str
-    by: str
-    at: dt.datetime
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class GrantRecord:
-    """A grant or revocation event; `current` marks the latest event for its study and site."""
-
-    study_uid: str
-    site: str
-    action: str
-    by_kind: str
-    by: str
-    reason: str
-    rule: str | None
-    policy_version: str | None
-    at: dt.datetime
-    current: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.current and self.action == tables.GRANT
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        data["active"] = self.active
-        return data
-
-
-@dataclass(frozen=True)
-class GrantRequest:
-    """One grant or revocation to write (see Catalog.grant_many)."""
-
-    study_uid: str
-    site: str
-    by_kind: str
-    by: str
-    reason: str = ""
-    rule: str | None = None
-    policy_version: str | None = None
-    action: str = tables.GRANT
-
-
-@dataclass(frozen=True)
-class ConsentRecord:
-    site: str
-    patient_id: str
-    issuer: str
-    state: str
-    by: str
-    reason: str
-    at: dt.datetime
-
-
-@dataclass(frozen=True)
-class PatientCandidate:
-    """A site-local patient seen in the studies table, for demographic matching."""
-
-    site: str
-    patient_id: str
-    issuer: str
-    patient_name: str
-    patient_birth_date: str
-    patient_sex: str
-    studies: int
-
-
-@dataclass(frozen=True)
-class SiteTotals:
-    """Per origin site: studies, instances and bytes held, and the backlog not yet verified."""
-
-    site: str
-    studies: int
-    instances: int
-    bytes: int
-    backlog_studies: int
-    pending: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class RegistrationBatch:
-    """The instances of one origin site that one commit registered: when, how many, how many bytes."""
-
-    origin_site: str
-    at: dt.datetime
-    studies: int
-    instances: int
-    bytes: int
-
-
-@dataclass(frozen=True)
-class StudyRegistration:
-    """When a study's instances reached the catalog: its first and last registration, and counts."""
-
-    study_uid: str
-    origin_site: str
-    first_registered_at: dt.datetime
-    last_registered_at: dt.datetime
-    instances: int
-    bytes: int
-
-
-@dataclass
-class CommitPlan:
-    """What one commit adds: new rows per table, audit events, files to remove, a result."""
-
-    rows: dict[str, pa.Table] = field(default_factory=dict)
-    audit: list[AuditDraft] = field(default_factory=list)
-    prewritten: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    remove: dict[str, list[str]] = field(default_factory=dict)
-    vacuumed: list[str] = field(default_factory=list)
-    result: Any = None
 
 
 # ------------------------------------------------------------------ catalog
@@ -957,8 +784,8 @@ class Catalog:
         is given), and commits new instances, series, per-study counts, the
         holder's location and one audit event, all at once.
         """
-        studies = _normalise_studies(studies)
-        instances = _normalise_instances(instances, studies)
+        studies = normalise_studies(studies)
+        instances = normalise_instances(instances, studies)
         origin_sites = sorted(set(studies.column("origin_site").to_pylist()))
         for site in origin_sites:
             keys.validate_site(site)
@@ -1117,26 +944,26 @@ class Catalog:
         finally:
             con.unregister("_fresh")
         n = deltas.num_rows
-        deltas = deltas.append_column("registered_at", _const(now, n, tables.TS)).append_column(
-            "_seq", _const(seq, n, pa.int64())
+        deltas = deltas.append_column("registered_at", const_column(now, n, tables.TS)).append_column(
+            "_seq", const_column(seq, n, pa.int64())
         )
-        fresh = fresh.append_column("registered_at", _const(now, n_new, tables.TS)).append_column(
-            "_seq", _const(seq, n_new, pa.int64())
+        fresh = fresh.append_column("registered_at", const_column(now, n_new, tables.TS)).append_column(
+            "_seq", const_column(seq, n_new, pa.int64())
         )
-        series = series.append_column("registered_at", _const(now, series.num_rows, tables.TS)).append_column(
-            "_seq", _const(seq, series.num_rows, pa.int64())
+        series = series.append_column("registered_at", const_column(now, series.num_rows, tables.TS)).append_column(
+            "_seq", const_column(seq, series.num_rows, pa.int64())
         )
         locations = pa.table(
             {
                 "study_uid": studies.column("study_uid"),
-                "sop_instance_uid": _const("", studies.num_rows),
-                "holder": _const(holder, studies.num_rows),
-                "state": _const("present", studies.num_rows),
+                "sop_instance_uid": const_column("", studies.num_rows),
+                "holder": const_column(holder, studies.num_rows),
+                "state": const_column("present", studies.num_rows),
                 "verified_at": pa.nulls(studies.num_rows, tables.TS),
-                "detail": _const("", studies.num_rows),
-                "by": _const(actor, studies.num_rows),
-                "at": _const(now, studies.num_rows, tables.TS),
-                "_seq": _const(seq, studies.num_rows, pa.int64()),
+                "detail": const_column("", studies.num_rows),
+                "by": const_column(actor, studies.num_rows),
+                "at": const_column(now, studies.num_rows, tables.TS),
+                "_seq": const_column(seq, studies.num_rows, pa.int64()),
             }
         )
         rows = {"instances": fresh, "series": series, "studies": deltas, "locations": locations}
@@ -1247,7 +1074,7 @@ class Catalog:
     def conflicts(self, study_uid: str | None = None) -> list[ConflictRecord]:
         where, params = ("WHERE study_uid = ?", [study_uid]) if study_uid else ("", [])
         return [
-            ConflictRecord(**{k: v for k, v in r.items() if k != "_seq"})
+            conflict_record(r)
             for r in self._rows(f'SELECT * FROM conflicts {where} ORDER BY "at", sop_instance_uid', params)
         ]
 
@@ -1258,7 +1085,7 @@ class Catalog:
             [study_uid],
             memo=("studies",),
         )
-        return _study_row(rows[0]) if rows else None
+        return study_row(rows[0]) if rows else None
 
     def visible_studies(
         self,
@@ -1310,7 +1137,7 @@ class Catalog:
                 return []
             others = [r["study_uid"] for r in candidates if r["origin_site"] != site]
             granted = self._visible_among(site, others) if others else set()
-        rows = [_study_row(r) for r in candidates if r["origin_site"] == site or r["study_uid"] in granted]
+        rows = [study_row(r) for r in candidates if r["origin_site"] == site or r["study_uid"] in granted]
         rows.sort(key=lambda r: (r.study_date, r.study_time, r.study_uid))
         return rows
 
@@ -1350,7 +1177,7 @@ class Catalog:
             "ORDER BY holder, sop_instance_uid",
             [study_uid],
         )
-        return [_location(r) for r in rows]
+        return [location_record(r) for r in rows]
 
     def set_location(
         self,
@@ -1459,36 +1286,9 @@ class Catalog:
     def grant_table(self, table: pa.Table, actor_site: str = tables.CENTER, skip_unchanged: bool = True) -> int:
         """The bulk path of grant_many: columns study_uid, site, by_kind, by, and optionally action
         (default 'grant'), reason, rule, policy_version. Returns how many events were written."""
-        n = table.num_rows
-        if n == 0:
+        if table.num_rows == 0:
             return 0
-        cols = {}
-        for name, default in (
-            ("study_uid", None),
-            ("site", None),
-            ("action", tables.GRANT),
-            ("by_kind", None),
-            ("by", None),
-            ("reason", ""),
-            ("rule", None),
-            ("policy_version", None),
-        ):
-            if name in table.column_names:
-                cols[name] = table.column(name).cast(pa.string())
-            elif default is not None or name in ("rule", "policy_version"):
-                cols[name] = _const(default, n, pa.string())
-            else:
-                raise UsageError(f"grants need a {name!r} column")
-        table = pa.table(cols)
-        _check_uids(table.column("study_uid"), "Study Instance UID")
-        for value in pc.unique(table.column("site")).to_pylist():
-            keys.validate_site(value)
-        bad = set(pc.unique(table.column("action")).to_pylist()) - {tables.GRANT, tables.REVOKE}
-        if bad:
-            raise UsageError(f"grant action {sorted(bad)[0]!r} must be 'grant' or 'revoke'")
-        bad = set(pc.unique(table.column("by_kind")).to_pylist()) - set(tables.BY_KINDS)
-        if bad:
-            raise UsageError(f"grant by_kind {sorted(bad)[0]!r} must be one of {', '.join(tables.BY_KINDS)}")
+        table = normalise_grants(table)
         written = {"n": 0}
 
         def build(state: State, seq: int, now: dt.datetime) -> CommitPlan | None:
@@ -1521,8 +1321,8 @@ class Catalog:
             if todo.num_rows == 0:
                 return None
             written["n"] = todo.num_rows
-            rows = todo.append_column("at", _const(now, todo.num_rows, tables.TS)).append_column(
-                "_seq", _const(seq, todo.num_rows, pa.int64())
+            rows = todo.append_column("at", const_column(now, todo.num_rows, tables.TS)).append_column(
+                "_seq", const_column(seq, todo.num_rows, pa.int64())
             )
             drafts = [
                 AuditDraft(
@@ -1554,7 +1354,7 @@ class Catalog:
             [study_uid],
             memo=("grants",),
         )
-        return [_grant(r) for r in rows]
+        return [grant_record(r) for r in rows]
 
     def active_grants_for_site(self, site: str) -> list[GrantRecord]:
         """The grants currently active for `site` (one per study)."""
@@ -1563,7 +1363,7 @@ class Catalog:
             "FROM grants WHERE site = ?) WHERE rn = 1 AND action = 'grant' ORDER BY study_uid",
             [site],
         )
-        return [_grant({**r, "current": True}) for r in rows]
+        return [grant_record({**r, "current": True}) for r in rows]
 
     # ---------------------------------------------------------- consents
     def set_consent(
@@ -1610,14 +1410,14 @@ class Catalog:
             [site, patient_id, issuer],
             memo=("consents",),
         )
-        return ConsentRecord(**{k: v for k, v in rows[0].items() if k != "_seq"}) if rows else None
+        return consent_record(rows[0]) if rows else None
 
     def withdrawn_consents(self) -> list[ConsentRecord]:
         rows = self._rows(
             "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY site, patient_id, issuer "
             "ORDER BY _seq DESC) AS rn FROM consents) WHERE rn = 1 AND state = 'withdrawn'"
         )
-        return [ConsentRecord(**{k: v for k, v in r.items() if k not in ("_seq", "rn")}) for r in rows]
+        return [consent_record(r) for r in rows]
 
     # ---------------------------------------------------------- patient links
     def link_patients(
@@ -1817,10 +1617,10 @@ class Catalog:
         params: list[Any] = []
         if since is not None:
             where.append("registered_at >= ?::TIMESTAMPTZ")
-            params.append(_as_ts(since))
+            params.append(as_ts(since))
         if until is not None:
             where.append("registered_at < ?::TIMESTAMPTZ")
-            params.append(_as_ts(until))
+            params.append(as_ts(until))
         rows = self._rows(
             "SELECT origin_site, registered_at AS at, count(DISTINCT study_uid) AS studies, count(*) AS instances, "
             "coalesce(sum(size), 0)::BIGINT AS bytes FROM instances "
@@ -1843,7 +1643,7 @@ class Catalog:
         having, params = [], []
         if since is not None:
             having.append("max(registered_at) >= ?::TIMESTAMPTZ")
-            params.append(_as_ts(since))
+            params.append(as_ts(since))
         rows = self._rows(
             "SELECT study_uid, any_value(origin_site) AS origin_site, min(registered_at) AS first_at, "
             "max(registered_at) AS last_at, count(*) AS instances, coalesce(sum(size), 0)::BIGINT AS bytes "
@@ -1941,7 +1741,7 @@ class Catalog:
                 else 0
             )
         )
-        return total, [_study_row(r) for r in rows]
+        return total, [study_row(r) for r in rows]
 
     def series_summaries(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         """The series of several studies with their registered instance counts, by study, in one query."""
@@ -1976,7 +1776,7 @@ class Catalog:
         )
         out: dict[str, list[LocationRecord]] = {uid: [] for uid in study_uids}
         for r in rows:
-            out.setdefault(r["study_uid"], []).append(_location(r))
+            out.setdefault(r["study_uid"], []).append(location_record(r))
         return out
 
     def visibility_counts(self) -> dict[tuple[str, str], int]:
@@ -2002,7 +1802,7 @@ class Catalog:
             params.append(list(actions))
         if since is not None:
             where.append('"at" >= ?::TIMESTAMPTZ')
-            params.append(_as_ts(since))
+            params.append(as_ts(since))
         rows = self._rows(
             "SELECT * FROM audit "
             + (f"WHERE {' AND '.join(where)} " if where else "")
@@ -2027,7 +1827,7 @@ class Catalog:
             params.append(by)
         if since is not None:
             where.append('"at" >= ?::TIMESTAMPTZ')
-            params.append(_as_ts(since))
+            params.append(as_ts(since))
         rows = self._rows(
             "SELECT * FROM (SELECT study_uid, sop_instance_uid, holder, arg_max(state, _seq) AS state, "
             "arg_max(verified_at, _seq) AS verified_at, arg_max(detail, _seq) AS detail, "
@@ -2038,7 +1838,7 @@ class Catalog:
             + (f" LIMIT {int(limit)}" if limit else ""),
             params,
         )
-        return [_location(r) for r in rows]
+        return [location_record(r) for r in rows]
 
     # ---------------------------------------------------------- audit
     def append_audit(
@@ -2089,10 +1889,10 @@ class Catalog:
             params.extend([site, site])
         if since is not None:
             where.append('"at" >= ?::TIMESTAMPTZ')
-            params.append(_as_ts(since))
+            params.append(as_ts(since))
         if until is not None:
             where.append('"at" < ?::TIMESTAMPTZ')
-            params.append(_as_ts(until))
+            params.append(as_ts(until))
         if event_from is not None:
             where.append("event_no >= ?")
             params.append(event_from)
@@ -2190,160 +1990,3 @@ class Catalog:
         from renkei.catalog.compaction import compact
 
         return compact(self, force=force)
-
-
-# ------------------------------------------------------------------ helpers
-def origin_sites_text(values: Iterable[str]) -> str:
-    sites = sorted(set(values))
-    return sites[0] if len(sites) == 1 else ",".join(sites)
-
-
-def validate_grant(r: GrantRequest) -> None:
-    if r.action not in (tables.GRANT, tables.REVOKE):
-        raise UsageError(f"grant action {r.action!r} must be 'grant' or 'revoke'")
-    if r.by_kind not in tables.BY_KINDS:
-        raise UsageError(f"grant by_kind {r.by_kind!r} must be one of {', '.join(tables.BY_KINDS)}")
-    keys.validate_site(r.site)
-    from renkei.uids import validate_uid
-
-    validate_uid(r.study_uid, "Study Instance UID")
-
-
-def _as_ts(value: dt.datetime | str) -> str:
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
-        return value.isoformat()
-    return value
-
-
-def _study_row(r: dict[str, Any]) -> StudyRow:
-    data: dict[str, Any] = {f: r.get(f) for f in StudyRow.__dataclass_fields__}
-    for f in tables.STUDY_INFO_FIELDS:
-        data[f] = data[f] or ""
-    data["modalities"] = tuple(m for m in (r.get("modalities") or []) if m)
-    for f in ("series_count", "instance_count", "bytes"):
-        data[f] = int(data[f] or 0)
-    return StudyRow(**data)
-
-
-def _location(r: dict[str, Any]) -> LocationRecord:
-    """A locations row as a record (a study-level row has no SOP Instance UID)."""
-    return LocationRecord(
-        r["study_uid"],
-        r.get("sop_instance_uid") or None,
-        r["holder"],
-        r["state"],
-        r["verified_at"],
-        r["detail"] or "",
-        r["by"] or "",
-        r["at"],
-    )
-
-
-def _grant(r: dict[str, Any]) -> GrantRecord:
-    return GrantRecord(
-        r["study_uid"],
-        r["site"],
-        r["action"],
-        r["by_kind"],
-        r["by"],
-        r["reason"] or "",
-        r["rule"],
-        r["policy_version"],
-        r["at"],
-        bool(r.get("current")),
-    )
-
-
-def _check_uids(column: pa.ChunkedArray | pa.Array, what: str) -> None:
-    ok = pc.and_(pc.match_substring_regex(column, _UID_PATTERN), pc.less_equal(pc.utf8_length(column), 64))
-    ok = pc.fill_null(ok, False)
-    if not pc.all(ok).as_py():
-        bad = column.filter(pc.invert(ok))
-        shown = bad[0].as_py() if len(bad) else None
-        raise InvalidUID(
-            f"{what} {str(shown)[:80]!r} is not a valid DICOM UID (digits and dots, at most 64 characters)"
-        )
-
-
-def _column(table: pa.Table, name: str, type_: pa.DataType, default: Any) -> pa.Array | pa.ChunkedArray:
-    if name in table.column_names:
-        col = table.column(name)
-        if col.type != type_:
-            col = col.cast(type_)
-        if default is not None:
-            col = pc.fill_null(col, default)
-        return col
-    return _const(default, table.num_rows, type_)
-
-
-def _normalise_studies(studies: pa.Table) -> pa.Table:
-    for name in ("study_uid", "origin_site", "patient_id"):
-        if name not in studies.column_names:
-            raise UsageError(f"the studies table needs a {name!r} column")
-    _check_uids(studies.column("study_uid"), "Study Instance UID")
-    cols = {name: _column(studies, name, pa.string(), "") for name in tables.STUDY_INFO_FIELDS}
-    if "modalities" in studies.column_names:
-        cols["modalities"] = studies.column("modalities").cast(pa.list_(pa.string()))
-    else:
-        cols["modalities"] = pa.array([[] for _ in range(studies.num_rows)], pa.list_(pa.string()))
-    out = pa.table(cols)
-    if pc.count_distinct(out.column("study_uid")).as_py() != out.num_rows:
-        raise UsageError("the studies table lists a Study Instance UID twice; give each study once")
-    return out
-
-
-_INSTANCE_COLUMNS = (
-    ("study_uid", pa.string(), None),
-    ("series_uid", pa.string(), None),
-    ("sop_instance_uid", pa.string(), None),
-    ("sop_class_uid", pa.string(), ""),
-    ("transfer_syntax_uid", pa.string(), ""),
-    ("size", pa.int64(), None),
-    ("sha256", pa.string(), None),
-    ("instance_number", pa.int64(), None),
-    ("modality", pa.string(), ""),
-    ("series_number", pa.int64(), None),
-    ("series_description", pa.string(), ""),
-)
-
-
-def _normalise_instances(instances: pa.Table | None, studies: pa.Table) -> pa.Table:
-    """Instance rows with validated UIDs, origin_site and object_key columns."""
-    if instances is None or instances.num_rows == 0:
-        schema = pa.schema(
-            [(n, t) for n, t, _ in _INSTANCE_COLUMNS] + [("origin_site", pa.string()), ("object_key", pa.string())]
-        )
-        return schema.empty_table()
-    for name in ("study_uid", "series_uid", "sop_instance_uid", "size", "sha256"):
-        if name not in instances.column_names:
-            raise UsageError(f"the instances table needs a {name!r} column")
-    cols = {name: _column(instances, name, type_, default) for name, type_, default in _INSTANCE_COLUMNS}
-    for name, what in (
-        ("study_uid", "Study Instance UID"),
-        ("series_uid", "Series Instance UID"),
-        ("sop_instance_uid", "SOP Instance UID"),
-    ):
-        _check_uids(cols[name], what)
-    sha_ok = pc.fill_null(pc.match_substring_regex(cols["sha256"], r"^[0-9a-f]{64}$"), False)
-    if not pc.all(sha_ok).as_py():
-        raise UsageError("an instance's sha256 is not 64 lower-case hex digits")
-    table = pa.table(cols)
-    idx = pc.index_in(table.column("study_uid"), value_set=studies.column("study_uid"))
-    if idx.null_count:
-        raise UsageError("every instance's study_uid must be one of the studies registered with it")
-    table = table.append_column("origin_site", studies.column("origin_site").take(idx))
-    if "object_key" in instances.column_names:
-        table = table.append_column("object_key", instances.column("object_key").cast(pa.string()))
-    else:
-        key = pc.binary_join_element_wise(
-            _const(keys.OBJECTS_PREFIX, table.num_rows),
-            table.column("origin_site"),
-            table.column("study_uid"),
-            table.column("series_uid"),
-            pc.binary_join_element_wise(table.column("sop_instance_uid"), _const(".dcm", table.num_rows), ""),
-            "/",
-        )
-        table = table.append_column("object_key", key)
-    return table
