@@ -1,10 +1,8 @@
 """The catalog: where every study is and who may see it, as Parquet beside the objects.
 
-DuckDB is the query engine; the data are immutable Parquet files listed by a
-commit log (catalog.log), so the same code runs on a local folder and on S3 and
-several processes can write at once: each commit writes new files, then wins a
-log number with an exclusive create, or re-checks and retries. Readers see a
-whole commit or nothing. See docs/catalog.md for the design.
+The storage, the local file cache, DuckDB's views, the one query path and the
+commit are catalog.engine's TableEngine; the records are catalog.records, the
+input normalisers catalog.normalise. See docs/catalog.md for the design.
 """
 
 from __future__ import annotations
@@ -12,32 +10,25 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import logging
 import os
-import random
-import shutil
-import socket
-import tempfile
-import threading
-import time
 import uuid
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import duckdb
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from renkei.catalog import audit as audit_mod
 from renkei.catalog import fs as cfs
 from renkei.catalog import keys, tables
 from renkei.catalog.audit import AuditDraft, AuditEvent, AuditVerification
-from renkei.catalog.backup import BackupLocation, witness_problems
+from renkei.catalog.backup import BackupLocation
 from renkei.catalog.backup import check as check_catalog
-from renkei.catalog.log import REPAIR_HINT, CommitLog, FileEntry, State, new_commit_id
+from renkei.catalog.compaction import CompactionResult, compact
+from renkei.catalog.engine import DEFAULT_AUTO_COMPACT, TableEngine, check_data_file, sql_str
+from renkei.catalog.log import CommitLog, FileEntry, State
 from renkei.catalog.normalise import (
     as_ts,
     const_column,
@@ -66,7 +57,8 @@ from renkei.catalog.records import (
     location_record,
     study_row,
 )
-from renkei.errors import CatalogDamaged, CatalogError, RenkeiError, StudyOfAnotherSite, UsageError
+from renkei.catalog.search import Search
+from renkei.errors import CatalogDamaged, CatalogError, StudyOfAnotherSite, UsageError
 from renkei.records import StudyBatch
 
 __all__ = [
@@ -88,12 +80,6 @@ __all__ = [
     "validate_grant",
 ]
 
-_log = logging.getLogger(__name__)
-
-DEFAULT_AUTO_COMPACT = 16  # level-0 files per table before a writer compacts
-MAX_COMMIT_ATTEMPTS = 200
-MEMO_ROWS = 100_000  # rows of kept per-study answers (~1 KiB each), all dropped when more
-
 _STUDY_AGG = ",\n".join(
     [f"arg_max({c}, _seq) AS {c}" for c in tables.STUDY_INFO_FIELDS if c != "study_uid"]
     + [
@@ -104,44 +90,6 @@ _STUDY_AGG = ",\n".join(
         "min(registered_at) AS registered_at",
     ]
 )
-
-
-# Data files this process has checked against their log entry: path -> (size, mtime_ns, sha256).
-# Files are immutable, so a file is hashed once per process, and again only if it changes on disk.
-_VERIFIED: dict[str, tuple[int, int, str]] = {}
-_VERIFIED_LOCK = threading.Lock()
-
-
-def check_data_file(path: str, entry: FileEntry, table: str) -> None:
-    """Raise CatalogDamaged unless the local file at `path` holds what `entry` recorded."""
-    if not entry.sha256:
-        return  # written before checksums were recorded
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise CatalogDamaged(
-            f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is missing: {REPAIR_HINT}"
-        ) from None
-    with _VERIFIED_LOCK:
-        if _VERIFIED.get(path) == (st.st_size, st.st_mtime_ns, entry.sha256):
-            return
-    if entry.size >= 0 and st.st_size != entry.size:
-        raise CatalogDamaged(
-            f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is truncated "
-            f"or altered: {st.st_size} bytes where {entry.size} were written; {REPAIR_HINT}"
-        )
-    digest, _size = cfs.sha256_file(path)
-    if digest != entry.sha256:
-        raise CatalogDamaged(
-            f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is altered: "
-            f"its SHA-256 is not the one recorded when it was written; {REPAIR_HINT}"
-        )
-    with _VERIFIED_LOCK:
-        _VERIFIED[path] = (st.st_size, st.st_mtime_ns, entry.sha256)
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def _visible_sql(studies: str, one_site: bool) -> str:
@@ -177,17 +125,13 @@ _STUDY_KEYS = (
 )
 
 
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-# ------------------------------------------------------------------ catalog
 class Catalog:
     """The catalog at `url` (a folder or s3://bucket/prefix).
 
     One instance per process (or thread-safe behind its lock); any number of
     processes may open the same url and write at once. Every query first
-    catches up with the commits other writers made.
+    catches up with the commits other writers made. `engine` (catalog.engine)
+    holds the storage, the file cache, DuckDB and the commit.
     """
 
     def __init__(
@@ -206,61 +150,21 @@ class Catalog:
         backup_s3_options: Any = None,
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.url = url
-        self.fs, self.root = cfs.open_filesystem(url, s3_options)
-        self.local = cfs.is_local(self.fs)
-        self.log = CommitLog(self.fs, self.root)
-        self.writer = writer or f"{socket.gethostname()}:{os.getpid()}"
-        self.auto_compact = auto_compact
-        self.vacuum_grace_s = vacuum_grace_s
-        self._lock = threading.RLock()
-        self._state: State | None = None
-        self._views_seq = -1
-        # answers of the small per-study queries every C-FIND, C-MOVE and decision asks, kept while the
-        # tables they read are unchanged: (sql, params) -> (tables' version, rows)
-        self._memo: dict[tuple[str, tuple[Any, ...]], tuple[tuple[tuple[int, int], ...], list[dict[str, Any]]]] = {}
-        self._memo_rows = 0
-        self._executor: ThreadPoolExecutor | None = None
-        self.background_compaction = background_compaction
-        self._compactor: threading.Thread | None = None
-        self._compact_con: duckdb.DuckDBPyConnection | None = None
-        self._tmpdir = tempfile.mkdtemp(prefix="renkei-catalog-")
-        weakref.finalize(self, shutil.rmtree, self._tmpdir, True)  # also when close() is never called
-        # On S3, immutable data files are read from a local copy (see read_path). With `cache_dir` the
-        # copies outlive this object and are shared by every process of the machine (a task's catalog
-        # no longer downloads every live file again); a copy found there is checked against its log
-        # entry once per process before it is used.
-        self._shared_cache = cache_dir is not None and cache and not self.local
-        if not cache or self.local:
-            self._cache_dir: str | None = None
-        elif cache_dir is not None:
-            self._cache_dir = os.fspath(cache_dir)
-            os.makedirs(self._cache_dir, exist_ok=True)
-        else:
-            self._cache_dir = os.path.join(self._tmpdir, "files")
-        self._cached: set[str] = set()
-        self._pruned_at = 0.0
-        # the second location: the witness after every commit, backups (catalog/backup.py)
-        self.backup: BackupLocation | None = (
-            BackupLocation(backup_url, backup_s3_options if backup_s3_options is not None else s3_options)
-            if backup_url
-            else None
+        self._engine = TableEngine(
+            url,
+            s3_options,
+            writer=writer,
+            auto_compact=auto_compact,
+            memory_limit=memory_limit,
+            threads=threads,
+            vacuum_grace_s=vacuum_grace_s,
+            background_compaction=background_compaction,
+            cache=cache,
+            backup_url=backup_url,
+            backup_s3_options=backup_s3_options,
+            cache_dir=cache_dir,
+            compactor=compact,
         )
-        self._witness_seq = 0
-        self.con = duckdb.connect(
-            config={
-                "memory_limit": memory_limit,
-                "threads": threads or max(1, min(4, os.cpu_count() or 1)),
-                "preserve_insertion_order": False,
-                "temp_directory": self._tmpdir,
-            }
-        )
-        self.con.execute("SET parquet_metadata_cache = true")
-        self.con.execute("SET enable_external_file_cache = false")
-        if not self.local:
-            self.con.register_filesystem(self.fs)
-        for name, spec in tables.TABLES.items():
-            self.con.register(f"_empty_{name}", spec.schema.empty_table())
 
     @classmethod
     def from_layout(cls, layout: Any, **kwargs: Any) -> Catalog:
@@ -277,16 +181,7 @@ class Catalog:
         return cls(url, layout.config.center.s3, **kwargs)
 
     def close(self) -> None:
-        self.wait_for_compaction()
-        with self._lock:
-            if self._executor is not None:
-                self._executor.shutdown()
-            try:
-                if self._compact_con is not None:
-                    self._compact_con.close()
-                self.con.close()
-            finally:
-                shutil.rmtree(self._tmpdir, ignore_errors=True)
+        self._engine.close()
 
     def __enter__(self) -> Catalog:
         return self
@@ -294,443 +189,99 @@ class Catalog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------ internals
-    def abs_path(self, rel: str) -> str:
-        """The path DuckDB and fsspec use for a file named relative to the catalog root."""
-        full = cfs.join(self.root, rel)
-        return full if self.local else f"s3://{full}"
+    # ---------------------------------------------------------- the engine's (catalog.engine)
+    @property
+    def engine(self) -> TableEngine:
+        """The table engine every repository of this catalog shares (what compaction drives)."""
+        return self._engine
 
-    def read_path(self, rel: str) -> str:
-        """Where to read a data file: its own path, or (S3 with a cache) the local copy of it.
+    @property
+    def url(self) -> str:
+        return self._engine.url
 
-        Data files are immutable (a new name for every write), so a local copy
-        never goes stale: the reader on S3 then runs at local-disk speed.
-        """
-        if self._cache_dir is None:
-            return self.abs_path(rel)
-        self._fetch([rel])
-        return os.path.join(self._cache_dir, rel)
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self._engine.fs
 
-    def _fetch(self, rels: Iterable[str], entries: Mapping[str, tuple[str, FileEntry]] | None = None) -> None:
-        """Copy data files into the local cache; those in `entries` are checked before they are used."""
-        assert self._cache_dir is not None
-        missing = []
-        for rel in rels:
-            local = os.path.join(self._cache_dir, rel)
-            if not os.path.exists(local):
-                missing.append(rel)
-            elif self._shared_cache and entries is not None and rel in entries:
-                table, entry = entries[rel]
-                try:  # left by another process (or an earlier run): its bytes, once per process
-                    check_data_file(local, entry, table)
-                except CatalogDamaged:
-                    _log.warning("a cached copy of catalog file %s did not match its log entry: fetched again", rel)
-                    os.unlink(local)
-                    missing.append(rel)
-        if not missing:
-            return
-        temps = []
-        for rel in missing:
-            local = os.path.join(self._cache_dir, rel)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            temps.append(cfs.temp_sibling(local))
-        try:
-            try:
-                self.fs.get([cfs.join(self.root, r) for r in missing], temps)
-            except FileNotFoundError:
-                gone = [r for r in missing if not cfs.exists(self.fs, cfs.join(self.root, r))]
-                if entries is None or not any(r in entries for r in gone):
-                    raise
-                table, entry = entries[next(r for r in gone if r in entries)]
-                raise CatalogDamaged(
-                    f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is missing: {REPAIR_HINT}"
-                ) from None
-            for rel, tmp in zip(missing, temps):
-                if entries is not None and rel in entries:
-                    table, entry = entries[rel]
-                    check_data_file(tmp, entry, table)
-                os.replace(tmp, os.path.join(self._cache_dir, rel))
-        finally:
-            for tmp in temps:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+    @property
+    def root(self) -> str:
+        return self._engine.root
 
-    def _prune_cache(self, state: State) -> None:
-        if self._cache_dir is None:
-            return
-        keep = {p for files in state.files.values() for p in files} | {p for p, _ in state.removed}
-        if self._shared_cache:
-            self._prune_shared(keep)
-            return
-        for rel in list(self._cached):
-            if rel not in keep:
-                try:
-                    os.unlink(os.path.join(self._cache_dir, rel))
-                except FileNotFoundError:
-                    pass
-                self._cached.discard(rel)
+    @property
+    def local(self) -> bool:
+        return self._engine.local
 
-    SHARED_PRUNE_EVERY_S = 300.0
+    @property
+    def log(self) -> CommitLog:
+        return self._engine.log
 
-    def _prune_shared(self, keep: set[str]) -> None:
-        """Copies in the shared cache no state of ours needs, and untouched for the vacuum grace (another
-        process on a newer state may have just fetched them), are removed; at most every 5 minutes."""
-        now = time.time()
-        if now - self._pruned_at < self.SHARED_PRUNE_EVERY_S:
-            return
-        self._pruned_at = now
-        assert self._cache_dir is not None
-        for folder, _dirs, files in os.walk(self._cache_dir):
-            for name in files:
-                path = os.path.join(folder, name)
-                rel = os.path.relpath(path, self._cache_dir).replace(os.sep, "/")
-                if rel in keep:
-                    continue
-                try:
-                    if now - os.stat(path).st_mtime > self.vacuum_grace_s:
-                        os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        self._cached &= keep
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        return self._engine.con
 
-    def refresh(self) -> State:
-        """Catch up with every commit made so far (by any process); returns the state."""
-        with self._lock:
-            try:
-                if self._state is None:
-                    self._state = self._check_witness(self.log.load())
-                else:
-                    self._state = self.log.catch_up(self._state)
-            except RenkeiError:
-                raise
-            except Exception as exc:  # storage clients raise many types (botocore, aiohttp, OSError)
-                raise CatalogError(
-                    f"the catalog at {self.url} cannot be read: {exc}; check the center's "
-                    "storage (endpoint, credentials, disk)"
-                ) from exc
-            return self._state
+    @property
+    def writer(self) -> str:
+        return self._engine.writer
+
+    @property
+    def backup(self) -> BackupLocation | None:
+        return self._engine.backup
+
+    @property
+    def auto_compact(self) -> int | None:
+        return self._engine.auto_compact
+
+    @auto_compact.setter
+    def auto_compact(self, value: int | None) -> None:
+        self._engine.auto_compact = value
+
+    @property
+    def background_compaction(self) -> bool:
+        return self._engine.background_compaction
+
+    @background_compaction.setter
+    def background_compaction(self, value: bool) -> None:
+        self._engine.background_compaction = value
+
+    @property
+    def vacuum_grace_s(self) -> float:
+        return self._engine.vacuum_grace_s
+
+    @vacuum_grace_s.setter
+    def vacuum_grace_s(self, value: float) -> None:
+        self._engine.vacuum_grace_s = value
 
     @property
     def state(self) -> State:
-        return self.refresh()
+        return self._engine.refresh()
 
-    def _ensure_views(self) -> None:
-        state = self.refresh()
-        if self._views_seq == state.seq:
-            return
-        for attempt in range(2):
-            try:
-                self._check_live_files(state)
-                break
-            except CatalogDamaged:
-                if attempt:
-                    raise
-                # a compaction may have removed and vacuumed a file since this state: re-read once
-                self._state = None
-                state = self.refresh()
-        for name in tables.TABLES:
-            files = sorted(state.files.get(name, {}).values(), key=lambda f: (f.seq, f.path))
-            if files:
-                listing = ", ".join(_sql_str(self.read_path(f.path)) for f in files)
-                # by name: a column added to a table later is NULL in the files written before it
-                sql = (
-                    f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet([{listing}]"
-                    f"{', union_by_name = true' if name == 'conflicts' else ''})"
-                )
-            else:
-                sql = f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM _empty_{name}"
-            self.con.execute(sql)
-        self._views_seq = state.seq
+    def refresh(self) -> State:
+        """Catch up with every commit made so far (by any process); returns the state."""
+        return self._engine.refresh()
 
-    def _check_live_files(self, state: State) -> None:
-        """Every live data file is there and holds the bytes its log entry recorded (CatalogDamaged if not).
+    def abs_path(self, rel: str) -> str:
+        """The path DuckDB and fsspec use for a file named relative to the catalog root."""
+        return self._engine.abs_path(rel)
 
-        Locally each file is hashed once per process (then only its size and
-        time are compared); on S3 each file is checked as it is copied into
-        the local cache. Without a cache (cache=False) only the nightly check
-        reads the files on S3.
-        """
-        entries = {f.path: (t, f) for t, files in state.files.items() for f in files.values()}
-        if self._cache_dir is not None:
-            live = list(entries)
-            self._fetch(live, entries)
-            self._cached.update(live)
-            self._prune_cache(state)
-        elif self.local:
-            for rel, (table, entry) in entries.items():
-                check_data_file(self.abs_path(rel), entry, table)
+    def read_path(self, rel: str) -> str:
+        """Where to read a data file: its own path, or (S3 with a cache) the local copy of it."""
+        return self._engine.read_path(rel)
 
-    def _arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
-        """Run a query over the current state; retries once if compaction removed a file meanwhile."""
-        with self._lock:
-            for attempt in range(3):
-                self._ensure_views()
-                try:
-                    return self.con.sql(sql, params=list(params or [])).to_arrow_table()
-                except (duckdb.IOException, duckdb.HTTPException, FileNotFoundError) as exc:
-                    if attempt == 2:
-                        raise CatalogError(f"catalog at {self.url} could not be read: {exc}") from None
-                    self._views_seq = -1
-                    self._state = None  # re-read from the latest checkpoint
-            raise AssertionError("unreachable")
+    def file_counts(self) -> dict[str, int]:
+        """How many live Parquet files each table has (what compaction keeps small)."""
+        return self._engine.file_counts()
 
-    def _tables_version(self, names: Sequence[str]) -> tuple[tuple[int, int], ...]:
-        """Changes whenever a commit adds or removes a data file of one of the tables (by any process).
-
-        A commit that adds a file raises its table's highest file seq; one that only removes files
-        lowers the count: the pair never comes back to an earlier value.
-        """
-        state = self.refresh()
-        out = []
-        for name in names:
-            files = state.files.get(name, {})
-            out.append((len(files), max((f.seq for f in files.values()), default=0)))
-        return tuple(out)
-
-    def _rows(self, sql: str, params: Sequence[Any] | None = None, memo: Sequence[str] = ()) -> list[dict[str, Any]]:
-        """Rows as dicts (the fast path for small answers).
-
-        With `memo` (the tables the query reads), the answer is kept and given again, as copies, until
-        a commit changes one of those tables: the questions a C-MOVE asks cost a DuckDB query each.
-        """
-        with self._lock:
-            key = (sql, tuple(params or ()))
-            if memo:
-                version = self._tables_version(memo)
-                hit = self._memo.get(key)
-                if hit is not None and hit[0] == version:
-                    return [dict(r) for r in hit[1]]
-            for attempt in range(3):
-                self._ensure_views()
-                try:
-                    cur = self.con.execute(sql, list(params or []))
-                    names = [d[0] for d in cur.description]
-                    rows = [dict(zip(names, row)) for row in cur.fetchall()]
-                    if memo and len(rows) <= MEMO_ROWS // 10:
-                        self._memo_rows += len(rows) + 1
-                        if self._memo_rows > MEMO_ROWS:
-                            self._memo.clear()
-                            self._memo_rows = len(rows) + 1
-                        self._memo[key] = (version, [dict(r) for r in rows])
-                    return rows
-                except (duckdb.IOException, duckdb.HTTPException, FileNotFoundError) as exc:
-                    if attempt == 2:
-                        raise CatalogError(f"catalog at {self.url} could not be read: {exc}") from None
-                    self._views_seq = -1
-                    self._state = None
-            raise AssertionError("unreachable")
-
-    def _write_file(self, table: str, data: pa.Table, level: int = 0) -> dict[str, Any]:
-        """Write `data` as a new immutable Parquet file of `table`; returns its log record."""
-        spec = tables.TABLES[table]
-        data = data.select(spec.schema.names).cast(spec.schema)
-        if level == 0 and data.num_rows > 1:
-            data = data.sort_by([(k, "ascending") for k in spec.sort_keys])
-        rel = f"data/{table}/L{level}-{uuid.uuid4().hex}.parquet"
-        path = cfs.join(self.root, rel)
-        kwargs = dict(spec.parquet_options(), row_group_size=spec.row_group_size)
-        sink = pa.BufferOutputStream()
-        pq.write_table(data, sink, **kwargs)
-        payload = sink.getvalue()
-        digest = hashlib.sha256(payload).hexdigest()
-        if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as handle:  # a new name: nobody reads it before the commit
-                handle.write(payload)
-            _VERIFIED[path] = (payload.size, os.stat(path).st_mtime_ns, digest)
-        else:
-            self.fs.pipe_file(path, payload.to_pybytes())
-            if self._cache_dir is not None:  # what we wrote needs no download
-                local = os.path.join(self._cache_dir, rel)
-                os.makedirs(os.path.dirname(local), exist_ok=True)
-                tmp = cfs.temp_sibling(local)
-                with open(tmp, "wb") as handle:
-                    handle.write(payload)
-                os.replace(tmp, local)  # whole or not at all: the cache may be shared
-                with _VERIFIED_LOCK:
-                    _VERIFIED[local] = (payload.size, os.stat(local).st_mtime_ns, digest)
-        return {"path": rel, "rows": data.num_rows, "level": level, "sha256": digest, "size": payload.size}
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="catalog-write")
-        return self._executor
-
-    def _delete_files(self, rels: Iterable[str]) -> None:
-        for rel in rels:
-            path = cfs.join(self.root, rel)
-            try:
-                if self.local:
-                    os.unlink(path)
-                else:
-                    self.fs.rm_file(path)
-            except FileNotFoundError:
-                pass
-
-    def _commit(
-        self, kind: str, build: Callable[[State, int, dt.datetime], CommitPlan | None], actor_site: str = tables.CENTER
-    ) -> tuple[int | None, Any]:
-        """Build a plan against the latest state and commit it as the next log entry.
-
-        `build(state, seq, now)` returns the plan, or None when there is nothing
-        to change. When another writer takes the number first, the plan is
-        rebuilt against the new state (so its checks see that writer's rows).
-        Returns (seq or None, plan.result).
-        """
-        with self._lock:
-            for attempt in range(MAX_COMMIT_ATTEMPTS):
-                state = self.refresh()
-                seq = state.seq + 1
-                now = _now()
-                plan = build(state, seq, now)
-                if plan is None:
-                    return None, None
-                written: list[str] = []
-                add: dict[str, list[dict[str, Any]]] = {t: list(v) for t, v in plan.prewritten.items()}
-                try:
-                    todo = [(name, data) for name, data in plan.rows.items() if data is not None and data.num_rows]
-                    if len(todo) > 1 and sum(d.num_rows for _, d in todo) > 20_000:
-                        records = list(self._pool().map(lambda item: (item[0], self._write_file(*item)), todo))
-                    else:
-                        records = [(name, self._write_file(name, data)) for name, data in todo]
-                    for name, record in records:
-                        written.append(record["path"])
-                        add.setdefault(name, []).append(record)
-                    entry: dict[str, Any] = {
-                        "kind": kind,
-                        "writer": self.writer,
-                        "time": time.time(),
-                        "commit_id": new_commit_id(),
-                        "prev": state.last_commit,
-                    }
-                    if plan.audit:
-                        rows, head = audit_mod.build_rows(
-                            plan.audit, state.audit_count + 1, state.audit_head or audit_mod.GENESIS, now, seq
-                        )
-                        record = self._write_file("audit", rows)
-                        written.append(record["path"])
-                        add.setdefault("audit", []).append(record)
-                        entry["audit"] = {
-                            "prev_count": state.audit_count,
-                            "count": state.audit_count + len(plan.audit),
-                            "head": head,
-                        }
-                    entry["add"] = add
-                    if plan.remove:
-                        entry["remove"] = plan.remove
-                    if plan.vacuumed:
-                        entry["vacuumed"] = plan.vacuumed
-                except BaseException:
-                    self._delete_files(written)  # nothing refers to them yet
-                    raise
-                # From here on the entry may exist even when an error is raised (a lost reply):
-                # try_create reads it back, and its files are kept unless another writer's entry won.
-                won = self.log.try_create(seq, entry)
-                if won:
-                    new_state = state.copy()
-                    new_state.apply(seq, json.loads(json.dumps({**entry, "seq": seq})))
-                    self._state = new_state
-                    if plan.audit:
-                        self._write_anchor(new_state)
-                    self._write_witness(new_state)
-                    if kind != "compact":
-                        self._maybe_compact(new_state)
-                    return seq, plan.result
-                self._delete_files(written)
-                time.sleep(random.uniform(0, min(0.05, 0.002 * (attempt + 1))))
-            raise CatalogError(
-                f"could not commit to the catalog at {self.url} after {MAX_COMMIT_ATTEMPTS} attempts: "
-                "too many concurrent writers; retry later"
-            )
-
-    def _check_witness(self, state: State) -> State:
-        """CatalogDamaged when the witness (or the anchor in the catalog) knows of commits the log lacks.
-
-        Other writers keep committing while this runs: a witness ahead of the
-        state is only damage if it is still ahead after catching up again.
-        """
-        problems = self._witness_problems(state)
-        if problems:
-            state = self.log.catch_up(state)
-            problems = self._witness_problems(state)
-        if problems:
-            raise CatalogDamaged(f"the catalog at {self.url} is damaged: {'; '.join(problems)}; {REPAIR_HINT}")
-        self._witness_seq = state.seq
-        return state
-
-    def _witness_problems(self, state: State) -> list[str]:
-        problems: list[str] = []
-        try:
-            anchor = json.loads(cfs.read_bytes(self.fs, cfs.join(self.root, audit_mod.ANCHOR)))
-            if int(anchor.get("seq", 0)) > state.seq:
-                problems.append(
-                    f"the catalog's log ends at entry {state.seq}, but its audit anchor was written "
-                    f"at entry {anchor['seq']}: entries are missing"
-                )
-        except (FileNotFoundError, ValueError, AttributeError):
-            pass
-        if self.backup is not None:
-            try:
-                problems.extend(witness_problems(self.log, state, self.backup.read_witness()))
-            except CatalogDamaged as exc:
-                problems.append(str(exc))
-            except Exception as exc:  # the second location is down: the catalog still works
-                _log.warning("the catalog's witness at %s cannot be read: %s", self.backup.url, exc)
-        return problems
-
-    def _write_witness(self, state: State) -> None:
-        if self.backup is None or state.seq <= self._witness_seq:
-            return
-        try:
-            self.backup.write_witness(state, self.url)
-            self._witness_seq = state.seq
-        except Exception as exc:  # never fail a commit that succeeded; the next one writes it again
-            _log.warning("the catalog's witness at %s could not be written: %s", self.backup.url, exc)
-
-    def _write_anchor(self, state: State) -> None:
-        data = json.dumps({"count": state.audit_count, "head": state.audit_head, "seq": state.seq}).encode()
-        try:
-            cfs.atomic_write(self.fs, cfs.join(self.root, audit_mod.ANCHOR), data, fsync=False)
-        except OSError:
-            pass  # the log entries hold the head too; the anchor is a second witness
-
-    def _maybe_compact(self, state: State) -> None:
-        """Compact when a table has more than `auto_compact` level-0 files (in the background by default)."""
-        if not self.auto_compact:
-            return
-        if not any(
-            sum(1 for f in files.values() if f.level == 0) > self.auto_compact for files in state.files.values()
-        ):
-            return
-        from renkei.catalog.compaction import compact
-
-        fanout = self.auto_compact // 2 or 2
-        if not self.background_compaction:
-            compact(self, fanout=fanout)
-            return
-        if self._compactor is not None and self._compactor.is_alive():
-            return
-
-        def run() -> None:
-            try:
-                compact(self, fanout=fanout)
-            except Exception as exc:  # the next commit tries again
-                _log.warning("background compaction of %s failed: %s", self.url, exc)
-
-        self._compactor = threading.Thread(target=run, name="catalog-compaction", daemon=True)
-        self._compactor.start()
+    def compact(self, force: bool = False) -> CompactionResult:
+        """Merge small files (see catalog.compaction.compact)."""
+        return compact(self._engine, force=force)
 
     def wait_for_compaction(self, timeout: float | None = None) -> None:
         """Wait until a background compaction started by this process has finished."""
-        if self._compactor is not None:
-            self._compactor.join(timeout)
+        self._engine.wait_for_compaction(timeout)
 
     def compaction_connection(self) -> duckdb.DuckDBPyConnection:
         """A second DuckDB connection for compaction, so merging never blocks queries."""
-        with self._lock:
-            if self._compact_con is None:
-                self._compact_con = self.con.cursor()
-            return self._compact_con
+        return self._engine.compaction_connection()
 
     # ---------------------------------------------------------- registration
     def register(
@@ -792,11 +343,11 @@ class Catalog:
         study_uids = studies.column("study_uid").to_pylist()
         if audit_each_study is None:
             audit_each_study = len(study_uids) <= 100
-        with self._lock:
+        with self._engine.lock:
             self.con.register("_new_studies", studies)
             self.con.register("_new_inst", instances)
             try:
-                seq, result = self._commit(
+                seq, result = self._engine.commit(
                     "register",
                     lambda state, seq, now: self._plan_register(
                         state, seq, now, studies, instances, holder, actor or self.writer, study_uids, audit_each_study
@@ -823,7 +374,7 @@ class Catalog:
         study_uids: list[str],
         audit_each_study: bool,
     ) -> CommitPlan | None:
-        self._ensure_views()
+        self._engine.ensure_views()
         con = self.con
         # a site registers only its own studies: a study the catalog holds as another site's
         # (a granted copy C-STOREd back into this site's edge) is refused, never re-owned
@@ -1019,7 +570,7 @@ class Catalog:
         registered.
         """
         if version == "first":
-            return self._rows(
+            return self._engine.rows(
                 "SELECT * EXCLUDE (_seq) FROM instances WHERE study_uid = ? ORDER BY series_uid, instance_number, "
                 "sop_instance_uid",
                 [study_uid],
@@ -1027,7 +578,7 @@ class Catalog:
             )
         if version != "current":
             raise UsageError(f"version {version!r}: use 'current' or 'first'")
-        return self._rows(
+        return self._engine.rows(
             "WITH v AS (SELECT sop_instance_uid, arg_max(conflict_key, _seq) AS k, arg_max(new_sha256, _seq) AS sha, "
             "  arg_max(new_size, _seq) AS sz FROM conflicts WHERE study_uid = ? GROUP BY sop_instance_uid) "
             "SELECT i.* EXCLUDE (_seq, object_key, sha256, size), coalesce(v.k, i.object_key) AS object_key, "
@@ -1046,8 +597,8 @@ class Catalog:
         everything is read within `parts` nights.
         """
         where = "" if parts <= 1 else f"WHERE hash(i.sop_instance_uid) % {int(parts)} = {int(part) % int(parts)}"
-        with self._lock:
-            self._ensure_views()
+        with self._engine.lock:
+            self._engine.ensure_views()
             reader = self.con.sql(
                 "SELECT i.study_uid, i.series_uid, i.sop_instance_uid, i.object_key, i.sha256, i.size, "
                 "s.origin_site FROM (SELECT study_uid, series_uid, sop_instance_uid, object_key, sha256, size "
@@ -1063,11 +614,16 @@ class Catalog:
             batches = [b.to_pylist() for b in reader]
         yield from batches
 
+    def referenced_keys(self) -> set[str]:
+        """Every object key a catalog row points to: instances, and the conflicting copies beside them."""
+        rows = self._engine.rows("SELECT object_key AS k FROM instances UNION SELECT conflict_key AS k FROM conflicts")
+        return {r["k"] for r in rows if r["k"]}
+
     def instance_count(self) -> int:
-        return int(self._rows("SELECT count(*) AS n FROM instances")[0]["n"])
+        return int(self._engine.rows("SELECT count(*) AS n FROM instances")[0]["n"])
 
     def series(self, study_uid: str) -> list[dict[str, Any]]:
-        return self._rows(
+        return self._engine.rows(
             "SELECT * EXCLUDE (_seq) FROM series WHERE study_uid = ? ORDER BY series_number, series_uid", [study_uid]
         )
 
@@ -1075,12 +631,12 @@ class Catalog:
         where, params = ("WHERE study_uid = ?", [study_uid]) if study_uid else ("", [])
         return [
             conflict_record(r)
-            for r in self._rows(f'SELECT * FROM conflicts {where} ORDER BY "at", sop_instance_uid', params)
+            for r in self._engine.rows(f'SELECT * FROM conflicts {where} ORDER BY "at", sop_instance_uid', params)
         ]
 
     # ---------------------------------------------------------- studies
     def study(self, study_uid: str) -> StudyRow | None:
-        rows = self._rows(
+        rows = self._engine.rows(
             f"SELECT study_uid, {_STUDY_AGG} FROM studies WHERE study_uid = ? GROUP BY study_uid",
             [study_uid],
             memo=("studies",),
@@ -1131,8 +687,8 @@ class Catalog:
             + "GROUP BY study_uid "
             + (f"HAVING {' AND '.join(having)} " if having else "")
         )
-        with self._lock:
-            candidates = self._rows(sql, params)
+        with self._engine.lock:
+            candidates = self._engine.rows(sql, params)
             if not candidates:
                 return []
             others = [r["study_uid"] for r in candidates if r["origin_site"] != site]
@@ -1143,18 +699,18 @@ class Catalog:
 
     def may_see(self, site: str, study_uid: str) -> bool:
         """Whether `site` may see the study, by the one visibility rule (renkei.policy.decide explains it)."""
-        with self._lock:
+        with self._engine.lock:
             return study_uid in self._visible_among(site, [study_uid])
 
     def _visible_among(self, site: str, study_uids: Sequence[str]) -> set[str]:
         """Those of `study_uids` that `site` may see (the caller holds the lock)."""
         if len(study_uids) <= 500:
-            cond = "study_uid IN (" + ", ".join(_sql_str(u) for u in study_uids) + ")" if study_uids else "FALSE"
+            cond = "study_uid IN (" + ", ".join(sql_str(u) for u in study_uids) + ")" if study_uids else "FALSE"
         else:
             self.con.register("_candidates", pa.table({"study_uid": list(study_uids)}))
             cond = "study_uid IN (SELECT study_uid FROM _candidates)"
         try:
-            rows = self._rows(
+            rows = self._engine.rows(
                 f"WITH vs AS (SELECT {_STUDY_KEYS} FROM studies WHERE {cond} GROUP BY study_uid), "
                 + _visible_sql("vs", one_site=True)
                 + " SELECT DISTINCT study_uid FROM visible WHERE site = ?",
@@ -1169,7 +725,7 @@ class Catalog:
     def locations(self, study_uid: str, include_instances: bool = True) -> list[LocationRecord]:
         """Every copy of the study: its latest state per holder (and per instance where recorded)."""
         extra = "" if include_instances else "AND sop_instance_uid = ''"
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT study_uid, sop_instance_uid, holder, arg_max(state, _seq) AS state, "
             "arg_max(verified_at, _seq) AS verified_at, arg_max(detail, _seq) AS detail, "
             'arg_max("by", _seq) AS "by", max("at") AS "at" FROM locations '
@@ -1227,7 +783,7 @@ class Catalog:
             ]
             return CommitPlan(rows={"locations": pa.Table.from_pylist(rows, schema=tables.LOCATIONS)})
 
-        seq, _ = self._commit("locations", build)
+        seq, _ = self._engine.commit("locations", build)
         return int(seq or 0)
 
     # ---------------------------------------------------------- grants
@@ -1296,7 +852,7 @@ class Catalog:
             if skip_unchanged:
                 self.con.register("_grant_uids", pa.table({"study_uid": pc.unique(table.column("study_uid"))}))
                 try:
-                    self._ensure_views()
+                    self._engine.ensure_views()
                     current = {
                         (u, s): a
                         for u, s, a in self.con.execute(
@@ -1343,12 +899,12 @@ class Catalog:
             ]
             return CommitPlan(rows={"grants": rows}, audit=drafts)
 
-        self._commit("grants", build)
+        self._engine.commit("grants", build)
         return written["n"]
 
     def grants(self, study_uid: str) -> list[GrantRecord]:
         """Every grant and revocation of the study, oldest first; `current` marks the latest per site."""
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT *, _seq = max(_seq) OVER (PARTITION BY site) AS current FROM grants WHERE study_uid = ? "
             "ORDER BY _seq, site",
             [study_uid],
@@ -1358,7 +914,7 @@ class Catalog:
 
     def active_grants_for_site(self, site: str) -> list[GrantRecord]:
         """The grants currently active for `site` (one per study)."""
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY study_uid ORDER BY _seq DESC) AS rn "
             "FROM grants WHERE site = ?) WHERE rn = 1 AND action = 'grant' ORDER BY study_uid",
             [site],
@@ -1401,11 +957,11 @@ class Catalog:
                 audit=[AuditDraft(actor_site or site, by, f"consent-{state}", None, site, "ok", {"reason": reason})],
             )
 
-        seq, _ = self._commit("consent", build)
+        seq, _ = self._engine.commit("consent", build)
         return int(seq or 0)
 
     def consent_of(self, site: str, patient_id: str, issuer: str) -> ConsentRecord | None:
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT * FROM consents WHERE site = ? AND patient_id = ? AND issuer = ? ORDER BY _seq DESC LIMIT 1",
             [site, patient_id, issuer],
             memo=("consents",),
@@ -1413,7 +969,7 @@ class Catalog:
         return consent_record(rows[0]) if rows else None
 
     def withdrawn_consents(self) -> list[ConsentRecord]:
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY site, patient_id, issuer "
             "ORDER BY _seq DESC) AS rn FROM consents) WHERE rn = 1 AND state = 'withdrawn'"
         )
@@ -1480,7 +1036,7 @@ class Catalog:
                 ],
             )
 
-        self._commit("link", build)
+        self._engine.commit("link", build)
         return out["person"]
 
     def unlink_patient(self, site: str, patient_id: str, issuer: str, by: str, reason: str = "") -> bool:
@@ -1510,11 +1066,11 @@ class Catalog:
                 audit=[AuditDraft(tables.CENTER, by, "unlink-patient", None, site, "ok", {"reason": reason})],
             )
 
-        seq, _ = self._commit("unlink", build)
+        seq, _ = self._engine.commit("unlink", build)
         return seq is not None
 
     def _current_links(self) -> dict[tuple[str, str, str], str]:
-        self._ensure_views()
+        self._engine.ensure_views()
         rows = self.con.execute(
             "SELECT site, patient_id, issuer, arg_max(person_id, _seq) FROM patient_links "
             "GROUP BY site, patient_id, issuer"
@@ -1522,7 +1078,7 @@ class Catalog:
         return {(s, p, i): person for s, p, i, person in rows if person}
 
     def person_of(self, site: str, patient_id: str, issuer: str) -> str | None:
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT arg_max(person_id, _seq) AS person FROM patient_links "
             "WHERE site = ? AND patient_id = ? AND issuer = ?",
             [site, patient_id, issuer],
@@ -1530,7 +1086,7 @@ class Catalog:
         return (rows[0]["person"] or None) if rows else None
 
     def patient_ids_of(self, person_id: str) -> list[tuple[str, str, str]]:
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT site, patient_id, issuer FROM (SELECT site, patient_id, issuer, arg_max(person_id, _seq) AS p "
             "FROM patient_links WHERE (site, patient_id, issuer) IN (SELECT (site, patient_id, issuer) "
             "FROM patient_links WHERE person_id = ?) GROUP BY ALL) WHERE p = ? ORDER BY site, patient_id",
@@ -1559,7 +1115,7 @@ class Catalog:
         if site:
             where.append("origin_site = ?")
             params.append(site)
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT origin_site AS site, patient_id, issuer_of_patient_id AS issuer, any_value(patient_name) AS "
             "patient_name, any_value(patient_birth_date) AS patient_birth_date, any_value(patient_sex) AS patient_sex, "
             "count(DISTINCT study_uid) AS studies FROM studies "
@@ -1577,7 +1133,7 @@ class Catalog:
         verified yet; `pending` (per site, e.g. from the edges' journals) is
         reported beside it for what has not reached the catalog at all.
         """
-        rows = self._rows("""
+        rows = self._engine.rows("""
             WITH s AS (SELECT study_uid, arg_max(origin_site, _seq) AS origin_site,
                               sum(instances_added) AS n, sum(bytes_added) AS b FROM studies GROUP BY study_uid),
             l AS (SELECT study_uid, holder, arg_max(state, _seq) AS state FROM locations
@@ -1621,7 +1177,7 @@ class Catalog:
         if until is not None:
             where.append("registered_at < ?::TIMESTAMPTZ")
             params.append(as_ts(until))
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT origin_site, registered_at AS at, count(DISTINCT study_uid) AS studies, count(*) AS instances, "
             "coalesce(sum(size), 0)::BIGINT AS bytes FROM instances "
             + (f"WHERE {' AND '.join(where)} " if where else "")
@@ -1644,7 +1200,7 @@ class Catalog:
         if since is not None:
             having.append("max(registered_at) >= ?::TIMESTAMPTZ")
             params.append(as_ts(since))
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT study_uid, any_value(origin_site) AS origin_site, min(registered_at) AS first_at, "
             "max(registered_at) AS last_at, count(*) AS instances, coalesce(sum(size), 0)::BIGINT AS bytes "
             "FROM instances GROUP BY study_uid "
@@ -1682,8 +1238,6 @@ class Catalog:
         form, DICOM wildcards allowed). Newest first: study date, time, then UID,
         descending.
         """
-        from renkei.catalog.search import Search
-
         where: list[str] = []
         having: list[str] = []
         outer: list[str] = []
@@ -1729,7 +1283,7 @@ class Catalog:
             + f"LIMIT {max(0, int(limit))} OFFSET {max(0, int(offset))}"
         )
         params = p_where + p_having + p_cte + p_outer
-        rows = self._rows(sql, params)
+        rows = self._engine.rows(sql, params)
         total = (
             int(rows[0]["_total"])
             if rows
@@ -1747,7 +1301,7 @@ class Catalog:
         """The series of several studies with their registered instance counts, by study, in one query."""
         if not study_uids:
             return {}
-        rows = self._rows(
+        rows = self._engine.rows(
             "WITH s AS (SELECT study_uid, series_uid, any_value(modality) AS modality, "
             "any_value(series_number) AS series_number, any_value(series_description) AS series_description "
             "FROM series WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) GROUP BY study_uid, series_uid), "
@@ -1767,7 +1321,7 @@ class Catalog:
         """The study-level copies (latest state per holder) of several studies, in one query."""
         if not study_uids:
             return {}
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT study_uid, holder, arg_max(state, _seq) AS state, arg_max(verified_at, _seq) AS verified_at, "
             'arg_max(detail, _seq) AS detail, arg_max("by", _seq) AS "by", max("at") AS "at" '
             "FROM locations WHERE sop_instance_uid = '' AND study_uid IN (SELECT unnest(?::VARCHAR[])) "
@@ -1781,7 +1335,7 @@ class Catalog:
 
     def visibility_counts(self) -> dict[tuple[str, str], int]:
         """{(viewer site, origin site): how many studies of the origin the viewer may see} (_visible_sql)."""
-        rows = self._rows(
+        rows = self._engine.rows(
             f"WITH vs AS (SELECT {_STUDY_KEYS} FROM studies GROUP BY study_uid), "
             + _visible_sql("vs", one_site=False)
             + " SELECT site AS viewer, origin_site AS origin, count(DISTINCT study_uid) AS n FROM visible "
@@ -1803,7 +1357,7 @@ class Catalog:
         if since is not None:
             where.append('"at" >= ?::TIMESTAMPTZ')
             params.append(as_ts(since))
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT * FROM audit "
             + (f"WHERE {' AND '.join(where)} " if where else "")
             + f"ORDER BY event_no DESC LIMIT {max(0, int(limit))}",
@@ -1828,7 +1382,7 @@ class Catalog:
         if since is not None:
             where.append('"at" >= ?::TIMESTAMPTZ')
             params.append(as_ts(since))
-        rows = self._rows(
+        rows = self._engine.rows(
             "SELECT * FROM (SELECT study_uid, sop_instance_uid, holder, arg_max(state, _seq) AS state, "
             "arg_max(verified_at, _seq) AS verified_at, arg_max(detail, _seq) AS detail, "
             'arg_max("by", _seq) AS "by", max("at") AS "at" FROM locations WHERE sop_instance_uid <> \'\' '
@@ -1862,7 +1416,7 @@ class Catalog:
         def build(state: State, seq: int, now: dt.datetime) -> CommitPlan:
             return CommitPlan(audit=list(drafts), result=(state.audit_count + 1, seq))
 
-        seq, (first, _) = self._commit("audit", build)
+        seq, (first, _) = self._engine.commit("audit", build)
         return self.audit(event_from=first, event_to=first + len(drafts) - 1)
 
     def audit(
@@ -1905,7 +1459,7 @@ class Catalog:
             + "ORDER BY event_no"
             + (f" LIMIT {int(limit)}" if limit else "")
         )
-        return [audit_mod.event_from_row(r) for r in self._rows(sql, params)]
+        return [audit_mod.event_from_row(r) for r in self._engine.rows(sql, params)]
 
     def audit_trail(self, study_uid: str) -> list[AuditEvent]:
         return self.audit(study_uid=study_uid)
@@ -1918,7 +1472,7 @@ class Catalog:
         raised: this is the question an auditor asks of a damaged catalog.
         `deep` also reads every data file against its checksum (check()).
         """
-        with self._lock:
+        with self._engine.lock:
             extra: list[str] = []
             if deep:
                 extra += [f"catalog: {p}" for p in check_catalog(self, self.backup).problems]
@@ -1959,7 +1513,7 @@ class Catalog:
     ) -> AuditVerification:
         if not files:
             return audit_mod.verify_rows([], state.audit_count, state.audit_head, anchor, witness)
-        source = f"read_parquet([{', '.join(_sql_str(self.abs_path(f.path)) for f in files)}])"
+        source = f"read_parquet([{', '.join(sql_str(self.abs_path(f.path)) for f in files)}])"
         cur = self.con.cursor()
         cur.execute("SET parquet_metadata_cache = false")
         try:
@@ -1978,15 +1532,3 @@ class Catalog:
         finally:
             cur.close()
             self.con.execute("SET parquet_metadata_cache = true")
-
-    # ---------------------------------------------------------- maintenance
-    def file_counts(self) -> dict[str, int]:
-        """How many live Parquet files each table has (what compaction keeps small)."""
-        state = self.refresh()
-        return {name: len(state.files.get(name, {})) for name in tables.TABLES}
-
-    def compact(self, force: bool = False) -> Any:
-        """Merge small files (see catalog.compaction.compact)."""
-        from renkei.catalog.compaction import compact
-
-        return compact(self, force=force)
