@@ -19,7 +19,7 @@ from renkei.catalog.audit import AuditDraft, AuditEvent, AuditVerification
 from renkei.catalog.backup import check as check_catalog
 from renkei.catalog.engine import TableEngine, sql_str
 from renkei.catalog.log import FileEntry, State
-from renkei.catalog.normalise import as_ts
+from renkei.catalog.normalise import Conditions
 from renkei.catalog.records import CommitPlan
 from renkei.errors import CatalogDamaged, CatalogError
 
@@ -67,34 +67,19 @@ class AuditLog:
         event_to: int | None = None,
     ) -> list[AuditEvent]:
         """Audit events matching every given filter, in chain order (site matches actor or target)."""
-        where: list[str] = []
-        params: list[Any] = []
+        where = Conditions()
         for col, value in (("study_uid", study_uid), ("actor", actor), ("action", action)):
             if value is not None:
-                where.append(f"{col} = ?")
-                params.append(value)
+                where.add(f"{col} = ?", value)
         if site is not None:
-            where.append("(actor_site = ? OR target_site = ?)")
-            params.extend([site, site])
-        if since is not None:
-            where.append('"at" >= ?::TIMESTAMPTZ')
-            params.append(as_ts(since))
-        if until is not None:
-            where.append('"at" < ?::TIMESTAMPTZ')
-            params.append(as_ts(until))
+            where.add("(actor_site = ? OR target_site = ?)", site, site)
+        where.since_until('"at"', since, until)
         if event_from is not None:
-            where.append("event_no >= ?")
-            params.append(event_from)
+            where.add("event_no >= ?", event_from)
         if event_to is not None:
-            where.append("event_no <= ?")
-            params.append(event_to)
-        sql = (
-            "SELECT * FROM audit "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
-            + "ORDER BY event_no"
-            + (f" LIMIT {int(limit)}" if limit else "")
-        )
-        return [audit_mod.event_from_row(r) for r in self.engine.rows(sql, params)]
+            where.add("event_no <= ?", event_to)
+        sql = "SELECT * FROM audit " + where.sql() + "ORDER BY event_no" + (f" LIMIT {int(limit)}" if limit else "")
+        return [audit_mod.event_from_row(r) for r in self.engine.rows(sql, where.params)]
 
     def audit_trail(self, study_uid: str) -> list[AuditEvent]:
         return self.audit(study_uid=study_uid)
@@ -172,20 +157,13 @@ class AuditLog:
         self, actions: Sequence[str] | None = None, limit: int = 50, since: dt.datetime | str | None = None
     ) -> list[AuditEvent]:
         """The latest audit events (newest first), optionally only of the given actions."""
-        where: list[str] = []
-        params: list[Any] = []
+        where = Conditions()
         if actions is not None:
             if not actions:
                 return []
-            where.append("list_contains(?::VARCHAR[], action)")
-            params.append(list(actions))
-        if since is not None:
-            where.append('"at" >= ?::TIMESTAMPTZ')
-            params.append(as_ts(since))
+            where.add("list_contains(?::VARCHAR[], action)", list(actions))
+        where.since_until('"at"', since)
         rows = self.engine.rows(
-            "SELECT * FROM audit "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
-            + f"ORDER BY event_no DESC LIMIT {max(0, int(limit))}",
-            params,
+            "SELECT * FROM audit " + where.sql() + f"ORDER BY event_no DESC LIMIT {max(0, int(limit))}", where.params
         )
         return [audit_mod.event_from_row(r) for r in rows]

@@ -19,7 +19,7 @@ from renkei.catalog import tables
 from renkei.catalog.audit import AuditDraft
 from renkei.catalog.engine import TableEngine, sql_str
 from renkei.catalog.log import State
-from renkei.catalog.normalise import normalise_grants, stamped, validate_grant
+from renkei.catalog.normalise import Conditions, normalise_grants, stamped, validate_grant
 from renkei.catalog.records import (
     CommitPlan,
     ConsentRecord,
@@ -30,7 +30,7 @@ from renkei.catalog.records import (
     grant_record,
     study_row,
 )
-from renkei.catalog.studies import STUDY_AGG
+from renkei.catalog.studies import STUDY_AGG, study_filters
 from renkei.errors import UsageError
 
 
@@ -271,38 +271,24 @@ class Grants:
         None matches any), with study_date within [date_from, date_to]
         (YYYYMMDD) and any of `modalities`.
         """
-        where: list[str] = []
-        params: list[Any] = []
+        where, having = Conditions(), Conditions()
         if patient_ids is not None:
             if not patient_ids:
                 return []
-            ors = []
+            ors: list[str] = []
+            p_ors: list[Any] = []
             for pid, issuer in patient_ids:
                 if issuer is None:
                     ors.append("patient_id = ?")
-                    params.append(pid)
+                    p_ors.append(pid)
                 else:
                     ors.append("(patient_id = ? AND issuer_of_patient_id = ?)")
-                    params.extend([pid, issuer])
-            where.append("(" + " OR ".join(ors) + ")")
-        having = []
-        if date_from:
-            having.append("arg_max(study_date, _seq) >= ?")
-            params.append(date_from)
-        if date_to:
-            having.append("arg_max(study_date, _seq) <= ?")
-            params.append(date_to)
-        if modalities:
-            having.append("list_has_any(list_distinct(flatten(list(modalities))), ?::VARCHAR[])")
-            params.append(list(modalities))
-        sql = (
-            f"SELECT study_uid, {STUDY_AGG} FROM studies "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
-            + "GROUP BY study_uid "
-            + (f"HAVING {' AND '.join(having)} " if having else "")
-        )
+                    p_ors.extend([pid, issuer])
+            where.add("(" + " OR ".join(ors) + ")", *p_ors)
+        study_filters(having, date_from, date_to, modalities)
+        sql = f"SELECT study_uid, {STUDY_AGG} FROM studies {where.sql()}GROUP BY study_uid {having.sql('HAVING')}"
         with self.engine.lock:
-            candidates = self.engine.rows(sql, params)
+            candidates = self.engine.rows(sql, where.params + having.params)
             if not candidates:
                 return []
             others = [r["study_uid"] for r in candidates if r["origin_site"] != site]

@@ -16,7 +16,7 @@ import pyarrow as pa
 from renkei.catalog import tables
 from renkei.catalog.engine import TableEngine
 from renkei.catalog.log import State
-from renkei.catalog.normalise import as_ts
+from renkei.catalog.normalise import Conditions
 from renkei.catalog.records import CommitPlan, LocationRecord, location_record
 from renkei.errors import UsageError
 
@@ -119,21 +119,17 @@ class Locations:
         records what it found missing or corrupt, and whether it was repaired);
         `by` and `since` filter on the latest record's writer and time.
         """
-        where: list[str] = []
-        params: list[Any] = []
+        where = Conditions()
         if by is not None:
-            where.append('"by" = ?')
-            params.append(by)
-        if since is not None:
-            where.append('"at" >= ?::TIMESTAMPTZ')
-            params.append(as_ts(since))
+            where.add('"by" = ?', by)
+        where.since_until('"at"', since)
         rows = self.engine.rows(
             f"SELECT * FROM (SELECT study_uid, sop_instance_uid, holder, {_LATEST} FROM locations "
             "WHERE sop_instance_uid <> '' "
             "GROUP BY study_uid, sop_instance_uid, holder) "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + where.sql()
             + 'ORDER BY "at" DESC, study_uid, sop_instance_uid'
             + (f" LIMIT {int(limit)}" if limit else ""),
-            params,
+            where.params,
         )
         return [location_record(r) for r in rows]

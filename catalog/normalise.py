@@ -186,3 +186,26 @@ def stamped(table: pa.Table, time_column: str, now: dt.datetime, seq: int) -> pa
     return table.append_column(time_column, const_column(now, n, tables.TS)).append_column(
         "_seq", const_column(seq, n, pa.int64())
     )
+
+
+class Conditions:
+    """SQL conditions joined by AND, with their `?` parameters in order: one WHERE or HAVING clause."""
+
+    def __init__(self) -> None:
+        self.clauses: list[str] = []
+        self.params: list[Any] = []
+
+    def add(self, clause: str, *params: Any) -> None:
+        self.clauses.append(clause)
+        self.params.extend(params)
+
+    def since_until(self, column: str, since: dt.datetime | str | None, until: dt.datetime | str | None = None) -> None:
+        """`column` at or after `since` and before `until` (either None: no bound)."""
+        if since is not None:
+            self.add(f"{column} >= ?::TIMESTAMPTZ", as_ts(since))
+        if until is not None:
+            self.add(f"{column} < ?::TIMESTAMPTZ", as_ts(until))
+
+    def sql(self, keyword: str = "WHERE") -> str:
+        """`keyword` and the conditions (with a space after), or '' when there are none."""
+        return f"{keyword} {' AND '.join(self.clauses)} " if self.clauses else ""

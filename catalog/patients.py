@@ -14,6 +14,7 @@ from renkei.catalog import tables
 from renkei.catalog.audit import AuditDraft
 from renkei.catalog.engine import TableEngine
 from renkei.catalog.log import State
+from renkei.catalog.normalise import Conditions
 from renkei.catalog.records import CommitPlan, PatientCandidate
 from renkei.errors import UsageError
 
@@ -146,29 +147,25 @@ class Patients:
         self, name: str | None = None, birth_date: str | None = None, sex: str | None = None, site: str | None = None
     ) -> list[PatientCandidate]:
         """Site-local patients whose demographics match (a name matches on any '='-group, case-insensitive)."""
-        where: list[str] = []
-        params: list[Any] = []
+        where = Conditions()
         if name:
             groups = [g.strip().lower() for g in name.split("=") if g.strip()]
-            where.append(
-                "list_has_any(list_transform(string_split(lower(patient_name), '='), lambda x: trim(x)), ?::VARCHAR[])"
+            where.add(
+                "list_has_any(list_transform(string_split(lower(patient_name), '='), lambda x: trim(x)), ?::VARCHAR[])",
+                groups,
             )
-            params.append(groups)
         if birth_date:
-            where.append("patient_birth_date = ?")
-            params.append(birth_date)
+            where.add("patient_birth_date = ?", birth_date)
         if sex:
-            where.append("patient_sex = ?")
-            params.append(sex)
+            where.add("patient_sex = ?", sex)
         if site:
-            where.append("origin_site = ?")
-            params.append(site)
+            where.add("origin_site = ?", site)
         rows = self.engine.rows(
             "SELECT origin_site AS site, patient_id, issuer_of_patient_id AS issuer, any_value(patient_name) AS "
             "patient_name, any_value(patient_birth_date) AS patient_birth_date, any_value(patient_sex) AS patient_sex, "
             "count(DISTINCT study_uid) AS studies FROM studies "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + where.sql()
             + "GROUP BY origin_site, patient_id, issuer_of_patient_id ORDER BY site, patient_id",
-            params,
+            where.params,
         )
         return [PatientCandidate(**r) for r in rows]

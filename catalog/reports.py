@@ -8,10 +8,10 @@ from typing import Any
 
 from renkei.catalog.engine import TableEngine
 from renkei.catalog.grants import visible_sql
-from renkei.catalog.normalise import as_ts
+from renkei.catalog.normalise import Conditions
 from renkei.catalog.records import RegistrationBatch, SiteTotals, StudyRegistration, StudyRow, study_row
 from renkei.catalog.search import Search
-from renkei.catalog.studies import STUDY_AGG
+from renkei.catalog.studies import STUDY_AGG, study_filters
 
 
 class Reports:
@@ -62,20 +62,14 @@ class Reports:
         What an operator's throughput chart is drawn from (instances are never
         folded by compaction, so the history stays complete).
         """
-        where: list[str] = []
-        params: list[Any] = []
-        if since is not None:
-            where.append("registered_at >= ?::TIMESTAMPTZ")
-            params.append(as_ts(since))
-        if until is not None:
-            where.append("registered_at < ?::TIMESTAMPTZ")
-            params.append(as_ts(until))
+        where = Conditions()
+        where.since_until("registered_at", since, until)
         rows = self.engine.rows(
             "SELECT origin_site, registered_at AS at, count(DISTINCT study_uid) AS studies, count(*) AS instances, "
             "coalesce(sum(size), 0)::BIGINT AS bytes FROM instances "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + where.sql()
             + "GROUP BY origin_site, registered_at ORDER BY registered_at, origin_site",
-            params,
+            where.params,
         )
         return [
             RegistrationBatch(r["origin_site"], r["at"], int(r["studies"]), int(r["instances"]), int(r["bytes"]))
@@ -89,18 +83,16 @@ class Reports:
 
         `since` keeps studies whose last registration is at or after it.
         """
-        having, params = [], []
-        if since is not None:
-            having.append("max(registered_at) >= ?::TIMESTAMPTZ")
-            params.append(as_ts(since))
+        having = Conditions()
+        having.since_until("max(registered_at)", since)
         rows = self.engine.rows(
             "SELECT study_uid, any_value(origin_site) AS origin_site, min(registered_at) AS first_at, "
             "max(registered_at) AS last_at, count(*) AS instances, coalesce(sum(size), 0)::BIGINT AS bytes "
             "FROM instances GROUP BY study_uid "
-            + (f"HAVING {' AND '.join(having)} " if having else "")
+            + having.sql("HAVING")
             + "ORDER BY last_at DESC, study_uid"
             + (f" LIMIT {int(limit)}" if limit else ""),
-            params,
+            having.params,
         )
         return [
             StudyRegistration(
@@ -131,51 +123,34 @@ class Reports:
         form, DICOM wildcards allowed). Newest first: study date, time, then UID,
         descending.
         """
-        where: list[str] = []
-        having: list[str] = []
-        outer: list[str] = []
-        p_where: list[Any] = []
-        p_having: list[Any] = []
+        where, having, outer = Conditions(), Conditions(), Conditions()
         p_cte: list[Any] = []
-        p_outer: list[Any] = []
         if patient_id is not None:
-            where.append("patient_id = ?")
-            p_where.append(patient_id)
-        if date_from:
-            having.append("arg_max(study_date, _seq) >= ?")
-            p_having.append(date_from)
-        if date_to:
-            having.append("arg_max(study_date, _seq) <= ?")
-            p_having.append(date_to)
-        if modalities:
-            having.append("list_has_any(list_distinct(flatten(list(modalities))), ?::VARCHAR[])")
-            p_having.append(list(modalities))
+            where.add("patient_id = ?", patient_id)
+        study_filters(having, date_from, date_to, modalities)
         if origin_sites is not None:
-            outer.append("list_contains(?::VARCHAR[], origin_site)")
-            p_outer.append(list(origin_sites))
+            outer.add("list_contains(?::VARCHAR[], origin_site)", list(origin_sites))
         if search:
             clause, p_search = Search.parse(search).where(names=search_names)
-            outer.append(clause)
-            p_outer.extend(p_search)
+            outer.add(clause, *p_search)
         visible = ""
         if visible_to is not None:
             visible = ", " + visible_sql("a", one_site=True)
             p_cte.append(visible_to)
-            outer.append("study_uid IN (SELECT study_uid FROM visible WHERE site = ?)")
-            p_outer.append(visible_to)
+            outer.add("study_uid IN (SELECT study_uid FROM visible WHERE site = ?)", visible_to)
         sql = (
             f"WITH a AS (SELECT study_uid, {STUDY_AGG} FROM studies "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + where.sql()
             + "GROUP BY study_uid "
-            + (f"HAVING {' AND '.join(having)} " if having else "")
+            + having.sql("HAVING")
             + ")"
             + visible
             + " SELECT *, count(*) OVER () AS _total FROM a "
-            + (f"WHERE {' AND '.join(outer)} " if outer else "")
+            + outer.sql()
             + "ORDER BY study_date DESC, study_time DESC, study_uid DESC "
             + f"LIMIT {max(0, int(limit))} OFFSET {max(0, int(offset))}"
         )
-        params = p_where + p_having + p_cte + p_outer
+        params = where.params + having.params + p_cte + outer.params
         rows = self.engine.rows(sql, params)
         total = (
             int(rows[0]["_total"])

@@ -19,6 +19,7 @@ from renkei.catalog.audit import AuditDraft
 from renkei.catalog.engine import TableEngine
 from renkei.catalog.log import State
 from renkei.catalog.normalise import (
+    Conditions,
     const_column,
     normalise_instances,
     normalise_studies,
@@ -40,6 +41,18 @@ STUDY_AGG = ",\n".join(
         "min(registered_at) AS registered_at",
     ]
 )
+
+
+def study_filters(
+    having: Conditions, date_from: str | None, date_to: str | None, modalities: Sequence[str] | None
+) -> None:
+    """Add to a HAVING over STUDY_AGG's groups: study_date within [date_from, date_to], any of `modalities`."""
+    if date_from:
+        having.add("arg_max(study_date, _seq) >= ?", date_from)
+    if date_to:
+        having.add("arg_max(study_date, _seq) <= ?", date_to)
+    if modalities:
+        having.add("list_has_any(list_distinct(flatten(list(modalities))), ?::VARCHAR[])", list(modalities))
 
 
 class Studies:
