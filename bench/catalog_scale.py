@@ -33,6 +33,8 @@ from renkei.catalog import (
     Catalog,  # noqa: E402
     tables,  # noqa: E402
 )
+from renkei.catalog import backup as cbackup  # noqa: E402
+from renkei.catalog.engine import forget_verified  # noqa: E402
 
 ROOT = "1.2.826.0.1.3680043.10.543"
 SITES = ("hub", "clinic-a", "clinic-b", "clinic-c")
@@ -231,21 +233,18 @@ def main() -> int:
         assert total == total_instances, (total, total_instances)
 
         # ------------------------------------------- the cost of the integrity checks
-        from renkei.catalog import backup as cbackup
-        from renkei.catalog import catalog as catalog_mod
-
         catalog_mb_live = sum(f.size for files in cat.state.files.values() for f in files.values()) / 2**20
-        catalog_mod._VERIFIED.clear()  # as a new process: every live file is hashed before the first query
+        forget_verified()  # as a new process: every live file is hashed before the first query
         cold = Catalog(url, auto_compact=None, writer="bench-cold")
         t0 = time.perf_counter()
         cold.totals()
         cold_first_s = time.perf_counter() - t0
         cold.close()
-        catalog_mod._VERIFIED.clear()
+        forget_verified()
         cold = Catalog(url, auto_compact=None, writer="bench-cold")
         t0 = time.perf_counter()
         cold.con.execute("SELECT 1")  # a connection of its own, without the checks: the reference
-        cold._check_live_files = lambda state: None  # type: ignore[method-assign]
+        cold.engine._check_live_files = lambda state: None  # type: ignore[method-assign]
         cold.totals()
         cold_unchecked_s = time.perf_counter() - t0
         cold.close()

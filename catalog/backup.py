@@ -35,17 +35,32 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+import fsspec
 
 from renkei.catalog import audit as audit_mod
 from renkei.catalog import fs as cfs
 from renkei.catalog.log import BUCKET, REPAIR_HINT, CommitLog, State, checkpoint_path, entry_path
 from renkei.errors import CatalogDamaged, CatalogError
 
-if TYPE_CHECKING:
-    from renkei.catalog.catalog import Catalog
-
 _log = logging.getLogger(__name__)
+
+
+class CatalogFiles(Protocol):
+    """What backup and check read of a catalog (a Catalog or its TableEngine): its storage and state."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem: ...
+
+    @property
+    def root(self) -> str: ...
+
+    def refresh(self) -> State: ...
+
 
 WITNESS = "witness.json"
 MIRROR = "catalog"
@@ -193,7 +208,7 @@ def witness_problems(log: CommitLog, state: State, witness: dict[str, Any] | Non
 
 
 # ---------------------------------------------------------------- backup
-def backup(catalog: Catalog, location: BackupLocation, prune: bool = True) -> BackupResult:
+def backup(catalog: CatalogFiles, location: BackupLocation, prune: bool = True) -> BackupResult:
     """Copy what the backup lacks: log entries, checkpoints, live data files (each checked). Incremental."""
     started = time.monotonic()
     state = catalog.refresh()
@@ -412,7 +427,7 @@ def _restore_files(
 
 
 # ---------------------------------------------------------------- check
-def check(catalog: Catalog, location: BackupLocation | None = None) -> CheckResult:
+def check(catalog: CatalogFiles, location: BackupLocation | None = None) -> CheckResult:
     """Read the whole catalog: every log entry, every live data file, the checkpoints and the witness."""
     started = time.monotonic()
     fs, root = catalog.fs, catalog.root

@@ -1,366 +1,84 @@
 """The catalog: where every study is and who may see it, as Parquet beside the objects.
 
-DuckDB is the query engine; the data are immutable Parquet files listed by a
-commit log (catalog.log), so the same code runs on a local folder and on S3 and
-several processes can write at once: each commit writes new files, then wins a
-log number with an exclusive create, or re-checks and retries. Readers see a
-whole commit or nothing. See docs/catalog.md for the design.
+`Catalog` is the face every caller uses. Behind it, in parts:
+catalog.engine (TableEngine: storage, the file cache, DuckDB's views, the one
+query path and the commit), and one repository per concern, each holding the
+engine: catalog.studies (registration, studies, series, instances),
+catalog.grants (grants, consents, the visibility rule), catalog.locations,
+catalog.patients, catalog.reports and catalog.audit_log. Their records are in
+catalog.records, the input normalisers in catalog.normalise. See
+docs/catalog.md for the design.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
-import logging
 import os
-import random
-import shutil
-import socket
-import tempfile
-import threading
-import time
-import uuid
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import duckdb
+import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from renkei.catalog import audit as audit_mod
-from renkei.catalog import fs as cfs
-from renkei.catalog import keys, tables
+from renkei.catalog import tables
 from renkei.catalog.audit import AuditDraft, AuditEvent, AuditVerification
-from renkei.catalog.backup import BackupLocation, witness_problems
-from renkei.catalog.backup import check as check_catalog
-from renkei.catalog.log import REPAIR_HINT, CommitLog, FileEntry, State, new_commit_id
-from renkei.errors import CatalogDamaged, CatalogError, InvalidUID, RenkeiError, StudyOfAnotherSite, UsageError
-from renkei.records import StudyBatch, StudyInfo
-
-_log = logging.getLogger(__name__)
-
-DEFAULT_AUTO_COMPACT = 16  # level-0 files per table before a writer compacts
-MAX_COMMIT_ATTEMPTS = 200
-MEMO_ROWS = 100_000  # rows of kept per-study answers (~1 KiB each), all dropped when more
-_UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
-
-STUDY_ROW_FIELDS = tables.STUDY_INFO_FIELDS + (
-    "modalities",
-    "series_count",
-    "instance_count",
-    "bytes",
-    "registered_at",
+from renkei.catalog.audit_log import AuditLog
+from renkei.catalog.backup import BackupLocation
+from renkei.catalog.compaction import CompactionResult, compact
+from renkei.catalog.engine import DEFAULT_AUTO_COMPACT, TableEngine, check_data_file
+from renkei.catalog.grants import Grants
+from renkei.catalog.locations import Locations
+from renkei.catalog.log import CommitLog, State
+from renkei.catalog.normalise import origin_sites_text, validate_grant
+from renkei.catalog.patients import Patients
+from renkei.catalog.records import (
+    CommitPlan,
+    ConflictRecord,
+    ConsentRecord,
+    GrantRecord,
+    GrantRequest,
+    LocationRecord,
+    PatientCandidate,
+    RegisterResult,
+    RegistrationBatch,
+    SiteTotals,
+    StudyRegistration,
+    StudyRow,
 )
+from renkei.catalog.reports import Reports
+from renkei.catalog.studies import Studies
+from renkei.records import StudyBatch
 
-_STUDY_AGG = ",\n".join(
-    [f"arg_max({c}, _seq) AS {c}" for c in tables.STUDY_INFO_FIELDS if c != "study_uid"]
-    + [
-        "list_sort(list_distinct(flatten(list(modalities)))) AS modalities",
-        "sum(series_added)::BIGINT AS series_count",
-        "sum(instances_added)::BIGINT AS instance_count",
-        "sum(bytes_added)::BIGINT AS bytes",
-        "min(registered_at) AS registered_at",
-    ]
-)
-
-
-# Data files this process has checked against their log entry: path -> (size, mtime_ns, sha256).
-# Files are immutable, so a file is hashed once per process, and again only if it changes on disk.
-_VERIFIED: dict[str, tuple[int, int, str]] = {}
-_VERIFIED_LOCK = threading.Lock()
-
-
-def check_data_file(path: str, entry: FileEntry, table: str) -> None:
-    """Raise CatalogDamaged unless the local file at `path` holds what `entry` recorded."""
-    if not entry.sha256:
-        return  # written before checksums were recorded
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise CatalogDamaged(
-            f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is missing: {REPAIR_HINT}"
-        ) from None
-    with _VERIFIED_LOCK:
-        if _VERIFIED.get(path) == (st.st_size, st.st_mtime_ns, entry.sha256):
-            return
-    if entry.size >= 0 and st.st_size != entry.size:
-        raise CatalogDamaged(
-            f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is truncated "
-            f"or altered: {st.st_size} bytes where {entry.size} were written; {REPAIR_HINT}"
-        )
-    digest, _size = cfs.sha256_file(path)
-    if digest != entry.sha256:
-        raise CatalogDamaged(
-            f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is altered: "
-            f"its SHA-256 is not the one recorded when it was written; {REPAIR_HINT}"
-        )
-    with _VERIFIED_LOCK:
-        _VERIFIED[path] = (st.st_size, st.st_mtime_ns, entry.sha256)
+__all__ = [
+    "Catalog",
+    "CommitPlan",
+    "ConflictRecord",
+    "ConsentRecord",
+    "GrantRecord",
+    "GrantRequest",
+    "LocationRecord",
+    "PatientCandidate",
+    "RegisterResult",
+    "RegistrationBatch",
+    "SiteTotals",
+    "StudyRegistration",
+    "StudyRow",
+    "check_data_file",
+    "origin_sites_text",
+    "validate_grant",
+]
 
 
-def _const(value: Any, n: int, type_: pa.DataType | None = None) -> pa.Array:
-    """A column of `n` copies of `value` (without building a Python list)."""
-    if value is None:
-        return pa.nulls(n, type_ or pa.string())
-    return pa.repeat(pa.scalar(value, type_ or (pa.string() if isinstance(value, str) else None)), n)
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _visible_sql(studies: str, one_site: bool) -> str:
-    """CTEs ending in `visible(site, study_uid, origin_site, why)`: the one visibility rule, as SQL.
-
-    `studies` names a relation with one row per study (study_uid, origin_site,
-    patient_id, issuer_of_patient_id). A site sees a study taken there
-    ('origin'), and another site's through a grant in force ('grant'); while
-    the patient's consent is withdrawn at the origin, only a person's grant
-    counts. renkei.policy.decide is the same rule for one study, with its
-    explanation; tests check that the two never disagree. With `one_site`, the
-    grants are those of one site (a `?` parameter, in this position).
-    """
-    grants_of = "WHERE site = ? " if one_site else ""
-    return f"""
-    vg AS (SELECT study_uid, site, arg_max(action, _seq) AS action, arg_max(by_kind, _seq) AS by_kind
-           FROM grants {grants_of}GROUP BY study_uid, site),
-    vc AS (SELECT site, patient_id, issuer, arg_max(state, _seq) AS state FROM consents
-           GROUP BY site, patient_id, issuer),
-    visible AS (
-        SELECT s.origin_site AS site, s.study_uid, s.origin_site, 'origin' AS why FROM {studies} s
-        UNION ALL
-        SELECT g.site, s.study_uid, s.origin_site, 'grant' AS why FROM vg g JOIN {studies} s USING (study_uid)
-        LEFT JOIN vc c ON c.site = s.origin_site AND c.patient_id = s.patient_id
-                      AND c.issuer = s.issuer_of_patient_id
-        WHERE g.action = '{tables.GRANT}' AND g.site <> s.origin_site
-          AND (c.state IS DISTINCT FROM 'withdrawn' OR g.by_kind = 'person'))"""
-
-
-_STUDY_KEYS = (
-    "study_uid, arg_max(origin_site, _seq) AS origin_site, arg_max(patient_id, _seq) AS patient_id, "
-    "arg_max(issuer_of_patient_id, _seq) AS issuer_of_patient_id"
-)
-
-
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-# ------------------------------------------------------------------ records
-@dataclass(frozen=True)
-class StudyRow:
-    """A study as the catalog knows it: its StudyInfo plus counts derived from its instances."""
-
-    study_uid: str
-    origin_site: str
-    patient_id: str
-    issuer_of_patient_id: str
-    patient_name: str
-    patient_birth_date: str
-    patient_sex: str
-    study_date: str
-    study_time: str
-    accession_number: str
-    study_description: str
-    referring_physician: str
-    requesting_service: str
-    institution_name: str
-    study_id: str
-    specific_character_set: str
-    modalities: tuple[str, ...]
-    series_count: int
-    instance_count: int
-    bytes: int
-    registered_at: dt.datetime | None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        data["modalities"] = list(self.modalities)
-        return data
-
-    def study_info(self) -> StudyInfo:
-        return StudyInfo.from_dict(self.to_dict())
-
-
-@dataclass(frozen=True)
-class ConflictRecord:
-    """Different bytes registered under an instance's key; the new bytes belong under conflict_key."""
-
-    study_uid: str
-    sop_instance_uid: str
-    object_key: str
-    existing_sha256: str
-    new_sha256: str
-    conflict_key: str
-    origin_site: str
-    holder: str
-    at: dt.datetime | None = None
-    new_size: int | None = None
-
-    @property
-    def why(self) -> str:
-        by = self.holder.replace("edge:", "the edge of ") if self.holder.startswith("edge:") else self.holder
-        when = self.at.strftime("%Y-%m-%d %H:%M:%S UTC") if self.at else "an unknown time"
-        return (
-            f"sent again by {by} with other bytes at {when}; kept beside the first version, and current "
-            "as the latest received"
-        )
-
-
-@dataclass(frozen=True)
-class RegisterResult:
-    """What a registration changed: new instances, those already present, and conflicts."""
-
-    new_instances: int
-    already_present: int
-    conflicts: tuple[ConflictRecord, ...] = ()
-    new_series: int = 0
-    studies: tuple[str, ...] = ()
-    seq: int | None = None  # the commit, None when nothing changed
-
-
-@dataclass(frozen=True)
-class LocationRecord:
-    """One copy of a study (sop_instance_uid None) or of one instance, at a holder."""
-
-    study_uid: str
-    sop_instance_uid: str | None
-    holder: str  # 'center', 'edge:<site>', 'pacs:<site>'
-    state: str
-    verified_at: dt.datetime | None
-    detail: str
-    by: str
-    at: dt.datetime
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class GrantRecord:
-    """A grant or revocation event; `current` marks the latest event for its study and site."""
-
-    study_uid: str
-    site: str
-    action: str
-    by_kind: str
-    by: str
-    reason: str
-    rule: str | None
-    policy_version: str | None
-    at: dt.datetime
-    current: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.current and self.action == tables.GRANT
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        data["active"] = self.active
-        return data
-
-
-@dataclass(frozen=True)
-class GrantRequest:
-    """One grant or revocation to write (see Catalog.grant_many)."""
-
-    study_uid: str
-    site: str
-    by_kind: str
-    by: str
-    reason: str = ""
-    rule: str | None = None
-    policy_version: str | None = None
-    action: str = tables.GRANT
-
-
-@dataclass(frozen=True)
-class ConsentRecord:
-    site: str
-    patient_id: str
-    issuer: str
-    state: str
-    by: str
-    reason: str
-    at: dt.datetime
-
-
-@dataclass(frozen=True)
-class PatientCandidate:
-    """A site-local patient seen in the studies table, for demographic matching."""
-
-    site: str
-    patient_id: str
-    issuer: str
-    patient_name: str
-    patient_birth_date: str
-    patient_sex: str
-    studies: int
-
-
-@dataclass(frozen=True)
-class SiteTotals:
-    """Per origin site: studies, instances and bytes held, and the backlog not yet verified."""
-
-    site: str
-    studies: int
-    instances: int
-    bytes: int
-    backlog_studies: int
-    pending: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class RegistrationBatch:
-    """The instances of one origin site that one commit registered: when, how many, how many bytes."""
-
-    origin_site: str
-    at: dt.datetime
-    studies: int
-    instances: int
-    bytes: int
-
-
-@dataclass(frozen=True)
-class StudyRegistration:
-    """When a study's instances reached the catalog: its first and last registration, and counts."""
-
-    study_uid: str
-    origin_site: str
-    first_registered_at: dt.datetime
-    last_registered_at: dt.datetime
-    instances: int
-    bytes: int
-
-
-@dataclass
-class CommitPlan:
-    """What one commit adds: new rows per table, audit events, files to remove, a result."""
-
-    rows: dict[str, pa.Table] = field(default_factory=dict)
-    audit: list[AuditDraft] = field(default_factory=list)
-    prewritten: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    remove: dict[str, list[str]] = field(default_factory=dict)
-    vacuumed: list[str] = field(default_factory=list)
-    result: Any = None
-
-
-# ------------------------------------------------------------------ catalog
 class Catalog:
     """The catalog at `url` (a folder or s3://bucket/prefix).
 
     One instance per process (or thread-safe behind its lock); any number of
     processes may open the same url and write at once. Every query first
-    catches up with the commits other writers made.
+    catches up with the commits other writers made. Each method is one of a
+    repository's (catalog.studies, .grants, .locations, .patients, .reports,
+    .audit_log); `engine` is the TableEngine they share.
     """
 
     def __init__(
@@ -379,61 +97,27 @@ class Catalog:
         backup_s3_options: Any = None,
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.url = url
-        self.fs, self.root = cfs.open_filesystem(url, s3_options)
-        self.local = cfs.is_local(self.fs)
-        self.log = CommitLog(self.fs, self.root)
-        self.writer = writer or f"{socket.gethostname()}:{os.getpid()}"
-        self.auto_compact = auto_compact
-        self.vacuum_grace_s = vacuum_grace_s
-        self._lock = threading.RLock()
-        self._state: State | None = None
-        self._views_seq = -1
-        # answers of the small per-study queries every C-FIND, C-MOVE and decision asks, kept while the
-        # tables they read are unchanged: (sql, params) -> (tables' version, rows)
-        self._memo: dict[tuple[str, tuple[Any, ...]], tuple[tuple[tuple[int, int], ...], list[dict[str, Any]]]] = {}
-        self._memo_rows = 0
-        self._executor: ThreadPoolExecutor | None = None
-        self.background_compaction = background_compaction
-        self._compactor: threading.Thread | None = None
-        self._compact_con: duckdb.DuckDBPyConnection | None = None
-        self._tmpdir = tempfile.mkdtemp(prefix="renkei-catalog-")
-        weakref.finalize(self, shutil.rmtree, self._tmpdir, True)  # also when close() is never called
-        # On S3, immutable data files are read from a local copy (see read_path). With `cache_dir` the
-        # copies outlive this object and are shared by every process of the machine (a task's catalog
-        # no longer downloads every live file again); a copy found there is checked against its log
-        # entry once per process before it is used.
-        self._shared_cache = cache_dir is not None and cache and not self.local
-        if not cache or self.local:
-            self._cache_dir: str | None = None
-        elif cache_dir is not None:
-            self._cache_dir = os.fspath(cache_dir)
-            os.makedirs(self._cache_dir, exist_ok=True)
-        else:
-            self._cache_dir = os.path.join(self._tmpdir, "files")
-        self._cached: set[str] = set()
-        self._pruned_at = 0.0
-        # the second location: the witness after every commit, backups (catalog/backup.py)
-        self.backup: BackupLocation | None = (
-            BackupLocation(backup_url, backup_s3_options if backup_s3_options is not None else s3_options)
-            if backup_url
-            else None
+        self._engine = TableEngine(
+            url,
+            s3_options,
+            writer=writer,
+            auto_compact=auto_compact,
+            memory_limit=memory_limit,
+            threads=threads,
+            vacuum_grace_s=vacuum_grace_s,
+            background_compaction=background_compaction,
+            cache=cache,
+            backup_url=backup_url,
+            backup_s3_options=backup_s3_options,
+            cache_dir=cache_dir,
+            compactor=compact,
         )
-        self._witness_seq = 0
-        self.con = duckdb.connect(
-            config={
-                "memory_limit": memory_limit,
-                "threads": threads or max(1, min(4, os.cpu_count() or 1)),
-                "preserve_insertion_order": False,
-                "temp_directory": self._tmpdir,
-            }
-        )
-        self.con.execute("SET parquet_metadata_cache = true")
-        self.con.execute("SET enable_external_file_cache = false")
-        if not self.local:
-            self.con.register_filesystem(self.fs)
-        for name, spec in tables.TABLES.items():
-            self.con.register(f"_empty_{name}", spec.schema.empty_table())
+        self._studies = Studies(self._engine)
+        self._grants = Grants(self._engine)
+        self._locations = Locations(self._engine)
+        self._patients = Patients(self._engine)
+        self._reports = Reports(self._engine)
+        self._audit = AuditLog(self._engine)
 
     @classmethod
     def from_layout(cls, layout: Any, **kwargs: Any) -> Catalog:
@@ -450,16 +134,7 @@ class Catalog:
         return cls(url, layout.config.center.s3, **kwargs)
 
     def close(self) -> None:
-        self.wait_for_compaction()
-        with self._lock:
-            if self._executor is not None:
-                self._executor.shutdown()
-            try:
-                if self._compact_con is not None:
-                    self._compact_con.close()
-                self.con.close()
-            finally:
-                shutil.rmtree(self._tmpdir, ignore_errors=True)
+        self._engine.close()
 
     def __enter__(self) -> Catalog:
         return self
@@ -467,481 +142,112 @@ class Catalog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------ internals
-    def abs_path(self, rel: str) -> str:
-        """The path DuckDB and fsspec use for a file named relative to the catalog root."""
-        full = cfs.join(self.root, rel)
-        return full if self.local else f"s3://{full}"
+    # ---------------------------------------------------------- the engine's (catalog.engine)
+    @property
+    def engine(self) -> TableEngine:
+        """The table engine every repository of this catalog shares (what compaction drives)."""
+        return self._engine
 
-    def read_path(self, rel: str) -> str:
-        """Where to read a data file: its own path, or (S3 with a cache) the local copy of it.
+    @property
+    def url(self) -> str:
+        return self._engine.url
 
-        Data files are immutable (a new name for every write), so a local copy
-        never goes stale: the reader on S3 then runs at local-disk speed.
-        """
-        if self._cache_dir is None:
-            return self.abs_path(rel)
-        self._fetch([rel])
-        return os.path.join(self._cache_dir, rel)
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self._engine.fs
 
-    def _fetch(self, rels: Iterable[str], entries: Mapping[str, tuple[str, FileEntry]] | None = None) -> None:
-        """Copy data files into the local cache; those in `entries` are checked before they are used."""
-        assert self._cache_dir is not None
-        missing = []
-        for rel in rels:
-            local = os.path.join(self._cache_dir, rel)
-            if not os.path.exists(local):
-                missing.append(rel)
-            elif self._shared_cache and entries is not None and rel in entries:
-                table, entry = entries[rel]
-                try:  # left by another process (or an earlier run): its bytes, once per process
-                    check_data_file(local, entry, table)
-                except CatalogDamaged:
-                    _log.warning("a cached copy of catalog file %s did not match its log entry: fetched again", rel)
-                    os.unlink(local)
-                    missing.append(rel)
-        if not missing:
-            return
-        temps = []
-        for rel in missing:
-            local = os.path.join(self._cache_dir, rel)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            temps.append(cfs.temp_sibling(local))
-        try:
-            try:
-                self.fs.get([cfs.join(self.root, r) for r in missing], temps)
-            except FileNotFoundError:
-                gone = [r for r in missing if not cfs.exists(self.fs, cfs.join(self.root, r))]
-                if entries is None or not any(r in entries for r in gone):
-                    raise
-                table, entry = entries[next(r for r in gone if r in entries)]
-                raise CatalogDamaged(
-                    f"catalog data file {entry.path} (table {table}, commit {entry.seq}) is missing: {REPAIR_HINT}"
-                ) from None
-            for rel, tmp in zip(missing, temps):
-                if entries is not None and rel in entries:
-                    table, entry = entries[rel]
-                    check_data_file(tmp, entry, table)
-                os.replace(tmp, os.path.join(self._cache_dir, rel))
-        finally:
-            for tmp in temps:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+    @property
+    def root(self) -> str:
+        return self._engine.root
 
-    def _prune_cache(self, state: State) -> None:
-        if self._cache_dir is None:
-            return
-        keep = {p for files in state.files.values() for p in files} | {p for p, _ in state.removed}
-        if self._shared_cache:
-            self._prune_shared(keep)
-            return
-        for rel in list(self._cached):
-            if rel not in keep:
-                try:
-                    os.unlink(os.path.join(self._cache_dir, rel))
-                except FileNotFoundError:
-                    pass
-                self._cached.discard(rel)
+    @property
+    def local(self) -> bool:
+        return self._engine.local
 
-    SHARED_PRUNE_EVERY_S = 300.0
+    @property
+    def log(self) -> CommitLog:
+        return self._engine.log
 
-    def _prune_shared(self, keep: set[str]) -> None:
-        """Copies in the shared cache no state of ours needs, and untouched for the vacuum grace (another
-        process on a newer state may have just fetched them), are removed; at most every 5 minutes."""
-        now = time.time()
-        if now - self._pruned_at < self.SHARED_PRUNE_EVERY_S:
-            return
-        self._pruned_at = now
-        assert self._cache_dir is not None
-        for folder, _dirs, files in os.walk(self._cache_dir):
-            for name in files:
-                path = os.path.join(folder, name)
-                rel = os.path.relpath(path, self._cache_dir).replace(os.sep, "/")
-                if rel in keep:
-                    continue
-                try:
-                    if now - os.stat(path).st_mtime > self.vacuum_grace_s:
-                        os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        self._cached &= keep
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        return self._engine.con
 
-    def refresh(self) -> State:
-        """Catch up with every commit made so far (by any process); returns the state."""
-        with self._lock:
-            try:
-                if self._state is None:
-                    self._state = self._check_witness(self.log.load())
-                else:
-                    self._state = self.log.catch_up(self._state)
-            except RenkeiError:
-                raise
-            except Exception as exc:  # storage clients raise many types (botocore, aiohttp, OSError)
-                raise CatalogError(
-                    f"the catalog at {self.url} cannot be read: {exc}; check the center's "
-                    "storage (endpoint, credentials, disk)"
-                ) from exc
-            return self._state
+    @property
+    def writer(self) -> str:
+        return self._engine.writer
+
+    @property
+    def backup(self) -> BackupLocation | None:
+        return self._engine.backup
+
+    @property
+    def auto_compact(self) -> int | None:
+        return self._engine.auto_compact
+
+    @auto_compact.setter
+    def auto_compact(self, value: int | None) -> None:
+        self._engine.auto_compact = value
+
+    @property
+    def background_compaction(self) -> bool:
+        return self._engine.background_compaction
+
+    @background_compaction.setter
+    def background_compaction(self, value: bool) -> None:
+        self._engine.background_compaction = value
+
+    @property
+    def vacuum_grace_s(self) -> float:
+        return self._engine.vacuum_grace_s
+
+    @vacuum_grace_s.setter
+    def vacuum_grace_s(self, value: float) -> None:
+        self._engine.vacuum_grace_s = value
 
     @property
     def state(self) -> State:
-        return self.refresh()
+        return self._engine.refresh()
 
-    def _ensure_views(self) -> None:
-        state = self.refresh()
-        if self._views_seq == state.seq:
-            return
-        for attempt in range(2):
-            try:
-                self._check_live_files(state)
-                break
-            except CatalogDamaged:
-                if attempt:
-                    raise
-                # a compaction may have removed and vacuumed a file since this state: re-read once
-                self._state = None
-                state = self.refresh()
-        for name in tables.TABLES:
-            files = sorted(state.files.get(name, {}).values(), key=lambda f: (f.seq, f.path))
-            if files:
-                listing = ", ".join(_sql_str(self.read_path(f.path)) for f in files)
-                # by name: a column added to a table later is NULL in the files written before it
-                sql = (
-                    f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet([{listing}]"
-                    f"{', union_by_name = true' if name == 'conflicts' else ''})"
-                )
-            else:
-                sql = f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM _empty_{name}"
-            self.con.execute(sql)
-        self._views_seq = state.seq
+    def refresh(self) -> State:
+        """Catch up with every commit made so far (by any process); returns the state."""
+        return self._engine.refresh()
 
-    def _check_live_files(self, state: State) -> None:
-        """Every live data file is there and holds the bytes its log entry recorded (CatalogDamaged if not).
+    def abs_path(self, rel: str) -> str:
+        """The path DuckDB and fsspec use for a file named relative to the catalog root."""
+        return self._engine.abs_path(rel)
 
-        Locally each file is hashed once per process (then only its size and
-        time are compared); on S3 each file is checked as it is copied into
-        the local cache. Without a cache (cache=False) only the nightly check
-        reads the files on S3.
-        """
-        entries = {f.path: (t, f) for t, files in state.files.items() for f in files.values()}
-        if self._cache_dir is not None:
-            live = list(entries)
-            self._fetch(live, entries)
-            self._cached.update(live)
-            self._prune_cache(state)
-        elif self.local:
-            for rel, (table, entry) in entries.items():
-                check_data_file(self.abs_path(rel), entry, table)
+    def read_path(self, rel: str) -> str:
+        """Where to read a data file: its own path, or (S3 with a cache) the local copy of it."""
+        return self._engine.read_path(rel)
 
-    def _arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
-        """Run a query over the current state; retries once if compaction removed a file meanwhile."""
-        with self._lock:
-            for attempt in range(3):
-                self._ensure_views()
-                try:
-                    return self.con.sql(sql, params=list(params or [])).to_arrow_table()
-                except (duckdb.IOException, duckdb.HTTPException, FileNotFoundError) as exc:
-                    if attempt == 2:
-                        raise CatalogError(f"catalog at {self.url} could not be read: {exc}") from None
-                    self._views_seq = -1
-                    self._state = None  # re-read from the latest checkpoint
-            raise AssertionError("unreachable")
+    def file_counts(self) -> dict[str, int]:
+        """How many live Parquet files each table has (what compaction keeps small)."""
+        return self._engine.file_counts()
 
-    def _tables_version(self, names: Sequence[str]) -> tuple[tuple[int, int], ...]:
-        """Changes whenever a commit adds or removes a data file of one of the tables (by any process).
-
-        A commit that adds a file raises its table's highest file seq; one that only removes files
-        lowers the count: the pair never comes back to an earlier value.
-        """
-        state = self.refresh()
-        out = []
-        for name in names:
-            files = state.files.get(name, {})
-            out.append((len(files), max((f.seq for f in files.values()), default=0)))
-        return tuple(out)
-
-    def _rows(self, sql: str, params: Sequence[Any] | None = None, memo: Sequence[str] = ()) -> list[dict[str, Any]]:
-        """Rows as dicts (the fast path for small answers).
-
-        With `memo` (the tables the query reads), the answer is kept and given again, as copies, until
-        a commit changes one of those tables: the questions a C-MOVE asks cost a DuckDB query each.
-        """
-        with self._lock:
-            key = (sql, tuple(params or ()))
-            if memo:
-                version = self._tables_version(memo)
-                hit = self._memo.get(key)
-                if hit is not None and hit[0] == version:
-                    return [dict(r) for r in hit[1]]
-            for attempt in range(3):
-                self._ensure_views()
-                try:
-                    cur = self.con.execute(sql, list(params or []))
-                    names = [d[0] for d in cur.description]
-                    rows = [dict(zip(names, row)) for row in cur.fetchall()]
-                    if memo and len(rows) <= MEMO_ROWS // 10:
-                        self._memo_rows += len(rows) + 1
-                        if self._memo_rows > MEMO_ROWS:
-                            self._memo.clear()
-                            self._memo_rows = len(rows) + 1
-                        self._memo[key] = (version, [dict(r) for r in rows])
-                    return rows
-                except (duckdb.IOException, duckdb.HTTPException, FileNotFoundError) as exc:
-                    if attempt == 2:
-                        raise CatalogError(f"catalog at {self.url} could not be read: {exc}") from None
-                    self._views_seq = -1
-                    self._state = None
-            raise AssertionError("unreachable")
-
-    def _write_file(self, table: str, data: pa.Table, level: int = 0) -> dict[str, Any]:
-        """Write `data` as a new immutable Parquet file of `table`; returns its log record."""
-        spec = tables.TABLES[table]
-        data = data.select(spec.schema.names).cast(spec.schema)
-        if level == 0 and data.num_rows > 1:
-            data = data.sort_by([(k, "ascending") for k in spec.sort_keys])
-        rel = f"data/{table}/L{level}-{uuid.uuid4().hex}.parquet"
-        path = cfs.join(self.root, rel)
-        kwargs = dict(spec.parquet_options(), row_group_size=spec.row_group_size)
-        sink = pa.BufferOutputStream()
-        pq.write_table(data, sink, **kwargs)
-        payload = sink.getvalue()
-        digest = hashlib.sha256(payload).hexdigest()
-        if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as handle:  # a new name: nobody reads it before the commit
-                handle.write(payload)
-            _VERIFIED[path] = (payload.size, os.stat(path).st_mtime_ns, digest)
-        else:
-            self.fs.pipe_file(path, payload.to_pybytes())
-            if self._cache_dir is not None:  # what we wrote needs no download
-                local = os.path.join(self._cache_dir, rel)
-                os.makedirs(os.path.dirname(local), exist_ok=True)
-                tmp = cfs.temp_sibling(local)
-                with open(tmp, "wb") as handle:
-                    handle.write(payload)
-                os.replace(tmp, local)  # whole or not at all: the cache may be shared
-                with _VERIFIED_LOCK:
-                    _VERIFIED[local] = (payload.size, os.stat(local).st_mtime_ns, digest)
-        return {"path": rel, "rows": data.num_rows, "level": level, "sha256": digest, "size": payload.size}
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="catalog-write")
-        return self._executor
-
-    def _delete_files(self, rels: Iterable[str]) -> None:
-        for rel in rels:
-            path = cfs.join(self.root, rel)
-            try:
-                if self.local:
-                    os.unlink(path)
-                else:
-                    self.fs.rm_file(path)
-            except FileNotFoundError:
-                pass
-
-    def _commit(
-        self, kind: str, build: Callable[[State, int, dt.datetime], CommitPlan | None], actor_site: str = tables.CENTER
-    ) -> tuple[int | None, Any]:
-        """Build a plan against the latest state and commit it as the next log entry.
-
-        `build(state, seq, now)` returns the plan, or None when there is nothing
-        to change. When another writer takes the number first, the plan is
-        rebuilt against the new state (so its checks see that writer's rows).
-        Returns (seq or None, plan.result).
-        """
-        with self._lock:
-            for attempt in range(MAX_COMMIT_ATTEMPTS):
-                state = self.refresh()
-                seq = state.seq + 1
-                now = _now()
-                plan = build(state, seq, now)
-                if plan is None:
-                    return None, None
-                written: list[str] = []
-                add: dict[str, list[dict[str, Any]]] = {t: list(v) for t, v in plan.prewritten.items()}
-                try:
-                    todo = [(name, data) for name, data in plan.rows.items() if data is not None and data.num_rows]
-                    if len(todo) > 1 and sum(d.num_rows for _, d in todo) > 20_000:
-                        records = list(self._pool().map(lambda item: (item[0], self._write_file(*item)), todo))
-                    else:
-                        records = [(name, self._write_file(name, data)) for name, data in todo]
-                    for name, record in records:
-                        written.append(record["path"])
-                        add.setdefault(name, []).append(record)
-                    entry: dict[str, Any] = {
-                        "kind": kind,
-                        "writer": self.writer,
-                        "time": time.time(),
-                        "commit_id": new_commit_id(),
-                        "prev": state.last_commit,
-                    }
-                    if plan.audit:
-                        rows, head = audit_mod.build_rows(
-                            plan.audit, state.audit_count + 1, state.audit_head or audit_mod.GENESIS, now, seq
-                        )
-                        record = self._write_file("audit", rows)
-                        written.append(record["path"])
-                        add.setdefault("audit", []).append(record)
-                        entry["audit"] = {
-                            "prev_count": state.audit_count,
-                            "count": state.audit_count + len(plan.audit),
-                            "head": head,
-                        }
-                    entry["add"] = add
-                    if plan.remove:
-                        entry["remove"] = plan.remove
-                    if plan.vacuumed:
-                        entry["vacuumed"] = plan.vacuumed
-                except BaseException:
-                    self._delete_files(written)  # nothing refers to them yet
-                    raise
-                # From here on the entry may exist even when an error is raised (a lost reply):
-                # try_create reads it back, and its files are kept unless another writer's entry won.
-                won = self.log.try_create(seq, entry)
-                if won:
-                    new_state = state.copy()
-                    new_state.apply(seq, json.loads(json.dumps({**entry, "seq": seq})))
-                    self._state = new_state
-                    if plan.audit:
-                        self._write_anchor(new_state)
-                    self._write_witness(new_state)
-                    if kind != "compact":
-                        self._maybe_compact(new_state)
-                    return seq, plan.result
-                self._delete_files(written)
-                time.sleep(random.uniform(0, min(0.05, 0.002 * (attempt + 1))))
-            raise CatalogError(
-                f"could not commit to the catalog at {self.url} after {MAX_COMMIT_ATTEMPTS} attempts: "
-                "too many concurrent writers; retry later"
-            )
-
-    def _check_witness(self, state: State) -> State:
-        """CatalogDamaged when the witness (or the anchor in the catalog) knows of commits the log lacks.
-
-        Other writers keep committing while this runs: a witness ahead of the
-        state is only damage if it is still ahead after catching up again.
-        """
-        problems = self._witness_problems(state)
-        if problems:
-            state = self.log.catch_up(state)
-            problems = self._witness_problems(state)
-        if problems:
-            raise CatalogDamaged(f"the catalog at {self.url} is damaged: {'; '.join(problems)}; {REPAIR_HINT}")
-        self._witness_seq = state.seq
-        return state
-
-    def _witness_problems(self, state: State) -> list[str]:
-        problems: list[str] = []
-        try:
-            anchor = json.loads(cfs.read_bytes(self.fs, cfs.join(self.root, audit_mod.ANCHOR)))
-            if int(anchor.get("seq", 0)) > state.seq:
-                problems.append(
-                    f"the catalog's log ends at entry {state.seq}, but its audit anchor was written "
-                    f"at entry {anchor['seq']}: entries are missing"
-                )
-        except (FileNotFoundError, ValueError, AttributeError):
-            pass
-        if self.backup is not None:
-            try:
-                problems.extend(witness_problems(self.log, state, self.backup.read_witness()))
-            except CatalogDamaged as exc:
-                problems.append(str(exc))
-            except Exception as exc:  # the second location is down: the catalog still works
-                _log.warning("the catalog's witness at %s cannot be read: %s", self.backup.url, exc)
-        return problems
-
-    def _write_witness(self, state: State) -> None:
-        if self.backup is None or state.seq <= self._witness_seq:
-            return
-        try:
-            self.backup.write_witness(state, self.url)
-            self._witness_seq = state.seq
-        except Exception as exc:  # never fail a commit that succeeded; the next one writes it again
-            _log.warning("the catalog's witness at %s could not be written: %s", self.backup.url, exc)
-
-    def _write_anchor(self, state: State) -> None:
-        data = json.dumps({"count": state.audit_count, "head": state.audit_head, "seq": state.seq}).encode()
-        try:
-            cfs.atomic_write(self.fs, cfs.join(self.root, audit_mod.ANCHOR), data, fsync=False)
-        except OSError:
-            pass  # the log entries hold the head too; the anchor is a second witness
-
-    def _maybe_compact(self, state: State) -> None:
-        """Compact when a table has more than `auto_compact` level-0 files (in the background by default)."""
-        if not self.auto_compact:
-            return
-        if not any(
-            sum(1 for f in files.values() if f.level == 0) > self.auto_compact for files in state.files.values()
-        ):
-            return
-        from renkei.catalog.compaction import compact
-
-        fanout = self.auto_compact // 2 or 2
-        if not self.background_compaction:
-            compact(self, fanout=fanout)
-            return
-        if self._compactor is not None and self._compactor.is_alive():
-            return
-
-        def run() -> None:
-            try:
-                compact(self, fanout=fanout)
-            except Exception as exc:  # the next commit tries again
-                _log.warning("background compaction of %s failed: %s", self.url, exc)
-
-        self._compactor = threading.Thread(target=run, name="catalog-compaction", daemon=True)
-        self._compactor.start()
+    def compact(self, force: bool = False) -> CompactionResult:
+        """Merge small files (see catalog.compaction.compact)."""
+        return compact(self._engine, force=force)
 
     def wait_for_compaction(self, timeout: float | None = None) -> None:
         """Wait until a background compaction started by this process has finished."""
-        if self._compactor is not None:
-            self._compactor.join(timeout)
+        self._engine.wait_for_compaction(timeout)
 
     def compaction_connection(self) -> duckdb.DuckDBPyConnection:
         """A second DuckDB connection for compaction, so merging never blocks queries."""
-        with self._lock:
-            if self._compact_con is None:
-                self._compact_con = self.con.cursor()
-            return self._compact_con
+        return self._engine.compaction_connection()
 
-    # ---------------------------------------------------------- registration
+    # ---------------------------------------------------------- registration, studies and instances (catalog.studies)
     def register(
         self, batch: StudyBatch, origin_site: str | None = None, holder: str = tables.CENTER, actor: str | None = None
     ) -> RegisterResult:
-        """Record a study and its instances as held by `holder`; idempotent.
-
-        Instances already registered with the same SHA-256 are counted as
-        already present; a different SHA-256 is recorded as a conflict (the
-        registered row stays). Returns the RegisterResult.
-        """
-        origin = origin_site or batch.study.origin_site
-        info = batch.study.to_dict()
-        info["origin_site"] = origin
-        modalities = list(
-            dict.fromkeys([*batch.study.modalities, *(i.modality for i in batch.instances if i.modality)])
-        )
-        info["modalities"] = modalities
-        studies = pa.Table.from_pylist([info])
-        instances = pa.Table.from_pylist([i.to_dict() for i in batch.instances]) if batch.instances else None
-        return self.register_tables(studies, instances, holder=holder, actor=actor)
+        """Record a study and its instances as held by `holder`; idempotent."""
+        return self._studies.register(batch, origin_site, holder, actor)
 
     def register_many(
         self, batches: Sequence[StudyBatch], holder: str = tables.CENTER, actor: str | None = None
     ) -> RegisterResult:
         """Register several studies in one commit (each batch's study.origin_site is its origin)."""
-        infos: list[dict[str, Any]] = []
-        inst: list[dict[str, Any]] = []
-        for batch in batches:
-            info = batch.study.to_dict()
-            info["modalities"] = list(
-                dict.fromkeys([*batch.study.modalities, *(i.modality for i in batch.instances if i.modality)])
-            )
-            infos.append(info)
-            inst.extend(i.to_dict() for i in batch.instances)
-        return self.register_tables(
-            pa.Table.from_pylist(infos), pa.Table.from_pylist(inst) if inst else None, holder=holder, actor=actor
-        )
+        return self._studies.register_many(batches, holder, actor)
 
     def register_tables(
         self,
@@ -951,315 +257,34 @@ class Catalog:
         actor: str | None = None,
         audit_each_study: bool | None = None,
     ) -> RegisterResult:
-        """The bulk path: studies (StudyInfo columns, with origin_site) and instances (InstanceInfo columns).
+        """The bulk path: studies (StudyInfo columns, with origin_site) and instances (InstanceInfo columns)."""
+        return self._studies.register_tables(studies, instances, holder, actor, audit_each_study)
 
-        Validates every UID, derives object keys (unless an object_key column
-        is given), and commits new instances, series, per-study counts, the
-        holder's location and one audit event, all at once.
-        """
-        studies = _normalise_studies(studies)
-        instances = _normalise_instances(instances, studies)
-        origin_sites = sorted(set(studies.column("origin_site").to_pylist()))
-        for site in origin_sites:
-            keys.validate_site(site)
-        study_uids = studies.column("study_uid").to_pylist()
-        if audit_each_study is None:
-            audit_each_study = len(study_uids) <= 100
-        with self._lock:
-            self.con.register("_new_studies", studies)
-            self.con.register("_new_inst", instances)
-            try:
-                seq, result = self._commit(
-                    "register",
-                    lambda state, seq, now: self._plan_register(
-                        state, seq, now, studies, instances, holder, actor or self.writer, study_uids, audit_each_study
-                    ),
-                )
-            finally:
-                self.con.unregister("_new_studies")
-                self.con.unregister("_new_inst")
-        if result is None:  # nothing changed
-            return RegisterResult(0, instances.num_rows, (), 0, tuple(study_uids), None)
-        return RegisterResult(
-            result.new_instances, result.already_present, result.conflicts, result.new_series, result.studies, seq
-        )
-
-    def _plan_register(
-        self,
-        state: State,
-        seq: int,
-        now: dt.datetime,
-        studies: pa.Table,
-        instances: pa.Table,
-        holder: str,
-        actor: str,
-        study_uids: list[str],
-        audit_each_study: bool,
-    ) -> CommitPlan | None:
-        self._ensure_views()
-        con = self.con
-        # a site registers only its own studies: a study the catalog holds as another site's
-        # (a granted copy C-STOREd back into this site's edge) is refused, never re-owned
-        foreign = con.sql(
-            "SELECT n.study_uid, n.origin_site AS new_origin, s.origin_site FROM _new_studies n JOIN "
-            "(SELECT study_uid, arg_max(origin_site, _seq) AS origin_site FROM studies GROUP BY study_uid) s "
-            "ON s.study_uid = n.study_uid WHERE s.origin_site <> n.origin_site"
-        ).fetchall()
-        if foreign:
-            uid, new_origin, origin = foreign[0]
-            raise StudyOfAnotherSite(
-                f"study {uid} is registered as a study of site {origin}; site {new_origin} cannot register it "
-                f"as its own ({len(foreign)} such stud{'y' if len(foreign) == 1 else 'ies'} in this batch)"
-            )
-        n_in = instances.num_rows
-        existing = con.sql(
-            "SELECT e.sop_instance_uid, e.sha256, e.object_key, e.study_uid FROM instances e "
-            "JOIN _new_inst n ON e.study_uid = n.study_uid AND e.sop_instance_uid = n.sop_instance_uid"
-        ).to_arrow_table()
-        # duplicates inside the batch itself: keep the first of each SOP Instance UID
-        dup_in_batch = 0
-        fresh = instances
-        if n_in and pc.count_distinct(instances.column("sop_instance_uid")).as_py() != n_in:
-            seen: dict[str, str] = {}
-            keep = []
-            for _i, (sop, sha) in enumerate(
-                zip(instances.column("sop_instance_uid").to_pylist(), instances.column("sha256").to_pylist())
-            ):
-                keep.append(sop not in seen)
-                seen.setdefault(sop, sha)
-            fresh = instances.filter(pa.array(keep))
-            dup_in_batch = n_in - fresh.num_rows
-        conflicts: list[ConflictRecord] = []
-        already = dup_in_batch
-        if existing.num_rows:
-            known = dict(
-                zip(
-                    existing.column("sop_instance_uid").to_pylist(),
-                    zip(existing.column("sha256").to_pylist(), existing.column("object_key").to_pylist()),
-                )
-            )
-            mask = pc.invert(pc.is_in(fresh.column("sop_instance_uid"), value_set=existing.column("sop_instance_uid")))
-            clashing = fresh.filter(pc.invert(mask))
-            versions = {
-                (r[0], r[1])
-                for r in con.execute(
-                    "SELECT c.sop_instance_uid, c.new_sha256 FROM conflicts c JOIN _new_inst n "
-                    "ON c.study_uid = n.study_uid AND c.sop_instance_uid = n.sop_instance_uid"
-                ).fetchall()
-            }
-            for row in clashing.select(
-                ["study_uid", "series_uid", "sop_instance_uid", "sha256", "origin_site", "size"]
-            ).to_pylist():
-                old_sha, old_key = known[row["sop_instance_uid"]]
-                if old_sha == row["sha256"] or (row["sop_instance_uid"], row["sha256"]) in versions:
-                    already += 1  # this version is registered already
-                    continue
-                conflicts.append(
-                    ConflictRecord(
-                        row["study_uid"],
-                        row["sop_instance_uid"],
-                        old_key,
-                        old_sha,
-                        row["sha256"],
-                        keys.object_key(
-                            row["origin_site"],
-                            row["study_uid"],
-                            row["series_uid"],
-                            row["sop_instance_uid"],
-                            conflict_sha256=row["sha256"],
-                        ),
-                        row["origin_site"],
-                        holder,
-                        now,
-                        int(row["size"]),
-                    )
-                )
-            fresh = fresh.filter(mask)
-        n_new = fresh.num_rows
-        # which studies need their location (re)written at this holder
-        if n_new == 0 and not conflicts:
-            if n_in:
-                current = con.execute(
-                    "SELECT study_uid, arg_max(state, _seq) AS state FROM locations "
-                    "WHERE holder = ? AND sop_instance_uid = '' AND study_uid IN (SELECT study_uid FROM _new_studies) "
-                    "GROUP BY study_uid",
-                    [holder],
-                ).fetchall()
-                ok = {uid for uid, st in current if st in ("present", "verified")}
-                if all(uid in ok for uid in study_uids):
-                    return None
-            else:
-                known_studies = {
-                    r[0]
-                    for r in con.execute(
-                        "SELECT DISTINCT study_uid FROM studies WHERE study_uid IN (SELECT study_uid FROM _new_studies)"
-                    ).fetchall()
-                }
-                if all(uid in known_studies for uid in study_uids):
-                    return None
-        con.register("_fresh", fresh)
-        try:
-            series = con.sql(
-                "WITH f AS (SELECT study_uid, series_uid, any_value(modality) AS modality, "
-                "  any_value(series_number) AS series_number, any_value(series_description) AS series_description, "
-                "  any_value(origin_site) AS origin_site FROM _fresh GROUP BY study_uid, series_uid) "
-                "SELECT f.* FROM f ANTI JOIN series e ON e.study_uid = f.study_uid AND e.series_uid = f.series_uid"
-            ).to_arrow_table()
-            con.register("_fresh_series", series)
-            deltas = con.sql(
-                "WITH i AS (SELECT study_uid, count(*) AS n, sum(size) AS b FROM _fresh GROUP BY study_uid), "
-                "s AS (SELECT study_uid, count(*) AS n FROM _fresh_series GROUP BY study_uid) "
-                "SELECT t.*, coalesce(s.n, 0)::BIGINT AS series_added, coalesce(i.n, 0)::BIGINT AS instances_added, "
-                "coalesce(i.b, 0)::BIGINT AS bytes_added FROM _new_studies t "
-                "LEFT JOIN i USING (study_uid) LEFT JOIN s USING (study_uid)"
-            ).to_arrow_table()
-            con.unregister("_fresh_series")
-        finally:
-            con.unregister("_fresh")
-        n = deltas.num_rows
-        deltas = deltas.append_column("registered_at", _const(now, n, tables.TS)).append_column(
-            "_seq", _const(seq, n, pa.int64())
-        )
-        fresh = fresh.append_column("registered_at", _const(now, n_new, tables.TS)).append_column(
-            "_seq", _const(seq, n_new, pa.int64())
-        )
-        series = series.append_column("registered_at", _const(now, series.num_rows, tables.TS)).append_column(
-            "_seq", _const(seq, series.num_rows, pa.int64())
-        )
-        locations = pa.table(
-            {
-                "study_uid": studies.column("study_uid"),
-                "sop_instance_uid": _const("", studies.num_rows),
-                "holder": _const(holder, studies.num_rows),
-                "state": _const("present", studies.num_rows),
-                "verified_at": pa.nulls(studies.num_rows, tables.TS),
-                "detail": _const("", studies.num_rows),
-                "by": _const(actor, studies.num_rows),
-                "at": _const(now, studies.num_rows, tables.TS),
-                "_seq": _const(seq, studies.num_rows, pa.int64()),
-            }
-        )
-        rows = {"instances": fresh, "series": series, "studies": deltas, "locations": locations}
-        if conflicts:
-            rows["conflicts"] = pa.Table.from_pylist(
-                [{**c.__dict__, "_seq": seq} for c in conflicts], schema=tables.CONFLICTS
-            )
-        result = RegisterResult(n_new, already, tuple(conflicts), series.num_rows, tuple(study_uids), seq)
-        origin_of = dict(zip(study_uids, studies.column("origin_site").to_pylist()))
-        drafts: list[AuditDraft] = []
-        if audit_each_study:
-            per_study = dict(zip(deltas.column("study_uid").to_pylist(), deltas.column("instances_added").to_pylist()))
-            for uid in study_uids:
-                n_conf = sum(1 for c in conflicts if c.study_uid == uid)
-                drafts.append(
-                    AuditDraft(
-                        origin_of[uid],
-                        actor,
-                        "register",
-                        uid,
-                        None,
-                        "conflict" if n_conf else "ok",
-                        {"holder": holder, "new_instances": per_study.get(uid, 0), "conflicts": n_conf},
-                    )
-                )
-        else:
-            drafts.append(
-                AuditDraft(
-                    origin_sites_text(origin_of.values()),
-                    actor,
-                    "register",
-                    None,
-                    None,
-                    "conflict" if conflicts else "ok",
-                    {
-                        "holder": holder,
-                        "studies": len(study_uids),
-                        "new_instances": n_new,
-                        "already_present": already,
-                        "conflicts": len(conflicts),
-                    },
-                )
-            )
-        return CommitPlan(rows=rows, audit=drafts, result=result)
-
-    # ---------------------------------------------------------- instances
     def instances(self, study_uid: str, version: str = "current") -> list[dict[str, Any]]:
-        """The study's registered instances (object key, SHA-256, size, SOP class, transfer syntax).
-
-        version='current' (what every retrieval serves): an instance sent
-        again with other bytes has the key, SHA-256 and size of its latest
-        version, and `corrected` True; version='first': the rows as first
-        registered.
-        """
-        if version == "first":
-            return self._rows(
-                "SELECT * EXCLUDE (_seq) FROM instances WHERE study_uid = ? ORDER BY series_uid, instance_number, "
-                "sop_instance_uid",
-                [study_uid],
-                memo=("instances",),
-            )
-        if version != "current":
-            raise UsageError(f"version {version!r}: use 'current' or 'first'")
-        return self._rows(
-            "WITH v AS (SELECT sop_instance_uid, arg_max(conflict_key, _seq) AS k, arg_max(new_sha256, _seq) AS sha, "
-            "  arg_max(new_size, _seq) AS sz FROM conflicts WHERE study_uid = ? GROUP BY sop_instance_uid) "
-            "SELECT i.* EXCLUDE (_seq, object_key, sha256, size), coalesce(v.k, i.object_key) AS object_key, "
-            "coalesce(v.sha, i.sha256) AS sha256, coalesce(v.sz, i.size) AS size, v.k IS NOT NULL AS corrected "
-            "FROM instances i LEFT JOIN v USING (sop_instance_uid) WHERE i.study_uid = ? "
-            "ORDER BY i.series_uid, i.instance_number, i.sop_instance_uid",
-            [study_uid, study_uid],
-            memo=("instances", "conflicts"),
-        )
+        """The study's registered instances (object key, SHA-256, size, SOP class, transfer syntax)."""
+        return self._studies.instances(study_uid, version)
 
     def iter_instances(self, part: int = 0, parts: int = 1, batch_size: int = 10_000) -> Iterator[list[dict[str, Any]]]:
-        """Every registered instance (study, origin, key, SHA-256, size), in batches.
+        """Every registered instance (study, origin, key, SHA-256, size), in batches."""
+        return self._studies.iter_instances(part, parts, batch_size)
 
-        With `parts` > 1, only the share whose SOP Instance UID hashes to `part`
-        (mod `parts`): the nightly verification reads one part a night so that
-        everything is read within `parts` nights.
-        """
-        where = "" if parts <= 1 else f"WHERE hash(i.sop_instance_uid) % {int(parts)} = {int(part) % int(parts)}"
-        with self._lock:
-            self._ensure_views()
-            reader = self.con.sql(
-                "SELECT i.study_uid, i.series_uid, i.sop_instance_uid, i.object_key, i.sha256, i.size, "
-                "s.origin_site FROM (SELECT study_uid, series_uid, sop_instance_uid, object_key, sha256, size "
-                "  FROM instances UNION ALL "
-                # every kept version is verified too (versions registered before sizes were recorded: not)
-                "  SELECT c.study_uid, f.series_uid, c.sop_instance_uid, c.conflict_key, c.new_sha256, c.new_size "
-                "  FROM conflicts c JOIN instances f USING (study_uid, sop_instance_uid) "
-                "  WHERE c.new_size IS NOT NULL) i "
-                "JOIN (SELECT study_uid, arg_max(origin_site, _seq) AS origin_site "
-                f"FROM studies GROUP BY study_uid) s USING (study_uid) {where} "
-                "ORDER BY i.object_key"
-            ).to_arrow_reader(batch_size)
-            batches = [b.to_pylist() for b in reader]
-        yield from batches
+    def referenced_keys(self) -> set[str]:
+        """Every object key a catalog row points to: instances, and the conflicting copies beside them."""
+        return self._studies.referenced_keys()
 
     def instance_count(self) -> int:
-        return int(self._rows("SELECT count(*) AS n FROM instances")[0]["n"])
+        return self._studies.instance_count()
 
     def series(self, study_uid: str) -> list[dict[str, Any]]:
-        return self._rows(
-            "SELECT * EXCLUDE (_seq) FROM series WHERE study_uid = ? ORDER BY series_number, series_uid", [study_uid]
-        )
+        return self._studies.series(study_uid)
 
     def conflicts(self, study_uid: str | None = None) -> list[ConflictRecord]:
-        where, params = ("WHERE study_uid = ?", [study_uid]) if study_uid else ("", [])
-        return [
-            ConflictRecord(**{k: v for k, v in r.items() if k != "_seq"})
-            for r in self._rows(f'SELECT * FROM conflicts {where} ORDER BY "at", sop_instance_uid', params)
-        ]
+        return self._studies.conflicts(study_uid)
 
-    # ---------------------------------------------------------- studies
     def study(self, study_uid: str) -> StudyRow | None:
-        rows = self._rows(
-            f"SELECT study_uid, {_STUDY_AGG} FROM studies WHERE study_uid = ? GROUP BY study_uid",
-            [study_uid],
-            memo=("studies",),
-        )
-        return _study_row(rows[0]) if rows else None
+        return self._studies.study(study_uid)
 
+    # ---------------------------------------------------------- grants, consents, visibility (catalog.grants)
     def visible_studies(
         self,
         site: str,
@@ -1268,142 +293,13 @@ class Catalog:
         date_to: str | None = None,
         modalities: Sequence[str] | None = None,
     ) -> list[StudyRow]:
-        """Studies `site` may see by the one visibility rule (_visible_sql): its own, or granted (and consented).
-
-        Optionally only those of the given (patient_id, issuer) pairs (issuer
-        None matches any), with study_date within [date_from, date_to]
-        (YYYYMMDD) and any of `modalities`.
-        """
-        where: list[str] = []
-        params: list[Any] = []
-        if patient_ids is not None:
-            if not patient_ids:
-                return []
-            ors = []
-            for pid, issuer in patient_ids:
-                if issuer is None:
-                    ors.append("patient_id = ?")
-                    params.append(pid)
-                else:
-                    ors.append("(patient_id = ? AND issuer_of_patient_id = ?)")
-                    params.extend([pid, issuer])
-            where.append("(" + " OR ".join(ors) + ")")
-        having = []
-        if date_from:
-            having.append("arg_max(study_date, _seq) >= ?")
-            params.append(date_from)
-        if date_to:
-            having.append("arg_max(study_date, _seq) <= ?")
-            params.append(date_to)
-        if modalities:
-            having.append("list_has_any(list_distinct(flatten(list(modalities))), ?::VARCHAR[])")
-            params.append(list(modalities))
-        sql = (
-            f"SELECT study_uid, {_STUDY_AGG} FROM studies "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
-            + "GROUP BY study_uid "
-            + (f"HAVING {' AND '.join(having)} " if having else "")
-        )
-        with self._lock:
-            candidates = self._rows(sql, params)
-            if not candidates:
-                return []
-            others = [r["study_uid"] for r in candidates if r["origin_site"] != site]
-            granted = self._visible_among(site, others) if others else set()
-        rows = [_study_row(r) for r in candidates if r["origin_site"] == site or r["study_uid"] in granted]
-        rows.sort(key=lambda r: (r.study_date, r.study_time, r.study_uid))
-        return rows
+        """Studies `site` may see by the one visibility rule (_visible_sql): its own, or granted (and consented)."""
+        return self._grants.visible_studies(site, patient_ids, date_from, date_to, modalities)
 
     def may_see(self, site: str, study_uid: str) -> bool:
         """Whether `site` may see the study, by the one visibility rule (renkei.policy.decide explains it)."""
-        with self._lock:
-            return study_uid in self._visible_among(site, [study_uid])
+        return self._grants.may_see(site, study_uid)
 
-    def _visible_among(self, site: str, study_uids: Sequence[str]) -> set[str]:
-        """Those of `study_uids` that `site` may see (the caller holds the lock)."""
-        if len(study_uids) <= 500:
-            cond = "study_uid IN (" + ", ".join(_sql_str(u) for u in study_uids) + ")" if study_uids else "FALSE"
-        else:
-            self.con.register("_candidates", pa.table({"study_uid": list(study_uids)}))
-            cond = "study_uid IN (SELECT study_uid FROM _candidates)"
-        try:
-            rows = self._rows(
-                f"WITH vs AS (SELECT {_STUDY_KEYS} FROM studies WHERE {cond} GROUP BY study_uid), "
-                + _visible_sql("vs", one_site=True)
-                + " SELECT DISTINCT study_uid FROM visible WHERE site = ?",
-                [site, site],
-            )
-        finally:
-            if "_candidates" in cond:
-                self.con.unregister("_candidates")
-        return {r["study_uid"] for r in rows}
-
-    # ---------------------------------------------------------- locations
-    def locations(self, study_uid: str, include_instances: bool = True) -> list[LocationRecord]:
-        """Every copy of the study: its latest state per holder (and per instance where recorded)."""
-        extra = "" if include_instances else "AND sop_instance_uid = ''"
-        rows = self._rows(
-            "SELECT study_uid, sop_instance_uid, holder, arg_max(state, _seq) AS state, "
-            "arg_max(verified_at, _seq) AS verified_at, arg_max(detail, _seq) AS detail, "
-            'arg_max("by", _seq) AS "by", max("at") AS "at" FROM locations '
-            f"WHERE study_uid = ? {extra} GROUP BY study_uid, sop_instance_uid, holder "
-            "ORDER BY holder, sop_instance_uid",
-            [study_uid],
-        )
-        return [_location(r) for r in rows]
-
-    def set_location(
-        self,
-        study_uid: str,
-        holder: str,
-        state: str,
-        sop_instance_uid: str | None = None,
-        verified_at: dt.datetime | None = None,
-        detail: str = "",
-        by: str = "",
-    ) -> int:
-        """Record the state of a copy ('present', 'verified', 'missing', 'corrupt', 'removed'); returns the commit."""
-        return self.set_locations(
-            [
-                dict(
-                    study_uid=study_uid,
-                    holder=holder,
-                    state=state,
-                    sop_instance_uid=sop_instance_uid,
-                    verified_at=verified_at,
-                    detail=detail,
-                    by=by,
-                )
-            ]
-        )
-
-    def set_locations(self, entries: Sequence[Mapping[str, Any]]) -> int:
-        """Several location states in one commit (e.g. a night's verification); returns the commit."""
-        for e in entries:
-            if e["state"] not in tables.LOCATION_STATES:
-                raise UsageError(f"location state {e['state']!r} is not one of {', '.join(tables.LOCATION_STATES)}")
-
-        def build(state: State, seq: int, now: dt.datetime) -> CommitPlan:
-            rows = [
-                {
-                    "study_uid": e["study_uid"],
-                    "sop_instance_uid": e.get("sop_instance_uid") or "",
-                    "holder": e["holder"],
-                    "state": e["state"],
-                    "verified_at": e.get("verified_at") or (now if e["state"] == "verified" else None),
-                    "detail": e.get("detail") or "",
-                    "by": e.get("by") or self.writer,
-                    "at": now,
-                    "_seq": seq,
-                }
-                for e in entries
-            ]
-            return CommitPlan(rows={"locations": pa.Table.from_pylist(rows, schema=tables.LOCATIONS)})
-
-        seq, _ = self._commit("locations", build)
-        return int(seq or 0)
-
-    # ---------------------------------------------------------- grants
     def grant(
         self,
         study_uid: str,
@@ -1416,8 +312,7 @@ class Catalog:
         actor_site: str = tables.CENTER,
     ) -> GrantRecord:
         """Make the study visible to `site` (no change if already active); returns the current grant."""
-        self.grant_many([GrantRequest(study_uid, site, by_kind, by, reason, rule, policy_version)], actor_site)
-        return next(g for g in self.grants(study_uid) if g.site == site and g.current)
+        return self._grants.grant(study_uid, site, by_kind, by, reason, rule, policy_version, actor_site)
 
     def revoke(
         self,
@@ -1431,141 +326,27 @@ class Catalog:
         actor_site: str = tables.CENTER,
     ) -> GrantRecord | None:
         """Withdraw the site's grant (no change if none is active); returns the current record."""
-        self.grant_many(
-            [GrantRequest(study_uid, site, by_kind, by, reason, rule, policy_version, tables.REVOKE)], actor_site
-        )
-        return next((g for g in self.grants(study_uid) if g.site == site and g.current), None)
+        return self._grants.revoke(study_uid, site, by_kind, by, reason, rule, policy_version, actor_site)
 
     def grant_many(
         self, requests: Sequence[GrantRequest], actor_site: str = tables.CENTER, skip_unchanged: bool = True
     ) -> int:
-        """Write grants and revocations in one commit, each with its audit event.
-
-        With skip_unchanged, a grant already active (or a revocation of one
-        not active) is left out. Returns how many events were written.
-        """
-        for r in requests:
-            validate_grant(r)
-        if not requests:
-            return 0
-        table = pa.table(
-            {
-                name: [getattr(r, name) for r in requests]
-                for name in ("study_uid", "site", "action", "by_kind", "by", "reason", "rule", "policy_version")
-            }
-        )
-        return self.grant_table(table, actor_site, skip_unchanged)
+        """Write grants and revocations in one commit, each with its audit event."""
+        return self._grants.grant_many(requests, actor_site, skip_unchanged)
 
     def grant_table(self, table: pa.Table, actor_site: str = tables.CENTER, skip_unchanged: bool = True) -> int:
-        """The bulk path of grant_many: columns study_uid, site, by_kind, by, and optionally action
-        (default 'grant'), reason, rule, policy_version. Returns how many events were written."""
-        n = table.num_rows
-        if n == 0:
-            return 0
-        cols = {}
-        for name, default in (
-            ("study_uid", None),
-            ("site", None),
-            ("action", tables.GRANT),
-            ("by_kind", None),
-            ("by", None),
-            ("reason", ""),
-            ("rule", None),
-            ("policy_version", None),
-        ):
-            if name in table.column_names:
-                cols[name] = table.column(name).cast(pa.string())
-            elif default is not None or name in ("rule", "policy_version"):
-                cols[name] = _const(default, n, pa.string())
-            else:
-                raise UsageError(f"grants need a {name!r} column")
-        table = pa.table(cols)
-        _check_uids(table.column("study_uid"), "Study Instance UID")
-        for value in pc.unique(table.column("site")).to_pylist():
-            keys.validate_site(value)
-        bad = set(pc.unique(table.column("action")).to_pylist()) - {tables.GRANT, tables.REVOKE}
-        if bad:
-            raise UsageError(f"grant action {sorted(bad)[0]!r} must be 'grant' or 'revoke'")
-        bad = set(pc.unique(table.column("by_kind")).to_pylist()) - set(tables.BY_KINDS)
-        if bad:
-            raise UsageError(f"grant by_kind {sorted(bad)[0]!r} must be one of {', '.join(tables.BY_KINDS)}")
-        written = {"n": 0}
-
-        def build(state: State, seq: int, now: dt.datetime) -> CommitPlan | None:
-            todo = table
-            if skip_unchanged:
-                self.con.register("_grant_uids", pa.table({"study_uid": pc.unique(table.column("study_uid"))}))
-                try:
-                    self._ensure_views()
-                    current = {
-                        (u, s): a
-                        for u, s, a in self.con.execute(
-                            "SELECT study_uid, site, arg_max(action, _seq) FROM grants "
-                            "WHERE study_uid IN (SELECT study_uid FROM _grant_uids) GROUP BY study_uid, site"
-                        ).fetchall()
-                    }
-                finally:
-                    self.con.unregister("_grant_uids")
-                keep = []
-                for uid, site, action in zip(
-                    table.column("study_uid").to_pylist(),
-                    table.column("site").to_pylist(),
-                    table.column("action").to_pylist(),
-                ):
-                    key = (uid, site)
-                    change = (action == tables.GRANT) != (current.get(key) == tables.GRANT)
-                    keep.append(change)
-                    if change:
-                        current[key] = action
-                todo = table.filter(pa.array(keep, pa.bool_()))
-            if todo.num_rows == 0:
-                return None
-            written["n"] = todo.num_rows
-            rows = todo.append_column("at", _const(now, todo.num_rows, tables.TS)).append_column(
-                "_seq", _const(seq, todo.num_rows, pa.int64())
-            )
-            drafts = [
-                AuditDraft(
-                    actor_site,
-                    r["by"],
-                    r["action"],
-                    r["study_uid"],
-                    r["site"],
-                    "ok",
-                    {
-                        "by_kind": r["by_kind"],
-                        "reason": r["reason"],
-                        "rule": r["rule"],
-                        "policy_version": r["policy_version"],
-                    },
-                )
-                for r in todo.to_pylist()
-            ]
-            return CommitPlan(rows={"grants": rows}, audit=drafts)
-
-        self._commit("grants", build)
-        return written["n"]
+        """The bulk path of grant_many (columns study_uid, site, by_kind, by; optionally action, reason, rule,
+        policy_version); returns how many events were written."""
+        return self._grants.grant_table(table, actor_site, skip_unchanged)
 
     def grants(self, study_uid: str) -> list[GrantRecord]:
         """Every grant and revocation of the study, oldest first; `current` marks the latest per site."""
-        rows = self._rows(
-            "SELECT *, _seq = max(_seq) OVER (PARTITION BY site) AS current FROM grants WHERE study_uid = ? "
-            "ORDER BY _seq, site",
-            [study_uid],
-            memo=("grants",),
-        )
-        return [_grant(r) for r in rows]
+        return self._grants.grants(study_uid)
 
     def active_grants_for_site(self, site: str) -> list[GrantRecord]:
         """The grants currently active for `site` (one per study)."""
-        rows = self._rows(
-            "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY study_uid ORDER BY _seq DESC) AS rn "
-            "FROM grants WHERE site = ?) WHERE rn = 1 AND action = 'grant' ORDER BY study_uid",
-            [site],
-        )
-        return [_grant({**r, "current": True}) for r in rows]
+        return self._grants.active_grants_for_site(site)
 
-    # ---------------------------------------------------------- consents
     def set_consent(
         self,
         site: str,
@@ -1577,288 +358,89 @@ class Catalog:
         actor_site: str | None = None,
     ) -> int:
         """Record a patient's consent ('given') or its withdrawal ('withdrawn'); returns the commit."""
-        if state not in tables.CONSENT_STATES:
-            raise UsageError(f"consent state {state!r} is not one of {', '.join(tables.CONSENT_STATES)}")
-
-        def build(st: State, seq: int, now: dt.datetime) -> CommitPlan:
-            row = pa.Table.from_pylist(
-                [
-                    {
-                        "site": site,
-                        "patient_id": patient_id,
-                        "issuer": issuer,
-                        "state": state,
-                        "by": by,
-                        "reason": reason,
-                        "at": now,
-                        "_seq": seq,
-                    }
-                ],
-                schema=tables.CONSENTS,
-            )
-            return CommitPlan(
-                rows={"consents": row},
-                audit=[AuditDraft(actor_site or site, by, f"consent-{state}", None, site, "ok", {"reason": reason})],
-            )
-
-        seq, _ = self._commit("consent", build)
-        return int(seq or 0)
+        return self._grants.set_consent(site, patient_id, issuer, state, by, reason, actor_site)
 
     def consent_of(self, site: str, patient_id: str, issuer: str) -> ConsentRecord | None:
-        rows = self._rows(
-            "SELECT * FROM consents WHERE site = ? AND patient_id = ? AND issuer = ? ORDER BY _seq DESC LIMIT 1",
-            [site, patient_id, issuer],
-            memo=("consents",),
-        )
-        return ConsentRecord(**{k: v for k, v in rows[0].items() if k != "_seq"}) if rows else None
+        return self._grants.consent_of(site, patient_id, issuer)
 
     def withdrawn_consents(self) -> list[ConsentRecord]:
-        rows = self._rows(
-            "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY site, patient_id, issuer "
-            "ORDER BY _seq DESC) AS rn FROM consents) WHERE rn = 1 AND state = 'withdrawn'"
-        )
-        return [ConsentRecord(**{k: v for k, v in r.items() if k not in ("_seq", "rn")}) for r in rows]
+        return self._grants.withdrawn_consents()
 
-    # ---------------------------------------------------------- patient links
+    def visibility_counts(self) -> dict[tuple[str, str], int]:
+        """{(viewer site, origin site): how many studies of the origin the viewer may see} (_visible_sql)."""
+        return self._grants.visibility_counts()
+
+    # ---------------------------------------------------------- locations (catalog.locations)
+    def locations(self, study_uid: str, include_instances: bool = True) -> list[LocationRecord]:
+        """Every copy of the study: its latest state per holder (and per instance where recorded)."""
+        return self._locations.locations(study_uid, include_instances)
+
+    def set_location(
+        self,
+        study_uid: str,
+        holder: str,
+        state: str,
+        sop_instance_uid: str | None = None,
+        verified_at: dt.datetime | None = None,
+        detail: str = "",
+        by: str = "",
+    ) -> int:
+        """Record the state of a copy ('present', 'verified', 'missing', 'corrupt', 'removed'); returns the commit."""
+        return self._locations.set_location(study_uid, holder, state, sop_instance_uid, verified_at, detail, by)
+
+    def set_locations(self, entries: Sequence[Mapping[str, Any]]) -> int:
+        """Several location states in one commit (e.g. a night's verification); returns the commit."""
+        return self._locations.set_locations(entries)
+
+    def study_locations(self, study_uids: Sequence[str]) -> dict[str, list[LocationRecord]]:
+        """The study-level copies (latest state per holder) of several studies, in one query."""
+        return self._locations.study_locations(study_uids)
+
+    def instance_locations(
+        self, by: str | None = None, since: dt.datetime | str | None = None, limit: int | None = 500
+    ) -> list[LocationRecord]:
+        """Instance-level copies (latest state per instance and holder), newest first."""
+        return self._locations.instance_locations(by, since, limit)
+
+    # ---------------------------------------------------------- patient links (catalog.patients)
     def link_patients(
         self, entries: Sequence[tuple[str, str, str]], method: str, by: str, evidence: str | Mapping[str, Any] = ""
     ) -> str:
-        """Record that the (site, patient_id, issuer) entries are one person; returns the person id.
-
-        Entries already linked keep their person (the smallest id wins when
-        two persons are joined, and every member of the other one moves).
-        """
-        if method not in tables.LINK_METHODS or method == "unlink":
-            raise UsageError(f"link method {method!r} must be 'auto-exact' or 'operator'")
-        if len(entries) < 1:
-            raise UsageError("link_patients needs at least one (site, patient_id, issuer)")
-        evidence_text = evidence if isinstance(evidence, str) else json.dumps(evidence, sort_keys=True, default=str)
-        out = {"person": ""}
-
-        def build(state: State, seq: int, now: dt.datetime) -> CommitPlan | None:
-            current = self._current_links()
-            keys = [(e[0], e[1], e[2]) for e in entries]
-            persons = sorted({current[k] for k in keys if current.get(k)})
-            person = persons[0] if persons else f"person-{uuid.uuid4().hex[:16]}"
-            out["person"] = person
-            members = set(keys)
-            for key, pid in current.items():
-                if pid in persons[1:]:
-                    members.add(key)
-            todo = sorted(m for m in members if current.get(m) != person)
-            if not todo:
-                return None
-            rows = pa.Table.from_pylist(
-                [
-                    {
-                        "person_id": person,
-                        "site": s,
-                        "patient_id": p,
-                        "issuer": i,
-                        "method": method,
-                        "by": by,
-                        "evidence": evidence_text,
-                        "at": now,
-                        "_seq": seq,
-                    }
-                    for s, p, i in todo
-                ],
-                schema=tables.PATIENT_LINKS,
-            )
-            return CommitPlan(
-                rows={"patient_links": rows},
-                audit=[
-                    AuditDraft(
-                        tables.CENTER,
-                        by,
-                        "link-patients",
-                        None,
-                        None,
-                        "ok",
-                        {"person_id": person, "method": method, "members": len(todo)},
-                    )
-                ],
-            )
-
-        self._commit("link", build)
-        return out["person"]
+        """Record that the (site, patient_id, issuer) entries are one person; returns the person id."""
+        return self._patients.link_patients(entries, method, by, evidence)
 
     def unlink_patient(self, site: str, patient_id: str, issuer: str, by: str, reason: str = "") -> bool:
         """Detach one site-local patient ID from its person; False when it was not linked."""
-
-        def build(state: State, seq: int, now: dt.datetime) -> CommitPlan | None:
-            if not self._current_links().get((site, patient_id, issuer)):
-                return None
-            rows = pa.Table.from_pylist(
-                [
-                    {
-                        "person_id": "",
-                        "site": site,
-                        "patient_id": patient_id,
-                        "issuer": issuer,
-                        "method": "unlink",
-                        "by": by,
-                        "evidence": reason,
-                        "at": now,
-                        "_seq": seq,
-                    }
-                ],
-                schema=tables.PATIENT_LINKS,
-            )
-            return CommitPlan(
-                rows={"patient_links": rows},
-                audit=[AuditDraft(tables.CENTER, by, "unlink-patient", None, site, "ok", {"reason": reason})],
-            )
-
-        seq, _ = self._commit("unlink", build)
-        return seq is not None
-
-    def _current_links(self) -> dict[tuple[str, str, str], str]:
-        self._ensure_views()
-        rows = self.con.execute(
-            "SELECT site, patient_id, issuer, arg_max(person_id, _seq) FROM patient_links "
-            "GROUP BY site, patient_id, issuer"
-        ).fetchall()
-        return {(s, p, i): person for s, p, i, person in rows if person}
+        return self._patients.unlink_patient(site, patient_id, issuer, by, reason)
 
     def person_of(self, site: str, patient_id: str, issuer: str) -> str | None:
-        rows = self._rows(
-            "SELECT arg_max(person_id, _seq) AS person FROM patient_links "
-            "WHERE site = ? AND patient_id = ? AND issuer = ?",
-            [site, patient_id, issuer],
-        )
-        return (rows[0]["person"] or None) if rows else None
+        return self._patients.person_of(site, patient_id, issuer)
 
     def patient_ids_of(self, person_id: str) -> list[tuple[str, str, str]]:
-        rows = self._rows(
-            "SELECT site, patient_id, issuer FROM (SELECT site, patient_id, issuer, arg_max(person_id, _seq) AS p "
-            "FROM patient_links WHERE (site, patient_id, issuer) IN (SELECT (site, patient_id, issuer) "
-            "FROM patient_links WHERE person_id = ?) GROUP BY ALL) WHERE p = ? ORDER BY site, patient_id",
-            [person_id, person_id],
-        )
-        return [(r["site"], r["patient_id"], r["issuer"]) for r in rows]
+        return self._patients.patient_ids_of(person_id)
 
     def find_patients(
         self, name: str | None = None, birth_date: str | None = None, sex: str | None = None, site: str | None = None
     ) -> list[PatientCandidate]:
         """Site-local patients whose demographics match (a name matches on any '='-group, case-insensitive)."""
-        where: list[str] = []
-        params: list[Any] = []
-        if name:
-            groups = [g.strip().lower() for g in name.split("=") if g.strip()]
-            where.append(
-                "list_has_any(list_transform(string_split(lower(patient_name), '='), lambda x: trim(x)), ?::VARCHAR[])"
-            )
-            params.append(groups)
-        if birth_date:
-            where.append("patient_birth_date = ?")
-            params.append(birth_date)
-        if sex:
-            where.append("patient_sex = ?")
-            params.append(sex)
-        if site:
-            where.append("origin_site = ?")
-            params.append(site)
-        rows = self._rows(
-            "SELECT origin_site AS site, patient_id, issuer_of_patient_id AS issuer, any_value(patient_name) AS "
-            "patient_name, any_value(patient_birth_date) AS patient_birth_date, any_value(patient_sex) AS patient_sex, "
-            "count(DISTINCT study_uid) AS studies FROM studies "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
-            + "GROUP BY origin_site, patient_id, issuer_of_patient_id ORDER BY site, patient_id",
-            params,
-        )
-        return [PatientCandidate(**r) for r in rows]
+        return self._patients.find_patients(name, birth_date, sex, site)
 
-    # ---------------------------------------------------------- totals
+    # ---------------------------------------------------------- reports (catalog.reports)
     def totals(self, pending: Mapping[str, int] | None = None) -> list[SiteTotals]:
-        """Per origin site: studies, instances, bytes, and the backlog.
+        """Per origin site: studies, instances, bytes, and the backlog."""
+        return self._reports.totals(pending)
 
-        backlog_studies counts studies an edge holds whose center copy is not
-        verified yet; `pending` (per site, e.g. from the edges' journals) is
-        reported beside it for what has not reached the catalog at all.
-        """
-        rows = self._rows("""
-            WITH s AS (SELECT study_uid, arg_max(origin_site, _seq) AS origin_site,
-                              sum(instances_added) AS n, sum(bytes_added) AS b FROM studies GROUP BY study_uid),
-            l AS (SELECT study_uid, holder, arg_max(state, _seq) AS state FROM locations
-                  WHERE sop_instance_uid = '' GROUP BY study_uid, holder),
-            edge AS (SELECT DISTINCT study_uid FROM l WHERE holder LIKE 'edge:%' AND state IN ('present', 'verified')),
-            verified AS (SELECT study_uid FROM l WHERE holder = 'center' AND state = 'verified')
-            SELECT origin_site AS site, count(*) AS studies, coalesce(sum(n), 0)::BIGINT AS instances,
-                   coalesce(sum(b), 0)::BIGINT AS bytes,
-                   count(*) FILTER (WHERE study_uid IN (SELECT study_uid FROM edge)
-                                    AND study_uid NOT IN (SELECT study_uid FROM verified)) AS backlog_studies
-            FROM s GROUP BY origin_site ORDER BY origin_site""")
-        pending = dict(pending or {})
-        out = [
-            SiteTotals(
-                r["site"],
-                int(r["studies"]),
-                int(r["instances"]),
-                int(r["bytes"]),
-                int(r["backlog_studies"]),
-                int(pending.pop(r["site"], 0)),
-            )
-            for r in rows
-        ]
-        out.extend(SiteTotals(site, 0, 0, 0, 0, int(n)) for site, n in sorted(pending.items()))
-        return out
-
-    # ---------------------------------------------------------- reports (read-only)
     def registrations(
         self, since: dt.datetime | str | None = None, until: dt.datetime | str | None = None
     ) -> list[RegistrationBatch]:
-        """Per origin site and registration commit: studies, instances and bytes registered, oldest first.
-
-        What an operator's throughput chart is drawn from (instances are never
-        folded by compaction, so the history stays complete).
-        """
-        where: list[str] = []
-        params: list[Any] = []
-        if since is not None:
-            where.append("registered_at >= ?::TIMESTAMPTZ")
-            params.append(_as_ts(since))
-        if until is not None:
-            where.append("registered_at < ?::TIMESTAMPTZ")
-            params.append(_as_ts(until))
-        rows = self._rows(
-            "SELECT origin_site, registered_at AS at, count(DISTINCT study_uid) AS studies, count(*) AS instances, "
-            "coalesce(sum(size), 0)::BIGINT AS bytes FROM instances "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
-            + "GROUP BY origin_site, registered_at ORDER BY registered_at, origin_site",
-            params,
-        )
-        return [
-            RegistrationBatch(r["origin_site"], r["at"], int(r["studies"]), int(r["instances"]), int(r["bytes"]))
-            for r in rows
-        ]
+        """Per origin site and registration commit: studies, instances and bytes registered, oldest first."""
+        return self._reports.registrations(since, until)
 
     def study_registrations(
         self, since: dt.datetime | str | None = None, limit: int | None = None
     ) -> list[StudyRegistration]:
-        """Studies by the time their last instance was registered (newest first), with first/last times.
-
-        `since` keeps studies whose last registration is at or after it.
-        """
-        having, params = [], []
-        if since is not None:
-            having.append("max(registered_at) >= ?::TIMESTAMPTZ")
-            params.append(_as_ts(since))
-        rows = self._rows(
-            "SELECT study_uid, any_value(origin_site) AS origin_site, min(registered_at) AS first_at, "
-            "max(registered_at) AS last_at, count(*) AS instances, coalesce(sum(size), 0)::BIGINT AS bytes "
-            "FROM instances GROUP BY study_uid "
-            + (f"HAVING {' AND '.join(having)} " if having else "")
-            + "ORDER BY last_at DESC, study_uid"
-            + (f" LIMIT {int(limit)}" if limit else ""),
-            params,
-        )
-        return [
-            StudyRegistration(
-                r["study_uid"], r["origin_site"], r["first_at"], r["last_at"], int(r["instances"]), int(r["bytes"])
-            )
-            for r in rows
-        ]
+        """Studies by the time their last instance was registered (newest first), with first/last times."""
+        return self._reports.study_registrations(since, limit)
 
     def studies_page(
         self,
@@ -1873,174 +455,22 @@ class Catalog:
         search: str | None = None,
         search_names: bool = False,
     ) -> tuple[int, list[StudyRow]]:
-        """(how many studies match, one page of them newest first) for a study browser.
-
-        `visible_to` keeps what that site may see by the one visibility rule
-        (as visible_studies does); the other filters are those of visible_studies, with
-        `origin_sites` added, and `search` (catalog.search: Patient ID,
-        accession number, and with `search_names` the patient's name in any
-        form, DICOM wildcards allowed). Newest first: study date, time, then UID,
-        descending.
-        """
-        from renkei.catalog.search import Search
-
-        where: list[str] = []
-        having: list[str] = []
-        outer: list[str] = []
-        p_where: list[Any] = []
-        p_having: list[Any] = []
-        p_cte: list[Any] = []
-        p_outer: list[Any] = []
-        if patient_id is not None:
-            where.append("patient_id = ?")
-            p_where.append(patient_id)
-        if date_from:
-            having.append("arg_max(study_date, _seq) >= ?")
-            p_having.append(date_from)
-        if date_to:
-            having.append("arg_max(study_date, _seq) <= ?")
-            p_having.append(date_to)
-        if modalities:
-            having.append("list_has_any(list_distinct(flatten(list(modalities))), ?::VARCHAR[])")
-            p_having.append(list(modalities))
-        if origin_sites is not None:
-            outer.append("list_contains(?::VARCHAR[], origin_site)")
-            p_outer.append(list(origin_sites))
-        if search:
-            clause, p_search = Search.parse(search).where(names=search_names)
-            outer.append(clause)
-            p_outer.extend(p_search)
-        visible = ""
-        if visible_to is not None:
-            visible = ", " + _visible_sql("a", one_site=True)
-            p_cte.append(visible_to)
-            outer.append("study_uid IN (SELECT study_uid FROM visible WHERE site = ?)")
-            p_outer.append(visible_to)
-        sql = (
-            f"WITH a AS (SELECT study_uid, {_STUDY_AGG} FROM studies "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
-            + "GROUP BY study_uid "
-            + (f"HAVING {' AND '.join(having)} " if having else "")
-            + ")"
-            + visible
-            + " SELECT *, count(*) OVER () AS _total FROM a "
-            + (f"WHERE {' AND '.join(outer)} " if outer else "")
-            + "ORDER BY study_date DESC, study_time DESC, study_uid DESC "
-            + f"LIMIT {max(0, int(limit))} OFFSET {max(0, int(offset))}"
+        """(how many studies match, one page of them newest first) for a study browser."""
+        return self._reports.studies_page(
+            visible_to, origin_sites, patient_id, date_from, date_to, modalities, limit, offset, search, search_names
         )
-        params = p_where + p_having + p_cte + p_outer
-        rows = self._rows(sql, params)
-        total = (
-            int(rows[0]["_total"])
-            if rows
-            else (
-                self.studies_page(
-                    visible_to, origin_sites, patient_id, date_from, date_to, modalities, 1, 0, search, search_names
-                )[0]
-                if offset
-                else 0
-            )
-        )
-        return total, [_study_row(r) for r in rows]
 
     def series_summaries(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         """The series of several studies with their registered instance counts, by study, in one query."""
-        if not study_uids:
-            return {}
-        rows = self._rows(
-            "WITH s AS (SELECT study_uid, series_uid, any_value(modality) AS modality, "
-            "any_value(series_number) AS series_number, any_value(series_description) AS series_description "
-            "FROM series WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) GROUP BY study_uid, series_uid), "
-            "i AS (SELECT study_uid, series_uid, count(*) AS instances FROM instances "
-            "WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) GROUP BY study_uid, series_uid) "
-            "SELECT s.*, coalesce(i.instances, 0)::BIGINT AS instances FROM s "
-            "LEFT JOIN i USING (study_uid, series_uid) "
-            "ORDER BY s.study_uid, s.series_number NULLS LAST, s.series_uid",
-            [list(study_uids), list(study_uids)],
-        )
-        out: dict[str, list[dict[str, Any]]] = {uid: [] for uid in study_uids}
-        for r in rows:
-            out.setdefault(r["study_uid"], []).append(r)
-        return out
+        return self._reports.series_summaries(study_uids)
 
-    def study_locations(self, study_uids: Sequence[str]) -> dict[str, list[LocationRecord]]:
-        """The study-level copies (latest state per holder) of several studies, in one query."""
-        if not study_uids:
-            return {}
-        rows = self._rows(
-            "SELECT study_uid, holder, arg_max(state, _seq) AS state, arg_max(verified_at, _seq) AS verified_at, "
-            'arg_max(detail, _seq) AS detail, arg_max("by", _seq) AS "by", max("at") AS "at" '
-            "FROM locations WHERE sop_instance_uid = '' AND study_uid IN (SELECT unnest(?::VARCHAR[])) "
-            "GROUP BY study_uid, holder ORDER BY study_uid, holder",
-            [list(study_uids)],
-        )
-        out: dict[str, list[LocationRecord]] = {uid: [] for uid in study_uids}
-        for r in rows:
-            out.setdefault(r["study_uid"], []).append(_location(r))
-        return out
-
-    def visibility_counts(self) -> dict[tuple[str, str], int]:
-        """{(viewer site, origin site): how many studies of the origin the viewer may see} (_visible_sql)."""
-        rows = self._rows(
-            f"WITH vs AS (SELECT {_STUDY_KEYS} FROM studies GROUP BY study_uid), "
-            + _visible_sql("vs", one_site=False)
-            + " SELECT site AS viewer, origin_site AS origin, count(DISTINCT study_uid) AS n FROM visible "
-            "GROUP BY site, origin_site"
-        )
-        return {(r["viewer"], r["origin"]): int(r["n"]) for r in rows}
-
+    # ---------------------------------------------------------- audit (catalog.audit_log)
     def recent_audit(
         self, actions: Sequence[str] | None = None, limit: int = 50, since: dt.datetime | str | None = None
     ) -> list[AuditEvent]:
         """The latest audit events (newest first), optionally only of the given actions."""
-        where: list[str] = []
-        params: list[Any] = []
-        if actions is not None:
-            if not actions:
-                return []
-            where.append("list_contains(?::VARCHAR[], action)")
-            params.append(list(actions))
-        if since is not None:
-            where.append('"at" >= ?::TIMESTAMPTZ')
-            params.append(_as_ts(since))
-        rows = self._rows(
-            "SELECT * FROM audit "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
-            + f"ORDER BY event_no DESC LIMIT {max(0, int(limit))}",
-            params,
-        )
-        return [audit_mod.event_from_row(r) for r in rows]
+        return self._audit.recent_audit(actions, limit, since)
 
-    def instance_locations(
-        self, by: str | None = None, since: dt.datetime | str | None = None, limit: int | None = 500
-    ) -> list[LocationRecord]:
-        """Instance-level copies (latest state per instance and holder), newest first.
-
-        Instance-level rows are written for exceptions (the nightly verification
-        records what it found missing or corrupt, and whether it was repaired);
-        `by` and `since` filter on the latest record's writer and time.
-        """
-        where: list[str] = []
-        params: list[Any] = []
-        if by is not None:
-            where.append('"by" = ?')
-            params.append(by)
-        if since is not None:
-            where.append('"at" >= ?::TIMESTAMPTZ')
-            params.append(_as_ts(since))
-        rows = self._rows(
-            "SELECT * FROM (SELECT study_uid, sop_instance_uid, holder, arg_max(state, _seq) AS state, "
-            "arg_max(verified_at, _seq) AS verified_at, arg_max(detail, _seq) AS detail, "
-            'arg_max("by", _seq) AS "by", max("at") AS "at" FROM locations WHERE sop_instance_uid <> \'\' '
-            "GROUP BY study_uid, sop_instance_uid, holder) "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
-            + 'ORDER BY "at" DESC, study_uid, sop_instance_uid'
-            + (f" LIMIT {int(limit)}" if limit else ""),
-            params,
-        )
-        return [_location(r) for r in rows]
-
-    # ---------------------------------------------------------- audit
     def append_audit(
         self,
         actor_site: str,
@@ -2052,18 +482,11 @@ class Catalog:
         detail: dict[str, Any] | None = None,
     ) -> AuditEvent:
         """Append one audit event to the chain; returns it with its number and hash."""
-        return self.append_audits([AuditDraft(actor_site, actor, action, study_uid, target_site, outcome, detail)])[0]
+        return self._audit.append_audit(actor_site, actor, action, study_uid, target_site, outcome, detail)
 
     def append_audits(self, drafts: Sequence[AuditDraft]) -> list[AuditEvent]:
         """Append several events in one commit (one place in the total order); returns them."""
-        if not drafts:
-            return []
-
-        def build(state: State, seq: int, now: dt.datetime) -> CommitPlan:
-            return CommitPlan(audit=list(drafts), result=(state.audit_count + 1, seq))
-
-        seq, (first, _) = self._commit("audit", build)
-        return self.audit(event_from=first, event_to=first + len(drafts) - 1)
+        return self._audit.append_audits(drafts)
 
     def audit(
         self,
@@ -2078,272 +501,11 @@ class Catalog:
         event_to: int | None = None,
     ) -> list[AuditEvent]:
         """Audit events matching every given filter, in chain order (site matches actor or target)."""
-        where: list[str] = []
-        params: list[Any] = []
-        for col, value in (("study_uid", study_uid), ("actor", actor), ("action", action)):
-            if value is not None:
-                where.append(f"{col} = ?")
-                params.append(value)
-        if site is not None:
-            where.append("(actor_site = ? OR target_site = ?)")
-            params.extend([site, site])
-        if since is not None:
-            where.append('"at" >= ?::TIMESTAMPTZ')
-            params.append(_as_ts(since))
-        if until is not None:
-            where.append('"at" < ?::TIMESTAMPTZ')
-            params.append(_as_ts(until))
-        if event_from is not None:
-            where.append("event_no >= ?")
-            params.append(event_from)
-        if event_to is not None:
-            where.append("event_no <= ?")
-            params.append(event_to)
-        sql = (
-            "SELECT * FROM audit "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
-            + "ORDER BY event_no"
-            + (f" LIMIT {int(limit)}" if limit else "")
-        )
-        return [audit_mod.event_from_row(r) for r in self._rows(sql, params)]
+        return self._audit.audit(study_uid, site, actor, action, since, until, limit, event_from, event_to)
 
     def audit_trail(self, study_uid: str) -> list[AuditEvent]:
-        return self.audit(study_uid=study_uid)
+        return self._audit.audit_trail(study_uid)
 
     def verify_audit(self, deep: bool = True) -> AuditVerification:
-        """Recompute the whole hash chain; reports edited, deleted and reordered events.
-
-        Damage to the catalog itself (a missing log entry, an altered data
-        file, a witness that knows of more) is reported as problems, not
-        raised: this is the question an auditor asks of a damaged catalog.
-        `deep` also reads every data file against its checksum (check()).
-        """
-        with self._lock:
-            extra: list[str] = []
-            if deep:
-                extra += [f"catalog: {p}" for p in check_catalog(self, self.backup).problems]
-            try:
-                state = self.refresh()
-            except CatalogDamaged as exc:
-                extra.append(str(exc))
-                try:  # what can still be read
-                    state = self.log.catch_up(self.log.latest_checkpoint() or State())
-                except CatalogError as exc2:
-                    return AuditVerification(False, 0, tuple(extra + [str(exc2)]))
-            try:
-                anchor = json.loads(cfs.read_bytes(self.fs, cfs.join(self.root, audit_mod.ANCHOR)))
-            except (FileNotFoundError, ValueError):
-                anchor = None
-            witness = None
-            if self.backup is not None:
-                try:
-                    witness = self.backup.read_witness()
-                except CatalogDamaged as exc:
-                    extra.append(str(exc))
-            # Read the stored files themselves (never a cached copy or cached metadata).
-            files = sorted(state.files.get("audit", {}).values(), key=lambda f: (f.seq, f.path))
-            readable = []
-            for f in files:
-                if not cfs.exists(self.fs, cfs.join(self.root, f.path)):
-                    extra.append(f"audit data file {f.path} (commit {f.seq}) is missing")
-                else:
-                    readable.append(f)
-            result = self._verify_audit_files(state, readable, anchor, witness)
-            if not extra:
-                return result
-            problems = tuple(dict.fromkeys(extra + list(result.problems)))
-            return AuditVerification(False, result.events_checked, problems[:50])
-
-    def _verify_audit_files(
-        self, state: State, files: list[FileEntry], anchor: dict[str, Any] | None, witness: dict[str, Any] | None
-    ) -> AuditVerification:
-        if not files:
-            return audit_mod.verify_rows([], state.audit_count, state.audit_head, anchor, witness)
-        source = f"read_parquet([{', '.join(_sql_str(self.abs_path(f.path)) for f in files)}])"
-        cur = self.con.cursor()
-        cur.execute("SET parquet_metadata_cache = false")
-        try:
-            reader = cur.sql(
-                'SELECT event_no, "at", actor_site, actor, action, study_uid, target_site, outcome, detail, '
-                f"prev_hash, hash FROM {source} ORDER BY event_no"
-            ).to_arrow_reader(50_000)
-
-            def rows() -> Iterable[dict[str, Any]]:
-                for batch in reader:
-                    yield from batch.to_pylist()
-
-            return audit_mod.verify_rows(rows(), state.audit_count, state.audit_head, anchor, witness)
-        except (duckdb.Error, OSError) as exc:
-            return AuditVerification(False, 0, (f"the audit files cannot be read: {exc}",))
-        finally:
-            cur.close()
-            self.con.execute("SET parquet_metadata_cache = true")
-
-    # ---------------------------------------------------------- maintenance
-    def file_counts(self) -> dict[str, int]:
-        """How many live Parquet files each table has (what compaction keeps small)."""
-        state = self.refresh()
-        return {name: len(state.files.get(name, {})) for name in tables.TABLES}
-
-    def compact(self, force: bool = False) -> Any:
-        """Merge small files (see catalog.compaction.compact)."""
-        from renkei.catalog.compaction import compact
-
-        return compact(self, force=force)
-
-
-# ------------------------------------------------------------------ helpers
-def origin_sites_text(values: Iterable[str]) -> str:
-    sites = sorted(set(values))
-    return sites[0] if len(sites) == 1 else ",".join(sites)
-
-
-def validate_grant(r: GrantRequest) -> None:
-    if r.action not in (tables.GRANT, tables.REVOKE):
-        raise UsageError(f"grant action {r.action!r} must be 'grant' or 'revoke'")
-    if r.by_kind not in tables.BY_KINDS:
-        raise UsageError(f"grant by_kind {r.by_kind!r} must be one of {', '.join(tables.BY_KINDS)}")
-    keys.validate_site(r.site)
-    from renkei.uids import validate_uid
-
-    validate_uid(r.study_uid, "Study Instance UID")
-
-
-def _as_ts(value: dt.datetime | str) -> str:
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
-        return value.isoformat()
-    return value
-
-
-def _study_row(r: dict[str, Any]) -> StudyRow:
-    data: dict[str, Any] = {f: r.get(f) for f in StudyRow.__dataclass_fields__}
-    for f in tables.STUDY_INFO_FIELDS:
-        data[f] = data[f] or ""
-    data["modalities"] = tuple(m for m in (r.get("modalities") or []) if m)
-    for f in ("series_count", "instance_count", "bytes"):
-        data[f] = int(data[f] or 0)
-    return StudyRow(**data)
-
-
-def _location(r: dict[str, Any]) -> LocationRecord:
-    """A locations row as a record (a study-level row has no SOP Instance UID)."""
-    return LocationRecord(
-        r["study_uid"],
-        r.get("sop_instance_uid") or None,
-        r["holder"],
-        r["state"],
-        r["verified_at"],
-        r["detail"] or "",
-        r["by"] or "",
-        r["at"],
-    )
-
-
-def _grant(r: dict[str, Any]) -> GrantRecord:
-    return GrantRecord(
-        r["study_uid"],
-        r["site"],
-        r["action"],
-        r["by_kind"],
-        r["by"],
-        r["reason"] or "",
-        r["rule"],
-        r["policy_version"],
-        r["at"],
-        bool(r.get("current")),
-    )
-
-
-def _check_uids(column: pa.ChunkedArray | pa.Array, what: str) -> None:
-    ok = pc.and_(pc.match_substring_regex(column, _UID_PATTERN), pc.less_equal(pc.utf8_length(column), 64))
-    ok = pc.fill_null(ok, False)
-    if not pc.all(ok).as_py():
-        bad = column.filter(pc.invert(ok))
-        shown = bad[0].as_py() if len(bad) else None
-        raise InvalidUID(
-            f"{what} {str(shown)[:80]!r} is not a valid DICOM UID (digits and dots, at most 64 characters)"
-        )
-
-
-def _column(table: pa.Table, name: str, type_: pa.DataType, default: Any) -> pa.Array | pa.ChunkedArray:
-    if name in table.column_names:
-        col = table.column(name)
-        if col.type != type_:
-            col = col.cast(type_)
-        if default is not None:
-            col = pc.fill_null(col, default)
-        return col
-    return _const(default, table.num_rows, type_)
-
-
-def _normalise_studies(studies: pa.Table) -> pa.Table:
-    for name in ("study_uid", "origin_site", "patient_id"):
-        if name not in studies.column_names:
-            raise UsageError(f"the studies table needs a {name!r} column")
-    _check_uids(studies.column("study_uid"), "Study Instance UID")
-    cols = {name: _column(studies, name, pa.string(), "") for name in tables.STUDY_INFO_FIELDS}
-    if "modalities" in studies.column_names:
-        cols["modalities"] = studies.column("modalities").cast(pa.list_(pa.string()))
-    else:
-        cols["modalities"] = pa.array([[] for _ in range(studies.num_rows)], pa.list_(pa.string()))
-    out = pa.table(cols)
-    if pc.count_distinct(out.column("study_uid")).as_py() != out.num_rows:
-        raise UsageError("the studies table lists a Study Instance UID twice; give each study once")
-    return out
-
-
-_INSTANCE_COLUMNS = (
-    ("study_uid", pa.string(), None),
-    ("series_uid", pa.string(), None),
-    ("sop_instance_uid", pa.string(), None),
-    ("sop_class_uid", pa.string(), ""),
-    ("transfer_syntax_uid", pa.string(), ""),
-    ("size", pa.int64(), None),
-    ("sha256", pa.string(), None),
-    ("instance_number", pa.int64(), None),
-    ("modality", pa.string(), ""),
-    ("series_number", pa.int64(), None),
-    ("series_description", pa.string(), ""),
-)
-
-
-def _normalise_instances(instances: pa.Table | None, studies: pa.Table) -> pa.Table:
-    """Instance rows with validated UIDs, origin_site and object_key columns."""
-    if instances is None or instances.num_rows == 0:
-        schema = pa.schema(
-            [(n, t) for n, t, _ in _INSTANCE_COLUMNS] + [("origin_site", pa.string()), ("object_key", pa.string())]
-        )
-        return schema.empty_table()
-    for name in ("study_uid", "series_uid", "sop_instance_uid", "size", "sha256"):
-        if name not in instances.column_names:
-            raise UsageError(f"the instances table needs a {name!r} column")
-    cols = {name: _column(instances, name, type_, default) for name, type_, default in _INSTANCE_COLUMNS}
-    for name, what in (
-        ("study_uid", "Study Instance UID"),
-        ("series_uid", "Series Instance UID"),
-        ("sop_instance_uid", "SOP Instance UID"),
-    ):
-        _check_uids(cols[name], what)
-    sha_ok = pc.fill_null(pc.match_substring_regex(cols["sha256"], r"^[0-9a-f]{64}$"), False)
-    if not pc.all(sha_ok).as_py():
-        raise UsageError("an instance's sha256 is not 64 lower-case hex digits")
-    table = pa.table(cols)
-    idx = pc.index_in(table.column("study_uid"), value_set=studies.column("study_uid"))
-    if idx.null_count:
-        raise UsageError("every instance's study_uid must be one of the studies registered with it")
-    table = table.append_column("origin_site", studies.column("origin_site").take(idx))
-    if "object_key" in instances.column_names:
-        table = table.append_column("object_key", instances.column("object_key").cast(pa.string()))
-    else:
-        key = pc.binary_join_element_wise(
-            _const(keys.OBJECTS_PREFIX, table.num_rows),
-            table.column("origin_site"),
-            table.column("study_uid"),
-            table.column("series_uid"),
-            pc.binary_join_element_wise(table.column("sop_instance_uid"), _const(".dcm", table.num_rows), ""),
-            "/",
-        )
-        table = table.append_column("object_key", key)
-    return table
+        """Recompute the whole hash chain; reports edited, deleted and reordered events."""
+        return self._audit.verify_audit(deep)

@@ -21,19 +21,25 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from renkei.catalog import fs as cfs
 from renkei.catalog import tables
+from renkei.catalog.engine import TableEngine
 from renkei.catalog.log import State
-
-if TYPE_CHECKING:
-    from renkei.catalog.catalog import Catalog
+from renkei.catalog.records import CommitPlan
 
 DEFAULT_FANOUT = 8
+
+
+class HasEngine(Protocol):
+    """What holds a table engine: the Catalog facade."""
+
+    @property
+    def engine(self) -> TableEngine: ...
 
 
 @dataclass(frozen=True)
@@ -75,14 +81,14 @@ def _select_sql(spec: tables.TableSpec, source: str) -> str:
     return f"SELECT {', '.join(names)} FROM {source} ORDER BY {order}"
 
 
-def _merge(catalog: Catalog, table: str, inputs: list[str], level: int) -> dict[str, Any]:
+def _merge(catalog: TableEngine, table: str, inputs: list[str], level: int) -> dict[str, Any]:
     """Write the merged, sorted file of `inputs`; returns its log record (not yet committed)."""
     spec = tables.TABLES[table]
     listing = ", ".join("'" + catalog.read_path(p).replace("'", "''") + "'" for p in inputs)
     sql = _select_sql(spec, f"read_parquet([{listing}], union_by_name = true)")
     rel = f"data/{table}/L{level}-{uuid.uuid4().hex}.parquet"
     final = cfs.join(catalog.root, rel)
-    local_target = final if catalog.local else os.path.join(catalog._tmpdir, f"merge-{uuid.uuid4().hex}.parquet")
+    local_target = final if catalog.local else os.path.join(catalog.tmpdir, f"merge-{uuid.uuid4().hex}.parquet")
     os.makedirs(os.path.dirname(local_target), exist_ok=True)
     rows = 0
     ordered = None if spec.latest_by or table == "studies" else _disjoint_order(catalog, spec, inputs)
@@ -118,7 +124,9 @@ def _merge(catalog: Catalog, table: str, inputs: list[str], level: int) -> dict[
     return _publish(catalog, local_target, final, rel_out=rel, rows=rows, level=level)
 
 
-def _publish(catalog: Catalog, local_target: str, final: str, rel_out: str, rows: int, level: int) -> dict[str, Any]:
+def _publish(
+    catalog: TableEngine, local_target: str, final: str, rel_out: str, rows: int, level: int
+) -> dict[str, Any]:
     digest, size = cfs.sha256_file(local_target)  # recorded in the log entry, checked on every read
     if not catalog.local:
         try:
@@ -128,12 +136,12 @@ def _publish(catalog: Catalog, local_target: str, final: str, rel_out: str, rows
     return {"path": rel_out, "rows": rows, "level": level, "sha256": digest, "size": size}
 
 
-def _open(catalog: Catalog, rel: str) -> Any:
+def _open(catalog: TableEngine, rel: str) -> Any:
     path = catalog.read_path(rel)
     return catalog.fs.open(path, "rb") if path.startswith("s3://") else open(path, "rb")
 
 
-def _disjoint_order(catalog: Catalog, spec: tables.TableSpec, inputs: list[str]) -> list[str] | None:
+def _disjoint_order(catalog: TableEngine, spec: tables.TableSpec, inputs: list[str]) -> list[str] | None:
     """The inputs ordered by key when their ranges of the first sort key do not overlap, else None."""
     key = spec.sort_keys[0]
     ranges = []
@@ -175,7 +183,7 @@ def _groups(state: State, table: str, fanout: int, force: bool) -> list[tuple[li
 
 
 def compact(
-    catalog: Catalog,
+    catalog: TableEngine | HasEngine,
     fanout: int = DEFAULT_FANOUT,
     force: bool = False,
     vacuum_grace_s: float | None = None,
@@ -183,10 +191,11 @@ def compact(
 ) -> CompactionResult:
     """Merge files until no level holds `fanout` files (force: one file per table); vacuum; checkpoint.
 
-    Callable by a flow at any time, from any process, while others write.
+    Callable by a flow at any time, from any process, while others write. `catalog` is a Catalog or
+    its TableEngine.
     """
-    from renkei.catalog.catalog import CommitPlan
-
+    if not isinstance(catalog, TableEngine):
+        catalog = catalog.engine
     grace = catalog.vacuum_grace_s if vacuum_grace_s is None else vacuum_grace_s
     merged: dict[str, tuple[int, int]] = {}
     last_seq = 0
@@ -212,9 +221,9 @@ def compact(
                     return None  # another compaction merged some of them first
                 return CommitPlan(prewritten={table: [record]}, remove={table: inputs}, result=True)
 
-            seq, done = catalog._commit("compact", build)
+            seq, done = catalog.commit("compact", build)
             if not done:
-                catalog._delete_files([record["path"]])
+                catalog.delete_files([record["path"]])
                 continue
             last_seq = seq or last_seq
             before = merged.get(table, (0, 0))
@@ -227,27 +236,25 @@ def compact(
     return CompactionResult(merged, vacuumed, orphans, state.seq)
 
 
-def _vacuum(catalog: Catalog, grace: float) -> int:
+def _vacuum(catalog: TableEngine, grace: float) -> int:
     """Delete files that compaction removed more than `grace` seconds ago, and record it."""
-    from renkei.catalog.catalog import CommitPlan
-
     state = catalog.refresh()
     cutoff = time.time() - grace
     old = [path for path, at in state.removed if at <= cutoff]
     if not old:
         return 0
-    catalog._delete_files(old)
+    catalog.delete_files(old)
 
     def build(st: State, seq: int, now: Any) -> Any:
         still = {p for p, _ in st.removed}
         gone = [p for p in old if p in still]
         return CommitPlan(vacuumed=gone, result=len(gone)) if gone else None
 
-    _seq, n = catalog._commit("compact", build)
+    _seq, n = catalog.commit("compact", build)
     return int(n or 0)
 
 
-def _sweep_orphans(catalog: Catalog, grace: float) -> int:
+def _sweep_orphans(catalog: TableEngine, grace: float) -> int:
     """Remove data files no commit refers to (left by writers that crashed or lost a race)."""
     state = catalog.refresh()
     referenced = {p for files in state.files.values() for p in files} | {p for p, _ in state.removed}
@@ -268,7 +275,7 @@ def _sweep_orphans(catalog: Catalog, grace: float) -> int:
             if mtime is None and entry.get("LastModified") is not None:
                 mtime = entry["LastModified"].timestamp()
             if mtime is not None and float(mtime) < cutoff:
-                catalog._delete_files([rel])
+                catalog.delete_files([rel])
                 removed += 1
     if catalog.local:  # temporary files of writers killed while creating an entry, checkpoint or anchor
         for folder in ("_log", "_checkpoints", "_audit"):

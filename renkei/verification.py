@@ -331,12 +331,6 @@ def reapply_rules_to_repaired(catalog: Catalog, layout: Layout, report: Verifica
     return report
 
 
-def _referenced_keys(catalog: Catalog) -> set[str]:
-    """Every object key a catalog row points to: instances, and the conflicting copies beside them."""
-    rows = catalog._rows("SELECT object_key AS k FROM instances UNION SELECT conflict_key AS k FROM conflicts")
-    return {r["k"] for r in rows if r["k"]}
-
-
 def _age_s(store: ObjectStore, key: str, now: float) -> float | None:
     try:
         info = store.fs.info(store.path(key))
@@ -364,7 +358,7 @@ def check_unreferenced(
     registration has not happened yet).
     """
     now = time.time() if now is None else now
-    referenced = _referenced_keys(catalog)
+    referenced = catalog.referenced_keys()
     for key in store.list(f"{keys.OBJECTS_PREFIX}/"):
         report.objects_listed += 1
         if key in referenced:

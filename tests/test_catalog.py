@@ -11,6 +11,7 @@ from helpers_catalog import BACKENDS, ROOT, backend_url, make_batch, total_size
 
 from renkei.catalog import Catalog, GrantRequest
 from renkei.catalog import fs as cfs
+from renkei.catalog.engine import forget_verified
 from renkei.errors import InvalidUID, UsageError
 
 
@@ -393,9 +394,7 @@ def test_on_s3_a_shared_cache_outlives_the_catalog_and_is_checked(s3_bucket: str
     # a copy altered on the local disk is not trusted: a new process fetches it again from S3
     victim = next(p for p in in_use if p in kept)
     victim.write_bytes(b"\0" * victim.stat().st_size)
-    import renkei.catalog.catalog as catalog_module
-
-    catalog_module._VERIFIED.clear()  # as in a new process
+    forget_verified()  # as in a new process
     third = Catalog(s3_bucket + "/cat", cache_dir=cache)
     try:
         assert sum(t.studies for t in third.totals()) == 5

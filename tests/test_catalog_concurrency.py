@@ -39,7 +39,7 @@ def _run(url: str, studies: int = STUDIES, batch_studies: int = BATCH_STUDIES) -
     try:
         start.set()
         while any(p.is_alive() for p in procs):
-            rows = reader._rows(
+            rows = reader.engine.rows(
                 "SELECT s.study_uid, s.n, coalesce(i.n, 0) AS rows FROM "
                 "(SELECT study_uid, sum(instances_added) AS n FROM studies GROUP BY study_uid) s "
                 "LEFT JOIN (SELECT study_uid, count(*) AS n FROM instances GROUP BY study_uid) i USING (study_uid)"
@@ -57,14 +57,14 @@ def _run(url: str, studies: int = STUDIES, batch_studies: int = BATCH_STUDIES) -
         assert seen_totals == sorted(seen_totals)  # readers never went back in time
 
         assert reader.instance_count() == WRITERS * studies * PER_STUDY
-        counts = reader._rows(f"SELECT study_uid, {', '.join(['1'])} AS one FROM studies GROUP BY study_uid")
+        counts = reader.engine.rows(f"SELECT study_uid, {', '.join(['1'])} AS one FROM studies GROUP BY study_uid")
         assert len(counts) == WRITERS * studies
         for w in range(WRITERS):
             for s in (1, studies // 2, studies):
                 study = reader.study(f"{ROOT}.{w + 1}.{s}")
                 assert study is not None
                 assert (study.instance_count, study.series_count) == (PER_STUDY, 3)
-        wrong = reader._rows(
+        wrong = reader.engine.rows(
             "SELECT study_uid FROM (SELECT study_uid, sum(instances_added) AS n, sum(series_added) AS s "
             "FROM studies GROUP BY study_uid) WHERE n <> ? OR s <> 3",
             [PER_STUDY],
