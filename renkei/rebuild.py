@@ -35,25 +35,11 @@ from renkei.catalog.log import CommitLog
 from renkei.catalog.store import ObjectStore
 from renkei.config import Layout
 from renkei.errors import CatalogDamaged, CatalogError, RenkeiError
-from renkei.records import InstanceInfo, StudyBatch, StudyInfo
+from renkei.records import InstanceInfo, StudyBatch, StudyInfo, names
 
 log = logging.getLogger(__name__)
 
-_STUDY_FIELDS = {
-    "patient_id": "PatientID",
-    "issuer_of_patient_id": "IssuerOfPatientID",
-    "patient_name": "PatientName",
-    "patient_birth_date": "PatientBirthDate",
-    "patient_sex": "PatientSex",
-    "study_date": "StudyDate",
-    "study_time": "StudyTime",
-    "accession_number": "AccessionNumber",
-    "study_description": "StudyDescription",
-    "referring_physician": "ReferringPhysicianName",
-    "requesting_service": "RequestingService",
-    "institution_name": "InstitutionName",
-    "study_id": "StudyID",
-}
+_STUDY_FIELDS = {name: keyword for keyword, name in names("PATIENT", "STUDY").items() if name != "study_uid"}
 _BATCH = 2000  # instances per registration commit
 
 
