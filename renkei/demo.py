@@ -195,7 +195,7 @@ class Demo:
     def wait_pipeline(self, layout: Layout, runner: RegionRunner, studies: dict[str, list[str]]) -> None:
         from renkei.catalog.catalog import Catalog
 
-        self.say("waiting: edges complete the studies, start sync_site on their workers; upload, register, flag ...")
+        self.say("waiting: edges complete the studies, start sync_site on their workers; upload, register, rules ...")
         done: dict[str, float] = {}
 
         def all_verified() -> bool:

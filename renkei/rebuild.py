@@ -15,7 +15,7 @@
    clinic study is visible at the hub as before; person grants and consents
    come only from the backup.
 
-Safe to run twice: registration is idempotent, and so is the rules' flagging.
+Safe to run twice: registration is idempotent, and so is applying the rules.
 """
 
 from __future__ import annotations
@@ -162,8 +162,8 @@ def rebuild(layout: Layout, reapply_rules: bool = True) -> RebuildResult:
         if reapply_rules and new_studies:
             from renkei.sharing import Sharing
 
-            flagged = Sharing(layout.config, cat).flag(list(dict.fromkeys(new_studies)))
-            result.rule_grants = len(flagged.granted)
+            applied = Sharing(layout.config, cat).apply_rules(list(dict.fromkeys(new_studies)))
+            result.rule_grants = len(applied.granted)
         if result.instances_registered or result.rule_grants:
             cat.append_audit(
                 "center",
