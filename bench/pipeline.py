@@ -1,8 +1,8 @@
 """Orchestration overhead of `sync_site`: one flow run over N studies against the same pure functions.
 
 Two identical data folders get the same N synthetic studies in clinic-a's edge.
-One is synced by calling the pure functions directly (ingest, upload, register,
-flag); the other by one real `sync_site` flow run against a Prefect API
+One is synced by calling the pure functions directly (ready studies, upload,
+register, apply the rules); the other by one real `sync_site` flow run against a Prefect API
 (prefect_test_harness; its start-up is not timed). Prints both times and the
 overhead per study, and ends with one JSON line.
 
@@ -68,8 +68,8 @@ def direct(config_path: Path, data_dir: Path) -> tuple[float, int]:
     with runtime.open_journal(lay, SITE) as journal, runtime.open_catalog(lay) as catalog:
         reg = transfer.register_studies(journal, catalog, SITE, uids)
     with runtime.open_catalog(lay) as catalog:
-        flagged = Sharing(lay.config, catalog).flag(list(reg.studies))
-        for uid, site, _ in flagged.granted:
+        applied = Sharing(lay.config, catalog).apply_rules(list(reg.studies))
+        for uid, site, _ in applied.granted:
             row = catalog.study(uid)
             deliveries(lay.config, row.study_info(), [site])
     return time.monotonic() - started, len(uids)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -269,8 +270,6 @@ def backup(catalog: CatalogFiles, location: BackupLocation, prune: bool = True) 
 def _remove(fs: Any, path: str) -> None:
     try:
         if cfs.is_local(fs):
-            import os
-
             os.unlink(path)
         else:
             fs.rm_file(path)

@@ -66,6 +66,7 @@ def open_filesystem(url: str, s3_options: Any = None) -> tuple[fsspec.AbstractFi
     credentials are read by botocore from the AWS_* environment variables.
     """
     if url.startswith("s3://"):
+        # lazy: s3fs (aiobotocore, ~0.35 s) only for a center on S3; local folders never pay for it
         import s3fs
 
         opts = _s3_settings(s3_options)

@@ -9,33 +9,20 @@ groups by their min/max statistics.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
+from renkei.records import StudyInfo
+
 TS = pa.timestamp("us", tz="UTC")
 STR = pa.string()
 I64 = pa.int64()
 
-STUDY_INFO_FIELDS = (
-    "study_uid",
-    "origin_site",
-    "patient_id",
-    "issuer_of_patient_id",
-    "patient_name",
-    "patient_birth_date",
-    "patient_sex",
-    "study_date",
-    "study_time",
-    "accession_number",
-    "study_description",
-    "referring_physician",
-    "requesting_service",
-    "institution_name",
-    "study_id",
-    "specific_character_set",
-)
+# the StudyInfo record as columns (its modalities are a list column of their own)
+STUDY_INFO_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StudyInfo) if f.name != "modalities")
 
 STUDIES = pa.schema(
     [pa.field(name, STR) for name in STUDY_INFO_FIELDS]

@@ -48,6 +48,7 @@ from renkei.edge.qr import (
 )
 from renkei.edge.store import FileStore
 from renkei.errors import RenkeiError
+from renkei.records import names
 
 LOGGER = logging.getLogger(__name__)
 CACHE_DIR = "cache"
@@ -119,22 +120,12 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+_STUDY_NAMES = names("PATIENT", "STUDY")
+
+
 def _study_record(row: StudyRow) -> dict[str, Any]:
     return {
-        "StudyInstanceUID": row.study_uid,
-        "PatientName": row.patient_name,
-        "PatientID": row.patient_id,
-        "IssuerOfPatientID": row.issuer_of_patient_id,
-        "PatientBirthDate": row.patient_birth_date,
-        "PatientSex": row.patient_sex,
-        "StudyDate": row.study_date,
-        "StudyTime": row.study_time,
-        "AccessionNumber": row.accession_number,
-        "StudyID": row.study_id,
-        "StudyDescription": row.study_description,
-        "ReferringPhysicianName": row.referring_physician,
-        "RequestingService": row.requesting_service,
-        "InstitutionName": row.institution_name,
+        **{keyword: getattr(row, name) for keyword, name in _STUDY_NAMES.items()},
         "SpecificCharacterSet": row.specific_character_set,
         "ModalitiesInStudy": "\\".join(sorted(set(row.modalities))),
         "NumberOfStudyRelatedSeries": str(row.series_count),

@@ -30,7 +30,7 @@ from typing import Any
 from renkei.edge.clock import QuietClock, wall_time
 from renkei.edge.parsing import ParsedInstance
 from renkei.errors import RenkeiError, StorageError
-from renkei.records import InstanceInfo, StudyInfo
+from renkei.records import InstanceInfo, StudyInfo, names
 
 JOURNAL_NAME = "journal.sqlite"
 UPLOAD_STATES: tuple[str, ...] = ("pending", "uploaded", "verified")
@@ -41,39 +41,10 @@ HEARTBEAT_CLOCK = "edge_clock"  # meta: the running edge's quiet clock (see edge
 HEARTBEAT_WALL = "edge_heartbeat"  # meta: the edge's wall clock at that heartbeat (liveness, for people)
 QUARANTINE_REASON_MAX = 500  # characters kept of a reason (it is shown and audited)
 
-# keyword -> column, per table
-STUDY_COLUMNS: dict[str, str] = {
-    "StudyInstanceUID": "study_uid",
-    "PatientName": "patient_name",
-    "PatientID": "patient_id",
-    "IssuerOfPatientID": "issuer_of_patient_id",
-    "PatientBirthDate": "patient_birth_date",
-    "PatientSex": "patient_sex",
-    "StudyDate": "study_date",
-    "StudyTime": "study_time",
-    "AccessionNumber": "accession_number",
-    "StudyID": "study_id",
-    "StudyDescription": "study_description",
-    "ReferringPhysicianName": "referring_physician",
-    "RequestingService": "requesting_service",
-    "InstitutionName": "institution_name",
-}
-SERIES_COLUMNS: dict[str, str] = {
-    "SeriesInstanceUID": "series_uid",
-    "Modality": "modality",
-    "SeriesNumber": "series_number",
-    "SeriesDescription": "series_description",
-    "SeriesDate": "series_date",
-    "SeriesTime": "series_time",
-    "BodyPartExamined": "body_part_examined",
-}
-INSTANCE_COLUMNS: dict[str, str] = {
-    "SOPInstanceUID": "sop_instance_uid",
-    "SOPClassUID": "sop_class_uid",
-    "InstanceNumber": "instance_number",
-    "ContentDate": "content_date",
-    "ContentTime": "content_time",
-}
+# keyword -> column, per table (the table of attributes: renkei.records.ATTRIBUTES)
+STUDY_COLUMNS: dict[str, str] = {"StudyInstanceUID": "study_uid", **names("PATIENT"), **names("STUDY")}
+SERIES_COLUMNS: dict[str, str] = names("SERIES")
+INSTANCE_COLUMNS: dict[str, str] = names("IMAGE")
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

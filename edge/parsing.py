@@ -22,46 +22,17 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from renkei.errors import RenkeiError
+from renkei.records import keywords
 from renkei.uids import derive_uid, is_valid_uid, validate_uid
 
 IMPLEMENTATION_CLASS_UID = derive_uid("renkei", "edge", "implementation")
 IMPLEMENTATION_VERSION_NAME = "RENKEI_EDGE_01"
 
-# The attributes the journal keeps, per query/retrieve level.
-PATIENT_KEYS: tuple[str, ...] = (
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientBirthDate",
-    "PatientSex",
-)
-STUDY_KEYS: tuple[str, ...] = (
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDescription",
-    "ReferringPhysicianName",
-    "RequestingService",
-    "InstitutionName",
-)
-SERIES_KEYS: tuple[str, ...] = (
-    "SeriesInstanceUID",
-    "Modality",
-    "SeriesNumber",
-    "SeriesDescription",
-    "SeriesDate",
-    "SeriesTime",
-    "BodyPartExamined",
-)
-IMAGE_KEYS: tuple[str, ...] = (
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "InstanceNumber",
-    "ContentDate",
-    "ContentTime",
-)
+# The attributes the journal keeps, per query/retrieve level (the table: renkei.records.ATTRIBUTES).
+PATIENT_KEYS: tuple[str, ...] = keywords("PATIENT")
+STUDY_KEYS: tuple[str, ...] = keywords("STUDY")
+SERIES_KEYS: tuple[str, ...] = keywords("SERIES")
+IMAGE_KEYS: tuple[str, ...] = keywords("IMAGE")
 ALL_KEYS = PATIENT_KEYS + STUDY_KEYS + SERIES_KEYS + IMAGE_KEYS
 
 

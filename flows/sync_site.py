@@ -1,4 +1,4 @@
-"""`sync_site`: a site's completed studies to the center — ingest, upload, register, flag, distribute."""
+"""`sync_site`: a site's completed studies to the center — ready studies, upload, register, apply the rules, deliver."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from renkei.center_check import CenterCheck, summary_lines
 from renkei.edge.journal import Quarantine
 from renkei.flows.deliver import distribute
 from renkei.runtime import Region
-from renkei.sharing import FlagResult
+from renkei.sharing import RuleGrants
 from renkei.tasks.common import logger, publish_artifacts
 from renkei.tasks.sync import (
+    apply_rules,
     audit_quarantines,
     check_center,
-    flag,
-    ingest,
     mark_verified,
     plan_deliveries,
+    ready_studies,
     register,
     retain,
     upload_study,
@@ -39,7 +39,7 @@ from renkei.transfer import RegisterResult, UploadResult
     log_prints=False,
 )
 def sync_site(site: str, config: str | None = None, data_dir: str | None = None) -> Any:
-    """Move the site's completed studies to the center, verified, registered and flagged.
+    """Move the site's completed studies to the center, verified, registered and granted by the rules.
 
     Runs on the site's own work pool. Safe to rerun at any time: it finishes
     what a crashed run left and duplicates nothing. Fails (red in the UI) when a
@@ -51,7 +51,7 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
 
     Every run first checks a sample of what the edge's journal calls verified
     against the center (renkei.center_check): what a wiped bucket or a lost
-    catalog took is uploaded, registered and flagged again in the same run
+    catalog took is uploaded, registered again, its rules applied again in the same run
     (state message and artifact give the counts); instances lost with no edge
     copy left fail the run.
     """
@@ -60,9 +60,9 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
     lay = region.layout
     lay.config.site(site)
     # the center still holds what the journal calls verified (a sample); what it lost is set back in the
-    # journal, so that the steps below upload, register and flag it again in this run
+    # journal, so that the steps below upload, register and apply the rules to it again in this run
     center = _check_center(region, site)
-    studies = ingest(region, site)
+    studies = ready_studies(region, site)
     uploads: dict[str, UploadResult] = {}
     failures: dict[str, str] = {}
     quarantined: dict[str, str] = {}  # by this run: study_uid -> reason
@@ -88,14 +88,14 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
             else:
                 uploads[uid] = upload
     registered = RegisterResult((), 0, 0, 0)
-    flagged = FlagResult(0, ())
+    rule_grants = RuleGrants(0, ())
     deliveries: dict[str, Any] = {}
     if uploads:
         registered = register(region, site, list(uploads))
         quarantined.update(dict(registered.quarantined))
-        flagged = flag(region, list(registered.studies))
+        rule_grants = apply_rules(region, list(registered.studies))
         mark_verified(region, site, list(registered.studies))
-        plan = plan_deliveries(region, flagged.granted)
+        plan = plan_deliveries(region, rule_grants.granted)
         if plan:
             deliveries = distribute(plan, config, data_dir)
     # every run: instances received again with other bytes (corrected images) become new versions
@@ -113,7 +113,7 @@ def sync_site(site: str, config: str | None = None, data_dir: str | None = None)
         )
     elapsed = time.monotonic() - started
     summary = _report(
-        site, studies, uploads, failures, registered, flagged, deliveries, elapsed, quarantined, held, center
+        site, studies, uploads, failures, registered, rule_grants, deliveries, elapsed, quarantined, held, center
     )
     if failures:
         raise RuntimeError(
@@ -187,7 +187,7 @@ def _report(
     uploads: dict[str, UploadResult],
     failures: dict[str, str],
     registered: RegisterResult,
-    flagged: FlagResult,
+    rule_grants: RuleGrants,
     deliveries: dict[str, Any],
     elapsed: float,
     quarantined: dict[str, str],
@@ -245,7 +245,7 @@ def _report(
         "| studies | instances | MB | seconds | MB/s | grants | failures | quarantined |",
         "|---|---|---|---|---|---|---|---|",
         f"| {len(moved)} of {len(studies)} | {instances} | {size / 1e6:.1f} | {elapsed:.1f} | {mb_s:.1f} "
-        f"| {len(flagged.granted)} | {len(failures)} | {len(quarantined)} |",
+        f"| {len(rule_grants.granted)} | {len(failures)} | {len(quarantined)} |",
         "",
     ]
     if quarantined:
@@ -255,7 +255,7 @@ def _report(
     lines += summary_lines(center)
     if center.error:
         lines += ["## Center check", f"The check of the center failed: {center.error}. The next run checks again."]
-    for uid, study_grants in _grants_by_study(flagged).items():
+    for uid, study_grants in _grants_by_study(rule_grants).items():
         lines.append(f"- {uid}: granted to {', '.join(study_grants)}")
     for site_id, info in deliveries.items():
         lines.append(f"- delivery to {site_id}: {info}")
@@ -310,7 +310,7 @@ def _report(
         "seconds": round(elapsed, 3),
         "failures": failures,
         "registered": list(registered.studies),
-        "granted": [list(g) for g in flagged.granted],
+        "granted": [list(g) for g in rule_grants.granted],
         "deliveries": deliveries,
         "quarantined": quarantined,
         "held_in_quarantine": [q.study_uid for q in held],
@@ -323,8 +323,8 @@ def _line_safe(text: str) -> str:
     return text if text.isprintable() and text.strip() == text else repr(text)
 
 
-def _grants_by_study(flagged: FlagResult) -> dict[str, list[str]]:
+def _grants_by_study(rule_grants: RuleGrants) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for study_uid, site, rule in flagged.granted:
+    for study_uid, site, rule in rule_grants.granted:
         out.setdefault(study_uid, []).append(f"{site} ({rule})")
     return out

@@ -15,8 +15,8 @@ catalog, and the journal is set back so that the normal sync path repairs it
 in the same run:
 
 - object missing, edge copy present: 'pending' (uploaded again, registered,
-  and the sharing rules applied again by the flag step);
-- object present, not registered: 'uploaded' (registered and flagged again);
+  and the sharing rules applied again);
+- object present, not registered: 'uploaded' (registered again, its rules applied again);
 - object missing and the edge's copy already dropped: *lost* here; counted,
   and the run fails so that an operator restores the object store (or the
   origin site sends the study again).
@@ -66,7 +66,7 @@ class CenterCheck:
     missing: int = 0
     unregistered: int = 0
     reupload: int = 0  # set back to 'pending': uploaded again by this run
-    reregister: int = 0  # set back to 'uploaded': registered and flagged again by this run
+    reregister: int = 0  # set back to 'uploaded': registered again, its rules applied again by this run
     lost: int = 0  # missing from the center and no edge copy: nothing here can repair them
     studies: int = 0  # studies set back for repair
     catalog_unreadable: str = ""  # the catalog could not be asked (only objects were compared)

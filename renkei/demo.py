@@ -200,7 +200,7 @@ class Demo:
         return out
 
     def wait_pipeline(self, layout: Layout, runner: RegionRunner, studies: dict[str, list[str]]) -> None:
-        self.say("waiting: edges complete the studies, start sync_site on their workers; upload, register, flag ...")
+        self.say("waiting: edges complete the studies, start sync_site on their workers; upload, register, rules ...")
         done: dict[str, float] = {}
 
         def all_verified() -> bool:

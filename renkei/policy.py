@@ -182,7 +182,7 @@ def decide(
     if possible:
         text = (
             f"no grant to {site} is in force (rule {possible[0].rule!r} would grant it: "
-            f"{possible[0].reason}; it may have been unpublished, or the flag step has not run yet)"
+            f"{possible[0].reason}; it may have been unpublished, or applying the rules has not run yet)"
         )
     else:
         text = f"no rule grants studies of {study.origin_site} to {site}, and nobody published it there"

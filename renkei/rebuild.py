@@ -15,7 +15,7 @@
    clinic study is visible at the hub as before; person grants and consents
    come only from the backup.
 
-Safe to run twice: registration is idempotent, and so is the rules' flagging.
+Safe to run twice: registration is idempotent, and so is applying the rules.
 """
 
 from __future__ import annotations
@@ -39,26 +39,12 @@ from renkei.catalog.store import ObjectStore
 from renkei.config import Layout
 from renkei.edge.parsing import describe_dataset
 from renkei.errors import CatalogDamaged, CatalogError, RenkeiError
-from renkei.records import InstanceInfo, StudyBatch, StudyInfo
+from renkei.records import InstanceInfo, StudyBatch, StudyInfo, names
 from renkei.sharing import Sharing
 
 log = logging.getLogger(__name__)
 
-_STUDY_FIELDS = {
-    "patient_id": "PatientID",
-    "issuer_of_patient_id": "IssuerOfPatientID",
-    "patient_name": "PatientName",
-    "patient_birth_date": "PatientBirthDate",
-    "patient_sex": "PatientSex",
-    "study_date": "StudyDate",
-    "study_time": "StudyTime",
-    "accession_number": "AccessionNumber",
-    "study_description": "StudyDescription",
-    "referring_physician": "ReferringPhysicianName",
-    "requesting_service": "RequestingService",
-    "institution_name": "InstitutionName",
-    "study_id": "StudyID",
-}
+_STUDY_FIELDS = {name: keyword for keyword, name in names("PATIENT", "STUDY").items() if name != "study_uid"}
 _BATCH = 2000  # instances per registration commit
 
 
@@ -177,8 +163,8 @@ def rebuild(layout: Layout, reapply_rules: bool = True) -> RebuildResult:
                     pending, count = {}, 0
             new_studies += _register(cat, pending, result)
         if reapply_rules and new_studies:
-            flagged = Sharing(layout.config, cat).flag(list(dict.fromkeys(new_studies)))
-            result.rule_grants = len(flagged.granted)
+            applied = Sharing(layout.config, cat).apply_rules(list(dict.fromkeys(new_studies)))
+            result.rule_grants = len(applied.granted)
         if result.instances_registered or result.rule_grants:
             cat.append_audit(
                 "center",

@@ -13,6 +13,58 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class Attribute:
+    """One DICOM attribute renkei keeps: its keyword, the query/retrieve level it belongs to, and its
+    field name, the same in these records, the catalog's columns and the edge journal's columns."""
+
+    keyword: str
+    level: str  # PATIENT, STUDY, SERIES or IMAGE
+    name: str
+
+
+# The one table of the attributes the edge reads from a received instance, the journal and the catalog
+# keep, and C-FIND answers with (edge.parsing, edge.journal, edge.center, catalog.tables, rebuild).
+ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute("PatientName", "PATIENT", "patient_name"),
+    Attribute("PatientID", "PATIENT", "patient_id"),
+    Attribute("IssuerOfPatientID", "PATIENT", "issuer_of_patient_id"),
+    Attribute("PatientBirthDate", "PATIENT", "patient_birth_date"),
+    Attribute("PatientSex", "PATIENT", "patient_sex"),
+    Attribute("StudyInstanceUID", "STUDY", "study_uid"),
+    Attribute("StudyDate", "STUDY", "study_date"),
+    Attribute("StudyTime", "STUDY", "study_time"),
+    Attribute("AccessionNumber", "STUDY", "accession_number"),
+    Attribute("StudyID", "STUDY", "study_id"),
+    Attribute("StudyDescription", "STUDY", "study_description"),
+    Attribute("ReferringPhysicianName", "STUDY", "referring_physician"),
+    Attribute("RequestingService", "STUDY", "requesting_service"),
+    Attribute("InstitutionName", "STUDY", "institution_name"),
+    Attribute("SeriesInstanceUID", "SERIES", "series_uid"),
+    Attribute("Modality", "SERIES", "modality"),
+    Attribute("SeriesNumber", "SERIES", "series_number"),
+    Attribute("SeriesDescription", "SERIES", "series_description"),
+    Attribute("SeriesDate", "SERIES", "series_date"),
+    Attribute("SeriesTime", "SERIES", "series_time"),
+    Attribute("BodyPartExamined", "SERIES", "body_part_examined"),
+    Attribute("SOPInstanceUID", "IMAGE", "sop_instance_uid"),
+    Attribute("SOPClassUID", "IMAGE", "sop_class_uid"),
+    Attribute("InstanceNumber", "IMAGE", "instance_number"),
+    Attribute("ContentDate", "IMAGE", "content_date"),
+    Attribute("ContentTime", "IMAGE", "content_time"),
+)
+
+
+def keywords(*levels: str) -> tuple[str, ...]:
+    """The keywords of the attributes of these levels, in the table's order."""
+    return tuple(a.keyword for a in ATTRIBUTES if a.level in levels)
+
+
+def names(*levels: str) -> dict[str, str]:
+    """keyword -> field name, for the attributes of these levels, in the table's order."""
+    return {a.keyword: a.name for a in ATTRIBUTES if a.level in levels}
+
+
+@dataclass(frozen=True)
 class StudyInfo:
     """What the catalog and the policy need to know about a study (patient/study level)."""
 

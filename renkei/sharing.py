@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FlagResult:
-    """What the flag step did: grants written, and grants a rule wanted but consent or history stopped."""
+class RuleGrants:
+    """What applying the rules did: rule grants written, and grants a rule wanted but consent or history stopped."""
 
     studies: int
     granted: tuple[tuple[str, str, str], ...]  # (study_uid, site, rule)
@@ -101,8 +101,8 @@ class Sharing:
                 lines.append(f"  consent withdrawn at {row.origin_site} by {c.by if c else '?'}")
         return lines
 
-    # ------------------------------------------------------------------ flag (rules)
-    def flag(self, study_uids: Sequence[str]) -> FlagResult:
+    # ------------------------------------------------------------------ the rules
+    def apply_rules(self, study_uids: Sequence[str]) -> RuleGrants:
         """Apply the policy's rules to registered studies: write the grants they ask for.
 
         A rule never re-grants a (study, site) pair that already has a history (a
@@ -134,8 +134,10 @@ class Sharing:
                 granted.append((uid, rg.site, rg.rule))
         if requests:
             self.catalog.grant_many(requests)
-            log.info("flag: %d grants written for %d studies", len(requests), len(set(u for u, _, _ in granted)))
-        return FlagResult(len(study_uids), tuple(granted), tuple(skipped_consent), tuple(skipped_history))
+            log.info(
+                "apply-rules: %d rule grants written for %d studies", len(requests), len(set(u for u, _, _ in granted))
+            )
+        return RuleGrants(len(study_uids), tuple(granted), tuple(skipped_consent), tuple(skipped_history))
 
     def _rule_request(self, study_uid: str, rg: RuleGrant) -> GrantRequest:
         return GrantRequest(study_uid, rg.site, "rule", rg.rule, rg.reason, rg.rule, self.config.policy.version)

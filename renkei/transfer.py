@@ -291,7 +291,7 @@ def register_studies(
     An empty Issuer of Patient ID is registered as `default_issuer` (the site's
     own), so that consent and patient matching can name the patient.
     With mark_verified=False the journal keeps them 'uploaded' until
-    `mark_verified` (the flow does that after the flag step, so that a crash
+    `mark_verified` (the flow does that after applying the rules, so that a crash
     in between is finished by the next run).
 
     All studies go in one commit. When the catalog refuses that batch for its

@@ -313,14 +313,14 @@ def _conflict_registered(catalog: Catalog, entry: Any) -> bool:
 def reapply_rules(catalog: Catalog, layout: Layout, study_uids: Iterable[str]) -> int:
     """Apply the sharing rules to studies uploaded or registered again; returns the grants written.
 
-    The same flag step a first registration gets (renkei.sharing.Sharing.flag):
+    The same rules a first registration gets applied (renkei.sharing.Sharing.apply_rules):
     after a catalog loss the studies come back with their rule grants, and a
     (study, site) pair with a history (unpublished, consent) is left alone.
     """
     uids = list(dict.fromkeys(study_uids))
     if not uids:
         return 0
-    return len(Sharing(layout.config, catalog).flag(uids).granted)
+    return len(Sharing(layout.config, catalog).apply_rules(uids).granted)
 
 
 def reapply_rules_to_repaired(catalog: Catalog, layout: Layout, report: VerificationReport) -> VerificationReport:

@@ -1,4 +1,4 @@
-"""Tasks of `sync_site`: ingest, upload, register, flag, distribute.
+"""Tasks of `sync_site`: ready studies, upload, register, apply the rules, deliver.
 
 Each takes the `Region` it works on and returns a typed result (the dataclasses of the
 modules that do the work); the flow reads fields, not dictionary keys.
@@ -17,7 +17,7 @@ from renkei.edge.journal import Quarantine
 from renkei.policy import deliveries
 from renkei.retention import RetentionResult, apply_retention
 from renkei.runtime import Region
-from renkei.sharing import FlagResult, Sharing
+from renkei.sharing import RuleGrants, Sharing
 from renkei.tasks.common import IO_RETRIES, IO_RETRY_DELAYS, logger, retry_io_only, run_marker
 from renkei.transfer import RegisterResult, UploadResult
 from renkei.versions import VersionResult
@@ -36,13 +36,13 @@ class UploadFailed(Exception):
     """Some instances of a study could not be uploaded; the task retries."""
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=[1, 4])
-def ingest(region: Region, site: str) -> list[str]:
+@task(name="ready-studies", retries=2, retry_delay_seconds=[1, 4])
+def ready_studies(region: Region, site: str) -> list[str]:
     """The completed studies in the site's edge journal not yet verified in the center."""
     lay = region.layout
     with runtime.open_journal(lay, site) as journal:
         studies = transfer.studies_to_sync(journal, lay.config.site(site).edge.stable_age)
-    logger().info("ingest %s: %d completed studies to sync", site, len(studies))
+    logger().info("ready-studies %s: %d completed studies to sync", site, len(studies))
     return studies
 
 
@@ -52,7 +52,7 @@ def check_center(region: Region, site: str) -> CenterCheck:
 
     Instances found missing are set back in the journal (to 'pending', or to
     'uploaded' when only the catalog lost them), so that this run's ingest,
-    upload, register and flag steps repair them. Counts only.
+    upload, register and apply-rules steps repair them. Counts only.
     """
     lay = region.layout
     with ExitStack() as stack:
@@ -104,7 +104,7 @@ def upload_study(region: Region, site: str, study_uid: str) -> UploadResult:
 
 @task(name="register", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
 def register(region: Region, site: str, study_uids: list[str]) -> RegisterResult:
-    """Register the uploaded studies in the catalog (one commit); the edge marks them verified after flag."""
+    """Register the uploaded studies in the catalog (one commit); verified after apply-rules."""
     lay = region.layout
     with runtime.open_journal(lay, site) as journal, runtime.open_catalog(lay) as catalog:
         result = transfer.register_studies(
@@ -145,7 +145,7 @@ def audit_quarantines(region: Region, site: str) -> list[Quarantine]:
 
 @task(name="mark-verified", retries=2, retry_delay_seconds=[1, 4])
 def mark_verified(region: Region, site: str, study_uids: list[str]) -> int:
-    """The studies are registered and flagged: their instances become 'verified' at the edge."""
+    """The studies are registered and their rules applied: their instances become 'verified' at the edge."""
     lay = region.layout
     with runtime.open_journal(lay, site) as journal:
         return transfer.mark_verified(journal, study_uids)
@@ -159,13 +159,13 @@ def upload_versions(region: Region, site: str) -> VersionResult:
         return upload_new_versions(journal, runtime.open_store(lay), catalog, site)
 
 
-@task(name="flag", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
-def flag(region: Region, study_uids: list[str]) -> FlagResult:
+@task(name="apply-rules", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only)
+def apply_rules(region: Region, study_uids: list[str]) -> RuleGrants:
     """Apply the sharing policy's rules to the registered studies; returns the grants written."""
     lay = region.layout
     with runtime.open_catalog(lay) as catalog:
-        result = Sharing(lay.config, catalog).flag(study_uids)
-    logger().info("flag: %d grants written", len(result.granted))
+        result = Sharing(lay.config, catalog).apply_rules(study_uids)
+    logger().info("apply-rules: %d rule grants written", len(result.granted))
     return result
 
 

@@ -66,7 +66,7 @@ def test_visibility_counts_agree_with_every_decision(cat: Catalog) -> None:
     ]
     cat.register_many(batches)
     uids = [b.study.study_uid for b in batches]
-    sharing.flag(uids)  # every clinic study to the hub
+    sharing.apply_rules(uids)  # every clinic study to the hub
     sharing.publish(uids[4], ["clinic-b", "clinic-c"], "operator", "referral")
     sharing.publish(uids[0], ["clinic-b"], "operator", "second opinion")  # a person's grant
     sharing.unpublish(uids[4], ["clinic-c"], "operator", "sent by mistake")

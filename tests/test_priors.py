@@ -45,7 +45,7 @@ def test_exact_match_links_and_finds_visible_priors(region) -> None:
         s: _register_site(catalog, config, s, synth.site_patients(config, s, 5, 11))
         for s in ("hub", "clinic-a", "clinic-b", "clinic-c")
     }
-    Sharing(config, catalog).flag([p.info.study_uid for plans in per_site.values() for p in plans])
+    Sharing(config, catalog).apply_rules([p.info.study_uid for plans in per_site.values() for p in plans])
     shared = hub_patients[0]  # the first people of the pool are registered at every site
     res = resolve_person(config, catalog, "hub", shared.patient_id, shared.issuer_of_patient_id)
     assert res.method == "auto-exact", res.detail

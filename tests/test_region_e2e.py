@@ -81,8 +81,8 @@ class E2E:
         ref = self.config.site_for_name(facts["info"].requesting_service)
         return {ref} if ref else set()
 
-    def flagged(self, uids) -> bool:
-        """Every study has its grants (the flag step commits after the registration: a hub study's too)."""
+    def granted(self, uids) -> bool:
+        """Every study has its grants (applying the rules commits after the registration: a hub study's too)."""
         with self.catalog() as cat:
             return all(self.expected_grants(uid) <= {g.site for g in cat.grants(uid) if g.active} for uid in uids)
 
@@ -114,7 +114,7 @@ def region(tmp_path_factory, prefect_api):
         e2e.runner.stop()
 
 
-def test_studies_sent_to_every_edge_end_up_verified_and_flagged(region: E2E) -> None:
+def test_studies_sent_to_every_edge_end_up_verified_and_granted(region: E2E) -> None:
     from prefect import get_client
 
     sent: dict[str, list] = {}
@@ -124,8 +124,8 @@ def test_studies_sent_to_every_edge_end_up_verified_and_flagged(region: E2E) -> 
         storescu(site, [f for s in sent[site_id] for f in s.files])
     uids = [s.info.study_uid for studies in sent.values() for s in studies]
     region.runner.wait_until(lambda: region.verified(uids), 240, "every study verified in the center")
-    # the flag step commits right after registration: wait for it too, not only for the registration
-    region.runner.wait_until(lambda: region.flagged(uids), 120, "every study granted where the rules say")
+    # applying the rules commits right after registration: wait for it too, not only for the registration
+    region.runner.wait_until(lambda: region.granted(uids), 120, "every study granted where the rules say")
 
     with region.catalog() as cat:
         for uid in uids:
@@ -155,7 +155,7 @@ def test_studies_sent_to_every_edge_end_up_verified_and_flagged(region: E2E) -> 
             return runs, arts
 
     def every_site_has_a_completed_run() -> bool:
-        # the catalog shows a study verified at 'register'; the run goes on (flag, deliver, artifact)
+        # the catalog shows a study verified at 'register'; the run goes on (apply the rules, deliver, artifact)
         runs, _ = asyncio.run(runs_and_artifacts())
         done = {
             r.parameters.get("site") for r in runs if r.state and r.state.is_completed() and r.deployment_id is not None

@@ -68,13 +68,13 @@ def visible(sharing: Sharing, site: str, uids: dict[str, str]) -> set[str]:
 
 def test_flag_applies_the_source_rules_once(region) -> None:
     config, catalog, sharing, uids = region
-    result = sharing.flag(list(uids.values()))
+    result = sharing.apply_rules(list(uids.values()))
     assert sorted((s, r) for _, s, r in result.granted) == [
         ("clinic-c", "hub-exam-to-referring-clinic"),
         ("hub", "clinic-studies-to-hub"),
         ("hub", "clinic-studies-to-hub"),
     ]
-    assert sharing.flag(list(uids.values())).granted == ()  # idempotent
+    assert sharing.apply_rules(list(uids.values())).granted == ()  # idempotent
     assert visible(sharing, "hub", uids) == {"clinic-a", "clinic-c", "hub-private", "hub-for-c"}
     assert visible(sharing, "clinic-a", uids) == {"clinic-a"}
     assert visible(sharing, "clinic-b", uids) == set()
@@ -89,12 +89,12 @@ def test_flag_applies_the_source_rules_once(region) -> None:
 
 def test_publish_unpublish_and_no_regrant_by_rule(region) -> None:
     _, catalog, sharing, uids = region
-    sharing.flag(list(uids.values()))
+    sharing.apply_rules(list(uids.values()))
     assert sharing.publish(uids["hub-private"], ["clinic-b"], "dr-sato", "consult") == ["clinic-b"]
     assert sharing.decide("clinic-b", uids["hub-private"]).allowed
     assert sharing.unpublish(uids["hub-for-c"], ["clinic-c"], "dr-sato", "wrong patient") == ["clinic-c"]
     assert not sharing.decide("clinic-c", uids["hub-for-c"]).allowed
-    sharing.flag([uids["hub-for-c"]])  # a later sync must not undo the person's act
+    sharing.apply_rules([uids["hub-for-c"]])  # a later sync must not undo the person's act
     assert not sharing.decide("clinic-c", uids["hub-for-c"]).allowed
     with pytest.raises(Exception, match="own site"):
         sharing.publish(uids["clinic-a"], ["clinic-a"], "x")
@@ -106,12 +106,12 @@ def test_publish_unpublish_and_no_regrant_by_rule(region) -> None:
 
 def test_consent_withdrawal_revokes_rule_grants_and_blocks_new_ones(region) -> None:
     _, catalog, sharing, uids = region
-    sharing.flag(list(uids.values()))
+    sharing.apply_rules(list(uids.values()))
     assert sharing.decide("hub", uids["clinic-a"]).allowed
     assert sharing.withdraw_consent("clinic-a", "A-1", "CLINIC-A-ISSUER", "clerk-1", "patient asked") == 1
     decision = sharing.decide("hub", uids["clinic-a"])
     assert not decision.allowed and decision.basis == "consent-withdrawn"
-    assert sharing.flag([uids["clinic-a"]]).skipped_consent == (uids["clinic-a"],)
+    assert sharing.apply_rules([uids["clinic-a"]]).skipped_consent == (uids["clinic-a"],)
     with pytest.raises(PolicyError, match="withdrew consent"):
         sharing.publish(uids["clinic-a"], ["hub"], "dr-x")
     assert sharing.give_consent("clinic-a", "A-1", "CLINIC-A-ISSUER", "clerk-1", "patient agreed") == 1
@@ -122,7 +122,7 @@ def test_consent_withdrawal_revokes_rule_grants_and_blocks_new_ones(region) -> N
 
 def test_explain_names_the_rule_or_the_act(region) -> None:
     _, _, sharing, uids = region
-    sharing.flag(list(uids.values()))
+    sharing.apply_rules(list(uids.values()))
     text = "\n".join(sharing.explain("hub", uids["clinic-c"]))
     assert "MAY see" in text and "clinic-studies-to-hub" in text
     text = "\n".join(sharing.explain("clinic-a", uids["clinic-c"]))
@@ -173,7 +173,7 @@ def test_deliveries_ask_the_decision_too(region, data_dir) -> None:
     from renkei.runtime import open_store
 
     config, catalog, sharing, uids = region
-    sharing.flag(list(uids.values()))
+    sharing.apply_rules(list(uids.values()))
     layout = Layout(config, data_dir)
     with pytest.raises(PolicyError, match="may not receive"):
         cache_at_edge(layout, catalog, open_store(layout), "clinic-b", uids["clinic-a"])
@@ -198,7 +198,7 @@ def test_a_study_without_issuer_is_registered_under_its_site_and_consent_reaches
         row = catalog.study(uids[0])
         assert row.issuer_of_patient_id == lay.config.site("clinic-a").issuer
         sharing = Sharing(lay.config, catalog)
-        sharing.flag(uids)
+        sharing.apply_rules(uids)
         assert sharing.decide("hub", uids[0]).allowed
         assert sharing.withdraw_consent("clinic-a", row.patient_id, "", "clerk") == 1
         assert not sharing.decide("hub", uids[0]).allowed
