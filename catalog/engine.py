@@ -571,37 +571,42 @@ class TableEngine:
     def _check_witness(self, state: State) -> State:
         """CatalogDamaged when the witness (or the anchor in the catalog) knows of commits the log lacks.
 
-        Other writers keep committing while this runs: a witness ahead of the
-        state is only damage if it is still ahead after catching up again.
+        Both are read first and the log is caught up after them: every commit they record was in the
+        log before they were written, so a log read that starts later must hold it. Commits other
+        writers make meanwhile move the log on, never the readings past it (reading the witness again
+        after catching up would see their newer commits and call that damage).
         """
-        problems = self._witness_problems(state)
-        if problems:
-            state = self.log.catch_up(state)
-            problems = self._witness_problems(state)
+        anchor_seq, witness, problems = self._read_witnesses()
+        state = self.log.catch_up(state)
+        if anchor_seq > state.seq:
+            problems.append(
+                f"the catalog's log ends at entry {state.seq}, but its audit anchor was written "
+                f"at entry {anchor_seq}: entries are missing"
+            )
+        problems.extend(witness_problems(self.log, state, witness))
         if problems:
             raise CatalogDamaged(f"the catalog at {self.url} is damaged: {'; '.join(problems)}; {REPAIR_HINT}")
         self._witness_seq = state.seq
         return state
 
-    def _witness_problems(self, state: State) -> list[str]:
-        problems: list[str] = []
+    def _read_witnesses(self) -> tuple[int, dict[str, Any] | None, list[str]]:
+        """The entry the audit anchor was written at (0 if none), the second location's witness, and
+        what is wrong with the witness itself."""
+        anchor_seq = 0
         try:
             anchor = json.loads(cfs.read_bytes(self.fs, cfs.join(self.root, audit_mod.ANCHOR)))
-            if int(anchor.get("seq", 0)) > state.seq:
-                problems.append(
-                    f"the catalog's log ends at entry {state.seq}, but its audit anchor was written "
-                    f"at entry {anchor['seq']}: entries are missing"
-                )
+            anchor_seq = int(anchor.get("seq", 0))
         except (FileNotFoundError, ValueError, AttributeError):
             pass
+        witness, problems = None, []
         if self.backup is not None:
             try:
-                problems.extend(witness_problems(self.log, state, self.backup.read_witness()))
+                witness = self.backup.read_witness()
             except CatalogDamaged as exc:
                 problems.append(str(exc))
             except Exception as exc:  # the second location is down: the catalog still works
                 _log.warning("the catalog's witness at %s cannot be read: %s", self.backup.url, exc)
-        return problems
+        return anchor_seq, witness, problems
 
     def _write_witness(self, state: State) -> None:
         if self.backup is None or state.seq <= self._witness_seq:

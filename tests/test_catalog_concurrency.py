@@ -93,3 +93,48 @@ def test_four_writers_local(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_four_writers_s3(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     _run(backend_url(request, "s3", tmp_path, "catalog"), batch_studies=4)
+
+
+def test_writers_committing_while_a_catalog_opens_are_not_taken_for_damage(tmp_path: Path) -> None:
+    """A catalog opening checks its log against the witness while others keep committing.
+
+    Another writer commits (and writes the witness) right after the opening one has listed the log,
+    and again right after it has caught up: neither commit may be taken for lost entries (both once
+    made a fresh writer on S3 fail with "log ends at entry N, but entry N+1 had been committed").
+    """
+    url, witness = str(tmp_path / "catalog"), str(tmp_path / "witness")
+    other = Catalog(url, backup_url=witness, background_compaction=False)
+    n = {"commits": 0}
+
+    def commit() -> None:
+        n["commits"] += 1
+        other.set_location(f"{ROOT}.9.{n['commits']}", "edge:clinic-a", "present", by="other")
+
+    commit()
+    opening = Catalog(url, backup_url=witness, background_compaction=False)
+    listed, caught_up = opening.log.latest_listed, opening.log.catch_up
+    hooked = {"catch_up": 0}
+
+    def latest_listed() -> int:  # the opening writer has read the log: another commit lands
+        result = listed()
+        commit()
+        return result
+
+    def catch_up(state):  # and again once it has caught up (after load's own catch-ups)
+        result = caught_up(state)
+        hooked["catch_up"] += 1
+        if hooked["catch_up"] == 2:
+            commit()
+        return result
+
+    opening.log.latest_listed = latest_listed  # type: ignore[method-assign]
+    opening.log.catch_up = catch_up  # type: ignore[method-assign]
+    try:
+        state = opening.state  # raised CatalogDamaged before the witness was read ahead of the log
+        assert state.seq >= 2
+        opening.log.latest_listed, opening.log.catch_up = listed, caught_up  # type: ignore[method-assign]
+        opening.set_location(f"{ROOT}.8.1", "edge:clinic-b", "present", by="opening")
+        assert opening.state.seq == n["commits"] + 1
+    finally:
+        opening.close()
+        other.close()
