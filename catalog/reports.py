@@ -135,7 +135,8 @@ class Reports:
             outer.add(clause, *p_search)
         visible = ""
         if visible_to is not None:
-            visible = ", " + visible_sql("a", one_site=True)
+            # a page of the whole catalog reads every grant anyway; a filtered one only its studies'
+            visible = ", " + visible_sql("a", one_site=True, listed_only=bool(where.params or having.params))
             p_cte.append(visible_to)
             outer.add("study_uid IN (SELECT study_uid FROM visible WHERE site = ?)", visible_to)
         sql = (
