@@ -39,10 +39,14 @@ from renkei.catalog.records import (
     ConsentRecord,
     GrantRecord,
     GrantRequest,
+    InstanceRef,
+    InstanceRow,
     LocationRecord,
     PatientCandidate,
     RegisterResult,
     RegistrationBatch,
+    SeriesRow,
+    SeriesSummary,
     SiteTotals,
     StudyRegistration,
     StudyRow,
@@ -58,6 +62,8 @@ __all__ = [
     "ConsentRecord",
     "GrantRecord",
     "GrantRequest",
+    "InstanceRef",
+    "InstanceRow",
     "LocationRecord",
     "PatientCandidate",
     "RegisterResult",
@@ -260,11 +266,11 @@ class Catalog:
         """The bulk path: studies (StudyInfo columns, with origin_site) and instances (InstanceInfo columns)."""
         return self._studies.register_tables(studies, instances, holder, actor, audit_each_study)
 
-    def instances(self, study_uid: str, version: str = "current") -> list[dict[str, Any]]:
+    def instances(self, study_uid: str, version: str = "current") -> list[InstanceRow]:
         """The study's registered instances (object key, SHA-256, size, SOP class, transfer syntax)."""
         return self._studies.instances(study_uid, version)
 
-    def iter_instances(self, part: int = 0, parts: int = 1, batch_size: int = 10_000) -> Iterator[list[dict[str, Any]]]:
+    def iter_instances(self, part: int = 0, parts: int = 1, batch_size: int = 10_000) -> Iterator[list[InstanceRef]]:
         """Every registered instance (study, origin, key, SHA-256, size), in batches."""
         return self._studies.iter_instances(part, parts, batch_size)
 
@@ -275,7 +281,7 @@ class Catalog:
     def instance_count(self) -> int:
         return self._studies.instance_count()
 
-    def series(self, study_uid: str) -> list[dict[str, Any]]:
+    def series(self, study_uid: str) -> list[SeriesRow]:
         return self._studies.series(study_uid)
 
     def conflicts(self, study_uid: str | None = None) -> list[ConflictRecord]:
@@ -460,7 +466,7 @@ class Catalog:
             visible_to, origin_sites, patient_id, date_from, date_to, modalities, limit, offset, search, search_names
         )
 
-    def series_summaries(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    def series_summaries(self, study_uids: Sequence[str]) -> dict[str, list[SeriesSummary]]:
         """The series of several studies with their registered instance counts, by study, in one query."""
         return self._reports.series_summaries(study_uids)
 

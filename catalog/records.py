@@ -8,13 +8,66 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import pyarrow as pa
 
 from renkei.catalog import tables
 from renkei.catalog.audit import AuditDraft
 from renkei.records import StudyInfo
+
+
+class InstanceRow(TypedDict, total=False):
+    """One instance as `Catalog.instances` returns it (a row of the instances table; `corrected` only
+    for version='current': True when a later version's key, SHA-256 and size replace the first)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    size: int
+    sha256: str
+    instance_number: int | None
+    object_key: str
+    origin_site: str
+    registered_at: dt.datetime
+    corrected: bool
+
+
+class InstanceRef(TypedDict):
+    """Where one instance's current bytes are, as `Catalog.iter_instances` yields it (the verification)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    object_key: str
+    sha256: str
+    size: int
+    origin_site: str
+
+
+class SeriesRow(TypedDict):
+    """One series as `Catalog.series` returns it."""
+
+    study_uid: str
+    series_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    origin_site: str
+    registered_at: dt.datetime
+
+
+class SeriesSummary(TypedDict):
+    """One series of a study with its instance count (`Catalog.series_summaries`, the study browser)."""
+
+    study_uid: str
+    series_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    instances: int
 
 
 @dataclass(frozen=True)

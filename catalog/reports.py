@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from renkei.catalog.engine import TableEngine
 from renkei.catalog.grants import visible_sql
 from renkei.catalog.normalise import Conditions
-from renkei.catalog.records import RegistrationBatch, SiteTotals, StudyRegistration, StudyRow, study_row
+from renkei.catalog.records import (
+    RegistrationBatch,
+    SeriesSummary,
+    SiteTotals,
+    StudyRegistration,
+    StudyRow,
+    study_row,
+)
 from renkei.catalog.search import Search
 from renkei.catalog.studies import STUDY_AGG, study_filters
 
@@ -166,7 +173,7 @@ class Reports:
         )
         return total, [study_row(r) for r in rows]
 
-    def series_summaries(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    def series_summaries(self, study_uids: Sequence[str]) -> dict[str, list[SeriesSummary]]:
         """The series of several studies with their registered instance counts, by study, in one query."""
         if not study_uids:
             return {}
@@ -181,7 +188,7 @@ class Reports:
             "ORDER BY s.study_uid, s.series_number NULLS LAST, s.series_uid",
             [list(study_uids), list(study_uids)],
         )
-        out: dict[str, list[dict[str, Any]]] = {uid: [] for uid in study_uids}
+        out: dict[str, list[SeriesSummary]] = {uid: [] for uid in study_uids}
         for r in rows:
-            out.setdefault(r["study_uid"], []).append(r)
+            out.setdefault(r["study_uid"], []).append(cast(SeriesSummary, r))
         return out

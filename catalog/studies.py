@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,7 +26,17 @@ from renkei.catalog.normalise import (
     origin_sites_text,
     stamped,
 )
-from renkei.catalog.records import CommitPlan, ConflictRecord, RegisterResult, StudyRow, conflict_record, study_row
+from renkei.catalog.records import (
+    CommitPlan,
+    ConflictRecord,
+    InstanceRef,
+    InstanceRow,
+    RegisterResult,
+    SeriesRow,
+    StudyRow,
+    conflict_record,
+    study_row,
+)
 from renkei.errors import StudyOfAnotherSite, UsageError
 from renkei.records import StudyBatch
 
@@ -323,7 +333,7 @@ class Studies:
         return CommitPlan(rows=rows, audit=drafts, result=result)
 
     # ---------------------------------------------------------- instances
-    def instances(self, study_uid: str, version: str = "current") -> list[dict[str, Any]]:
+    def instances(self, study_uid: str, version: str = "current") -> list[InstanceRow]:
         """The study's registered instances (object key, SHA-256, size, SOP class, transfer syntax).
 
         version='current' (what every retrieval serves): an instance sent
@@ -332,26 +342,33 @@ class Studies:
         registered.
         """
         if version == "first":
-            return self.engine.rows(
-                "SELECT * EXCLUDE (_seq) FROM instances WHERE study_uid = ? ORDER BY series_uid, instance_number, "
-                "sop_instance_uid",
-                [study_uid],
-                memo=("instances",),
+            return cast(
+                list[InstanceRow],
+                self.engine.rows(
+                    "SELECT * EXCLUDE (_seq) FROM instances WHERE study_uid = ? ORDER BY series_uid, instance_number, "
+                    "sop_instance_uid",
+                    [study_uid],
+                    memo=("instances",),
+                ),
             )
         if version != "current":
             raise UsageError(f"version {version!r}: use 'current' or 'first'")
-        return self.engine.rows(
-            "WITH v AS (SELECT sop_instance_uid, arg_max(conflict_key, _seq) AS k, arg_max(new_sha256, _seq) AS sha, "
-            "  arg_max(new_size, _seq) AS sz FROM conflicts WHERE study_uid = ? GROUP BY sop_instance_uid) "
-            "SELECT i.* EXCLUDE (_seq, object_key, sha256, size), coalesce(v.k, i.object_key) AS object_key, "
-            "coalesce(v.sha, i.sha256) AS sha256, coalesce(v.sz, i.size) AS size, v.k IS NOT NULL AS corrected "
-            "FROM instances i LEFT JOIN v USING (sop_instance_uid) WHERE i.study_uid = ? "
-            "ORDER BY i.series_uid, i.instance_number, i.sop_instance_uid",
-            [study_uid, study_uid],
-            memo=("instances", "conflicts"),
+        return cast(
+            list[InstanceRow],
+            self.engine.rows(
+                "WITH v AS (SELECT sop_instance_uid, arg_max(conflict_key, _seq) AS k, "
+                "arg_max(new_sha256, _seq) AS sha, "
+                "  arg_max(new_size, _seq) AS sz FROM conflicts WHERE study_uid = ? GROUP BY sop_instance_uid) "
+                "SELECT i.* EXCLUDE (_seq, object_key, sha256, size), coalesce(v.k, i.object_key) AS object_key, "
+                "coalesce(v.sha, i.sha256) AS sha256, coalesce(v.sz, i.size) AS size, v.k IS NOT NULL AS corrected "
+                "FROM instances i LEFT JOIN v USING (sop_instance_uid) WHERE i.study_uid = ? "
+                "ORDER BY i.series_uid, i.instance_number, i.sop_instance_uid",
+                [study_uid, study_uid],
+                memo=("instances", "conflicts"),
+            ),
         )
 
-    def iter_instances(self, part: int = 0, parts: int = 1, batch_size: int = 10_000) -> Iterator[list[dict[str, Any]]]:
+    def iter_instances(self, part: int = 0, parts: int = 1, batch_size: int = 10_000) -> Iterator[list[InstanceRef]]:
         """Every registered instance (study, origin, key, SHA-256, size), in batches.
 
         With `parts` > 1, only the share whose SOP Instance UID hashes to `part`
@@ -359,18 +376,21 @@ class Studies:
         everything is read within `parts` nights.
         """
         where = "" if parts <= 1 else f"WHERE hash(i.sop_instance_uid) % {int(parts)} = {int(part) % int(parts)}"
-        yield from self.engine.batches(
-            "SELECT i.study_uid, i.series_uid, i.sop_instance_uid, i.object_key, i.sha256, i.size, "
-            "s.origin_site FROM (SELECT study_uid, series_uid, sop_instance_uid, object_key, sha256, size "
-            "  FROM instances UNION ALL "
-            # every kept version is verified too (versions registered before sizes were recorded: not)
-            "  SELECT c.study_uid, f.series_uid, c.sop_instance_uid, c.conflict_key, c.new_sha256, c.new_size "
-            "  FROM conflicts c JOIN instances f USING (study_uid, sop_instance_uid) "
-            "  WHERE c.new_size IS NOT NULL) i "
-            "JOIN (SELECT study_uid, arg_max(origin_site, _seq) AS origin_site "
-            f"FROM studies GROUP BY study_uid) s USING (study_uid) {where} "
-            "ORDER BY i.object_key",
-            batch_size,
+        yield from cast(
+            Iterator[list[InstanceRef]],
+            self.engine.batches(
+                "SELECT i.study_uid, i.series_uid, i.sop_instance_uid, i.object_key, i.sha256, i.size, "
+                "s.origin_site FROM (SELECT study_uid, series_uid, sop_instance_uid, object_key, sha256, size "
+                "  FROM instances UNION ALL "
+                # every kept version is verified too (versions registered before sizes were recorded: not)
+                "  SELECT c.study_uid, f.series_uid, c.sop_instance_uid, c.conflict_key, c.new_sha256, c.new_size "
+                "  FROM conflicts c JOIN instances f USING (study_uid, sop_instance_uid) "
+                "  WHERE c.new_size IS NOT NULL) i "
+                "JOIN (SELECT study_uid, arg_max(origin_site, _seq) AS origin_site "
+                f"FROM studies GROUP BY study_uid) s USING (study_uid) {where} "
+                "ORDER BY i.object_key",
+                batch_size,
+            ),
         )
 
     def referenced_keys(self) -> set[str]:
@@ -381,9 +401,13 @@ class Studies:
     def instance_count(self) -> int:
         return int(self.engine.rows("SELECT count(*) AS n FROM instances")[0]["n"])
 
-    def series(self, study_uid: str) -> list[dict[str, Any]]:
-        return self.engine.rows(
-            "SELECT * EXCLUDE (_seq) FROM series WHERE study_uid = ? ORDER BY series_number, series_uid", [study_uid]
+    def series(self, study_uid: str) -> list[SeriesRow]:
+        return cast(
+            list[SeriesRow],
+            self.engine.rows(
+                "SELECT * EXCLUDE (_seq) FROM series WHERE study_uid = ? ORDER BY series_number, series_uid",
+                [study_uid],
+            ),
         )
 
     def conflicts(self, study_uid: str | None = None) -> list[ConflictRecord]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from renkei.catalog.audit import AuditEvent
-from renkei.catalog.catalog import Catalog, LocationRecord, StudyRow
+from renkei.catalog.catalog import Catalog, InstanceRow, LocationRecord, StudyRow
 from renkei.catalog.search import Search
 from renkei.config import Layout, RegionConfig
 from renkei.display import local_time as in_zone
@@ -716,7 +716,7 @@ def study_detail(
     return StudyDetail(view, tuple(catalog.locations(study_uid)), tuple(catalog.grants(study_uid)), trail, decision)
 
 
-def series_instances(catalog: Catalog, study_uid: str, series_uid: str) -> list[dict[str, Any]]:
+def series_instances(catalog: Catalog, study_uid: str, series_uid: str) -> list[InstanceRow]:
     """The registered instances of one series; NotFound when the study or series is unknown."""
     if catalog.study(study_uid) is None:
         raise NotFound(f"study {study_uid} is not in the catalog")

@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 
+from renkei.catalog.records import InstanceRow
 from renkei.errors import RenkeiError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class Thumbnail:
     reason: str = ""
 
 
-def middle_instance(instances: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def middle_instance(instances: Sequence[InstanceRow]) -> InstanceRow:
     """The instance in the middle of a series, ordered by Instance Number (then SOP Instance UID)."""
     if not instances:
         raise ThumbnailError("the series has no instances")

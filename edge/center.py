@@ -28,7 +28,7 @@ from typing import Any
 import pydicom.filereader
 
 from renkei.catalog.audit import AuditDraft
-from renkei.catalog.catalog import Catalog, StudyRow
+from renkei.catalog.catalog import Catalog, InstanceRow, StudyRow
 from renkei.catalog.store import ObjectStore
 from renkei.config import RegionConfig
 from renkei.edge.ingest import Ingestor
@@ -287,7 +287,7 @@ class CenterSource:
             return
         yield from self._items(rows)
 
-    def _retrieve_rows(self, level: str, query: Mapping[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    def _retrieve_rows(self, level: str, query: Mapping[str, tuple[str, str]]) -> list[InstanceRow]:
         values = retrieve_values(level, query)
         if level == PATIENT:
             studies = self.catalog.visible_studies(self.site_id, self._patients_of(query))
@@ -319,7 +319,7 @@ class CenterSource:
         ]
         yield from self._items(rows)
 
-    def _items(self, rows: list[dict[str, Any]]) -> Iterator[RetrieveItem]:
+    def _items(self, rows: list[InstanceRow]) -> Iterator[RetrieveItem]:
         fetcher = _Prefetcher(self, rows, self.prefetch)
         for row in rows:
             yield RetrieveItem(
@@ -343,7 +343,7 @@ class CenterSource:
 class _Prefetcher:
     """Fetches the instances of one retrieval in order, a few ahead of the sender."""
 
-    def __init__(self, source: CenterSource, rows: list[dict[str, Any]], ahead: int) -> None:
+    def __init__(self, source: CenterSource, rows: list[InstanceRow], ahead: int) -> None:
         self.source = source
         self.rows = {r["sop_instance_uid"]: r for r in rows}
         self.order = [r["sop_instance_uid"] for r in rows]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -917,6 +918,31 @@ class Journal:
         if not active:  # cannot happen: the row was inserted or an active one existed
             raise JournalError(f"{self.path}: the quarantine of study {study_uid} was not recorded")
         return active[0]
+
+    def sample_uids(self, state: str, n_random: int, n_recent: int, rng: random.Random) -> list[str]:
+        """SOP Instance UIDs of up to n_recent + n_random instances in upload `state`: the latest ones,
+        then random ones; each lookup is one probe of the upload_state index, whatever the journal's size."""
+        uids: dict[str, None] = {}
+        recent = self._query(
+            "SELECT sop_instance_uid FROM instances WHERE upload_state = ? ORDER BY rowid DESC LIMIT ?",
+            (state, int(n_recent)),
+        )
+        uids.update((r["sop_instance_uid"], None) for r in recent)
+        top = self._query("SELECT max(rowid) AS m FROM instances")[0]["m"] or 0
+        if top and n_random > 0:
+            for _ in range(int(n_random)):
+                start = rng.randint(1, top)
+                rows = self._query(
+                    "SELECT sop_instance_uid FROM instances WHERE upload_state = ? AND rowid >= ? "
+                    "ORDER BY rowid LIMIT 1",
+                    (state, start),
+                ) or self._query(
+                    "SELECT sop_instance_uid FROM instances WHERE upload_state = ? ORDER BY rowid LIMIT 1", (state,)
+                )
+                if not rows:
+                    break  # none in that state at all
+                uids[rows[0]["sop_instance_uid"]] = None
+        return list(uids)
 
     def quarantined(self) -> list[Quarantine]:
         """The studies held in quarantine now (not released), oldest first."""

@@ -29,7 +29,7 @@ from renkei.config import DicomPeer, RegionConfig, SiteConfig
 from renkei.edge import fastnet
 from renkei.edge.journal import Journal
 from renkei.edge.qr import LocalSource, RetrieveItem
-from renkei.edge.server import SUCCESS, _contexts_for, send_item, sender_ae
+from renkei.edge.server import SUCCESS, contexts_for, send_item, sender_ae
 from renkei.edge.tls import client_tls_args
 from renkei.errors import PeerError, UsageError
 from renkei.uids import validate_uid
@@ -132,7 +132,7 @@ def send_items(
     if not items:
         return 0, []
     ae = _ae(ae_title)
-    for sop_class, syntaxes in _contexts_for(items):
+    for sop_class, syntaxes in contexts_for(items):
         ae.add_requested_context(sop_class, syntaxes)
     assoc = _associate(ae, peer, site)
     sent = 0

@@ -561,7 +561,7 @@ class RetrieveServer:
             if self._cancelled(assoc, req):
                 return
             store_ae = sender_ae(self.ae_title)
-            for sop_class, syntaxes in _contexts_for(batch):
+            for sop_class, syntaxes in contexts_for(batch):
                 store_ae.add_requested_context(sop_class, syntaxes)
             try:
                 store_assoc = store_ae.associate(
@@ -632,7 +632,7 @@ def sender_ae(ae_title: str, timeout: float = 60) -> AE:
     return ae
 
 
-def _contexts_for(items: Sequence[RetrieveItem]) -> list[tuple[str, list[str]]]:
+def contexts_for(items: Sequence[RetrieveItem]) -> list[tuple[str, list[str]]]:
     """Presentation contexts to propose: each stored (SOP class, transfer syntax), and a
     fallback to uncompressed syntaxes for uncompressed data stored in another encoding."""
     pairs: dict[tuple[str, str], None] = {}
@@ -1196,7 +1196,7 @@ def _fallback_move(event: Any, server: EdgeServer) -> Iterator[Any]:
         yield None, None
         return
     items, _refused = server.qr.for_destination(calling_ae, destination_ae, items)
-    contexts = [build_context(sop, syntaxes) for sop, syntaxes in _contexts_for(items)][:128]
+    contexts = [build_context(sop, syntaxes) for sop, syntaxes in contexts_for(items)][:128]
     options: dict[str, Any] = {"contexts": contexts or [build_context(Verification)]}
     tls_args = server.tls_args(destination)
     if tls_args is not None:

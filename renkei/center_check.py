@@ -106,32 +106,8 @@ def _key_of(site_id: str, entry: JournalEntry) -> str | None:
 def sample_verified(
     journal: Journal, n_random: int = SAMPLE_RANDOM, n_recent: int = SAMPLE_RECENT, rng: random.Random | None = None
 ) -> list[JournalEntry]:
-    """Up to n_random + n_recent verified instances; each lookup is one index probe (any journal size).
-
-    Uses the journal's SQLite directly (rowid probes on the upload_state
-    index): the journal has no public sampling method.
-    """
-    rng = rng or random.Random()
-    uids: dict[str, None] = {}
-    recent = journal._query(
-        "SELECT sop_instance_uid FROM instances WHERE upload_state = 'verified' ORDER BY rowid DESC LIMIT ?",
-        (int(n_recent),),
-    )
-    uids.update((r["sop_instance_uid"], None) for r in recent)
-    top = journal._query("SELECT max(rowid) AS m FROM instances")[0]["m"] or 0
-    if top and n_random > 0:
-        for _ in range(int(n_random)):
-            start = rng.randint(1, top)
-            rows = journal._query(
-                "SELECT sop_instance_uid FROM instances WHERE upload_state = 'verified' AND rowid >= ? "
-                "ORDER BY rowid LIMIT 1",
-                (start,),
-            ) or journal._query(
-                "SELECT sop_instance_uid FROM instances WHERE upload_state = 'verified' ORDER BY rowid LIMIT 1"
-            )
-            if not rows:
-                break  # nothing verified at all
-            uids[rows[0]["sop_instance_uid"]] = None
+    """Up to n_random + n_recent verified instances; each lookup is one index probe (any journal size)."""
+    uids = journal.sample_uids("verified", n_random, n_recent, rng or random.Random())
     entries = [journal.entry(uid) for uid in uids]
     return [e for e in entries if e is not None and e.upload_state == "verified"]
 
