@@ -19,6 +19,9 @@ import yaml
 
 from renkei.config import RegionConfig
 
+# no heartbeat for this long and a run is taken for dead (Crashed): two lost heartbeats are tolerated, as
+# the Prefect server on SQLite drops a burst of them when its one write lock is contended
+CRASH_AFTER_S = 90
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of renkei's runs (Prefect's minimum; its default is 180)
 RUN_TAG = "renkei"  # the tag of renkei's deployments: the crash automation watches only their runs
 CENTER_POOL = "renkei-center"
@@ -167,11 +170,11 @@ HEADER = """\
 # through RENKEI_HOME (the checkout) and the region through RENKEI_CONFIG and
 # RENKEI_DATA_DIR, which `renkei worker` sets. Every run sends a heartbeat each
 # {heartbeat} s: the automation `renkei deploy` creates marks a run silent for
-# 60 s Crashed, which frees its deployment's slot.
+# {crash} s Crashed, which frees its deployment's slot.
 """
 
 
 def render(config: RegionConfig, source: str) -> str:
     """prefect.yaml's text for the region (`source` names the configuration in the header)."""
     body = yaml.safe_dump(document(config), sort_keys=False, allow_unicode=True, width=110)
-    return HEADER.format(region=config.region, source=source, heartbeat=HEARTBEAT_S) + body
+    return HEADER.format(region=config.region, source=source, heartbeat=HEARTBEAT_S, crash=CRASH_AFTER_S) + body

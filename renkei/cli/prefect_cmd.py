@@ -14,7 +14,7 @@ from renkei import prefect_db, prefect_logging
 from renkei.cli.common import config_of, default_config_path, layout_of
 from renkei.cli.config_cmd import deployment_problems
 from renkei.config import RegionConfig
-from renkei.deployments import HEARTBEAT_S, RUN_TAG, expected, flow_deployment, pool_name, render
+from renkei.deployments import CRASH_AFTER_S, HEARTBEAT_S, RUN_TAG, expected, flow_deployment, pool_name, render
 from renkei.errors import UsageError
 
 ORDER = 30
@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 # A run whose process died (kill -9 of the worker and the flow, a power cut) stops sending heartbeats; the
 # automation below marks it Crashed, which frees its deployment's concurrency slot (a site's sync: limit 1).
 # Without it Prefect keeps it "Running" and holds the slot until its lease expires (renewed for 300 s at a time).
-CRASH_AFTER_S = 60  # no heartbeat for this long: the run is dead (one lost heartbeat is tolerated)
 SLOT_WAIT_S = 10  # a run waiting for its site's slot asks again this often (`renkei server`; Prefect's default 30)
 CRASH_AUTOMATION = "renkei: a run without heartbeats is crashed"
 
