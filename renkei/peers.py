@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +67,13 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
+
+
+def avoid(ports: Iterable[int]) -> None:
+    """Ports another process has chosen and will bind later (a region's configuration): free_port never
+    hands them out here (they look free until then; a PACS once failed to bind its port because this
+    process had given it to another PACS's HTTP server in the meantime)."""
+    _GIVEN.extend(p for p in ports if p not in _GIVEN)
 
 
 def port_open(host: str, port: int) -> bool:

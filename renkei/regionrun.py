@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prefect import get_client
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from renkei import peers
-from renkei.config import Layout
+from renkei.config import Layout, RegionConfig
 from renkei.errors import PeerError, RenkeiError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,11 @@ class RegionRunner:
     api_url: str
     procs: list[Proc] = field(default_factory=list)
     pacs: dict[str, peers.OrthancPeer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # the ports the configuration names are bound later, by the processes this starts: the ones it
+        # picks itself (a PACS's HTTP port, PostgreSQL) must not be among them
+        peers.avoid(config_ports(self.layout.config))
 
     @property
     def logs(self) -> Path:
@@ -291,3 +297,21 @@ def running(pid: int) -> bool:
         return not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
     except (OSError, IndexError):
         return False
+
+
+def config_ports(config: RegionConfig) -> set[int]:
+    """Every TCP port a region's configuration names (edges, PACS, workstations, listeners)."""
+    found: set[int] = set()
+
+    def walk(value: Any, key: str = "") -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, key)
+        elif key.endswith("port") and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            found.add(value)
+
+    walk(config.model_dump())
+    return found
