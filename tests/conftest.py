@@ -25,12 +25,12 @@ if _worker.startswith("gw") and _worker[2:].isdigit():
 from helpers_parts import EXAMPLE_CONFIG, REPO, require_part, require_program  # noqa: E402, F401
 
 from renkei import peers, prefect_logging  # noqa: E402
-from renkei.cli.prefect_cmd import SQLITE_BUSY_TIMEOUT_S  # noqa: E402
+from renkei.cli.prefect_cmd import server_settings  # noqa: E402
 
-# the test server is SQLite, as `renkei server`: a writer waits for the lock instead of failing after
-# Prefect's default 10 s (lost events and states under load), and its logs are not rendered by rich
-os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", str(SQLITE_BUSY_TIMEOUT_S))
-for _key, _value in prefect_logging.ENV.items():
+# the test server is set as `renkei server` sets its own (SQLite: a writer waits for the lock instead of
+# failing after Prefect's default 10 s; a run waiting for a site's slot asks again every 10 s, not 30),
+# and its logs are not rendered by rich
+for _key, _value in {**server_settings(), **prefect_logging.ENV}.items():
     os.environ.setdefault(_key, _value)
 
 # ------------------------------------------------------------------ test tiers

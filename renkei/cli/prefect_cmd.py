@@ -146,17 +146,25 @@ SQLITE_BUSY_TIMEOUT_S = 60
 WORKER_POLL_S = 5  # PREFECT_WORKER_QUERY_SECONDS of `renkei worker` (Prefect's default: 10)
 
 
+def server_settings(database_url: str = "") -> dict[str, str]:
+    """The Prefect server's settings renkei relies on (`renkei server`, and the suite's test server)."""
+    # a run waiting for its site's slot (held by a run found crashed) starts within SLOT_WAIT_S: with
+    # Prefect's 30 s, a crash found after CRASH_AFTER_S left the waiting run up to 30 s more to wait
+    settings = {"PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": str(SLOT_WAIT_S)}
+    if not database_url.startswith("postgresql"):
+        # SQLite has one writer: a busy machine held the lock past Prefect's 10 s and the server answered
+        # "database is locked" (lost heartbeats, an admission's run not created within a minute); wait instead
+        settings["PREFECT_SERVER_DATABASE_TIMEOUT"] = str(SQLITE_BUSY_TIMEOUT_S)
+    return settings
+
+
 def _server(args: argparse.Namespace) -> int:
     env = prefect_env(args)
     layout = layout_of(args)
     home = layout.data_dir / "prefect"
     home.mkdir(parents=True, exist_ok=True)
-    # a run waiting for its site's slot (held by a run found crashed) starts within SLOT_WAIT_S
-    env.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", str(SLOT_WAIT_S))
-    if not env.get("PREFECT_API_DATABASE_CONNECTION_URL", "").startswith("postgresql"):
-        # SQLite has one writer: a busy machine held the lock past Prefect's 10 s and the server answered
-        # "database is locked" (lost heartbeats, an admission's run not created within a minute); wait instead
-        env.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", str(SQLITE_BUSY_TIMEOUT_S))
+    for key, value in server_settings(env.get("PREFECT_API_DATABASE_CONNECTION_URL", "")).items():
+        env.setdefault(key, value)
     env.update(
         {
             "PREFECT_HOME": str(home),
