@@ -64,7 +64,7 @@ test: venv system-deps
 
 # lint and format (ruff), types (mypy: strict on the kernel, the catalog and the sharing decision),
 # the import contracts (import-linter); .ci/run runs this before the suite
-LINTED := renkei edge catalog tasks flows dashboards tests bench
+LINTED := renkei edge catalog tasks flows dashboards center tests bench
 lint: venv
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)

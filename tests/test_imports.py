@@ -19,7 +19,7 @@ from pathlib import Path
 from helpers_parts import REPO
 
 # the package's folders (renkei/<name> links to each of the others); renkei/testing.py is checked too
-ROOTS = ("renkei", "edge", "catalog", "tasks", "flows", "dashboards")
+ROOTS = ("renkei", "edge", "catalog", "tasks", "flows", "dashboards", "center")
 # a comment that is only a directive to a tool says nothing of why
 DIRECTIVES = ("noqa", "type:", "pragma", "fmt:", "isort:")
 

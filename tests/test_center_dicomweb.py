@@ -1,0 +1,310 @@
+"""The center's DICOMweb service (issue 15), as a real process, through clients no one here wrote.
+
+`renkei center serve` runs on a free port over the region's center folder. Each site stores its own
+studies with STOW-RS through the `dicomweb-client` library, holding only its own credential; then
+every site identity searches (QIDO-RS, each level) and retrieves (WADO-RS) every study, through
+publish, unpublish and consent withdrawal, and each answer is compared with the one sharing decision.
+Retrieved bytes equal the stored bytes. Requests without a credential, with a revoked one, or with
+another site's study are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from helpers_region import REPO, layout_of, region_config
+
+from renkei import peers, synth
+from renkei.center.identity import Credentials
+from renkei.runtime import open_catalog
+from renkei.sharing import Sharing
+
+pytestmark = pytest.mark.slow
+
+SITES = ("hub", "clinic-a", "clinic-b")
+
+
+def _start_service(config: Path, data_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = peers.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "renkei.cli.main", "--config", str(config), "--data-dir", str(data_dir)]
+        + ["center", "serve", "--port", str(port)],
+        cwd=REPO,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "RENKEI_CENTER_SPOOL": str(data_dir / "spool")},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                return proc, url + "/dicomweb"
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"renkei center serve exited: {log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("renkei center serve did not answer within 60 s")
+
+
+def _client(url: str, token: str):  # type: ignore[no-untyped-def]
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(url=url, headers={"Authorization": f"Bearer {token}"})
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    tmp = tmp_path_factory.mktemp("center-dicomweb")
+    data_dir = tmp / "data"
+    config = region_config(tmp, pacs_at=())
+    lay = layout_of(config, data_dir)
+    written = {
+        site: synth.generate_site(
+            lay.config, site, 2, seed, tmp / "synth" / site, ct_slices=3, size=32, modalities=("CT",)
+        )
+        for seed, site in enumerate(SITES, start=3)
+    }
+    creds = Credentials(lay.center_url, lay.config.center.s3, cache_s=0.5)
+    tokens = {site: creds.issue(site, "edge")[1] for site in SITES}
+    proc, url = _start_service(config, data_dir, tmp / "center.log")
+    try:
+        yield {
+            "config": config,
+            "layout": lay,
+            "written": written,
+            "tokens": tokens,
+            "creds": creds,
+            "url": url,
+            "log": tmp / "center.log",
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _stow_all(region: dict) -> None:
+    import pydicom
+
+    for site in SITES:
+        client = _client(region["url"], region["tokens"][site])
+        for study in region["written"][site].studies:
+            datasets = [pydicom.dcmread(f) for f in study.files]
+            answer = client.store_instances(datasets)
+            assert "FailedSOPSequence" not in answer, answer
+            assert len(answer.ReferencedSOPSequence) == len(datasets)
+
+
+def test_sites_store_their_studies_and_nothing_else(region: dict) -> None:
+    import pydicom
+    from requests import HTTPError
+
+    _stow_all(region)
+    # again: idempotent (same bytes, nothing duplicated)
+    _stow_all(region)
+    with open_catalog(region["layout"]) as cat:
+        for site in SITES:
+            for study in region["written"][site].studies:
+                row = cat.study(study.info.study_uid)
+                assert row is not None and row.origin_site == site
+                assert row.instance_count == len(study.files)
+    # clinic-b cannot store into clinic-a's study (nor make it its own)
+    victim = region["written"]["clinic-a"].studies[0]
+    ds = pydicom.dcmread(victim.files[0])
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"
+    client = _client(region["url"], region["tokens"]["clinic-b"])
+    with pytest.raises(HTTPError) as refused:
+        client.store_instances([ds])
+    assert refused.value.response.status_code == 409
+    with open_catalog(region["layout"]) as cat:
+        assert cat.study(victim.info.study_uid).origin_site == "clinic-a"
+        assert cat.study(victim.info.study_uid).instance_count == len(victim.files)
+
+
+def _decisions(region: dict) -> dict[tuple[str, str], bool]:
+    with open_catalog(region["layout"]) as cat:
+        sharing = Sharing(region["layout"].config, cat)
+        return {
+            (site, study.info.study_uid): sharing.decide(site, study.info.study_uid).allowed
+            for site in SITES
+            for origin in SITES
+            for study in region["written"][origin].studies
+        }
+
+
+def _check_matrix(region: dict, phase: str) -> None:
+    from requests import HTTPError
+
+    expected = _decisions(region)
+    all_uids = {uid for _site, uid in expected}
+    for site in SITES:
+        client = _client(region["url"], region["tokens"][site])
+        listed = {s["0020000D"]["Value"][0] for s in client.search_for_studies()}
+        visible = {uid for (s, uid), ok in expected.items() if s == site and ok}
+        assert listed & all_uids == visible, (phase, site)
+        for uid in sorted(all_uids):
+            if expected[(site, uid)]:
+                series = client.search_for_series(uid)
+                assert series, (phase, site, uid)
+                instances = client.search_for_instances(uid)
+                assert instances
+                assert client.search_for_studies(search_filters={"StudyInstanceUID": uid})
+            else:
+                # another site's study: not listed, not searchable within, not retrievable — as if absent
+                assert client.search_for_studies(search_filters={"StudyInstanceUID": uid}) == []
+                for call in (
+                    client.search_for_series,
+                    client.search_for_instances,
+                    client.retrieve_study,
+                    client.retrieve_study_metadata,
+                ):
+                    with pytest.raises(HTTPError) as refused:
+                        call(uid)
+                    assert refused.value.response.status_code == 404, (phase, site, uid)
+
+
+def test_every_site_sees_exactly_what_the_decision_allows_through_every_phase(region: dict) -> None:
+    lay = region["layout"]
+    _check_matrix(region, "automatic grants")
+    clinic_a = region["written"]["clinic-a"].studies[0]
+    with open_catalog(lay) as cat:
+        Sharing(lay.config, cat).publish(clinic_a.info.study_uid, ["clinic-b"], "dr-test", "second opinion")
+    _check_matrix(region, "published to clinic-b")
+    with open_catalog(lay) as cat:
+        Sharing(lay.config, cat).unpublish(clinic_a.info.study_uid, ["clinic-b"], "dr-test")
+    _check_matrix(region, "unpublished")
+    patient = clinic_a.info
+    with open_catalog(lay) as cat:
+        Sharing(lay.config, cat).withdraw_consent("clinic-a", patient.patient_id, patient.issuer_of_patient_id, "clerk")
+    _check_matrix(region, "consent withdrawn")
+    with open_catalog(lay) as cat:
+        decision = Sharing(lay.config, cat).decide("hub", clinic_a.info.study_uid)
+    assert not decision.allowed  # the phase did change what the hub may see
+
+
+def test_retrieved_bytes_equal_stored_bytes_and_metadata_is_utf8(region: dict) -> None:
+    import pydicom
+
+    client = _client(region["url"], region["tokens"]["hub"])
+    study = region["written"]["clinic-b"].studies[0]
+    stored = {hashlib.sha256(f.read_bytes()).hexdigest() for f in study.files}
+    # the raw multipart answer, parsed by dicomweb-client: each part is the stored file's bytes
+    response = client._http_get(  # noqa: SLF001 (the library's own GET, with its headers)
+        f"{region['url']}/studies/{study.info.study_uid}",
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    )
+    parts = list(client._decode_multipart_message(response, stream=False))  # noqa: SLF001
+    assert {hashlib.sha256(p).hexdigest() for p in parts} == stored
+    datasets = client.retrieve_study(study.info.study_uid)
+    assert {d.SOPInstanceUID for d in datasets} == {pydicom.dcmread(f).SOPInstanceUID for f in study.files}
+    metadata = client.retrieve_study_metadata(study.info.study_uid)
+    assert len(metadata) == len(study.files)
+    first = metadata[0]
+    assert first["7FE00010"].get("BulkDataURI")
+    assert first["00080005"]["Value"] == ["ISO_IR 192"]
+    name = first["00100010"]["Value"][0]
+    assert name["Alphabetic"]
+    one = metadata[0]
+    frames = client.retrieve_instance_frames(
+        study.info.study_uid, one["0020000E"]["Value"][0], one["00080018"]["Value"][0], frame_numbers=[1]
+    )
+    assert len(frames) == 1 and len(frames[0]) == 32 * 32 * 2
+
+
+def test_search_matching_wildcards_dates_and_names(region: dict) -> None:
+    client = _client(region["url"], region["tokens"]["hub"])
+    study = region["written"]["clinic-a"].studies[-1].info
+    by_id = client.search_for_studies(search_filters={"PatientID": study.patient_id})
+    assert study.study_uid in {s["0020000D"]["Value"][0] for s in by_id}
+    assert all(s["00100020"]["Value"][0] == study.patient_id for s in by_id)
+    by_wild = client.search_for_studies(search_filters={"PatientID": study.patient_id[:-1] + "?"})
+    assert study.study_uid in {s["0020000D"]["Value"][0] for s in by_wild}
+    by_date = client.search_for_studies(search_filters={"StudyDate": f"{study.study_date}-{study.study_date}"})
+    assert study.study_uid in {s["0020000D"]["Value"][0] for s in by_date}
+    assert all(s["00080020"]["Value"][0] == study.study_date for s in by_date)
+    groups = study.patient_name.split("=")
+    family = groups[0].split("^")[0]
+    by_name = client.search_for_studies(search_filters={"PatientName": family.lower() + "*"})
+    assert study.study_uid in {s["0020000D"]["Value"][0] for s in by_name}
+    if len(groups) > 1 and groups[1]:
+        kanji_family = groups[1].split("^")[0]
+        by_kanji = client.search_for_studies(search_filters={"PatientName": kanji_family + "*"})
+        assert study.study_uid in {s["0020000D"]["Value"][0] for s in by_kanji}
+        fuzzy = client.search_for_studies(fuzzymatching=True, search_filters={"PatientName": kanji_family})
+        assert study.study_uid in {s["0020000D"]["Value"][0] for s in fuzzy}
+    none = client.search_for_studies(search_filters={"PatientName": "NOBODY-HERE*"})
+    assert none == []
+    page = client.search_for_studies(limit=1)
+    assert len(page) == 1
+
+
+def test_requests_without_a_valid_credential_are_refused(region: dict) -> None:
+    url = region["url"]
+    uid = region["written"]["hub"].studies[0].info.study_uid
+    for headers in ({}, {"Authorization": "Bearer rk1_not-a-token"}, {"Authorization": "Basic aHViOmh1Yg=="}):
+        for path in ("/studies", f"/studies/{uid}", f"/studies/{uid}/metadata", f"/studies/{uid}/series"):
+            assert requests.get(url + path, headers=headers, timeout=10).status_code == 401
+        assert requests.post(url + "/studies", headers=headers, data=b"x" * 10, timeout=10).status_code == 401
+    # a revoked credential stops working on the service within its cache time
+    creds: Credentials = region["creds"]
+    cred, token = creds.issue("clinic-a", "worker")
+    good = {"Authorization": f"Bearer {token}"}
+    # a new credential works at once, or within a second when unknown tokens were just tried
+    deadline = time.monotonic() + 3
+    while requests.get(url + "/studies", headers=good, timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "a new credential was not accepted within 3 s"
+        time.sleep(0.2)
+    creds.revoke(credential_id=cred.id)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if requests.get(url + "/studies", headers=good, timeout=10).status_code == 401:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("a revoked credential was still accepted after 15 s")
+
+
+def test_bad_requests_get_clear_errors_and_the_service_stays_up(region: dict) -> None:
+    url = region["url"]
+    auth = {"Authorization": f"Bearer {region['tokens']['hub']}"}
+    cases = [
+        ("/studies?PatientName=" + "?*" * 40, 400),
+        ("/studies?NoSuchKeyword=1", 400),
+        ("/studies?limit=-1", 400),
+        ("/studies/not-a-uid/series", 400),
+        ("/studies/1.2.3.4.5/series", 404),
+        ("/series", 400),
+    ]
+    for path, status in cases:
+        got = requests.get(url + path, headers=auth, timeout=10)
+        assert got.status_code == status, (path, got.status_code, got.text[:200])
+    bad_posts = [
+        ({"Content-Type": "application/json"}, b"{}", 415),
+        (
+            {"Content-Type": 'multipart/related; type="application/dicom"; boundary=xyz'},
+            b"--xyz\r\n\r\nnot dicom\r\n--xyz--",
+            409,
+        ),
+        (
+            {"Content-Type": 'multipart/related; type="application/dicom"; boundary=xyz'},
+            b"--xyz\r\n\r\nunfinished",
+            400,
+        ),
+    ]
+    for headers, body, status in bad_posts:
+        got = requests.post(url + "/studies", headers={**auth, **headers}, data=body, timeout=10)
+        assert got.status_code == status, (headers, got.status_code, got.text[:200])
+    assert requests.get(url + "/studies", headers=auth, timeout=10).status_code == 200
