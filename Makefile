@@ -33,13 +33,14 @@ lock:
 
 venv: $(STAMP)
 
-# dcmtk (DICOM test peers), Orthanc (a site's PACS), Chromium (dashboard test) and
+# dcmtk (DICOM test peers), Orthanc (a site's PACS) and its DICOMweb plugin, Chromium (dashboard test) and
 # dicom3tools (dciodvfy checks the synthetic IODs) and openssl (test certificates for the edge's TLS),
 # from Debian's packages, installed when missing and running as root.
 system-deps:
 	@missing=""; \
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \

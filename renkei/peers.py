@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,6 +250,7 @@ def start_storescp(
 
 
 # --------------------------------------------------------------------- Orthanc
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
 @dataclass
 class OrthancPeer(Peer):
     http_port: int = 0
@@ -283,13 +285,26 @@ def start_orthanc(
     dicom_port: int | None = None,
     http_port: int | None = None,
     modalities: Mapping[str, tuple[str, str, int]] | None = None,
+    dicomweb: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> OrthancPeer:
     """Orthanc as a site PACS, with its own storage folder, HTTP on loopback only.
 
     `modalities` maps a name to (AE title, host, port): the peers Orthanc may
-    store to and accept queries and retrievals from.
+    store to and accept queries and retrievals from. With `dicomweb` (a mapping,
+    possibly empty, of server name -> {"Url": ..., "HttpHeaders": {...}}), Orthanc's
+    DICOMweb plugin (Debian's orthanc-dicomweb) serves /dicom-web/ and knows those
+    DICOMweb servers as a client.
     """
     exe = require_program("Orthanc", "orthanc")
+    plugins: list[str] = []
+    if dicomweb is not None:
+        plugin = Path(os.environ.get("RENKEI_ORTHANC_DICOMWEB", DICOMWEB_PLUGIN))
+        if not plugin.exists():
+            raise PeerError(
+                f"Orthanc's DICOMweb plugin is not at {plugin}; install Debian's package: "
+                "apt-get install -y orthanc-dicomweb"
+            )
+        plugins.append(str(plugin))
     dicom_port = dicom_port or free_port()
     http_port = http_port or free_port()
     workdir = Path(workdir)
@@ -327,7 +342,12 @@ def start_orthanc(
         },
         "DicomScuTimeout": 30,
         "StableAge": 2,
-        "Plugins": [],
+        "Plugins": plugins,
+        **(
+            {"DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {k: dict(v) for k, v in dicomweb.items()}}}
+            if dicomweb is not None
+            else {}
+        ),
         "HttpVerbose": False,
         "ConcurrentJobs": 2,
         "SaveJobs": False,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from helpers_parts import require_part, require_program
 from helpers_region import REPO, layout_of, region_config
 
 from renkei import peers, synth
@@ -308,3 +309,29 @@ def test_bad_requests_get_clear_errors_and_the_service_stays_up(region: dict) ->
         got = requests.post(url + "/studies", headers={**auth, **headers}, data=body, timeout=10)
         assert got.status_code == status, (headers, got.status_code, got.text[:200])
     assert requests.get(url + "/studies", headers=auth, timeout=10).status_code == 200
+
+
+def test_orthanc_as_a_dicomweb_client_lists_and_retrieves_a_granted_study(region: dict, tmp_path: Path) -> None:
+    """Orthanc with Debian's DICOMweb plugin, configured with the hub's credential, finds a clinic's study
+    granted to the hub (and none the hub may not see) and retrieves it; Orthanc keeps the stored bytes."""
+    require_part(
+        Path(peers.DICOMWEB_PLUGIN).exists(), "Orthanc's DICOMweb plugin", "apt-get install -y orthanc-dicomweb"
+    )
+    require_program("Orthanc", "orthanc")
+    server = {"Url": region["url"] + "/", "HttpHeaders": {"Authorization": f"Bearer {region['tokens']['hub']}"}}
+    orthanc = peers.start_orthanc(tmp_path / "orthanc", dicomweb={"renkei": server})
+    try:
+        decisions = _decisions(region)
+        study = next(s for s in region["written"]["clinic-a"].studies if decisions[("hub", s.info.study_uid)])
+        listed = orthanc.rest("POST", "/dicom-web/servers/renkei/qido", {"Uri": "/studies"})
+        assert isinstance(listed, list)
+        uids = {s["0020000D"]["Value"] for s in listed}  # Orthanc's answer: values as plain strings
+        assert study.info.study_uid in uids
+        hidden = [uid for (site, uid), ok in decisions.items() if site == "hub" and not ok]
+        assert hidden and not uids & set(hidden)  # consent withdrawn: the hub may not see them
+        orthanc.rest("POST", "/dicom-web/servers/renkei/retrieve", {"Resources": [{"Study": study.info.study_uid}]})
+        stored = {hashlib.sha256(f.read_bytes()).hexdigest() for f in study.files}
+        kept = {hashlib.sha256(orthanc.rest("GET", f"/instances/{i}/file")).hexdigest() for i in orthanc.instances()}  # type: ignore[arg-type]
+        assert kept == stored
+    finally:
+        orthanc.stop()
