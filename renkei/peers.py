@@ -19,9 +19,9 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from renkei.errors import PeerError
 
@@ -251,6 +251,8 @@ def start_storescp(
 
 # --------------------------------------------------------------------- Orthanc
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
+
+
 @dataclass
 class OrthancPeer(Peer):
     http_port: int = 0
