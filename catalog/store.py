@@ -252,9 +252,24 @@ class ObjectStore:
         return spool
 
     def read_verified(self, key: str, sha256: str) -> bytes:
-        """The object's bytes, or IntegrityError when they do not hash to `sha256`."""
-        with self.open_verified(key, sha256) as handle:
-            return handle.read()
+        """The object's bytes, or IntegrityError when they do not hash to `sha256` (one copy in memory:
+        the whole object is read, hashed and returned; for objects of any size use open_verified)."""
+        try:
+            path = self.path(key)
+            if self.local:
+                with open(path, "rb", buffering=0) as handle:
+                    data = handle.read()
+            else:
+                data = bytes(self.fs.cat_file(path))
+        except FileNotFoundError:
+            raise ObjectMissing(f"object {key} is missing from {self.url}") from None
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha256.lower():
+            raise IntegrityError(
+                f"object {key} hashes to {got[:12]}..., not the recorded {sha256[:12]}...: "
+                "it is corrupt; restore it from an edge copy (renkei verify) before serving it"
+            )
+        return data
 
     def get_file(self, key: str, sha256: str, local_path: str | os.PathLike[str]) -> int:
         """Copy the verified object to `local_path` (atomically); returns its size."""

@@ -19,12 +19,15 @@ authentication nothing is read beyond the headers; a body is read only once the 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +62,8 @@ log = logging.getLogger(__name__)
 PREFIX = "/dicomweb"
 DICOM = "application/dicom"
 OCTETS = "application/octet-stream"
-CHUNK = 1 << 20
+PREFETCH = 4  # instances read ahead of the one being sent (each at most SPOOL_IN_MEMORY)
+READERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="wado")
 MAX_STOW_PARTS = 10_000
 
 
@@ -67,6 +71,40 @@ def _uid(value: str, what: str) -> str:
     if not is_valid_uid(value):
         raise dw.BadRequest(f"{what} {value[:80]!r} is not a UID")
     return value
+
+
+async def _parts(
+    center: CenterService, rows: list[Any], heads: list[bytes], tail: bytes, first: bytes
+) -> AsyncIterator[bytes]:
+    """The parts of a WADO-RS answer: each instance read and verified in a thread, PREFETCH ahead of
+    the one being sent, so that the disk and the hash overlap the network. An instance that cannot be
+    served ends the body early (the status is sent; the client sees the length short)."""
+    loop = asyncio.get_running_loop()
+    ahead: deque[asyncio.Future[bytes]] = deque()
+    later = iter(rows[1:])
+
+    def refill() -> None:
+        while len(ahead) < PREFETCH and (row := next(later, None)) is not None:
+            ahead.append(loop.run_in_executor(READERS, center.read_instance, row))
+
+    refill()
+    data: bytes | None = first
+    try:
+        for i, head in enumerate(heads):
+            if i:
+                try:
+                    data = await ahead.popleft()
+                except (ObjectMissing, IntegrityError) as exc:
+                    log.error("wado: instance %s cannot be served: %s", rows[i]["sop_instance_uid"], exc)
+                    return
+                refill()
+            assert data is not None
+            yield b"".join((head, data, b"\r\n"))
+            data = None
+        yield tail
+    finally:
+        for pending in ahead:
+            pending.cancel()
 
 
 def _bulk_url(instance_url: str, tag: int) -> str:
@@ -224,27 +262,15 @@ def create_app(layout: Layout, service: CenterService | None = None, credentials
         if wanted_ts is not None and any(r["transfer_syntax_uid"] != wanted_ts for r in rows):
             return _problem(406, f"stored in another transfer syntax than {wanted_ts} (ask with transfer-syntax=*)")
         boundary = dw.new_boundary()
-        first = center.open_instance(rows[0])  # a missing or corrupt first object fails before any byte
-
-        def body() -> Iterator[bytes]:
-            handle = first
-            for i, row in enumerate(rows):
-                if i:
-                    try:
-                        handle = center.open_instance(row)
-                    except (ObjectMissing, IntegrityError) as exc:
-                        # the status is sent: end the body without its closing boundary (the client sees it cut)
-                        log.error("wado: instance %s cannot be served: %s", row["sop_instance_uid"], exc)
-                        return
-                with handle:
-                    yield dw.part_header(f"{DICOM}; transfer-syntax={row['transfer_syntax_uid']}", boundary)
-                    while chunk := handle.read(CHUNK):
-                        yield chunk
-                    yield b"\r\n"
-            yield dw.closing(boundary)
-
-        media = f'multipart/related; type="{DICOM}"; boundary={boundary}'
-        return StreamingResponse(body(), media_type=media)
+        heads = [dw.part_header(f"{DICOM}; transfer-syntax={r['transfer_syntax_uid']}", boundary) for r in rows]
+        tail = dw.closing(boundary)
+        length = sum(len(h) + int(r["size"]) + 2 for h, r in zip(heads, rows, strict=True)) + len(tail)
+        first = center.read_instance(rows[0])  # a missing or corrupt first object fails before any byte is sent
+        return StreamingResponse(
+            _parts(center, rows, heads, tail, first),
+            media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
+            headers={"Content-Length": str(length)},
+        )
 
     @app.get(PREFIX + "/studies/{study}")
     def wado_study(request: Request, study: str) -> Response:
@@ -367,11 +393,14 @@ def create_app(layout: Layout, service: CenterService | None = None, credentials
                         current.close()
                         current = None
                         assert path is not None
-                        await run_in_threadpool(session.add_file, path, digest.hexdigest(), size)
+                        session.add_file(path, digest.hexdigest(), size)
             reader.close()
             if current is not None:
                 current.close()
             outcomes = await run_in_threadpool(session.finish)
+        except BaseException:
+            await run_in_threadpool(session.abandon)
+            raise
         finally:
             shutil.rmtree(session.spool, ignore_errors=True)
         return _stow_answer(outcomes, base_of(request))

@@ -21,6 +21,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -28,7 +29,7 @@ from typing import IO, Any
 from renkei.catalog import keys
 from renkei.catalog.catalog import Catalog, StudyRow
 from renkei.catalog.records import InstanceRow
-from renkei.catalog.store import ObjectConflict, ObjectStore
+from renkei.catalog.store import SPOOL_IN_MEMORY, ObjectConflict, ObjectStore
 from renkei.center.dicomweb import Query, matches
 from renkei.center.identity import Identity
 from renkei.config import Layout
@@ -41,6 +42,7 @@ from renkei.transfer import DATA_ERRORS
 log = logging.getLogger(__name__)
 
 _STUDY_FIELDS = names("PATIENT", "STUDY")  # keyword -> StudyRow / StudyInfo field
+STORE_THREADS = 4
 SCAN_LIMIT = 20_000  # studies read for one search that the catalog cannot narrow (a Warning says so)
 MAX_INSTANCE_BYTES = 1 << 30  # one instance, parsed whole (its framing is checked to the end)
 
@@ -133,15 +135,24 @@ class StoreSession:
     spool: Path
     outcomes: list[StoreOutcome] = field(default_factory=list)
     pending: list[_Pending] = field(default_factory=list)
+    futures: list[Future[StoreOutcome]] = field(default_factory=list)
 
-    def add_file(self, path: Path, sha256: str, size: int) -> StoreOutcome:
-        outcome = self.service._check_instance(self, path, sha256, size)
-        self.outcomes.append(outcome)
-        return outcome
+    def add_file(self, path: Path, sha256: str, size: int) -> None:
+        """Check and store one received instance, in the background (the next part is read meanwhile)."""
+        self.futures.append(self.service.pool.submit(self.service._check_and_put, self, path, sha256, size))
 
     def finish(self) -> list[StoreOutcome]:
+        """Wait for every instance to be stored, then register them; the outcomes in the request's order."""
+        self.outcomes = [f.result() for f in self.futures]  # a storage failure is raised: HTTP 503
         self.service._register(self)
         return self.outcomes
+
+    def abandon(self) -> None:
+        for f in self.futures:
+            f.cancel()
+        for f in self.futures:
+            if not f.cancelled():
+                f.exception()
 
 
 def _study_record(row: StudyRow, base: str) -> dict[str, Any]:
@@ -168,8 +179,11 @@ class CenterService:
         self.sharing = Sharing(layout.config, self.catalog)
         self.spool_root = Path(os.environ.get("RENKEI_CENTER_SPOOL") or tempfile.gettempdir()) / "renkei-stow"
         self._register_lock = threading.Lock()
+        # instances being checked and stored (parse, copy, fsync) while the request's next parts arrive
+        self.pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="stow")
 
     def close(self) -> None:
+        self.pool.shutdown(wait=True)
         self.catalog.close()
 
     # ------------------------------------------------------------------ decisions
@@ -289,6 +303,13 @@ class CenterService:
             raise NotFound("no such series or instance in the study")
         return rows
 
+    def read_instance(self, row: Mapping[str, Any]) -> bytes:
+        """The stored bytes of an instance (whole), verified against the catalog's SHA-256."""
+        if int(row.get("size") or 0) > SPOOL_IN_MEMORY:
+            with self.store.open_verified(row["object_key"], row["sha256"]) as handle:
+                return handle.read()
+        return self.store.read_verified(row["object_key"], row["sha256"])
+
     def open_instance(self, row: Mapping[str, Any]) -> IO[bytes]:
         """The stored bytes of an instance, verified against the catalog's SHA-256 before any is served."""
         return self.store.open_verified(row["object_key"], row["sha256"])
@@ -300,8 +321,9 @@ class CenterService:
         spool = Path(tempfile.mkdtemp(prefix="req-", dir=self.spool_root))
         return StoreSession(self, identity, study_uid, spool)
 
-    def _check_instance(self, session: StoreSession, path: Path, sha256: str, size: int) -> StoreOutcome:
-        """Parse one received instance and decide whether the caller may store it (no write yet)."""
+    def _check_instance(self, session: StoreSession, path: Path, sha256: str, size: int) -> StoreOutcome | _Pending:
+        """Parse one received instance and decide whether the caller may store it: its refusal, or the
+        instance to store (added to the session's pending ones)."""
         site = session.identity.site
         try:
             with open(path, "rb") as handle:
@@ -343,32 +365,36 @@ class CenterService:
             instance_number=number("InstanceNumber"),
             series_description=attrs.get("SeriesDescription", ""),
         )
-        session.pending.append(_Pending(outcome, path, info, parsed))
+        pending = _Pending(outcome, path, info, parsed)
+        session.pending.append(pending)
+        return pending
+
+    def _check_and_put(self, session: StoreSession, path: Path, sha256: str, size: int) -> StoreOutcome:
+        checked = self._check_instance(session, path, sha256, size)
+        if isinstance(checked, StoreOutcome):
+            return checked
+        outcome, info, site = checked.outcome, checked.info, session.identity.site
+        try:
+            key = keys.object_key(site, info.study_uid, info.series_uid, info.sop_instance_uid)
+            try:
+                self.store.put_file(path, key, sha256)
+            except ObjectConflict:
+                key = keys.object_key(
+                    site, info.study_uid, info.series_uid, info.sop_instance_uid, conflict_sha256=sha256
+                )
+                self.store.put_file(path, key, sha256)
+                outcome.warning = "other bytes are stored under this SOP Instance UID: both are kept"
+        except DATA_ERRORS as exc:
+            outcome.failure, outcome.reason = 0xA900, str(exc)
         return outcome
 
     def _register(self, session: StoreSession) -> None:
-        """Put every accepted instance into the object store, then register them (one commit per study)."""
+        """Register the stored instances (one commit per study), then apply the rules to their studies."""
         site = session.identity.site
         by_study: dict[str, list[_Pending]] = {}
         for p in session.pending:
-            try:
-                key = keys.object_key(site, p.info.study_uid, p.info.series_uid, p.info.sop_instance_uid)
-                try:
-                    self.store.put_file(p.path, key, p.info.sha256)
-                except ObjectConflict:
-                    key = keys.object_key(
-                        site,
-                        p.info.study_uid,
-                        p.info.series_uid,
-                        p.info.sop_instance_uid,
-                        conflict_sha256=p.info.sha256,
-                    )
-                    self.store.put_file(p.path, key, p.info.sha256)
-                    p.outcome.warning = "other bytes are stored under this SOP Instance UID: both are kept"
-            except DATA_ERRORS as exc:
-                p.outcome.failure, p.outcome.reason = 0xA900, str(exc)
-                continue
-            by_study.setdefault(p.info.study_uid, []).append(p)
+            if not p.outcome.failure:
+                by_study.setdefault(p.info.study_uid, []).append(p)
         issuer = self.config.site(site).issuer
         for study_uid, items in by_study.items():
             first = items[0].parsed
