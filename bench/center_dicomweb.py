@@ -134,7 +134,9 @@ def main() -> int:
             for n in range(1, args.rounds + 1):
                 service = Service(work, n)
                 try:
-                    results["renkei_stow"].append(megabytes / timed_stow(service.url + "/studies", body, boundary, service.headers))
+                    results["renkei_stow"].append(
+                        megabytes / timed_stow(service.url + "/studies", body, boundary, service.headers)
+                    )
                     for found in orthanc.rest("GET", "/studies") or []:  # type: ignore[union-attr]
                         orthanc.rest("DELETE", f"/studies/{found}")
                     results["orthanc_stow"].append(
