@@ -114,6 +114,60 @@ def make_chunk(
     return studies, instances
 
 
+def register_all(
+    cat: Catalog, n_studies: int, per_study: int, chunk: int, n_patients: int, rng: np.random.Generator
+) -> tuple[int, float, float]:
+    """Register `n_studies` generated studies in chunks; returns (instances, seconds registering, seconds
+    generating rows)."""
+    total_instances = 0
+    register_s = gen_s = 0.0
+    start = 0
+    while start < n_studies:
+        count = min(chunk, n_studies - start)
+        t0 = time.perf_counter()
+        studies, instances = make_chunk(start, count, per_study, n_patients, rng)
+        t1 = time.perf_counter()
+        gen_s += t1 - t0
+        result = cat.register_tables(studies, instances)
+        register_s += time.perf_counter() - t1
+        assert result.new_instances == instances.num_rows, result
+        total_instances += instances.num_rows
+        start += count
+    t1 = time.perf_counter()
+    cat.wait_for_compaction()  # the writer's own background compaction counts as registration work
+    register_s += time.perf_counter() - t1
+    return total_instances, register_s, gen_s
+
+
+def write_rule_grants(cat: Catalog, n_studies: int, chunk: int, n_patients: int) -> int:
+    """The source system's rules as grants: clinic studies to the hub; a fifth of hub studies to a clinic."""
+    grants_written = 0
+    start = 0
+    while start < n_studies:
+        count = min(chunk * 5, n_studies - start)
+        ids = np.arange(start, start + count, dtype=np.int64)
+        site_idx = patient_of(ids, n_patients) % len(SITES)
+        clinic = site_idx != 0
+        hub_to_clinic = (site_idx == 0) & (ids % 5 == 0)
+        pick = clinic | hub_to_clinic
+        target = np.where(clinic, "hub", np.array(SITES, dtype=object)[1 + ids % 3])[pick]
+        table = pa.table(
+            {
+                "study_uid": study_uids(ids[pick]),
+                "site": pa.array(target, pa.string()),
+                "by_kind": pa.array(["rule"] * int(pick.sum())),
+                "by": pa.array(
+                    np.where(clinic, "clinic-studies-to-hub", "hub-exam-to-referring-clinic")[pick], pa.string()
+                ),
+                "reason": pa.array(["policy"] * int(pick.sum())),
+                "policy_version": pa.array(["1"] * int(pick.sum())),
+            }
+        )
+        grants_written += cat.grant_table(table, skip_unchanged=False)
+        start += count
+    return grants_written
+
+
 def run_queries(
     cat: Catalog, args: argparse.Namespace, n_patients: int, count: int, seed: int
 ) -> tuple[list[float], list[float], int]:
@@ -165,53 +219,13 @@ def main() -> int:
     cat = Catalog(url, auto_compact=args.auto_compact or None, writer="bench", backup_url=str(work / "witness"))
     try:
         # -------------------------------------------------------- registration
-        total_instances = 0
-        register_s = 0.0
-        gen_s = 0.0
-        start = 0
-        while start < args.studies:
-            count = min(args.chunk_studies, args.studies - start)
-            t0 = time.perf_counter()
-            studies, instances = make_chunk(start, count, args.instances_per_study, n_patients, rng)
-            t1 = time.perf_counter()
-            result = cat.register_tables(studies, instances)
-            t2 = time.perf_counter()
-            assert result.new_instances == instances.num_rows, result
-            gen_s += t1 - t0
-            register_s += t2 - t1
-            total_instances += instances.num_rows
-            start += count
-        t1 = time.perf_counter()
-        cat.wait_for_compaction()  # the writer's own background compaction counts as registration work
-        register_s += time.perf_counter() - t1
+        total_instances, register_s, gen_s = register_all(
+            cat, args.studies, args.instances_per_study, args.chunk_studies, n_patients, rng
+        )
         register_ips = total_instances / register_s
 
-        # grants: the source system's rules (clinic studies to the hub; a fifth of hub studies to a clinic)
         t0 = time.perf_counter()
-        grants_written = 0
-        start = 0
-        while start < args.studies:
-            count = min(args.chunk_studies * 5, args.studies - start)
-            ids = np.arange(start, start + count, dtype=np.int64)
-            site_idx = patient_of(ids, n_patients) % len(SITES)
-            clinic = site_idx != 0
-            hub_to_clinic = (site_idx == 0) & (ids % 5 == 0)
-            pick = clinic | hub_to_clinic
-            target = np.where(clinic, "hub", np.array(SITES, dtype=object)[1 + ids % 3])[pick]
-            table = pa.table(
-                {
-                    "study_uid": study_uids(ids[pick]),
-                    "site": pa.array(target, pa.string()),
-                    "by_kind": pa.array(["rule"] * int(pick.sum())),
-                    "by": pa.array(
-                        np.where(clinic, "clinic-studies-to-hub", "hub-exam-to-referring-clinic")[pick], pa.string()
-                    ),
-                    "reason": pa.array(["policy"] * int(pick.sum())),
-                    "policy_version": pa.array(["1"] * int(pick.sum())),
-                }
-            )
-            grants_written += cat.grant_table(table, skip_unchanged=False)
-            start += count
+        grants_written = write_rule_grants(cat, args.studies, args.chunk_studies, n_patients)
         grants_s = time.perf_counter() - t0
 
         # queries on the catalog as the writers left it (only automatic compaction so far)

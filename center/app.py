@@ -28,6 +28,7 @@ import shutil
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +162,14 @@ def _json(records: list[dict[str, Any]], found: Found | None = None) -> Response
 
 
 def create_app(layout: Layout, service: CenterService | None = None, credentials: Credentials | None = None) -> FastAPI:
-    app = FastAPI(title="renkei center", docs_url=None, redoc_url=None, openapi_url=None)
     center = service or CenterService(layout)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(center.close)  # the buffered audit events are written before the end
+
+    app = FastAPI(title="renkei center", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     creds = credentials or Credentials(layout.center_url, layout.config.center.s3)
     app.state.center = center
     app.state.credentials = creds

@@ -33,7 +33,9 @@ from renkei.catalog.store import SPOOL_IN_MEMORY, ObjectConflict, ObjectStore
 from renkei.center.dicomweb import Query, matches
 from renkei.center.identity import Identity
 from renkei.config import Layout
+from renkei.edge.center import AuditBuffer, catalog_recorder
 from renkei.edge.parsing import InvalidInstance, ParsedInstance, parse_dataset, split_file_meta
+from renkei.edge.qr import AccessEvent
 from renkei.errors import RenkeiError
 from renkei.records import InstanceInfo, StudyBatch, StudyInfo, names
 from renkei.sharing import Sharing
@@ -179,11 +181,13 @@ class CenterService:
         self.sharing = Sharing(layout.config, self.catalog)
         self.spool_root = Path(os.environ.get("RENKEI_CENTER_SPOOL") or tempfile.gettempdir()) / "renkei-stow"
         self._register_lock = threading.Lock()
+        self.audit = AuditBuffer(catalog_recorder(self.catalog))
         # instances being checked and stored (parse, copy, fsync) while the request's next parts arrive
         self.pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="stow")
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.audit.close()
         self.catalog.close()
 
     # ------------------------------------------------------------------ decisions
@@ -197,16 +201,20 @@ class CenterService:
         row = self.catalog.study(study_uid)
         if row is None or not self.sharing.decide(site, study_uid).allowed:
             if row is not None and row.origin_site != site:
-                self.sharing.record_access(site, identity.actor, action, [study_uid], outcome="refused")
+                self._audit(identity, action, [study_uid], allowed=False)
             raise NotFound(f"study {study_uid} is not known")
         if row.origin_site != site:
-            self.sharing.record_access(site, identity.actor, action, [study_uid])
+            self._audit(identity, action, [study_uid])
         return row
 
+    def _audit(self, identity: Identity, action: str, study_uids: Sequence[str], allowed: bool = True) -> None:
+        """Audit answers about other sites' studies (batched: one catalog commit per AuditBuffer interval)."""
+        events = [AccessEvent(action, identity.actor, uid, "dicomweb", allowed) for uid in study_uids]
+        if events:
+            self.audit(events, identity.site)
+
     def _audit_answer(self, identity: Identity, action: str, rows: Sequence[StudyRow]) -> None:
-        others = [r.study_uid for r in rows if r.origin_site != identity.site]
-        if others:
-            self.sharing.record_access(identity.site, identity.actor, action, others)
+        self._audit(identity, action, [r.study_uid for r in rows if r.origin_site != identity.site])
 
     # ------------------------------------------------------------------ QIDO-RS
     def search_studies(self, identity: Identity, query: Query, base: str) -> Found:

@@ -209,6 +209,16 @@ def test_retrieved_bytes_equal_stored_bytes_and_metadata_is_utf8(region: dict) -
     )
     parts = list(client._decode_multipart_message(response, stream=False))  # noqa: SLF001
     assert {hashlib.sha256(p).hexdigest() for p in parts} == stored
+    # the hub's retrieval of clinic-b's study is audited with the credential as the actor
+    deadline = time.monotonic() + 10
+    while True:
+        with open_catalog(region["layout"]) as cat:
+            events = cat.audit(study_uid=study.info.study_uid, action="wado", actor="site:hub/edge")
+        if events or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert events and events[0].actor_site == "hub" and events[0].target_site == "clinic-b"
+    assert events[0].outcome == "ok"
     datasets = client.retrieve_study(study.info.study_uid)
     assert {d.SOPInstanceUID for d in datasets} == {pydicom.dcmread(f).SOPInstanceUID for f in study.files}
     metadata = client.retrieve_study_metadata(study.info.study_uid)
