@@ -271,14 +271,19 @@ class Grants:
         date_from: str | None = None,
         date_to: str | None = None,
         modalities: Sequence[str] | None = None,
+        study_uids: Sequence[str] | None = None,
     ) -> list[StudyRow]:
         """Studies `site` may see by the one visibility rule (visible_sql): its own, or granted (and consented).
 
         Optionally only those of the given (patient_id, issuer) pairs (issuer
-        None matches any), with study_date within [date_from, date_to]
-        (YYYYMMDD) and any of `modalities`.
+        None matches any), of the given study UIDs, with study_date within
+        [date_from, date_to] (YYYYMMDD) and any of `modalities`.
         """
         where, having = Conditions(), Conditions()
+        if study_uids is not None:
+            if not study_uids:
+                return []
+            where.add("list_contains(?::VARCHAR[], study_uid)", list(dict.fromkeys(study_uids)))
         if patient_ids is not None:
             if not patient_ids:
                 return []

@@ -381,6 +381,7 @@ def create_app(layout: Layout, service: CenterService | None = None, credentials
             size = 0
             path: Path | None = None
             number = 0
+            claimed: str | None = None
             async for chunk in request.stream():
                 for kind, value in reader.feed(chunk):
                     if kind == "start":
@@ -390,6 +391,7 @@ def create_app(layout: Layout, service: CenterService | None = None, credentials
                         number += 1  # (not reader.parts: one chunk's events may hold several parts)
                         path = session.spool / f"{number:06d}.dcm"
                         current, digest, size = open(path, "wb"), hashlib.sha256(), 0
+                        claimed = dw.claimed_sha256(value.get("content-digest", ""))
                     elif kind == "data":
                         size += len(value)
                         if size > MAX_INSTANCE_BYTES:
@@ -400,7 +402,7 @@ def create_app(layout: Layout, service: CenterService | None = None, credentials
                         current.close()
                         current = None
                         assert path is not None
-                        session.add_file(path, digest.hexdigest(), size)
+                        session.add_file(path, digest.hexdigest(), size, claimed)
             reader.close()
             if current is not None:
                 current.close()

@@ -290,6 +290,21 @@ def closing(boundary: str) -> bytes:
     return f"--{boundary}--\r\n".encode("ascii")
 
 
+def claimed_sha256(header: str) -> str | None:
+    """The SHA-256 (hex) a part's `Content-Digest: sha-256=:<base64>:` header (RFC 9530) names, or None.
+
+    A malformed one counts as a claim no bytes can meet (the part is refused, never stored unchecked)."""
+    for item in header.split(","):
+        name, sep, value = item.strip().partition("=")
+        if sep and name.strip().lower() == "sha-256":
+            try:
+                raw = base64.b64decode(value.strip().strip(":"), validate=True)
+            except ValueError:
+                return "malformed"
+            return raw.hex() if len(raw) == 32 else "malformed"
+    return None
+
+
 def content_type_params(value: str) -> tuple[str, dict[str, str]]:
     """('multipart/related', {'type': ..., 'boundary': ...}) of a Content-Type or one Accept entry."""
     main, *rest = value.split(";")

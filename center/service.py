@@ -139,8 +139,18 @@ class StoreSession:
     pending: list[_Pending] = field(default_factory=list)
     futures: list[Future[StoreOutcome]] = field(default_factory=list)
 
-    def add_file(self, path: Path, sha256: str, size: int) -> None:
-        """Check and store one received instance, in the background (the next part is read meanwhile)."""
+    def add_file(self, path: Path, sha256: str, size: int, claimed_sha256: str | None = None) -> None:
+        """Check and store one received instance, in the background (the next part is read meanwhile).
+
+        `claimed_sha256`: what the sender says the bytes hash to (the part's Content-Digest); when the
+        received bytes hash otherwise, they were damaged on the way and the instance is refused, so a
+        sender that names the digest never needs to read back what it stored."""
+        if claimed_sha256 is not None and claimed_sha256 != sha256:
+            outcome = StoreOutcome("", "", failure=0xA900, reason="the bytes received are not those sent (digest)")
+            done: Future[StoreOutcome] = Future()
+            done.set_result(outcome)
+            self.futures.append(done)
+            return
         self.futures.append(self.service.pool.submit(self.service._check_and_put, self, path, sha256, size))
 
     def finish(self) -> list[StoreOutcome]:
@@ -225,13 +235,9 @@ class CenterService:
         pid = query.single("PatientID")
         rows: list[StudyRow]
         cut = False
-        if uids is not None:
-            rows = [r for r in (self.catalog.study(u) for u in dict.fromkeys(uids)) if r is not None]
-            allowed = self.sharing.visible_study_uids(site, [r.study_uid for r in rows])
-            rows = [r for r in rows if r.study_uid in allowed]
-        elif pid is not None:
-            issuer = query.single("IssuerOfPatientID")
-            rows = self.catalog.visible_studies(site, [(pid, issuer)], date_from, date_to, modalities)
+        if uids is not None or pid is not None:
+            patients = [(pid, query.single("IssuerOfPatientID"))] if pid is not None else None
+            rows = self.catalog.visible_studies(site, patients, date_from, date_to, modalities, study_uids=uids)
             rows.sort(key=lambda r: (r.study_date, r.study_time, r.study_uid), reverse=True)
         else:
             total, rows = self.catalog.studies_page(

@@ -345,3 +345,37 @@ def test_orthanc_as_a_dicomweb_client_lists_and_retrieves_a_granted_study(region
         assert kept == stored
     finally:
         orthanc.stop()
+
+
+def test_a_part_whose_bytes_are_not_the_sent_digest_is_refused(region: dict) -> None:
+    """A sender names each part's SHA-256 (Content-Digest, RFC 9530); bytes damaged on the way are refused,
+    so the sender never reads back what it stored."""
+    import base64
+
+    files = region["written"]["hub"].studies[0].files
+    good, bad = files[0].read_bytes(), files[1].read_bytes()
+
+    def part(data: bytes, digest_of: bytes) -> bytes:
+        digest = base64.b64encode(hashlib.sha256(digest_of).digest()).decode()
+        return (
+            b"--xyz\r\nContent-Type: application/dicom\r\nContent-Digest: sha-256=:"
+            + digest.encode()
+            + b":\r\n\r\n"
+            + data
+            + b"\r\n"
+        )
+
+    body = part(good, good) + part(bad, bad[:-1]) + b"--xyz--\r\n"
+    got = requests.post(
+        region["url"] + "/studies",
+        data=body,
+        headers={
+            "Authorization": f"Bearer {region['tokens']['hub']}",
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=xyz',
+        },
+        timeout=30,
+    )
+    assert got.status_code == 202, got.text[:300]
+    answer = got.json()
+    assert len(answer["00081199"]["Value"]) == 1 and len(answer["00081198"]["Value"]) == 1
+    assert answer["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
