@@ -110,6 +110,42 @@ class ObjectStore:
         with open(local_path, "rb", buffering=0) as handle:
             return self._put_stream(handle, key, expected_sha256)
 
+    def adopt_file(self, local_path: str | os.PathLike[str], key: str, sha256: str) -> ObjectInfo:
+        """Store a file the caller wrote and hashed itself (a received part), moving it rather than copying
+        when it lies on the store's own filesystem (`spool_folder()`); same answers as put_file.
+
+        `sha256` is trusted: the caller computed it from the bytes as it wrote them. The file is gone
+        afterwards when it was moved (kept when it was copied).
+        """
+        local_path = os.fspath(local_path)
+        if not self.local:
+            return self.put_file(local_path, key, sha256)
+        final = self.path(key)
+        existing = self._existing(final, key, sha256.lower())
+        if existing is not None:
+            return existing
+        with open(local_path, "rb", buffering=0) as handle:
+            os.fsync(handle.fileno())
+            size = os.fstat(handle.fileno()).st_size
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        try:
+            os.link(local_path, final)
+        except FileExistsError:
+            existing = self._existing(final, key, sha256.lower())
+            assert existing is not None
+            return existing
+        except OSError:  # another filesystem: copy (and hash again)
+            return self.put_file(local_path, key, sha256)
+        os.unlink(local_path)
+        cfs._fsync_dir(os.path.dirname(final))
+        return ObjectInfo(key, size, sha256.lower(), True)
+
+    def spool_folder(self) -> str | None:
+        """A folder on the store's own filesystem for files to adopt (never listed, swept), or None (S3)."""
+        if not self.local:
+            return None
+        return cfs.join(self.root, cfs.TEMP_PREFIX + "spool")
+
     def put_bytes(self, data: bytes, key: str, expected_sha256: str | None = None) -> ObjectInfo:
         """Store `data` under `key` (same guarantees as put_file)."""
         if expected_sha256 is None:

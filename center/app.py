@@ -38,6 +38,7 @@ from pydicom import dcmread
 from pydicom.encaps import generate_frames
 from starlette.concurrency import run_in_threadpool
 
+from renkei.catalog.fs import TEMP_PREFIX
 from renkei.catalog.store import ObjectMissing
 from renkei.center import dicomweb as dw
 from renkei.center.identity import Credentials, Identity, NotAuthenticated
@@ -389,7 +390,7 @@ def create_app(layout: Layout, service: CenterService | None = None, credentials
                         if part_type != DICOM:
                             raise dw.BadRequest(f"a part of type {part_type!r}: only application/dicom is stored")
                         number += 1  # (not reader.parts: one chunk's events may hold several parts)
-                        path = session.spool / f"{number:06d}.dcm"
+                        path = session.spool / f"{TEMP_PREFIX}{number:06d}.dcm"
                         current, digest, size = open(path, "wb"), hashlib.sha256(), 0
                         claimed = dw.claimed_sha256(value.get("content-digest", ""))
                     elif kind == "data":

@@ -189,7 +189,12 @@ class CenterService:
         self.catalog = catalog or Catalog.from_layout(layout)
         self.store = store or ObjectStore(layout.center_url, layout.config.center.s3)
         self.sharing = Sharing(layout.config, self.catalog)
-        self.spool_root = Path(os.environ.get("RENKEI_CENTER_SPOOL") or tempfile.gettempdir()) / "renkei-stow"
+        # received parts are written where the object store can take them without a copy (local stores)
+        self.spool_root = Path(
+            os.environ.get("RENKEI_CENTER_SPOOL")
+            or self.store.spool_folder()
+            or Path(tempfile.gettempdir()) / "renkei-stow"
+        )
         self._register_lock = threading.Lock()
         self.audit = AuditBuffer(catalog_recorder(self.catalog))
         # instances being checked and stored (parse, copy, fsync) while the request's next parts arrive
@@ -332,7 +337,7 @@ class CenterService:
     def store_session(self, identity: Identity, study_uid: str | None) -> StoreSession:
         self._site_of(identity)
         self.spool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        spool = Path(tempfile.mkdtemp(prefix="req-", dir=self.spool_root))
+        spool = Path(tempfile.mkdtemp(prefix=".tmp-req-", dir=self.spool_root))
         return StoreSession(self, identity, study_uid, spool)
 
     def _check_instance(self, session: StoreSession, path: Path, sha256: str, size: int) -> StoreOutcome | _Pending:
@@ -391,12 +396,12 @@ class CenterService:
         try:
             key = keys.object_key(site, info.study_uid, info.series_uid, info.sop_instance_uid)
             try:
-                self.store.put_file(path, key, sha256)
+                self.store.adopt_file(path, key, sha256)
             except ObjectConflict:
                 key = keys.object_key(
                     site, info.study_uid, info.series_uid, info.sop_instance_uid, conflict_sha256=sha256
                 )
-                self.store.put_file(path, key, sha256)
+                self.store.adopt_file(path, key, sha256)
                 outcome.warning = "other bytes are stored under this SOP Instance UID: both are kept"
         except DATA_ERRORS as exc:
             outcome.failure, outcome.reason = 0xA900, str(exc)
