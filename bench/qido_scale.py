@@ -35,17 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from catalog_scale import ROOT, SITES, patient_of, register_all, write_rule_grants  # noqa: E402
+from catalog_scale import ROOT, SITES, patient_of, pct, register_all, write_rule_grants  # noqa: E402
 
 from renkei import peers  # noqa: E402
 from renkei.catalog import Catalog  # noqa: E402
 from renkei.center.identity import Credentials  # noqa: E402
 from renkei.testing import layout_of, region_config  # noqa: E402
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def main() -> int:
