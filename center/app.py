@@ -211,6 +211,12 @@ def create_app(layout: Layout, service: CenterService | None = None, credentials
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/identity")
+    def whoami(request: Request) -> dict[str, str]:
+        """Who the credential says the caller is (a site's machine checks it holds its own site's)."""
+        identity = identity_of(request)
+        return {"kind": identity.kind, "site": identity.site, "name": identity.name}
+
     def base_of(request: Request) -> str:
         return str(request.base_url).rstrip("/") + PREFIX
 

@@ -146,7 +146,7 @@ class StoreSession:
         received bytes hash otherwise, they were damaged on the way and the instance is refused, so a
         sender that names the digest never needs to read back what it stored."""
         if claimed_sha256 is not None and claimed_sha256 != sha256:
-            outcome = StoreOutcome("", "", failure=0xA900, reason="the bytes received are not those sent (digest)")
+            outcome = StoreOutcome("", "", failure=0x0110, reason="the bytes received are not those sent (digest)")
             done: Future[StoreOutcome] = Future()
             done.set_result(outcome)
             self.futures.append(done)

@@ -341,9 +341,22 @@ class CenterConfig(_Model):
         "(another bucket or region) in production",
     )
     s3: S3Options = S3Options()
+    service_url: str | None = Field(
+        None,
+        description="the center's DICOMweb service (renkei center serve), e.g. https://center.example/dicomweb: "
+        "a site with it sends its studies there with its own credential ($RENKEI_CENTER_TOKEN) and needs "
+        "no S3 keys or catalog",
+    )
     verify_fraction: float = Field(
         1.0, gt=0, le=1, description="share of objects the nightly verification reads each night"
     )
+
+    @field_validator("service_url")
+    @classmethod
+    def _service_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r}: the service's URL starts with https:// (or http:// on one machine)")
+        return value.rstrip("/") if value else value
 
     @field_validator("storage_url", "catalog_url", "catalog_backup_url")
     @classmethod

@@ -141,7 +141,7 @@ def _upload_one(store: ObjectStore, site_id: str, entry: JournalEntry) -> tuple[
     return info.sop_instance_uid, key, result.created, conflict
 
 
-def _local_problem(entry: JournalEntry) -> str:
+def local_problem(entry: JournalEntry) -> str:
     """Why the edge's file is at fault ('' when it reads back whole with the journaled SHA-256).
 
     Asked only after an upload failed with an OSError, which may come from the
@@ -227,7 +227,7 @@ def upload_study(journal: Journal, store: ObjectStore, site_id: str, study_uid: 
         except RenkeiError as exc:
             return f"{_shown(entry.instance.sop_instance_uid)}: {exc}"
         except OSError as exc:
-            problem = _local_problem(entry)
+            problem = local_problem(entry)
             return _Refused(problem) if problem else f"{_shown(entry.instance.sop_instance_uid)}: {exc}"
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:

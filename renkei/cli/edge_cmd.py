@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from renkei.cli.common import layout_of, print_json, print_table, when
 from renkei.display import size
 from renkei.errors import RenkeiError, UsageError
-from renkei.runtime import open_catalog
+from renkei.runtime import open_catalog, open_journal
 
 if TYPE_CHECKING:
     from renkei.edge.server import EdgeServer
@@ -57,6 +57,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="serve only this site's own store (no center-held studies, no sharing decision)",
     )
     p.set_defaults(func=cmd_serve)
+
+    p = site_parser(
+        "push",
+        "send the site's completed studies to the center's DICOMweb service (center.service_url) with this "
+        "site's credential ($RENKEI_CENTER_TOKEN); no S3 keys or catalog needed",
+    )
+    p.set_defaults(func=cmd_push)
 
     p = site_parser("status", "journal summary: studies, instances, bytes, upload states, quarantine")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -346,3 +353,24 @@ def cmd_pull(args: argparse.Namespace) -> int:
     for failure in report.failures:
         print(f"  {failure}")
     return 0 if not report.failures and report.failed == 0 else 1
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    # lazy: keeps `renkei --help` fast (httpx, the journal)
+    from renkei.center_client import CenterClient, token_from_env
+
+    layout = layout_of(args)
+    site = layout.config.site(args.site)
+    url = layout.config.center.service_url
+    if not url:
+        raise UsageError("the configuration names no center.service_url (the center's DICOMweb service)")
+    with open_journal(layout, args.site) as journal, CenterClient(url, token_from_env()) as client:
+        results = client.push_site(journal, args.site, site.edge.stable_age)
+    stored = sum(r.uploaded for r in results)
+    print(f"{args.site}: {len(results)} studies, {stored} instances stored in the center")
+    for r in results:
+        if r.quarantined:
+            print(f"  {r.study_uid}: quarantined: {r.quarantined}")
+        elif r.failures:
+            print(f"  {r.study_uid}: {len(r.failures)} to send again: {r.failures[0]}")
+    return 1 if any(r.failures for r in results) else 0
