@@ -180,7 +180,8 @@ def create_app(layout: Layout, service: CenterService | None = None, credentials
         if request.url.path == "/healthz":
             return await call_next(request)
         try:
-            request.state.identity = creds.identify(request.headers.get("authorization"))
+            # in a thread: on S3 a lookup may read the credentials file over the network
+            request.state.identity = await run_in_threadpool(creds.identify, request.headers.get("authorization"))
         except NotAuthenticated as exc:
             return _problem(401, str(exc), {"WWW-Authenticate": 'Bearer realm="renkei"'})
         except RenkeiError as exc:  # the credentials file unreadable: the center's fault

@@ -5,8 +5,9 @@ Each site's edge and worker gets a credential of its own: a bearer token
 keeps only its SHA-256 (a token is 32 random bytes: no dictionary to guess
 from, so a fast hash is enough) with the site, a name and its dates, in one
 JSON file in center storage (`service/credentials.json`): every replica of
-the service reads the same file, so a revocation holds on all of them within
-`CACHE_S` seconds. Why tokens rather than client certificates is in
+the service reads the same file, so a revocation holds on all of them at
+once on local storage (each request checks the file's inode, size and
+mtime) and within `CACHE_S` seconds on S3. Why tokens rather than client certificates is in
 docs/architecture.md ("The center service").
 
 `Credentials.identify(header)` turns an Authorization header into an
@@ -20,6 +21,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import threading
 import time
@@ -86,6 +88,7 @@ class Credentials:
         self._lock = threading.Lock()
         self._loaded_at = -1e9
         self._by_digest: dict[str, Credential] = {}
+        self._loaded_stamp: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------ storage
     def _read(self) -> list[Credential]:
@@ -130,13 +133,26 @@ class Credentials:
         return revoked
 
     # ------------------------------------------------------------------ checking
+    def _stamp(self) -> tuple[Any, ...] | None:
+        """What changes when the credentials file is rewritten: (inode, size, mtime) of a local file."""
+        if not cfs.is_local(self.fs):
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return ()
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
     def _current(self, max_age: float | None = None) -> dict[str, Credential]:
         with self._lock:
-            if time.monotonic() - self._loaded_at < (self.cache_s if max_age is None else max_age):
+            fresh = time.monotonic() - self._loaded_at < (self.cache_s if max_age is None else max_age)
+            # local storage: a stat per request sees an issue or revocation at once; S3: the cache time
+            if fresh and self._stamp() in (None, self._loaded_stamp):
                 return self._by_digest
+        stamp = self._stamp()
         creds = {c.sha256: c for c in self._read() if c.active}
         with self._lock:
-            self._by_digest, self._loaded_at = creds, time.monotonic()
+            self._by_digest, self._loaded_at, self._loaded_stamp = creds, time.monotonic(), stamp
         return creds
 
     def identify(self, authorization: str | None) -> Identity:
@@ -148,8 +164,9 @@ class Credentials:
         if scheme.lower() != "bearer" or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
             raise NotAuthenticated("the credential is not a renkei bearer token")
         digest = _digest(token)
-        # a token not in the view is looked up again (a credential issued a moment ago works at once),
-        # at most 5 times a second however many unknown tokens arrive
+        # a token not in the view is looked up again (a credential issued a moment ago works at once):
+        # on local storage as soon as the file changed (one stat per unknown token), on S3 at most 5
+        # times a second however many unknown tokens arrive
         for view in (self._current(), self._current(max_age=RELOAD_UNKNOWN_S)):
             for known, cred in view.items():
                 if hmac.compare_digest(known, digest):

@@ -441,3 +441,45 @@ def test_an_edge_pushes_its_studies_to_the_service_holding_no_s3_key_and_no_cata
     env["RENKEI_CENTER_TOKEN"] = region["tokens"]["clinic-a"]  # another site's credential
     wrong_site = push()
     assert wrong_site.returncode != 0 and "not of clinic-c" in wrong_site.stderr, wrong_site.stderr
+
+
+def test_two_replicas_on_one_center_answer_alike(region: dict, tmp_path: Path) -> None:
+    """A second `renkei center serve` on the same storage and catalog: what one stores the other serves,
+    both store at the same time, and a revocation holds on both."""
+    import pydicom
+
+    lay = region["layout"]
+    proc, second = _start_service(region["config"], lay.data_dir, tmp_path / "replica.log")
+    try:
+        urls = (region["url"], second)
+        written = synth.generate_site(
+            lay.config, "clinic-b", 2, 23, tmp_path / "synth", ct_slices=4, size=32, modalities=("CT",)
+        )
+        studies = list(written.studies)
+        token = region["tokens"]["clinic-b"]
+        from concurrent.futures import ThreadPoolExecutor
+
+        def store(i: int) -> None:
+            answer = _client(urls[i % 2], token).store_instances([pydicom.dcmread(f) for f in studies[i].files])
+            assert "FailedSOPSequence" not in answer
+
+        with ThreadPoolExecutor(len(studies)) as pool:
+            list(pool.map(store, range(len(studies))))  # both replicas commit to the catalog at once
+        for i, study in enumerate(studies):
+            other = _client(urls[(i + 1) % 2], region["tokens"]["hub"])  # the replica that did not store it
+            got = other.retrieve_study(study.info.study_uid)
+            assert len(got) == len(study.files)
+            assert other.search_for_studies(search_filters={"StudyInstanceUID": study.info.study_uid})
+        creds: Credentials = region["creds"]
+        cred, fresh = creds.issue("clinic-b", "replica-test")
+        for url in urls:
+            assert requests.get(url + "/studies", headers={"Authorization": f"Bearer {fresh}"}, timeout=10).ok
+        creds.revoke(credential_id=cred.id)
+        deadline = time.monotonic() + 15
+        for url in urls:
+            while requests.get(url + "/studies", headers={"Authorization": f"Bearer {fresh}"}, timeout=10).ok:
+                assert time.monotonic() < deadline, f"{url} still accepts a revoked credential"
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(20)
